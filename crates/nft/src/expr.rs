@@ -1,0 +1,250 @@
+//! Typed rule statements: the closed set of matches and actions nftproxy emits.
+//!
+//! Rules are values, never strings, so that the netlink encoder can lower every rule to
+//! bytecode and the packet tracer can evaluate every rule without parsing text.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::types::{Family, L4Proto, Verdict};
+
+/// A packet header field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PayloadField {
+    /// `ip saddr` / `ip6 saddr` (by family).
+    Saddr(Family),
+    /// `ip daddr` / `ip6 daddr` (by family).
+    Daddr(Family),
+    /// `th dport`: the destination port of TCP, UDP or SCTP.
+    ThDport,
+}
+
+/// Which address `fib` looks up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FibInput {
+    /// `fib saddr type`
+    Saddr,
+    /// `fib daddr type`
+    Daddr,
+}
+
+/// Something a rule loads from the packet or its context.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Expr {
+    /// A header field.
+    Payload(PayloadField),
+    /// `meta l4proto`
+    MetaL4proto,
+    /// `meta mark`
+    MetaMark,
+    /// `meta mark & MASK`
+    MetaMarkAnd(u32),
+    /// `iifname`
+    Iifname,
+    /// `ct state`
+    CtState,
+    /// `ct status`
+    CtStatus,
+    /// `fib saddr|daddr type`: the address type of a route lookup.
+    FibType(FibInput),
+    /// `numgen random mod N`: a fresh random number in `0..N` for every evaluation.
+    NumgenRandom(u32),
+    /// `a . b . c`: a concatenation, for set lookups.
+    Concat(Vec<Expr>),
+}
+
+impl Expr {
+    /// `ip saddr` or `ip6 saddr`.
+    pub fn saddr(family: Family) -> Expr {
+        Expr::Payload(PayloadField::Saddr(family))
+    }
+
+    /// `ip daddr` or `ip6 daddr`.
+    pub fn daddr(family: Family) -> Expr {
+        Expr::Payload(PayloadField::Daddr(family))
+    }
+
+    /// `th dport`.
+    pub fn th_dport() -> Expr {
+        Expr::Payload(PayloadField::ThDport)
+    }
+}
+
+/// A `ct state` bit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CtState {
+    /// `new`
+    New,
+}
+
+/// A `ct status` bit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CtStatus {
+    /// `dnat`: the connection's destination was rewritten.
+    Dnat,
+}
+
+/// A constant a loaded value is compared with.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Rhs {
+    /// An address (a full-length prefix prints as the bare address).
+    Prefix(IpNet),
+    /// A protocol.
+    Proto(L4Proto),
+    /// A `ct state` bit.
+    CtState(CtState),
+    /// A `ct status` bit.
+    CtStatus(CtStatus),
+    /// `local`, for `fib … type`.
+    FibLocal,
+    /// A plain unsigned number (numgen results).
+    Number(u32),
+    /// A 32-bit mark, printed as `0x%08x`.
+    Mark(u32),
+    /// An interface name; a trailing `*` makes it a prefix match.
+    Ifname(String),
+}
+
+impl Rhs {
+    /// A single address as a constant.
+    pub fn addr(addr: IpAddr) -> Rhs {
+        Rhs::Prefix(IpNet::from(addr))
+    }
+}
+
+/// Equality or inequality.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CmpOp {
+    /// implicit `==`
+    Eq,
+    /// `!=`
+    Neq,
+}
+
+/// How `meta mark set` combines the masquerade bit with the current mark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MarkOp {
+    /// `meta mark set meta mark | BIT`
+    Or(u32),
+    /// `meta mark set meta mark ^ BIT`
+    Xor(u32),
+}
+
+/// One statement of a rule. Statements run left to right; a failed match ends the rule.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Stmt {
+    /// `LEFT [!=] RIGHT`
+    Match {
+        /// What is loaded.
+        left: Expr,
+        /// Comparison.
+        op: CmpOp,
+        /// The constant.
+        right: Rhs,
+    },
+    /// `LEFT @SET`: matches when the key is in the named set.
+    Lookup {
+        /// The key.
+        left: Expr,
+        /// The named set.
+        set: String,
+    },
+    /// `KEY vmap @MAP`: the verdict of the element the key finds; no verdict if absent.
+    Vmap {
+        /// The key.
+        key: Expr,
+        /// The named verdict map.
+        map: String,
+    },
+    /// `meta mark set …`
+    SetMark(MarkOp),
+    /// `update @SET { KEY }`: add or refresh the key in a dynamic set.
+    Update {
+        /// The dynamic set.
+        set: String,
+        /// The key.
+        key: Expr,
+    },
+    /// `dnat to ADDR:PORT`; must follow a `meta l4proto` match.
+    Dnat {
+        /// New destination address.
+        addr: IpAddr,
+        /// New destination port.
+        port: u16,
+    },
+    /// `masquerade fully-random`
+    MasqueradeFullyRandom,
+    /// `reject` (ICMP port unreachable for this family).
+    Reject,
+    /// A verdict.
+    Verdict(Verdict),
+}
+
+impl Stmt {
+    /// `LEFT RIGHT`
+    pub fn eq(left: Expr, right: Rhs) -> Stmt {
+        Stmt::Match {
+            left,
+            op: CmpOp::Eq,
+            right,
+        }
+    }
+
+    /// `LEFT != RIGHT`
+    pub fn neq(left: Expr, right: Rhs) -> Stmt {
+        Stmt::Match {
+            left,
+            op: CmpOp::Neq,
+            right,
+        }
+    }
+
+    /// `LEFT @SET`
+    pub fn lookup(left: Expr, set: impl Into<String>) -> Stmt {
+        Stmt::Lookup {
+            left,
+            set: set.into(),
+        }
+    }
+
+    /// `ct state new`
+    pub fn ct_state_new() -> Stmt {
+        Stmt::eq(Expr::CtState, Rhs::CtState(CtState::New))
+    }
+
+    /// `jump CHAIN`
+    pub fn jump(chain: impl Into<String>) -> Stmt {
+        Stmt::Verdict(Verdict::Jump(chain.into()))
+    }
+
+    /// `goto CHAIN`
+    pub fn goto(chain: impl Into<String>) -> Stmt {
+        Stmt::Verdict(Verdict::Goto(chain.into()))
+    }
+}
+
+/// A rule: statements and an optional comment.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Rule {
+    /// The statements, in evaluation order.
+    pub stmts: Vec<Stmt>,
+    /// A comment for humans; at most 128 bytes (the kernel's userdata limit for nft).
+    pub comment: Option<String>,
+}
+
+impl Rule {
+    /// A rule without a comment.
+    pub fn new(stmts: Vec<Stmt>) -> Rule {
+        Rule {
+            stmts,
+            comment: None,
+        }
+    }
+
+    /// The same rule with a comment.
+    pub fn with_comment(mut self, comment: impl Into<String>) -> Rule {
+        self.comment = Some(comment.into());
+        self
+    }
+}

@@ -1,0 +1,18 @@
+//! nftables vocabulary for nftproxy: the objects of one table (`Table`, `Chain`, `Rule`,
+//! `Set`, `Element`) with typed expressions instead of rule strings, and their canonical
+//! text in `nft -f` syntax.
+//!
+//! Invariant: the text of a [`Table`] is a pure function of its contents, and it is
+//! exactly what `nft list table` prints for the same objects (up to the order in which
+//! the kernel returns set elements), so `--dry-run` output, golden files and the kernel
+//! program are one and the same thing.
+
+mod expr;
+mod table;
+mod text;
+mod types;
+
+pub use expr::{CmpOp, CtState, CtStatus, Expr, FibInput, MarkOp, PayloadField, Rhs, Rule, Stmt};
+pub use table::{Chain, Element, Set, Table};
+pub use text::format_duration;
+pub use types::{BaseChain, ChainType, DataType, Family, Hook, L4Proto, Priority, Value, Verdict};

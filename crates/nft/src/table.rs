@@ -1,0 +1,192 @@
+//! The contents of one nftables table: chains, sets and maps, with their elements.
+//!
+//! Invariant: objects live in ordered maps keyed by name (elements by key), so iteration
+//! order — and therefore the printed text — never depends on insertion order.
+
+use std::collections::BTreeMap;
+
+use crate::expr::Rule;
+use crate::types::{BaseChain, DataType, Family, Value, Verdict};
+
+/// One table and everything in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Table {
+    /// The family.
+    pub family: Family,
+    /// The table name.
+    pub name: String,
+    /// The table comment.
+    pub comment: Option<String>,
+    /// Sets and maps by name.
+    pub sets: BTreeMap<String, Set>,
+    /// Chains by name.
+    pub chains: BTreeMap<String, Chain>,
+}
+
+impl Table {
+    /// An empty table.
+    pub fn new(family: Family, name: impl Into<String>) -> Table {
+        Table {
+            family,
+            name: name.into(),
+            comment: None,
+            sets: BTreeMap::new(),
+            chains: BTreeMap::new(),
+        }
+    }
+
+    /// Adds a chain, replacing any chain of the same name.
+    pub fn add_chain(&mut self, chain: Chain) {
+        self.chains.insert(chain.name.clone(), chain);
+    }
+
+    /// Adds a set or map, replacing any of the same name.
+    pub fn add_set(&mut self, set: Set) {
+        self.sets.insert(set.name.clone(), set);
+    }
+
+    /// Adds an element to a set that was added before. Returns `false` (and adds
+    /// nothing) when the set does not exist or already holds that key.
+    pub fn add_element(&mut self, set: &str, element: Element) -> bool {
+        match self.sets.get_mut(set) {
+            Some(set) if !set.elements.contains_key(&element.key) => {
+                set.elements.insert(element.key.clone(), element);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Base chains, then regular chains, each group in name order: the order in which
+    /// they are printed and created.
+    pub fn chains_in_order(&self) -> impl Iterator<Item = &Chain> {
+        let base = self.chains.values().filter(|c| c.base.is_some());
+        let regular = self.chains.values().filter(|c| c.base.is_none());
+        base.chain(regular)
+    }
+}
+
+/// A chain: a base chain when `base` is set, otherwise a regular chain entered by
+/// `jump`/`goto`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chain {
+    /// The name.
+    pub name: String,
+    /// Type, hook and priority of a base chain.
+    pub base: Option<BaseChain>,
+    /// The rules, in order (order is semantic).
+    pub rules: Vec<Rule>,
+}
+
+impl Chain {
+    /// A regular chain with the given rules.
+    pub fn regular(name: impl Into<String>, rules: Vec<Rule>) -> Chain {
+        Chain {
+            name: name.into(),
+            base: None,
+            rules,
+        }
+    }
+
+    /// A base chain with the given rules.
+    pub fn base(name: impl Into<String>, base: BaseChain, rules: Vec<Rule>) -> Chain {
+        Chain {
+            name: name.into(),
+            base: Some(base),
+            rules,
+        }
+    }
+}
+
+/// A named set, or a map when `data` is set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Set {
+    /// The name.
+    pub name: String,
+    /// The key type; several types make a concatenation.
+    pub key: Vec<DataType>,
+    /// The value type of a map.
+    pub data: Option<DataType>,
+    /// `flags dynamic`: the data path may add elements (`update`).
+    pub dynamic: bool,
+    /// `flags timeout` with this default timeout, in seconds.
+    pub timeout: Option<u32>,
+    /// Maximum number of elements.
+    pub size: Option<u32>,
+    /// Comment.
+    pub comment: Option<String>,
+    /// Elements by key.
+    pub elements: BTreeMap<Vec<Value>, Element>,
+}
+
+impl Set {
+    /// An empty set with the given key type.
+    pub fn new(name: impl Into<String>, key: Vec<DataType>) -> Set {
+        Set {
+            name: name.into(),
+            key,
+            data: None,
+            dynamic: false,
+            timeout: None,
+            size: None,
+            comment: None,
+            elements: BTreeMap::new(),
+        }
+    }
+
+    /// An empty verdict map with the given key type.
+    pub fn verdict_map(name: impl Into<String>, key: Vec<DataType>) -> Set {
+        Set {
+            data: Some(DataType::Verdict),
+            ..Set::new(name, key)
+        }
+    }
+
+    /// The same set with a comment.
+    pub fn with_comment(mut self, comment: impl Into<String>) -> Set {
+        self.comment = Some(comment.into());
+        self
+    }
+
+    /// Whether this is a map.
+    pub fn is_map(&self) -> bool {
+        self.data.is_some()
+    }
+}
+
+/// A set or map element.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Element {
+    /// The key (one value per key field).
+    pub key: Vec<Value>,
+    /// The verdict of a verdict-map element.
+    pub verdict: Option<Verdict>,
+    /// Comment.
+    pub comment: Option<String>,
+}
+
+impl Element {
+    /// A set element.
+    pub fn key(key: Vec<Value>) -> Element {
+        Element {
+            key,
+            verdict: None,
+            comment: None,
+        }
+    }
+
+    /// A verdict-map element.
+    pub fn verdict(key: Vec<Value>, verdict: Verdict) -> Element {
+        Element {
+            key,
+            verdict: Some(verdict),
+            comment: None,
+        }
+    }
+
+    /// The same element with a comment.
+    pub fn with_comment(mut self, comment: impl Into<String>) -> Element {
+        self.comment = Some(comment.into());
+        self
+    }
+}

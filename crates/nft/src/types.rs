@@ -1,0 +1,183 @@
+//! Scalar nftables types: families, hooks, priorities, data types, values and verdicts.
+//!
+//! Every type here prints the way `nft` 1.0.6 prints it, so that text built from these
+//! types can be compared with `nft list` output.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// The address family of a table. nftproxy keeps one table per family, as upstream does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    /// `ip`: IPv4.
+    Ip,
+    /// `ip6`: IPv6.
+    Ip6,
+}
+
+impl Family {
+    /// The family an address belongs to.
+    pub fn of(addr: &IpAddr) -> Family {
+        match addr {
+            IpAddr::V4(_) => Family::Ip,
+            IpAddr::V6(_) => Family::Ip6,
+        }
+    }
+
+    /// The address data type of this family (`ipv4_addr` / `ipv6_addr`).
+    pub fn addr_type(self) -> DataType {
+        match self {
+            Family::Ip => DataType::Ipv4Addr,
+            Family::Ip6 => DataType::Ipv6Addr,
+        }
+    }
+
+    /// The loopback network of this family (`127.0.0.0/8` / `::1`).
+    pub fn loopback(self) -> ipnet::IpNet {
+        match self {
+            Family::Ip => ipnet::IpNet::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 0)), 8),
+            Family::Ip6 => ipnet::IpNet::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 128),
+        }
+        .expect("constant prefix lengths are valid")
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Family::Ip => "ip",
+            Family::Ip6 => "ip6",
+        })
+    }
+}
+
+/// The type of a base chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ChainType {
+    /// `filter`
+    Filter,
+    /// `nat`
+    Nat,
+}
+
+/// The netfilter hook a base chain is attached to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Hook {
+    /// `prerouting`
+    Prerouting,
+    /// `input`
+    Input,
+    /// `forward`
+    Forward,
+    /// `output`
+    Output,
+    /// `postrouting`
+    Postrouting,
+}
+
+/// A base chain priority, in the kernel's numeric form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Priority(pub i32);
+
+impl Priority {
+    /// `dstnat` (-100).
+    pub const DSTNAT: Priority = Priority(-100);
+    /// `filter` (0).
+    pub const FILTER: Priority = Priority(0);
+    /// `srcnat` (100).
+    pub const SRCNAT: Priority = Priority(100);
+}
+
+/// What makes a chain a base chain: its type, hook and priority. The policy is always
+/// `accept`: nftproxy never owns the fate of traffic it does not match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BaseChain {
+    /// Chain type.
+    pub chain_type: ChainType,
+    /// Hook.
+    pub hook: Hook,
+    /// Priority.
+    pub priority: Priority,
+}
+
+/// A data type usable in a set key or map value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DataType {
+    /// `ipv4_addr`
+    Ipv4Addr,
+    /// `ipv6_addr`
+    Ipv6Addr,
+    /// `inet_proto`
+    InetProto,
+    /// `inet_service`
+    InetService,
+    /// `verdict` (map values only)
+    Verdict,
+}
+
+/// A layer-4 protocol that a Service port can use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum L4Proto {
+    /// TCP (6)
+    Tcp,
+    /// UDP (17)
+    Udp,
+    /// SCTP (132)
+    Sctp,
+}
+
+impl L4Proto {
+    /// The IANA protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            L4Proto::Tcp => 6,
+            L4Proto::Udp => 17,
+            L4Proto::Sctp => 132,
+        }
+    }
+
+    /// The lower-case name nft uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            L4Proto::Tcp => "tcp",
+            L4Proto::Udp => "udp",
+            L4Proto::Sctp => "sctp",
+        }
+    }
+}
+
+/// One field of a set element key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Value {
+    /// An address (`ipv4_addr` or `ipv6_addr`).
+    Addr(IpAddr),
+    /// A protocol (`inet_proto`).
+    Proto(L4Proto),
+    /// A port (`inet_service`).
+    Port(u16),
+}
+
+/// A verdict: the end of a rule, or the value of a verdict map element.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Verdict {
+    /// `accept`
+    Accept,
+    /// `drop`
+    Drop,
+    /// `return`
+    Return,
+    /// `jump CHAIN`
+    Jump(String),
+    /// `goto CHAIN`
+    Goto(String),
+}
+
+impl Verdict {
+    /// The chain this verdict enters, if any.
+    pub fn target(&self) -> Option<&str> {
+        match self {
+            Verdict::Jump(chain) | Verdict::Goto(chain) => Some(chain),
+            _ => None,
+        }
+    }
+}
