@@ -1,1 +1,82 @@
-//! placeholder
+//! What a node must do for its Services, in Kubernetes terms and without nftables: the
+//! decoded input objects ([`Snapshot`]), the resolved settings ([`ProxyConfig`]), and the
+//! per-family [`ProxyState`] that `render` turns into rules.
+//!
+//! Invariant: nothing here fails on a bad object. Each one that cannot be used is left
+//! out with a [`Diagnostic`] naming it, and everything else is still built.
+
+pub mod config;
+mod diag;
+mod endpoint;
+pub mod manifest;
+mod net;
+mod service;
+mod state;
+mod topology;
+
+pub use config::{
+    ConfigError, DetectLocalMode, KubeProxyConfiguration, NodePortAddress, ProxyConfig,
+};
+pub use diag::{Diagnostic, ObjectRef, Severity};
+pub use endpoint::Endpoint;
+pub use manifest::{ManifestError, Snapshot};
+pub use net::{parse_cidr, parse_ip};
+pub use state::{
+    Build, CategorizedEndpoints, LocalTraffic, NodePortAddresses, ProxyState, ServicePortName,
+    ServicePortState, build,
+};
+pub use topology::categorize_endpoints;
+
+/// An IP family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IpFamily {
+    /// IPv4
+    V4,
+    /// IPv6
+    V6,
+}
+
+impl IpFamily {
+    /// The family of an address.
+    pub fn of(addr: &std::net::IpAddr) -> IpFamily {
+        if addr.is_ipv4() {
+            IpFamily::V4
+        } else {
+            IpFamily::V6
+        }
+    }
+}
+
+/// A Service port protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    /// TCP
+    Tcp,
+    /// UDP
+    Udp,
+    /// SCTP
+    Sctp,
+}
+
+impl Protocol {
+    /// Parses the Kubernetes spelling (`TCP`, `UDP`, `SCTP`); absent means TCP.
+    pub fn parse(value: Option<&str>) -> Result<Protocol, String> {
+        match value.unwrap_or("TCP") {
+            "TCP" => Ok(Protocol::Tcp),
+            "UDP" => Ok(Protocol::Udp),
+            "SCTP" => Ok(Protocol::Sctp),
+            other => Err(format!(
+                "unknown protocol {other:?} (want TCP, UDP or SCTP)"
+            )),
+        }
+    }
+
+    /// The lower-case name, as used in chain names.
+    pub fn lower(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
+        }
+    }
+}

@@ -7,7 +7,9 @@
 use std::fmt::{self, Display, Formatter, Write};
 use std::net::IpAddr;
 
-use crate::expr::{CmpOp, CtState, CtStatus, Expr, FibInput, MarkOp, PayloadField, Rhs, Rule, Stmt};
+use crate::expr::{
+    CmpOp, CtState, CtStatus, Expr, FibInput, MarkOp, PayloadField, Rhs, Rule, Stmt,
+};
 use crate::table::{Chain, Element, Set, Table};
 use crate::types::{BaseChain, ChainType, DataType, Hook, Value, Verdict};
 

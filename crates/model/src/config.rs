@@ -1,0 +1,402 @@
+//! Proxy settings: the `KubeProxyConfiguration` file as users already write it, and the
+//! resolved [`ProxyConfig`] the rest of nftproxy reads.
+//!
+//! Invariant: a `ProxyConfig` is always valid (parsed CIDRs, a mark bit in range,
+//! positive sync periods); every check happens when it is built, with an error naming
+//! the field.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::net::{parse_cidr, parse_ip};
+
+/// A setting that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// The file is not YAML or does not have the expected shape.
+    #[error("{0}")]
+    Parse(String),
+    /// A field has a value nftproxy cannot use.
+    #[error("{field}: {reason}")]
+    Invalid {
+        /// The field, spelled as in the file (or the flag).
+        field: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn invalid(field: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+/// The fields of `kubeproxy.config.k8s.io` `KubeProxyConfiguration` that nftproxy reads.
+/// Both the v1alpha1 layout (`nftables.masqueradeAll`) and the flatter newer one
+/// (`masqueradeAll`, `syncPeriod` at top level) are accepted.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[allow(missing_docs)]
+pub struct KubeProxyConfiguration {
+    pub kind: Option<String>,
+    pub mode: Option<String>,
+    pub hostname_override: Option<String>,
+    pub bind_address: Option<String>,
+    pub healthz_bind_address: Option<String>,
+    pub metrics_bind_address: Option<String>,
+    #[serde(rename = "clusterCIDR")]
+    pub cluster_cidr: Option<String>,
+    pub node_port_addresses: Option<Vec<String>>,
+    pub detect_local_mode: Option<String>,
+    pub detect_local: Option<DetectLocalConfiguration>,
+    pub masquerade_all: Option<bool>,
+    pub masquerade_bit: Option<i64>,
+    pub sync_period: Option<String>,
+    pub min_sync_period: Option<String>,
+    pub nftables: Option<ModeConfiguration>,
+    pub linux: Option<LinuxConfiguration>,
+    /// Everything else (iptables, ipvs, conntrack, …): accepted and reported as unused.
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_json::Value>,
+}
+
+/// `detectLocal`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[allow(missing_docs)]
+pub struct DetectLocalConfiguration {
+    pub bridge_interface: Option<String>,
+    pub interface_name_prefix: Option<String>,
+}
+
+/// `nftables` (v1alpha1).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[allow(missing_docs)]
+pub struct ModeConfiguration {
+    pub masquerade_all: Option<bool>,
+    pub masquerade_bit: Option<i64>,
+    pub sync_period: Option<String>,
+    pub min_sync_period: Option<String>,
+}
+
+/// `linux` (v1alpha2).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[allow(missing_docs)]
+pub struct LinuxConfiguration {
+    pub masquerade_all: Option<bool>,
+}
+
+impl KubeProxyConfiguration {
+    /// Parses the YAML text of a configuration file.
+    pub fn parse(text: &str) -> Result<KubeProxyConfiguration, ConfigError> {
+        let config: Option<KubeProxyConfiguration> = serde_saphyr::from_str(text).map_err(|e| {
+            let line = e
+                .location()
+                .map(|l| format!("line {}: ", l.line()))
+                .unwrap_or_default();
+            ConfigError::Parse(format!(
+                "{line}{}",
+                e.to_string().lines().next().unwrap_or("")
+            ))
+        })?;
+        let config = config.unwrap_or_default();
+        if let Some(kind) = &config.kind
+            && kind != "KubeProxyConfiguration"
+        {
+            return Err(invalid(
+                "kind",
+                format!("{kind:?} is not KubeProxyConfiguration"),
+            ));
+        }
+        if let Some(mode) = &config.mode
+            && !mode.is_empty()
+            && mode != "nftables"
+        {
+            return Err(invalid(
+                "mode",
+                format!("{mode:?}: nftproxy only implements nftables mode"),
+            ));
+        }
+        Ok(config)
+    }
+
+    /// Top-level fields nftproxy does not use (so the caller can say so once).
+    pub fn unused_fields(&self) -> Vec<&str> {
+        // Fields that every file carries or that only matter to the API client.
+        const EXPECTED: [&str; 4] = ["apiVersion", "featureGates", "clientConnection", "logging"];
+        self.other
+            .keys()
+            .map(String::as_str)
+            .filter(|k| !EXPECTED.contains(k))
+            .collect()
+    }
+}
+
+/// One `nodePortAddresses` entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodePortAddress {
+    /// `primary`: the node's primary IP of each family.
+    Primary,
+    /// Node IPs inside this CIDR; `0.0.0.0/0` or `::/0` means every local address.
+    Cidr(IpNet),
+}
+
+/// How traffic from local pods is recognised (`detectLocalMode`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DetectLocalMode {
+    /// Source inside `clusterCIDR`.
+    ClusterCidr,
+    /// Source inside the Node's `spec.podCIDRs`.
+    NodeCidr,
+    /// Arriving on this bridge interface.
+    BridgeInterface(String),
+    /// Arriving on an interface whose name starts with this prefix.
+    InterfaceNamePrefix(String),
+}
+
+/// Resolved settings for building the proxy state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyConfig {
+    /// This node's name (matches `EndpointSlice` `nodeName` and the Node object).
+    pub node_name: String,
+    /// Node IPs given explicitly; when empty they come from the Node object.
+    pub node_ips: Vec<IpAddr>,
+    /// Pod CIDRs of the cluster (at most one per family is used).
+    pub cluster_cidrs: Vec<IpNet>,
+    /// Service CIDRs given explicitly (ServiceCIDR objects add to them).
+    pub service_cidrs: Vec<IpNet>,
+    /// Where NodePorts are accepted; empty means `primary`.
+    pub node_port_addresses: Vec<NodePortAddress>,
+    /// How local pod traffic is recognised.
+    pub detect_local: DetectLocalMode,
+    /// Masquerade all traffic to ClusterIPs.
+    pub masquerade_all: bool,
+    /// The bit of the packet mark that requests masquerading (0–31).
+    pub masquerade_bit: u8,
+    /// Longest time between syncs.
+    pub sync_period: Duration,
+    /// Shortest time between syncs.
+    pub min_sync_period: Duration,
+}
+
+impl ProxyConfig {
+    /// Defaults as kube-proxy's nftables mode has them.
+    pub fn new(node_name: impl Into<String>) -> ProxyConfig {
+        ProxyConfig {
+            node_name: node_name.into(),
+            node_ips: Vec::new(),
+            cluster_cidrs: Vec::new(),
+            service_cidrs: Vec::new(),
+            node_port_addresses: Vec::new(),
+            detect_local: DetectLocalMode::ClusterCidr,
+            masquerade_all: false,
+            masquerade_bit: 14,
+            sync_period: Duration::from_secs(30),
+            min_sync_period: Duration::from_secs(1),
+        }
+    }
+
+    /// The masquerade mark: `1 << masquerade_bit`.
+    pub fn masquerade_mark(&self) -> u32 {
+        1u32 << self.masquerade_bit
+    }
+
+    /// Applies the fields of a configuration file on top of the current values.
+    pub fn apply_file(&mut self, file: &KubeProxyConfiguration) -> Result<(), ConfigError> {
+        if let Some(name) = file.hostname_override.as_deref().filter(|n| !n.is_empty()) {
+            self.node_name = name.to_owned();
+        }
+        if let Some(addr) = file.bind_address.as_deref().filter(|a| !a.is_empty()) {
+            let ip = parse_ip(addr).map_err(|e| invalid("bindAddress", e))?;
+            // 0.0.0.0 / :: (the default) say nothing about the node's address.
+            if !ip.is_unspecified() && self.node_ips.is_empty() {
+                self.node_ips.push(ip);
+            }
+        }
+        if let Some(cidrs) = &file.cluster_cidr {
+            self.cluster_cidrs = parse_cidr_list("clusterCIDR", cidrs)?;
+        }
+        if let Some(addresses) = &file.node_port_addresses {
+            self.node_port_addresses = addresses
+                .iter()
+                .map(|a| parse_node_port_address(a))
+                .collect::<Result<_, _>>()?;
+        }
+        let detect = file.detect_local.clone().unwrap_or_default();
+        if let Some(mode) = &file.detect_local_mode {
+            self.detect_local = parse_detect_local(
+                mode,
+                detect.bridge_interface.as_deref(),
+                detect.interface_name_prefix.as_deref(),
+            )?;
+        }
+        let nft = file.nftables.clone().unwrap_or_default();
+        if let Some(all) = nft
+            .masquerade_all
+            .or(file.masquerade_all)
+            .or(file.linux.as_ref().and_then(|l| l.masquerade_all))
+        {
+            self.masquerade_all = all;
+        }
+        if let Some(bit) = nft.masquerade_bit.or(file.masquerade_bit) {
+            self.masquerade_bit = u8::try_from(bit)
+                .ok()
+                .filter(|b| *b <= 31)
+                .ok_or_else(|| invalid("masqueradeBit", format!("{bit} is not in 0..31")))?;
+        }
+        if let Some(period) = nft.sync_period.as_ref().or(file.sync_period.as_ref()) {
+            self.sync_period = parse_duration("syncPeriod", period)?;
+        }
+        if let Some(period) = nft
+            .min_sync_period
+            .as_ref()
+            .or(file.min_sync_period.as_ref())
+        {
+            self.min_sync_period = parse_duration("minSyncPeriod", period)?;
+        }
+        Ok(())
+    }
+}
+
+/// Parses a comma-separated CIDR list (`10.244.0.0/16,fd00:10::/64`).
+pub fn parse_cidr_list(field: &str, text: &str) -> Result<Vec<IpNet>, ConfigError> {
+    text.split(',')
+        .filter(|part| !part.trim().is_empty())
+        .map(|part| parse_cidr(part).map_err(|e| invalid(field, e)))
+        .collect()
+}
+
+/// Parses one `nodePortAddresses` entry: `primary` or a CIDR.
+pub fn parse_node_port_address(text: &str) -> Result<NodePortAddress, ConfigError> {
+    match text.trim() {
+        "primary" => Ok(NodePortAddress::Primary),
+        cidr => parse_cidr(cidr)
+            .map(NodePortAddress::Cidr)
+            .map_err(|e| invalid("nodePortAddresses", e)),
+    }
+}
+
+/// Parses `detectLocalMode` with the interface settings it may need.
+pub fn parse_detect_local(
+    mode: &str,
+    bridge: Option<&str>,
+    prefix: Option<&str>,
+) -> Result<DetectLocalMode, ConfigError> {
+    let interface = |field: &str, value: Option<&str>| {
+        let name = value.unwrap_or_default();
+        // IFNAMSIZ is 16 including the terminating NUL; quotes would end the nft string.
+        if name.is_empty() || name.len() > 15 || name.contains(['"', '*', ' ']) {
+            Err(invalid(field, format!("{name:?} is not an interface name")))
+        } else {
+            Ok(name.to_owned())
+        }
+    };
+    match mode {
+        "" | "ClusterCIDR" => Ok(DetectLocalMode::ClusterCidr),
+        "NodeCIDR" => Ok(DetectLocalMode::NodeCidr),
+        "BridgeInterface" => Ok(DetectLocalMode::BridgeInterface(interface(
+            "detectLocal.bridgeInterface",
+            bridge,
+        )?)),
+        "InterfaceNamePrefix" => Ok(DetectLocalMode::InterfaceNamePrefix(interface(
+            "detectLocal.interfaceNamePrefix",
+            prefix,
+        )?)),
+        other => Err(invalid(
+            "detectLocalMode",
+            format!(
+                "{other:?} (want ClusterCIDR, NodeCIDR, BridgeInterface or InterfaceNamePrefix)"
+            ),
+        )),
+    }
+}
+
+/// Parses a Go-style duration (`30s`, `1m30s`, `500ms`, `1h`).
+pub fn parse_duration(field: &str, text: &str) -> Result<Duration, ConfigError> {
+    let bad = || invalid(field, format!("{text:?} is not a duration like 30s or 1m"));
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    let mut total = Duration::ZERO;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .ok_or_else(bad)?;
+        let number: f64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let seconds = match &rest[..unit_len] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 0.001,
+            _ => return Err(bad()),
+        };
+        total += Duration::from_secs_f64(number * seconds);
+        rest = &rest[unit_len..];
+    }
+    if total.is_zero() {
+        return Err(invalid(field, "must be greater than zero"));
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kube_proxy_configuration_is_read_in_both_layouts() {
+        let text = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n\
+                    mode: nftables\nclusterCIDR: 10.244.0.0/16,fd00:10::/64\n\
+                    nodePortAddresses: [primary, 192.168.0.0/16]\n\
+                    nftables: {masqueradeBit: 15, syncPeriod: 1m, minSyncPeriod: 2s}\n\
+                    masqueradeAll: true\nconntrack: {maxPerCore: 0}\n";
+        let file = KubeProxyConfiguration::parse(text).unwrap();
+        let mut config = ProxyConfig::new("n");
+        config.apply_file(&file).unwrap();
+        assert_eq!(config.cluster_cidrs.len(), 2);
+        assert_eq!(config.masquerade_mark(), 0x8000);
+        assert!(config.masquerade_all);
+        assert_eq!(config.sync_period, Duration::from_secs(60));
+        assert_eq!(config.min_sync_period, Duration::from_secs(2));
+        assert_eq!(config.node_port_addresses[0], NodePortAddress::Primary);
+        assert_eq!(file.unused_fields(), vec!["conntrack"]);
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        let file = KubeProxyConfiguration::parse("masqueradeBit: 40\n").unwrap();
+        let error = ProxyConfig::new("n").apply_file(&file).unwrap_err();
+        assert!(error.to_string().starts_with("masqueradeBit:"), "{error}");
+        let file = KubeProxyConfiguration::parse("clusterCIDR: 10.0.0.0/99\n").unwrap();
+        let error = ProxyConfig::new("n").apply_file(&file).unwrap_err();
+        assert!(error.to_string().starts_with("clusterCIDR:"), "{error}");
+        assert!(KubeProxyConfiguration::parse("mode: ipvs\n").is_err());
+    }
+
+    #[test]
+    fn go_durations() {
+        assert_eq!(
+            parse_duration("f", "1m30s").unwrap(),
+            Duration::from_secs(90)
+        );
+        assert_eq!(
+            parse_duration("f", "500ms").unwrap(),
+            Duration::from_millis(500)
+        );
+        assert!(parse_duration("f", "5 minutes").is_err());
+        assert!(parse_duration("f", "0s").is_err());
+    }
+}

@@ -1,0 +1,173 @@
+//! EndpointSlices decoded into endpoints: one address, its conditions, node and hints.
+//!
+//! Invariant: a decoded slice has only addresses of its own family and ports in range;
+//! a slice that breaks that is left out whole, with a diagnostic.
+
+use std::net::IpAddr;
+
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use crate::diag::{Diagnostic, ObjectRef};
+use crate::net::parse_ip;
+use crate::service::{check_name, check_port_name, port_number};
+use crate::{IpFamily, Protocol};
+
+/// The label that ties an EndpointSlice to its Service.
+pub(crate) const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Slices of headless Services carry this label; kube-proxy never reads them.
+const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+
+/// One backend of a service port, as this node sees it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Endpoint {
+    /// Address.
+    pub ip: IpAddr,
+    /// Target port (from the EndpointSlice port with the service port's name).
+    pub port: u16,
+    /// `conditions.ready` (absent means ready).
+    pub ready: bool,
+    /// `conditions.serving` (absent means ready).
+    pub serving: bool,
+    /// `conditions.terminating` (absent means not terminating).
+    pub terminating: bool,
+    /// Whether the endpoint runs on this node.
+    pub is_local: bool,
+    /// `hints.forZones` names.
+    pub zone_hints: Vec<String>,
+    /// `hints.forNodes` names.
+    pub node_hints: Vec<String>,
+}
+
+/// An endpoint of a slice before it is paired with a service port.
+#[derive(Debug, Clone)]
+pub(crate) struct SliceEndpoint {
+    pub ip: IpAddr,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    pub node_name: Option<String>,
+    pub zone_hints: Vec<String>,
+    pub node_hints: Vec<String>,
+}
+
+/// A port of a slice: name, protocol, number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SlicePort {
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+/// A decoded EndpointSlice.
+#[derive(Debug, Clone)]
+pub(crate) struct SliceInfo {
+    pub name: String,
+    pub namespace: String,
+    pub service_name: String,
+    pub family: IpFamily,
+    pub ports: Vec<SlicePort>,
+    pub endpoints: Vec<SliceEndpoint>,
+}
+
+pub(crate) fn decode_slice(slice: &EndpointSlice) -> Result<SliceInfo, Diagnostic> {
+    let meta = &slice.metadata;
+    let object = ObjectRef {
+        kind: "EndpointSlice".to_owned(),
+        namespace: meta
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_owned()),
+        name: meta.name.clone().unwrap_or_else(|| "<unnamed>".to_owned()),
+    };
+    let invalid = |reason: String| Diagnostic::invalid(&object, reason);
+    let labels = meta.labels.clone().unwrap_or_default();
+    if labels.contains_key(HEADLESS_LABEL) {
+        return Err(Diagnostic::ignored(&object, "headless Service"));
+    }
+    check_name("namespace", &object.namespace, 63).map_err(invalid)?;
+    check_name("name", &object.name, 253).map_err(invalid)?;
+    let service_name = labels
+        .get(SERVICE_NAME_LABEL)
+        .cloned()
+        .ok_or_else(|| invalid(format!("no {SERVICE_NAME_LABEL} label")))?;
+    check_name(SERVICE_NAME_LABEL, &service_name, 63).map_err(invalid)?;
+    let family = match slice.address_type.as_str() {
+        "IPv4" => IpFamily::V4,
+        "IPv6" => IpFamily::V6,
+        "FQDN" => {
+            return Err(Diagnostic::ignored(
+                &object,
+                "FQDN addresses are not proxied",
+            ));
+        }
+        other => return Err(invalid(format!("unknown addressType {other:?}"))),
+    };
+
+    let mut ports: Vec<SlicePort> = Vec::new();
+    for port in slice.ports.iter().flatten() {
+        let name = port.name.clone().unwrap_or_default();
+        check_port_name(&name).map_err(invalid)?;
+        let protocol = Protocol::parse(port.protocol.as_deref())
+            .map_err(|e| invalid(format!("port {name:?}: {e}")))?;
+        // A port without a number serves "all ports": nothing a ClusterIP can map to.
+        let Some(number) = port.port else { continue };
+        let number = port_number(number).map_err(|e| invalid(format!("port {name:?}: {e}")))?;
+        if ports
+            .iter()
+            .any(|p| p.name == name && p.protocol == protocol)
+        {
+            return Err(invalid(format!("port name {name:?} appears twice")));
+        }
+        ports.push(SlicePort {
+            name,
+            protocol,
+            port: number,
+        });
+    }
+
+    let mut endpoints = Vec::new();
+    for endpoint in slice.endpoints.iter().flatten() {
+        // kube-proxy only ever uses the first address of an endpoint.
+        let Some(address) = endpoint.addresses.first() else {
+            continue;
+        };
+        let ip = parse_ip(address).map_err(invalid)?;
+        if IpFamily::of(&ip) != family {
+            return Err(invalid(format!(
+                "address {ip} does not belong to addressType {}",
+                slice.address_type
+            )));
+        }
+        let conditions = endpoint.conditions.clone().unwrap_or_default();
+        let ready = conditions.ready.unwrap_or(true);
+        let hints = endpoint.hints.clone().unwrap_or_default();
+        endpoints.push(SliceEndpoint {
+            ip,
+            ready,
+            serving: conditions.serving.unwrap_or(ready),
+            terminating: conditions.terminating.unwrap_or(false),
+            node_name: endpoint.node_name.clone(),
+            zone_hints: hints
+                .for_zones
+                .into_iter()
+                .flatten()
+                .map(|z| z.name)
+                .collect(),
+            node_hints: hints
+                .for_nodes
+                .into_iter()
+                .flatten()
+                .map(|n| n.name)
+                .collect(),
+        });
+    }
+
+    Ok(SliceInfo {
+        name: object.name,
+        namespace: object.namespace,
+        service_name,
+        family,
+        ports,
+        endpoints,
+    })
+}

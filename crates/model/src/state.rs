@@ -1,0 +1,558 @@
+//! The per-family proxy state: every service port this node programs, with its
+//! addresses, policies and chosen endpoints, plus the node-level settings for the family.
+//!
+//! Invariant: a `ProxyState` is consistent enough to render without checks: service
+//! ports are sorted by name, addresses belong to the state's family, endpoints are sorted
+//! and unique, and no two service ports claim the same address, protocol and port (the
+//! later one in name order loses the address, with a diagnostic).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::Node;
+
+use crate::config::{DetectLocalMode, NodePortAddress, ProxyConfig};
+use crate::diag::{Diagnostic, ObjectRef};
+use crate::endpoint::{Endpoint, SliceInfo, decode_slice};
+use crate::manifest::Snapshot;
+use crate::net::{parse_cidr, parse_ip};
+use crate::service::{ServiceInfo, decode_service, object_ref};
+pub use crate::topology::CategorizedEndpoints;
+use crate::topology::categorize_endpoints;
+use crate::{IpFamily, Protocol};
+
+const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// Identifies a service port: `namespace/name:port` plus the protocol.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServicePortName {
+    /// Namespace.
+    pub namespace: String,
+    /// Service name.
+    pub name: String,
+    /// Port name (may be empty).
+    pub port: String,
+    /// Protocol.
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for ServicePortName {
+    /// kube-proxy's spelling: `ns/name:port`, or `ns/name` for an unnamed port.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)?;
+        if !self.port.is_empty() {
+            write!(f, ":{}", self.port)?;
+        }
+        Ok(())
+    }
+}
+
+/// One service port in one family, ready to render.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePortState {
+    /// Name.
+    pub name: ServicePortName,
+    /// ClusterIP of this family.
+    pub cluster_ip: IpAddr,
+    /// Service port.
+    pub port: u16,
+    /// NodePort, if any.
+    pub node_port: Option<u16>,
+    /// externalIPs of this family.
+    pub external_ips: Vec<IpAddr>,
+    /// Load balancer ingress IPs of this family (ipMode Proxy excluded).
+    pub load_balancer_ips: Vec<IpAddr>,
+    /// loadBalancerSourceRanges of this family.
+    pub load_balancer_source_ranges: Vec<IpNet>,
+    /// internalTrafficPolicy: Local.
+    pub internal_policy_local: bool,
+    /// externalTrafficPolicy: Local (only where external traffic exists).
+    pub external_policy_local: bool,
+    /// ClientIP session affinity timeout in seconds.
+    pub affinity_timeout: Option<u32>,
+    /// healthCheckNodePort (LoadBalancer with externalTrafficPolicy Local).
+    pub health_check_node_port: Option<u16>,
+    /// Chosen endpoints.
+    pub endpoints: CategorizedEndpoints,
+}
+
+impl ServicePortState {
+    /// Reachable from outside the cluster: a NodePort, external IPs or LB IPs.
+    pub fn externally_accessible(&self) -> bool {
+        self.node_port.is_some()
+            || !self.external_ips.is_empty()
+            || !self.load_balancer_ips.is_empty()
+    }
+
+    /// Whether any traffic follows the Cluster policy. External traffic always needs the
+    /// Cluster endpoints, even with Local policy, to short-circuit pod and host traffic.
+    pub fn uses_cluster_endpoints(&self) -> bool {
+        !self.internal_policy_local || self.externally_accessible()
+    }
+
+    /// Whether any traffic follows the Local policy.
+    pub fn uses_local_endpoints(&self) -> bool {
+        self.internal_policy_local || (self.external_policy_local && self.externally_accessible())
+    }
+
+    /// Whether ClusterIP traffic has somewhere to go.
+    pub fn has_internal_endpoints(&self) -> bool {
+        if self.internal_policy_local {
+            !self.endpoints.local.is_empty()
+        } else {
+            self.endpoints.has_any
+        }
+    }
+
+    /// Whether external traffic has somewhere to go.
+    pub fn has_external_endpoints(&self) -> bool {
+        if self.external_policy_local {
+            !self.endpoints.local.is_empty()
+        } else {
+            self.endpoints.has_any
+        }
+    }
+}
+
+/// Which node addresses accept NodePort traffic in a family.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodePortAddresses {
+    /// Every local address except loopback.
+    All,
+    /// These addresses (possibly none).
+    Addresses(Vec<IpAddr>),
+}
+
+/// How this family recognises traffic from local pods.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalTraffic {
+    /// Not known: no ClusterIP masquerade rule for outside traffic, no pod short-circuit.
+    Unknown,
+    /// Source inside this CIDR.
+    Cidr(IpNet),
+    /// Arriving on this interface.
+    Interface(String),
+    /// Arriving on an interface whose name starts with this prefix.
+    InterfacePrefix(String),
+}
+
+/// Everything one family's table is rendered from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyState {
+    /// The family.
+    pub family: IpFamily,
+    /// Node IPs of this family, primary first.
+    pub node_ips: Vec<IpAddr>,
+    /// Where NodePorts are accepted.
+    pub node_port_addresses: NodePortAddresses,
+    /// Local pod traffic detection.
+    pub local_traffic: LocalTraffic,
+    /// Masquerade all ClusterIP traffic.
+    pub masquerade_all: bool,
+    /// The mark bit that requests masquerading.
+    pub masquerade_mark: u32,
+    /// Service CIDRs of this family.
+    pub service_cidrs: Vec<IpNet>,
+    /// Service ports, sorted by name.
+    pub services: Vec<ServicePortState>,
+}
+
+impl ProxyState {
+    /// Whether this family has anything to program: IPv4 always; IPv6 only with IPv6
+    /// node addresses, Services, or CIDRs.
+    pub fn is_active(&self) -> bool {
+        self.family == IpFamily::V4
+            || !self.node_ips.is_empty()
+            || !self.services.is_empty()
+            || !self.service_cidrs.is_empty()
+            || matches!(self.local_traffic, LocalTraffic::Cidr(_))
+    }
+}
+
+/// The result of [`build`]: both families' states and what was left out.
+#[derive(Debug, Clone)]
+pub struct Build {
+    /// IPv4 state.
+    pub ipv4: ProxyState,
+    /// IPv6 state.
+    pub ipv6: ProxyState,
+    /// Objects (or parts) left out, sorted and without repeats.
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+struct NodeFacts {
+    ips: Vec<IpAddr>,
+    zone: Option<String>,
+    pod_cidrs: Vec<IpNet>,
+}
+
+fn node_facts(
+    snapshot: &Snapshot,
+    config: &ProxyConfig,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> NodeFacts {
+    let node: Option<&Node> = snapshot
+        .nodes
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(config.node_name.as_str()));
+    let object = ObjectRef {
+        kind: "Node".to_owned(),
+        namespace: String::new(),
+        name: config.node_name.clone(),
+    };
+    let mut ips = config.node_ips.clone();
+    if ips.is_empty()
+        && let Some(addresses) = node
+            .and_then(|n| n.status.as_ref())
+            .and_then(|s| s.addresses.as_ref())
+    {
+        // kube-proxy prefers InternalIP, then ExternalIP.
+        for wanted in ["InternalIP", "ExternalIP"] {
+            for address in addresses.iter().filter(|a| a.type_ == wanted) {
+                match parse_ip(&address.address) {
+                    Ok(ip) if !ips.contains(&ip) => ips.push(ip),
+                    Ok(_) => {}
+                    Err(e) => diagnostics.push(Diagnostic::invalid(
+                        &object,
+                        format!("status.addresses: {e}"),
+                    )),
+                }
+            }
+        }
+    }
+    let zone = node
+        .and_then(|n| n.metadata.labels.as_ref())
+        .and_then(|l| l.get(ZONE_LABEL))
+        .cloned();
+    let mut pod_cidrs = Vec::new();
+    if let Some(spec) = node.and_then(|n| n.spec.as_ref()) {
+        let texts = spec
+            .pod_cidrs
+            .clone()
+            .unwrap_or_else(|| spec.pod_cidr.clone().into_iter().collect());
+        for text in texts {
+            match parse_cidr(&text) {
+                Ok(cidr) => pod_cidrs.push(cidr),
+                Err(e) => {
+                    diagnostics.push(Diagnostic::invalid(&object, format!("spec.podCIDRs: {e}")))
+                }
+            }
+        }
+    }
+    NodeFacts {
+        ips,
+        zone,
+        pod_cidrs,
+    }
+}
+
+fn in_family(family: IpFamily) -> impl Fn(&IpAddr) -> bool {
+    move |ip| IpFamily::of(ip) == family
+}
+
+fn net_in_family(family: IpFamily) -> impl Fn(&IpNet) -> bool {
+    move |net| IpFamily::of(&net.addr()) == family
+}
+
+/// Builds both families' proxy state from a snapshot.
+pub fn build(snapshot: &Snapshot, config: &ProxyConfig) -> Build {
+    let mut diagnostics = Vec::new();
+    let node = node_facts(snapshot, config, &mut diagnostics);
+
+    let mut services: Vec<ServiceInfo> = Vec::new();
+    for service in &snapshot.services {
+        match decode_service(service) {
+            Ok(info) => {
+                if services
+                    .iter()
+                    .any(|s| s.namespace == info.namespace && s.name == info.name)
+                {
+                    diagnostics.push(Diagnostic::invalid(
+                        &object_ref(service),
+                        "defined twice; the first one is used",
+                    ));
+                } else {
+                    services.push(info);
+                }
+            }
+            Err(diagnostic) => diagnostics.push(diagnostic),
+        }
+    }
+    services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+
+    let mut slices: BTreeMap<(String, String), Vec<SliceInfo>> = BTreeMap::new();
+    for slice in &snapshot.endpoint_slices {
+        match decode_slice(slice) {
+            Ok(info) => slices
+                .entry((info.namespace.clone(), info.service_name.clone()))
+                .or_default()
+                .push(info),
+            Err(diagnostic) => diagnostics.push(diagnostic),
+        }
+    }
+    for group in slices.values_mut() {
+        group.sort_by(|a, b| a.name.cmp(&b.name));
+    }
+
+    let mut service_cidrs = config.service_cidrs.clone();
+    for object in &snapshot.service_cidrs {
+        let reference = ObjectRef {
+            kind: "ServiceCIDR".to_owned(),
+            namespace: String::new(),
+            name: object.metadata.name.clone().unwrap_or_default(),
+        };
+        for text in object
+            .spec
+            .as_ref()
+            .and_then(|s| s.cidrs.as_ref())
+            .into_iter()
+            .flatten()
+        {
+            match parse_cidr(text) {
+                Ok(cidr) => service_cidrs.push(cidr),
+                Err(e) => diagnostics.push(Diagnostic::invalid(&reference, e)),
+            }
+        }
+    }
+
+    let mut family_state = |family| {
+        build_family(
+            family,
+            config,
+            &node,
+            &services,
+            &slices,
+            &service_cidrs,
+            &mut diagnostics,
+        )
+    };
+    let ipv4 = family_state(IpFamily::V4);
+    let ipv6 = family_state(IpFamily::V6);
+    diagnostics.sort();
+    diagnostics.dedup();
+    Build {
+        ipv4,
+        ipv6,
+        diagnostics,
+    }
+}
+
+fn build_family(
+    family: IpFamily,
+    config: &ProxyConfig,
+    node: &NodeFacts,
+    services: &[ServiceInfo],
+    slices: &BTreeMap<(String, String), Vec<SliceInfo>>,
+    service_cidrs: &[IpNet],
+    diagnostics: &mut Vec<Diagnostic>,
+) -> ProxyState {
+    let node_ips: Vec<IpAddr> = node.ips.iter().copied().filter(in_family(family)).collect();
+
+    let mut node_port_addresses = Vec::new();
+    let mut all = false;
+    let entries = if config.node_port_addresses.is_empty() {
+        &[NodePortAddress::Primary][..]
+    } else {
+        &config.node_port_addresses[..]
+    };
+    for entry in entries {
+        match entry {
+            NodePortAddress::Primary => node_port_addresses.extend(node_ips.first().copied()),
+            NodePortAddress::Cidr(cidr) if net_in_family(family)(cidr) => {
+                if cidr.prefix_len() == 0 {
+                    all = true;
+                }
+                node_port_addresses.extend(node_ips.iter().copied().filter(|ip| cidr.contains(ip)));
+            }
+            NodePortAddress::Cidr(_) => {}
+        }
+    }
+    // NodePorts on loopback need route_localnet tricks that nftables mode does not do.
+    node_port_addresses.retain(|ip| !ip.is_loopback());
+    node_port_addresses.sort();
+    node_port_addresses.dedup();
+
+    let local_traffic = match &config.detect_local {
+        DetectLocalMode::ClusterCidr => config
+            .cluster_cidrs
+            .iter()
+            .find(|c| net_in_family(family)(c)),
+        DetectLocalMode::NodeCidr => node.pod_cidrs.iter().find(|c| net_in_family(family)(c)),
+        DetectLocalMode::BridgeInterface(_) | DetectLocalMode::InterfaceNamePrefix(_) => None,
+    }
+    .map(|cidr| LocalTraffic::Cidr(*cidr))
+    .unwrap_or(match &config.detect_local {
+        DetectLocalMode::BridgeInterface(name) => LocalTraffic::Interface(name.clone()),
+        DetectLocalMode::InterfaceNamePrefix(prefix) => {
+            LocalTraffic::InterfacePrefix(prefix.clone())
+        }
+        _ => LocalTraffic::Unknown,
+    });
+
+    let mut cidrs: Vec<IpNet> = service_cidrs
+        .iter()
+        .copied()
+        .filter(net_in_family(family))
+        .collect();
+    cidrs.sort();
+    cidrs.dedup();
+
+    let mut claimed: HashMap<(IpAddr, Protocol, u16), String> = HashMap::new();
+    let mut claimed_node_ports: HashMap<(Protocol, u16), String> = HashMap::new();
+    let mut ports = Vec::new();
+    for service in services {
+        let Some(cluster_ip) = service.cluster_ips.iter().copied().find(in_family(family)) else {
+            continue;
+        };
+        let object = ObjectRef {
+            kind: "Service".to_owned(),
+            namespace: service.namespace.clone(),
+            name: service.name.clone(),
+        };
+        let service_slices: Vec<&SliceInfo> = slices
+            .get(&(service.namespace.clone(), service.name.clone()))
+            .into_iter()
+            .flatten()
+            .filter(|s| s.family == family)
+            .collect();
+        for port in &service.ports {
+            let name = ServicePortName {
+                namespace: service.namespace.clone(),
+                name: service.name.clone(),
+                port: port.name.clone(),
+                protocol: port.protocol,
+            };
+            let owner = format!("{}/{}", service.namespace, service.name);
+            let mut claim = |ip: IpAddr, what: &str| -> bool {
+                match claimed.get(&(ip, port.protocol, port.port)) {
+                    Some(other) => {
+                        diagnostics.push(Diagnostic::invalid(
+                            &object,
+                            format!(
+                                "{what} {ip}:{}/{} is already used by Service {other}",
+                                port.port,
+                                port.protocol.lower()
+                            ),
+                        ));
+                        false
+                    }
+                    None => {
+                        claimed.insert((ip, port.protocol, port.port), owner.clone());
+                        true
+                    }
+                }
+            };
+            if !claim(cluster_ip, "ClusterIP") {
+                continue;
+            }
+            let external_ips: Vec<IpAddr> = service
+                .external_ips
+                .iter()
+                .copied()
+                .filter(in_family(family))
+                .filter(|ip| claim(*ip, "externalIP"))
+                .collect();
+            let load_balancer_ips: Vec<IpAddr> = service
+                .load_balancer_ips
+                .iter()
+                .copied()
+                .filter(in_family(family))
+                .filter(|ip| claim(*ip, "load balancer IP"))
+                .collect();
+            let node_port = port.node_port.filter(|node_port| {
+                match claimed_node_ports.get(&(port.protocol, *node_port)) {
+                    Some(other) => {
+                        diagnostics.push(Diagnostic::invalid(
+                            &object,
+                            format!(
+                                "nodePort {node_port}/{} is already used by Service {other}",
+                                port.protocol.lower()
+                            ),
+                        ));
+                        false
+                    }
+                    None => {
+                        claimed_node_ports.insert((port.protocol, *node_port), owner.clone());
+                        true
+                    }
+                }
+            });
+
+            let mut endpoints: Vec<Endpoint> = Vec::new();
+            for slice in &service_slices {
+                let Some(slice_port) = slice
+                    .ports
+                    .iter()
+                    .find(|p| p.name == port.name && p.protocol == port.protocol)
+                else {
+                    continue;
+                };
+                for endpoint in &slice.endpoints {
+                    if endpoints
+                        .iter()
+                        .any(|e| e.ip == endpoint.ip && e.port == slice_port.port)
+                    {
+                        continue;
+                    }
+                    endpoints.push(Endpoint {
+                        ip: endpoint.ip,
+                        port: slice_port.port,
+                        ready: endpoint.ready,
+                        serving: endpoint.serving,
+                        terminating: endpoint.terminating,
+                        is_local: endpoint.node_name.as_deref() == Some(config.node_name.as_str()),
+                        zone_hints: endpoint.zone_hints.clone(),
+                        node_hints: endpoint.node_hints.clone(),
+                    });
+                }
+            }
+            endpoints.sort();
+
+            let mut state = ServicePortState {
+                name,
+                cluster_ip,
+                port: port.port,
+                node_port,
+                external_ips,
+                load_balancer_ips,
+                load_balancer_source_ranges: service
+                    .source_ranges
+                    .iter()
+                    .copied()
+                    .filter(net_in_family(family))
+                    .collect(),
+                internal_policy_local: service.internal_policy_local,
+                external_policy_local: service.external_policy_local,
+                affinity_timeout: service.affinity_timeout,
+                health_check_node_port: service.health_check_node_port,
+                endpoints: CategorizedEndpoints::default(),
+            };
+            state.endpoints = categorize_endpoints(
+                &endpoints,
+                state.uses_cluster_endpoints(),
+                state.uses_local_endpoints(),
+                &config.node_name,
+                node.zone.as_deref(),
+            );
+            ports.push(state);
+        }
+    }
+    ports.sort_by(|a, b| a.name.cmp(&b.name));
+
+    ProxyState {
+        family,
+        node_ips,
+        node_port_addresses: if all {
+            NodePortAddresses::All
+        } else {
+            NodePortAddresses::Addresses(node_port_addresses)
+        },
+        local_traffic,
+        masquerade_all: config.masquerade_all,
+        masquerade_mark: config.masquerade_mark(),
+        service_cidrs: cidrs,
+        services: ports,
+    }
+}
