@@ -161,13 +161,12 @@ pub struct ProxyState {
 
 impl ProxyState {
     /// Whether this family has anything to program: IPv4 always; IPv6 only with IPv6
-    /// node addresses, Services, or CIDRs.
+    /// node addresses, Services or Service CIDRs.
     pub fn is_active(&self) -> bool {
         self.family == IpFamily::V4
             || !self.node_ips.is_empty()
             || !self.services.is_empty()
             || !self.service_cidrs.is_empty()
-            || matches!(self.local_traffic, LocalTraffic::Cidr(_))
     }
 }
 

@@ -1,1 +1,72 @@
-//! placeholder
+//! The nftproxy rule layout: a family's [`ProxyState`] rendered into one nftables
+//! [`Table`] (`table ip nftproxy` / `table ip6 nftproxy`).
+//!
+//! Invariant: rendering is a pure, total function of the state — same state, same
+//! table, byte for byte — and every chain or set a rule or element names exists in the
+//! same table. Bad input never reaches here; `model` filtered it.
+//!
+//! The layout follows upstream kube-proxy's nftables mode (1.36 shape: inline
+//! masquerade mark, `hairpin-connections` set, no endpoint chains without affinity) and
+//! departs from it where the kernel's costs say so; `rules-golden/README.md` explains
+//! each departure.
+
+mod names;
+mod services;
+mod skeleton;
+
+use nftproxy_model::{Build, IpFamily, Protocol, ProxyState};
+use nftproxy_nft::{Family, L4Proto, Table, Value};
+
+pub use names::hash_and_truncate;
+
+/// The name of nftproxy's tables (one per family).
+pub const TABLE_NAME: &str = "nftproxy";
+
+/// Renders the tables for every active family: IPv4 always, IPv6 when it has input.
+pub fn render_all(build: &Build) -> Vec<Table> {
+    let mut tables = vec![render(&build.ipv4)];
+    if build.ipv6.is_active() {
+        tables.push(render(&build.ipv6));
+    }
+    tables
+}
+
+/// Renders one family's table.
+pub fn render(state: &ProxyState) -> Table {
+    let mut table = skeleton::table(state);
+    for service_port in &state.services {
+        services::add_service_port(&mut table, state, service_port);
+    }
+    table
+}
+
+pub(crate) fn family(state: &ProxyState) -> Family {
+    match state.family {
+        IpFamily::V4 => Family::Ip,
+        IpFamily::V6 => Family::Ip6,
+    }
+}
+
+pub(crate) fn l4proto(protocol: Protocol) -> L4Proto {
+    match protocol {
+        Protocol::Tcp => L4Proto::Tcp,
+        Protocol::Udp => L4Proto::Udp,
+        Protocol::Sctp => L4Proto::Sctp,
+    }
+}
+
+/// `ip . proto . port`, the key of the address-keyed maps.
+pub(crate) fn address_key(ip: std::net::IpAddr, protocol: Protocol, port: u16) -> Vec<Value> {
+    vec![
+        Value::Addr(ip),
+        Value::Proto(l4proto(protocol)),
+        Value::Port(port),
+    ]
+}
+
+/// Comments are capped at 128 bytes by nft's userdata handling. Names are ASCII.
+pub(crate) fn comment(text: String) -> String {
+    let mut text = text;
+    text.truncate(128);
+    text
+}

@@ -1,0 +1,158 @@
+//! Names of per-service chains and sets, in kube-proxy's hash-prefixed scheme
+//! (`service-ULMVA6XW-ns1/svc1/tcp/p80`), so that admins' knowledge carries over.
+//!
+//! Invariant: a name is a pure function of the service port (and endpoint), and never
+//! longer than 256 bytes: the hashed part is cut to 240 bytes, leaving room for the
+//! longest prefix.
+
+use std::net::IpAddr;
+
+use data_encoding::BASE32;
+use nftproxy_model::{Endpoint, ServicePortName};
+use sha2::{Digest, Sha256};
+
+/// nftables allows 256-byte names; the longest prefix we put in front is 16 bytes.
+const HASHED_MAX: usize = 240;
+
+/// `HASH-base`: the first 8 characters of base32(sha256(base)), then the base, cut to
+/// 240 bytes with `...` when longer.
+pub fn hash_and_truncate(base: &str) -> String {
+    let digest = Sha256::digest(base.as_bytes());
+    let encoded = BASE32.encode(&digest);
+    let mut name = format!("{}-{base}", &encoded[..8]);
+    if name.len() > HASHED_MAX {
+        // Names are ASCII (validated DNS names, protocols, addresses), so any byte
+        // offset is a character boundary.
+        name.truncate(HASHED_MAX - 3);
+        name.push_str("...");
+    }
+    name
+}
+
+/// `ns/name/proto/port`
+fn service_port_base(name: &ServicePortName) -> String {
+    format!(
+        "{}/{}/{}/{}",
+        name.namespace,
+        name.name,
+        name.protocol.lower(),
+        name.port
+    )
+}
+
+/// `ns/name/proto/port__ip/port`, with IPv6 colons as dots.
+fn endpoint_base(name: &ServicePortName, endpoint: &Endpoint) -> String {
+    let ip = match endpoint.ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => v6.to_string().replace(':', "."),
+    };
+    format!("{}__{ip}/{}", service_port_base(name), endpoint.port)
+}
+
+/// Chain for Cluster-policy endpoints.
+pub fn service_chain(name: &ServicePortName) -> String {
+    format!("service-{}", hash_and_truncate(&service_port_base(name)))
+}
+
+/// Chain for Local-policy endpoints.
+pub fn local_chain(name: &ServicePortName) -> String {
+    format!("local-{}", hash_and_truncate(&service_port_base(name)))
+}
+
+/// Entry chain for NodePort, externalIP and load balancer traffic.
+pub fn external_chain(name: &ServicePortName) -> String {
+    format!("external-{}", hash_and_truncate(&service_port_base(name)))
+}
+
+/// Chain enforcing loadBalancerSourceRanges.
+pub fn firewall_chain(name: &ServicePortName) -> String {
+    format!("firewall-{}", hash_and_truncate(&service_port_base(name)))
+}
+
+/// Per-endpoint chain (ClientIP affinity only).
+pub fn endpoint_chain(name: &ServicePortName, endpoint: &Endpoint) -> String {
+    format!(
+        "endpoint-{}",
+        hash_and_truncate(&endpoint_base(name, endpoint))
+    )
+}
+
+/// Per-endpoint affinity set (ClientIP affinity only).
+pub fn affinity_set(name: &ServicePortName, endpoint: &Endpoint) -> String {
+    format!(
+        "affinity-{}",
+        hash_and_truncate(&endpoint_base(name, endpoint))
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nftproxy_model::Protocol;
+
+    fn port(ns: &str, name: &str, port: &str) -> ServicePortName {
+        ServicePortName {
+            namespace: ns.into(),
+            name: name.into(),
+            port: port.into(),
+            protocol: Protocol::Tcp,
+        }
+    }
+
+    #[test]
+    fn hashes_match_kube_proxy() {
+        assert_eq!(&hash_and_truncate("ns1/svc1/tcp/p80")[..8], "ULMVA6XW");
+        assert_eq!(
+            &hash_and_truncate("testing/service/tcp/http")[..8],
+            "P4ZYZVCF"
+        );
+        assert_eq!(
+            &hash_and_truncate("ns1/svc1/tcp/p80__10.180.0.1/80")[..8],
+            "5OJB2KTY"
+        );
+        assert_eq!(
+            service_chain(&port("ns1", "svc1", "p80")),
+            "service-ULMVA6XW-ns1/svc1/tcp/p80"
+        );
+        let endpoint = Endpoint {
+            ip: [10, 180, 0, 1].into(),
+            port: 80,
+            ready: true,
+            serving: true,
+            terminating: false,
+            is_local: false,
+            zone_hints: vec![],
+            node_hints: vec![],
+        };
+        assert_eq!(
+            endpoint_chain(&port("ns1", "svc1", "p80"), &endpoint),
+            "endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80"
+        );
+    }
+
+    #[test]
+    fn long_names_are_cut_within_the_nftables_limit() {
+        let long = "a".repeat(300);
+        let name = hash_and_truncate(&long);
+        assert_eq!(name.len(), 240);
+        assert!(name.ends_with("..."));
+        assert!(format!("affinity-{name}").len() < 256);
+    }
+
+    #[test]
+    fn ipv6_colons_become_dots() {
+        let endpoint = Endpoint {
+            ip: "fd00:10::1".parse().unwrap(),
+            port: 80,
+            ready: true,
+            serving: true,
+            terminating: false,
+            is_local: false,
+            zone_hints: vec![],
+            node_hints: vec![],
+        };
+        assert!(
+            endpoint_chain(&port("a", "b", ""), &endpoint).ends_with("-a/b/tcp/__fd00.10..1/80")
+        );
+    }
+}

@@ -1,0 +1,314 @@
+//! The static part of a table: base chains, their jumps, dispatch and check chains,
+//! masquerading, and the (initially empty) sets and maps.
+//!
+//! Invariant: nothing here depends on which Services exist, only on node-level settings;
+//! this is the only place base chain names, hooks and priorities appear.
+
+use nftproxy_model::{LocalTraffic, NodePortAddresses, ProxyState};
+use nftproxy_nft::{
+    BaseChain, Chain, ChainType, CtStatus, DataType, Expr, FibInput, Hook, MarkOp, Priority, Rhs,
+    Rule, Set, Stmt, Table,
+};
+
+use crate::family;
+
+pub(crate) const SERVICES: &str = "services";
+pub(crate) const MASQUERADING: &str = "masquerading";
+pub(crate) const SERVICE_ENDPOINTS_CHECK: &str = "service-endpoints-check";
+pub(crate) const NODEPORT_ENDPOINTS_CHECK: &str = "nodeport-endpoints-check";
+pub(crate) const FIREWALL_CHECK: &str = "firewall-check";
+pub(crate) const CLUSTER_IPS_CHECK: &str = "cluster-ips-check";
+pub(crate) const REJECT_CHAIN: &str = "reject-chain";
+
+pub(crate) const CLUSTER_IPS: &str = "cluster-ips";
+pub(crate) const NODEPORT_IPS: &str = "nodeport-ips";
+pub(crate) const SERVICE_IPS: &str = "service-ips";
+pub(crate) const SERVICE_NODEPORTS: &str = "service-nodeports";
+pub(crate) const NO_ENDPOINT_SERVICES: &str = "no-endpoint-services";
+pub(crate) const NO_ENDPOINT_NODEPORTS: &str = "no-endpoint-nodeports";
+pub(crate) const FIREWALL_IPS: &str = "firewall-ips";
+pub(crate) const HAIRPIN_CONNECTIONS: &str = "hairpin-connections";
+
+/// The statement that matches (or, negated, excludes) traffic from local pods; `None`
+/// when the state has no way to tell.
+pub(crate) fn local_traffic_match(state: &ProxyState, local: bool) -> Option<Stmt> {
+    let (left, right) = match &state.local_traffic {
+        LocalTraffic::Unknown => return None,
+        LocalTraffic::Cidr(cidr) => (Expr::saddr(family(state)), Rhs::Prefix(*cidr)),
+        LocalTraffic::Interface(name) => (Expr::Iifname, Rhs::Ifname(name.clone())),
+        LocalTraffic::InterfacePrefix(prefix) => (Expr::Iifname, Rhs::Ifname(format!("{prefix}*"))),
+    };
+    Some(if local {
+        Stmt::eq(left, right)
+    } else {
+        Stmt::neq(left, right)
+    })
+}
+
+/// `meta mark set meta mark | MARK`: ask `masquerading` to SNAT this connection.
+pub(crate) fn mark_for_masquerade(state: &ProxyState) -> Stmt {
+    Stmt::SetMark(MarkOp::Or(state.masquerade_mark))
+}
+
+fn base(name: &str, chain_type: ChainType, hook: Hook, priority: i32, rules: Vec<Rule>) -> Chain {
+    Chain::base(
+        name,
+        BaseChain {
+            chain_type,
+            hook,
+            priority: Priority(priority),
+        },
+        rules,
+    )
+}
+
+fn new_then(chain: &str) -> Rule {
+    Rule::new(vec![Stmt::ct_state_new(), Stmt::jump(chain)])
+}
+
+fn jump(chain: &str) -> Rule {
+    Rule::new(vec![Stmt::jump(chain)])
+}
+
+/// `daddr . meta l4proto . th dport` (or without the address).
+fn port_key(state: &ProxyState, with_address: bool) -> Expr {
+    let mut parts = Vec::with_capacity(3);
+    if with_address {
+        parts.push(Expr::daddr(family(state)));
+    }
+    parts.push(Expr::MetaL4proto);
+    parts.push(Expr::th_dport());
+    Expr::Concat(parts)
+}
+
+fn vmap(key: Expr, map: &str) -> Stmt {
+    Stmt::Vmap {
+        key,
+        map: map.to_owned(),
+    }
+}
+
+pub(crate) fn table(state: &ProxyState) -> Table {
+    let family = family(state);
+    let addr = family.addr_type();
+    let daddr = || Expr::daddr(family);
+    let not_loopback = || Stmt::neq(daddr(), Rhs::Prefix(family.loopback()));
+    let mark = state.masquerade_mark;
+    let mut table = Table::new(family, crate::TABLE_NAME);
+    table.comment = Some("rules for nftproxy".to_owned());
+
+    let dstnat = Priority::DSTNAT.0;
+    let pre_dnat = dstnat - 10;
+    for chain in [
+        base(
+            "filter-prerouting-pre-dnat",
+            ChainType::Filter,
+            Hook::Prerouting,
+            pre_dnat,
+            vec![new_then(FIREWALL_CHECK)],
+        ),
+        base(
+            "filter-output-pre-dnat",
+            ChainType::Filter,
+            Hook::Output,
+            pre_dnat,
+            vec![new_then(FIREWALL_CHECK)],
+        ),
+        base(
+            "filter-input",
+            ChainType::Filter,
+            Hook::Input,
+            Priority::FILTER.0,
+            vec![
+                new_then(NODEPORT_ENDPOINTS_CHECK),
+                new_then(SERVICE_ENDPOINTS_CHECK),
+            ],
+        ),
+        base(
+            "filter-forward",
+            ChainType::Filter,
+            Hook::Forward,
+            Priority::FILTER.0,
+            vec![
+                new_then(SERVICE_ENDPOINTS_CHECK),
+                new_then(CLUSTER_IPS_CHECK),
+            ],
+        ),
+        base(
+            "filter-output",
+            ChainType::Filter,
+            Hook::Output,
+            Priority::FILTER.0,
+            vec![
+                new_then(SERVICE_ENDPOINTS_CHECK),
+                new_then(CLUSTER_IPS_CHECK),
+            ],
+        ),
+        base(
+            "nat-prerouting",
+            ChainType::Nat,
+            Hook::Prerouting,
+            dstnat,
+            vec![jump(SERVICES)],
+        ),
+        base(
+            "nat-output",
+            ChainType::Nat,
+            Hook::Output,
+            dstnat,
+            vec![jump(SERVICES)],
+        ),
+        base(
+            "nat-postrouting",
+            ChainType::Nat,
+            Hook::Postrouting,
+            Priority::SRCNAT.0,
+            vec![jump(MASQUERADING)],
+        ),
+    ] {
+        table.add_chain(chain);
+    }
+
+    // services: mark ClusterIP traffic that must be masqueraded, then dispatch.
+    let mut services = Vec::new();
+    let cluster_ip = Stmt::lookup(daddr(), CLUSTER_IPS);
+    if state.masquerade_all {
+        services.push(
+            Rule::new(vec![cluster_ip, mark_for_masquerade(state)])
+                .with_comment("masquerade all clusterIP traffic"),
+        );
+    } else if let Some(not_local) = local_traffic_match(state, false) {
+        services.push(
+            Rule::new(vec![cluster_ip, not_local, mark_for_masquerade(state)])
+                .with_comment("masquerade clusterIP traffic from outside cluster"),
+        );
+    }
+    services.push(Rule::new(vec![vmap(port_key(state, true), SERVICE_IPS)]));
+    let (nodeport_dispatch, nodeport_check) = match &state.node_port_addresses {
+        NodePortAddresses::Addresses(_) => (
+            vec![
+                Stmt::lookup(daddr(), NODEPORT_IPS),
+                vmap(port_key(state, false), SERVICE_NODEPORTS),
+            ],
+            vec![
+                Stmt::lookup(daddr(), NODEPORT_IPS),
+                vmap(port_key(state, false), NO_ENDPOINT_NODEPORTS),
+            ],
+        ),
+        NodePortAddresses::All => (
+            vec![
+                Stmt::eq(Expr::FibType(FibInput::Daddr), Rhs::FibLocal),
+                not_loopback(),
+                vmap(port_key(state, false), SERVICE_NODEPORTS),
+            ],
+            vec![
+                not_loopback(),
+                vmap(port_key(state, false), NO_ENDPOINT_NODEPORTS),
+            ],
+        ),
+    };
+    services.push(Rule::new(nodeport_dispatch));
+    table.add_chain(Chain::regular(SERVICES, services));
+
+    table.add_chain(Chain::regular(
+        MASQUERADING,
+        vec![
+            Rule::new(vec![
+                Stmt::neq(Expr::MetaMarkAnd(mark), Rhs::Mark(0)),
+                Stmt::SetMark(MarkOp::Xor(mark)),
+                Stmt::MasqueradeFullyRandom,
+            ]),
+            Rule::new(vec![
+                Stmt::eq(Expr::CtStatus, Rhs::CtStatus(CtStatus::Dnat)),
+                Stmt::lookup(
+                    Expr::Concat(vec![
+                        Expr::saddr(family),
+                        daddr(),
+                        Expr::MetaL4proto,
+                        Expr::th_dport(),
+                    ]),
+                    HAIRPIN_CONNECTIONS,
+                ),
+                Stmt::MasqueradeFullyRandom,
+            ]),
+        ],
+    ));
+    table.add_chain(Chain::regular(
+        SERVICE_ENDPOINTS_CHECK,
+        vec![Rule::new(vec![vmap(
+            port_key(state, true),
+            NO_ENDPOINT_SERVICES,
+        )])],
+    ));
+    table.add_chain(Chain::regular(
+        NODEPORT_ENDPOINTS_CHECK,
+        vec![Rule::new(nodeport_check)],
+    ));
+    table.add_chain(Chain::regular(
+        FIREWALL_CHECK,
+        vec![Rule::new(vec![vmap(port_key(state, true), FIREWALL_IPS)])],
+    ));
+    let mut cluster_ips_check = vec![
+        Rule::new(vec![Stmt::lookup(daddr(), CLUSTER_IPS), Stmt::Reject])
+            .with_comment("Reject traffic to invalid ports of ClusterIPs"),
+    ];
+    for cidr in &state.service_cidrs {
+        cluster_ips_check.push(
+            Rule::new(vec![
+                Stmt::eq(daddr(), Rhs::Prefix(*cidr)),
+                Stmt::Verdict(nftproxy_nft::Verdict::Drop),
+            ])
+            .with_comment("Drop traffic to unallocated ClusterIPs"),
+        );
+    }
+    table.add_chain(Chain::regular(CLUSTER_IPS_CHECK, cluster_ips_check));
+    table.add_chain(Chain::regular(
+        REJECT_CHAIN,
+        vec![
+            Rule::new(vec![Stmt::Reject])
+                .with_comment("helper for @no-endpoint-services / @no-endpoint-nodeports"),
+        ],
+    ));
+
+    let address_key = vec![addr, DataType::InetProto, DataType::InetService];
+    let port_key_type = vec![DataType::InetProto, DataType::InetService];
+    table.add_set(Set::new(CLUSTER_IPS, vec![addr]).with_comment("Active ClusterIPs"));
+    if let NodePortAddresses::Addresses(addresses) = &state.node_port_addresses {
+        table.add_set(
+            Set::new(NODEPORT_IPS, vec![addr]).with_comment("IPs that accept NodePort traffic"),
+        );
+        for ip in addresses {
+            table.add_element(
+                NODEPORT_IPS,
+                nftproxy_nft::Element::key(vec![nftproxy_nft::Value::Addr(*ip)]),
+            );
+        }
+    }
+    table.add_set(
+        Set::verdict_map(SERVICE_IPS, address_key.clone())
+            .with_comment("ClusterIP, ExternalIP and LoadBalancer IP traffic"),
+    );
+    table.add_set(
+        Set::verdict_map(SERVICE_NODEPORTS, port_key_type.clone()).with_comment("NodePort traffic"),
+    );
+    table.add_set(
+        Set::verdict_map(NO_ENDPOINT_SERVICES, address_key.clone())
+            .with_comment("vmap to drop or reject packets to services with no endpoints"),
+    );
+    table.add_set(
+        Set::verdict_map(NO_ENDPOINT_NODEPORTS, port_key_type)
+            .with_comment("vmap to drop or reject packets to service nodeports with no endpoints"),
+    );
+    table.add_set(
+        Set::verdict_map(FIREWALL_IPS, address_key)
+            .with_comment("destinations that are subject to LoadBalancerSourceRanges"),
+    );
+    table.add_set(
+        Set::new(
+            HAIRPIN_CONNECTIONS,
+            vec![addr, addr, DataType::InetProto, DataType::InetService],
+        )
+        .with_comment("service hairpin connections"),
+    );
+    table
+}
