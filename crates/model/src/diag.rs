@@ -13,12 +13,26 @@ pub struct ObjectRef {
     pub name: String,
 }
 
+/// Names in hostile input can be megabytes long; a log line shows the start.
+fn shorten(name: &str) -> std::borrow::Cow<'_, str> {
+    const SHOWN: usize = 100;
+    if name.len() <= SHOWN {
+        return name.into();
+    }
+    let mut end = SHOWN;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &name[..end]).into()
+}
+
 impl fmt::Display for ObjectRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = shorten(&self.name);
         if self.namespace.is_empty() {
-            write!(f, "{} {}", self.kind, self.name)
+            write!(f, "{} {name}", self.kind)
         } else {
-            write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+            write!(f, "{} {}/{name}", self.kind, shorten(&self.namespace))
         }
     }
 }

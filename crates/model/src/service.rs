@@ -54,13 +54,16 @@ pub(crate) fn check_name(what: &str, name: &str, max: usize) -> Result<(), Strin
     };
     let edge_ok = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
     if name.is_empty() || name.len() > max {
-        return Err(format!("{what} {name:.80?} must be 1 to {max} characters"));
+        return Err(format!(
+            "{what} is {} characters long; 1 to {max} are allowed",
+            name.len()
+        ));
     }
     if !name.bytes().all(allowed)
         || !edge_ok(name.as_bytes().first())
         || !edge_ok(name.as_bytes().last())
     {
-        return Err(format!("{what} {name:.80?} is not a valid DNS name"));
+        return Err(format!("{what} {name:?} is not a valid DNS name"));
     }
     Ok(())
 }
