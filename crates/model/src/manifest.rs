@@ -27,12 +27,14 @@ pub struct Snapshot {
 
 /// A source whose text is not YAML.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{source_name}:{line}: {message}")]
+#[error("{source_name}:{line}:{column}: {message}")]
 pub struct ManifestError {
     /// The file name (or `-` for standard input).
     pub source_name: String,
     /// 1-based line of the error; 0 when unknown.
     pub line: u64,
+    /// 1-based column of the error; 0 when unknown.
+    pub column: u64,
     /// What the YAML parser said.
     pub message: String,
 }
@@ -49,7 +51,8 @@ impl Snapshot {
             serde_saphyr::from_multiple(text).map_err(|error| ManifestError {
                 source_name: source_name.to_owned(),
                 line: error.location().map(|l| l.line()).unwrap_or(0),
-                message: first_line(&error.to_string()),
+                column: error.location().map(|l| l.column()).unwrap_or(0),
+                message: parser_message(&error.to_string()),
             })?;
         let mut diagnostics = Vec::new();
         for document in documents {
@@ -114,8 +117,14 @@ fn object_ref(kind: &str, map: &serde_json::Map<String, Value>) -> ObjectRef {
     }
 }
 
-fn first_line(message: &str) -> String {
-    message.lines().next().unwrap_or(message).to_owned()
+/// The parser's own words, without the location it repeats ("error: line 2 column 6: ").
+fn parser_message(message: &str) -> String {
+    let first = message.lines().next().unwrap_or(message);
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    match first.split_once(": ") {
+        Some((location, rest)) if location.starts_with("line ") => rest.to_owned(),
+        _ => first.to_owned(),
+    }
 }
 
 #[cfg(test)]

@@ -110,6 +110,7 @@ fn run(args: &Args) -> Result<(), Failure> {
         source::load(&args.manifests).map_err(|e| Failure::Error(e.to_string()))?;
     let built = build(&snapshot, &config);
     diagnostics.extend(built.diagnostics.iter().cloned());
+    diagnostics.sort();
     for diagnostic in &diagnostics {
         match diagnostic.severity {
             Severity::Invalid => warn!("skipping {diagnostic}"),
