@@ -62,7 +62,7 @@ impl Snapshot {
     }
 
     fn add_value(&mut self, value: Value, diagnostics: &mut Vec<Diagnostic>) {
-        let Value::Object(map) = value else {
+        let Value::Object(mut map) = value else {
             // An empty document (`---` at the end of a file) or a scalar: nothing to read.
             return;
         };
@@ -72,8 +72,8 @@ impl Snapshot {
             .unwrap_or_default()
             .to_owned();
         if kind == "List" || (kind.ends_with("List") && map.contains_key("items")) {
-            if let Some(Value::Array(items)) = map.get("items") {
-                for item in items.clone() {
+            if let Some(Value::Array(items)) = map.remove("items") {
+                for item in items {
                     self.add_value(item, diagnostics);
                 }
             }

@@ -6,8 +6,9 @@
 //! and unique, and no two service ports claim the same address, protocol and port (the
 //! later one in name order loses the address, with a diagnostic).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
+use std::hash::Hash;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -255,6 +256,21 @@ fn net_in_family(family: IpFamily) -> impl Fn(&IpNet) -> bool {
     move |net| IpFamily::of(&net.addr()) == family
 }
 
+/// Records `owner` as the holder of `key`, or returns the holder it already has.
+fn claim<K: Hash + Eq>(
+    claimed: &mut HashMap<K, String>,
+    key: K,
+    owner: &str,
+) -> Result<(), String> {
+    match claimed.get(&key) {
+        Some(other) => Err(other.clone()),
+        None => {
+            claimed.insert(key, owner.to_owned());
+            Ok(())
+        }
+    }
+}
+
 /// Builds both families' proxy state from a snapshot.
 pub fn build(snapshot: &Snapshot, config: &ProxyConfig) -> Build {
     let mut diagnostics = Vec::new();
@@ -373,22 +389,20 @@ fn build_family(
     node_port_addresses.sort();
     node_port_addresses.dedup();
 
-    let local_traffic = match &config.detect_local {
-        DetectLocalMode::ClusterCidr => config
-            .cluster_cidrs
+    let first_cidr = |cidrs: &[IpNet]| {
+        cidrs
             .iter()
-            .find(|c| net_in_family(family)(c)),
-        DetectLocalMode::NodeCidr => node.pod_cidrs.iter().find(|c| net_in_family(family)(c)),
-        DetectLocalMode::BridgeInterface(_) | DetectLocalMode::InterfaceNamePrefix(_) => None,
-    }
-    .map(|cidr| LocalTraffic::Cidr(*cidr))
-    .unwrap_or(match &config.detect_local {
+            .find(|c| net_in_family(family)(c))
+            .map_or(LocalTraffic::Unknown, |c| LocalTraffic::Cidr(*c))
+    };
+    let local_traffic = match &config.detect_local {
+        DetectLocalMode::ClusterCidr => first_cidr(&config.cluster_cidrs),
+        DetectLocalMode::NodeCidr => first_cidr(&node.pod_cidrs),
         DetectLocalMode::BridgeInterface(name) => LocalTraffic::Interface(name.clone()),
         DetectLocalMode::InterfaceNamePrefix(prefix) => {
             LocalTraffic::InterfacePrefix(prefix.clone())
         }
-        _ => LocalTraffic::Unknown,
-    });
+    };
 
     let mut cidrs: Vec<IpNet> = service_cidrs
         .iter()
@@ -424,62 +438,44 @@ fn build_family(
                 protocol: port.protocol,
             };
             let owner = format!("{}/{}", service.namespace, service.name);
-            let mut claim = |ip: IpAddr, what: &str| -> bool {
-                match claimed.get(&(ip, port.protocol, port.port)) {
-                    Some(other) => {
-                        diagnostics.push(Diagnostic::invalid(
-                            &object,
-                            format!(
-                                "{what} {ip}:{}/{} is already used by Service {other}",
-                                port.port,
-                                port.protocol.lower()
-                            ),
-                        ));
-                        false
-                    }
-                    None => {
-                        claimed.insert((ip, port.protocol, port.port), owner.clone());
-                        true
-                    }
-                }
+            let (protocol, number) = (port.protocol.lower(), port.port);
+            let mut claim_address = |ip: IpAddr, what: &str| {
+                claim(&mut claimed, (ip, port.protocol, number), &owner).map_err(|other| {
+                    diagnostics.push(Diagnostic::invalid(
+                        &object,
+                        format!(
+                            "{what} {ip}:{number}/{protocol} is already used by Service {other}"
+                        ),
+                    ))
+                })
             };
-            if !claim(cluster_ip, "ClusterIP") {
+            if claim_address(cluster_ip, "ClusterIP").is_err() {
                 continue;
             }
-            let external_ips: Vec<IpAddr> = service
-                .external_ips
-                .iter()
-                .copied()
-                .filter(in_family(family))
-                .filter(|ip| claim(*ip, "externalIP"))
-                .collect();
-            let load_balancer_ips: Vec<IpAddr> = service
-                .load_balancer_ips
-                .iter()
-                .copied()
-                .filter(in_family(family))
-                .filter(|ip| claim(*ip, "load balancer IP"))
-                .collect();
+            let mut claimed_ips = |ips: &[IpAddr], what: &str| -> Vec<IpAddr> {
+                ips.iter()
+                    .copied()
+                    .filter(in_family(family))
+                    .filter(|ip| claim_address(*ip, what).is_ok())
+                    .collect()
+            };
+            let external_ips = claimed_ips(&service.external_ips, "externalIP");
+            let load_balancer_ips = claimed_ips(&service.load_balancer_ips, "load balancer IP");
             let node_port = port.node_port.filter(|node_port| {
-                match claimed_node_ports.get(&(port.protocol, *node_port)) {
-                    Some(other) => {
+                claim(&mut claimed_node_ports, (port.protocol, *node_port), &owner)
+                    .map_err(|other| {
                         diagnostics.push(Diagnostic::invalid(
                             &object,
                             format!(
-                                "nodePort {node_port}/{} is already used by Service {other}",
-                                port.protocol.lower()
+                                "nodePort {node_port}/{protocol} is already used by Service {other}"
                             ),
-                        ));
-                        false
-                    }
-                    None => {
-                        claimed_node_ports.insert((port.protocol, *node_port), owner.clone());
-                        true
-                    }
-                }
+                        ))
+                    })
+                    .is_ok()
             });
 
             let mut endpoints: Vec<Endpoint> = Vec::new();
+            let mut seen: HashSet<(IpAddr, u16)> = HashSet::new();
             for slice in &service_slices {
                 let Some(slice_port) = slice
                     .ports
@@ -489,10 +485,8 @@ fn build_family(
                     continue;
                 };
                 for endpoint in &slice.endpoints {
-                    if endpoints
-                        .iter()
-                        .any(|e| e.ip == endpoint.ip && e.port == slice_port.port)
-                    {
+                    // The first slice (in name order) listing an endpoint wins.
+                    if !seen.insert((endpoint.ip, slice_port.port)) {
                         continue;
                     }
                     endpoints.push(Endpoint {

@@ -66,20 +66,34 @@ pub(crate) fn add_service_port(table: &mut Table, state: &ProxyState, sp: &Servi
         }
     }
 
-    // externalIPs and load balancer IPs. With Local policy and only remote endpoints
-    // both elements exist: pod and host traffic is short-circuited by the external
-    // chain, everything else falls through it and is dropped after DNAT.
-    for ip in sp.external_ips.iter().chain(&sp.load_balancer_ips) {
-        let key = address_key(*ip, name.protocol, sp.port);
+    // externalIPs, load balancer IPs and the NodePort enter through the external chain.
+    // With Local policy and only remote endpoints the destination also gets a drop
+    // element: pod and host traffic is short-circuited by the external chain, everything
+    // else falls through it and is dropped after DNAT.
+    let mut add_external = |map: &str, no_endpoint_map: &str, key: Vec<Value>| {
         if uses_external_chain {
             table.add_element(
-                SERVICE_IPS,
+                map,
                 Element::verdict(key.clone(), Verdict::Goto(external_chain.clone())),
             );
         }
         if !uses_external_chain || !sp.has_external_endpoints() {
-            table.add_element(NO_ENDPOINT_SERVICES, no_endpoint_element(key));
+            table.add_element(no_endpoint_map, no_endpoint_element(key));
         }
+    };
+    for ip in sp.external_ips.iter().chain(&sp.load_balancer_ips) {
+        add_external(
+            SERVICE_IPS,
+            NO_ENDPOINT_SERVICES,
+            address_key(*ip, name.protocol, sp.port),
+        );
+    }
+    if let Some(node_port) = sp.node_port {
+        add_external(
+            SERVICE_NODEPORTS,
+            NO_ENDPOINT_NODEPORTS,
+            vec![Value::Proto(proto), Value::Port(node_port)],
+        );
     }
 
     // loadBalancerSourceRanges guard the load balancer IPs only.
@@ -95,20 +109,6 @@ pub(crate) fn add_service_port(table: &mut Table, state: &ProxyState, sp: &Servi
             );
         }
         table.add_chain(Chain::regular(firewall_chain, firewall_rules(state, sp)));
-    }
-
-    // NodePort.
-    if let Some(node_port) = sp.node_port {
-        let key = vec![Value::Proto(proto), Value::Port(node_port)];
-        if uses_external_chain {
-            table.add_element(
-                SERVICE_NODEPORTS,
-                Element::verdict(key.clone(), Verdict::Goto(external_chain.clone())),
-            );
-        }
-        if !uses_external_chain || !sp.has_external_endpoints() {
-            table.add_element(NO_ENDPOINT_NODEPORTS, no_endpoint_element(key));
-        }
     }
 
     if uses_cluster_chain {

@@ -6,8 +6,8 @@
 
 use nftproxy_model::{LocalTraffic, NodePortAddresses, ProxyState};
 use nftproxy_nft::{
-    BaseChain, Chain, ChainType, CtStatus, DataType, Expr, FibInput, Hook, MarkOp, Priority, Rhs,
-    Rule, Set, Stmt, Table,
+    BaseChain, Chain, ChainType, CtStatus, DataType, Element, Expr, FibInput, Hook, MarkOp,
+    Priority, Rhs, Rule, Set, Stmt, Table, Value, Verdict,
 };
 
 use crate::family;
@@ -256,7 +256,7 @@ pub(crate) fn table(state: &ProxyState) -> Table {
         cluster_ips_check.push(
             Rule::new(vec![
                 Stmt::eq(daddr(), Rhs::Prefix(*cidr)),
-                Stmt::Verdict(nftproxy_nft::Verdict::Drop),
+                Stmt::Verdict(Verdict::Drop),
             ])
             .with_comment("Drop traffic to unallocated ClusterIPs"),
         );
@@ -278,10 +278,7 @@ pub(crate) fn table(state: &ProxyState) -> Table {
             Set::new(NODEPORT_IPS, vec![addr]).with_comment("IPs that accept NodePort traffic"),
         );
         for ip in addresses {
-            table.add_element(
-                NODEPORT_IPS,
-                nftproxy_nft::Element::key(vec![nftproxy_nft::Value::Addr(*ip)]),
-            );
+            table.add_element(NODEPORT_IPS, Element::key(vec![Value::Addr(*ip)]));
         }
     }
     table.add_set(
