@@ -242,6 +242,23 @@ impl Rule {
         }
     }
 
+    /// The chains this rule jumps or goes to.
+    pub fn referenced_chains(&self) -> impl Iterator<Item = &str> {
+        self.stmts.iter().filter_map(|stmt| match stmt {
+            Stmt::Verdict(verdict) => verdict.target(),
+            _ => None,
+        })
+    }
+
+    /// The sets and maps this rule looks up or updates.
+    pub fn referenced_sets(&self) -> impl Iterator<Item = &str> {
+        self.stmts.iter().filter_map(|stmt| match stmt {
+            Stmt::Lookup { set, .. } | Stmt::Update { set, .. } => Some(set.as_str()),
+            Stmt::Vmap { map, .. } => Some(map.as_str()),
+            _ => None,
+        })
+    }
+
     /// The same rule with a comment.
     pub fn with_comment(mut self, comment: impl Into<String>) -> Rule {
         self.comment = Some(comment.into());

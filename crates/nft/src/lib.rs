@@ -7,12 +7,16 @@
 //! the kernel returns set elements), so `--dry-run` output, golden files and the kernel
 //! program are one and the same thing.
 
+mod diff;
 mod expr;
 mod table;
 mod text;
+mod transaction;
 mod types;
 
+pub use diff::diff;
 pub use expr::{CmpOp, CtState, CtStatus, Expr, FibInput, MarkOp, PayloadField, Rhs, Rule, Stmt};
 pub use table::{Chain, Element, Set, Table};
 pub use text::format_duration;
+pub use transaction::{Op, Transaction};
 pub use types::{BaseChain, ChainType, DataType, Family, Hook, L4Proto, Priority, Value, Verdict};

@@ -57,6 +57,43 @@ impl Table {
         }
     }
 
+    /// What refers to a chain: `chain X` for rules that jump or go to it, `set X` for
+    /// verdict-map elements that do.
+    pub fn chain_users(&self, name: &str) -> Vec<String> {
+        let rules = self
+            .chains
+            .values()
+            .filter(|c| {
+                c.rules
+                    .iter()
+                    .any(|r| r.referenced_chains().any(|t| t == name))
+            })
+            .map(|c| format!("chain {}", c.name));
+        let elements = self
+            .sets
+            .values()
+            .filter(|s| {
+                s.elements
+                    .values()
+                    .any(|e| e.verdict.as_ref().and_then(Verdict::target) == Some(name))
+            })
+            .map(|s| format!("set {}", s.name));
+        rules.chain(elements).collect()
+    }
+
+    /// The chains whose rules refer to a set.
+    pub fn set_users(&self, name: &str) -> Vec<String> {
+        self.chains
+            .values()
+            .filter(|c| {
+                c.rules
+                    .iter()
+                    .any(|r| r.referenced_sets().any(|s| s == name))
+            })
+            .map(|c| c.name.clone())
+            .collect()
+    }
+
     /// Base chains, then regular chains, each group in name order: the order in which
     /// they are printed and created.
     pub fn chains_in_order(&self) -> impl Iterator<Item = &Chain> {
@@ -151,6 +188,20 @@ impl Set {
     /// Whether this is a map.
     pub fn is_map(&self) -> bool {
         self.data.is_some()
+    }
+
+    /// The same declaration with no elements.
+    pub fn without_elements(&self) -> Set {
+        Set {
+            elements: BTreeMap::new(),
+            ..self.clone()
+        }
+    }
+
+    /// Whether two sets are declared alike (elements aside): if not, the kernel needs
+    /// the set deleted and created again.
+    pub fn same_declaration(&self, other: &Set) -> bool {
+        self.without_elements() == other.without_elements()
     }
 }
 

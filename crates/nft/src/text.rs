@@ -222,34 +222,49 @@ impl Display for Element {
     }
 }
 
-fn write_set(f: &mut Formatter<'_>, set: &Set) -> fmt::Result {
-    let keyword = if set.is_map() { "map" } else { "set" };
-    writeln!(f, "\t{keyword} {} {{", set.name)?;
-    f.write_str("\t\ttype ")?;
-    for (i, key) in set.key.iter().enumerate() {
-        if i > 0 {
-            f.write_str(" . ")?;
-        }
-        key.fmt(f)?;
-    }
+/// The declaration lines of a set (`type …`, `size …`, `flags …`, `timeout …`,
+/// `comment …`), in the order nft lists them.
+pub(crate) fn set_declaration(set: &Set) -> Vec<String> {
+    let mut lines = Vec::with_capacity(5);
+    let key: Vec<String> = set.key.iter().map(ToString::to_string).collect();
+    let mut type_line = format!("type {}", key.join(" . "));
     if let Some(data) = &set.data {
-        write!(f, " : {data}")?;
+        let _ = write!(type_line, " : {data}");
     }
-    f.write_str("\n")?;
+    lines.push(type_line);
     if let Some(size) = set.size {
-        writeln!(f, "\t\tsize {size}")?;
+        lines.push(format!("size {size}"));
     }
     match (set.dynamic, set.timeout.is_some()) {
-        (true, true) => writeln!(f, "\t\tflags dynamic,timeout")?,
-        (true, false) => writeln!(f, "\t\tflags dynamic")?,
-        (false, true) => writeln!(f, "\t\tflags timeout")?,
+        (true, true) => lines.push("flags dynamic,timeout".to_owned()),
+        (true, false) => lines.push("flags dynamic".to_owned()),
+        (false, true) => lines.push("flags timeout".to_owned()),
         (false, false) => {}
     }
     if let Some(timeout) = set.timeout {
-        writeln!(f, "\t\ttimeout {}", format_duration(timeout))?;
+        lines.push(format!("timeout {}", format_duration(timeout)));
     }
     if let Some(comment) = &set.comment {
-        writeln!(f, "\t\tcomment \"{comment}\"")?;
+        lines.push(format!("comment \"{comment}\""));
+    }
+    lines
+}
+
+/// `type filter hook input priority filter; policy accept`
+pub(crate) fn base_chain_spec(base: &BaseChain) -> String {
+    format!(
+        "type {} hook {} priority {}; policy accept",
+        base.chain_type,
+        base.hook,
+        priority_text(base)
+    )
+}
+
+fn write_set(f: &mut Formatter<'_>, set: &Set) -> fmt::Result {
+    let keyword = if set.is_map() { "map" } else { "set" };
+    writeln!(f, "\t{keyword} {} {{", set.name)?;
+    for line in set_declaration(set) {
+        writeln!(f, "\t\t{line}")?;
     }
     for (i, element) in set.elements.values().enumerate() {
         if i == 0 {
@@ -267,13 +282,7 @@ fn write_set(f: &mut Formatter<'_>, set: &Set) -> fmt::Result {
 fn write_chain(f: &mut Formatter<'_>, chain: &Chain) -> fmt::Result {
     writeln!(f, "\tchain {} {{", chain.name)?;
     if let Some(base) = &chain.base {
-        writeln!(
-            f,
-            "\t\ttype {} hook {} priority {}; policy accept;",
-            base.chain_type,
-            base.hook,
-            priority_text(base)
-        )?;
+        writeln!(f, "\t\t{};", base_chain_spec(base))?;
     }
     for rule in &chain.rules {
         writeln!(f, "\t\t{rule}")?;

@@ -1,0 +1,259 @@
+//! The smallest transaction that turns the table the kernel holds into the desired one.
+//!
+//! Invariant: `diff(current, desired).apply_to(current) == desired`, the transaction is
+//! empty when nothing differs, and its operations are ordered so the kernel accepts them
+//! in one batch: objects exist before anything refers to them, and nothing is deleted
+//! while a rule or element still refers to it. Sets and maps change element by element;
+//! a chain whose rules changed is flushed and refilled; unchanged chains are not touched.
+
+use std::collections::BTreeSet;
+
+use crate::table::{Element, Table};
+use crate::transaction::{Op, Transaction};
+
+/// The operations that turn `current` (`None`: no table yet) into `desired`.
+pub fn diff(current: Option<&Table>, desired: &Table) -> Transaction {
+    let Some(current) = current else {
+        return Transaction::create(desired);
+    };
+    let mut tx = Transaction::new(desired.family, desired.name.clone());
+
+    // Sets whose declaration changed must be deleted and created again, which first
+    // needs every rule that refers to them gone.
+    let redeclared: BTreeSet<&str> = desired
+        .sets
+        .values()
+        .filter(|set| {
+            current
+                .sets
+                .get(&set.name)
+                .is_some_and(|old| !old.same_declaration(set))
+        })
+        .map(|set| set.name.as_str())
+        .collect();
+    // Base chains whose type, hook or priority changed are replaced.
+    let rebased: BTreeSet<&str> = desired
+        .chains
+        .values()
+        .filter(|chain| {
+            current
+                .chains
+                .get(&chain.name)
+                .is_some_and(|old| old.base != chain.base)
+        })
+        .map(|chain| chain.name.as_str())
+        .collect();
+    let rewritten: BTreeSet<&str> = desired
+        .chains
+        .values()
+        .filter(|chain| match current.chains.get(&chain.name) {
+            Some(old) => {
+                old.rules != chain.rules
+                    || rebased.contains(chain.name.as_str())
+                    || old
+                        .rules
+                        .iter()
+                        .any(|r| r.referenced_sets().any(|s| redeclared.contains(s)))
+            }
+            None => false,
+        })
+        .map(|chain| chain.name.as_str())
+        .collect();
+
+    for set in desired.sets.values() {
+        if !current.sets.contains_key(&set.name) {
+            tx.ops.push(Op::AddSet(set.without_elements()));
+        }
+    }
+    for chain in desired.chains_in_order() {
+        if !current.chains.contains_key(&chain.name) {
+            tx.ops.push(Op::AddChain {
+                name: chain.name.clone(),
+                base: chain.base,
+            });
+        }
+    }
+    for chain in current.chains_in_order() {
+        let removed = !desired.chains.contains_key(&chain.name);
+        if (removed || rewritten.contains(chain.name.as_str())) && !chain.rules.is_empty() {
+            tx.ops.push(Op::FlushChain(chain.name.clone()));
+        }
+    }
+    for (name, old) in &current.sets {
+        let Some(new) = desired.sets.get(name) else {
+            continue;
+        };
+        if redeclared.contains(name.as_str()) {
+            continue;
+        }
+        let stale: Vec<_> = old
+            .elements
+            .iter()
+            .filter(|(key, element)| new.elements.get(*key) != Some(*element))
+            .map(|(key, _)| key.clone())
+            .collect();
+        if !stale.is_empty() {
+            tx.ops.push(Op::DeleteElements {
+                set: name.clone(),
+                keys: stale,
+                is_map: old.is_map(),
+            });
+        }
+    }
+    for name in &redeclared {
+        tx.ops.push(Op::DeleteSet {
+            name: (*name).to_owned(),
+            is_map: current.sets[*name].is_map(),
+        });
+        tx.ops
+            .push(Op::AddSet(desired.sets[*name].without_elements()));
+    }
+    for name in &rebased {
+        tx.ops.push(Op::DeleteChain((*name).to_owned()));
+        tx.ops.push(Op::AddChain {
+            name: (*name).to_owned(),
+            base: desired.chains[*name].base,
+        });
+    }
+    for chain in desired.chains_in_order() {
+        if !current.chains.contains_key(&chain.name) || rewritten.contains(chain.name.as_str()) {
+            tx.push_rules(chain);
+        }
+    }
+    for (name, new) in &desired.sets {
+        let old = current
+            .sets
+            .get(name)
+            .filter(|_| !redeclared.contains(name.as_str()));
+        let missing: Vec<Element> = new
+            .elements
+            .iter()
+            .filter(|(key, element)| old.and_then(|o| o.elements.get(*key)) != Some(*element))
+            .map(|(_, element)| element.clone())
+            .collect();
+        tx.push_elements(name, missing);
+    }
+    for chain in current.chains_in_order() {
+        if !desired.chains.contains_key(&chain.name) {
+            tx.ops.push(Op::DeleteChain(chain.name.clone()));
+        }
+    }
+    for (name, set) in &current.sets {
+        if !desired.sets.contains_key(name) {
+            tx.ops.push(Op::DeleteSet {
+                name: name.clone(),
+                is_map: set.is_map(),
+            });
+        }
+    }
+    tx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::expr::{Rule, Stmt};
+    use crate::table::{Chain, Set};
+    use crate::types::{DataType, Family, Value, Verdict};
+
+    fn table(services: &[(&str, &[u8])]) -> Table {
+        let mut t = Table::new(Family::Ip, "t");
+        t.add_set(Set::verdict_map("svc", vec![DataType::Ipv4Addr]));
+        t.add_set(Set::new("hairpin", vec![DataType::Ipv4Addr]));
+        t.add_chain(Chain::regular(
+            "services",
+            vec![Rule::new(vec![Stmt::Vmap {
+                key: crate::Expr::daddr(Family::Ip),
+                map: "svc".into(),
+            }])],
+        ));
+        for (i, (name, endpoints)) in services.iter().enumerate() {
+            let rules = endpoints
+                .iter()
+                .map(|e| {
+                    Rule::new(vec![Stmt::Dnat {
+                        addr: [10, 0, 0, *e].into(),
+                        port: 80,
+                    }])
+                })
+                .collect();
+            t.add_chain(Chain::regular(*name, rules));
+            let ip = [172, 30, 0, i as u8 + 1].into();
+            t.add_element(
+                "svc",
+                Element::verdict(vec![Value::Addr(ip)], Verdict::Goto((*name).into())),
+            );
+            for e in endpoints.iter() {
+                t.add_element(
+                    "hairpin",
+                    Element::key(vec![Value::Addr([10, 0, 0, *e].into())]),
+                );
+            }
+        }
+        t
+    }
+
+    fn check(from: &Table, to: &Table) -> Transaction {
+        let tx = diff(Some(from), to);
+        assert_eq!(
+            tx.apply_to(Some(from.clone())).unwrap().as_ref(),
+            Some(to),
+            "{tx}"
+        );
+        tx
+    }
+
+    #[test]
+    fn no_change_is_no_operation() {
+        let t = table(&[("a", &[1, 2]), ("b", &[3])]);
+        assert!(check(&t, &t).is_empty());
+    }
+
+    #[test]
+    fn an_added_endpoint_rewrites_one_chain_and_adds_one_element() {
+        let from = table(&[("a", &[1, 2]), ("b", &[3])]);
+        let to = table(&[("a", &[1, 2]), ("b", &[3, 4])]);
+        let tx = check(&from, &to);
+        // flush b, two rules, one hairpin element
+        assert_eq!(tx.len(), 4, "{tx}");
+    }
+
+    #[test]
+    fn a_removed_endpoint_deletes_its_element() {
+        let from = table(&[("a", &[1, 2])]);
+        let to = table(&[("a", &[1])]);
+        let tx = check(&from, &to);
+        // flush a, one rule, one hairpin element deleted
+        assert_eq!(tx.len(), 3, "{tx}");
+    }
+
+    #[test]
+    fn services_come_and_go_with_their_chains_and_elements() {
+        let from = table(&[("a", &[1])]);
+        let to = table(&[("a", &[1]), ("b", &[2])]);
+        // add chain, one rule, map element, hairpin element
+        assert_eq!(check(&from, &to).len(), 4);
+        // flush, delete map element and hairpin element, delete chain
+        assert_eq!(check(&to, &from).len(), 4);
+    }
+
+    #[test]
+    fn a_redeclared_set_is_recreated_after_its_users_are_flushed() {
+        let from = table(&[("a", &[1])]);
+        let mut to = from.clone();
+        to.sets.get_mut("svc").unwrap().comment = Some("changed".into());
+        let tx = check(&from, &to);
+        let text = tx.to_string();
+        let flush = text.find("flush chain ip t services").unwrap();
+        let delete = text.find("delete map ip t svc").unwrap();
+        assert!(flush < delete, "{text}");
+    }
+
+    #[test]
+    fn from_nothing_everything_is_created() {
+        let to = table(&[("a", &[1, 2])]);
+        let tx = diff(None, &to);
+        assert_eq!(tx.apply_to(None).unwrap().as_ref(), Some(&to));
+        assert!(tx.to_string().starts_with("add table ip t\n"));
+    }
+}

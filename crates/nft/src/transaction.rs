@@ -1,0 +1,325 @@
+//! A transaction: an ordered list of operations on one table, applied all or nothing.
+//!
+//! Invariant: a transaction's text (its `Display`) is `nft -f` input that does exactly
+//! what the operations do, and [`Transaction::apply_to`] computes the table the kernel
+//! holds afterwards, so a transaction can be checked against the kernel and against the
+//! in-memory model alike.
+
+use std::fmt::{self, Display, Formatter};
+
+use crate::expr::Rule;
+use crate::table::{Chain, Element, Set, Table};
+use crate::text::{base_chain_spec, set_declaration};
+use crate::types::{BaseChain, Family, Value};
+
+/// One operation of a transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Create the table (with its comment) if it does not exist.
+    AddTable {
+        /// The table comment.
+        comment: Option<String>,
+    },
+    /// Delete the table and everything in it.
+    DeleteTable,
+    /// Create a chain (empty) if it does not exist.
+    AddChain {
+        /// Name.
+        name: String,
+        /// Type, hook and priority of a base chain.
+        base: Option<BaseChain>,
+    },
+    /// Remove every rule of a chain.
+    FlushChain(String),
+    /// Delete an empty, unreferenced chain.
+    DeleteChain(String),
+    /// Append a rule to a chain.
+    AddRule {
+        /// The chain.
+        chain: String,
+        /// The rule.
+        rule: Rule,
+    },
+    /// Create a set or map (its elements are not part of this operation).
+    AddSet(Set),
+    /// Delete an unreferenced set or map.
+    DeleteSet {
+        /// Name.
+        name: String,
+        /// Whether it is a map (nft spells the two differently).
+        is_map: bool,
+    },
+    /// Add elements to a set or map.
+    AddElements {
+        /// The set.
+        set: String,
+        /// The elements.
+        elements: Vec<Element>,
+    },
+    /// Delete elements (by key) from a set or map.
+    DeleteElements {
+        /// The set.
+        set: String,
+        /// The keys.
+        keys: Vec<Vec<Value>>,
+        /// Whether the set is a map.
+        is_map: bool,
+    },
+}
+
+impl Op {
+    /// How many kernel objects this operation touches (each element counts), the
+    /// measure kube-proxy reports as a transaction's size.
+    pub fn count(&self) -> usize {
+        match self {
+            Op::AddElements { elements, .. } => elements.len(),
+            Op::DeleteElements { keys, .. } => keys.len(),
+            _ => 1,
+        }
+    }
+}
+
+/// Operations on one table, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transaction {
+    /// The table's family.
+    pub family: Family,
+    /// The table's name.
+    pub table: String,
+    /// The operations.
+    pub ops: Vec<Op>,
+}
+
+impl Transaction {
+    /// An empty transaction on a table.
+    pub fn new(family: Family, table: impl Into<String>) -> Transaction {
+        Transaction {
+            family,
+            table: table.into(),
+            ops: Vec::new(),
+        }
+    }
+
+    /// The number of objects touched (0 for a sync with nothing to do).
+    pub fn len(&self) -> usize {
+        self.ops.iter().map(Op::count).sum()
+    }
+
+    /// Whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// The operations that create `table` from nothing.
+    pub fn create(table: &Table) -> Transaction {
+        let mut tx = Transaction::new(table.family, table.name.clone());
+        tx.ops.push(Op::AddTable {
+            comment: table.comment.clone(),
+        });
+        for set in table.sets.values() {
+            tx.ops.push(Op::AddSet(set.without_elements()));
+        }
+        for chain in table.chains_in_order() {
+            tx.ops.push(Op::AddChain {
+                name: chain.name.clone(),
+                base: chain.base,
+            });
+        }
+        for chain in table.chains_in_order() {
+            tx.push_rules(chain);
+        }
+        for set in table.sets.values() {
+            tx.push_elements(&set.name, set.elements.values().cloned().collect());
+        }
+        tx
+    }
+
+    pub(crate) fn push_rules(&mut self, chain: &Chain) {
+        for rule in &chain.rules {
+            self.ops.push(Op::AddRule {
+                chain: chain.name.clone(),
+                rule: rule.clone(),
+            });
+        }
+    }
+
+    pub(crate) fn push_elements(&mut self, set: &str, elements: Vec<Element>) {
+        if !elements.is_empty() {
+            self.ops.push(Op::AddElements {
+                set: set.to_owned(),
+                elements,
+            });
+        }
+    }
+
+    /// The table after this transaction, starting from `table` (`None`: no table). Fails
+    /// like the kernel would on a missing or still-referenced object, naming it.
+    pub fn apply_to(&self, table: Option<Table>) -> Result<Option<Table>, String> {
+        let mut table = table;
+        for op in &self.ops {
+            if let Op::AddTable { comment } = op {
+                if table.is_none() {
+                    let mut new = Table::new(self.family, self.table.clone());
+                    new.comment = comment.clone();
+                    table = Some(new);
+                }
+                continue;
+            }
+            if matches!(op, Op::DeleteTable) {
+                table.take().ok_or("delete table: no such table")?;
+                continue;
+            }
+            let t = table
+                .as_mut()
+                .ok_or_else(|| format!("{op:?}: no such table"))?;
+            apply_op(t, op)?;
+        }
+        Ok(table)
+    }
+}
+
+fn apply_op(t: &mut Table, op: &Op) -> Result<(), String> {
+    match op {
+        Op::AddTable { .. } | Op::DeleteTable => unreachable!("handled by apply_to"),
+        Op::AddChain { name, base } => {
+            t.chains.entry(name.clone()).or_insert_with(|| Chain {
+                name: name.clone(),
+                base: *base,
+                rules: Vec::new(),
+            });
+        }
+        Op::FlushChain(name) => {
+            chain_mut(t, name)?.rules.clear();
+        }
+        Op::DeleteChain(name) => {
+            if !chain_mut(t, name)?.rules.is_empty() {
+                return Err(format!("delete chain {name}: chain is not empty"));
+            }
+            if let Some(user) = t.chain_users(name).first() {
+                return Err(format!("delete chain {name}: still used by {user}"));
+            }
+            t.chains.remove(name);
+        }
+        Op::AddRule { chain, rule } => {
+            for target in rule.referenced_chains() {
+                chain_mut(t, target)?;
+            }
+            for set in rule.referenced_sets() {
+                set_mut(t, set)?;
+            }
+            chain_mut(t, chain)?.rules.push(rule.clone());
+        }
+        Op::AddSet(set) => {
+            t.sets
+                .entry(set.name.clone())
+                .or_insert_with(|| set.without_elements());
+        }
+        Op::DeleteSet { name, .. } => {
+            set_mut(t, name)?;
+            if let Some(user) = t.set_users(name).first() {
+                return Err(format!("delete set {name}: still used by chain {user}"));
+            }
+            t.sets.remove(name);
+        }
+        Op::AddElements { set, elements } => {
+            for element in elements {
+                if let Some(target) = element.verdict.as_ref().and_then(|v| v.target()) {
+                    chain_mut(t, target)?;
+                }
+            }
+            let s = set_mut(t, set)?;
+            for element in elements {
+                // Adding an existing key is a no-op in the kernel, as in nft.
+                s.elements
+                    .entry(element.key.clone())
+                    .or_insert_with(|| element.clone());
+            }
+        }
+        Op::DeleteElements { set, keys, .. } => {
+            let s = set_mut(t, set)?;
+            for key in keys {
+                if s.elements.remove(key).is_none() {
+                    return Err(format!("delete element from {set}: no such element"));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn chain_mut<'t>(t: &'t mut Table, name: &str) -> Result<&'t mut Chain, String> {
+    t.chains
+        .get_mut(name)
+        .ok_or_else(|| format!("no such chain {name}"))
+}
+
+fn set_mut<'t>(t: &'t mut Table, name: &str) -> Result<&'t mut Set, String> {
+    t.sets
+        .get_mut(name)
+        .ok_or_else(|| format!("no such set {name}"))
+}
+
+impl Display for Transaction {
+    /// `nft -f` input, one command per line.
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        let (family, table) = (self.family, &self.table);
+        for op in &self.ops {
+            match op {
+                Op::AddTable { comment: Some(c) } => {
+                    writeln!(f, "add table {family} {table} {{ comment \"{c}\"; }}")?
+                }
+                Op::AddTable { comment: None } => writeln!(f, "add table {family} {table}")?,
+                Op::DeleteTable => writeln!(f, "delete table {family} {table}")?,
+                Op::AddChain {
+                    name,
+                    base: Some(base),
+                } => writeln!(
+                    f,
+                    "add chain {family} {table} {name} {{ {}; }}",
+                    base_chain_spec(base)
+                )?,
+                Op::AddChain { name, base: None } => {
+                    writeln!(f, "add chain {family} {table} {name}")?
+                }
+                Op::FlushChain(name) => writeln!(f, "flush chain {family} {table} {name}")?,
+                Op::DeleteChain(name) => writeln!(f, "delete chain {family} {table} {name}")?,
+                Op::AddRule { chain, rule } => {
+                    writeln!(f, "add rule {family} {table} {chain} {rule}")?
+                }
+                Op::AddSet(set) => {
+                    let keyword = if set.is_map() { "map" } else { "set" };
+                    let declaration = set_declaration(set).join("; ");
+                    writeln!(
+                        f,
+                        "add {keyword} {family} {table} {} {{ {declaration}; }}",
+                        set.name
+                    )?;
+                }
+                Op::DeleteSet { name, is_map } => {
+                    let keyword = if *is_map { "map" } else { "set" };
+                    writeln!(f, "delete {keyword} {family} {table} {name}")?;
+                }
+                Op::AddElements { set, elements } => {
+                    let elements: Vec<String> = elements.iter().map(ToString::to_string).collect();
+                    writeln!(
+                        f,
+                        "add element {family} {table} {set} {{ {} }}",
+                        elements.join(", ")
+                    )?;
+                }
+                Op::DeleteElements { set, keys, .. } => {
+                    let keys: Vec<String> = keys
+                        .iter()
+                        .map(|k| Element::key(k.clone()).to_string())
+                        .collect();
+                    writeln!(
+                        f,
+                        "delete element {family} {table} {set} {{ {} }}",
+                        keys.join(", ")
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
