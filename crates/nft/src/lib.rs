@@ -7,6 +7,7 @@
 //! the kernel returns set elements), so `--dry-run` output, golden files and the kernel
 //! program are one and the same thing.
 
+mod backend;
 mod diff;
 mod expr;
 mod table;
@@ -14,6 +15,7 @@ mod text;
 mod transaction;
 mod types;
 
+pub use backend::{Backend, FakeBackend, FakeError};
 pub use diff::diff;
 pub use expr::{CmpOp, CtState, CtStatus, Expr, FibInput, MarkOp, PayloadField, Rhs, Rule, Stmt};
 pub use table::{Chain, Element, Set, Table};

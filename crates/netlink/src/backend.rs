@@ -1,0 +1,327 @@
+//! [`NetlinkBackend`]: transactions applied to the kernel as single batches, and tables
+//! read back from it.
+//!
+//! Invariant: only the table a caller names is read or written; a batch that the kernel
+//! refuses changes nothing, and its error names the operation that failed.
+
+use std::collections::BTreeMap;
+
+use nftproxy_nft::{Backend, Element, Family, Op, Set, Table, Transaction};
+
+use crate::Error;
+use crate::ffi::{self, Messages};
+use crate::socket::{Reply, Socket};
+
+/// Elements per NEWSETELEM/DELSETELEM message: well under the 64 KiB a message may hold,
+/// even with the longest chain names as verdicts.
+const ELEMENTS_PER_MESSAGE: usize = 128;
+
+/// The kernel's nf_tables, over a netfilter netlink socket in the caller's network
+/// namespace.
+pub struct NetlinkBackend {
+    socket: Socket,
+    seq: u32,
+}
+
+fn describe(op: &Op) -> String {
+    match op {
+        Op::AddTable { .. } => "add table".to_owned(),
+        Op::DeleteTable => "delete table".to_owned(),
+        Op::AddChain { name, .. } => format!("add chain {name}"),
+        Op::FlushChain(name) => format!("flush chain {name}"),
+        Op::DeleteChain(name) => format!("delete chain {name}"),
+        Op::AddRule { chain, rule } => format!("add rule in chain {chain} `{rule}`"),
+        Op::AddSet(set) => format!("add set {}", set.name),
+        Op::DeleteSet { name, .. } => format!("delete set {name}"),
+        Op::AddElements { set, elements } => format!("add {} elements to {set}", elements.len()),
+        Op::DeleteElements { set, keys, .. } => {
+            format!("delete {} elements from {set}", keys.len())
+        }
+    }
+}
+
+impl NetlinkBackend {
+    /// Opens a netfilter netlink socket (needs CAP_NET_ADMIN in the network namespace).
+    pub fn open() -> Result<NetlinkBackend, Error> {
+        let socket = Socket::open()?;
+        // Sequence numbers only need to be unique on this socket; starting from the port
+        // id keeps them recognisable in traces.
+        let seq = socket.portid();
+        Ok(NetlinkBackend { socket, seq })
+    }
+
+    fn next_seq(&mut self) -> u32 {
+        self.seq = self.seq.wrapping_add(1);
+        self.seq
+    }
+
+    fn encode(&mut self, tx: &Transaction) -> Result<(Messages, Vec<(u32, usize)>), Error> {
+        let (family, table) = (tx.family, tx.table.as_str());
+        let create = libc::NLM_F_CREATE as u16;
+        let mut msgs = Messages::new();
+        let mut seqs: Vec<(u32, usize)> = Vec::with_capacity(tx.ops.len() + 2);
+        let begin = self.next_seq();
+        msgs.batch_begin(begin)?;
+        let mut set_id = 0;
+        for (index, op) in tx.ops.iter().enumerate() {
+            let mut seq = || {
+                let seq = self.next_seq();
+                seqs.push((seq, index));
+                seq
+            };
+            match op {
+                Op::AddTable { comment } => msgs.table(
+                    libc::NFT_MSG_NEWTABLE,
+                    family,
+                    table,
+                    comment.as_deref(),
+                    create,
+                    seq(),
+                )?,
+                Op::DeleteTable => {
+                    msgs.table(libc::NFT_MSG_DELTABLE, family, table, None, 0, seq())?
+                }
+                Op::AddChain { name, base } => msgs.chain(
+                    libc::NFT_MSG_NEWCHAIN,
+                    family,
+                    table,
+                    name,
+                    base.as_ref(),
+                    create,
+                    seq(),
+                )?,
+                Op::FlushChain(name) => {
+                    msgs.rule(libc::NFT_MSG_DELRULE, family, table, name, None, 0, seq())?
+                }
+                Op::DeleteChain(name) => {
+                    msgs.chain(libc::NFT_MSG_DELCHAIN, family, table, name, None, 0, seq())?
+                }
+                Op::AddRule { chain, rule } => {
+                    let flags = create | libc::NLM_F_APPEND as u16;
+                    msgs.rule(
+                        libc::NFT_MSG_NEWRULE,
+                        family,
+                        table,
+                        chain,
+                        Some(rule),
+                        flags,
+                        seq(),
+                    )?
+                }
+                Op::AddSet(set) => {
+                    set_id += 1;
+                    msgs.set(
+                        libc::NFT_MSG_NEWSET,
+                        family,
+                        table,
+                        set,
+                        set_id,
+                        create,
+                        seq(),
+                    )?
+                }
+                Op::DeleteSet { name, .. } => msgs.set(
+                    libc::NFT_MSG_DELSET,
+                    family,
+                    table,
+                    &Set::new(name.clone(), vec![]),
+                    0,
+                    0,
+                    seq(),
+                )?,
+                Op::AddElements { set, elements } => {
+                    for chunk in elements.chunks(ELEMENTS_PER_MESSAGE) {
+                        msgs.elements(
+                            libc::NFT_MSG_NEWSETELEM,
+                            family,
+                            table,
+                            set,
+                            chunk,
+                            create,
+                            seq(),
+                        )?;
+                    }
+                }
+                Op::DeleteElements { set, keys, .. } => {
+                    for chunk in keys.chunks(ELEMENTS_PER_MESSAGE) {
+                        let elements: Vec<Element> =
+                            chunk.iter().map(|k| Element::key(k.clone())).collect();
+                        msgs.elements(
+                            libc::NFT_MSG_DELSETELEM,
+                            family,
+                            table,
+                            set,
+                            &elements,
+                            0,
+                            seq(),
+                        )?;
+                    }
+                }
+            }
+        }
+        let end = self.next_seq();
+        msgs.batch_end(end)?;
+        Ok((msgs, seqs))
+    }
+
+    /// The encoded batch of a transaction: what [`apply`](Backend::apply) sends.
+    pub fn batch_bytes(&mut self, tx: &Transaction) -> Result<Vec<u8>, Error> {
+        Ok(self.encode(tx)?.0.bytes)
+    }
+
+    /// Sends a request and hands every data reply to `each`, until the dump ends (or,
+    /// for a plain get, until the one answer).
+    fn request(
+        &mut self,
+        kind: i32,
+        family: Family,
+        table: &str,
+        set: Option<&Set>,
+        mut each: impl FnMut(*const libc::nlmsghdr) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        let mut msgs = Messages::new();
+        let seq = self.next_seq();
+        match set {
+            Some(set) => msgs.set(kind, family, table, set, 0, libc::NLM_F_DUMP as u16, seq)?,
+            None => msgs.request(kind, family, table, seq)?,
+        }
+        self.socket.send(&msgs.bytes)?;
+        let single = kind == libc::NFT_MSG_GETTABLE;
+        let mut interrupted = false;
+        loop {
+            let replies = self.socket.receive(false)?.unwrap_or_default();
+            for reply in replies {
+                match reply {
+                    Reply::Done => {
+                        return if interrupted {
+                            Err(Error::Interrupted)
+                        } else {
+                            Ok(())
+                        };
+                    }
+                    Reply::Error { errno, .. } => {
+                        return Err(Error::kernel(format!("list {table}"), errno));
+                    }
+                    Reply::Data {
+                        nlh,
+                        interrupted: flag,
+                    } => {
+                        interrupted |= flag;
+                        each(nlh)?;
+                        if single {
+                            return Ok(());
+                        }
+                    }
+                    Reply::Ack => {}
+                }
+            }
+        }
+    }
+
+    fn try_list(&mut self, family: Family, name: &str) -> Result<Option<Table>, Error> {
+        let mut table = Table::new(family, name);
+        let found = self.request(libc::NFT_MSG_GETTABLE, family, name, None, |nlh| {
+            let (_, comment) = ffi::parse_table(nlh)?;
+            table.comment = comment;
+            Ok(())
+        });
+        match found {
+            Err(error) if error.is_not_found() => return Ok(None),
+            other => other?,
+        }
+        self.request(libc::NFT_MSG_GETCHAIN, family, name, None, |nlh| {
+            let (owner, chain) = ffi::parse_chain(nlh)?;
+            if owner == name {
+                table.add_chain(chain);
+            }
+            Ok(())
+        })?;
+        let mut sets = BTreeMap::new();
+        self.request(libc::NFT_MSG_GETSET, family, name, None, |nlh| {
+            let (owner, set) = ffi::parse_set(nlh)?;
+            if owner == name {
+                sets.insert(set.name.clone(), set);
+            }
+            Ok(())
+        })?;
+        for set in sets.values_mut() {
+            let declaration = set.clone();
+            self.request(
+                libc::NFT_MSG_GETSETELEM,
+                family,
+                name,
+                Some(&declaration),
+                |nlh| {
+                    for element in ffi::parse_elements(nlh, &declaration)? {
+                        set.elements.insert(element.key.clone(), element);
+                    }
+                    Ok(())
+                },
+            )?;
+        }
+        table.sets = sets;
+        let mut missing_chain = false;
+        self.request(libc::NFT_MSG_GETRULE, family, name, None, |nlh| {
+            let (owner, chain, rule) = ffi::parse_rule(nlh, family)?;
+            if owner == name {
+                match table.chains.get_mut(&chain) {
+                    Some(c) => c.rules.push(rule),
+                    None => missing_chain = true,
+                }
+            }
+            Ok(())
+        })?;
+        if missing_chain {
+            // The table changed between the chain dump and the rule dump.
+            return Err(Error::Interrupted);
+        }
+        Ok(Some(table))
+    }
+}
+
+impl Backend for NetlinkBackend {
+    type Error = Error;
+
+    /// Reads our table back; `None` when it does not exist. Retried when the ruleset
+    /// changes during the read.
+    fn list(&mut self, family: Family, name: &str) -> Result<Option<Table>, Error> {
+        let mut attempts = 0;
+        loop {
+            match self.try_list(family, name) {
+                Err(Error::Interrupted) if attempts < 3 => attempts += 1,
+                other => return other,
+            }
+        }
+    }
+
+    /// Sends the transaction as one batch. The kernel processes a batch inside
+    /// `sendmsg`, so every error reply is queued when it returns; no message asks for an
+    /// acknowledgement, so an empty queue means the batch committed.
+    fn apply(&mut self, tx: &Transaction) -> Result<(), Error> {
+        if tx.is_empty() {
+            return Ok(());
+        }
+        let (msgs, seqs) = self.encode(tx)?;
+        self.socket.send(&msgs.bytes)?;
+        let mut errors = Vec::new();
+        while let Some(replies) = self.socket.receive(true)? {
+            for reply in replies {
+                if let Reply::Error { seq, errno } = reply {
+                    errors.push((seq, errno));
+                }
+            }
+        }
+        let Some(&(seq, errno)) = errors.first() else {
+            return Ok(());
+        };
+        let op = match seqs.iter().find(|(s, _)| *s == seq) {
+            Some((_, index)) => describe(&tx.ops[*index]),
+            None => "begin transaction".to_owned(),
+        };
+        let mut error = Error::kernel(op, errno);
+        if let Error::Kernel { more, .. } = &mut error {
+            *more = errors.len() - 1;
+        }
+        Err(error)
+    }
+}

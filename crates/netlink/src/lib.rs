@@ -1,0 +1,99 @@
+//! nftproxy's kernel edge: [`Transaction`](nftproxy_nft::Transaction)s encoded as
+//! nf_tables netlink batches through libnftnl, sent over a netfilter netlink socket, and
+//! our own tables read back into [`Table`](nftproxy_nft::Table)s.
+//!
+//! Invariant: one transaction is one batch in one `sendmsg`, applied by the kernel all or
+//! nothing; only tables named by the caller are ever read or written.
+//!
+//! libnftnl (through `nftnl-sys`) encodes and parses every object, so the bytecode is the
+//! same that `nft` writes; the `nftnl` crate's own object layer is not used, because it
+//! hard-codes NLM_F_ACK on every message (an acknowledgement flood on large batches) and
+//! has no maps or concatenations.
+
+mod backend;
+mod ffi;
+pub mod lower;
+pub mod netns;
+mod socket;
+
+pub use backend::NetlinkBackend;
+
+/// What can go wrong talking to the kernel.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The socket itself failed.
+    #[error("netlink socket: {0}")]
+    Io(#[from] std::io::Error),
+    /// The kernel refused an operation; the whole batch was rolled back.
+    #[error("{op}: {name} ({message}){}", if *more > 0 { format!(" and {more} more errors") } else { String::new() })]
+    Kernel {
+        /// The operation, e.g. "add rule in chain X `…`".
+        op: String,
+        /// The errno.
+        errno: i32,
+        /// Its symbolic name.
+        name: &'static str,
+        /// Its description.
+        message: String,
+        /// How many further operations failed in the same batch.
+        more: usize,
+    },
+    /// Something could not be encoded.
+    #[error("cannot encode {0}")]
+    Encode(String),
+    /// What the kernel holds is not something nftproxy wrote.
+    #[error("cannot read back: {0}")]
+    Decode(String),
+    /// Replies were lost (receive buffer overrun): whether the batch committed is unknown.
+    #[error("kernel replies were lost; the outcome of the transaction is unknown")]
+    Unknown,
+    /// The ruleset changed while it was being read.
+    #[error("the ruleset changed while it was being read")]
+    Interrupted,
+}
+
+impl Error {
+    pub(crate) fn kernel(op: String, errno: i32) -> Error {
+        Error::Kernel {
+            op,
+            errno,
+            name: errno_name(errno),
+            message: std::io::Error::from_raw_os_error(errno).to_string(),
+            more: 0,
+        }
+    }
+
+    /// The object does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Error::Kernel { errno, .. } if *errno == libc::ENOENT)
+    }
+
+    /// The errno of a kernel error.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            Error::Kernel { errno, .. } => Some(*errno),
+            Error::Io(error) => error.raw_os_error(),
+            _ => None,
+        }
+    }
+}
+
+fn errno_name(errno: i32) -> &'static str {
+    match errno {
+        libc::EPERM => "EPERM",
+        libc::ENOENT => "ENOENT",
+        libc::ENOMEM => "ENOMEM",
+        libc::EBUSY => "EBUSY",
+        libc::EEXIST => "EEXIST",
+        libc::EINVAL => "EINVAL",
+        libc::ENOSPC => "ENOSPC",
+        libc::E2BIG => "E2BIG",
+        libc::ERANGE => "ERANGE",
+        libc::ELOOP => "ELOOP",
+        libc::EMSGSIZE => "EMSGSIZE",
+        libc::ENOBUFS => "ENOBUFS",
+        libc::EOPNOTSUPP => "EOPNOTSUPP",
+        libc::ENFILE => "ENFILE",
+        _ => "errno",
+    }
+}

@@ -1,0 +1,1013 @@
+//! Typed rules lowered to nf_tables expressions (registers, loads, compares), and raised
+//! back. Pure: no libnftnl, no kernel.
+//!
+//! Invariant: `raise(lower(rule)) == rule` for every rule nftproxy writes, and the
+//! expressions are the ones `nft` 1.0.6 emits for the same text (prefix matches shortened
+//! to whole bytes, concatenations in consecutive 32-bit registers), so `nft list`
+//! decompiles them back to the same text.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnet::IpNet;
+use nftproxy_nft::{
+    CmpOp, CtState, CtStatus, DataType, Expr, Family, FibInput, L4Proto, MarkOp, PayloadField, Rhs,
+    Stmt, Value, Verdict,
+};
+
+/// The 128-bit register 1, which nft uses for the first field of every key.
+pub const REG_1: u32 = libc::NFT_REG_1 as u32;
+/// The first 32-bit register; `REG32_00 + n` is the n-th 32-bit word of the key area.
+pub const REG32_00: u32 = libc::NFT_REG32_00 as u32;
+/// The verdict register.
+pub const REG_VERDICT: u32 = 0;
+
+const META_L4PROTO: u32 = libc::NFT_META_L4PROTO as u32;
+const META_MARK: u32 = libc::NFT_META_MARK as u32;
+const META_IIFNAME: u32 = libc::NFT_META_IIFNAME as u32;
+const CT_STATE: u32 = libc::NFT_CT_STATE as u32;
+const CT_STATUS: u32 = libc::NFT_CT_STATUS as u32;
+const CT_STATE_NEW: u32 = 8;
+const CT_STATUS_DNAT: u32 = 0x20;
+const FIB_F_SADDR: u32 = 1;
+const FIB_F_DADDR: u32 = 2;
+const FIB_RESULT_ADDRTYPE: u32 = 3;
+const RTN_LOCAL: u32 = 2;
+const NAT_RANGE_MAP_IPS: u32 = 0x1;
+const NAT_RANGE_PROTO_SPECIFIED: u32 = 0x2;
+const NAT_RANGE_PROTO_RANDOM_FULLY: u32 = 0x10;
+const REJECT_ICMP_UNREACH: u32 = libc::NFT_REJECT_ICMP_UNREACH as u32;
+const ICMP_PORT_UNREACH: u8 = 3;
+const ICMPV6_PORT_UNREACH: u8 = 4;
+const IFNAMSIZ: usize = 16;
+
+/// Where a payload load reads from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PayloadBase {
+    /// The network header.
+    Network = 1,
+    /// The transport header.
+    Transport = 2,
+}
+
+/// A verdict as the kernel encodes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RawVerdict {
+    /// `NF_ACCEPT`
+    Accept,
+    /// `NF_DROP`
+    Drop,
+    /// `NFT_RETURN`
+    Return,
+    /// `NFT_JUMP` to a chain.
+    Jump(String),
+    /// `NFT_GOTO` to a chain.
+    Goto(String),
+}
+
+/// One nf_tables expression, with the attributes nftproxy uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RawExpr {
+    /// `payload load LEN @ BASE + OFFSET => DREG`
+    Payload {
+        /// Header.
+        base: PayloadBase,
+        /// Byte offset.
+        offset: u32,
+        /// Byte length.
+        len: u32,
+        /// Destination register.
+        dreg: u32,
+    },
+    /// `meta load KEY => DREG`
+    MetaLoad {
+        /// `NFT_META_*`
+        key: u32,
+        /// Destination register.
+        dreg: u32,
+    },
+    /// `meta set KEY with SREG`
+    MetaSet {
+        /// `NFT_META_*`
+        key: u32,
+        /// Source register.
+        sreg: u32,
+    },
+    /// `ct load KEY => DREG`
+    Ct {
+        /// `NFT_CT_*`
+        key: u32,
+        /// Destination register.
+        dreg: u32,
+    },
+    /// `bitwise DREG = (SREG & MASK) ^ XOR`
+    Bitwise {
+        /// Source register.
+        sreg: u32,
+        /// Destination register.
+        dreg: u32,
+        /// Mask bytes.
+        mask: Vec<u8>,
+        /// Xor bytes.
+        xor: Vec<u8>,
+    },
+    /// `cmp OP SREG DATA`
+    Cmp {
+        /// Source register.
+        sreg: u32,
+        /// Equal (`false`) or not equal (`true`).
+        neq: bool,
+        /// The constant.
+        data: Vec<u8>,
+    },
+    /// `lookup SREG set NAME [dreg 0]`
+    Lookup {
+        /// Key register.
+        sreg: u32,
+        /// The set.
+        set: String,
+        /// `Some(0)` for a verdict-map lookup.
+        dreg: Option<u32>,
+    },
+    /// `immediate DREG DATA`
+    Immediate {
+        /// Destination register.
+        dreg: u32,
+        /// Data bytes.
+        data: Vec<u8>,
+    },
+    /// `immediate reg 0 VERDICT`
+    Verdict(RawVerdict),
+    /// `numgen DREG = random mod MODULUS`
+    Numgen {
+        /// Destination register.
+        dreg: u32,
+        /// Modulus.
+        modulus: u32,
+    },
+    /// `fib FLAGS type => DREG`
+    Fib {
+        /// `NFTA_FIB_F_*`
+        flags: u32,
+        /// `NFT_FIB_RESULT_*`
+        result: u32,
+        /// Destination register.
+        dreg: u32,
+    },
+    /// `dynset update reg_key SREG set NAME`
+    DynsetUpdate {
+        /// Key register.
+        sreg_key: u32,
+        /// The set.
+        set: String,
+    },
+    /// `nat dnat FAMILY addr_min REG proto_min REG flags FLAGS`
+    Dnat {
+        /// `NFPROTO_IPV4` / `NFPROTO_IPV6`.
+        family: u32,
+        /// Address register.
+        reg_addr: u32,
+        /// Port register.
+        reg_proto: u32,
+        /// `NF_NAT_RANGE_*`
+        flags: u32,
+    },
+    /// `masq flags FLAGS`
+    Masq {
+        /// `NF_NAT_RANGE_*`
+        flags: u32,
+    },
+    /// `reject type TYPE code CODE`
+    Reject {
+        /// `NFT_REJECT_*`
+        kind: u32,
+        /// ICMP code.
+        code: u8,
+    },
+}
+
+/// A rule that nftproxy cannot put into (or read out of) bytecode.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct LowerError(pub String);
+
+fn err<T>(message: impl Into<String>) -> Result<T, LowerError> {
+    Err(LowerError(message.into()))
+}
+
+fn addr_bytes(addr: IpAddr) -> Vec<u8> {
+    match addr {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
+
+fn addr_offset(field: PayloadField) -> Option<(u32, u32)> {
+    match field {
+        PayloadField::Saddr(Family::Ip) => Some((12, 4)),
+        PayloadField::Daddr(Family::Ip) => Some((16, 4)),
+        PayloadField::Saddr(Family::Ip6) => Some((8, 16)),
+        PayloadField::Daddr(Family::Ip6) => Some((24, 16)),
+        PayloadField::ThDport => None,
+    }
+}
+
+/// The byte length of a loaded value, as it sits in registers.
+fn load_len(expr: &Expr) -> Result<u32, LowerError> {
+    Ok(match expr {
+        Expr::Payload(PayloadField::ThDport) => 2,
+        Expr::Payload(field) => addr_offset(*field).map_or(0, |(_, len)| len),
+        Expr::MetaL4proto => 1,
+        other => return err(format!("{other} cannot be part of a set key")),
+    })
+}
+
+/// Loads `expr` into `dreg`.
+fn load(expr: &Expr, dreg: u32, out: &mut Vec<RawExpr>) -> Result<(), LowerError> {
+    out.push(match expr {
+        Expr::Payload(PayloadField::ThDport) => RawExpr::Payload {
+            base: PayloadBase::Transport,
+            offset: 2,
+            len: 2,
+            dreg,
+        },
+        Expr::Payload(field) => {
+            let (offset, len) = addr_offset(*field).expect("address fields have offsets");
+            RawExpr::Payload {
+                base: PayloadBase::Network,
+                offset,
+                len,
+                dreg,
+            }
+        }
+        Expr::MetaL4proto => RawExpr::MetaLoad {
+            key: META_L4PROTO,
+            dreg,
+        },
+        Expr::MetaMark => RawExpr::MetaLoad {
+            key: META_MARK,
+            dreg,
+        },
+        Expr::Iifname => RawExpr::MetaLoad {
+            key: META_IIFNAME,
+            dreg,
+        },
+        Expr::CtState => RawExpr::Ct {
+            key: CT_STATE,
+            dreg,
+        },
+        Expr::CtStatus => RawExpr::Ct {
+            key: CT_STATUS,
+            dreg,
+        },
+        Expr::FibType(input) => RawExpr::Fib {
+            flags: match input {
+                FibInput::Saddr => FIB_F_SADDR,
+                FibInput::Daddr => FIB_F_DADDR,
+            },
+            result: FIB_RESULT_ADDRTYPE,
+            dreg,
+        },
+        Expr::NumgenRandom(modulus) => RawExpr::Numgen {
+            dreg,
+            modulus: *modulus,
+        },
+        Expr::MetaMarkAnd(_) | Expr::Concat(_) => {
+            return err(format!("{expr} is not a single load"));
+        }
+    });
+    Ok(())
+}
+
+/// Loads a (possibly concatenated) key into registers starting at register 1, each
+/// field in the next free 32-bit register, as nft does.
+fn load_key(key: &Expr, out: &mut Vec<RawExpr>) -> Result<(), LowerError> {
+    let parts: &[Expr] = match key {
+        Expr::Concat(parts) => parts,
+        single => std::slice::from_ref(single),
+    };
+    let mut word = 0;
+    for part in parts {
+        let dreg = if word == 0 { REG_1 } else { REG32_00 + word };
+        load(part, dreg, out)?;
+        word += load_len(part)?.div_ceil(4);
+    }
+    Ok(())
+}
+
+fn cmp(neq: bool, data: Vec<u8>) -> RawExpr {
+    RawExpr::Cmp {
+        sreg: REG_1,
+        neq,
+        data,
+    }
+}
+
+fn bitwise(mask: Vec<u8>, xor: Vec<u8>) -> RawExpr {
+    RawExpr::Bitwise {
+        sreg: REG_1,
+        dreg: REG_1,
+        mask,
+        xor,
+    }
+}
+
+/// `bits & MASK != 0`: how nft tests a flag of `ct state` / `ct status`.
+fn flag_test(expr: &Expr, flag: u32, out: &mut Vec<RawExpr>) -> Result<(), LowerError> {
+    load(expr, REG_1, out)?;
+    out.push(bitwise(flag.to_ne_bytes().to_vec(), vec![0; 4]));
+    out.push(cmp(true, vec![0; 4]));
+    Ok(())
+}
+
+fn lower_match(
+    left: &Expr,
+    op: CmpOp,
+    right: &Rhs,
+    out: &mut Vec<RawExpr>,
+) -> Result<(), LowerError> {
+    let neq = op == CmpOp::Neq;
+    match (left, right) {
+        (
+            Expr::Payload(field @ (PayloadField::Saddr(_) | PayloadField::Daddr(_))),
+            Rhs::Prefix(net),
+        ) => {
+            let (offset, full) = addr_offset(*field).expect("address fields have offsets");
+            if (net.max_prefix_len() == 32) != (full == 4) {
+                return err(format!("{net} does not match the family of {left}"));
+            }
+            let bytes = addr_bytes(net.network());
+            let prefix = u32::from(net.prefix_len());
+            if prefix % 8 == 0 && prefix > 0 {
+                out.push(RawExpr::Payload {
+                    base: PayloadBase::Network,
+                    offset,
+                    len: prefix / 8,
+                    dreg: REG_1,
+                });
+                out.push(cmp(neq, bytes[..(prefix / 8) as usize].to_vec()));
+            } else {
+                load(left, REG_1, out)?;
+                out.push(bitwise(addr_bytes(net.netmask()), vec![0; full as usize]));
+                out.push(cmp(neq, bytes));
+            }
+        }
+        (Expr::MetaL4proto, Rhs::Proto(proto)) => {
+            load(left, REG_1, out)?;
+            out.push(cmp(neq, vec![proto.number()]));
+        }
+        (Expr::MetaMarkAnd(mask), Rhs::Mark(value)) => {
+            load(&Expr::MetaMark, REG_1, out)?;
+            out.push(bitwise(mask.to_ne_bytes().to_vec(), vec![0; 4]));
+            out.push(cmp(neq, value.to_ne_bytes().to_vec()));
+        }
+        (Expr::Iifname, Rhs::Ifname(name)) => {
+            load(left, REG_1, out)?;
+            let data = match name.strip_suffix('*') {
+                Some(prefix) => prefix.as_bytes().to_vec(),
+                None => {
+                    let mut padded = name.as_bytes().to_vec();
+                    padded.resize(IFNAMSIZ, 0);
+                    padded
+                }
+            };
+            if data.is_empty() || data.len() > IFNAMSIZ {
+                return err(format!("interface name {name:?} does not fit"));
+            }
+            out.push(cmp(neq, data));
+        }
+        (Expr::CtState, Rhs::CtState(CtState::New)) if !neq => flag_test(left, CT_STATE_NEW, out)?,
+        (Expr::CtStatus, Rhs::CtStatus(CtStatus::Dnat)) if !neq => {
+            flag_test(left, CT_STATUS_DNAT, out)?
+        }
+        (Expr::FibType(_), Rhs::FibLocal) => {
+            load(left, REG_1, out)?;
+            out.push(cmp(neq, RTN_LOCAL.to_ne_bytes().to_vec()));
+        }
+        (Expr::NumgenRandom(_), Rhs::Number(n)) => {
+            load(left, REG_1, out)?;
+            out.push(cmp(neq, n.to_ne_bytes().to_vec()));
+        }
+        _ => return err(format!("no encoding for the match `{left} {right}`")),
+    }
+    Ok(())
+}
+
+fn raw_verdict(verdict: &Verdict) -> RawVerdict {
+    match verdict {
+        Verdict::Accept => RawVerdict::Accept,
+        Verdict::Drop => RawVerdict::Drop,
+        Verdict::Return => RawVerdict::Return,
+        Verdict::Jump(chain) => RawVerdict::Jump(chain.clone()),
+        Verdict::Goto(chain) => RawVerdict::Goto(chain.clone()),
+    }
+}
+
+/// Lowers the statements of one rule of a table of `family`.
+pub fn lower(family: Family, stmts: &[Stmt]) -> Result<Vec<RawExpr>, LowerError> {
+    let mut out = Vec::with_capacity(stmts.len() * 3);
+    for stmt in stmts {
+        match stmt {
+            Stmt::Match { left, op, right } => lower_match(left, *op, right, &mut out)?,
+            Stmt::Lookup { left, set } => {
+                load_key(left, &mut out)?;
+                out.push(RawExpr::Lookup {
+                    sreg: REG_1,
+                    set: set.clone(),
+                    dreg: None,
+                });
+            }
+            Stmt::Vmap { key, map } => {
+                load_key(key, &mut out)?;
+                out.push(RawExpr::Lookup {
+                    sreg: REG_1,
+                    set: map.clone(),
+                    dreg: Some(REG_VERDICT),
+                });
+            }
+            Stmt::SetMark(op) => {
+                load(&Expr::MetaMark, REG_1, &mut out)?;
+                let (mask, xor) = match op {
+                    MarkOp::Or(bits) => (!bits, *bits),
+                    MarkOp::Xor(bits) => (u32::MAX, *bits),
+                };
+                out.push(bitwise(
+                    mask.to_ne_bytes().to_vec(),
+                    xor.to_ne_bytes().to_vec(),
+                ));
+                out.push(RawExpr::MetaSet {
+                    key: META_MARK,
+                    sreg: REG_1,
+                });
+            }
+            Stmt::Update { set, key } => {
+                load_key(key, &mut out)?;
+                out.push(RawExpr::DynsetUpdate {
+                    sreg_key: REG_1,
+                    set: set.clone(),
+                });
+            }
+            Stmt::Dnat { addr, port } => {
+                if Family::of(addr) != family {
+                    return err(format!("dnat to {addr} in a {family} table"));
+                }
+                out.push(RawExpr::Immediate {
+                    dreg: REG_1,
+                    data: addr_bytes(*addr),
+                });
+                out.push(RawExpr::Immediate {
+                    dreg: REG_1 + 1,
+                    data: port.to_be_bytes().to_vec(),
+                });
+                out.push(RawExpr::Dnat {
+                    family: nfproto(family),
+                    reg_addr: REG_1,
+                    reg_proto: REG_1 + 1,
+                    flags: NAT_RANGE_PROTO_SPECIFIED,
+                });
+            }
+            Stmt::MasqueradeFullyRandom => out.push(RawExpr::Masq {
+                flags: NAT_RANGE_PROTO_RANDOM_FULLY,
+            }),
+            Stmt::Reject => out.push(RawExpr::Reject {
+                kind: REJECT_ICMP_UNREACH,
+                code: match family {
+                    Family::Ip => ICMP_PORT_UNREACH,
+                    Family::Ip6 => ICMPV6_PORT_UNREACH,
+                },
+            }),
+            Stmt::Verdict(verdict) => out.push(RawExpr::Verdict(raw_verdict(verdict))),
+        }
+    }
+    Ok(out)
+}
+
+/// `NFPROTO_IPV4` / `NFPROTO_IPV6`.
+pub fn nfproto(family: Family) -> u32 {
+    match family {
+        Family::Ip => libc::NFPROTO_IPV4 as u32,
+        Family::Ip6 => libc::NFPROTO_IPV6 as u32,
+    }
+}
+
+// === raising ===
+
+/// What a register holds while raising.
+#[derive(Debug, Clone)]
+enum Loaded {
+    /// A value loaded by an expression, possibly a prefix of it (`len` bytes).
+    Value { expr: Expr, len: u32 },
+    /// `value & mask` of a loaded value.
+    Masked { expr: Expr, mask: Vec<u8> },
+    /// `(mark & mask) ^ xor`, about to be written back to the mark.
+    MarkUpdate { mask: u32, xor: u32 },
+    /// Immediate data (dnat operands).
+    Data(Vec<u8>),
+}
+
+fn u32_of(bytes: &[u8]) -> Result<u32, LowerError> {
+    let array: [u8; 4] = bytes
+        .try_into()
+        .map_err(|_| LowerError(format!("expected 4 bytes, got {}", bytes.len())))?;
+    Ok(u32::from_ne_bytes(array))
+}
+
+fn addr_of(bytes: &[u8]) -> Result<IpAddr, LowerError> {
+    match bytes.len() {
+        4 => Ok(IpAddr::V4(Ipv4Addr::from(
+            <[u8; 4]>::try_from(bytes).expect("length checked"),
+        ))),
+        16 => Ok(IpAddr::V6(Ipv6Addr::from(
+            <[u8; 16]>::try_from(bytes).expect("length checked"),
+        ))),
+        n => err(format!("an address of {n} bytes")),
+    }
+}
+
+fn prefix_of(field: PayloadField, data: &[u8], prefix_len: u32) -> Result<Rhs, LowerError> {
+    let full = addr_offset(field).map_or(0, |(_, len)| len) as usize;
+    let mut bytes = data.to_vec();
+    bytes.resize(full, 0);
+    let addr = addr_of(&bytes)?;
+    let net = IpNet::new(addr, u8::try_from(prefix_len).unwrap_or(u8::MAX))
+        .map_err(|e| LowerError(e.to_string()))?;
+    Ok(Rhs::Prefix(net))
+}
+
+fn proto_of(number: u8) -> Result<L4Proto, LowerError> {
+    match number {
+        6 => Ok(L4Proto::Tcp),
+        17 => Ok(L4Proto::Udp),
+        132 => Ok(L4Proto::Sctp),
+        n => err(format!("protocol {n}")),
+    }
+}
+
+fn expr_of_load(raw: &RawExpr) -> Option<(Expr, u32, u32)> {
+    match raw {
+        RawExpr::Payload {
+            base: PayloadBase::Transport,
+            offset: 2,
+            len: 2,
+            dreg,
+        } => Some((Expr::th_dport(), 2, *dreg)),
+        RawExpr::Payload {
+            base: PayloadBase::Network,
+            offset,
+            len,
+            dreg,
+        } => {
+            let field = match (offset, len) {
+                (12, 1..=4) => PayloadField::Saddr(Family::Ip),
+                (16, 1..=4) => PayloadField::Daddr(Family::Ip),
+                (8, 1..=16) => PayloadField::Saddr(Family::Ip6),
+                (24, 1..=16) => PayloadField::Daddr(Family::Ip6),
+                _ => return None,
+            };
+            Some((Expr::Payload(field), *len, *dreg))
+        }
+        RawExpr::MetaLoad { key, dreg } => {
+            let (expr, len) = match *key {
+                META_L4PROTO => (Expr::MetaL4proto, 1),
+                META_MARK => (Expr::MetaMark, 4),
+                META_IIFNAME => (Expr::Iifname, IFNAMSIZ as u32),
+                _ => return None,
+            };
+            Some((expr, len, *dreg))
+        }
+        RawExpr::Ct { key, dreg } => match *key {
+            CT_STATE => Some((Expr::CtState, 4, *dreg)),
+            CT_STATUS => Some((Expr::CtStatus, 4, *dreg)),
+            _ => None,
+        },
+        RawExpr::Fib {
+            flags,
+            result: FIB_RESULT_ADDRTYPE,
+            dreg,
+        } => match *flags {
+            FIB_F_SADDR => Some((Expr::FibType(FibInput::Saddr), 4, *dreg)),
+            FIB_F_DADDR => Some((Expr::FibType(FibInput::Daddr), 4, *dreg)),
+            _ => None,
+        },
+        RawExpr::Numgen { dreg, modulus } => Some((Expr::NumgenRandom(*modulus), 4, *dreg)),
+        _ => None,
+    }
+}
+
+/// The 32-bit register index a register number starts at (register 1 = words 8..11).
+fn word_index(reg: u32) -> u32 {
+    if (1..=4).contains(&reg) {
+        REG32_00 + (reg - 1) * 4
+    } else {
+        reg
+    }
+}
+
+/// The key loaded at register 1 and onwards: one expression, or a concatenation.
+fn key_at(loaded: &[(u32, Loaded)]) -> Result<Expr, LowerError> {
+    let mut parts: Vec<(u32, Expr)> = loaded
+        .iter()
+        .filter_map(|(reg, value)| match value {
+            Loaded::Value { expr, .. } => Some((word_index(*reg), expr.clone())),
+            _ => None,
+        })
+        .collect();
+    parts.sort_by_key(|(word, _)| *word);
+    match parts.len() {
+        0 => err("lookup without a key"),
+        1 => Ok(parts.remove(0).1),
+        _ => Ok(Expr::Concat(parts.into_iter().map(|(_, e)| e).collect())),
+    }
+}
+
+fn rhs_for(expr: &Expr, len: u32, data: &[u8]) -> Result<Rhs, LowerError> {
+    Ok(match expr {
+        Expr::Payload(field @ (PayloadField::Saddr(_) | PayloadField::Daddr(_))) => {
+            prefix_of(*field, data, len * 8)?
+        }
+        Expr::MetaL4proto => Rhs::Proto(proto_of(*data.first().unwrap_or(&0))?),
+        Expr::Iifname if data.len() < IFNAMSIZ => {
+            Rhs::Ifname(format!("{}*", String::from_utf8_lossy(data)))
+        }
+        Expr::Iifname => Rhs::Ifname(
+            String::from_utf8_lossy(data)
+                .trim_end_matches('\0')
+                .to_owned(),
+        ),
+        Expr::FibType(_) if u32_of(data)? == RTN_LOCAL => Rhs::FibLocal,
+        Expr::NumgenRandom(_) => Rhs::Number(u32_of(data)?),
+        other => return err(format!("no decoding for a compare of {other}")),
+    })
+}
+
+fn verdict_of(raw: &RawVerdict) -> Verdict {
+    match raw {
+        RawVerdict::Accept => Verdict::Accept,
+        RawVerdict::Drop => Verdict::Drop,
+        RawVerdict::Return => Verdict::Return,
+        RawVerdict::Jump(chain) => Verdict::Jump(chain.clone()),
+        RawVerdict::Goto(chain) => Verdict::Goto(chain.clone()),
+    }
+}
+
+/// Raises the expressions of one rule back to statements. Fails on any sequence
+/// nftproxy does not write, so a foreign or damaged rule is never misread.
+pub fn raise(family: Family, exprs: &[RawExpr]) -> Result<Vec<Stmt>, LowerError> {
+    let mut stmts = Vec::new();
+    let mut regs: Vec<(u32, Loaded)> = Vec::new();
+    let set_reg = |regs: &mut Vec<(u32, Loaded)>, reg: u32, value: Loaded| {
+        regs.retain(|(r, _)| *r != reg);
+        regs.push((reg, value));
+    };
+    let take_reg = |regs: &mut Vec<(u32, Loaded)>, reg: u32| -> Result<Loaded, LowerError> {
+        let index = regs
+            .iter()
+            .position(|(r, _)| *r == reg)
+            .ok_or_else(|| LowerError(format!("register {reg} read before it was written")))?;
+        Ok(regs.remove(index).1)
+    };
+    for raw in exprs {
+        if let Some((expr, len, dreg)) = expr_of_load(raw) {
+            set_reg(&mut regs, dreg, Loaded::Value { expr, len });
+            continue;
+        }
+        match raw {
+            RawExpr::Bitwise {
+                sreg,
+                dreg,
+                mask,
+                xor,
+            } => {
+                let loaded = take_reg(&mut regs, *sreg)?;
+                let value = match loaded {
+                    Loaded::Value {
+                        expr: Expr::MetaMark,
+                        ..
+                    } if xor.iter().any(|b| *b != 0) || mask == &[0xff; 4] => Loaded::MarkUpdate {
+                        mask: u32_of(mask)?,
+                        xor: u32_of(xor)?,
+                    },
+                    Loaded::Value { expr, .. } if xor.iter().all(|b| *b == 0) => Loaded::Masked {
+                        expr,
+                        mask: mask.clone(),
+                    },
+                    _ => return err("unexpected bitwise operation"),
+                };
+                set_reg(&mut regs, *dreg, value);
+            }
+            RawExpr::Cmp { sreg, neq, data } => {
+                let op = if *neq { CmpOp::Neq } else { CmpOp::Eq };
+                let stmt = match take_reg(&mut regs, *sreg)? {
+                    Loaded::Value { expr, len } => Stmt::Match {
+                        right: rhs_for(&expr, len, data)?,
+                        left: expr,
+                        op,
+                    },
+                    Loaded::Masked {
+                        expr: Expr::CtState,
+                        mask,
+                    } if *neq && u32_of(&mask)? == CT_STATE_NEW && u32_of(data)? == 0 => {
+                        Stmt::ct_state_new()
+                    }
+                    Loaded::Masked {
+                        expr: Expr::CtStatus,
+                        mask,
+                    } if *neq && u32_of(&mask)? == CT_STATUS_DNAT && u32_of(data)? == 0 => {
+                        Stmt::eq(Expr::CtStatus, Rhs::CtStatus(CtStatus::Dnat))
+                    }
+                    Loaded::Masked {
+                        expr: Expr::MetaMark,
+                        mask,
+                    } => Stmt::Match {
+                        left: Expr::MetaMarkAnd(u32_of(&mask)?),
+                        op,
+                        right: Rhs::Mark(u32_of(data)?),
+                    },
+                    Loaded::Masked {
+                        expr: Expr::Payload(field),
+                        mask,
+                    } => {
+                        let prefix_len: u32 = mask.iter().map(|b| b.count_ones()).sum();
+                        Stmt::Match {
+                            left: Expr::Payload(field),
+                            op,
+                            right: prefix_of(field, data, prefix_len)?,
+                        }
+                    }
+                    other => return err(format!("unexpected compare of {other:?}")),
+                };
+                stmts.push(stmt);
+            }
+            RawExpr::MetaSet {
+                key: META_MARK,
+                sreg,
+            } => match take_reg(&mut regs, *sreg)? {
+                Loaded::MarkUpdate { mask, xor } if mask == !xor => {
+                    stmts.push(Stmt::SetMark(MarkOp::Or(xor)))
+                }
+                Loaded::MarkUpdate {
+                    mask: u32::MAX,
+                    xor,
+                } => stmts.push(Stmt::SetMark(MarkOp::Xor(xor))),
+                other => return err(format!("unexpected mark update {other:?}")),
+            },
+            RawExpr::Lookup { sreg, set, dreg } => {
+                if word_index(*sreg) != REG32_00 {
+                    return err("lookup from a register other than 1");
+                }
+                let key = key_at(&regs)?;
+                regs.clear();
+                stmts.push(match dreg {
+                    None => Stmt::Lookup {
+                        left: key,
+                        set: set.clone(),
+                    },
+                    Some(REG_VERDICT) => Stmt::Vmap {
+                        key,
+                        map: set.clone(),
+                    },
+                    Some(other) => return err(format!("map lookup into register {other}")),
+                });
+            }
+            RawExpr::DynsetUpdate { sreg_key, set } => {
+                if word_index(*sreg_key) != REG32_00 {
+                    return err("dynset key from a register other than 1");
+                }
+                let key = key_at(&regs)?;
+                regs.clear();
+                stmts.push(Stmt::Update {
+                    set: set.clone(),
+                    key,
+                });
+            }
+            RawExpr::Immediate { dreg, data } => {
+                set_reg(&mut regs, *dreg, Loaded::Data(data.clone()))
+            }
+            // The kernel adds NF_NAT_RANGE_MAP_IPS itself when an address is given.
+            RawExpr::Dnat {
+                family: nat_family,
+                reg_addr,
+                reg_proto,
+                flags,
+            } if *nat_family == nfproto(family)
+                && *flags & !NAT_RANGE_MAP_IPS == NAT_RANGE_PROTO_SPECIFIED =>
+            {
+                let (Loaded::Data(addr), Loaded::Data(port)) = (
+                    take_reg(&mut regs, *reg_addr)?,
+                    take_reg(&mut regs, *reg_proto)?,
+                ) else {
+                    return err("dnat operands are not immediates");
+                };
+                let port: [u8; 2] = port
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| LowerError("dnat port is not 2 bytes".into()))?;
+                stmts.push(Stmt::Dnat {
+                    addr: addr_of(&addr)?,
+                    port: u16::from_be_bytes(port),
+                });
+            }
+            RawExpr::Masq {
+                flags: NAT_RANGE_PROTO_RANDOM_FULLY,
+            } => stmts.push(Stmt::MasqueradeFullyRandom),
+            RawExpr::Reject {
+                kind: REJECT_ICMP_UNREACH,
+                code,
+            } if *code == ICMP_PORT_UNREACH || *code == ICMPV6_PORT_UNREACH => {
+                stmts.push(Stmt::Reject)
+            }
+            RawExpr::Verdict(verdict) => stmts.push(Stmt::Verdict(verdict_of(verdict))),
+            other => return err(format!("unexpected expression {other:?}")),
+        }
+    }
+    if !regs.is_empty() {
+        return err("a loaded value is never used");
+    }
+    Ok(stmts)
+}
+
+// === set keys ===
+
+/// nft's type id for a data type (`ipv4_addr` = 7, …; `verdict` = 1).
+fn type_id(data_type: DataType) -> u32 {
+    match data_type {
+        DataType::Verdict => 1,
+        DataType::Ipv4Addr => 7,
+        DataType::Ipv6Addr => 8,
+        DataType::InetProto => 12,
+        DataType::InetService => 13,
+    }
+}
+
+fn type_of_id(id: u32) -> Result<DataType, LowerError> {
+    Ok(match id {
+        1 => DataType::Verdict,
+        7 => DataType::Ipv4Addr,
+        8 => DataType::Ipv6Addr,
+        12 => DataType::InetProto,
+        13 => DataType::InetService,
+        other => return err(format!("data type {other}")),
+    })
+}
+
+/// The key type of a set: type ids, 6 bits each, first field highest.
+pub fn key_type(types: &[DataType]) -> u32 {
+    types.iter().fold(0, |acc, t| (acc << 6) | type_id(*t))
+}
+
+/// The data types of a set key type.
+pub fn key_types(mut id: u32) -> Result<Vec<DataType>, LowerError> {
+    let mut types = Vec::new();
+    while id != 0 {
+        types.push(type_of_id(id & 0x3f)?);
+        id >>= 6;
+    }
+    types.reverse();
+    Ok(types)
+}
+
+fn type_len(data_type: DataType) -> usize {
+    match data_type {
+        DataType::Ipv4Addr => 4,
+        DataType::Ipv6Addr => 16,
+        DataType::InetProto => 1,
+        DataType::InetService => 2,
+        DataType::Verdict => 0,
+    }
+}
+
+/// The key length of a set: each field padded to 4 bytes when there are several.
+pub fn key_len(types: &[DataType]) -> u32 {
+    let len: usize = match types {
+        [single] => type_len(*single),
+        many => many.iter().map(|t| type_len(*t).div_ceil(4) * 4).sum(),
+    };
+    u32::try_from(len).unwrap_or(u32::MAX)
+}
+
+/// A key as bytes: each field in network order, padded to 4 bytes in concatenations.
+pub fn key_bytes(values: &[Value]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() * 4);
+    for value in values {
+        let bytes = match value {
+            Value::Addr(addr) => addr_bytes(*addr),
+            Value::Proto(proto) => vec![proto.number()],
+            Value::Port(port) => port.to_be_bytes().to_vec(),
+        };
+        out.extend_from_slice(&bytes);
+        if values.len() > 1 {
+            out.resize(out.len().div_ceil(4) * 4, 0);
+        }
+    }
+    out
+}
+
+/// A key read back from bytes, given the set's key types.
+pub fn key_values(types: &[DataType], bytes: &[u8]) -> Result<Vec<Value>, LowerError> {
+    let mut values = Vec::with_capacity(types.len());
+    let mut offset = 0;
+    for data_type in types {
+        let len = type_len(*data_type);
+        let field = bytes
+            .get(offset..offset + len)
+            .ok_or_else(|| LowerError(format!("key of {} bytes is too short", bytes.len())))?;
+        values.push(match data_type {
+            DataType::Ipv4Addr | DataType::Ipv6Addr => Value::Addr(addr_of(field)?),
+            DataType::InetProto => Value::Proto(proto_of(field[0])?),
+            DataType::InetService => Value::Port(u16::from_be_bytes([field[0], field[1]])),
+            DataType::Verdict => return err("verdict in a key"),
+        });
+        offset += if types.len() > 1 {
+            len.div_ceil(4) * 4
+        } else {
+            len
+        };
+    }
+    Ok(values)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_are_shortened_like_nft() {
+        let stmt = Stmt::eq(
+            Expr::saddr(Family::Ip),
+            Rhs::Prefix("10.0.0.0/8".parse().unwrap()),
+        );
+        let raw = lower(Family::Ip, std::slice::from_ref(&stmt)).unwrap();
+        assert_eq!(
+            raw,
+            vec![
+                RawExpr::Payload {
+                    base: PayloadBase::Network,
+                    offset: 12,
+                    len: 1,
+                    dreg: 1
+                },
+                RawExpr::Cmp {
+                    sreg: 1,
+                    neq: false,
+                    data: vec![10]
+                },
+            ]
+        );
+        let odd = Stmt::eq(
+            Expr::saddr(Family::Ip),
+            Rhs::Prefix("203.0.113.0/25".parse().unwrap()),
+        );
+        let raw = lower(Family::Ip, std::slice::from_ref(&odd)).unwrap();
+        assert!(matches!(&raw[1], RawExpr::Bitwise { mask, .. } if mask == &[255, 255, 255, 128]));
+        assert_eq!(raise(Family::Ip, &raw).unwrap(), vec![odd]);
+    }
+
+    #[test]
+    fn concatenations_use_consecutive_32_bit_registers() {
+        let key = Expr::Concat(vec![
+            Expr::saddr(Family::Ip6),
+            Expr::daddr(Family::Ip6),
+            Expr::MetaL4proto,
+            Expr::th_dport(),
+        ]);
+        let raw = lower(Family::Ip6, &[Stmt::lookup(key, "h")]).unwrap();
+        let regs: Vec<u32> = raw
+            .iter()
+            .filter_map(|r| match r {
+                RawExpr::Payload { dreg, .. } | RawExpr::MetaLoad { dreg, .. } => Some(*dreg),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(regs, [1, 12, 16, 17]);
+    }
+
+    #[test]
+    fn keys_round_trip() {
+        let types = [
+            DataType::Ipv4Addr,
+            DataType::InetProto,
+            DataType::InetService,
+        ];
+        let key = vec![
+            Value::Addr([10, 96, 0, 1].into()),
+            Value::Proto(L4Proto::Udp),
+            Value::Port(53),
+        ];
+        let bytes = key_bytes(&key);
+        assert_eq!(bytes, [10, 96, 0, 1, 17, 0, 0, 0, 0, 53, 0, 0]);
+        assert_eq!(key_len(&types), 12);
+        assert_eq!(key_values(&types, &bytes).unwrap(), key);
+        assert_eq!(key_type(&types), 0x730d);
+        assert_eq!(key_types(0x730d).unwrap(), types);
+    }
+
+    #[test]
+    fn unknown_sequences_are_refused() {
+        let raw = vec![RawExpr::MetaLoad { key: 99, dreg: 1 }];
+        assert!(raise(Family::Ip, &raw).is_err());
+        let dangling = vec![RawExpr::MetaLoad {
+            key: META_MARK,
+            dreg: 1,
+        }];
+        assert!(raise(Family::Ip, &dangling).is_err());
+    }
+}

@@ -1,0 +1,180 @@
+//! The netfilter netlink socket: opened with mnl, written with one `sendmsg` per batch,
+//! read without blocking after a batch and until `NLMSG_DONE` for dumps.
+//!
+//! Invariant: a batch leaves in a single `sendmsg` (the kernel only treats BEGIN..END as
+//! one transaction within one message buffer), with the send buffer forced large enough.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+
+use libc::nlmsghdr;
+
+use crate::Error;
+
+/// Large enough for a whole dump reply page and many error messages.
+const RECV_BUFFER: usize = 1 << 20;
+const NLMSG_HDRLEN: usize = 16;
+
+pub(crate) struct Socket {
+    inner: mnl::Socket,
+    recv: Vec<u64>,
+}
+
+/// One message received: its type, flags, sequence number and (for errors) the errno.
+pub(crate) enum Reply {
+    /// `NLMSG_ERROR` with a non-zero error for the message with this sequence number.
+    Error { seq: u32, errno: i32 },
+    /// `NLMSG_DONE`.
+    Done,
+    /// A data message (pointer valid until the next receive).
+    Data {
+        nlh: *const nlmsghdr,
+        interrupted: bool,
+    },
+    /// An acknowledgement.
+    Ack,
+}
+
+fn setsockopt(fd: RawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
+    // SAFETY: `value` is a live i32 and its size is passed; the kernel copies it.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&value as *const i32).cast(),
+            size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+impl Socket {
+    pub(crate) fn open() -> Result<Socket, Error> {
+        let inner = mnl::Socket::new(mnl::Bus::Netfilter)?;
+        let fd = inner.as_raw_fd();
+        // Error replies carry only the header of the failed message, not all of it, and
+        // may say which attribute was wrong.
+        setsockopt(fd, libc::SOL_NETLINK, libc::NETLINK_CAP_ACK, 1)?;
+        setsockopt(fd, libc::SOL_NETLINK, libc::NETLINK_EXT_ACK, 1)?;
+        setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            RECV_BUFFER as i32,
+        )?;
+        let timeout = libc::timeval {
+            tv_sec: 10,
+            tv_usec: 0,
+        };
+        // SAFETY: `timeout` is a live timeval and its size is passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&timeout as *const libc::timeval).cast(),
+                size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error().into());
+        }
+        Ok(Socket {
+            inner,
+            recv: vec![0; RECV_BUFFER / 8],
+        })
+    }
+
+    /// Sends `bytes` as one message buffer.
+    pub(crate) fn send(&self, bytes: &[u8]) -> Result<(), Error> {
+        let fd = self.inner.as_raw_fd();
+        // The kernel doubles the value; a batch must fit in the send buffer whole.
+        let wanted = i32::try_from(bytes.len()).unwrap_or(i32::MAX).max(1 << 16);
+        setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, wanted)?;
+        let mut iov = libc::iovec {
+            iov_base: bytes.as_ptr() as *mut libc::c_void,
+            iov_len: bytes.len(),
+        };
+        // SAFETY: zeroed msghdr is valid (no name, no control data).
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        // SAFETY: `msg` points at one iovec covering `bytes`, which outlives the call.
+        let sent = unsafe { libc::sendmsg(fd, &msg, 0) };
+        if sent < 0 {
+            return Err(io::Error::last_os_error().into());
+        }
+        if sent as usize != bytes.len() {
+            return Err(Error::Io(io::Error::other(format!(
+                "sent {sent} of {} bytes",
+                bytes.len()
+            ))));
+        }
+        Ok(())
+    }
+
+    /// Receives one buffer of replies; `None` when `nonblocking` and nothing is queued.
+    pub(crate) fn receive(&mut self, nonblocking: bool) -> Result<Option<Vec<Reply>>, Error> {
+        let fd = self.inner.as_raw_fd();
+        let flags = if nonblocking { libc::MSG_DONTWAIT } else { 0 };
+        let len = self.recv.len() * 8;
+        // SAFETY: the buffer is `len` writable bytes owned by `self`.
+        let got = unsafe { libc::recv(fd, self.recv.as_mut_ptr().cast(), len, flags) };
+        if got < 0 {
+            let error = io::Error::last_os_error();
+            return match error.raw_os_error() {
+                Some(libc::EAGAIN) if nonblocking => Ok(None),
+                Some(libc::ENOBUFS) => Err(Error::Unknown),
+                _ => Err(error.into()),
+            };
+        }
+        let got = got as usize;
+        // SAFETY: the u64 buffer is at least `got` bytes and 8-aligned, so every message
+        // header inside it (at 4-byte aligned offsets) is aligned for nlmsghdr.
+        let bytes = unsafe { std::slice::from_raw_parts(self.recv.as_ptr().cast::<u8>(), got) };
+        let mut replies = Vec::new();
+        let mut offset = 0;
+        while offset + NLMSG_HDRLEN <= got {
+            let nlh = bytes[offset..].as_ptr().cast::<nlmsghdr>();
+            // SAFETY: at least a header's worth of bytes remains at an aligned offset.
+            let header = unsafe { *nlh };
+            let msg_len = header.nlmsg_len as usize;
+            if msg_len < NLMSG_HDRLEN || offset + msg_len > got {
+                return Err(Error::Decode("truncated netlink reply".into()));
+            }
+            replies.push(match i32::from(header.nlmsg_type) {
+                libc::NLMSG_DONE => Reply::Done,
+                libc::NLMSG_ERROR => {
+                    let body = &bytes[offset + NLMSG_HDRLEN..offset + msg_len];
+                    let errno = body
+                        .get(..4)
+                        .map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+                    let seq = body
+                        .get(12..16)
+                        .map_or(0, |b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+                    if errno == 0 {
+                        Reply::Ack
+                    } else {
+                        Reply::Error { seq, errno: -errno }
+                    }
+                }
+                _ => Reply::Data {
+                    nlh,
+                    interrupted: header.nlmsg_flags & libc::NLM_F_DUMP_INTR as u16 != 0,
+                },
+            });
+            offset += msg_len.div_ceil(4) * 4;
+        }
+        Ok(Some(replies))
+    }
+
+    pub(crate) fn portid(&self) -> u32 {
+        self.inner.portid()
+    }
+}

@@ -1,0 +1,202 @@
+//! Test support shared by nftproxy's test suites: the golden cases and how they are
+//! built, `nft list` normalisation, and the check for a usable kernel.
+//!
+//! Invariant: every suite builds a golden case the same way (the defaults documented in
+//! `rules-golden/README.md`), so a case means the same thing in every test. Dev-only.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use nftproxy_model::{Build, KubeProxyConfiguration, ProxyConfig, Severity, Snapshot, build};
+
+/// Node name unless a case says otherwise.
+pub const DEFAULT_NODE_NAME: &str = "test-node";
+/// Node IP unless a case has a Node object or a `bindAddress`.
+pub const DEFAULT_NODE_IP: &str = "192.168.0.2";
+/// Cluster CIDRs unless a case's config sets `clusterCIDR`.
+pub const DEFAULT_CLUSTER_CIDRS: &str = "10.0.0.0/8,fd00:10::/64";
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Every `rules-golden/<case>/` directory with an `input.yaml`, in name order.
+pub fn golden_cases() -> Vec<PathBuf> {
+    let mut cases: Vec<PathBuf> = fs::read_dir(repo_root().join("rules-golden"))
+        .expect("rules-golden exists")
+        .map(|e| e.expect("readable entry").path())
+        .filter(|p| p.join("input.yaml").is_file())
+        .collect();
+    cases.sort();
+    cases
+}
+
+/// A case's directory name.
+pub fn case_name(case: &Path) -> String {
+    case.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// A golden case built into proxy state, with its warnings.
+pub struct BuiltCase {
+    /// Both families' state.
+    pub build: Build,
+    /// The warnings (invalid objects), one line each, sorted.
+    pub warnings: String,
+}
+
+/// Builds a golden case; with `reverse_input` every object list is reversed first (the
+/// output must not change).
+pub fn build_case(case: &Path, reverse_input: bool) -> BuiltCase {
+    let text = fs::read_to_string(case.join("input.yaml")).expect("input.yaml readable");
+    let mut snapshot = Snapshot::default();
+    let mut diagnostics = snapshot
+        .add_manifest("input.yaml", &text)
+        .unwrap_or_else(|e| panic!("{}: {e}", case.display()));
+    if reverse_input {
+        snapshot.services.reverse();
+        snapshot.endpoint_slices.reverse();
+        snapshot.nodes.reverse();
+        snapshot.service_cidrs.reverse();
+    }
+    let mut config = ProxyConfig::new(DEFAULT_NODE_NAME);
+    config.cluster_cidrs =
+        nftproxy_model::config::parse_cidr_list("clusterCIDR", DEFAULT_CLUSTER_CIDRS)
+            .expect("default CIDRs parse");
+    if let Ok(text) = fs::read_to_string(case.join("config.yaml")) {
+        let file = KubeProxyConfiguration::parse(&text)
+            .unwrap_or_else(|e| panic!("{}: {e}", case.display()));
+        config
+            .apply_file(&file)
+            .unwrap_or_else(|e| panic!("{}: {e}", case.display()));
+    }
+    let has_node = snapshot
+        .nodes
+        .iter()
+        .any(|n| n.metadata.name.as_deref() == Some(config.node_name.as_str()));
+    if config.node_ips.is_empty() && !has_node {
+        config
+            .node_ips
+            .push(DEFAULT_NODE_IP.parse().expect("literal"));
+    }
+    let built = build(&snapshot, &config);
+    diagnostics.extend(built.diagnostics.iter().cloned());
+    diagnostics.sort();
+    let warnings = diagnostics
+        .iter()
+        .filter(|d| d.severity == Severity::Invalid)
+        .map(|d| format!("{d}\n"))
+        .collect();
+    BuiltCase {
+        build: built,
+        warnings,
+    }
+}
+
+/// The rendered tables of every golden case: `(case, table)` for IPv4 and, where the
+/// case has it, IPv6.
+pub fn golden_tables() -> Vec<(String, nftproxy_nft::Table)> {
+    let mut tables = Vec::new();
+    for case in golden_cases() {
+        let built = build_case(&case, false).build;
+        for table in nftproxy_render::render_all(&built) {
+            tables.push((format!("{}/{}", case_name(&case), table.family), table));
+        }
+    }
+    tables
+}
+
+/// `nft list` output made comparable: the kernel lists chains and sets in creation order
+/// and elements in hash order, so blocks and elements are sorted; blank lines and
+/// indentation are dropped.
+pub fn normalise_listing(listing: &str) -> String {
+    let mut blocks: Vec<Vec<String>> = Vec::new();
+    let mut current: Vec<String> = Vec::new();
+    let mut elements: Option<String> = None;
+    let mut lines: Vec<&str> = listing
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    // The table's own closing brace would otherwise stick to whichever block is last.
+    lines.pop_if(|l| *l == "}");
+    for line in lines {
+        if let Some(open) = elements.as_mut() {
+            open.push(' ');
+            open.push_str(line);
+        } else if let Some(rest) = line.strip_prefix("elements = { ") {
+            elements = Some(rest.to_owned());
+        } else {
+            if ["chain ", "set ", "map ", "table "]
+                .iter()
+                .any(|k| line.starts_with(k))
+            {
+                blocks.push(std::mem::take(&mut current));
+            }
+            current.push(line.to_owned());
+        }
+        if let Some(done) = elements.as_ref().filter(|e| e.ends_with('}')) {
+            let inner = done.trim_end_matches('}').trim();
+            let mut items: Vec<&str> = inner.split(',').map(str::trim).collect();
+            items.sort_unstable();
+            current.push(format!("elements = {{ {} }}", items.join(", ")));
+            elements = None;
+        }
+    }
+    blocks.push(current);
+    let mut blocks: Vec<String> = blocks
+        .into_iter()
+        .filter(|b| !b.is_empty())
+        .map(|b| b.join("\n"))
+        .collect();
+    blocks.sort();
+    blocks.join("\n")
+}
+
+/// Whether kernel tests can run (root and the `nft` tool). Without them a test prints
+/// why it skips; under `CI`, where both must exist, it fails instead.
+pub fn kernel_available(test: &str) -> bool {
+    let root = fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false);
+    let nft = Command::new("nft")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if root && nft {
+        return true;
+    }
+    let reason = if root {
+        "nft is not installed"
+    } else {
+        "not root"
+    };
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test}: CI must run kernel tests, but {reason}"
+    );
+    eprintln!("skipping {test}: {reason}");
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listings_compare_as_sets_of_blocks() {
+        let a = "table ip t {\n\tchain b {\n\t\tdrop\n\t}\n\n\tset s {\n\t\telements = { 2, 1 }\n\t}\n}\n";
+        let b = "table ip t {\n\tset s {\n\t\telements = { 1,\n\t\t\t     2 }\n\t}\n\tchain b {\n\t\tdrop\n\t}\n}\n";
+        assert_eq!(normalise_listing(a), normalise_listing(b));
+        let c = a.replace("drop", "accept");
+        assert_ne!(normalise_listing(a), normalise_listing(&c));
+    }
+}
