@@ -1,17 +1,24 @@
 //! The nftproxy binary: parses the command line, reads its inputs and runs the
 //! requested mode.
 //!
-//! Invariant: no rule logic lives here; this file wires sources, `model`, `render` and
-//! output together, and maps failures to exit codes (2 for bad flags, 1 for errors).
+//! Invariant: no rule logic lives here; this file wires sources, `model`, `render`, the
+//! reconciler and the kernel backend together, and maps failures to exit codes (2 for
+//! bad flags, 1 for errors).
 
 mod cli;
 mod source;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use nftproxy_model::{KubeProxyConfiguration, Severity, build};
-use tracing::{debug, warn};
+use nftproxy_model::{KubeProxyConfiguration, ProxyConfig, Severity, build};
+use nftproxy_netlink::NetlinkBackend;
+use nftproxy_nft::{Backend, Family, Op, Table, Transaction};
+use nftproxy_proxier::runner::{self, Input, Timing};
+use nftproxy_proxier::{Reconciler, ReconcilerOptions};
+use nftproxy_render::TABLE_NAME;
+use tracing::{debug, info, warn};
 
 use crate::cli::Args;
 
@@ -51,6 +58,10 @@ enum Failure {
     Error(String),
 }
 
+fn error(e: impl std::fmt::Display) -> Failure {
+    Failure::Error(e.to_string())
+}
+
 fn init_tracing(verbose: u8) {
     let default = match verbose {
         0 => "info",
@@ -84,31 +95,68 @@ fn run(args: &Args) -> Result<(), Failure> {
     let config = args
         .proxy_config(file.as_ref())
         .map_err(|e| Failure::Usage(e.to_string()))?;
+
+    if args.cleanup {
+        return cleanup();
+    }
     if config.node_name.is_empty() {
         return Err(Failure::Usage("no node name: pass --node-name".to_owned()));
     }
-
-    if !args.dry_run {
-        return Err(Failure::Error(
-            "only --dry-run is available in this build; --once, --cleanup and the long-running modes \
-             come with the kernel backend"
+    if args.manifests.is_empty() {
+        return Err(if args.dry_run || args.once {
+            Failure::Usage("--dry-run and --once need --manifests PATH...".to_owned())
+        } else {
+            Failure::Error(
+                "watching the API server is not available in this build; pass --manifests PATH..."
+                    .to_owned(),
+            )
+        });
+    }
+    let stdin = args.manifests.iter().any(|p| p.as_os_str() == "-");
+    if stdin && !(args.dry_run || args.once) {
+        return Err(Failure::Usage(
+            "--manifests - (standard input) can only be read once: use it with --dry-run or --once"
                 .to_owned(),
         ));
     }
-    if args.manifests.is_empty() {
-        return Err(Failure::Usage(
-            "--dry-run needs --manifests PATH...".to_owned(),
-        ));
-    }
-    if args.diff {
-        return Err(Failure::Error(
-            "--diff needs the kernel backend, which this build lacks".to_owned(),
-        ));
+
+    let desired = load_tables(&args.manifests, &config).map_err(Failure::Error)?;
+    if args.dry_run && !args.diff {
+        let text: Vec<String> = desired.iter().map(ToString::to_string).collect();
+        print!("{}", text.join("\n"));
+        return Ok(());
     }
 
-    let (snapshot, mut diagnostics) =
-        source::load(&args.manifests).map_err(|e| Failure::Error(e.to_string()))?;
-    let built = build(&snapshot, &config);
+    let backend = NetlinkBackend::open().map_err(error)?;
+    let mut reconciler = Reconciler::new(backend, TABLE_NAME, reconciler_options());
+    if args.dry_run {
+        let plans = reconciler.plans(&desired).map_err(error)?;
+        let mut empty = true;
+        for plan in plans.iter().filter(|p| !p.is_empty()) {
+            empty = false;
+            print!("{plan}");
+        }
+        if empty {
+            println!("# the kernel already holds this ruleset: nothing to do");
+        }
+        return Ok(());
+    }
+    if args.once {
+        let report = reconciler.sync(&desired).map_err(error)?;
+        info!(
+            operations = report.operations,
+            transactions = report.transactions,
+            "programmed this network namespace"
+        );
+        return Ok(());
+    }
+    watch_files(reconciler, args.manifests.clone(), config, desired)
+}
+
+/// Loads the manifests, builds the proxy state, logs what was left out, and renders.
+fn load_tables(paths: &[PathBuf], config: &ProxyConfig) -> Result<Vec<Table>, String> {
+    let (snapshot, mut diagnostics) = source::load(paths).map_err(|e| e.to_string())?;
+    let built = build(&snapshot, config);
     diagnostics.extend(built.diagnostics.iter().cloned());
     diagnostics.sort();
     for diagnostic in &diagnostics {
@@ -117,8 +165,85 @@ fn run(args: &Args) -> Result<(), Failure> {
             Severity::Ignored => debug!("ignoring {diagnostic}"),
         }
     }
-    let tables = nftproxy_render::render_all(&built);
-    let text: Vec<String> = tables.iter().map(ToString::to_string).collect();
-    print!("{}", text.join("\n"));
+    Ok(nftproxy_render::render_all(&built))
+}
+
+/// Before Linux 6.2 a chain cannot be deleted in the same transaction as the map
+/// elements that pointed at it.
+fn reconciler_options() -> ReconcilerOptions {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut numbers = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse::<u32>().ok());
+    let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+    ReconcilerOptions {
+        defer_chain_deletes: version < (6, 2),
+    }
+}
+
+/// `--cleanup`: removes nftproxy's tables from this network namespace.
+fn cleanup() -> Result<(), Failure> {
+    let mut backend = NetlinkBackend::open().map_err(error)?;
+    for family in [Family::Ip, Family::Ip6] {
+        if backend.list(family, TABLE_NAME).map_err(error)?.is_some() {
+            let mut tx = Transaction::new(family, TABLE_NAME);
+            tx.ops.push(Op::DeleteTable);
+            backend.apply(&tx).map_err(error)?;
+            info!(%family, "removed table {family} {TABLE_NAME}");
+        }
+    }
     Ok(())
+}
+
+/// The long-running file mode: re-syncs when the manifests change (checked every
+/// `minSyncPeriod`), at least every `syncPeriod`, until SIGTERM or SIGINT. The rules are
+/// left in place on exit, as kube-proxy leaves them.
+fn watch_files(
+    mut reconciler: Reconciler<NetlinkBackend>,
+    paths: Vec<PathBuf>,
+    config: ProxyConfig,
+    initial: Vec<Table>,
+) -> Result<(), Failure> {
+    let timing = Timing {
+        min_sync_period: config.min_sync_period,
+        sync_period: config.sync_period,
+    };
+    let mut fingerprint = source::fingerprint(&paths).ok();
+    let mut first = Some(initial);
+    let input = move || {
+        if let Some(tables) = first.take() {
+            return Input::Changed(tables);
+        }
+        let now = match source::fingerprint(&paths) {
+            Ok(now) => now,
+            Err(e) => return Input::Unavailable(e.to_string()),
+        };
+        if fingerprint == Some(now) {
+            return Input::Unchanged;
+        }
+        fingerprint = Some(now);
+        info!("manifests changed");
+        match load_tables(&paths, &config) {
+            Ok(tables) => Input::Changed(tables),
+            Err(e) => Input::Unavailable(e),
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(error)?;
+    runtime.block_on(async {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .map_err(error)?;
+        let shutdown = async move {
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            info!("shutting down; the rules stay in place");
+        };
+        runner::run(&mut reconciler, timing, input, shutdown).await;
+        Ok(())
+    })
 }

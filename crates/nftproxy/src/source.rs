@@ -75,3 +75,14 @@ pub fn load(paths: &[PathBuf]) -> Result<(Snapshot, Vec<Diagnostic>), SourceErro
     }
     Ok((snapshot, diagnostics))
 }
+
+/// A digest of the manifest files' names and contents: equal digests, same input.
+pub fn fingerprint(paths: &[PathBuf]) -> Result<u64, SourceError> {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for file in manifest_files(paths)? {
+        file.hash(&mut hasher);
+        std::fs::read(&file).map_err(io(&file))?.hash(&mut hasher);
+    }
+    Ok(hasher.finish())
+}

@@ -1,0 +1,330 @@
+//! The reconciler: brings the kernel's nftproxy tables to the desired ones with the
+//! smallest transactions, one per family, keeping what it applied in memory.
+//!
+//! Invariant: `applied` is exactly what the kernel holds whenever `known` is set; it is
+//! read back from the kernel at start-up and after any failure, never assumed. A failed
+//! transaction changes nothing (the kernel guarantees it), so the old rules keep serving.
+
+use std::collections::BTreeMap;
+
+use nftproxy_nft::{Backend, Family, Op, Table, Transaction, diff};
+use tracing::{debug, info, warn};
+
+/// Why a sync did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError<E: std::error::Error + 'static> {
+    /// Reading the current table failed.
+    #[error("reading table {family} {table}: {source}")]
+    List {
+        /// Family.
+        family: Family,
+        /// Table.
+        table: String,
+        /// Cause.
+        source: E,
+    },
+    /// The kernel refused the transaction; nothing changed.
+    #[error("programming table {family} {table} ({operations} operations): {source}")]
+    Apply {
+        /// Family.
+        family: Family,
+        /// Table.
+        table: String,
+        /// Size of the refused transaction.
+        operations: usize,
+        /// Cause.
+        source: E,
+    },
+}
+
+/// What one sync did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Objects touched, over all families (0 when nothing changed).
+    pub operations: usize,
+    /// Transactions sent.
+    pub transactions: usize,
+    /// Whether the kernel's tables were read first (start-up or after a failure).
+    pub read_back: bool,
+}
+
+/// How the reconciler treats the kernel.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReconcilerOptions {
+    /// Before Linux 6.2, a chain cannot be deleted in the transaction that deletes the
+    /// map elements pointing at it (EBUSY): such chains are flushed, and deleted by a
+    /// later sync.
+    pub defer_chain_deletes: bool,
+}
+
+/// Keeps the kernel's tables equal to the desired ones.
+pub struct Reconciler<B: Backend> {
+    backend: B,
+    table: String,
+    options: ReconcilerOptions,
+    applied: BTreeMap<Family, Option<Table>>,
+    known: bool,
+}
+
+const FAMILIES: [Family; 2] = [Family::Ip, Family::Ip6];
+
+impl<B: Backend> Reconciler<B> {
+    /// A reconciler for the tables named `table`; it reads the kernel on its first sync.
+    pub fn new(backend: B, table: impl Into<String>, options: ReconcilerOptions) -> Reconciler<B> {
+        Reconciler {
+            backend,
+            table: table.into(),
+            options,
+            applied: BTreeMap::new(),
+            known: false,
+        }
+    }
+
+    /// The backend (for callers that also read or clean up).
+    pub fn backend_mut(&mut self) -> &mut B {
+        &mut self.backend
+    }
+
+    /// What the kernel holds for a family, as far as this reconciler knows.
+    pub fn applied(&self, family: Family) -> Option<&Table> {
+        self.applied.get(&family).and_then(Option::as_ref)
+    }
+
+    /// Forgets the applied state, so the next sync reads the kernel again.
+    pub fn invalidate(&mut self) {
+        self.known = false;
+    }
+
+    fn read_back(&mut self) -> Result<(), SyncError<B::Error>> {
+        for family in FAMILIES {
+            let table =
+                self.backend
+                    .list(family, &self.table)
+                    .map_err(|source| SyncError::List {
+                        family,
+                        table: self.table.clone(),
+                        source,
+                    })?;
+            self.applied.insert(family, table);
+        }
+        self.known = true;
+        Ok(())
+    }
+
+    /// The transactions that bring one family from `current` to `desired`: the diff,
+    /// with deletes of still-referenced chains held back when the kernel needs that.
+    pub fn plan(&self, family: Family, desired: Option<&Table>) -> Transaction {
+        let current = self.applied(family);
+        let mut tx = match desired {
+            Some(desired) => diff(current, desired),
+            None if current.is_some() => {
+                let mut tx = Transaction::new(family, self.table.clone());
+                tx.ops.push(Op::DeleteTable);
+                tx
+            }
+            None => Transaction::new(family, self.table.clone()),
+        };
+        if self.options.defer_chain_deletes
+            && let Some(current) = current
+        {
+            tx.ops.retain(|op| match op {
+                Op::DeleteChain(name) => current.chain_users(name).is_empty(),
+                _ => true,
+            });
+        }
+        tx
+    }
+
+    /// The transactions a sync would send now, without sending them (reads the kernel
+    /// first when the applied state is not known).
+    pub fn plans(&mut self, desired: &[Table]) -> Result<Vec<Transaction>, SyncError<B::Error>> {
+        if !self.known {
+            self.read_back()?;
+        }
+        Ok(FAMILIES
+            .iter()
+            .map(|family| self.plan(*family, desired.iter().find(|t| t.family == *family)))
+            .collect())
+    }
+
+    /// Brings the kernel to `desired` (at most one table per family; a family without a
+    /// table has its table removed).
+    pub fn sync(&mut self, desired: &[Table]) -> Result<SyncReport, SyncError<B::Error>> {
+        let mut report = SyncReport::default();
+        if !self.known {
+            self.read_back()?;
+            report.read_back = true;
+        }
+        for family in FAMILIES {
+            let want = desired.iter().find(|t| t.family == family);
+            let tx = self.plan(family, want);
+            if tx.is_empty() {
+                continue;
+            }
+            let operations = tx.len();
+            if let Err(source) = self.backend.apply(&tx) {
+                // The kernel kept the old rules; re-read before trusting anything again.
+                self.known = false;
+                warn!(%family, operations, error = %source, "transaction refused; old rules stay");
+                return Err(SyncError::Apply {
+                    family,
+                    table: self.table.clone(),
+                    operations,
+                    source,
+                });
+            }
+            let before = self.applied.remove(&family).flatten();
+            // The transaction was checked against the same model the kernel follows.
+            match tx.apply_to(before) {
+                Ok(after) => {
+                    self.applied.insert(family, after);
+                }
+                Err(reason) => {
+                    warn!(%family, %reason, "applied state unknown after a transaction; will re-read");
+                    self.known = false;
+                }
+            }
+            debug!(%family, operations, "transaction applied");
+            report.operations += operations;
+            report.transactions += 1;
+        }
+        if report.operations > 0 {
+            info!(
+                operations = report.operations,
+                transactions = report.transactions,
+                "synced"
+            );
+        }
+        Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nftproxy_nft::{Chain, Element, FakeBackend, Rule, Set, Stmt, Value, Verdict};
+
+    fn table(services: &[&str]) -> Table {
+        let mut t = Table::new(Family::Ip, "nftproxy");
+        t.add_set(Set::verdict_map(
+            "service-ips",
+            vec![nftproxy_nft::DataType::Ipv4Addr],
+        ));
+        for (i, name) in services.iter().enumerate() {
+            t.add_chain(Chain::regular(
+                *name,
+                vec![Rule::new(vec![Stmt::Verdict(Verdict::Accept)])],
+            ));
+            t.add_element(
+                "service-ips",
+                Element::verdict(
+                    vec![Value::Addr([10, 0, 0, i as u8 + 1].into())],
+                    Verdict::Goto((*name).into()),
+                ),
+            );
+        }
+        t
+    }
+
+    #[test]
+    fn a_second_sync_of_the_same_tables_does_nothing() {
+        let mut r = Reconciler::new(
+            FakeBackend::default(),
+            "nftproxy",
+            ReconcilerOptions::default(),
+        );
+        let first = r.sync(&[table(&["a", "b"])]).unwrap();
+        assert!(first.read_back && first.operations > 0);
+        let second = r.sync(&[table(&["a", "b"])]).unwrap();
+        assert_eq!(second, SyncReport::default());
+    }
+
+    #[test]
+    fn a_failed_transaction_keeps_the_old_rules_and_is_followed_by_a_read_back() {
+        let mut r = Reconciler::new(
+            FakeBackend::default(),
+            "nftproxy",
+            ReconcilerOptions::default(),
+        );
+        r.sync(&[table(&["a"])]).unwrap();
+        r.backend_mut().fail_next = Some("EBUSY".into());
+        assert!(matches!(
+            r.sync(&[table(&["a", "b"])]),
+            Err(SyncError::Apply { .. })
+        ));
+        let kernel = r.backend_mut().list(Family::Ip, "nftproxy").unwrap();
+        assert_eq!(kernel, Some(table(&["a"])));
+        let retry = r.sync(&[table(&["a", "b"])]).unwrap();
+        assert!(retry.read_back);
+        assert_eq!(
+            r.backend_mut().list(Family::Ip, "nftproxy").unwrap(),
+            Some(table(&["a", "b"]))
+        );
+    }
+
+    #[test]
+    fn a_restart_applies_only_the_difference() {
+        let mut backend = FakeBackend::default();
+        backend
+            .apply(&Transaction::create(&table(&["a", "b"])))
+            .unwrap();
+        let mut r = Reconciler::new(backend, "nftproxy", ReconcilerOptions::default());
+        assert_eq!(r.sync(&[table(&["a", "b"])]).unwrap().operations, 0);
+        // One service removed: its map element, flushed rule and chain.
+        assert_eq!(r.sync(&[table(&["a"])]).unwrap().operations, 3);
+    }
+
+    #[test]
+    fn old_kernels_delete_a_chain_one_sync_after_its_references() {
+        let options = ReconcilerOptions {
+            defer_chain_deletes: true,
+        };
+        let mut r = Reconciler::new(FakeBackend::default(), "nftproxy", options);
+        r.sync(&[table(&["a", "b"])]).unwrap();
+        r.sync(&[table(&["a"])]).unwrap();
+        let kernel = r
+            .backend_mut()
+            .list(Family::Ip, "nftproxy")
+            .unwrap()
+            .unwrap();
+        assert!(
+            kernel.chains.get("b").is_some_and(|c| c.rules.is_empty()),
+            "b is flushed, not deleted"
+        );
+        let later = r.sync(&[table(&["a"])]).unwrap();
+        assert_eq!(later.operations, 1);
+        let kernel = r
+            .backend_mut()
+            .list(Family::Ip, "nftproxy")
+            .unwrap()
+            .unwrap();
+        assert!(!kernel.chains.contains_key("b"));
+    }
+
+    #[test]
+    fn a_family_without_desired_rules_has_its_table_removed() {
+        let mut r = Reconciler::new(
+            FakeBackend::default(),
+            "nftproxy",
+            ReconcilerOptions::default(),
+        );
+        let mut six = table(&["a"]);
+        six.family = Family::Ip6;
+        six.sets.clear();
+        six.chains.clear();
+        r.sync(&[table(&["a"]), six]).unwrap();
+        assert!(
+            r.backend_mut()
+                .list(Family::Ip6, "nftproxy")
+                .unwrap()
+                .is_some()
+        );
+        r.sync(&[table(&["a"])]).unwrap();
+        assert!(
+            r.backend_mut()
+                .list(Family::Ip6, "nftproxy")
+                .unwrap()
+                .is_none()
+        );
+    }
+}
