@@ -21,3 +21,16 @@ pub fn in_new_netns<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static
     .join()
     .map_err(|_| io::Error::other("the thread in the new network namespace panicked"))?
 }
+
+/// Moves the calling thread into the named network namespace (`ip netns add NAME`
+/// creates `/run/netns/NAME`). Sockets it opens afterwards belong to that namespace.
+pub fn enter(name: &str) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(format!("/run/netns/{name}"))?;
+    // SAFETY: `file` is an open namespace file descriptor for the duration of the call;
+    // setns affects only the calling thread.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

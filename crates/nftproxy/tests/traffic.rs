@@ -1,0 +1,489 @@
+//! Real traffic through rules that `nftproxy --once` programs into a node namespace.
+//!
+//! Topology (all namespaces created here, deleted on exit; no host address is touched):
+//!
+//! ```text
+//!  client 192.168.50.100 ──┐            ┌── be1 10.244.1.10, 10.244.1.20 (node-a: local)
+//!                          ├── node ────┼── be2 10.244.2.10, 10.244.2.20 (node-b: remote)
+//!  pod    10.244.3.10 ─────┘ 192.168.50.10 (node IP), forwarding, nftproxy rules
+//! ```
+//!
+//! Backends run echo servers that answer with their name and the client address they see.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, ErrorKind, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nftproxy_netlink::netns;
+use nftproxy_testkit::kernel_available;
+
+/// Services beyond the seed examples, one per behaviour under test.
+const EXTRA: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: udp-echo, namespace: default}
+spec:
+  clusterIP: 10.96.100.10
+  ports: [{name: dns, port: 53, protocol: UDP, targetPort: 5353}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: udp-echo-1, namespace: default, labels: {kubernetes.io/service-name: udp-echo}}
+addressType: IPv4
+ports: [{name: dns, port: 5353, protocol: UDP}]
+endpoints:
+- {addresses: [10.244.1.10], nodeName: node-a}
+- {addresses: [10.244.2.10], nodeName: node-b}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: empty, namespace: default}
+spec:
+  clusterIP: 10.96.100.11
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: sticky, namespace: default}
+spec:
+  clusterIP: 10.96.100.12
+  sessionAffinity: ClientIP
+  ports: [{port: 6379}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: sticky-1, namespace: default, labels: {kubernetes.io/service-name: sticky}}
+addressType: IPv4
+ports: [{port: 6379}]
+endpoints:
+- {addresses: [10.244.1.10], nodeName: node-a}
+- {addresses: [10.244.2.10], nodeName: node-b}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: local-np, namespace: default}
+spec:
+  type: NodePort
+  externalTrafficPolicy: Local
+  clusterIP: 10.96.100.13
+  ports: [{port: 3000, nodePort: 31100}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: local-np-1, namespace: default, labels: {kubernetes.io/service-name: local-np}}
+addressType: IPv4
+ports: [{port: 3000}]
+endpoints:
+- {addresses: [10.244.1.20], nodeName: node-a}
+- {addresses: [10.244.2.20], nodeName: node-b}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: guarded, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.100.14
+  loadBalancerSourceRanges: [10.0.0.0/8]
+  ports: [{port: 8080, targetPort: 3000, nodePort: 31200}]
+status:
+  loadBalancer:
+    ingress: [{ip: 192.168.50.201}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: guarded-1, namespace: default, labels: {kubernetes.io/service-name: guarded}}
+addressType: IPv4
+ports: [{port: 3000}]
+endpoints:
+- {addresses: [10.244.1.20], nodeName: node-a}
+- {addresses: [10.244.2.20], nodeName: node-b}
+"#;
+
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+fn ip(args: &[&str]) {
+    let output = Command::new("ip").args(args).output().expect("ip runs");
+    assert!(
+        output.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Named namespaces, deleted when dropped (also when a test fails).
+struct Topology {
+    prefix: String,
+    dir: PathBuf,
+}
+
+impl Topology {
+    fn ns(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    fn new() -> Topology {
+        let prefix = format!("nftp{}-", std::process::id());
+        let dir = std::env::temp_dir().join(format!("{prefix}manifests"));
+        let topology = Topology { prefix, dir };
+        for name in ["node", "client", "pod", "be1", "be2"] {
+            ip(&["netns", "add", &topology.ns(name)]);
+            ip(&["-n", &topology.ns(name), "link", "set", "lo", "up"]);
+        }
+        let node = topology.ns("node");
+        let links: [(&str, &str, &[&str], &str); 4] = [
+            (
+                "client",
+                "192.168.50.10/24",
+                &["192.168.50.100/24"],
+                "192.168.50.10",
+            ),
+            ("pod", "10.244.3.1/24", &["10.244.3.10/24"], "10.244.3.1"),
+            (
+                "be1",
+                "10.244.1.1/24",
+                &["10.244.1.10/24", "10.244.1.20/24"],
+                "10.244.1.1",
+            ),
+            (
+                "be2",
+                "10.244.2.1/24",
+                &["10.244.2.10/24", "10.244.2.20/24"],
+                "10.244.2.1",
+            ),
+        ];
+        for (peer, node_addr, peer_addrs, gateway) in links {
+            let peer_ns = topology.ns(peer);
+            let (a, b) = (format!("n-{peer}"), format!("eth-{peer}"));
+            ip(&[
+                "-n", &node, "link", "add", &a, "type", "veth", "peer", "name", &b, "netns",
+                &peer_ns,
+            ]);
+            ip(&["-n", &node, "addr", "add", node_addr, "dev", &a]);
+            ip(&["-n", &node, "link", "set", &a, "up"]);
+            for addr in peer_addrs {
+                ip(&["-n", &peer_ns, "addr", "add", addr, "dev", &b]);
+            }
+            ip(&["-n", &peer_ns, "link", "set", &b, "up"]);
+            ip(&["-n", &peer_ns, "route", "add", "default", "via", gateway]);
+        }
+        // Like a real node, ours has a default route (the client namespace is its
+        // upstream), so traffic to addresses nothing serves reaches the filter hooks.
+        ip(&[
+            "-n",
+            &node,
+            "route",
+            "add",
+            "default",
+            "via",
+            "192.168.50.100",
+        ]);
+        // The load balancer delivers its VIPs to this node.
+        for vip in ["192.168.50.200/32", "192.168.50.201/32"] {
+            ip(&[
+                "-n",
+                &topology.ns("client"),
+                "route",
+                "add",
+                vip,
+                "via",
+                "192.168.50.10",
+            ]);
+        }
+        let forwarding = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &node,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ])
+            .status()
+            .expect("sysctl runs");
+        assert!(forwarding.success());
+        topology
+    }
+
+    /// Programs the node with `nftproxy --once` on the seed examples plus `EXTRA`.
+    fn program(&self) {
+        std::fs::create_dir_all(&self.dir).expect("temp dir");
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        for entry in std::fs::read_dir(repo.join("examples/seed")).expect("seed examples") {
+            let path = entry.expect("entry").path();
+            std::fs::copy(&path, self.dir.join(path.file_name().expect("file name")))
+                .expect("copy");
+        }
+        std::fs::write(self.dir.join("extra.yaml"), EXTRA).expect("write");
+        let output = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns("node"),
+                env!("CARGO_BIN_EXE_nftproxy"),
+                "--once",
+            ])
+            .args([
+                "--node-name",
+                "node-a",
+                "--node-ip",
+                "192.168.50.10",
+                "--cluster-cidr",
+                "10.244.0.0/16",
+            ])
+            .arg("--manifests")
+            .arg(&self.dir)
+            .output()
+            .expect("nftproxy runs");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for name in ["node", "client", "pod", "be1", "be2"] {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.ns(name)])
+                .status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Echo servers in a backend namespace: TCP 6379 and 3000, UDP 5353. Each answers one
+/// line, "NAME CLIENT-IP".
+fn serve(ns: String, name: &'static str, stop: Arc<AtomicBool>) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        netns::enter(&ns).expect("enter backend namespace");
+        let listeners: Vec<TcpListener> = [6379, 3000]
+            .iter()
+            .map(|port| TcpListener::bind(("0.0.0.0", *port)).expect("bind"))
+            .collect();
+        let udp = UdpSocket::bind(("0.0.0.0", 5353)).expect("bind udp");
+        udp.set_nonblocking(true).expect("nonblocking");
+        for listener in &listeners {
+            listener.set_nonblocking(true).expect("nonblocking");
+        }
+        let mut buf = [0u8; 512];
+        while !stop.load(Ordering::Relaxed) {
+            let mut idle = true;
+            for listener in &listeners {
+                if let Ok((mut stream, peer)) = listener.accept() {
+                    idle = false;
+                    let _ = stream.set_nonblocking(false);
+                    let _ = writeln!(stream, "{name} {}", peer.ip());
+                }
+            }
+            if let Ok((_, peer)) = udp.recv_from(&mut buf) {
+                idle = false;
+                let _ = udp.send_to(format!("{name} {}\n", peer.ip()).as_bytes(), peer);
+            }
+            if idle {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    })
+}
+
+#[derive(Debug, PartialEq)]
+enum Outcome {
+    /// Backend name and the client address it saw.
+    Answered(String, String),
+    Refused,
+    TimedOut,
+}
+
+fn tcp(addr: SocketAddr) -> Outcome {
+    match TcpStream::connect_timeout(&addr, TIMEOUT) {
+        Ok(stream) => {
+            stream.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+            let mut line = String::new();
+            match BufReader::new(stream).read_line(&mut line) {
+                Ok(_) => {
+                    let mut words = line.split_whitespace();
+                    let name = words.next().unwrap_or_default().to_owned();
+                    Outcome::Answered(name, words.next().unwrap_or_default().to_owned())
+                }
+                Err(_) => Outcome::TimedOut,
+            }
+        }
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => Outcome::Refused,
+        Err(_) => Outcome::TimedOut,
+    }
+}
+
+fn udp(addr: SocketAddr) -> Outcome {
+    let socket = UdpSocket::bind("0.0.0.0:0").expect("bind");
+    socket.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+    socket.send_to(b"ping", addr).expect("send");
+    let mut buf = [0u8; 512];
+    match socket.recv_from(&mut buf) {
+        Ok((n, _)) => {
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let mut words = text.split_whitespace();
+            let name = words.next().unwrap_or_default().to_owned();
+            Outcome::Answered(name, words.next().unwrap_or_default().to_owned())
+        }
+        Err(_) => Outcome::TimedOut,
+    }
+}
+
+/// Runs `probe` `count` times from inside namespace `ns`.
+fn from(ns: String, count: usize, probe: impl Fn() -> Outcome + Send + 'static) -> Vec<Outcome> {
+    std::thread::spawn(move || {
+        netns::enter(&ns).expect("enter client namespace");
+        (0..count).map(|_| probe()).collect()
+    })
+    .join()
+    .expect("client thread")
+}
+
+fn split(outcomes: &[Outcome]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for outcome in outcomes {
+        let key = match outcome {
+            Outcome::Answered(name, _) => name.clone(),
+            other => format!("{other:?}"),
+        };
+        *counts.entry(key).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// Both backends answered, each at least 20% of `total`, and nothing else happened.
+fn assert_split(what: &str, outcomes: &[Outcome]) {
+    let counts = split(outcomes);
+    let total = outcomes.len();
+    let (be1, be2) = (
+        counts.get("be1").copied().unwrap_or(0),
+        counts.get("be2").copied().unwrap_or(0),
+    );
+    assert_eq!(be1 + be2, total, "{what}: {counts:?}");
+    assert!(
+        be1 * 5 >= total && be2 * 5 >= total,
+        "{what}: uneven split {counts:?}"
+    );
+    eprintln!("{what}: {counts:?}");
+}
+
+fn addr(text: &str) -> SocketAddr {
+    text.parse().expect("literal address")
+}
+
+#[test]
+fn seed_services_carry_real_traffic() {
+    if !kernel_available("seed_services_carry_real_traffic") {
+        return;
+    }
+    let topology = Topology::new();
+    topology.program();
+    let stop = Arc::new(AtomicBool::new(false));
+    let servers = [
+        serve(topology.ns("be1"), "be1", stop.clone()),
+        serve(topology.ns("be2"), "be2", stop.clone()),
+    ];
+    std::thread::sleep(Duration::from_millis(200));
+    let (client, pod) = (topology.ns("client"), topology.ns("pod"));
+    let started = Instant::now();
+
+    // ClusterIP (redis) from a pod, NodePort 31000 and the LB IP from outside.
+    let clusterip = from(pod.clone(), 200, || tcp(addr("10.103.50.102:6379")));
+    assert_split("pod -> redis ClusterIP 10.103.50.102:6379", &clusterip);
+    assert!(
+        clusterip
+            .iter()
+            .all(|o| matches!(o, Outcome::Answered(_, ip) if ip == "10.244.3.10")),
+        "pod traffic is not masqueraded"
+    );
+    let nodeport = from(client.clone(), 200, || tcp(addr("192.168.50.10:31000")));
+    assert_split(
+        "client -> counter-np NodePort 192.168.50.10:31000",
+        &nodeport,
+    );
+    let lb = from(client.clone(), 200, || tcp(addr("192.168.50.200:30000")));
+    assert_split("client -> counter-lb LB IP 192.168.50.200:30000", &lb);
+    let lb_nodeport = from(client.clone(), 50, || tcp(addr("192.168.50.10:31535")));
+    assert_eq!(
+        split(&lb_nodeport).values().sum::<usize>(),
+        50,
+        "{:?}",
+        split(&lb_nodeport)
+    );
+    assert!(!split(&lb_nodeport).contains_key("TimedOut"));
+    let from_outside = from(client.clone(), 50, || tcp(addr("10.103.50.102:6379")));
+    assert!(
+        from_outside
+            .iter()
+            .all(|o| matches!(o, Outcome::Answered(_, ip) if ip.starts_with("10.244."))),
+        "ClusterIP traffic from outside the cluster CIDR is masqueraded: {from_outside:?}"
+    );
+
+    // UDP.
+    let dns = from(pod.clone(), 100, || udp(addr("10.96.100.10:53")));
+    assert_split("pod -> udp-echo ClusterIP 10.96.100.10:53/udp", &dns);
+
+    // No endpoints: refused at once.
+    let empty = from(pod.clone(), 5, || tcp(addr("10.96.100.11:80")));
+    assert!(empty.iter().all(|o| *o == Outcome::Refused), "{empty:?}");
+    // A ClusterIP port no Service defines: refused too.
+    let wrong_port = from(pod.clone(), 3, || tcp(addr("10.103.50.102:6380")));
+    assert!(
+        wrong_port.iter().all(|o| *o == Outcome::Refused),
+        "{wrong_port:?}"
+    );
+
+    // ClientIP affinity pins a client to one backend.
+    let sticky = from(pod.clone(), 50, || tcp(addr("10.96.100.12:6379")));
+    let counts = split(&sticky);
+    assert_eq!(counts.len(), 1, "affinity must pin: {counts:?}");
+    assert_eq!(counts.values().sum::<usize>(), 50);
+
+    // externalTrafficPolicy Local: only the local endpoint, client address preserved.
+    let local = from(client.clone(), 50, || tcp(addr("192.168.50.10:31100")));
+    assert!(
+        local
+            .iter()
+            .all(|o| *o == Outcome::Answered("be1".into(), "192.168.50.100".into())),
+        "{:?}",
+        split(&local)
+    );
+
+    // loadBalancerSourceRanges 10.0.0.0/8: the pod may use the LB IP, the client may not.
+    let allowed = from(pod.clone(), 20, || tcp(addr("192.168.50.201:8080")));
+    assert_eq!(split(&allowed).values().sum::<usize>(), 20);
+    assert!(
+        allowed.iter().all(|o| matches!(o, Outcome::Answered(..))),
+        "{:?}",
+        split(&allowed)
+    );
+    let blocked = from(client.clone(), 3, || tcp(addr("192.168.50.201:8080")));
+    assert!(
+        blocked.iter().all(|o| *o == Outcome::TimedOut),
+        "{blocked:?}"
+    );
+    // The NodePort of the same service is not subject to the ranges.
+    let via_nodeport = from(client, 10, || tcp(addr("192.168.50.10:31200")));
+    assert!(
+        via_nodeport
+            .iter()
+            .all(|o| matches!(o, Outcome::Answered(..))),
+        "{:?}",
+        split(&via_nodeport)
+    );
+
+    eprintln!("traffic checks took {:?}", started.elapsed());
+    stop.store(true, Ordering::Relaxed);
+    for server in servers {
+        server.join().expect("server thread");
+    }
+}
