@@ -4,7 +4,7 @@
 # tests. Idempotent: does nothing when everything is already there.
 set -euo pipefail
 
-packages=(nftables libnftnl-dev libmnl-dev pkg-config iproute2 conntrack util-linux)
+packages=(nftables libnftnl-dev libmnl-dev pkg-config iproute2 conntrack util-linux procps)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

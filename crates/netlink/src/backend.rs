@@ -58,7 +58,7 @@ impl NetlinkBackend {
     fn encode(&mut self, tx: &Transaction) -> Result<(Messages, Vec<(u32, usize)>), Error> {
         let (family, table) = (tx.family, tx.table.as_str());
         let create = libc::NLM_F_CREATE as u16;
-        let mut msgs = Messages::new();
+        let mut msgs = Messages::new(family, table);
         let mut seqs: Vec<(u32, usize)> = Vec::with_capacity(tx.ops.len() + 2);
         let begin = self.next_seq();
         msgs.batch_begin(begin)?;
@@ -70,60 +70,27 @@ impl NetlinkBackend {
                 seq
             };
             match op {
-                Op::AddTable { comment } => msgs.table(
-                    libc::NFT_MSG_NEWTABLE,
-                    family,
-                    table,
-                    comment.as_deref(),
-                    create,
-                    seq(),
-                )?,
-                Op::DeleteTable => {
-                    msgs.table(libc::NFT_MSG_DELTABLE, family, table, None, 0, seq())?
+                Op::AddTable { comment } => {
+                    msgs.table(libc::NFT_MSG_NEWTABLE, comment.as_deref(), create, seq())?
                 }
-                Op::AddChain { name, base } => msgs.chain(
-                    libc::NFT_MSG_NEWCHAIN,
-                    family,
-                    table,
-                    name,
-                    base.as_ref(),
-                    create,
-                    seq(),
-                )?,
-                Op::FlushChain(name) => {
-                    msgs.rule(libc::NFT_MSG_DELRULE, family, table, name, None, 0, seq())?
+                Op::DeleteTable => msgs.table(libc::NFT_MSG_DELTABLE, None, 0, seq())?,
+                Op::AddChain { name, base } => {
+                    msgs.chain(libc::NFT_MSG_NEWCHAIN, name, base.as_ref(), create, seq())?
                 }
+                Op::FlushChain(name) => msgs.rule(libc::NFT_MSG_DELRULE, name, None, 0, seq())?,
                 Op::DeleteChain(name) => {
-                    msgs.chain(libc::NFT_MSG_DELCHAIN, family, table, name, None, 0, seq())?
+                    msgs.chain(libc::NFT_MSG_DELCHAIN, name, None, 0, seq())?
                 }
                 Op::AddRule { chain, rule } => {
                     let flags = create | libc::NLM_F_APPEND as u16;
-                    msgs.rule(
-                        libc::NFT_MSG_NEWRULE,
-                        family,
-                        table,
-                        chain,
-                        Some(rule),
-                        flags,
-                        seq(),
-                    )?
+                    msgs.rule(libc::NFT_MSG_NEWRULE, chain, Some(rule), flags, seq())?
                 }
                 Op::AddSet(set) => {
                     set_id += 1;
-                    msgs.set(
-                        libc::NFT_MSG_NEWSET,
-                        family,
-                        table,
-                        set,
-                        set_id,
-                        create,
-                        seq(),
-                    )?
+                    msgs.set(libc::NFT_MSG_NEWSET, set, set_id, create, seq())?
                 }
                 Op::DeleteSet { name, .. } => msgs.set(
                     libc::NFT_MSG_DELSET,
-                    family,
-                    table,
                     &Set::new(name.clone(), vec![]),
                     0,
                     0,
@@ -131,30 +98,14 @@ impl NetlinkBackend {
                 )?,
                 Op::AddElements { set, elements } => {
                     for chunk in elements.chunks(ELEMENTS_PER_MESSAGE) {
-                        msgs.elements(
-                            libc::NFT_MSG_NEWSETELEM,
-                            family,
-                            table,
-                            set,
-                            chunk,
-                            create,
-                            seq(),
-                        )?;
+                        msgs.elements(libc::NFT_MSG_NEWSETELEM, set, chunk, create, seq())?;
                     }
                 }
                 Op::DeleteElements { set, keys, .. } => {
                     for chunk in keys.chunks(ELEMENTS_PER_MESSAGE) {
                         let elements: Vec<Element> =
                             chunk.iter().map(|k| Element::key(k.clone())).collect();
-                        msgs.elements(
-                            libc::NFT_MSG_DELSETELEM,
-                            family,
-                            table,
-                            set,
-                            &elements,
-                            0,
-                            seq(),
-                        )?;
+                        msgs.elements(libc::NFT_MSG_DELSETELEM, set, &elements, 0, seq())?;
                     }
                 }
             }
@@ -179,11 +130,11 @@ impl NetlinkBackend {
         set: Option<&Set>,
         mut each: impl FnMut(*const libc::nlmsghdr) -> Result<(), Error>,
     ) -> Result<(), Error> {
-        let mut msgs = Messages::new();
+        let mut msgs = Messages::new(family, table);
         let seq = self.next_seq();
         match set {
-            Some(set) => msgs.set(kind, family, table, set, 0, libc::NLM_F_DUMP as u16, seq)?,
-            None => msgs.request(kind, family, table, seq)?,
+            Some(set) => msgs.set(kind, set, 0, libc::NLM_F_DUMP as u16, seq)?,
+            None => msgs.request(kind, seq)?,
         }
         self.socket.send(&msgs.bytes)?;
         let single = kind == libc::NFT_MSG_GETTABLE;

@@ -18,7 +18,7 @@ use nftproxy_nft::{
 };
 
 use crate::Error;
-use crate::lower::{self, PayloadBase, RawExpr, RawVerdict};
+use crate::lower::{self, PayloadBase, RawExpr};
 
 /// libnftnl's userdata buffer limit (NFT_USERDATA_MAXLEN).
 const USERDATA_MAX: u32 = 256;
@@ -142,13 +142,18 @@ fn comment_of(data: &[u8], kind: u8) -> Option<String> {
 pub(crate) struct Messages {
     pub(crate) bytes: Vec<u8>,
     scratch: Vec<u8>,
+    family: Family,
+    table: String,
 }
 
 impl Messages {
-    pub(crate) fn new() -> Messages {
+    /// Messages about one table.
+    pub(crate) fn new(family: Family, table: &str) -> Messages {
         Messages {
             bytes: Vec::new(),
             scratch: vec![0; SCRATCH],
+            family,
+            table: table.to_owned(),
         }
     }
 
@@ -172,11 +177,11 @@ impl Messages {
     fn object(
         &mut self,
         kind: i32,
-        family: Family,
         flags: u16,
         seq: u32,
         payload: impl FnOnce(*mut nlmsghdr),
     ) -> Result<(), Error> {
+        let family = self.family;
         self.push(|buf| {
             // SAFETY: `buf` points at SCRATCH writable bytes; the header needs 20.
             let nlh = unsafe {
@@ -188,13 +193,9 @@ impl Messages {
     }
 
     /// A GET request for `table`'s objects of one kind (a dump, except for the table).
-    pub(crate) fn request(
-        &mut self,
-        kind: i32,
-        family: Family,
-        table: &str,
-        seq: u32,
-    ) -> Result<(), Error> {
+    pub(crate) fn request(&mut self, kind: i32, seq: u32) -> Result<(), Error> {
+        let (family, table) = (self.family, self.table.clone());
+        let table = table.as_str();
         let name = cstring(table)?;
         let flags = if kind == libc::NFT_MSG_GETTABLE {
             0
@@ -219,7 +220,7 @@ impl Messages {
                     );
                 }
                 // SAFETY: `nlh` is the header just written; `obj` is live.
-                self.object(kind, family, flags, seq, |nlh| unsafe {
+                self.object(kind, flags, seq, |nlh| unsafe {
                     sys::nftnl_table_nlmsg_build_payload(nlh, obj.ptr())
                 })
             }
@@ -239,7 +240,7 @@ impl Messages {
                     );
                 }
                 // SAFETY: as above.
-                self.object(kind, family, flags, seq, |nlh| unsafe {
+                self.object(kind, flags, seq, |nlh| unsafe {
                     sys::nftnl_chain_nlmsg_build_payload(nlh, obj.ptr())
                 })
             }
@@ -251,7 +252,7 @@ impl Messages {
                     sys::nftnl_rule_set_str(obj.ptr(), sys::NFTNL_RULE_TABLE as u16, name.as_ptr());
                 }
                 // SAFETY: as above.
-                self.object(kind, family, flags, seq, |nlh| unsafe {
+                self.object(kind, flags, seq, |nlh| unsafe {
                     sys::nftnl_rule_nlmsg_build_payload(nlh, obj.ptr())
                 })
             }
@@ -263,7 +264,7 @@ impl Messages {
                     sys::nftnl_set_set_str(obj.ptr(), sys::NFTNL_SET_TABLE as u16, name.as_ptr());
                 }
                 // SAFETY: as above.
-                self.object(kind, family, flags, seq, |nlh| unsafe {
+                self.object(kind, flags, seq, |nlh| unsafe {
                     sys::nftnl_set_nlmsg_build_payload(nlh, obj.ptr())
                 })
             }
@@ -286,14 +287,13 @@ impl Messages {
     pub(crate) fn table(
         &mut self,
         kind: i32,
-        family: Family,
-        name: &str,
         comment: Option<&str>,
         flags: u16,
         seq: u32,
     ) -> Result<(), Error> {
+        let (family, name) = (self.family, self.table.clone());
         let table = TableObj::new();
-        let name = cstring(name)?;
+        let name = cstring(&name)?;
         let data =
             comment.map(|c| userdata(&[(sys::NFTNL_UDATA_TABLE_COMMENT as u8, &comment_bytes(c))]));
         // SAFETY: `table` is a live object; `name` and `data` outlive the calls (libnftnl
@@ -315,7 +315,7 @@ impl Messages {
             }
         }
         // SAFETY: `nlh` is the header just written; `table` is live.
-        self.object(kind, family, flags, seq, |nlh| unsafe {
+        self.object(kind, flags, seq, |nlh| unsafe {
             sys::nftnl_table_nlmsg_build_payload(nlh, table.ptr())
         })
     }
@@ -323,13 +323,13 @@ impl Messages {
     pub(crate) fn chain(
         &mut self,
         kind: i32,
-        family: Family,
-        table: &str,
         name: &str,
         base: Option<&BaseChain>,
         flags: u16,
         seq: u32,
     ) -> Result<(), Error> {
+        let (family, table) = (self.family, self.table.clone());
+        let table = table.as_str();
         let chain = ChainObj::new();
         let (table, name) = (cstring(table)?, cstring(name)?);
         let chain_type = base
@@ -368,7 +368,7 @@ impl Messages {
             }
         }
         // SAFETY: `nlh` is the header just written; `chain` is live.
-        self.object(kind, family, flags, seq, |nlh| unsafe {
+        self.object(kind, flags, seq, |nlh| unsafe {
             sys::nftnl_chain_nlmsg_build_payload(nlh, chain.ptr())
         })
     }
@@ -377,49 +377,16 @@ impl Messages {
     pub(crate) fn rule(
         &mut self,
         kind: i32,
-        family: Family,
-        table: &str,
         chain: &str,
         rule: Option<&Rule>,
         flags: u16,
         seq: u32,
     ) -> Result<(), Error> {
-        let obj = RuleObj::new();
-        let (table, chain) = (cstring(table)?, cstring(chain)?);
-        // SAFETY: `obj` is live; the strings outlive the calls and are copied.
-        unsafe {
-            sys::nftnl_rule_set_u32(
-                obj.ptr(),
-                sys::NFTNL_RULE_FAMILY as u16,
-                nfproto(family).into(),
-            );
-            sys::nftnl_rule_set_str(obj.ptr(), sys::NFTNL_RULE_TABLE as u16, table.as_ptr());
-            sys::nftnl_rule_set_str(obj.ptr(), sys::NFTNL_RULE_CHAIN as u16, chain.as_ptr());
-        }
-        if let Some(rule) = rule {
-            let exprs = lower::lower(family, &rule.stmts)
-                .map_err(|e| Error::Encode(format!("rule `{rule}`: {e}")))?;
-            for raw in &exprs {
-                let expr = build_expr(raw)?;
-                // SAFETY: `expr` is a fresh expression; the rule takes ownership of it.
-                unsafe { sys::nftnl_rule_add_expr(obj.ptr(), expr.as_ptr()) };
-            }
-            if let Some(comment) = &rule.comment {
-                let data =
-                    userdata(&[(sys::NFTNL_UDATA_RULE_COMMENT as u8, &comment_bytes(comment))]);
-                // SAFETY: `obj` is live; `data` outlives the call and is copied.
-                unsafe {
-                    sys::nftnl_rule_set_data(
-                        obj.ptr(),
-                        sys::NFTNL_RULE_USERDATA as u16,
-                        data.as_ptr().cast(),
-                        data.len() as u32,
-                    )
-                };
-            }
-        }
+        let (family, table) = (self.family, self.table.clone());
+        let table = table.as_str();
+        let obj = rule_obj(family, table, chain, rule)?;
         // SAFETY: `nlh` is the header just written; `obj` is live.
-        self.object(kind, family, flags, seq, |nlh| unsafe {
+        self.object(kind, flags, seq, |nlh| unsafe {
             sys::nftnl_rule_nlmsg_build_payload(nlh, obj.ptr())
         })
     }
@@ -444,13 +411,13 @@ impl Messages {
     pub(crate) fn set(
         &mut self,
         kind: i32,
-        family: Family,
-        table: &str,
         set: &Set,
         id: u32,
         flags: u16,
         seq: u32,
     ) -> Result<(), Error> {
+        let (family, table) = (self.family, self.table.clone());
+        let table = table.as_str();
         let obj = Self::set_obj(family, table, &set.name)?;
         if kind == libc::NFT_MSG_NEWSET {
             let mut set_flags = 0;
@@ -525,7 +492,7 @@ impl Messages {
             }
         }
         let elements = kind == libc::NFT_MSG_GETSETELEM;
-        self.object(kind, family, flags, seq, |nlh| {
+        self.object(kind, flags, seq, |nlh| {
             // SAFETY: `nlh` is the header just written; `obj` is live.
             unsafe {
                 if elements {
@@ -541,13 +508,13 @@ impl Messages {
     pub(crate) fn elements(
         &mut self,
         kind: i32,
-        family: Family,
-        table: &str,
         set: &str,
         elements: &[Element],
         flags: u16,
         seq: u32,
     ) -> Result<(), Error> {
+        let (family, table) = (self.family, self.table.clone());
+        let table = table.as_str();
         let obj = Self::set_obj(family, table, set)?;
         for element in elements {
             let key = lower::key_bytes(&element.key);
@@ -604,10 +571,79 @@ impl Messages {
             }
         }
         // SAFETY: `nlh` is the header just written; `obj` is live.
-        self.object(kind, family, flags, seq, |nlh| unsafe {
+        self.object(kind, flags, seq, |nlh| unsafe {
             sys::nftnl_set_elems_nlmsg_build_payload(nlh, obj.ptr())
         })
     }
+}
+
+/// A libnftnl rule for `chain`; without `rule`, one that names only the chain (a flush).
+fn rule_obj(
+    family: Family,
+    table: &str,
+    chain: &str,
+    rule: Option<&Rule>,
+) -> Result<RuleObj, Error> {
+    let obj = RuleObj::new();
+    let (table, chain) = (cstring(table)?, cstring(chain)?);
+    // SAFETY: `obj` is live; the strings outlive the calls and are copied.
+    unsafe {
+        sys::nftnl_rule_set_u32(
+            obj.ptr(),
+            sys::NFTNL_RULE_FAMILY as u16,
+            nfproto(family).into(),
+        );
+        sys::nftnl_rule_set_str(obj.ptr(), sys::NFTNL_RULE_TABLE as u16, table.as_ptr());
+        sys::nftnl_rule_set_str(obj.ptr(), sys::NFTNL_RULE_CHAIN as u16, chain.as_ptr());
+    }
+    let Some(rule) = rule else {
+        return Ok(obj);
+    };
+    let exprs = lower::lower(family, &rule.stmts)
+        .map_err(|e| Error::Encode(format!("rule `{rule}`: {e}")))?;
+    for raw in &exprs {
+        let expr = build_expr(raw)?;
+        // SAFETY: `expr` is a fresh expression; the rule takes ownership of it.
+        unsafe { sys::nftnl_rule_add_expr(obj.ptr(), expr.into_raw()) };
+    }
+    if let Some(comment) = &rule.comment {
+        let data = userdata(&[(sys::NFTNL_UDATA_RULE_COMMENT as u8, &comment_bytes(comment))]);
+        // SAFETY: `obj` is live; `data` outlives the call and is copied.
+        unsafe {
+            sys::nftnl_rule_set_data(
+                obj.ptr(),
+                sys::NFTNL_RULE_USERDATA as u16,
+                data.as_ptr().cast(),
+                data.len() as u32,
+            )
+        };
+    }
+    Ok(obj)
+}
+
+/// A rule's bytecode as libnftnl prints it, one `[ … ]` expression per line: the format
+/// of `nft --debug=netlink`, so nftproxy's encoding can be compared with nft's.
+pub fn rule_bytecode(family: Family, rule: &Rule) -> Result<Vec<String>, Error> {
+    let obj = rule_obj(family, "t", "c", Some(rule))?;
+    let mut buf = vec![0u8; 1 << 16];
+    // SAFETY: `buf` is writable for its length, which is passed; `obj` is live.
+    let written = unsafe {
+        sys::nftnl_rule_snprintf(
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            obj.ptr(),
+            sys::NFTNL_OUTPUT_DEFAULT,
+            0,
+        )
+    };
+    let written = usize::try_from(written).map_err(|_| Error::Encode("rule text".into()))?;
+    let text = String::from_utf8_lossy(&buf[..written.min(buf.len())]).into_owned();
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with('['))
+        .map(str::to_owned)
+        .collect())
 }
 
 fn nfproto(family: Family) -> u16 {
@@ -660,7 +696,8 @@ fn verdict_of(code: i32, chain: Option<String>) -> Result<Verdict, Error> {
 struct ExprObj(NonNull<sys::nftnl_expr>);
 
 impl ExprObj {
-    fn as_ptr(self) -> *mut sys::nftnl_expr {
+    /// Hands the expression over (to a rule, which frees it).
+    fn into_raw(self) -> *mut sys::nftnl_expr {
         let ptr = self.0.as_ptr();
         std::mem::forget(self);
         ptr
@@ -782,15 +819,8 @@ fn build_expr(raw: &RawExpr) -> Result<ExprObj, Error> {
         }
         RawExpr::Verdict(verdict) => {
             expr.u32(sys::NFTNL_EXPR_IMM_DREG, lower::REG_VERDICT);
-            let (code, chain) = match verdict {
-                RawVerdict::Accept => (libc::NF_ACCEPT, None),
-                RawVerdict::Drop => (libc::NF_DROP, None),
-                RawVerdict::Return => (libc::NFT_RETURN, None),
-                RawVerdict::Jump(chain) => (libc::NFT_JUMP, Some(chain)),
-                RawVerdict::Goto(chain) => (libc::NFT_GOTO, Some(chain)),
-            };
-            expr.u32(sys::NFTNL_EXPR_IMM_VERDICT, code as u32);
-            if let Some(chain) = chain {
+            expr.u32(sys::NFTNL_EXPR_IMM_VERDICT, verdict_code(verdict) as u32);
+            if let Some(chain) = verdict.target() {
                 expr.str(sys::NFTNL_EXPR_IMM_CHAIN, chain)?;
             }
         }
@@ -910,15 +940,7 @@ fn raw_expr(expr: *const sys::nftnl_expr) -> Result<RawExpr, Error> {
         },
         "immediate" if u(sys::NFTNL_EXPR_IMM_DREG) == lower::REG_VERDICT => {
             let chain = expr_str(expr, sys::NFTNL_EXPR_IMM_CHAIN);
-            RawExpr::Verdict(
-                match verdict_of(u(sys::NFTNL_EXPR_IMM_VERDICT) as i32, chain)? {
-                    Verdict::Accept => RawVerdict::Accept,
-                    Verdict::Drop => RawVerdict::Drop,
-                    Verdict::Return => RawVerdict::Return,
-                    Verdict::Jump(c) => RawVerdict::Jump(c),
-                    Verdict::Goto(c) => RawVerdict::Goto(c),
-                },
-            )
+            RawExpr::Verdict(verdict_of(u(sys::NFTNL_EXPR_IMM_VERDICT) as i32, chain)?)
         }
         "immediate" => RawExpr::Immediate {
             dreg: u(sys::NFTNL_EXPR_IMM_DREG),
@@ -1203,8 +1225,8 @@ fn parse_element(elem: *mut sys::nftnl_set_elem, set: &Set) -> Result<Element, E
         .ok_or_else(|| Error::Decode(format!("element of {} without a key", set.name)))?;
     let key = lower::key_values(&set.key, &key_bytes)
         .map_err(|e| Error::Decode(format!("element of {}: {e}", set.name)))?;
-    // SAFETY: `elem` is live.
     let verdict = if set.is_map() {
+        // SAFETY: `elem` is live (owned by the set being iterated).
         let code =
             unsafe { sys::nftnl_set_elem_get_u32(elem, sys::NFTNL_SET_ELEM_VERDICT as u16) } as i32;
         // SAFETY: `elem` is live.

@@ -17,6 +17,7 @@ pub mod netns;
 mod socket;
 
 pub use backend::NetlinkBackend;
+pub use ffi::rule_bytecode;
 
 /// What can go wrong talking to the kernel.
 #[derive(Debug, thiserror::Error)]

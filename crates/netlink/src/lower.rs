@@ -49,21 +49,6 @@ pub enum PayloadBase {
     Transport = 2,
 }
 
-/// A verdict as the kernel encodes it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RawVerdict {
-    /// `NF_ACCEPT`
-    Accept,
-    /// `NF_DROP`
-    Drop,
-    /// `NFT_RETURN`
-    Return,
-    /// `NFT_JUMP` to a chain.
-    Jump(String),
-    /// `NFT_GOTO` to a chain.
-    Goto(String),
-}
-
 /// One nf_tables expression, with the attributes nftproxy uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RawExpr {
@@ -136,7 +121,7 @@ pub enum RawExpr {
         data: Vec<u8>,
     },
     /// `immediate reg 0 VERDICT`
-    Verdict(RawVerdict),
+    Verdict(Verdict),
     /// `numgen DREG = random mod MODULUS`
     Numgen {
         /// Destination register.
@@ -279,7 +264,8 @@ fn load(expr: &Expr, dreg: u32, out: &mut Vec<RawExpr>) -> Result<(), LowerError
 }
 
 /// Loads a (possibly concatenated) key into registers starting at register 1, each
-/// field in the next free 32-bit register, as nft does.
+/// field in the next free 32-bit word. Like nft, a field that starts on a 16-byte
+/// boundary is named by its 128-bit register (`reg 2`), any other by its 32-bit one.
 fn load_key(key: &Expr, out: &mut Vec<RawExpr>) -> Result<(), LowerError> {
     let parts: &[Expr] = match key {
         Expr::Concat(parts) => parts,
@@ -287,7 +273,11 @@ fn load_key(key: &Expr, out: &mut Vec<RawExpr>) -> Result<(), LowerError> {
     };
     let mut word = 0;
     for part in parts {
-        let dreg = if word == 0 { REG_1 } else { REG32_00 + word };
+        let dreg = if word % 4 == 0 {
+            REG_1 + word / 4
+        } else {
+            REG32_00 + word
+        };
         load(part, dreg, out)?;
         word += load_len(part)?.div_ceil(4);
     }
@@ -392,16 +382,6 @@ fn lower_match(
     Ok(())
 }
 
-fn raw_verdict(verdict: &Verdict) -> RawVerdict {
-    match verdict {
-        Verdict::Accept => RawVerdict::Accept,
-        Verdict::Drop => RawVerdict::Drop,
-        Verdict::Return => RawVerdict::Return,
-        Verdict::Jump(chain) => RawVerdict::Jump(chain.clone()),
-        Verdict::Goto(chain) => RawVerdict::Goto(chain.clone()),
-    }
-}
-
 /// Lowers the statements of one rule of a table of `family`.
 pub fn lower(family: Family, stmts: &[Stmt]) -> Result<Vec<RawExpr>, LowerError> {
     let mut out = Vec::with_capacity(stmts.len() * 3);
@@ -475,7 +455,7 @@ pub fn lower(family: Family, stmts: &[Stmt]) -> Result<Vec<RawExpr>, LowerError>
                     Family::Ip6 => ICMPV6_PORT_UNREACH,
                 },
             }),
-            Stmt::Verdict(verdict) => out.push(RawExpr::Verdict(raw_verdict(verdict))),
+            Stmt::Verdict(verdict) => out.push(RawExpr::Verdict(verdict.clone())),
         }
     }
     Ok(out)
@@ -637,16 +617,6 @@ fn rhs_for(expr: &Expr, len: u32, data: &[u8]) -> Result<Rhs, LowerError> {
         Expr::NumgenRandom(_) => Rhs::Number(u32_of(data)?),
         other => return err(format!("no decoding for a compare of {other}")),
     })
-}
-
-fn verdict_of(raw: &RawVerdict) -> Verdict {
-    match raw {
-        RawVerdict::Accept => Verdict::Accept,
-        RawVerdict::Drop => Verdict::Drop,
-        RawVerdict::Return => Verdict::Return,
-        RawVerdict::Jump(chain) => Verdict::Jump(chain.clone()),
-        RawVerdict::Goto(chain) => Verdict::Goto(chain.clone()),
-    }
 }
 
 /// Raises the expressions of one rule back to statements. Fails on any sequence
@@ -815,7 +785,7 @@ pub fn raise(family: Family, exprs: &[RawExpr]) -> Result<Vec<Stmt>, LowerError>
             } if *code == ICMP_PORT_UNREACH || *code == ICMPV6_PORT_UNREACH => {
                 stmts.push(Stmt::Reject)
             }
-            RawExpr::Verdict(verdict) => stmts.push(Stmt::Verdict(verdict_of(verdict))),
+            RawExpr::Verdict(verdict) => stmts.push(Stmt::Verdict(verdict.clone())),
             other => return err(format!("unexpected expression {other:?}")),
         }
     }
@@ -977,7 +947,7 @@ mod tests {
                 _ => None,
             })
             .collect();
-        assert_eq!(regs, [1, 12, 16, 17]);
+        assert_eq!(regs, [1, 2, 3, 17]);
     }
 
     #[test]

@@ -184,3 +184,65 @@ fn deleting_the_table_removes_everything() {
     .expect("new network namespace");
     assert_eq!(listing.trim(), "");
 }
+
+/// Rules' bytecode as `nft --debug=netlink` prints it for a ruleset text, in order.
+fn nft_bytecode(text: &str) -> Vec<Vec<String>> {
+    let mut child = Command::new("unshare")
+        .args(["--net", "nft", "--debug=netlink", "-c", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("nft runs");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write");
+    let output = child.wait_with_output().expect("nft finishes");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut rules: Vec<Vec<String>> = Vec::new();
+    let mut in_rule = false;
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        if line.starts_with("ip nftproxy ") || line.starts_with("ip6 nftproxy ") {
+            rules.push(Vec::new());
+            in_rule = true;
+        } else if in_rule && line.trim_start().starts_with('[') {
+            rules
+                .last_mut()
+                .expect("a rule header came first")
+                .push(line.trim().to_owned());
+        } else if !line.starts_with(' ') {
+            in_rule = false;
+        }
+    }
+    rules
+}
+
+#[test]
+fn every_rule_is_encoded_exactly_as_nft_encodes_it() {
+    if !kernel_available("every_rule_is_encoded_exactly_as_nft_encodes_it") {
+        return;
+    }
+    let mut compared = 0;
+    for (name, table) in golden_tables() {
+        let ours: Vec<Vec<String>> = table
+            .chains_in_order()
+            .flat_map(|chain| chain.rules.iter())
+            .map(|rule| nftproxy_netlink::rule_bytecode(table.family, rule).expect("encodes"))
+            .collect();
+        let theirs = nft_bytecode(&table.to_string());
+        assert_eq!(ours.len(), theirs.len(), "{name}: rule count");
+        for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+            assert_eq!(a, b, "{name}: rule {i} encodes differently from nft");
+        }
+        compared += ours.len();
+    }
+    assert!(compared > 1000, "only {compared} rules compared");
+    eprintln!("{compared} rules encoded exactly as nft encodes them");
+}

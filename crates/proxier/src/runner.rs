@@ -154,8 +154,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_failed_sync_is_retried_with_back_off() {
-        let mut backend = FakeBackend::default();
-        backend.fail_next = Some("EBUSY".into());
+        let backend = FakeBackend {
+            fail_next: Some("EBUSY".into()),
+            ..FakeBackend::default()
+        };
         let mut r = Reconciler::new(backend, "nftproxy", ReconcilerOptions::default());
         let mut first = true;
         let input = move || {

@@ -6,54 +6,11 @@
 //! needs no code: see `rules-golden/README.md`.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-use nftproxy_model::{KubeProxyConfiguration, ProxyConfig, Severity, Snapshot, build};
 use nftproxy_render::render;
-
-const DEFAULT_NODE_NAME: &str = "test-node";
-const DEFAULT_NODE_IP: &str = "192.168.0.2";
-const DEFAULT_CLUSTER_CIDRS: &str = "10.0.0.0/8,fd00:10::/64";
-
-fn golden_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../rules-golden")
-}
-
-fn cases() -> Vec<PathBuf> {
-    let mut cases: Vec<PathBuf> = fs::read_dir(golden_root())
-        .expect("rules-golden exists")
-        .map(|e| e.expect("readable entry").path())
-        .filter(|p| p.join("input.yaml").is_file())
-        .collect();
-    cases.sort();
-    cases
-}
-
-/// The config a case runs with: the harness defaults, then the case's `config.yaml`.
-fn case_config(case: &Path, snapshot: &Snapshot) -> ProxyConfig {
-    let mut config = ProxyConfig::new(DEFAULT_NODE_NAME);
-    config.cluster_cidrs =
-        nftproxy_model::config::parse_cidr_list("clusterCIDR", DEFAULT_CLUSTER_CIDRS)
-            .expect("default CIDRs parse");
-    if let Ok(text) = fs::read_to_string(case.join("config.yaml")) {
-        let file = KubeProxyConfiguration::parse(&text)
-            .unwrap_or_else(|e| panic!("{}: {e}", case.display()));
-        config
-            .apply_file(&file)
-            .unwrap_or_else(|e| panic!("{}: {e}", case.display()));
-    }
-    let has_node = snapshot
-        .nodes
-        .iter()
-        .any(|n| n.metadata.name.as_deref() == Some(config.node_name.as_str()));
-    if config.node_ips.is_empty() && !has_node {
-        config
-            .node_ips
-            .push(DEFAULT_NODE_IP.parse().expect("literal"));
-    }
-    config
-}
+use nftproxy_testkit::{build_case, golden_cases as cases, kernel_available};
 
 struct Rendered {
     ip: String,
@@ -62,33 +19,15 @@ struct Rendered {
 }
 
 fn render_case(case: &Path, reverse_input: bool) -> Rendered {
-    let text = fs::read_to_string(case.join("input.yaml")).expect("input.yaml readable");
-    let mut snapshot = Snapshot::default();
-    let mut diagnostics = snapshot
-        .add_manifest("input.yaml", &text)
-        .unwrap_or_else(|e| panic!("{}: {e}", case.display()));
-    if reverse_input {
-        snapshot.services.reverse();
-        snapshot.endpoint_slices.reverse();
-        snapshot.nodes.reverse();
-        snapshot.service_cidrs.reverse();
-    }
-    let config = case_config(case, &snapshot);
-    let built = build(&snapshot, &config);
-    diagnostics.extend(built.diagnostics.iter().cloned());
-    diagnostics.sort();
-    let warnings: String = diagnostics
-        .iter()
-        .filter(|d| d.severity == Severity::Invalid)
-        .map(|d| format!("{d}\n"))
-        .collect();
+    let built = build_case(case, reverse_input);
     Rendered {
-        ip: render(&built.ipv4).to_string(),
+        ip: render(&built.build.ipv4).to_string(),
         ip6: built
+            .build
             .ipv6
             .is_active()
-            .then(|| render(&built.ipv6).to_string()),
-        warnings,
+            .then(|| render(&built.build.ipv6).to_string()),
+        warnings: built.warnings,
     }
 }
 
@@ -187,35 +126,10 @@ fn rendering_twice_gives_the_same_bytes() {
     }
 }
 
-fn is_root() -> bool {
-    fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
 /// The kernel is the judge of whether a golden file is a loadable ruleset.
 #[test]
 fn golden_files_are_accepted_by_nft_check() {
-    let nft_present = Command::new("nft")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !nft_present || !is_root() {
-        let reason = if nft_present {
-            "not root"
-        } else {
-            "nft is not installed"
-        };
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must run the nft -c check, but {reason}"
-        );
-        eprintln!("skipping nft -c check of golden files: {reason}");
+    if !kernel_available("golden_files_are_accepted_by_nft_check") {
         return;
     }
     let mut checked = 0;

@@ -62,10 +62,7 @@ pub fn build_case(case: &Path, reverse_input: bool) -> BuiltCase {
         snapshot.nodes.reverse();
         snapshot.service_cidrs.reverse();
     }
-    let mut config = ProxyConfig::new(DEFAULT_NODE_NAME);
-    config.cluster_cidrs =
-        nftproxy_model::config::parse_cidr_list("clusterCIDR", DEFAULT_CLUSTER_CIDRS)
-            .expect("default CIDRs parse");
+    let mut config = default_config();
     if let Ok(text) = fs::read_to_string(case.join("config.yaml")) {
         let file = KubeProxyConfiguration::parse(&text)
             .unwrap_or_else(|e| panic!("{}: {e}", case.display()));
@@ -94,6 +91,29 @@ pub fn build_case(case: &Path, reverse_input: bool) -> BuiltCase {
         build: built,
         warnings,
     }
+}
+
+/// The golden defaults before a case's own config: node name and cluster CIDRs.
+fn default_config() -> ProxyConfig {
+    let mut config = ProxyConfig::new(DEFAULT_NODE_NAME);
+    config.cluster_cidrs =
+        nftproxy_model::config::parse_cidr_list("clusterCIDR", DEFAULT_CLUSTER_CIDRS)
+            .expect("default CIDRs parse");
+    config
+}
+
+/// The tables for a YAML manifest under the golden defaults (node `test-node`,
+/// `192.168.0.2`, cluster CIDRs `10.0.0.0/8,fd00:10::/64`).
+pub fn tables_from_yaml(yaml: &str) -> Vec<nftproxy_nft::Table> {
+    let mut snapshot = Snapshot::default();
+    snapshot
+        .add_manifest("inline.yaml", yaml)
+        .expect("valid YAML");
+    let mut config = default_config();
+    config
+        .node_ips
+        .push(DEFAULT_NODE_IP.parse().expect("literal"));
+    nftproxy_render::render_all(&build(&snapshot, &config))
 }
 
 /// The rendered tables of every golden case: `(case, table)` for IPv4 and, where the

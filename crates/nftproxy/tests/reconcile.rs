@@ -1,0 +1,203 @@
+//! The reconciler and the binary's modes against the real kernel, each in a fresh
+//! network namespace: a refused transaction keeps the old rules and the next sync repairs
+//! the table; a restart sends nothing when nothing changed; the long-running file mode
+//! follows edits and leaves the rules in place on SIGTERM.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nftproxy_netlink::NetlinkBackend;
+use nftproxy_netlink::netns::in_new_netns;
+use nftproxy_nft::{Backend, Family};
+use nftproxy_proxier::{Reconciler, ReconcilerOptions, SyncError};
+use nftproxy_testkit::{kernel_available, repo_root, tables_from_yaml};
+
+fn service(name: &str, ip: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: ns}}\n\
+         spec: {{clusterIP: {ip}, ports: [{{name: p, port: 80}}]}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: {name}-1, namespace: ns, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+         addressType: IPv4\nports: [{{name: p, port: 80}}]\nendpoints: [{{addresses: [10.180.0.1]}}]\n"
+    )
+}
+
+/// A child process killed when dropped, so a failing test leaves nothing running.
+struct Daemon(std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn nft(args: &[&str]) -> String {
+    let output = Command::new("nft").args(args).output().expect("nft runs");
+    assert!(
+        output.status.success(),
+        "nft {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn a_refused_sync_keeps_the_old_rules_and_the_next_one_repairs() {
+    if !kernel_available("a_refused_sync_keeps_the_old_rules_and_the_next_one_repairs") {
+        return;
+    }
+    let before = tables_from_yaml(&service("a", "172.30.0.1"));
+    let after = tables_from_yaml(&format!(
+        "{}---\n{}",
+        service("a", "172.30.0.1"),
+        service("b", "172.30.0.2")
+    ));
+    let new_chain = after[0]
+        .chains
+        .keys()
+        .find(|c| !before[0].chains.contains_key(*c))
+        .expect("b has a chain")
+        .clone();
+    in_new_netns(move || {
+        let options = ReconcilerOptions::default();
+        let mut reconciler =
+            Reconciler::new(NetlinkBackend::open().expect("socket"), "nftproxy", options);
+        reconciler.sync(&before).expect("first sync");
+        // Someone else creates a filter base chain under the name b's chain will have:
+        // the DNAT rules nftproxy adds to it are refused by the kernel.
+        let spec = "{ type filter hook input priority 0; policy accept; }";
+        nft(&["add", "chain", "ip", "nftproxy", &new_chain, spec]);
+        let listing = nft(&["list", "ruleset"]);
+        let error = reconciler
+            .sync(&after)
+            .expect_err("the kernel refuses DNAT in a filter chain");
+        assert!(matches!(error, SyncError::Apply { .. }), "{error}");
+        assert!(error.to_string().contains("EOPNOTSUPP"), "{error}");
+        assert_eq!(
+            nft(&["list", "ruleset"]),
+            listing,
+            "a refused transaction changed the kernel"
+        );
+        // The next sync reads the kernel again, replaces the foreign chain, and succeeds.
+        let report = reconciler.sync(&after).expect("repairing sync");
+        assert!(report.read_back);
+        let mut backend = NetlinkBackend::open().expect("socket");
+        assert_eq!(
+            backend.list(Family::Ip, "nftproxy").expect("list").as_ref(),
+            Some(&after[0])
+        );
+    })
+    .expect("new network namespace");
+}
+
+fn nftproxy(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_nftproxy"))
+        .args(args)
+        .current_dir(repo_root())
+        .output()
+        .expect("nftproxy runs")
+}
+
+const SEED: [&str; 8] = [
+    "--manifests",
+    "examples/seed/",
+    "--node-name",
+    "node-a",
+    "--node-ip",
+    "192.168.50.10",
+    "--cluster-cidr",
+    "10.244.0.0/16",
+];
+
+#[test]
+fn a_restart_reads_the_kernel_and_sends_nothing_new() {
+    if !kernel_available("a_restart_reads_the_kernel_and_sends_nothing_new") {
+        return;
+    }
+    let (first, second, listing_before, listing_after) = in_new_netns(|| {
+        let first = nftproxy(&[&["--once"][..], &SEED[..]].concat());
+        let listing_before = nft(&["list", "ruleset"]);
+        let second = nftproxy(&[&["--once"][..], &SEED[..]].concat());
+        (first, second, listing_before, nft(&["list", "ruleset"]))
+    })
+    .expect("new network namespace");
+    let (first, second) = (
+        String::from_utf8_lossy(&first.stderr).into_owned(),
+        String::from_utf8_lossy(&second.stderr).into_owned(),
+    );
+    assert!(first.contains("operations=72"), "{first}");
+    assert!(second.contains("operations=0"), "{second}");
+    assert_eq!(listing_before, listing_after);
+}
+
+fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn file_mode_follows_edits_and_leaves_the_rules_on_sigterm() {
+    if !kernel_available("file_mode_follows_edits_and_leaves_the_rules_on_sigterm") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("nftproxy-watch-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    std::fs::write(dir.join("a.yaml"), service("a", "172.30.0.1")).expect("write");
+    std::fs::write(dir.join("b.yaml"), service("b", "172.30.0.2")).expect("write");
+    let watched = dir.clone();
+    let status = in_new_netns(move || {
+        let mut daemon = Daemon(
+            Command::new(env!("CARGO_BIN_EXE_nftproxy"))
+                .args([
+                    "--node-name",
+                    "test-node",
+                    "--min-sync-period",
+                    "200ms",
+                    "--manifests",
+                ])
+                .arg(&watched)
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("nftproxy starts"),
+        );
+        let services = || {
+            Command::new("nft")
+                .args(["list", "map", "ip", "nftproxy", "service-ips"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default()
+        };
+        wait_for("the first sync", || {
+            services().contains("172.30.0.2 . tcp . 80")
+        });
+        std::fs::remove_file(watched.join("b.yaml")).expect("remove");
+        wait_for("service b to go", || {
+            let now = services();
+            now.contains("172.30.0.1 . tcp . 80") && !now.contains("172.30.0.2")
+        });
+        std::fs::write(watched.join("c.yaml"), service("c", "172.30.0.3")).expect("write");
+        wait_for("service c to come", || {
+            services().contains("172.30.0.3 . tcp . 80")
+        });
+        let pid = daemon.0.id().to_string();
+        let term = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill");
+        assert!(term.success());
+        let status = daemon.0.wait().expect("nftproxy exits");
+        assert!(
+            services().contains("172.30.0.3 . tcp . 80"),
+            "rules are left in place"
+        );
+        status
+    })
+    .expect("new network namespace");
+    let _ = std::fs::remove_dir_all(Path::new(&dir));
+    assert!(status.success(), "{status}");
+}
