@@ -2,25 +2,33 @@
 # The main job on the bundled example manifests (examples/seed/: the redis ClusterIP,
 # counter-np NodePort 31000 and counter-lb LoadBalancer from the user's notes):
 #  1. prints the ruleset nftproxy generates for node-a (--dry-run);
-#  2. as root, loads that exact text into a scratch network namespace and lists what the
-#     kernel holds. The namespace is deleted afterwards; the host's ruleset is untouched.
+#  2. as root, in a scratch network namespace (deleted afterwards; the host's ruleset is
+#     never touched): programs it with `nftproxy --once` over netlink, lists what the
+#     kernel holds, shows that a second run has nothing to do (--dry-run --diff), and
+#     removes it again (--cleanup).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 hack/install-deps.sh
 cargo build --release --locked -p nftproxy
-bin=target/release/nftproxy
+bin=$PWD/target/release/nftproxy
 flags=(--manifests examples/seed/ --node-name node-a --node-ip 192.168.50.10 --cluster-cidr 10.244.0.0/16)
 
 echo "### nftproxy --dry-run ${flags[*]}"
-out=$(mktemp)
-trap 'rm -f "$out"' EXIT
-"$bin" --dry-run "${flags[@]}" | tee "$out"
+"$bin" --dry-run "${flags[@]}"
 
 if [ "$(id -u)" -ne 0 ]; then
-  echo "### not root: skipping the load into a scratch network namespace" >&2
+  echo "### not root: skipping the one-shot program into a scratch network namespace" >&2
   exit 0
 fi
 echo
-echo "### loaded into a scratch network namespace; nft list table ip nftproxy:"
-unshare --net sh -c "nft -f '$out' && nft list table ip nftproxy"
+echo "### in a scratch network namespace: nftproxy --once, then nft list table ip nftproxy"
+unshare --net bash -euo pipefail -c '
+  "$0" --once "${@}"
+  nft list table ip nftproxy
+  echo "### nftproxy --dry-run --diff (the kernel already matches):"
+  "$0" --dry-run --diff "${@}"
+  echo "### nftproxy --cleanup"
+  "$0" --cleanup
+  echo "tables left: $(nft list tables | wc -l)"
+' "$bin" "${flags[@]}"
