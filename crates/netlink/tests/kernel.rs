@@ -2,13 +2,12 @@
 //! every golden table programmed, read back and listed by `nft`; diffs between golden
 //! tables applied; failures rolled back and attributed to their operation.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use nftproxy_netlink::netns::in_new_netns;
 use nftproxy_netlink::{Error, NetlinkBackend};
 use nftproxy_nft::{Backend, Chain, Family, Op, Rule, Stmt, Table, Transaction, diff};
-use nftproxy_testkit::{golden_tables, kernel_available, normalise_listing};
+use nftproxy_testkit::{golden_tables, kernel_available, normalise_listing, run_ok};
 
 /// `nft list ruleset` in the calling thread's namespace.
 fn nft_list() -> String {
@@ -26,24 +25,7 @@ fn nft_list() -> String {
 
 /// `nft -f -` of `text`, then `nft list ruleset`, in the calling thread's namespace.
 fn nft_load_and_list(text: &str) -> String {
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("nft runs");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(text.as_bytes())
-        .expect("write");
-    let output = child.wait_with_output().expect("nft finishes");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    run_ok(Command::new("nft").args(["-f", "-"]), text);
     nft_list()
 }
 
@@ -187,28 +169,13 @@ fn deleting_the_table_removes_everything() {
 
 /// Rules' bytecode as `nft --debug=netlink` prints it for a ruleset text, in order.
 fn nft_bytecode(text: &str) -> Vec<Vec<String>> {
-    let mut child = Command::new("unshare")
-        .args(["--net", "nft", "--debug=netlink", "-c", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("nft runs");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(text.as_bytes())
-        .expect("write");
-    let output = child.wait_with_output().expect("nft finishes");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+    let stdout = run_ok(
+        Command::new("unshare").args(["--net", "nft", "--debug=netlink", "-c", "-f", "-"]),
+        text,
     );
     let mut rules: Vec<Vec<String>> = Vec::new();
     let mut in_rule = false;
-    for line in String::from_utf8_lossy(&output.stdout).lines() {
+    for line in stdout.lines() {
         if line.starts_with("ip nftproxy ") || line.starts_with("ip6 nftproxy ") {
             rules.push(Vec::new());
             in_rule = true;

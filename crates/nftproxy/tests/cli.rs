@@ -1,29 +1,18 @@
 //! The command line as users run it: `--dry-run` on the seed examples, stdin, config
 //! files, and the exit codes and messages for bad flags and bad input.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use nftproxy_testkit::{repo_root, run_with_input};
 
 fn nftproxy(args: &[&str], stdin: Option<&str>) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_nftproxy"))
-        .args(args)
-        .current_dir(repo())
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("nftproxy starts");
-    let mut pipe = child.stdin.take().expect("stdin piped");
-    pipe.write_all(stdin.unwrap_or_default().as_bytes())
-        .expect("stdin writable");
-    drop(pipe);
-    child.wait_with_output().expect("nftproxy finishes")
+    run_with_input(
+        Command::new(env!("CARGO_BIN_EXE_nftproxy"))
+            .args(args)
+            .current_dir(repo_root())
+            .env_remove("RUST_LOG"),
+        stdin.unwrap_or_default(),
+    )
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -47,16 +36,17 @@ fn seed_dry_run_prints_the_golden_ruleset() {
     let output = nftproxy(&SEED_FLAGS, None);
     assert!(output.status.success(), "{}", text(&output.stderr));
     let expected =
-        std::fs::read_to_string(repo().join("rules-golden/seed/ip.nft")).expect("golden file");
+        std::fs::read_to_string(repo_root().join("rules-golden/seed/ip.nft")).expect("golden file");
     assert_eq!(text(&output.stdout), expected);
     assert_eq!(text(&output.stderr), "", "the seed manifests are valid");
 }
 
 #[test]
 fn manifests_can_come_from_stdin_and_a_config_file() {
-    let manifest = std::fs::read_to_string(repo().join("rules-golden/masquerade-bit/input.yaml"))
-        .expect("input");
-    let config = repo().join("rules-golden/masquerade-bit/config.yaml");
+    let manifest =
+        std::fs::read_to_string(repo_root().join("rules-golden/masquerade-bit/input.yaml"))
+            .expect("input");
+    let config = repo_root().join("rules-golden/masquerade-bit/config.yaml");
     let config = config.to_str().expect("utf-8 path");
     let output = nftproxy(
         &[
@@ -75,7 +65,7 @@ fn manifests_can_come_from_stdin_and_a_config_file() {
         Some(&manifest),
     );
     assert!(output.status.success(), "{}", text(&output.stderr));
-    let expected = std::fs::read_to_string(repo().join("rules-golden/masquerade-bit/ip.nft"))
+    let expected = std::fs::read_to_string(repo_root().join("rules-golden/masquerade-bit/ip.nft"))
         .expect("golden file");
     assert_eq!(text(&output.stdout), expected);
 
@@ -184,8 +174,8 @@ fn a_bad_object_is_named_and_the_rest_still_printed() {
 
 #[test]
 fn ipv6_input_adds_the_ip6_table() {
-    let manifest =
-        std::fs::read_to_string(repo().join("rules-golden/dualstack/input.yaml")).expect("input");
+    let manifest = std::fs::read_to_string(repo_root().join("rules-golden/dualstack/input.yaml"))
+        .expect("input");
     let output = nftproxy(
         &[
             "--dry-run",
@@ -200,8 +190,9 @@ fn ipv6_input_adds_the_ip6_table() {
     );
     assert!(output.status.success(), "{}", text(&output.stderr));
     let expected = [
-        std::fs::read_to_string(repo().join("rules-golden/dualstack/ip.nft")).expect("golden"),
-        std::fs::read_to_string(repo().join("rules-golden/dualstack/ip6.nft")).expect("golden"),
+        std::fs::read_to_string(repo_root().join("rules-golden/dualstack/ip.nft")).expect("golden"),
+        std::fs::read_to_string(repo_root().join("rules-golden/dualstack/ip6.nft"))
+            .expect("golden"),
     ]
     .join("\n");
     assert_eq!(text(&output.stdout), expected);

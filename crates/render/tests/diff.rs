@@ -1,11 +1,10 @@
 //! `diff` over real rendered tables: every pair of golden cases, in memory, and a chain of
 //! them through the kernel (`nft -f` of the diff's text in a scratch network namespace).
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use nftproxy_nft::{Family, Table, diff};
-use nftproxy_testkit::{golden_tables, kernel_available, normalise_listing};
+use nftproxy_testkit::{golden_tables, kernel_available, normalise_listing, run_ok};
 
 fn ipv4_tables() -> Vec<(String, Table)> {
     golden_tables()
@@ -36,26 +35,10 @@ fn diff_between_any_two_cases_reaches_the_target() {
 
 /// Runs `script` (shell) in a fresh network namespace and returns its stdout.
 fn in_netns(script: &str, stdin: &str) -> String {
-    let mut child = Command::new("unshare")
-        .args(["--net", "sh", "-ec", script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("unshare runs");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(stdin.as_bytes())
-        .expect("write");
-    let output = child.wait_with_output().expect("wait");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
+    run_ok(
+        Command::new("unshare").args(["--net", "sh", "-ec", script]),
+        stdin,
+    )
 }
 
 #[test]

@@ -176,6 +176,38 @@ pub fn normalise_listing(listing: &str) -> String {
     blocks.join("\n")
 }
 
+/// Runs `command` with `input` on its standard input and returns what it printed.
+pub fn run_with_input(command: &mut Command, input: &str) -> std::process::Output {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("command starts");
+    child
+        .stdin
+        .take()
+        .expect("stdin is piped")
+        .write_all(input.as_bytes())
+        .expect("stdin writable");
+    child.wait_with_output().expect("command finishes")
+}
+
+/// Like [`run_with_input`], failing the test with the command's stderr unless it
+/// succeeds; returns its stdout.
+pub fn run_ok(command: &mut Command, input: &str) -> String {
+    let output = run_with_input(command, input);
+    assert!(
+        output.status.success(),
+        "{:?}: {}",
+        command,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 /// Whether kernel tests can run (root and the `nft` tool). Without them a test prints
 /// why it skips; under `CI`, where both must exist, it fails instead.
 pub fn kernel_available(test: &str) -> bool {
