@@ -48,11 +48,13 @@ impl Snapshot {
         text: &str,
     ) -> Result<Vec<Diagnostic>, ManifestError> {
         let documents: Vec<Value> =
-            serde_saphyr::from_multiple(text).map_err(|error| ManifestError {
-                source_name: source_name.to_owned(),
-                line: error.location().map(|l| l.line()).unwrap_or(0),
-                column: error.location().map(|l| l.column()).unwrap_or(0),
-                message: parser_message(&error.to_string()),
+            serde_saphyr::from_multiple_with_options(text, parser_options()).map_err(|error| {
+                ManifestError {
+                    source_name: source_name.to_owned(),
+                    line: error.location().map(|l| l.line()).unwrap_or(0),
+                    column: error.location().map(|l| l.column()).unwrap_or(0),
+                    message: parser_message(&error.to_string()),
+                }
             })?;
         let mut diagnostics = Vec::new();
         for document in documents {
@@ -92,6 +94,21 @@ impl Snapshot {
             diagnostics.push(Diagnostic::invalid(&object, reason));
         }
     }
+}
+
+/// The YAML parser's limits: the defaults guard against hostile input (alias bombs,
+/// deep nesting) but cap a file at 1,024 documents and 250,000 nodes, far below a large
+/// cluster's `kubectl get -o yaml` dump. Those size limits are raised; the others stay.
+fn parser_options() -> serde_saphyr::Options {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_documents = 10_000_000;
+    budget.max_nodes = 200_000_000;
+    budget.max_events = 400_000_000;
+    budget.max_total_scalar_bytes = 1 << 30;
+    budget.max_reader_input_bytes = Some(1 << 30);
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    options
 }
 
 fn decode<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, String> {
@@ -155,6 +172,16 @@ mod tests {
                 .to_string()
                 .starts_with("Service ns/bad: cannot decode")
         );
+    }
+
+    #[test]
+    fn large_dumps_are_read() {
+        let document = "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: ns}\n";
+        let text = vec![document; 5_000].join("---\n");
+        let mut snapshot = Snapshot::default();
+        let diagnostics = snapshot.add_manifest("big.yaml", &text).unwrap();
+        assert!(diagnostics.is_empty(), "{:?}", diagnostics.first());
+        assert_eq!(snapshot.services.len(), 5_000);
     }
 
     #[test]

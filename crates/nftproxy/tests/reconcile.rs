@@ -11,7 +11,7 @@ use nftproxy_netlink::NetlinkBackend;
 use nftproxy_netlink::netns::in_new_netns;
 use nftproxy_nft::{Backend, Family};
 use nftproxy_proxier::{Reconciler, ReconcilerOptions, SyncError};
-use nftproxy_testkit::{kernel_available, repo_root, tables_from_yaml};
+use nftproxy_testkit::{kernel_available, normalise_listing, repo_root, run_ok, tables_from_yaml};
 
 fn service(name: &str, ip: &str) -> String {
     format!(
@@ -112,24 +112,73 @@ const SEED: [&str; 8] = [
 ];
 
 #[test]
-fn a_restart_reads_the_kernel_and_sends_nothing_new() {
-    if !kernel_available("a_restart_reads_the_kernel_and_sends_nothing_new") {
+fn once_matches_the_dry_run_restarts_send_nothing_and_other_tables_are_untouched() {
+    let test = "once_matches_the_dry_run_restarts_send_nothing_and_other_tables_are_untouched";
+    if !kernel_available(test) {
         return;
     }
-    let (first, second, listing_before, listing_after) = in_new_netns(|| {
-        let first = nftproxy(&[&["--once"][..], &SEED[..]].concat());
-        let listing_before = nft(&["list", "ruleset"]);
-        let second = nftproxy(&[&["--once"][..], &SEED[..]].concat());
-        (first, second, listing_before, nft(&["list", "ruleset"]))
+    let dry_run = nftproxy(&[&["--dry-run"][..], &SEED[..]].concat());
+    assert!(dry_run.status.success());
+    let dry_run = String::from_utf8_lossy(&dry_run.stdout).into_owned();
+    let reference = in_new_netns(move || {
+        run_ok(Command::new("nft").args(["-f", "-"]), &dry_run);
+        nft(&["list", "table", "ip", "nftproxy"])
     })
     .expect("new network namespace");
-    let (first, second) = (
-        String::from_utf8_lossy(&first.stderr).into_owned(),
-        String::from_utf8_lossy(&second.stderr).into_owned(),
+    let (first, second, listing, other, cleaned) = in_new_netns(|| {
+        // Someone else's table, which nftproxy must neither read nor change.
+        nft(&["add", "table", "ip", "other"]);
+        nft(&[
+            "add",
+            "chain",
+            "ip",
+            "other",
+            "c",
+            "{ type filter hook input priority 0; policy accept; }",
+        ]);
+        nft(&[
+            "add", "rule", "ip", "other", "c", "tcp", "dport", "22", "accept",
+        ]);
+        let other_before = nft(&["list", "table", "ip", "other"]);
+        let first = nftproxy(&[&["--once"][..], &SEED[..]].concat());
+        let listing = nft(&["list", "table", "ip", "nftproxy"]);
+        let second = nftproxy(&[&["--once"][..], &SEED[..]].concat());
+        assert_eq!(
+            nft(&["list", "table", "ip", "nftproxy"]),
+            listing,
+            "a restart changed the rules"
+        );
+        let cleanup = nftproxy(&["--cleanup"]);
+        assert!(cleanup.status.success());
+        let other_after = nft(&["list", "table", "ip", "other"]);
+        assert_eq!(other_before, other_after, "another table was touched");
+        (
+            first,
+            second,
+            listing,
+            other_after,
+            nft(&["list", "tables"]),
+        )
+    })
+    .expect("new network namespace");
+    let stderr = |o: &Output| String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(
+        first.status.success() && stderr(&first).contains("operations=72"),
+        "{}",
+        stderr(&first)
     );
-    assert!(first.contains("operations=72"), "{first}");
-    assert!(second.contains("operations=0"), "{second}");
-    assert_eq!(listing_before, listing_after);
+    assert!(
+        second.status.success() && stderr(&second).contains("operations=0"),
+        "{}",
+        stderr(&second)
+    );
+    assert_eq!(normalise_listing(&listing), normalise_listing(&reference));
+    assert!(other.contains("tcp dport 22 accept"));
+    assert_eq!(
+        cleaned.trim(),
+        "table ip other",
+        "--cleanup removes only nftproxy's tables"
+    );
 }
 
 fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
