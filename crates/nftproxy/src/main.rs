@@ -131,7 +131,7 @@ fn run(args: &Args) -> Result<(), Failure> {
     let backend = NetlinkBackend::open().map_err(error)?;
     let mut reconciler = Reconciler::new(backend, TABLE_NAME, reconciler_options());
     if args.dry_run {
-        let plans = reconciler.plans(&desired).map_err(error)?;
+        let plans = reconciler.plans(&desired);
         let mut empty = true;
         for plan in plans.iter().filter(|p| !p.is_empty()) {
             empty = false;

@@ -250,3 +250,28 @@ fn file_mode_follows_edits_and_leaves_the_rules_on_sigterm() {
     let _ = std::fs::remove_dir_all(Path::new(&dir));
     assert!(status.success(), "{status}");
 }
+
+#[test]
+fn a_table_with_foreign_rules_is_replaced_whole() {
+    if !kernel_available("a_table_with_foreign_rules_is_replaced_whole") {
+        return;
+    }
+    let (repaired, listing, clean) = in_new_netns(|| {
+        assert!(
+            nftproxy(&[&["--once"][..], &SEED[..]].concat())
+                .status
+                .success()
+        );
+        let clean = nft(&["list", "table", "ip", "nftproxy"]);
+        // Something nftproxy never writes: it cannot read the table back.
+        nft(&["add", "rule", "ip", "nftproxy", "services", "counter"]);
+        let repaired = nftproxy(&[&["--once"][..], &SEED[..]].concat());
+        (repaired, nft(&["list", "table", "ip", "nftproxy"]), clean)
+    })
+    .expect("new network namespace");
+    let stderr = String::from_utf8_lossy(&repaired.stderr);
+    assert!(repaired.status.success(), "{stderr}");
+    assert!(stderr.contains("replaced whole"), "{stderr}");
+    assert!(!listing.contains("counter packets"), "{listing}");
+    assert_eq!(normalise_listing(&listing), normalise_listing(&clean));
+}

@@ -13,16 +13,6 @@ use tracing::{debug, info, warn};
 /// Why a sync did not complete.
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError<E: std::error::Error + 'static> {
-    /// Reading the current table failed.
-    #[error("reading table {family} {table}: {source}")]
-    List {
-        /// Family.
-        family: Family,
-        /// Table.
-        table: String,
-        /// Cause.
-        source: E,
-    },
     /// The kernel refused the transaction; nothing changed.
     #[error("programming table {family} {table} ({operations} operations): {source}")]
     Apply {
@@ -63,6 +53,9 @@ pub struct Reconciler<B: Backend> {
     table: String,
     options: ReconcilerOptions,
     applied: BTreeMap<Family, Option<Table>>,
+    /// Families whose table could not be read back (it holds something nftproxy did not
+    /// write): the next transaction replaces the whole table.
+    unreadable: Vec<Family>,
     known: bool,
 }
 
@@ -76,6 +69,7 @@ impl<B: Backend> Reconciler<B> {
             table: table.into(),
             options,
             applied: BTreeMap::new(),
+            unreadable: Vec::new(),
             known: false,
         }
     }
@@ -95,25 +89,39 @@ impl<B: Backend> Reconciler<B> {
         self.known = false;
     }
 
-    fn read_back(&mut self) -> Result<(), SyncError<B::Error>> {
+    /// Reads the kernel's tables. A table that cannot be read is not fatal: it is ours,
+    /// so it is replaced as a whole by the next transaction.
+    fn read_back(&mut self) {
+        self.unreadable.clear();
         for family in FAMILIES {
-            let table =
-                self.backend
-                    .list(family, &self.table)
-                    .map_err(|source| SyncError::List {
-                        family,
-                        table: self.table.clone(),
-                        source,
-                    })?;
-            self.applied.insert(family, table);
+            match self.backend.list(family, &self.table) {
+                Ok(table) => {
+                    self.applied.insert(family, table);
+                }
+                Err(error) => {
+                    warn!(%family, %error, "cannot read table back; it will be replaced whole");
+                    self.applied.insert(family, None);
+                    self.unreadable.push(family);
+                }
+            }
         }
         self.known = true;
-        Ok(())
     }
 
     /// The transactions that bring one family from `current` to `desired`: the diff,
     /// with deletes of still-referenced chains held back when the kernel needs that.
     pub fn plan(&self, family: Family, desired: Option<&Table>) -> Transaction {
+        if self.unreadable.contains(&family) {
+            // Add-then-delete removes the table whether or not it exists, in the same
+            // atomic transaction that writes the new one.
+            let mut tx = Transaction::new(family, self.table.clone());
+            tx.ops.push(Op::AddTable { comment: None });
+            tx.ops.push(Op::DeleteTable);
+            if let Some(desired) = desired {
+                tx.ops.extend(Transaction::create(desired).ops);
+            }
+            return tx;
+        }
         let current = self.applied(family);
         let mut tx = match desired {
             Some(desired) => diff(current, desired),
@@ -137,14 +145,14 @@ impl<B: Backend> Reconciler<B> {
 
     /// The transactions a sync would send now, without sending them (reads the kernel
     /// first when the applied state is not known).
-    pub fn plans(&mut self, desired: &[Table]) -> Result<Vec<Transaction>, SyncError<B::Error>> {
+    pub fn plans(&mut self, desired: &[Table]) -> Vec<Transaction> {
         if !self.known {
-            self.read_back()?;
+            self.read_back();
         }
-        Ok(FAMILIES
+        FAMILIES
             .iter()
             .map(|family| self.plan(*family, desired.iter().find(|t| t.family == *family)))
-            .collect())
+            .collect()
     }
 
     /// Brings the kernel to `desired` (at most one table per family; a family without a
@@ -152,7 +160,7 @@ impl<B: Backend> Reconciler<B> {
     pub fn sync(&mut self, desired: &[Table]) -> Result<SyncReport, SyncError<B::Error>> {
         let mut report = SyncReport::default();
         if !self.known {
-            self.read_back()?;
+            self.read_back();
             report.read_back = true;
         }
         for family in FAMILIES {
@@ -173,6 +181,7 @@ impl<B: Backend> Reconciler<B> {
                     source,
                 });
             }
+            self.unreadable.retain(|f| *f != family);
             let before = self.applied.remove(&family).flatten();
             // The transaction was checked against the same model the kernel follows.
             match tx.apply_to(before) {
