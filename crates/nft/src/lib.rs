@@ -12,6 +12,7 @@ mod diff;
 mod expr;
 mod table;
 mod text;
+pub mod trace;
 mod transaction;
 mod types;
 
