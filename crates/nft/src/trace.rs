@@ -446,14 +446,27 @@ fn values(key: &Expr, state: &State) -> Option<Vec<Value>> {
     }
 }
 
-/// Outcomes grouped by what happens, with their probabilities added up: `(fate, dnat,
-/// masquerade) -> probability`, in a stable order.
-pub fn summarise(outcomes: &[Outcome]) -> BTreeMap<(Fate, Option<(IpAddr, u16)>, bool), f64> {
+/// What happens to a packet, whatever rules led there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Effect {
+    /// How it ends.
+    pub fate: Fate,
+    /// The destination after DNAT, when DNAT happened.
+    pub dnat: Option<(IpAddr, u16)>,
+    /// Whether the source is masqueraded.
+    pub masquerade: bool,
+}
+
+/// Outcomes grouped by effect, with their probabilities added up, in a stable order.
+pub fn summarise(outcomes: &[Outcome]) -> BTreeMap<Effect, f64> {
     let mut summary = BTreeMap::new();
     for outcome in outcomes {
-        *summary
-            .entry((outcome.fate, outcome.dnat, outcome.masquerade))
-            .or_insert(0.0) += outcome.probability;
+        let effect = Effect {
+            fate: outcome.fate,
+            dnat: outcome.dnat,
+            masquerade: outcome.masquerade,
+        };
+        *summary.entry(effect).or_insert(0.0) += outcome.probability;
     }
     summary
 }
@@ -466,15 +479,15 @@ pub fn describe(outcomes: &[Outcome]) -> String {
     let whole = summary.len() == 1;
     summary
         .iter()
-        .map(|((fate, dnat, masquerade), probability)| {
-            let mut text = match (fate, dnat) {
+        .map(|(effect, probability)| {
+            let mut text = match (effect.fate, effect.dnat) {
                 (Fate::Accepted, Some((IpAddr::V4(ip), port))) => format!("dnat {ip}:{port}"),
                 (Fate::Accepted, Some((IpAddr::V6(ip), port))) => format!("dnat [{ip}]:{port}"),
                 (Fate::Accepted, None) => "accept".to_owned(),
                 (Fate::Dropped, _) => "drop".to_owned(),
                 (Fate::Rejected, _) => "reject".to_owned(),
             };
-            if *masquerade {
+            if effect.masquerade {
                 text.push_str(" masquerade");
             }
             if !whole {
