@@ -252,6 +252,8 @@ impl Tracer<'_> {
         let mut done = Vec::new();
         while let Some((mut state, at)) = branches.pop() {
             let Some(stmt) = rule.stmts.get(at) else {
+                // Every statement passed without ending the chain: the rule matched.
+                record(&mut state, hook, chain, index, rule);
                 done.push((state, Flow::Continue));
                 continue;
             };
@@ -276,12 +278,6 @@ impl Tracer<'_> {
                     record(&mut state, hook, chain, index, rule);
                     done.push((state, Flow::End(end)));
                 }
-            }
-        }
-        // A rule whose statements all passed without a verdict matched too.
-        for (state, flow) in &mut done {
-            if *flow == Flow::Continue {
-                record(state, hook, chain, index, rule);
             }
         }
         done

@@ -17,6 +17,9 @@ use nftproxy_model::{
 #[derive(Debug, Parser)]
 #[command(name = "nftproxy", version, about)]
 pub struct Args {
+    /// A subcommand instead of a proxy mode.
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// Print the ruleset nftproxy would program, in `nft -f` syntax, and exit.
     #[arg(long)]
     pub dry_run: bool,
@@ -30,41 +33,46 @@ pub struct Args {
     #[arg(long, requires = "dry_run")]
     pub diff: bool,
     /// Manifest files or directories (*.yaml, *.yml, *.json), or `-` for standard input.
-    #[arg(long, num_args = 1.., value_name = "PATH")]
+    #[arg(long, num_args = 1.., value_name = "PATH", global = true)]
     pub manifests: Vec<PathBuf>,
     /// A KubeProxyConfiguration file.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", global = true)]
     pub config: Option<PathBuf>,
     /// This node's name (default: the host name).
-    #[arg(long, visible_alias = "hostname-override", value_name = "NAME")]
+    #[arg(
+        long,
+        visible_alias = "hostname-override",
+        value_name = "NAME",
+        global = true
+    )]
     pub node_name: Option<String>,
     /// A node IP; repeat for more (default: from the Node object).
-    #[arg(long, value_name = "IP", value_parser = ip_arg)]
+    #[arg(long, value_name = "IP", value_parser = ip_arg, global = true)]
     pub node_ip: Vec<IpAddr>,
     /// The cluster's pod CIDR(s); repeat or comma-separate for dual-stack.
-    #[arg(long, value_name = "CIDR", value_delimiter = ',', value_parser = cidr_arg)]
+    #[arg(long, value_name = "CIDR", value_delimiter = ',', value_parser = cidr_arg, global = true)]
     pub cluster_cidr: Vec<IpNet>,
     /// Service CIDR(s): unallocated addresses inside them are dropped.
-    #[arg(long, value_name = "CIDR", value_delimiter = ',', value_parser = cidr_arg)]
+    #[arg(long, value_name = "CIDR", value_delimiter = ',', value_parser = cidr_arg, global = true)]
     pub service_cidr: Vec<IpNet>,
     /// Where NodePorts are accepted: `primary` or CIDRs (`0.0.0.0/0` for all).
-    #[arg(long, value_name = "ADDR", value_delimiter = ',', value_parser = node_port_arg)]
+    #[arg(long, value_name = "ADDR", value_delimiter = ',', value_parser = node_port_arg, global = true)]
     pub nodeport_addresses: Vec<NodePortAddress>,
     /// Masquerade all traffic sent to ClusterIPs.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub masquerade_all: bool,
     /// The packet mark bit that requests masquerading (0-31).
-    #[arg(long, value_name = "BIT", value_parser = clap::value_parser!(u8).range(0..=31))]
+    #[arg(long, value_name = "BIT", value_parser = clap::value_parser!(u8).range(0..=31), global = true)]
     pub masquerade_bit: Option<u8>,
     /// How local pod traffic is recognised: ClusterCIDR, NodeCIDR, BridgeInterface,
     /// InterfaceNamePrefix.
-    #[arg(long, value_name = "MODE")]
+    #[arg(long, value_name = "MODE", global = true)]
     pub detect_local_mode: Option<String>,
     /// Bridge interface for --detect-local-mode=BridgeInterface.
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", global = true)]
     pub pod_bridge_interface: Option<String>,
     /// Interface prefix for --detect-local-mode=InterfaceNamePrefix.
-    #[arg(long, value_name = "PREFIX")]
+    #[arg(long, value_name = "PREFIX", global = true)]
     pub pod_interface_name_prefix: Option<String>,
     /// Longest time between syncs (Go duration, e.g. 30s).
     #[arg(long, value_name = "DURATION")]
@@ -79,8 +87,74 @@ pub struct Args {
     #[arg(long, value_name = "URL")]
     pub master: Option<String>,
     /// More log output (-v debug, -vv trace); RUST_LOG overrides.
-    #[arg(short, long, action = clap::ArgAction::Count)]
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
+}
+
+/// Subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Show which rules the first packet of a connection passes and where it ends up.
+    Explain(ExplainArgs),
+}
+
+/// `nftproxy explain`.
+#[derive(Debug, clap::Args)]
+pub struct ExplainArgs {
+    /// The packet's source address.
+    #[arg(long, value_name = "IP", value_parser = ip_arg)]
+    pub from: IpAddr,
+    /// The destination: ADDR:PORT/PROTO (IPv6 as [ADDR]:PORT/PROTO; PROTO tcp, udp, sctp).
+    #[arg(long, value_name = "ADDR:PORT/PROTO", value_parser = destination_arg)]
+    pub to: Destination,
+    /// The interface the packet arrives on (matters with interface-based detectLocalMode).
+    #[arg(long, value_name = "NAME", default_value = "eth0")]
+    pub iif: String,
+    /// Trace the rules in this network namespace's kernel instead of the manifests.
+    #[arg(long)]
+    pub live: bool,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
+    pub output: OutputFormat,
+}
+
+/// How `explain` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// For people.
+    Human,
+    /// For scripts.
+    Json,
+}
+
+/// A traced packet's destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Destination {
+    /// Address.
+    pub addr: IpAddr,
+    /// Port.
+    pub port: u16,
+    /// Protocol.
+    pub proto: nftproxy_nft::L4Proto,
+}
+
+fn destination_arg(text: &str) -> Result<Destination, String> {
+    let bad = || format!("{text:?} is not ADDR:PORT/PROTO, e.g. 10.96.0.10:53/udp");
+    let (address, proto) = text.rsplit_once('/').ok_or_else(bad)?;
+    let proto = match proto.to_ascii_lowercase().as_str() {
+        "tcp" => nftproxy_nft::L4Proto::Tcp,
+        "udp" => nftproxy_nft::L4Proto::Udp,
+        "sctp" => nftproxy_nft::L4Proto::Sctp,
+        _ => return Err(bad()),
+    };
+    let (addr, port) = address.rsplit_once(':').ok_or_else(bad)?;
+    let addr = parse_ip(addr.trim_start_matches('[').trim_end_matches(']')).map_err(|_| bad())?;
+    let port = port
+        .parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(bad)?;
+    Ok(Destination { addr, port, proto })
 }
 
 fn ip_arg(text: &str) -> Result<IpAddr, String> {

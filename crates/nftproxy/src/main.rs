@@ -6,13 +6,14 @@
 //! bad flags, 1 for errors).
 
 mod cli;
+mod explain;
 mod source;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use nftproxy_model::{KubeProxyConfiguration, ProxyConfig, Severity, build};
+use nftproxy_model::{Build, KubeProxyConfiguration, ProxyConfig, Severity, build};
 use nftproxy_netlink::NetlinkBackend;
 use nftproxy_nft::{Backend, Family, Op, Table, Transaction};
 use nftproxy_proxier::runner::{self, Input, Timing};
@@ -20,7 +21,7 @@ use nftproxy_proxier::{Reconciler, ReconcilerOptions};
 use nftproxy_render::TABLE_NAME;
 use tracing::{debug, info, warn};
 
-use crate::cli::Args;
+use crate::cli::{Args, Command};
 
 fn main() -> ExitCode {
     let args = match Args::try_parse() {
@@ -100,6 +101,16 @@ fn run(args: &Args) -> Result<(), Failure> {
     if args.cleanup {
         return cleanup();
     }
+    if let Some(Command::Explain(explain)) = &args.command {
+        let built = if args.manifests.is_empty() || explain.live {
+            None
+        } else {
+            Some(load_build(&args.manifests, &config).map_err(Failure::Error)?)
+        };
+        let text =
+            explain::run(explain, built.as_ref(), &config.node_ips).map_err(Failure::Error)?;
+        return emit(&text);
+    }
     if config.node_name.is_empty() {
         return Err(Failure::Usage("no node name: pass --node-name".to_owned()));
     }
@@ -124,23 +135,18 @@ fn run(args: &Args) -> Result<(), Failure> {
     let desired = load_tables(&args.manifests, &config).map_err(Failure::Error)?;
     if args.dry_run && !args.diff {
         let text: Vec<String> = desired.iter().map(ToString::to_string).collect();
-        print!("{}", text.join("\n"));
-        return Ok(());
+        return emit(&text.join("\n"));
     }
 
     let backend = NetlinkBackend::open().map_err(error)?;
     let mut reconciler = Reconciler::new(backend, TABLE_NAME, reconciler_options());
     if args.dry_run {
         let plans = reconciler.plans(&desired);
-        let mut empty = true;
-        for plan in plans.iter().filter(|p| !p.is_empty()) {
-            empty = false;
-            print!("{plan}");
+        let text: String = plans.iter().map(ToString::to_string).collect();
+        if text.is_empty() {
+            return emit("# the kernel already holds this ruleset: nothing to do\n");
         }
-        if empty {
-            println!("# the kernel already holds this ruleset: nothing to do");
-        }
-        return Ok(());
+        return emit(&text);
     }
     if args.once {
         let report = reconciler.sync(&desired).map_err(error)?;
@@ -154,8 +160,26 @@ fn run(args: &Args) -> Result<(), Failure> {
     watch_files(reconciler, args.manifests.clone(), config, desired)
 }
 
+/// Writes to standard output; a reader that went away (`| head`) is not an error.
+fn emit(text: &str) -> Result<(), Failure> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(error(e)),
+        _ => Ok(()),
+    }
+}
+
 /// Loads the manifests, builds the proxy state, logs what was left out, and renders.
 fn load_tables(paths: &[PathBuf], config: &ProxyConfig) -> Result<Vec<Table>, String> {
+    Ok(nftproxy_render::render_all(&load_build(paths, config)?))
+}
+
+/// Loads the manifests and builds the proxy state, logging what was left out.
+fn load_build(paths: &[PathBuf], config: &ProxyConfig) -> Result<Build, String> {
     let (snapshot, mut diagnostics) = source::load(paths).map_err(|e| e.to_string())?;
     let built = build(&snapshot, config);
     diagnostics.extend(built.diagnostics.iter().cloned());
@@ -166,7 +190,7 @@ fn load_tables(paths: &[PathBuf], config: &ProxyConfig) -> Result<Vec<Table>, St
             Severity::Ignored => debug!("ignoring {diagnostic}"),
         }
     }
-    Ok(nftproxy_render::render_all(&built))
+    Ok(built)
 }
 
 /// Before Linux 6.2 a chain cannot be deleted in the same transaction as the map

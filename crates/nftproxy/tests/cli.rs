@@ -197,3 +197,77 @@ fn ipv6_input_adds_the_ip6_table() {
     .join("\n");
     assert_eq!(text(&output.stdout), expected);
 }
+
+#[test]
+fn explain_traces_a_packet_through_the_seed_rules() {
+    let probe = ["--from", "203.0.113.9", "--to", "192.168.50.10:31000/tcp"];
+    let human = nftproxy(
+        &[&["explain"][..], &SEED_FLAGS[1..], &probe[..]].concat(),
+        None,
+    );
+    assert!(human.status.success(), "{}", text(&human.stderr));
+    let out = text(&human.stdout);
+    assert!(
+        out.contains("result: dnat 10.244.1.20:3000 masquerade (50.0%), dnat 10.244.2.20:3000 masquerade (50.0%)"),
+        "{out}"
+    );
+    assert!(out.contains("service: default/counter-np (tcp)"), "{out}");
+    assert!(
+        out.contains("nat-prerouting > services #2: ip daddr @nodeport-ips"),
+        "{out}"
+    );
+
+    let json = nftproxy(
+        &[
+            &["explain"][..],
+            &SEED_FLAGS[1..],
+            &probe[..],
+            &["--output", "json"][..],
+        ]
+        .concat(),
+        None,
+    );
+    assert!(json.status.success(), "{}", text(&json.stderr));
+    let value: serde_json::Value = serde_json::from_slice(&json.stdout).expect("valid JSON");
+    let total: f64 = value["outcomes"]
+        .as_array()
+        .expect("outcomes")
+        .iter()
+        .map(|o| o["probability"].as_f64().expect("number"))
+        .sum();
+    assert!((total - 1.0).abs() < 1e-9, "{total}");
+    assert_eq!(value["packet"]["origin"], "arriving on an interface");
+
+    // A Service port without endpoints names its Service in the answer.
+    let reject = nftproxy(
+        &[
+            "explain",
+            "--manifests",
+            "rules-golden/clusterip-no-endpoints/input.yaml",
+            "--node-name",
+            "test-node",
+            "--from",
+            "10.0.1.7",
+            "--to",
+            "172.30.0.41:80/tcp",
+        ],
+        None,
+    );
+    let out = text(&reject.stdout);
+    assert!(
+        out.contains("result: reject") && out.contains("ns1/svc1:p80 (no usable endpoints)"),
+        "{out}"
+    );
+
+    let bad = nftproxy(
+        &[
+            "explain",
+            "--from",
+            "10.0.0.1",
+            "--to",
+            "10.96.0.1:99999/tcp",
+        ],
+        None,
+    );
+    assert_eq!(bad.status.code(), Some(2));
+}

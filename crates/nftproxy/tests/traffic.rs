@@ -376,6 +376,32 @@ fn assert_split(what: &str, outcomes: &[Outcome]) {
     eprintln!("{what}: {counts:?}");
 }
 
+/// What `nftproxy explain --live` says, in the node namespace, about a packet.
+fn explain_live(topology: &Topology, from: &str, to: &str) -> String {
+    let output = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &topology.ns("node"),
+            env!("CARGO_BIN_EXE_nftproxy"),
+            "explain",
+            "--live",
+        ])
+        .args(["--from", from, "--to", to])
+        .output()
+        .expect("nftproxy runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix("result: "))
+        .unwrap_or_default()
+        .to_owned()
+}
+
 fn addr(text: &str) -> SocketAddr {
     text.parse().expect("literal address")
 }
@@ -480,6 +506,61 @@ fn seed_services_carry_real_traffic() {
         "{:?}",
         split(&via_nodeport)
     );
+
+    // The tracer, reading the same kernel tables, predicts what the packets above did.
+    let both =
+        |a: &str, b: &str, masq: &str| format!("dnat {a}{masq} (50.0%), dnat {b}{masq} (50.0%)");
+    let predictions = [
+        (
+            "10.244.3.10",
+            "10.103.50.102:6379/tcp",
+            both("10.244.1.10:6379", "10.244.2.10:6379", ""),
+        ),
+        (
+            "192.168.50.100",
+            "192.168.50.10:31000/tcp",
+            both("10.244.1.20:3000", "10.244.2.20:3000", " masquerade"),
+        ),
+        (
+            "192.168.50.100",
+            "192.168.50.200:30000/tcp",
+            both("10.244.1.20:3000", "10.244.2.20:3000", " masquerade"),
+        ),
+        (
+            "192.168.50.100",
+            "10.103.50.102:6379/tcp",
+            both("10.244.1.10:6379", "10.244.2.10:6379", " masquerade"),
+        ),
+        (
+            "10.244.3.10",
+            "10.96.100.10:53/udp",
+            both("10.244.1.10:5353", "10.244.2.10:5353", ""),
+        ),
+        ("10.244.3.10", "10.96.100.11:80/tcp", "reject".to_owned()),
+        ("10.244.3.10", "10.103.50.102:6380/tcp", "reject".to_owned()),
+        (
+            "192.168.50.100",
+            "192.168.50.10:31100/tcp",
+            "dnat 10.244.1.20:3000".to_owned(),
+        ),
+        (
+            "192.168.50.100",
+            "192.168.50.201:8080/tcp",
+            "drop".to_owned(),
+        ),
+        (
+            "10.244.3.10",
+            "192.168.50.201:8080/tcp",
+            both("10.244.1.20:3000", "10.244.2.20:3000", " masquerade"),
+        ),
+    ];
+    for (from, to, expected) in predictions {
+        assert_eq!(
+            explain_live(&topology, from, to),
+            expected,
+            "explain --live {from} -> {to}"
+        );
+    }
 
     eprintln!("traffic checks took {:?}", started.elapsed());
     stop.store(true, Ordering::Relaxed);

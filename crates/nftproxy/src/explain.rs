@@ -1,0 +1,208 @@
+//! `nftproxy explain`: the packet tracer over the rules nftproxy would program (from
+//! manifests) or has programmed (`--live`), printed for people or as JSON.
+//!
+//! Invariant: explain never changes the kernel; `--live` only reads nftproxy's own table.
+
+use std::fmt::Write;
+use std::net::IpAddr;
+
+use nftproxy_model::Build;
+use nftproxy_netlink::{NetlinkBackend, netns};
+use nftproxy_nft::trace::{Fate, Origin, Outcome, Packet, describe, summarise, trace};
+use nftproxy_nft::{Backend, Family, Table, Value};
+use nftproxy_render::TABLE_NAME;
+use serde_json::json;
+
+use crate::cli::{ExplainArgs, OutputFormat};
+
+/// The Service a per-service chain belongs to: `service-HASH-ns/name/proto/port[__ep]`
+/// → `ns/name:port (proto)`.
+fn service_of_chain(chain: &str) -> Option<String> {
+    let mut parts = chain.splitn(3, '-');
+    let (_, _, base) = (parts.next()?, parts.next()?, parts.next()?);
+    let base = base.split("__").next()?;
+    let mut fields = base.split('/');
+    let (namespace, name, proto, port) = (
+        fields.next()?,
+        fields.next()?,
+        fields.next()?,
+        fields.next()?,
+    );
+    Some(if port.is_empty() {
+        format!("{namespace}/{name} ({proto})")
+    } else {
+        format!("{namespace}/{name}:{port} ({proto})")
+    })
+}
+
+/// The Services an outcome went through, or for a reject/drop the no-endpoint element's
+/// comment (which names its Service).
+fn services(table: &Table, packet: &Packet, outcome: &Outcome) -> Vec<String> {
+    let mut names: Vec<String> = outcome
+        .steps
+        .iter()
+        .filter(|s| s.chain.contains('/'))
+        .filter_map(|s| service_of_chain(&s.chain))
+        .collect();
+    names.dedup();
+    if names.is_empty() && outcome.fate != Fate::Accepted {
+        let proto = Value::Proto(packet.proto);
+        let keys = [
+            (
+                "no-endpoint-services",
+                vec![Value::Addr(packet.daddr), proto, Value::Port(packet.dport)],
+            ),
+            (
+                "no-endpoint-nodeports",
+                vec![proto, Value::Port(packet.dport)],
+            ),
+        ];
+        for (set, key) in keys {
+            if let Some(comment) = table
+                .sets
+                .get(set)
+                .and_then(|s| s.elements.get(&key))
+                .and_then(|e| e.comment.clone())
+            {
+                names.push(format!("{comment} (no usable endpoints)"));
+                break;
+            }
+        }
+    }
+    names
+}
+
+/// Runs `explain` on rendered tables (`build`) or, with `--live`, on the kernel's.
+/// Returns the text to print.
+pub fn run(
+    explain: &ExplainArgs,
+    build: Option<&Build>,
+    node_ips: &[IpAddr],
+) -> Result<String, String> {
+    let family = Family::of(&explain.to.addr);
+    let (table, mut local) = if explain.live {
+        let mut backend = NetlinkBackend::open().map_err(|e| e.to_string())?;
+        let table = backend
+            .list(family, TABLE_NAME)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("this network namespace has no table {family} {TABLE_NAME}"))?;
+        let local =
+            netns::local_addresses().map_err(|e| format!("reading local addresses: {e}"))?;
+        (table, local)
+    } else {
+        let build = build.ok_or("explain needs --manifests PATH... or --live")?;
+        let state = if family == Family::Ip {
+            &build.ipv4
+        } else {
+            &build.ipv6
+        };
+        let mut local: Vec<IpAddr> = build.ipv4.node_ips.clone();
+        local.extend(build.ipv6.node_ips.iter().copied());
+        local.extend([
+            "127.0.0.1".parse::<IpAddr>().map_err(|e| e.to_string())?,
+            "::1".parse().map_err(|e| format!("{e}"))?,
+        ]);
+        (nftproxy_render::render(state), local)
+    };
+    local.extend(node_ips.iter().copied());
+    local.sort();
+    local.dedup();
+
+    let origin = if local.contains(&explain.from) {
+        Origin::Local
+    } else {
+        Origin::Arriving
+    };
+    let packet = Packet {
+        saddr: explain.from,
+        daddr: explain.to.addr,
+        proto: explain.to.proto,
+        dport: explain.to.port,
+        iifname: if origin == Origin::Local {
+            String::new()
+        } else {
+            explain.iif.clone()
+        },
+    };
+    let mut outcomes = trace(&table, &packet, origin, &local);
+    outcomes.sort_by(|a, b| {
+        b.probability
+            .total_cmp(&a.probability)
+            .then_with(|| a.dnat.cmp(&b.dnat))
+    });
+    let destination = match packet.daddr {
+        IpAddr::V4(ip) => format!("{ip}:{}/{}", packet.dport, packet.proto.name()),
+        IpAddr::V6(ip) => format!("[{ip}]:{}/{}", packet.dport, packet.proto.name()),
+    };
+    let origin_text = match origin {
+        Origin::Local => "sent by the node",
+        Origin::Arriving => "arriving on an interface",
+    };
+    let mut out = String::new();
+    match explain.output {
+        OutputFormat::Json => {
+            let value = json!({
+                "packet": {"from": packet.saddr.to_string(), "to": destination, "origin": origin_text, "iif": packet.iifname},
+                "result": describe(&outcomes),
+                "effects": summarise(&outcomes).iter().map(|(effect, probability)| json!({
+                    "fate": format!("{:?}", effect.fate).to_lowercase(),
+                    "dnat": effect.dnat.map(|(ip, port)| json!({"address": ip.to_string(), "port": port})),
+                    "masquerade": effect.masquerade,
+                    "probability": probability,
+                })).collect::<Vec<_>>(),
+                "outcomes": outcomes.iter().map(|o| json!({
+                    "probability": o.probability,
+                    "fate": format!("{:?}", o.fate).to_lowercase(),
+                    "dnat": o.dnat.map(|(ip, port)| json!({"address": ip.to_string(), "port": port})),
+                    "masquerade": o.masquerade,
+                    "services": services(&table, &packet, o),
+                    "rules": o.steps.iter().map(|s| json!({"hook": s.hook, "chain": s.chain, "index": s.index, "rule": s.rule})).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>(),
+            });
+            let _ = writeln!(out, "{value:#}");
+        }
+        OutputFormat::Human => {
+            let _ = writeln!(
+                out,
+                "packet: {} -> {destination}, {origin_text}",
+                packet.saddr
+            );
+            let _ = writeln!(out, "result: {}", describe(&outcomes));
+            for outcome in &outcomes {
+                let _ = writeln!(out);
+                let effect = describe(std::slice::from_ref(outcome));
+                let _ = writeln!(out, "{:5.1}%  {effect}", outcome.probability * 100.0);
+                let services = services(&table, &packet, outcome);
+                if !services.is_empty() {
+                    let _ = writeln!(out, "        service: {}", services.join(", "));
+                }
+                for step in &outcome.steps {
+                    let _ = writeln!(
+                        out,
+                        "        {} > {} #{}: {}",
+                        step.hook, step.chain, step.index, step.rule
+                    );
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_names_name_their_service() {
+        assert_eq!(
+            service_of_chain("service-7ZS4P2AJ-default/redis/tcp/").as_deref(),
+            Some("default/redis (tcp)")
+        );
+        assert_eq!(
+            service_of_chain("endpoint-5OJB2KTY-kube-system/dns/udp/dns__10.0.0.1/53").as_deref(),
+            Some("kube-system/dns:dns (udp)")
+        );
+        assert_eq!(service_of_chain("services"), None);
+    }
+}
