@@ -96,42 +96,36 @@ pub fn trace(
         probability: 1.0,
     };
     let tracer = Tracer { table, local_addrs };
-    let mut states = vec![start];
-    let phases: Vec<Vec<Hook>> = match origin {
-        Origin::Arriving => vec![vec![Hook::Prerouting], vec![], vec![Hook::Postrouting]],
-        Origin::Local => vec![vec![Hook::Output], vec![Hook::Postrouting]],
-    };
     let mut finished = Vec::new();
-    for (phase, hooks) in phases.iter().enumerate() {
-        let mut next = Vec::new();
+    // Runs `hooks` on every live branch; ended branches are finished, survivors returned.
+    let stage = |states: Vec<State>, hooks: &[Hook], finished: &mut Vec<Outcome>| -> Vec<State> {
+        let mut survivors = Vec::new();
         for state in states {
-            // After prerouting the routing decision picks input or forward; only
-            // forwarded packets reach postrouting.
-            let hooks: Vec<Hook> = if origin == Origin::Arriving && phase == 1 {
-                if local_addrs.contains(&state.packet.daddr) {
-                    vec![Hook::Input]
-                } else {
-                    vec![Hook::Forward]
-                }
-            } else if origin == Origin::Arriving
-                && phase == 2
-                && local_addrs.contains(&state.packet.daddr)
-            {
-                finished.push(state.finish(Fate::Accepted));
-                continue;
-            } else {
-                hooks.clone()
-            };
-            for (state, fate) in tracer.hooks(&hooks, state) {
+            for (state, fate) in tracer.hooks(hooks, state) {
                 match fate {
-                    Fate::Accepted => next.push(state),
+                    Fate::Accepted => survivors.push(state),
                     other => finished.push(state.finish(other)),
                 }
             }
         }
-        states = next;
-    }
-    finished.extend(states.into_iter().map(|s| s.finish(Fate::Accepted)));
+        survivors
+    };
+    let states = match origin {
+        Origin::Local => stage(vec![start], &[Hook::Output], &mut finished),
+        Origin::Arriving => {
+            let routed = stage(vec![start], &[Hook::Prerouting], &mut finished);
+            // The routing decision after DNAT: to the node itself (input, and no
+            // postrouting), or onwards (forward, then postrouting).
+            let (to_node, onwards): (Vec<State>, Vec<State>) = routed
+                .into_iter()
+                .partition(|s| local_addrs.contains(&s.packet.daddr));
+            let delivered = stage(to_node, &[Hook::Input], &mut finished);
+            finished.extend(delivered.into_iter().map(|s| s.finish(Fate::Accepted)));
+            stage(onwards, &[Hook::Forward], &mut finished)
+        }
+    };
+    let sent = stage(states, &[Hook::Postrouting], &mut finished);
+    finished.extend(sent.into_iter().map(|s| s.finish(Fate::Accepted)));
     finished
 }
 

@@ -4,7 +4,7 @@
 //! Invariant: explain never changes the kernel; `--live` only reads nftproxy's own table.
 
 use std::fmt::Write;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use nftproxy_model::Build;
 use nftproxy_netlink::{NetlinkBackend, netns};
@@ -99,8 +99,8 @@ pub fn run(
         let mut local: Vec<IpAddr> = build.ipv4.node_ips.clone();
         local.extend(build.ipv6.node_ips.iter().copied());
         local.extend([
-            "127.0.0.1".parse::<IpAddr>().map_err(|e| e.to_string())?,
-            "::1".parse().map_err(|e| format!("{e}"))?,
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
         ]);
         (nftproxy_render::render(state), local)
     };
