@@ -90,6 +90,19 @@ mod tests {
     use super::*;
     use nftproxy_model::Protocol;
 
+    fn endpoint(ip: &str) -> Endpoint {
+        Endpoint {
+            ip: ip.parse().unwrap(),
+            port: 80,
+            ready: true,
+            serving: true,
+            terminating: false,
+            is_local: false,
+            zone_hints: vec![],
+            node_hints: vec![],
+        }
+    }
+
     fn port(ns: &str, name: &str, port: &str) -> ServicePortName {
         ServicePortName {
             namespace: ns.into(),
@@ -114,16 +127,7 @@ mod tests {
             service_chain(&port("ns1", "svc1", "p80")),
             "service-ULMVA6XW-ns1/svc1/tcp/p80"
         );
-        let endpoint = Endpoint {
-            ip: [10, 180, 0, 1].into(),
-            port: 80,
-            ready: true,
-            serving: true,
-            terminating: false,
-            is_local: false,
-            zone_hints: vec![],
-            node_hints: vec![],
-        };
+        let endpoint = endpoint("10.180.0.1");
         assert_eq!(
             endpoint_chain(&port("ns1", "svc1", "p80"), &endpoint),
             "endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80"
@@ -141,16 +145,7 @@ mod tests {
 
     #[test]
     fn ipv6_colons_become_dots() {
-        let endpoint = Endpoint {
-            ip: "fd00:10::1".parse().unwrap(),
-            port: 80,
-            ready: true,
-            serving: true,
-            terminating: false,
-            is_local: false,
-            zone_hints: vec![],
-            node_hints: vec![],
-        };
+        let endpoint = endpoint("fd00:10::1");
         assert!(
             endpoint_chain(&port("a", "b", ""), &endpoint).ends_with("-a/b/tcp/__fd00.10..1/80")
         );
