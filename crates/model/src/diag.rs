@@ -13,17 +13,40 @@ pub struct ObjectRef {
     pub name: String,
 }
 
-/// Names in hostile input can be megabytes long; a log line shows the start.
+impl ObjectRef {
+    /// `kind namespace/name`; an empty namespace for cluster-scoped objects.
+    pub fn new(kind: &str, namespace: &str, name: &str) -> ObjectRef {
+        ObjectRef {
+            kind: kind.to_owned(),
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        }
+    }
+}
+
+/// Names in hostile input can be megabytes long or hold control and bidirectional
+/// formatting characters; a log line shows the start, with those characters escaped so
+/// that one name cannot forge or hide another line.
 fn shorten(name: &str) -> std::borrow::Cow<'_, str> {
     const SHOWN: usize = 100;
-    if name.len() <= SHOWN {
+    let unsafe_char =
+        |c: char| c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+    if name.len() <= SHOWN && !name.contains(unsafe_char) {
         return name.into();
     }
-    let mut end = SHOWN;
-    while !name.is_char_boundary(end) {
-        end -= 1;
+    let mut shown = String::new();
+    for (index, c) in name.char_indices() {
+        if index >= SHOWN {
+            shown.push_str("...");
+            break;
+        }
+        if unsafe_char(c) {
+            shown.extend(c.escape_default());
+        } else {
+            shown.push(c);
+        }
     }
-    format!("{}...", &name[..end]).into()
+    shown.into()
 }
 
 impl fmt::Display for ObjectRef {
@@ -79,5 +102,26 @@ impl Diagnostic {
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.object, self.reason)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_shortened_and_escaped_for_logs() {
+        let object = |name: &str| ObjectRef {
+            kind: "Service".to_owned(),
+            namespace: "ns".to_owned(),
+            name: name.to_owned(),
+        };
+        assert_eq!(object("redis").to_string(), "Service ns/redis");
+        assert_eq!(
+            object("a\nWARN forged\u{202e}").to_string(),
+            "Service ns/a\\nWARN forged\\u{202e}"
+        );
+        let long = object(&"é".repeat(1_000)).to_string();
+        assert!(long.ends_with("...") && long.len() < 120, "{long}");
     }
 }

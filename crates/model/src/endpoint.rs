@@ -16,6 +16,10 @@ use crate::{IpFamily, Protocol};
 pub(crate) const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Slices of headless Services carry this label; kube-proxy never reads them.
 const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+/// The API server refuses slices with more endpoints or ports than these; a larger one
+/// did not come from it and would cost a rule per endpoint.
+const MAX_ENDPOINTS: usize = 1_000;
+const MAX_PORTS: usize = 100;
 
 /// One backend of a service port, as this node sees it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -39,7 +43,7 @@ pub struct Endpoint {
 }
 
 /// An endpoint of a slice before it is paired with a service port.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct SliceEndpoint {
     pub ip: IpAddr,
     pub ready: bool,
@@ -59,7 +63,7 @@ pub(crate) struct SlicePort {
 }
 
 /// A decoded EndpointSlice.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct SliceInfo {
     pub name: String,
     pub namespace: String,
@@ -102,6 +106,15 @@ pub(crate) fn decode_slice(slice: &EndpointSlice) -> Result<SliceInfo, Diagnosti
         }
         other => return Err(invalid(format!("unknown addressType {other:?}"))),
     };
+
+    let endpoint_count = slice.endpoints.as_ref().map_or(0, Vec::len);
+    let port_count = slice.ports.as_ref().map_or(0, Vec::len);
+    if endpoint_count > MAX_ENDPOINTS || port_count > MAX_PORTS {
+        return Err(invalid(format!(
+            "{endpoint_count} endpoints and {port_count} ports; the API allows at most \
+             {MAX_ENDPOINTS} and {MAX_PORTS}"
+        )));
+    }
 
     let mut ports: Vec<SlicePort> = Vec::new();
     for port in slice.ports.iter().flatten() {

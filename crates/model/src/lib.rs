@@ -19,7 +19,7 @@ pub use config::{
 };
 pub use diag::{Diagnostic, ObjectRef, Severity};
 pub use endpoint::Endpoint;
-pub use manifest::{ManifestError, Snapshot};
+pub use manifest::{ManifestError, ManifestReport, Snapshot};
 pub use net::{parse_cidr, parse_ip};
 pub use state::{
     Build, CategorizedEndpoints, LocalTraffic, NodePortAddresses, ProxyState, ServicePortName,

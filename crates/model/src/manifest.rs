@@ -1,9 +1,10 @@
 //! Decoding Kubernetes manifests (multi-document YAML or JSON, `kind: List` included)
 //! into a [`Snapshot`] of the objects nftproxy reads.
 //!
-//! Invariant: text that is not YAML at all fails the whole source with its line; a
-//! document that is YAML but not a valid object is left out with a diagnostic naming
-//! it, and every other document is still decoded.
+//! Invariant: one bad document never costs another. A document that is not YAML is
+//! reported with its file, line and (where it can be read) the object it was meant to
+//! be; a document that is YAML but not a valid object is left out with a diagnostic
+//! naming it; every other document is still decoded.
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -25,42 +26,88 @@ pub struct Snapshot {
     pub service_cidrs: Vec<ServiceCIDR>,
 }
 
-/// A source whose text is not YAML.
+/// A YAML document that could not be parsed; it was skipped.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{source_name}:{line}:{column}: {message}")]
+#[error("{source_name}:{line}:{column}: {}{message}", .object.as_ref().map(|o| format!("{o}: ")).unwrap_or_default())]
 pub struct ManifestError {
     /// The file name (or `-` for standard input).
     pub source_name: String,
-    /// 1-based line of the error; 0 when unknown.
+    /// 1-based line of the error in the file; 0 when unknown.
     pub line: u64,
     /// 1-based column of the error; 0 when unknown.
     pub column: u64,
+    /// The object the document appears to describe, read from its `kind:` and
+    /// `metadata:` lines, when those came before the error.
+    pub object: Option<ObjectRef>,
     /// What the YAML parser said.
     pub message: String,
 }
 
+/// What [`Snapshot::add_manifest`] left out.
+#[derive(Debug, Clone, Default)]
+#[must_use]
+pub struct ManifestReport {
+    /// Objects that were read but are not valid (or not proxied).
+    pub diagnostics: Vec<Diagnostic>,
+    /// Documents that are not YAML.
+    pub errors: Vec<ManifestError>,
+}
+
 impl Snapshot {
-    /// Decodes every document of `text` and adds the objects nftproxy reads. Objects of
-    /// other kinds (Deployments, ConfigMaps, …) are skipped silently.
-    pub fn add_manifest(
-        &mut self,
-        source_name: &str,
-        text: &str,
-    ) -> Result<Vec<Diagnostic>, ManifestError> {
-        let documents: Vec<Value> =
-            serde_saphyr::from_multiple_with_options(text, parser_options()).map_err(|error| {
+    /// Like [`Snapshot::add_manifest`] for text that may not be UTF-8: the first invalid
+    /// byte is reported, and every invalid sequence reads as U+FFFD (which no name or
+    /// address accepts, so the object holding it is named as invalid too).
+    pub fn add_manifest_bytes(&mut self, source_name: &str, bytes: &[u8]) -> ManifestReport {
+        let text = String::from_utf8_lossy(bytes);
+        let mut report = self.add_manifest(source_name, &text);
+        if let Err(error) = std::str::from_utf8(bytes) {
+            let valid = &bytes[..error.valid_up_to()];
+            let line_start = valid.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+            report.errors.insert(
+                0,
                 ManifestError {
                     source_name: source_name.to_owned(),
-                    line: error.location().map(|l| l.line()).unwrap_or(0),
-                    column: error.location().map(|l| l.column()).unwrap_or(0),
-                    message: parser_message(&error.to_string()),
-                }
-            })?;
-        let mut diagnostics = Vec::new();
-        for document in documents {
-            self.add_value(document, &mut diagnostics);
+                    line: 1 + valid.iter().filter(|b| **b == b'\n').count() as u64,
+                    column: 1 + (valid.len() - line_start) as u64,
+                    object: None,
+                    message: "not UTF-8 text".to_owned(),
+                },
+            );
         }
-        Ok(diagnostics)
+        report
+    }
+
+    /// Decodes every document of `text` and adds the objects nftproxy reads. Objects of
+    /// other kinds (Deployments, ConfigMaps, …) are skipped silently.
+    pub fn add_manifest(&mut self, source_name: &str, text: &str) -> ManifestReport {
+        let mut report = ManifestReport::default();
+        if let Ok(documents) = parse(text) {
+            for document in documents {
+                self.add_value(document, &mut report.diagnostics);
+            }
+            return report;
+        }
+        // Something is broken: parse document by document to keep the rest.
+        for (first_line, document) in split_documents(text) {
+            match parse(document) {
+                Ok(values) => {
+                    for value in values {
+                        self.add_value(value, &mut report.diagnostics);
+                    }
+                }
+                Err(error) => {
+                    let location = error.location();
+                    report.errors.push(ManifestError {
+                        source_name: source_name.to_owned(),
+                        line: location.map_or(0, |l| l.line() + first_line - 1),
+                        column: location.map_or(0, |l| l.column()),
+                        object: guess_object(document),
+                        message: parser_message(&error.to_string()),
+                    });
+                }
+            }
+        }
+        report
     }
 
     fn add_value(&mut self, value: Value, diagnostics: &mut Vec<Diagnostic>) {
@@ -68,11 +115,15 @@ impl Snapshot {
             // An empty document (`---` at the end of a file) or a scalar: nothing to read.
             return;
         };
-        let kind = map
-            .get("kind")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned();
+        let kind = match map.get("kind") {
+            None => String::new(),
+            Some(Value::String(kind)) => kind.clone(),
+            Some(_) => {
+                let object = object_ref("object", &map);
+                diagnostics.push(Diagnostic::invalid(&object, "kind is not a string"));
+                return;
+            }
+        };
         if kind == "List" || (kind.ends_with("List") && map.contains_key("items")) {
             if let Some(Value::Array(items)) = map.remove("items") {
                 for item in items {
@@ -144,18 +195,112 @@ fn parser_message(message: &str) -> String {
     }
 }
 
+fn parse(text: &str) -> Result<Vec<Value>, serde_saphyr::Error> {
+    serde_saphyr::from_multiple_with_options(text, parser_options())
+}
+
+/// The documents of a YAML stream as `(first line, text)`, split before each `---`
+/// marker that starts a line. YAML forbids such a marker inside any scalar or
+/// collection, so a split never cuts a well-formed document in two; directives (`%YAML`)
+/// stay with the document they precede.
+fn split_documents(text: &str) -> Vec<(u64, &str)> {
+    let mut documents = Vec::new();
+    let (mut start, mut start_line) = (0, 1);
+    let mut offset = 0;
+    for (index, line) in (1..).zip(text.split_inclusive('\n')) {
+        let marker = line
+            .strip_prefix("---")
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(char::is_whitespace));
+        if marker && offset > start && !only_directives(&text[start..offset]) {
+            documents.push((start_line, &text[start..offset]));
+            (start, start_line) = (offset, index);
+        }
+        offset += line.len();
+    }
+    documents.push((start_line, &text[start..]));
+    documents
+}
+
+fn only_directives(text: &str) -> bool {
+    let mut lines = text
+        .lines()
+        .map(str::trim_end)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'));
+    let mut any = false;
+    lines.all(|l| {
+        any = true;
+        l.starts_with('%')
+    }) && any
+}
+
+/// The object a broken document was meant to be, from its top-level `kind:` line and
+/// the direct children `name:` and `namespace:` of its `metadata:` block, so that the
+/// error can name it like any other diagnostic.
+fn guess_object(document: &str) -> Option<ObjectRef> {
+    let scalar = |text: &str| {
+        let text = text.split(" #").next().unwrap_or_default().trim();
+        text.trim_matches(|c| c == '"' || c == '\'').to_owned()
+    };
+    let mut kind = None;
+    let mut metadata = serde_json::Map::new();
+    let mut in_metadata = false;
+    let mut child_indent = None;
+    for line in document.lines() {
+        let indent = line.len() - line.trim_start().len();
+        let content = line.trim();
+        if content.is_empty() || content.starts_with('#') {
+            continue;
+        }
+        if indent == 0 {
+            in_metadata = content == "metadata:";
+            child_indent = None;
+            if let Some(value) = content.strip_prefix("kind:") {
+                kind = Some(scalar(value));
+            }
+            // `metadata: {name: x, namespace: y}` on one line parses on its own.
+            if let Some(Ok(Value::Object(flow))) = content
+                .strip_prefix("metadata:")
+                .map(serde_saphyr::from_str::<Value>)
+            {
+                metadata = flow;
+            }
+            continue;
+        }
+        if !in_metadata || *child_indent.get_or_insert(indent) != indent {
+            continue;
+        }
+        for field in ["name", "namespace"] {
+            if let Some(value) = content
+                .strip_prefix(field)
+                .and_then(|rest| rest.strip_prefix(':'))
+            {
+                metadata.insert(field.to_owned(), Value::String(scalar(value)));
+            }
+        }
+    }
+    let kind = kind.filter(|k| !k.is_empty())?;
+    let mut map = serde_json::Map::new();
+    map.insert("metadata".to_owned(), Value::Object(metadata));
+    Some(object_ref(&kind, &map))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn read(text: &str) -> (Snapshot, ManifestReport) {
+        let mut snapshot = Snapshot::default();
+        let report = snapshot.add_manifest("t.yaml", text);
+        (snapshot, report)
+    }
 
     #[test]
     fn multi_document_and_lists_are_read_and_other_kinds_ignored() {
         let text = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n---\n\
                     apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.0.0.1}\n---\n\
                     apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Service\n  metadata: {name: b}\n---\n";
-        let mut snapshot = Snapshot::default();
-        let diagnostics = snapshot.add_manifest("t.yaml", text).unwrap();
-        assert!(diagnostics.is_empty());
+        let (snapshot, report) = read(text);
+        assert!(report.diagnostics.is_empty() && report.errors.is_empty());
         assert_eq!(snapshot.services.len(), 2);
     }
 
@@ -163,12 +308,11 @@ mod tests {
     fn a_wrongly_typed_object_is_named_and_the_rest_kept() {
         let text = "kind: Service\nmetadata: {name: bad, namespace: ns}\nspec: {ports: 7}\n---\n\
                     kind: Service\nmetadata: {name: good}\n";
-        let mut snapshot = Snapshot::default();
-        let diagnostics = snapshot.add_manifest("t.yaml", text).unwrap();
+        let (snapshot, report) = read(text);
         assert_eq!(snapshot.services.len(), 1);
-        assert_eq!(diagnostics.len(), 1);
+        assert_eq!(report.diagnostics.len(), 1);
         assert!(
-            diagnostics[0]
+            report.diagnostics[0]
                 .to_string()
                 .starts_with("Service ns/bad: cannot decode")
         );
@@ -178,19 +322,65 @@ mod tests {
     fn large_dumps_are_read() {
         let document = "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: ns}\n";
         let text = vec![document; 5_000].join("---\n");
-        let mut snapshot = Snapshot::default();
-        let diagnostics = snapshot.add_manifest("big.yaml", &text).unwrap();
-        assert!(diagnostics.is_empty(), "{:?}", diagnostics.first());
+        let (snapshot, report) = read(&text);
+        assert!(report.diagnostics.is_empty() && report.errors.is_empty());
         assert_eq!(snapshot.services.len(), 5_000);
     }
 
     #[test]
-    fn broken_yaml_names_the_line() {
-        let text = "kind: Service\nmetadata:\n  name: [unclosed\n";
-        let error = Snapshot::default()
-            .add_manifest("f.yaml", text)
-            .unwrap_err();
-        assert_eq!(error.source_name, "f.yaml");
-        assert!(error.line >= 3, "{error}");
+    fn a_broken_document_is_named_by_file_line_and_object_and_the_others_kept() {
+        let text = "kind: Service\nmetadata: {name: before}\n---\n\
+                    # a comment\nkind: Service\nmetadata:\n  labels:\n    name: not-this\n  \
+                    name: broken\n  namespace: ns\nspec:\n  ports: [unclosed\n---\n\
+                    kind: Service\nmetadata: {name: after}\n";
+        let (snapshot, report) = read(text);
+        let names: Vec<_> = snapshot
+            .services
+            .iter()
+            .filter_map(|s| s.metadata.name.as_deref())
+            .collect();
+        assert_eq!(names, ["before", "after"]);
+        assert_eq!(report.errors.len(), 1);
+        let error = &report.errors[0];
+        assert_eq!(error.source_name, "t.yaml");
+        assert!((12..=13).contains(&error.line), "{error}");
+        assert!(
+            error.to_string().contains(": Service ns/broken: "),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn documents_split_at_markers_only() {
+        let text = "%YAML 1.2\n---\na: 1\n--- # c\nb: |\n  ---x\n----\n---\n";
+        let lines: Vec<u64> = split_documents(text).iter().map(|(l, _)| *l).collect();
+        assert_eq!(lines, [1, 4, 8]);
+        assert_eq!(
+            split_documents("x: 1\n")
+                .iter()
+                .map(|(_, t)| *t)
+                .collect::<Vec<_>>(),
+            ["x: 1\n"]
+        );
+    }
+
+    #[test]
+    fn invalid_utf8_is_located_and_the_rest_read() {
+        let mut snapshot = Snapshot::default();
+        let report = snapshot.add_manifest_bytes(
+            "t.yaml",
+            b"kind: Service\nmetadata: {name: a\xff}\n---\nkind: Service\nmetadata: {name: b}\n",
+        );
+        assert_eq!(report.errors.len(), 1);
+        assert_eq!(report.errors[0].to_string(), "t.yaml:2:19: not UTF-8 text");
+        assert_eq!(snapshot.services.len(), 2);
+    }
+
+    #[test]
+    fn a_document_without_kind_is_reported_without_object() {
+        let (_, report) = read("a: [\n");
+        assert_eq!(report.errors.len(), 1);
+        assert_eq!(report.errors[0].object, None);
+        assert!(report.errors[0].to_string().starts_with("t.yaml:"));
     }
 }

@@ -22,7 +22,7 @@ const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 /// Largest allowed affinity timeout (one day), as the API server validates it.
 const MAX_AFFINITY_TIMEOUT: u32 = 86_400;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct PortInfo {
     pub name: String,
     pub protocol: Protocol,
@@ -30,7 +30,7 @@ pub(crate) struct PortInfo {
     pub node_port: Option<u16>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ServiceInfo {
     pub namespace: String,
     pub name: String,

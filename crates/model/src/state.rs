@@ -19,7 +19,7 @@ use crate::diag::{Diagnostic, ObjectRef};
 use crate::endpoint::{Endpoint, SliceInfo, decode_slice};
 use crate::manifest::Snapshot;
 use crate::net::{parse_cidr, parse_ip};
-use crate::service::{ServiceInfo, decode_service, object_ref};
+use crate::service::{ServiceInfo, decode_service};
 pub use crate::topology::CategorizedEndpoints;
 use crate::topology::categorize_endpoints;
 use crate::{IpFamily, Protocol};
@@ -193,15 +193,15 @@ fn node_facts(
     config: &ProxyConfig,
     diagnostics: &mut Vec<Diagnostic>,
 ) -> NodeFacts {
-    let node: Option<&Node> = snapshot
+    let object = ObjectRef::new("Node", "", &config.node_name);
+    let ours: Vec<&Node> = snapshot
         .nodes
         .iter()
-        .find(|n| n.metadata.name.as_deref() == Some(config.node_name.as_str()));
-    let object = ObjectRef {
-        kind: "Node".to_owned(),
-        namespace: String::new(),
-        name: config.node_name.clone(),
-    };
+        .filter(|n| n.metadata.name.as_deref() == Some(config.node_name.as_str()))
+        .collect();
+    let node: Option<&Node> = unique(ours, |_| (), |_| object.clone(), diagnostics)
+        .first()
+        .copied();
     let mut ips = config.node_ips.clone();
     if ips.is_empty()
         && let Some(addresses) = node
@@ -271,6 +271,44 @@ fn claim<K: Hash + Eq>(
     }
 }
 
+/// Keeps one object per `key`. Identical copies (a manifest concatenated twice) count
+/// once; copies that differ are all left out with a diagnostic, because which one is
+/// meant cannot be told from a snapshot, the API server never holds two, and any choice
+/// would make the result depend on input order.
+fn unique<T: PartialEq, K: Ord>(
+    mut items: Vec<T>,
+    key: impl Fn(&T) -> K,
+    object: impl Fn(&T) -> ObjectRef,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Vec<T> {
+    items.sort_by_key(&key);
+    let mut kept: Vec<T> = Vec::with_capacity(items.len());
+    let mut conflicting = false;
+    for item in items {
+        match kept.last() {
+            Some(last) if key(last) == key(&item) => {
+                if *last != item && !conflicting {
+                    conflicting = true;
+                    diagnostics.push(Diagnostic::invalid(
+                        &object(&item),
+                        "defined more than once with different contents; no copy is used",
+                    ));
+                }
+            }
+            _ => {
+                if std::mem::take(&mut conflicting) {
+                    kept.pop();
+                }
+                kept.push(item);
+            }
+        }
+    }
+    if conflicting {
+        kept.pop();
+    }
+    kept
+}
+
 /// Builds both families' proxy state from a snapshot.
 pub fn build(snapshot: &Snapshot, config: &ProxyConfig) -> Build {
     let mut diagnostics = Vec::new();
@@ -279,36 +317,37 @@ pub fn build(snapshot: &Snapshot, config: &ProxyConfig) -> Build {
     let mut services: Vec<ServiceInfo> = Vec::new();
     for service in &snapshot.services {
         match decode_service(service) {
-            Ok(info) => {
-                if services
-                    .iter()
-                    .any(|s| s.namespace == info.namespace && s.name == info.name)
-                {
-                    diagnostics.push(Diagnostic::invalid(
-                        &object_ref(service),
-                        "defined twice; the first one is used",
-                    ));
-                } else {
-                    services.push(info);
-                }
-            }
+            Ok(info) => services.push(info),
             Err(diagnostic) => diagnostics.push(diagnostic),
         }
     }
-    services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    let services = unique(
+        services,
+        |s| (s.namespace.clone(), s.name.clone()),
+        |s| ObjectRef::new("Service", &s.namespace, &s.name),
+        &mut diagnostics,
+    );
 
-    let mut slices: BTreeMap<(String, String), Vec<SliceInfo>> = BTreeMap::new();
+    let mut decoded_slices = Vec::new();
     for slice in &snapshot.endpoint_slices {
         match decode_slice(slice) {
-            Ok(info) => slices
-                .entry((info.namespace.clone(), info.service_name.clone()))
-                .or_default()
-                .push(info),
+            Ok(info) => decoded_slices.push(info),
             Err(diagnostic) => diagnostics.push(diagnostic),
         }
     }
-    for group in slices.values_mut() {
-        group.sort_by(|a, b| a.name.cmp(&b.name));
+    // Sorted by namespace and name, so each Service's group is in name order.
+    let decoded_slices = unique(
+        decoded_slices,
+        |s| (s.namespace.clone(), s.name.clone()),
+        |s| ObjectRef::new("EndpointSlice", &s.namespace, &s.name),
+        &mut diagnostics,
+    );
+    let mut slices: BTreeMap<(String, String), Vec<SliceInfo>> = BTreeMap::new();
+    for info in decoded_slices {
+        slices
+            .entry((info.namespace.clone(), info.service_name.clone()))
+            .or_default()
+            .push(info);
     }
 
     let mut service_cidrs = config.service_cidrs.clone();
@@ -547,5 +586,29 @@ fn build_family(
         masquerade_mark: config.masquerade_mark(),
         service_cidrs: cidrs,
         services: ports,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copies_count_once_and_conflicting_copies_not_at_all() {
+        let items = vec![("b", 1), ("a", 1), ("c", 1), ("b", 2), ("a", 1), ("b", 1)];
+        let mut diagnostics = Vec::new();
+        let kept = unique(
+            items,
+            |(name, _)| *name,
+            |(name, _)| ObjectRef::new("Service", "ns", name),
+            &mut diagnostics,
+        );
+        assert_eq!(kept, [("a", 1), ("c", 1)]);
+        assert_eq!(diagnostics.len(), 1);
+        assert!(
+            diagnostics[0]
+                .to_string()
+                .starts_with("Service ns/b: defined more than once")
+        );
     }
 }

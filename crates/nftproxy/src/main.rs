@@ -19,7 +19,7 @@ use nftproxy_nft::{Backend, Family, Op, Table, Transaction};
 use nftproxy_proxier::runner::{self, Input, Timing};
 use nftproxy_proxier::{Reconciler, ReconcilerOptions};
 use nftproxy_render::TABLE_NAME;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::cli::{Args, Command};
 
@@ -107,8 +107,8 @@ fn run(args: &Args) -> Result<(), Failure> {
         } else {
             Some(load_build(&args.manifests, &config).map_err(Failure::Error)?)
         };
-        let text =
-            explain::run(explain, built.as_ref(), &config.node_ips).map_err(Failure::Error)?;
+        let text = explain::run(explain, built.as_ref().map(|l| &l.build), &config.node_ips)
+            .map_err(Failure::Error)?;
         return emit(&text);
     }
     if config.node_name.is_empty() {
@@ -132,10 +132,12 @@ fn run(args: &Args) -> Result<(), Failure> {
         ));
     }
 
-    let desired = load_tables(&args.manifests, &config).map_err(Failure::Error)?;
+    let loaded = load_build(&args.manifests, &config).map_err(Failure::Error)?;
+    let desired = nftproxy_render::render_all(&loaded.build);
     if args.dry_run && !args.diff {
         let text: Vec<String> = desired.iter().map(ToString::to_string).collect();
-        return emit(&text.join("\n"));
+        emit(&text.join("\n"))?;
+        return loaded.outcome();
     }
 
     let backend = NetlinkBackend::open().map_err(error)?;
@@ -143,10 +145,12 @@ fn run(args: &Args) -> Result<(), Failure> {
     if args.dry_run {
         let plans = reconciler.plans(&desired);
         let text: String = plans.iter().map(ToString::to_string).collect();
-        if text.is_empty() {
-            return emit("# the kernel already holds this ruleset: nothing to do\n");
-        }
-        return emit(&text);
+        emit(if text.is_empty() {
+            "# the kernel already holds this ruleset: nothing to do\n"
+        } else {
+            &text
+        })?;
+        return loaded.outcome();
     }
     if args.once {
         let report = reconciler.sync(&desired).map_err(error)?;
@@ -155,7 +159,7 @@ fn run(args: &Args) -> Result<(), Failure> {
             transactions = report.transactions,
             "programmed this network namespace"
         );
-        return Ok(());
+        return loaded.outcome();
     }
     watch_files(reconciler, args.manifests.clone(), config, desired)
 }
@@ -173,15 +177,34 @@ fn emit(text: &str) -> Result<(), Failure> {
     }
 }
 
-/// Loads the manifests, builds the proxy state, logs what was left out, and renders.
-fn load_tables(paths: &[PathBuf], config: &ProxyConfig) -> Result<Vec<Table>, String> {
-    Ok(nftproxy_render::render_all(&load_build(paths, config)?))
+/// The proxy state built from the manifests, and how many documents were skipped
+/// because they are not YAML.
+struct Loaded {
+    build: Build,
+    broken: usize,
+}
+
+impl Loaded {
+    /// After the valid part was printed or programmed: a skipped document makes the
+    /// one-shot modes exit non-zero, so that scripts notice.
+    fn outcome(&self) -> Result<(), Failure> {
+        match self.broken {
+            0 => Ok(()),
+            n => Err(Failure::Error(format!(
+                "{n} manifest document(s) could not be parsed and were left out"
+            ))),
+        }
+    }
 }
 
 /// Loads the manifests and builds the proxy state, logging what was left out.
-fn load_build(paths: &[PathBuf], config: &ProxyConfig) -> Result<Build, String> {
-    let (snapshot, mut diagnostics) = source::load(paths).map_err(|e| e.to_string())?;
-    let built = build(&snapshot, config);
+fn load_build(paths: &[PathBuf], config: &ProxyConfig) -> Result<Loaded, String> {
+    let loaded = source::load(paths).map_err(|e| e.to_string())?;
+    for broken in &loaded.errors {
+        error!("skipping document {broken}");
+    }
+    let built = build(&loaded.snapshot, config);
+    let mut diagnostics = loaded.diagnostics;
     diagnostics.extend(built.diagnostics.iter().cloned());
     diagnostics.sort();
     for diagnostic in &diagnostics {
@@ -190,7 +213,10 @@ fn load_build(paths: &[PathBuf], config: &ProxyConfig) -> Result<Build, String> 
             Severity::Ignored => debug!("ignoring {diagnostic}"),
         }
     }
-    Ok(built)
+    Ok(Loaded {
+        build: built,
+        broken: loaded.errors.len(),
+    })
 }
 
 /// Before Linux 6.2 a chain cannot be deleted in the same transaction as the map
@@ -248,8 +274,16 @@ fn watch_files(
         }
         fingerprint = Some(now);
         info!("manifests changed");
-        match load_tables(&paths, &config) {
-            Ok(tables) => Input::Changed(tables),
+        // A broken document is most likely a file caught half-written: rather than
+        // drop its Services, keep the rules as they are until it parses again.
+        match load_build(&paths, &config) {
+            Ok(loaded) if loaded.broken == 0 => {
+                Input::Changed(nftproxy_render::render_all(&loaded.build))
+            }
+            Ok(loaded) => Input::Unavailable(format!(
+                "{} manifest document(s) could not be parsed",
+                loaded.broken
+            )),
             Err(e) => Input::Unavailable(e),
         }
     };

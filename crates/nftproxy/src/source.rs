@@ -9,24 +9,30 @@ use std::path::{Path, PathBuf};
 
 use nftproxy_model::{Diagnostic, ManifestError, Snapshot};
 
-/// Why the manifests could not be read.
+/// Everything read from the manifests: the objects, the objects left out, and the
+/// documents that are not YAML.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// The objects read.
+    pub snapshot: Snapshot,
+    /// Objects left out, with the reason.
+    pub diagnostics: Vec<Diagnostic>,
+    /// Documents skipped because they are not YAML.
+    pub errors: Vec<ManifestError>,
+}
+
+/// A manifest path that could not be read.
 #[derive(Debug, thiserror::Error)]
-pub enum SourceError {
-    /// A path could not be read.
-    #[error("{path}: {error}")]
-    Io {
-        /// The path.
-        path: String,
-        /// The error.
-        error: std::io::Error,
-    },
-    /// A file is not YAML.
-    #[error(transparent)]
-    Manifest(#[from] ManifestError),
+#[error("{path}: {error}")]
+pub struct SourceError {
+    /// The path.
+    path: String,
+    /// The error.
+    error: std::io::Error,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SourceError + '_ {
-    move |error| SourceError::Io {
+    move |error| SourceError {
         path: path.display().to_string(),
         error,
     }
@@ -57,23 +63,27 @@ pub fn manifest_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, SourceError> {
     Ok(files)
 }
 
-/// Reads every manifest into one snapshot.
-pub fn load(paths: &[PathBuf]) -> Result<(Snapshot, Vec<Diagnostic>), SourceError> {
-    let mut snapshot = Snapshot::default();
-    let mut diagnostics = Vec::new();
+/// Reads every manifest into one snapshot. Only a path that cannot be read fails the
+/// whole load; a broken document is reported in [`Loaded::errors`].
+pub fn load(paths: &[PathBuf]) -> Result<Loaded, SourceError> {
+    let mut loaded = Loaded::default();
     for file in manifest_files(paths)? {
-        let text = if file.as_os_str() == "-" {
-            let mut text = String::new();
+        let bytes = if file.as_os_str() == "-" {
+            let mut bytes = Vec::new();
             std::io::stdin()
-                .read_to_string(&mut text)
+                .read_to_end(&mut bytes)
                 .map_err(io(&file))?;
-            text
+            bytes
         } else {
-            std::fs::read_to_string(&file).map_err(io(&file))?
+            std::fs::read(&file).map_err(io(&file))?
         };
-        diagnostics.extend(snapshot.add_manifest(&file.display().to_string(), &text)?);
+        let report = loaded
+            .snapshot
+            .add_manifest_bytes(&file.display().to_string(), &bytes);
+        loaded.diagnostics.extend(report.diagnostics);
+        loaded.errors.extend(report.errors);
     }
-    Ok((snapshot, diagnostics))
+    Ok(loaded)
 }
 
 /// A digest of the manifest files' names and contents: equal digests, same input.

@@ -126,11 +126,17 @@ fn bad_flags_exit_2_with_one_line() {
 }
 
 #[test]
-fn unparseable_yaml_names_the_file_and_line() {
+fn unparseable_yaml_names_the_file_line_and_object_and_the_rest_is_printed() {
     let dir = std::env::temp_dir().join(format!("nftproxy-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let file = dir.join("broken.yaml");
-    std::fs::write(&file, "kind: Service\nmetadata:\n  name: [oops\n").expect("write");
+    std::fs::write(
+        &file,
+        "kind: Service\nmetadata:\n  name: oops\nspec: [\n---\n\
+         kind: Service\nmetadata: {name: fine, namespace: ns1}\n\
+         spec: {clusterIP: 172.30.0.3, ports: [{port: 80}]}\n",
+    )
+    .expect("write");
     let output = nftproxy(
         &[
             "--dry-run",
@@ -144,8 +150,11 @@ fn unparseable_yaml_names_the_file_and_line() {
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(output.status.code(), Some(1));
     let stderr = text(&output.stderr);
-    assert!(stderr.contains("broken.yaml:"), "{stderr}");
-    assert!(output.stdout.is_empty());
+    assert!(
+        stderr.contains("broken.yaml:4:") && stderr.contains("Service default/oops"),
+        "{stderr}"
+    );
+    assert!(text(&output.stdout).contains("172.30.0.3 . tcp . 80"));
 }
 
 #[test]

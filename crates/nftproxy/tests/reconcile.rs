@@ -1,7 +1,8 @@
 //! The reconciler and the binary's modes against the real kernel, each in a fresh
 //! network namespace: a refused transaction keeps the old rules and the next sync repairs
 //! the table; a restart sends nothing when nothing changed; the long-running file mode
-//! follows edits and leaves the rules in place on SIGTERM.
+//! follows edits, holds the rules while a manifest is half-written, and leaves them in
+//! place on SIGTERM.
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -232,6 +233,22 @@ fn file_mode_follows_edits_and_leaves_the_rules_on_sigterm() {
         std::fs::write(watched.join("c.yaml"), service("c", "172.30.0.3")).expect("write");
         wait_for("service c to come", || {
             services().contains("172.30.0.3 . tcp . 80")
+        });
+        // c.yaml caught half-written, while d.yaml is added: nothing changes until c.yaml
+        // parses again, so neither c goes away nor d comes half-way.
+        let c = service("c", "172.30.0.3");
+        let cut = c.find("ports: [{").expect("flow sequence") + 9;
+        std::fs::write(watched.join("c.yaml"), &c[..cut]).expect("write");
+        std::fs::write(watched.join("d.yaml"), service("d", "172.30.0.4")).expect("write");
+        std::thread::sleep(Duration::from_secs(1));
+        let held = services();
+        assert!(
+            held.contains("172.30.0.3 . tcp . 80") && !held.contains("172.30.0.4"),
+            "{held}"
+        );
+        std::fs::write(watched.join("c.yaml"), &c).expect("write");
+        wait_for("service d to come", || {
+            services().contains("172.30.0.4 . tcp . 80")
         });
         let pid = daemon.0.id().to_string();
         let term = Command::new("kill")

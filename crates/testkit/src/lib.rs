@@ -53,9 +53,11 @@ pub struct BuiltCase {
 pub fn build_case(case: &Path, reverse_input: bool) -> BuiltCase {
     let text = fs::read_to_string(case.join("input.yaml")).expect("input.yaml readable");
     let mut snapshot = Snapshot::default();
-    let mut diagnostics = snapshot
-        .add_manifest("input.yaml", &text)
-        .unwrap_or_else(|e| panic!("{}: {e}", case.display()));
+    let report = snapshot.add_manifest("input.yaml", &text);
+    if let Some(error) = report.errors.first() {
+        panic!("{}: {error}", case.display());
+    }
+    let mut diagnostics = report.diagnostics;
     if reverse_input {
         snapshot.services.reverse();
         snapshot.endpoint_slices.reverse();
@@ -106,9 +108,8 @@ fn default_config() -> ProxyConfig {
 /// `192.168.0.2`, cluster CIDRs `10.0.0.0/8,fd00:10::/64`).
 pub fn tables_from_yaml(yaml: &str) -> Vec<nftproxy_nft::Table> {
     let mut snapshot = Snapshot::default();
-    snapshot
-        .add_manifest("inline.yaml", yaml)
-        .expect("valid YAML");
+    let report = snapshot.add_manifest("inline.yaml", yaml);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
     let mut config = default_config();
     config
         .node_ips

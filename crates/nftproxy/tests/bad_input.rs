@@ -1,0 +1,231 @@
+//! The bad-input corpus (`tests/bad-input/`, plus a few inputs too large to commit,
+//! generated here): each hostile manifest is programmed together with the seed examples
+//! into a fresh network namespace. For every one the process must exit normally, name
+//! the offending object (`# expect:` lines), program the valid Services of the same file
+//! (`# programs:` lines) and leave the seed Services' rules exactly as without it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use nftproxy_netlink::NetlinkBackend;
+use nftproxy_netlink::netns::in_new_netns;
+use nftproxy_nft::{Backend, Family, Table};
+use nftproxy_testkit::{kernel_available, repo_root};
+
+/// One hostile input and what its run must show.
+struct Case {
+    name: String,
+    path: PathBuf,
+    /// Text stderr must contain.
+    expect: Vec<String>,
+    /// `namespace/name` of Services that must be programmed.
+    programs: Vec<String>,
+}
+
+impl Case {
+    fn from_file(path: PathBuf) -> Case {
+        let text = String::from_utf8_lossy(&std::fs::read(&path).expect("readable")).into_owned();
+        let header = |key: &str| -> Vec<String> {
+            text.lines()
+                .filter_map(|l| l.strip_prefix(key))
+                .map(|v| v.trim().to_owned())
+                .collect()
+        };
+        Case {
+            name: path
+                .file_name()
+                .expect("file name")
+                .to_string_lossy()
+                .into_owned(),
+            expect: header("# expect:"),
+            programs: header("# programs:"),
+            path,
+        }
+    }
+}
+
+/// Inputs measured in megabytes, written to `dir`.
+fn generated_cases(dir: &Path) -> Vec<Case> {
+    let ten_mb = "x".repeat(10 << 20);
+    let endpoints: String = (0..100_000u32)
+        .map(|i| {
+            format!(
+                "- addresses: [10.{}.{}.{}]\n",
+                200 + i / 65_536,
+                i / 256 % 256,
+                i % 256
+            )
+        })
+        .collect();
+    let inputs = [
+        (
+            "ten-megabyte-strings.yaml",
+            format!(
+                "kind: Service\nmetadata: {{name: {ten_mb}, namespace: bad}}\n\
+                 spec: {{clusterIP: 10.96.9.1, ports: [{{port: 80}}]}}\n---\n\
+                 kind: Service\nmetadata:\n  name: ok-annotated\n  namespace: good\n  \
+                 annotations: {{note: \"{ten_mb}\"}}\n  labels: {{big: \"{ten_mb}\"}}\n\
+                 spec: {{clusterIP: 10.96.9.2, ports: [{{port: 80}}]}}\n"
+            ),
+            vec!["Service bad/xxxxxxxx", "name is 10485760 characters long"],
+            vec!["good/ok-annotated"],
+        ),
+        (
+            "hundred-thousand-endpoints.yaml",
+            format!(
+                "kind: Service\nmetadata: {{name: ok-big, namespace: good}}\n\
+                 spec: {{clusterIP: 10.96.9.3, ports: [{{name: http, port: 80}}]}}\n---\n\
+                 apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+                 metadata: {{name: big-1, namespace: good, labels: {{kubernetes.io/service-name: ok-big}}}}\n\
+                 addressType: IPv4\nports: [{{name: http, port: 80}}]\nendpoints:\n{endpoints}"
+            ),
+            vec!["EndpointSlice good/big-1: 100000 endpoints"],
+            vec!["good/ok-big"],
+        ),
+    ];
+    inputs
+        .into_iter()
+        .map(|(name, text, expect, programs)| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).expect("temp file");
+            Case {
+                name: name.to_owned(),
+                path,
+                expect: expect.into_iter().map(str::to_owned).collect(),
+                programs: programs.into_iter().map(str::to_owned).collect(),
+            }
+        })
+        .collect()
+}
+
+fn nftproxy(mode: &[&str], manifests: &[&Path]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_nftproxy"))
+        .args(mode)
+        .args(["--node-name", "node-a", "--node-ip", "192.168.50.10"])
+        .args(["--cluster-cidr", "10.244.0.0/16", "--manifests"])
+        .args(manifests)
+        .current_dir(repo_root())
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("nftproxy runs")
+}
+
+fn listed() -> Table {
+    NetlinkBackend::open()
+        .expect("socket")
+        .list(Family::Ip, "nftproxy")
+        .expect("list")
+        .expect("table exists")
+}
+
+/// Everything of `reference` that belongs to the seed Services (namespace `default`) is
+/// in `table` unchanged: their chains rule for rule, their set and map elements.
+fn seed_problems(reference: &Table, table: &Table) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (name, chain) in reference
+        .chains
+        .iter()
+        .filter(|(n, _)| n.contains("default/"))
+    {
+        if table.chains.get(name) != Some(chain) {
+            problems.push(format!("chain {name} differs or is missing"));
+        }
+    }
+    for (name, set) in &reference.sets {
+        for (key, element) in &set.elements {
+            let found = table.sets.get(name).and_then(|s| s.elements.get(key));
+            if found != Some(element) {
+                problems.push(format!("{name}: element {key:?} differs or is missing"));
+            }
+        }
+    }
+    problems
+}
+
+fn check(case: &Case, output: &Output, table: &Table, reference: &Table) -> Vec<String> {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let mut problems = Vec::new();
+    let broken_document = stderr.contains("ERROR skipping document");
+    match output.status.code() {
+        Some(0) if !broken_document => {}
+        Some(1) if broken_document => {}
+        other => problems.push(format!("exit {other:?}")),
+    }
+    if stderr.contains("panicked") {
+        problems.push("panicked".to_owned());
+    }
+    for expect in &case.expect {
+        if !stderr.contains(expect.as_str()) {
+            problems.push(format!("stderr does not name {expect:?}"));
+        }
+    }
+    for service in &case.programs {
+        // A Service with endpoints has a service chain; one without has its
+        // no-endpoint-services element, commented `namespace/name[:port]`.
+        let marker = format!("-{service}/");
+        let with_endpoints = table
+            .chains
+            .keys()
+            .any(|c| c.starts_with("service-") && c.contains(&marker));
+        let without_endpoints = table.sets.get("no-endpoint-services").is_some_and(|set| {
+            set.elements.values().any(|e| {
+                e.comment
+                    .as_deref()
+                    .and_then(|c| c.strip_prefix(service.as_str()))
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with(':'))
+            })
+        });
+        if !with_endpoints && !without_endpoints {
+            problems.push(format!("Service {service} is not programmed"));
+        }
+    }
+    problems.extend(seed_problems(reference, table));
+    if !problems.is_empty() {
+        let shown: String = stderr.chars().take(2_000).collect();
+        problems.push(format!("stderr:\n{shown}"));
+    }
+    problems
+}
+
+#[test]
+fn every_hostile_input_is_named_and_the_valid_rest_programmed() {
+    if !kernel_available("every_hostile_input_is_named_and_the_valid_rest_programmed") {
+        return;
+    }
+    let corpus = repo_root().join("crates/nftproxy/tests/bad-input");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&corpus)
+        .expect("corpus")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 40, "the corpus holds {} files", files.len());
+    let temp = std::env::temp_dir().join(format!("nftproxy-bad-input-{}", std::process::id()));
+    std::fs::create_dir_all(&temp).expect("temp dir");
+    let mut cases: Vec<Case> = files.into_iter().map(Case::from_file).collect();
+    cases.extend(generated_cases(&temp));
+
+    let failures = in_new_netns(move || {
+        let seed = repo_root().join("examples/seed");
+        let output = nftproxy(&["--once"], &[&seed]);
+        assert!(output.status.success(), "{output:?}");
+        let reference = listed();
+        let mut failures = Vec::new();
+        for case in &cases {
+            let output = nftproxy(&["--once"], &[&case.path, &seed]);
+            let mut problems = check(case, &output, &listed(), &reference);
+            // What the kernel holds is the whole valid input, not just the parts checked.
+            let diff = nftproxy(&["--dry-run", "--diff"], &[&case.path, &seed]);
+            if !String::from_utf8_lossy(&diff.stdout).contains("nothing to do") {
+                problems.push("the kernel does not hold the whole ruleset".to_owned());
+            }
+            if !problems.is_empty() {
+                failures.push(format!("{}:\n  {}", case.name, problems.join("\n  ")));
+            }
+        }
+        failures
+    })
+    .expect("new network namespace");
+    let _ = std::fs::remove_dir_all(&temp);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
