@@ -26,6 +26,8 @@ const USERDATA_MAX: u32 = 256;
 const BYTEORDER_BIG_ENDIAN: u32 = 2;
 /// Nested attributes have 16-bit lengths: a message must stay below this.
 pub(crate) const MESSAGE_MAX: usize = 65_535;
+/// The size the kernel gives a dynamic set that was created without one.
+const DYNSET_DEFAULT_SIZE: u32 = 0xffff;
 /// Scratch space for one message: libnftnl does not bound its writes, so this is far
 /// larger than any message we accept.
 const SCRATCH: usize = 4 * MESSAGE_MAX;
@@ -1170,7 +1172,10 @@ pub(crate) fn parse_set(nlh: *const nlmsghdr) -> Result<(String, Set), Error> {
         decoded.data = is_map.then_some(nftproxy_nft::DataType::Verdict);
         decoded.dynamic = flags & libc::NFT_SET_EVAL as u32 != 0;
         decoded.timeout = timeout;
-        decoded.size = size.filter(|s| *s != 0);
+        // A set without a size gets 65,535 from the kernel when an `update` binds it
+        // (nft_dynset_init), without its hash table being sized for that: it is the
+        // kernel's default, not something the set was created with.
+        decoded.size = size.filter(|s| *s != 0 && !(decoded.dynamic && *s == DYNSET_DEFAULT_SIZE));
         decoded.comment = comment;
         Ok((table, decoded))
     }

@@ -1,0 +1,312 @@
+//! `nftproxy-bench`: loads synthetic clusters into fresh network namespaces and prints
+//! nftproxy's times beside `nft -f` of the same ruleset and of upstream kube-proxy's
+//! 1.36-shaped ruleset, measured in the same run.
+//!
+//! Invariant: every kernel-side step runs in a network namespace created for it, in a
+//! child process of its own, so one measurement's memory and kernel state never leak
+//! into another's, and the host's ruleset is never touched.
+
+mod synth;
+mod upstream;
+mod worker;
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+use nftproxy_netlink::netns::in_new_netns;
+use serde::{Deserialize, Serialize};
+
+use crate::worker::{ColdReport, LatencyReport};
+
+/// Latency runs per Service count.
+const LATENCY_ROUNDS: usize = 3;
+
+#[derive(Parser)]
+#[command(name = "nftproxy-bench", version, about)]
+struct Args {
+    /// Service counts to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000,30000")]
+    services: Vec<u32>,
+    /// Endpoints per Service.
+    #[arg(long, default_value_t = 5)]
+    endpoints: u32,
+    /// Also load this many Services with `--wide-endpoints` endpoints each (0: skip).
+    #[arg(long, default_value_t = 30_000)]
+    wide_services: u32,
+    /// Endpoints per Service of the wide load.
+    #[arg(long, default_value_t = 10)]
+    wide_endpoints: u32,
+    /// Service counts for the connect-latency comparison (empty: skip).
+    #[arg(long, value_delimiter = ',', default_value = "10,10000")]
+    latency: Vec<u32>,
+    /// Skip the upstream-shaped `nft -f` above this many Services (it is slow).
+    #[arg(long, default_value_t = 30_000)]
+    upstream_max: u32,
+    /// Write the results here as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[command(subcommand)]
+    worker: Option<Worker>,
+}
+
+/// Runs inside a fresh network namespace, started by the parent; prints JSON.
+#[derive(Subcommand)]
+enum Worker {
+    /// Cold load, then single changes and a no-change sync.
+    #[command(hide = true)]
+    Cold {
+        #[arg(long)]
+        services: u32,
+        #[arg(long)]
+        endpoints: u32,
+    },
+    /// Connect latency through the rules of a loaded cluster.
+    #[command(hide = true)]
+    Latency {
+        #[arg(long)]
+        services: u32,
+    },
+}
+
+/// `nft -f` of a text file: wall time and the peak RSS of `nft`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct NftLoad {
+    seconds: f64,
+    rss_kb: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct Row {
+    services: u32,
+    endpoints: u32,
+    nftproxy: ColdReport,
+    nft_same_text: Option<NftLoad>,
+    nft_upstream_shape: Option<NftLoad>,
+}
+
+#[derive(Debug, Serialize)]
+struct Results {
+    rows: Vec<Row>,
+    wide: Option<ColdReport>,
+    latency: Vec<LatencyReport>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let result = match &args.worker {
+        Some(Worker::Cold {
+            services,
+            endpoints,
+        }) => worker::cold(*services, *endpoints).map(|r| print_json(&r)),
+        Some(Worker::Latency { services }) => worker::latency(*services).map(|r| print_json(&r)),
+        None => run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nftproxy-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_json<T: Serialize>(value: &T) {
+    println!("{}", serde_json::to_string(value).unwrap_or_default());
+}
+
+/// Runs `nftproxy-bench` with `args` in a fresh network namespace and decodes its JSON.
+fn in_worker<T: for<'de> Deserialize<'de>>(args: Vec<String>) -> Result<T, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let output = in_new_netns(move || Command::new(exe).args(args).output())
+        .map_err(|e| format!("network namespace: {e}"))?
+        .map_err(|e| e.to_string())?;
+    if !output.status.success() {
+        return Err(format!(
+            "worker failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    serde_json::from_slice(&output.stdout).map_err(|e| format!("worker output: {e}"))
+}
+
+/// `nft -f FILE` in a fresh network namespace under `/usr/bin/time`.
+fn nft_load(text: &str) -> Result<NftLoad, String> {
+    let path = std::env::temp_dir().join(format!("nftproxy-bench-{}.nft", std::process::id()));
+    std::fs::write(&path, text).map_err(|e| e.to_string())?;
+    let file = path.clone();
+    let started = Instant::now();
+    let output = in_new_netns(move || {
+        Command::new("/usr/bin/time")
+            .args(["-f", "%M"])
+            .arg("nft")
+            .arg("-f")
+            .arg(&file)
+            .output()
+    })
+    .map_err(|e| format!("network namespace: {e}"))?
+    .map_err(|e| format!("/usr/bin/time: {e}"))?;
+    let seconds = started.elapsed().as_secs_f64();
+    let _ = std::fs::remove_file(&path);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if !output.status.success() {
+        return Err(format!("nft -f failed: {stderr}"));
+    }
+    let rss_kb = stderr
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or(0);
+    Ok(NftLoad { seconds, rss_kb })
+}
+
+fn cold_args(services: u32, endpoints: u32) -> Vec<String> {
+    vec![
+        "cold".to_owned(),
+        "--services".to_owned(),
+        services.to_string(),
+        "--endpoints".to_owned(),
+        endpoints.to_string(),
+    ]
+}
+
+fn run(args: &Args) -> Result<(), String> {
+    let mut results = Results {
+        rows: Vec::new(),
+        wide: None,
+        latency: Vec::new(),
+    };
+    for &services in &args.services {
+        eprintln!(
+            "measuring {services} services x {} endpoints",
+            args.endpoints
+        );
+        let nftproxy: ColdReport = in_worker(cold_args(services, args.endpoints))?;
+        let specs = synth::specs(services, args.endpoints);
+        let text = worker::dry_run_text(&specs);
+        let nft_same_text = Some(nft_load(&text)?);
+        drop(text);
+        let nft_upstream_shape = if services <= args.upstream_max {
+            Some(nft_load(&upstream::ruleset(&specs))?)
+        } else {
+            None
+        };
+        results.rows.push(Row {
+            services,
+            endpoints: args.endpoints,
+            nftproxy,
+            nft_same_text,
+            nft_upstream_shape,
+        });
+    }
+    if args.wide_services > 0 {
+        eprintln!(
+            "measuring {} services x {} endpoints",
+            args.wide_services, args.wide_endpoints
+        );
+        results.wide = Some(in_worker(cold_args(
+            args.wide_services,
+            args.wide_endpoints,
+        ))?);
+    }
+    // Rounds alternate between the sizes and the best median of each is kept, so that a
+    // noisy moment of the machine does not decide the comparison.
+    for round in 0..LATENCY_ROUNDS {
+        for &services in &args.latency {
+            eprintln!(
+                "measuring connect latency with {services} services ({})",
+                round + 1
+            );
+            let report: LatencyReport = in_worker(vec![
+                "latency".to_owned(),
+                "--services".to_owned(),
+                services.to_string(),
+            ])?;
+            match results.latency.iter_mut().find(|r| r.services == services) {
+                Some(best) if best.median_seconds <= report.median_seconds => {}
+                Some(best) => *best = report,
+                None => results.latency.push(report),
+            }
+        }
+    }
+    print!("{}", table(&results));
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&results).map_err(|e| e.to_string())?;
+        std::fs::write(path, json + "\n").map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn ratio(theirs: Option<&NftLoad>, ours: f64) -> String {
+    theirs.map_or_else(
+        || "-".to_owned(),
+        |t| format!("{:.1}x", t.seconds / ours.max(1e-9)),
+    )
+}
+
+fn load(theirs: Option<&NftLoad>) -> String {
+    theirs.map_or_else(
+        || "-".to_owned(),
+        |t| format!("{:.2} s / {} MB", t.seconds, t.rss_kb / 1024),
+    )
+}
+
+/// The human-readable result table (Markdown, so that it can go into the README).
+fn table(results: &Results) -> String {
+    let mut out = String::from(
+        "| services x endpoints | nftproxy cold load | nft -f same rules | nft -f upstream 1.36 shape | vs same | vs upstream |\n|---|---|---|---|---|---|\n",
+    );
+    for row in &results.rows {
+        let ours = row.nftproxy.cold_seconds;
+        out += &format!(
+            "| {} x {} | {:.2} s / {} MB | {} | {} | {} | {} |\n",
+            row.services,
+            row.endpoints,
+            ours,
+            row.nftproxy.rss_kb / 1024,
+            load(row.nft_same_text.as_ref()),
+            load(row.nft_upstream_shape.as_ref()),
+            ratio(row.nft_same_text.as_ref(), ours),
+            ratio(row.nft_upstream_shape.as_ref(), ours),
+        );
+    }
+    out += "\n| services x endpoints | sync | wall | kernel commit | operations |\n|---|---|---|---|---|\n";
+    let mut all: Vec<&ColdReport> = results.rows.iter().map(|r| &r.nftproxy).collect();
+    all.extend(&results.wide);
+    for report in all {
+        for sync in &report.syncs {
+            out += &format!(
+                "| {} x {} | {} | {:.1} ms | {:.1} ms (longest {:.1} ms) | {} |\n",
+                report.services,
+                report.endpoints,
+                sync.what,
+                sync.wall_seconds * 1e3,
+                sync.commit_seconds * 1e3,
+                sync.longest_commit_seconds * 1e3,
+                sync.operations,
+            );
+        }
+        out += &format!(
+            "| {} x {} | user space alone (build + render + plan) | {:.1} ms | - | - |\n",
+            report.services,
+            report.endpoints,
+            report.userspace_seconds * 1e3
+        );
+    }
+    if !results.latency.is_empty() {
+        out += &format!(
+            "\n| services | connects | median connect (best of {LATENCY_ROUNDS}) | p90 connect |\n|---|---|---|---|\n"
+        );
+        for latency in &results.latency {
+            out += &format!(
+                "| {} | {} | {:.1} µs | {:.1} µs |\n",
+                latency.services,
+                latency.connects,
+                latency.median_seconds * 1e6,
+                latency.p90_seconds * 1e6
+            );
+        }
+    }
+    out
+}

@@ -1,0 +1,277 @@
+//! The measurements that run inside a fresh network namespace: a cold load followed by
+//! single changes, and connect latency through the loaded rules.
+//!
+//! Invariant: each timing covers what a real sync does (build the proxy state, render,
+//! plan, commit), and the kernel part is timed separately around each commit.
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use nftproxy_model::config::parse_cidr_list;
+use nftproxy_model::{ProxyConfig, Snapshot, build};
+use nftproxy_netlink::NetlinkBackend;
+use nftproxy_nft::{Backend, Family, Table, Transaction};
+use nftproxy_proxier::{Reconciler, ReconcilerOptions};
+use nftproxy_render::{TABLE_NAME, render_all};
+use serde::{Deserialize, Serialize};
+
+use crate::synth::{self, CLUSTER_CIDR, NODE_IP, NODE_NAME, PORT, Spec, TARGET_PORT};
+
+/// One sync: what changed, how long it took, what it sent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SyncTiming {
+    /// What changed.
+    pub what: String,
+    /// Build + render + plan + commit.
+    pub wall_seconds: f64,
+    /// Time inside the kernel commits (sendmsg until the replies are read).
+    pub commit_seconds: f64,
+    /// The longest single commit.
+    pub longest_commit_seconds: f64,
+    /// Operations (table, chain, rule, set and element changes) sent.
+    pub operations: usize,
+}
+
+/// A cold load and the syncs after it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ColdReport {
+    /// Services.
+    pub services: u32,
+    /// Endpoints per Service.
+    pub endpoints: u32,
+    /// Empty namespace to full ruleset: build + render + plan + commit.
+    pub cold_seconds: f64,
+    /// Peak RSS of the process after the cold load (it holds the objects, as the
+    /// daemon's watch caches do).
+    pub rss_kb: u64,
+    /// The cold load, single changes, and a sync with nothing changed.
+    pub syncs: Vec<SyncTiming>,
+    /// Build + render + plan of an unchanged cluster, without the kernel.
+    pub userspace_seconds: f64,
+}
+
+/// Connect latency through the rules.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LatencyReport {
+    /// Services loaded.
+    pub services: u32,
+    /// Connections measured.
+    pub connects: usize,
+    /// Median time of `connect()` to the ClusterIP.
+    pub median_seconds: f64,
+    /// 90th percentile.
+    pub p90_seconds: f64,
+}
+
+/// A backend that times each commit.
+struct Timed {
+    inner: NetlinkBackend,
+    commits: Vec<Duration>,
+}
+
+impl Backend for Timed {
+    type Error = <NetlinkBackend as Backend>::Error;
+
+    fn list(&mut self, family: Family, table: &str) -> Result<Option<Table>, Self::Error> {
+        self.inner.list(family, table)
+    }
+
+    fn apply(&mut self, tx: &Transaction) -> Result<(), Self::Error> {
+        let started = Instant::now();
+        let result = self.inner.apply(tx);
+        self.commits.push(started.elapsed());
+        result
+    }
+}
+
+fn config() -> Result<ProxyConfig, String> {
+    let mut config = ProxyConfig::new(NODE_NAME);
+    config.node_ips = vec![NODE_IP.into()];
+    config.cluster_cidrs =
+        parse_cidr_list("clusterCIDR", CLUSTER_CIDR).map_err(|e| e.to_string())?;
+    Ok(config)
+}
+
+/// nftproxy's `--dry-run` text for `specs`.
+pub fn dry_run_text(specs: &[Spec]) -> String {
+    let tables = config()
+        .map(|c| render_all(&build(&synth::snapshot(specs), &c)))
+        .unwrap_or_default();
+    tables.iter().map(ToString::to_string).collect()
+}
+
+fn peak_rss_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+struct Loaded {
+    reconciler: Reconciler<Timed>,
+    config: ProxyConfig,
+}
+
+impl Loaded {
+    fn new() -> Result<Loaded, String> {
+        let backend = Timed {
+            inner: NetlinkBackend::open().map_err(|e| e.to_string())?,
+            commits: Vec::new(),
+        };
+        Ok(Loaded {
+            reconciler: Reconciler::new(backend, TABLE_NAME, ReconcilerOptions::default()),
+            config: config()?,
+        })
+    }
+
+    /// One full sync of `snapshot`, timed.
+    fn sync(&mut self, what: &str, snapshot: &Snapshot) -> Result<SyncTiming, String> {
+        self.reconciler.backend_mut().commits.clear();
+        let started = Instant::now();
+        let tables = render_all(&build(snapshot, &self.config));
+        let report = self.reconciler.sync(&tables).map_err(|e| e.to_string())?;
+        let wall_seconds = started.elapsed().as_secs_f64();
+        let commits = &self.reconciler.backend_mut().commits;
+        Ok(SyncTiming {
+            what: what.to_owned(),
+            wall_seconds,
+            commit_seconds: commits.iter().sum::<Duration>().as_secs_f64(),
+            longest_commit_seconds: commits
+                .iter()
+                .max()
+                .copied()
+                .unwrap_or_default()
+                .as_secs_f64(),
+            operations: report.operations,
+        })
+    }
+}
+
+/// Cold load of `services` × `endpoints`, then one endpoint added, one removed, one
+/// Service added, one removed, and a sync with nothing changed.
+pub fn cold(services: u32, endpoints: u32) -> Result<ColdReport, String> {
+    let mut specs = synth::specs(services, endpoints);
+    let mut snapshot = synth::snapshot(&specs);
+    let mut loaded = Loaded::new()?;
+    let cold = loaded.sync("cold load", &snapshot)?;
+    let cold_seconds = cold.wall_seconds;
+    let rss_kb = peak_rss_kb();
+    let mut syncs = vec![cold];
+
+    // Service 1 is a plain ClusterIP Service (see synth::spec).
+    let changed = 1usize.min(specs.len().saturating_sub(1));
+    if let Some(spec) = specs.get_mut(changed) {
+        spec.endpoints
+            .push(synth::endpoint_ip(spec.index, endpoints));
+        snapshot.endpoint_slices[changed] = synth::endpoint_slice(spec);
+        syncs.push(loaded.sync("one endpoint added", &snapshot)?);
+        spec.endpoints
+            .truncate(spec.endpoints.len().saturating_sub(2));
+        snapshot.endpoint_slices[changed] = synth::endpoint_slice(spec);
+        syncs.push(loaded.sync("one endpoint removed", &snapshot)?);
+    }
+    let extra = synth::spec(services, endpoints);
+    snapshot.services.push(synth::service(&extra));
+    snapshot.endpoint_slices.push(synth::endpoint_slice(&extra));
+    syncs.push(loaded.sync("one service added", &snapshot)?);
+    if !specs.is_empty() {
+        snapshot.services.remove(0);
+        snapshot.endpoint_slices.remove(0);
+        syncs.push(loaded.sync("one service removed", &snapshot)?);
+    }
+    syncs.push(loaded.sync("nothing changed", &snapshot)?);
+
+    let started = Instant::now();
+    let tables = render_all(&build(&snapshot, &loaded.config));
+    let plans = loaded.reconciler.plans(&tables);
+    let userspace_seconds = started.elapsed().as_secs_f64();
+    if plans.iter().any(|tx| !tx.ops.is_empty()) {
+        return Err("the kernel does not hold the last sync's ruleset".to_owned());
+    }
+    Ok(ColdReport {
+        services,
+        endpoints,
+        cold_seconds,
+        rss_kb,
+        syncs,
+        userspace_seconds,
+    })
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let status = Command::new("ip")
+        .args(args)
+        .status()
+        .map_err(|e| format!("ip: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("ip {}: {status}", args.join(" ")))
+    }
+}
+
+/// Median and p90 `connect()` time to Service 0's ClusterIP with `services` Services
+/// loaded. Service 0's endpoints are addresses of this namespace, so every connection
+/// passes the real DNAT path and completes locally.
+pub fn latency(services: u32) -> Result<LatencyReport, String> {
+    const WARM_UP: usize = 200;
+    const CONNECTS: usize = 3_000;
+    let specs = synth::specs(services.max(1), 5);
+    let client = Ipv4Addr::new(10, 128, 255, 254);
+    ip(&["link", "set", "lo", "up"])?;
+    // No dummy driver on every kernel: a veth pair whose peer stays here does as well.
+    ip(&[
+        "link", "add", "bench0", "type", "veth", "peer", "name", "bench1",
+    ])?;
+    ip(&["link", "set", "bench0", "up"])?;
+    ip(&["link", "set", "bench1", "up"])?;
+    ip(&["addr", "add", &format!("{client}/32"), "dev", "bench0"])?;
+    for endpoint in &specs[0].endpoints {
+        ip(&["addr", "add", &format!("{endpoint}/32"), "dev", "bench0"])?;
+    }
+    ip(&[
+        "route",
+        "add",
+        "10.96.0.0/12",
+        "dev",
+        "bench0",
+        "src",
+        &client.to_string(),
+    ])?;
+    let mut loaded = Loaded::new()?;
+    loaded.sync("cold load", &synth::snapshot(&specs))?;
+
+    let listener =
+        TcpListener::bind(("0.0.0.0", TARGET_PORT)).map_err(|e| format!("listen: {e}"))?;
+    let acceptor = std::thread::spawn(move || {
+        for _ in 0..WARM_UP + CONNECTS {
+            if listener.accept().is_err() {
+                break;
+            }
+        }
+    });
+    let target = SocketAddr::from((specs[0].cluster_ip, PORT));
+    let mut times = Vec::with_capacity(CONNECTS);
+    for attempt in 0..WARM_UP + CONNECTS {
+        let started = Instant::now();
+        let stream = TcpStream::connect_timeout(&target, Duration::from_secs(5))
+            .map_err(|e| format!("connect {target}: {e}"))?;
+        if attempt >= WARM_UP {
+            times.push(started.elapsed());
+        }
+        drop(stream);
+    }
+    let _ = acceptor.join();
+    times.sort_unstable();
+    Ok(LatencyReport {
+        services,
+        connects: times.len(),
+        median_seconds: times[times.len() / 2].as_secs_f64(),
+        p90_seconds: times[times.len() * 9 / 10].as_secs_f64(),
+    })
+}

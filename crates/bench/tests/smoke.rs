@@ -1,0 +1,66 @@
+//! The benchmark itself, small: every measurement runs and reports numbers that make
+//! sense (a sync with nothing changed sends nothing; the changes send something; every
+//! connection through the rules completes), so `hack/bench.sh` cannot rot unnoticed.
+
+use std::process::Command;
+
+use nftproxy_testkit::kernel_available;
+use serde_json::Value;
+
+#[test]
+fn a_small_benchmark_runs_end_to_end() {
+    if !kernel_available("a_small_benchmark_runs_end_to_end") {
+        return;
+    }
+    let json = std::env::temp_dir().join(format!("nftproxy-bench-{}.json", std::process::id()));
+    let output = Command::new(env!("CARGO_BIN_EXE_nftproxy-bench"))
+        .args([
+            "--services",
+            "200",
+            "--wide-services",
+            "50",
+            "--latency",
+            "20",
+        ])
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .expect("bench runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(table.contains("| 200 x 5 |"), "{table}");
+    let results: Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("json written")).expect("json");
+    let _ = std::fs::remove_file(&json);
+    let row = &results["rows"][0];
+    assert!(row["nft_same_text"]["seconds"].as_f64() > Some(0.0));
+    assert!(row["nft_upstream_shape"]["rss_kb"].as_u64() > Some(0));
+    let syncs = row["nftproxy"]["syncs"].as_array().expect("syncs");
+    let operations = |what: &str| {
+        syncs
+            .iter()
+            .find(|s| s["what"] == what)
+            .and_then(|s| s["operations"].as_u64())
+            .unwrap_or_else(|| panic!("no sync {what:?}"))
+    };
+    assert!(operations("cold load") > 1_000);
+    for change in [
+        "one endpoint added",
+        "one endpoint removed",
+        "one service added",
+        "one service removed",
+    ] {
+        assert!(
+            (1..50).contains(&operations(change)),
+            "{change}: {}",
+            operations(change)
+        );
+    }
+    assert_eq!(operations("nothing changed"), 0);
+    assert_eq!(results["wide"]["services"], 50);
+    assert_eq!(results["latency"][0]["connects"], 3_000);
+}
