@@ -60,7 +60,10 @@ impl Snapshot {
     pub fn add_manifest_bytes(&mut self, source_name: &str, bytes: &[u8]) -> ManifestReport {
         let text = String::from_utf8_lossy(bytes);
         let mut report = self.add_manifest(source_name, &text);
-        if let Err(error) = std::str::from_utf8(bytes) {
+        // Only a copy (`Owned`) means something was replaced: validate again for where.
+        if let std::borrow::Cow::Owned(_) = text
+            && let Err(error) = std::str::from_utf8(bytes)
+        {
             let valid = &bytes[..error.valid_up_to()];
             let line_start = valid.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
             report.errors.insert(

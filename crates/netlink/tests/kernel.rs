@@ -11,16 +11,7 @@ use nftproxy_testkit::{golden_tables, kernel_available, normalise_listing, run_o
 
 /// `nft list ruleset` in the calling thread's namespace.
 fn nft_list() -> String {
-    let output = Command::new("nft")
-        .args(["list", "ruleset"])
-        .output()
-        .expect("nft runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
+    run_ok(Command::new("nft").args(["list", "ruleset"]), "")
 }
 
 /// `nft -f -` of `text`, then `nft list ruleset`, in the calling thread's namespace.

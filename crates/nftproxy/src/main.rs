@@ -179,12 +179,12 @@ fn emit(text: &str) -> Result<(), Failure> {
 
 /// The proxy state built from the manifests, and how many documents were skipped
 /// because they are not YAML.
-struct Loaded {
+struct Built {
     build: Build,
     broken: usize,
 }
 
-impl Loaded {
+impl Built {
     /// After the valid part was printed or programmed: a skipped document makes the
     /// one-shot modes exit non-zero, so that scripts notice.
     fn outcome(&self) -> Result<(), Failure> {
@@ -198,7 +198,7 @@ impl Loaded {
 }
 
 /// Loads the manifests and builds the proxy state, logging what was left out.
-fn load_build(paths: &[PathBuf], config: &ProxyConfig) -> Result<Loaded, String> {
+fn load_build(paths: &[PathBuf], config: &ProxyConfig) -> Result<Built, String> {
     let loaded = source::load(paths).map_err(|e| e.to_string())?;
     for broken in &loaded.errors {
         error!("skipping document {broken}");
@@ -213,7 +213,7 @@ fn load_build(paths: &[PathBuf], config: &ProxyConfig) -> Result<Loaded, String>
             Severity::Ignored => debug!("ignoring {diagnostic}"),
         }
     }
-    Ok(Loaded {
+    Ok(Built {
         build: built,
         broken: loaded.errors.len(),
     })

@@ -10,7 +10,7 @@ use std::process::{Command, Output};
 use nftproxy_netlink::NetlinkBackend;
 use nftproxy_netlink::netns::in_new_netns;
 use nftproxy_nft::{Backend, Family, Table};
-use nftproxy_testkit::{kernel_available, repo_root};
+use nftproxy_testkit::{SEED_NODE_FLAGS, kernel_available, repo_root};
 
 /// One hostile input and what its run must show.
 struct Case {
@@ -101,8 +101,8 @@ fn generated_cases(dir: &Path) -> Vec<Case> {
 fn nftproxy(mode: &[&str], manifests: &[&Path]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_nftproxy"))
         .args(mode)
-        .args(["--node-name", "node-a", "--node-ip", "192.168.50.10"])
-        .args(["--cluster-cidr", "10.244.0.0/16", "--manifests"])
+        .args(SEED_NODE_FLAGS)
+        .arg("--manifests")
         .args(manifests)
         .current_dir(repo_root())
         .env_remove("RUST_LOG")

@@ -3,7 +3,7 @@
 
 use std::process::{Command, Output};
 
-use nftproxy_testkit::{repo_root, run_with_input};
+use nftproxy_testkit::{SEED_NODE_FLAGS, repo_root, run_with_input};
 
 fn nftproxy(args: &[&str], stdin: Option<&str>) -> Output {
     run_with_input(
@@ -19,21 +19,18 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-const SEED_FLAGS: [&str; 9] = [
-    "--dry-run",
-    "--manifests",
-    "examples/seed/",
-    "--node-name",
-    "node-a",
-    "--node-ip",
-    "192.168.50.10",
-    "--cluster-cidr",
-    "10.244.0.0/16",
-];
+/// `--dry-run` of the seed examples on the node they are written for.
+fn seed_flags() -> Vec<&'static str> {
+    [
+        &["--dry-run", "--manifests", "examples/seed/"][..],
+        &SEED_NODE_FLAGS[..],
+    ]
+    .concat()
+}
 
 #[test]
 fn seed_dry_run_prints_the_golden_ruleset() {
-    let output = nftproxy(&SEED_FLAGS, None);
+    let output = nftproxy(&seed_flags(), None);
     assert!(output.status.success(), "{}", text(&output.stderr));
     let expected =
         std::fs::read_to_string(repo_root().join("rules-golden/seed/ip.nft")).expect("golden file");
@@ -211,7 +208,7 @@ fn ipv6_input_adds_the_ip6_table() {
 fn explain_traces_a_packet_through_the_seed_rules() {
     let probe = ["--from", "203.0.113.9", "--to", "192.168.50.10:31000/tcp"];
     let human = nftproxy(
-        &[&["explain"][..], &SEED_FLAGS[1..], &probe[..]].concat(),
+        &[&["explain"][..], &seed_flags()[1..], &probe[..]].concat(),
         None,
     );
     assert!(human.status.success(), "{}", text(&human.stderr));
@@ -229,7 +226,7 @@ fn explain_traces_a_packet_through_the_seed_rules() {
     let json = nftproxy(
         &[
             &["explain"][..],
-            &SEED_FLAGS[1..],
+            &seed_flags()[1..],
             &probe[..],
             &["--output", "json"][..],
         ]

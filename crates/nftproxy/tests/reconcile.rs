@@ -12,7 +12,9 @@ use nftproxy_netlink::NetlinkBackend;
 use nftproxy_netlink::netns::in_new_netns;
 use nftproxy_nft::{Backend, Family};
 use nftproxy_proxier::{Reconciler, ReconcilerOptions, SyncError};
-use nftproxy_testkit::{kernel_available, normalise_listing, repo_root, run_ok, tables_from_yaml};
+use nftproxy_testkit::{
+    SEED_NODE_FLAGS, kernel_available, normalise_listing, repo_root, run_ok, tables_from_yaml,
+};
 
 fn service(name: &str, ip: &str) -> String {
     format!(
@@ -35,13 +37,7 @@ impl Drop for Daemon {
 }
 
 fn nft(args: &[&str]) -> String {
-    let output = Command::new("nft").args(args).output().expect("nft runs");
-    assert!(
-        output.status.success(),
-        "nft {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
+    run_ok(Command::new("nft").args(args), "")
 }
 
 #[test]
@@ -101,16 +97,10 @@ fn nftproxy(args: &[&str]) -> Output {
         .expect("nftproxy runs")
 }
 
-const SEED: [&str; 8] = [
-    "--manifests",
-    "examples/seed/",
-    "--node-name",
-    "node-a",
-    "--node-ip",
-    "192.168.50.10",
-    "--cluster-cidr",
-    "10.244.0.0/16",
-];
+/// The seed examples on the node they are written for.
+fn seed() -> Vec<&'static str> {
+    [&["--manifests", "examples/seed/"][..], &SEED_NODE_FLAGS[..]].concat()
+}
 
 #[test]
 fn once_matches_the_dry_run_restarts_send_nothing_and_other_tables_are_untouched() {
@@ -118,7 +108,7 @@ fn once_matches_the_dry_run_restarts_send_nothing_and_other_tables_are_untouched
     if !kernel_available(test) {
         return;
     }
-    let dry_run = nftproxy(&[&["--dry-run"][..], &SEED[..]].concat());
+    let dry_run = nftproxy(&[&["--dry-run"][..], &seed()[..]].concat());
     assert!(dry_run.status.success());
     let dry_run = String::from_utf8_lossy(&dry_run.stdout).into_owned();
     let reference = in_new_netns(move || {
@@ -141,9 +131,9 @@ fn once_matches_the_dry_run_restarts_send_nothing_and_other_tables_are_untouched
             "add", "rule", "ip", "other", "c", "tcp", "dport", "22", "accept",
         ]);
         let other_before = nft(&["list", "table", "ip", "other"]);
-        let first = nftproxy(&[&["--once"][..], &SEED[..]].concat());
+        let first = nftproxy(&[&["--once"][..], &seed()[..]].concat());
         let listing = nft(&["list", "table", "ip", "nftproxy"]);
-        let second = nftproxy(&[&["--once"][..], &SEED[..]].concat());
+        let second = nftproxy(&[&["--once"][..], &seed()[..]].concat());
         assert_eq!(
             nft(&["list", "table", "ip", "nftproxy"]),
             listing,
@@ -275,14 +265,14 @@ fn a_table_with_foreign_rules_is_replaced_whole() {
     }
     let (repaired, listing, clean) = in_new_netns(|| {
         assert!(
-            nftproxy(&[&["--once"][..], &SEED[..]].concat())
+            nftproxy(&[&["--once"][..], &seed()[..]].concat())
                 .status
                 .success()
         );
         let clean = nft(&["list", "table", "ip", "nftproxy"]);
         // Something nftproxy never writes: it cannot read the table back.
         nft(&["add", "rule", "ip", "nftproxy", "services", "counter"]);
-        let repaired = nftproxy(&[&["--once"][..], &SEED[..]].concat());
+        let repaired = nftproxy(&[&["--once"][..], &seed()[..]].concat());
         (repaired, nft(&["list", "table", "ip", "nftproxy"]), clean)
     })
     .expect("new network namespace");

@@ -21,7 +21,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nftproxy_netlink::netns;
-use nftproxy_testkit::kernel_available;
+use nftproxy_testkit::{SEED_NODE_FLAGS, kernel_available};
 
 /// Services beyond the seed examples, one per behaviour under test.
 const EXTRA: &str = r#"
@@ -229,14 +229,7 @@ impl Topology {
                 env!("CARGO_BIN_EXE_nftproxy"),
                 "--once",
             ])
-            .args([
-                "--node-name",
-                "node-a",
-                "--node-ip",
-                "192.168.50.10",
-                "--cluster-cidr",
-                "10.244.0.0/16",
-            ])
+            .args(SEED_NODE_FLAGS)
             .arg("--manifests")
             .arg(&self.dir)
             .output()

@@ -177,6 +177,17 @@ pub fn normalise_listing(listing: &str) -> String {
     blocks.join("\n")
 }
 
+/// The node the seed examples (`examples/seed/`) are written for: its name, address and
+/// pod network, as command-line flags.
+pub const SEED_NODE_FLAGS: [&str; 6] = [
+    "--node-name",
+    "node-a",
+    "--node-ip",
+    "192.168.50.10",
+    "--cluster-cidr",
+    "10.244.0.0/16",
+];
+
 /// Runs `command` with `input` on its standard input and returns what it printed.
 pub fn run_with_input(command: &mut Command, input: &str) -> std::process::Output {
     use std::io::Write;
