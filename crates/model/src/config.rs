@@ -6,7 +6,8 @@
 //! the field.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -61,6 +62,7 @@ pub struct KubeProxyConfiguration {
     pub min_sync_period: Option<String>,
     pub nftables: Option<ModeConfiguration>,
     pub linux: Option<LinuxConfiguration>,
+    pub client_connection: Option<ClientConnectionConfiguration>,
     /// Everything else (iptables, ipvs, conntrack, …): accepted and reported as unused.
     #[serde(flatten)]
     pub other: BTreeMap<String, serde_json::Value>,
@@ -84,6 +86,15 @@ pub struct ModeConfiguration {
     pub masquerade_bit: Option<i64>,
     pub sync_period: Option<String>,
     pub min_sync_period: Option<String>,
+}
+
+/// `clientConnection`: only the kubeconfig path is used (qps, burst and contentType are
+/// the Go client's business).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[allow(missing_docs)]
+pub struct ClientConnectionConfiguration {
+    pub kubeconfig: Option<String>,
 }
 
 /// `linux` (v1alpha2).
@@ -131,7 +142,7 @@ impl KubeProxyConfiguration {
     /// Top-level fields nftproxy does not use (so the caller can say so once).
     pub fn unused_fields(&self) -> Vec<&str> {
         // Fields that every file carries or that only matter to the API client.
-        const EXPECTED: [&str; 4] = ["apiVersion", "featureGates", "clientConnection", "logging"];
+        const EXPECTED: [&str; 3] = ["apiVersion", "featureGates", "logging"];
         self.other
             .keys()
             .map(String::as_str)
@@ -185,7 +196,18 @@ pub struct ProxyConfig {
     pub sync_period: Duration,
     /// Shortest time between syncs.
     pub min_sync_period: Duration,
+    /// Where `/healthz` and `/livez` are served; `None` turns them off.
+    pub healthz_bind_address: Option<SocketAddr>,
+    /// Where `/metrics` is served; `None` turns it off.
+    pub metrics_bind_address: Option<SocketAddr>,
+    /// The kubeconfig file for the API client (`clientConnection.kubeconfig`).
+    pub kubeconfig: Option<PathBuf>,
 }
+
+/// kube-proxy's default `healthzBindAddress` port.
+pub const HEALTHZ_PORT: u16 = 10256;
+/// kube-proxy's default `metricsBindAddress` port.
+pub const METRICS_PORT: u16 = 10249;
 
 impl ProxyConfig {
     /// Defaults as kube-proxy's nftables mode has them.
@@ -201,6 +223,9 @@ impl ProxyConfig {
             masquerade_bit: 14,
             sync_period: Duration::from_secs(30),
             min_sync_period: Duration::from_secs(1),
+            healthz_bind_address: Some(SocketAddr::from(([0, 0, 0, 0], HEALTHZ_PORT))),
+            metrics_bind_address: Some(SocketAddr::from(([127, 0, 0, 1], METRICS_PORT))),
+            kubeconfig: None,
         }
     }
 
@@ -262,8 +287,47 @@ impl ProxyConfig {
         {
             self.min_sync_period = parse_duration("minSyncPeriod", period)?;
         }
+        if let Some(address) = &file.healthz_bind_address {
+            self.healthz_bind_address =
+                parse_bind_address("healthzBindAddress", address, HEALTHZ_PORT)?;
+        }
+        if let Some(address) = &file.metrics_bind_address {
+            self.metrics_bind_address =
+                parse_bind_address("metricsBindAddress", address, METRICS_PORT)?;
+        }
+        if let Some(path) = file
+            .client_connection
+            .as_ref()
+            .and_then(|c| c.kubeconfig.as_deref())
+            .filter(|p| !p.is_empty())
+        {
+            self.kubeconfig = Some(PathBuf::from(path));
+        }
         Ok(())
     }
+}
+
+/// Parses a server bind address as kube-proxy accepts it: `IP:PORT`, `[IPv6]:PORT`,
+/// `:PORT` (every address), or a bare IP (the default port). Empty or port 0 turns the
+/// server off (`None`).
+pub fn parse_bind_address(
+    field: &str,
+    text: &str,
+    default_port: u16,
+) -> Result<Option<SocketAddr>, ConfigError> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let bad = || invalid(field, format!("{text:?} is not IP:PORT"));
+    let address = if let Some(port) = text.strip_prefix(':') {
+        SocketAddr::from(([0, 0, 0, 0], port.parse().map_err(|_| bad())?))
+    } else if let Ok(address) = text.parse::<SocketAddr>() {
+        address
+    } else {
+        SocketAddr::new(parse_ip(text).map_err(|_| bad())?, default_port)
+    };
+    Ok((address.port() != 0).then_some(address))
 }
 
 /// Parses a comma-separated CIDR list (`10.244.0.0/16,fd00:10::/64`).
@@ -373,6 +437,49 @@ mod tests {
         assert_eq!(config.min_sync_period, Duration::from_secs(2));
         assert_eq!(config.node_port_addresses[0], NodePortAddress::Primary);
         assert_eq!(file.unused_fields(), vec!["conntrack"]);
+    }
+
+    #[test]
+    fn bind_addresses_and_the_kubeconfig_come_from_the_file() {
+        let defaults = ProxyConfig::new("n");
+        assert_eq!(
+            defaults.healthz_bind_address,
+            Some("0.0.0.0:10256".parse().unwrap())
+        );
+        assert_eq!(
+            defaults.metrics_bind_address,
+            Some("127.0.0.1:10249".parse().unwrap())
+        );
+        let file = KubeProxyConfiguration::parse(
+            "healthzBindAddress: \"10.0.0.1\"\nmetricsBindAddress: \"\"\n\
+             clientConnection:\n  kubeconfig: /var/lib/kube-proxy/kubeconfig.conf\n  qps: 5\n",
+        )
+        .unwrap();
+        let mut config = defaults;
+        config.apply_file(&file).unwrap();
+        assert_eq!(
+            config.healthz_bind_address,
+            Some("10.0.0.1:10256".parse().unwrap())
+        );
+        assert_eq!(config.metrics_bind_address, None);
+        assert_eq!(
+            config.kubeconfig.as_deref(),
+            Some(std::path::Path::new("/var/lib/kube-proxy/kubeconfig.conf"))
+        );
+        assert!(file.unused_fields().is_empty());
+        for (text, want) in [
+            (":9000", Some("0.0.0.0:9000")),
+            ("[::1]:9000", Some("[::1]:9000")),
+            ("127.0.0.1:0", None),
+        ] {
+            let got = parse_bind_address("f", text, 1).unwrap();
+            assert_eq!(got, want.map(|w| w.parse().unwrap()), "{text}");
+        }
+        let error = parse_bind_address("metricsBindAddress", "localhost:x", 1).unwrap_err();
+        assert!(
+            error.to_string().starts_with("metricsBindAddress:"),
+            "{error}"
+        );
     }
 
     #[test]

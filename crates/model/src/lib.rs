@@ -22,8 +22,8 @@ pub use endpoint::Endpoint;
 pub use manifest::{ManifestError, ManifestReport, Snapshot};
 pub use net::{parse_cidr, parse_ip};
 pub use state::{
-    Build, CategorizedEndpoints, LocalTraffic, NodePortAddresses, ProxyState, ServicePortName,
-    ServicePortState, build,
+    Build, CategorizedEndpoints, HealthCheck, LocalTraffic, NodePortAddresses, ProxyState,
+    ServicePortName, ServicePortState, build,
 };
 pub use topology::categorize_endpoints;
 

@@ -6,7 +6,7 @@
 //! and unique, and no two service ports claim the same address, protocol and port (the
 //! later one in name order loses the address, with a diagnostic).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::hash::Hash;
 use std::net::IpAddr;
@@ -117,6 +117,70 @@ impl ServicePortState {
     }
 }
 
+/// A Service that asks for a health-check node port (a LoadBalancer with
+/// `externalTrafficPolicy: Local`): load balancers probe it to learn whether this node has
+/// endpoints of the Service.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HealthCheck {
+    /// The Service's namespace.
+    pub namespace: String,
+    /// The Service's name.
+    pub name: String,
+    /// `healthCheckNodePort`.
+    pub port: u16,
+    /// Ready endpoints of the Service on this node (terminating ones do not count), each
+    /// address and port once over all the Service's ports and families, as upstream counts.
+    pub local_endpoints: usize,
+}
+
+impl Build {
+    /// The node addresses that accept NodePorts (and health-check node ports) in the
+    /// families in use; empty when every address does.
+    pub fn node_port_ips(&self) -> Vec<IpAddr> {
+        let mut ips = Vec::new();
+        for state in [&self.ipv4, &self.ipv6] {
+            match &state.node_port_addresses {
+                NodePortAddresses::All => return Vec::new(),
+                NodePortAddresses::Addresses(list) => ips.extend(list.iter().copied()),
+            }
+        }
+        ips.sort();
+        ips.dedup();
+        ips
+    }
+
+    /// The health-check node ports to serve, sorted by Service.
+    pub fn health_checks(&self) -> Vec<HealthCheck> {
+        // (namespace, name) → (port, local ready address:port pairs)
+        type Local = BTreeSet<(IpAddr, u16)>;
+        let mut services: BTreeMap<(&str, &str), (u16, Local)> = BTreeMap::new();
+        for service in self.ipv4.services.iter().chain(&self.ipv6.services) {
+            let Some(port) = service.health_check_node_port else {
+                continue;
+            };
+            let key = (service.name.namespace.as_str(), service.name.name.as_str());
+            let (_, local) = services.entry(key).or_insert((port, BTreeSet::new()));
+            local.extend(
+                service
+                    .endpoints
+                    .local
+                    .iter()
+                    .filter(|e| e.ready)
+                    .map(|e| (e.ip, e.port)),
+            );
+        }
+        services
+            .into_iter()
+            .map(|((namespace, name), (port, local))| HealthCheck {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                port,
+                local_endpoints: local.len(),
+            })
+            .collect()
+    }
+}
+
 /// Which node addresses accept NodePort traffic in a family.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NodePortAddresses {
@@ -161,6 +225,23 @@ pub struct ProxyState {
 }
 
 impl ProxyState {
+    /// kube-proxy's `no_local_endpoints` counts: service ports with endpoints somewhere but
+    /// none on this node whose internal, or (when reachable from outside) external,
+    /// traffic policy is Local, so that such traffic arriving here is dropped.
+    pub fn no_local_endpoints(&self) -> (usize, usize) {
+        let stranded = self
+            .services
+            .iter()
+            .filter(|s| s.endpoints.has_any && s.endpoints.local.is_empty());
+        let (mut internal, mut external) = (0, 0);
+        for service in stranded {
+            internal += usize::from(service.internal_policy_local);
+            external +=
+                usize::from(service.external_policy_local && service.externally_accessible());
+        }
+        (internal, external)
+    }
+
     /// Whether this family has anything to program: IPv4 always; IPv6 only with IPv6
     /// node addresses, Services or Service CIDRs.
     pub fn is_active(&self) -> bool {
@@ -609,6 +690,118 @@ mod tests {
             diagnostics[0]
                 .to_string()
                 .starts_with("Service ns/b: defined more than once")
+        );
+    }
+
+    #[test]
+    fn no_local_endpoints_counts_local_policies_stranded_on_this_node() {
+        let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: both, namespace: ns}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.1
+  internalTrafficPolicy: Local
+  externalTrafficPolicy: Local
+  ports: [{name: a, port: 80, nodePort: 30080}, {name: b, port: 81, nodePort: 30081}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: internal-only, namespace: ns}
+spec:
+  clusterIP: 10.96.0.2
+  internalTrafficPolicy: Local
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: served-here, namespace: ns}
+spec:
+  clusterIP: 10.96.0.3
+  internalTrafficPolicy: Local
+  ports: [{port: 80}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: both-1, namespace: ns, labels: {kubernetes.io/service-name: both}}
+addressType: IPv4
+ports: [{name: a, port: 8080}, {name: b, port: 8081}]
+endpoints: [{addresses: [10.0.1.1], nodeName: other, conditions: {ready: true}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: internal-only-1, namespace: ns, labels: {kubernetes.io/service-name: internal-only}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.0.1.2], nodeName: other, conditions: {ready: true}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: served-here-1, namespace: ns, labels: {kubernetes.io/service-name: served-here}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.0.1.3], nodeName: me, conditions: {ready: true}}]
+"#;
+        let mut snapshot = Snapshot::default();
+        let report = snapshot.add_manifest("t.yaml", yaml);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        let mut config = ProxyConfig::new("me");
+        config.node_ips = vec!["192.168.0.2".parse().unwrap()];
+        let built = build(&snapshot, &config);
+        // both:a, both:b and internal-only for internal; both:a and both:b for external.
+        assert_eq!(built.ipv4.no_local_endpoints(), (3, 2));
+        assert_eq!(built.ipv6.no_local_endpoints(), (0, 0));
+    }
+
+    #[test]
+    fn health_checks_count_local_ready_endpoints_per_service() {
+        let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: lb, namespace: ns}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.1
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32000
+  ports: [{name: a, port: 80, nodePort: 30080}, {name: b, port: 81, nodePort: 30081}]
+status: {loadBalancer: {ingress: [{ip: 192.0.2.1}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: cluster, namespace: ns}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.2
+  ports: [{port: 80, nodePort: 30090}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: lb-1, namespace: ns, labels: {kubernetes.io/service-name: lb}}
+addressType: IPv4
+ports: [{name: a, port: 8080}, {name: b, port: 8081}]
+endpoints:
+- {addresses: [10.0.1.1], nodeName: me, conditions: {ready: true}}
+- {addresses: [10.0.1.2], nodeName: me, conditions: {ready: false, serving: true, terminating: true}}
+- {addresses: [10.0.1.3], nodeName: other, conditions: {ready: true}}
+"#;
+        let mut snapshot = Snapshot::default();
+        let report = snapshot.add_manifest("t.yaml", yaml);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        let mut config = ProxyConfig::new("me");
+        config.node_ips = vec!["192.168.0.2".parse().unwrap()];
+        let checks = build(&snapshot, &config).health_checks();
+        // One ready local endpoint, reached on two ports; the terminating one does not
+        // count; the Cluster-policy Service has no health check.
+        assert_eq!(
+            checks,
+            [HealthCheck {
+                namespace: "ns".into(),
+                name: "lb".into(),
+                port: 32000,
+                local_endpoints: 2,
+            }]
         );
     }
 }

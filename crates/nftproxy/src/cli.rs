@@ -8,7 +8,10 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use ipnet::IpNet;
-use nftproxy_model::config::{parse_detect_local, parse_duration, parse_node_port_address};
+use nftproxy_model::config::{
+    HEALTHZ_PORT, METRICS_PORT, parse_bind_address, parse_detect_local, parse_duration,
+    parse_node_port_address,
+};
 use nftproxy_model::{
     ConfigError, KubeProxyConfiguration, NodePortAddress, ProxyConfig, parse_cidr, parse_ip,
 };
@@ -86,6 +89,17 @@ pub struct Args {
     /// API server URL (overrides the kubeconfig).
     #[arg(long, value_name = "URL")]
     pub master: Option<String>,
+    /// Where `/healthz` and `/livez` are served: IP:PORT, :PORT, or empty for off
+    /// (default 0.0.0.0:10256).
+    #[arg(long, value_name = "ADDR")]
+    pub healthz_bind_address: Option<String>,
+    /// Where `/metrics` is served: IP:PORT, :PORT, or empty for off (default
+    /// 127.0.0.1:10249).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_bind_address: Option<String>,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub logging_format: LogFormat,
     /// More log output (-v debug, -vv trace); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
@@ -116,6 +130,15 @@ pub struct ExplainArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
     pub output: OutputFormat,
+}
+
+/// How logs are written (kube-proxy's `--logging-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One line per event, for people.
+    Text,
+    /// One JSON object per event, for log collectors.
+    Json,
 }
 
 /// How `explain` prints.
@@ -213,6 +236,17 @@ impl Args {
         }
         if let Some(period) = &self.min_sync_period {
             config.min_sync_period = parse_duration("--min-sync-period", period)?;
+        }
+        if let Some(address) = &self.healthz_bind_address {
+            config.healthz_bind_address =
+                parse_bind_address("--healthz-bind-address", address, HEALTHZ_PORT)?;
+        }
+        if let Some(address) = &self.metrics_bind_address {
+            config.metrics_bind_address =
+                parse_bind_address("--metrics-bind-address", address, METRICS_PORT)?;
+        }
+        if let Some(path) = &self.kubeconfig {
+            config.kubeconfig = Some(path.clone());
         }
         Ok(config)
     }

@@ -6,22 +6,25 @@
 //! bad flags, 1 for errors).
 
 mod cli;
+mod daemon;
 mod explain;
+mod health_check;
+mod http;
 mod source;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Parser;
 use nftproxy_model::{Build, KubeProxyConfiguration, ProxyConfig, Severity, build};
 use nftproxy_netlink::NetlinkBackend;
-use nftproxy_nft::{Backend, Family, Op, Table, Transaction};
-use nftproxy_proxier::runner::{self, Input, Timing};
-use nftproxy_proxier::{Reconciler, ReconcilerOptions};
+use nftproxy_nft::{Backend, Family, Op, Transaction};
+use nftproxy_proxier::{Monitor, Reconciler, ReconcilerOptions};
 use nftproxy_render::TABLE_NAME;
 use tracing::{debug, error, info, warn};
 
-use crate::cli::{Args, Command};
+use crate::cli::{Args, Command, LogFormat};
 
 fn main() -> ExitCode {
     let args = match Args::try_parse() {
@@ -38,7 +41,7 @@ fn main() -> ExitCode {
             }
         },
     };
-    init_tracing(args.verbose);
+    init_tracing(args.verbose, args.logging_format);
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(reason)) => {
@@ -63,21 +66,31 @@ fn error(e: impl std::fmt::Display) -> Failure {
     Failure::Error(e.to_string())
 }
 
-fn init_tracing(verbose: u8) {
+/// Logs go to standard error: text for people (with a time stamp only when not on a
+/// terminal, where the reader has the time already), or one JSON object per event.
+/// Other crates' debug output (hyper, kube) stays off unless RUST_LOG asks for it.
+fn init_tracing(verbose: u8, format: LogFormat) {
+    // kube-client logs every failed request at error level; the watchers report an
+    // outage once, with what happens next, so its own lines stay off by default.
     let default = match verbose {
-        0 => "info",
-        1 => "debug",
-        _ => "trace",
+        0 => "info,kube_client=off",
+        1 => {
+            "info,kube_client=off,nftproxy=debug,nftproxy_proxier=debug,nftproxy_kube_source=debug"
+        }
+        _ => "debug,nftproxy=trace,nftproxy_proxier=trace,nftproxy_kube_source=trace",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .without_time()
-        .init();
+        .with_target(false);
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    match format {
+        LogFormat::Json => builder.json().with_current_span(true).init(),
+        LogFormat::Text if terminal => builder.with_ansi(true).without_time().init(),
+        LogFormat::Text => builder.with_ansi(false).init(),
+    }
 }
 
 fn run(args: &Args) -> Result<(), Failure> {
@@ -115,14 +128,12 @@ fn run(args: &Args) -> Result<(), Failure> {
         return Err(Failure::Usage("no node name: pass --node-name".to_owned()));
     }
     if args.manifests.is_empty() {
-        return Err(if args.dry_run || args.once {
-            Failure::Usage("--dry-run and --once need --manifests PATH...".to_owned())
-        } else {
-            Failure::Error(
-                "watching the API server is not available in this build; pass --manifests PATH..."
-                    .to_owned(),
-            )
-        });
+        return run_api(args, config);
+    }
+    if args.kubeconfig.is_some() || args.master.is_some() {
+        return Err(Failure::Usage(
+            "--manifests and --kubeconfig/--master are two different sources: pass one".to_owned(),
+        ));
     }
     let stdin = args.manifests.iter().any(|p| p.as_os_str() == "-");
     if stdin && !(args.dry_run || args.once) {
@@ -133,13 +144,68 @@ fn run(args: &Args) -> Result<(), Failure> {
     }
 
     let loaded = load_build(&args.manifests, &config).map_err(Failure::Error)?;
+    if !(args.dry_run || args.once) {
+        let runtime = daemon::runtime().map_err(error)?;
+        return run_daemon(&runtime, &config, |monitor| {
+            let paths = args.manifests.clone();
+            daemon::Mode::Files(daemon::Files::new(
+                paths,
+                config.clone(),
+                loaded.build,
+                monitor,
+            ))
+        });
+    }
+    one_shot(args, &loaded)
+}
+
+/// The API mode: the daemon, or `--dry-run` / `--once` of the cluster as it is now.
+fn run_api(args: &Args, config: ProxyConfig) -> Result<(), Failure> {
+    let runtime = daemon::runtime().map_err(error)?;
+    let client = runtime
+        .block_on(nftproxy_kube_source::client(
+            config.kubeconfig.as_deref(),
+            args.master.as_deref(),
+        ))
+        .map_err(error)?;
+    if args.dry_run || args.once {
+        let snapshot = runtime
+            .block_on(daemon::initial_snapshot(client, &config.node_name))
+            .map_err(Failure::Error)?;
+        let built = Built {
+            build: build_logged(&snapshot, Vec::new(), &config),
+            broken: 0,
+        };
+        return one_shot(args, &built);
+    }
+    run_daemon(&runtime, &config, |monitor| {
+        let _entered = runtime.enter();
+        let source = nftproxy_kube_source::KubeSource::start(client, &config.node_name);
+        daemon::Mode::Api(daemon::Api::new(source, config.clone(), monitor))
+    })
+}
+
+/// The long-running mode over the source `mode` makes, reporting to a new monitor.
+fn run_daemon(
+    runtime: &tokio::runtime::Runtime,
+    config: &ProxyConfig,
+    mode: impl FnOnce(Arc<Monitor>) -> daemon::Mode,
+) -> Result<(), Failure> {
+    let backend = NetlinkBackend::open().map_err(error)?;
+    let reconciler = Reconciler::new(backend, TABLE_NAME, reconciler_options());
+    let monitor = Arc::new(Monitor::new(config.sync_period));
+    let mode = mode(monitor.clone());
+    daemon::run(runtime, reconciler, config, monitor, mode).map_err(Failure::Error)
+}
+
+/// `--dry-run` (with or without `--diff`) and `--once` of an already built state.
+fn one_shot(args: &Args, loaded: &Built) -> Result<(), Failure> {
     let desired = nftproxy_render::render_all(&loaded.build);
     if args.dry_run && !args.diff {
         let text: Vec<String> = desired.iter().map(ToString::to_string).collect();
         emit(&text.join("\n"))?;
         return loaded.outcome();
     }
-
     let backend = NetlinkBackend::open().map_err(error)?;
     let mut reconciler = Reconciler::new(backend, TABLE_NAME, reconciler_options());
     if args.dry_run {
@@ -152,16 +218,13 @@ fn run(args: &Args) -> Result<(), Failure> {
         })?;
         return loaded.outcome();
     }
-    if args.once {
-        let report = reconciler.sync(&desired).map_err(error)?;
-        info!(
-            operations = report.operations,
-            transactions = report.transactions,
-            "programmed this network namespace"
-        );
-        return loaded.outcome();
-    }
-    watch_files(reconciler, args.manifests.clone(), config, desired)
+    let report = reconciler.sync(&desired).map_err(error)?;
+    info!(
+        operations = report.operations,
+        transactions = report.transactions,
+        "programmed this network namespace"
+    );
+    loaded.outcome()
 }
 
 /// Writes to standard output; a reader that went away (`| head`) is not an error.
@@ -203,8 +266,19 @@ fn load_build(paths: &[PathBuf], config: &ProxyConfig) -> Result<Built, String> 
     for broken in &loaded.errors {
         error!("skipping document {broken}");
     }
-    let built = build(&loaded.snapshot, config);
-    let mut diagnostics = loaded.diagnostics;
+    Ok(Built {
+        build: build_logged(&loaded.snapshot, loaded.diagnostics, config),
+        broken: loaded.errors.len(),
+    })
+}
+
+/// Builds the proxy state and logs what was left out (with the source's own diagnostics).
+fn build_logged(
+    snapshot: &nftproxy_model::Snapshot,
+    mut diagnostics: Vec<nftproxy_model::Diagnostic>,
+    config: &ProxyConfig,
+) -> Build {
+    let built = build(snapshot, config);
     diagnostics.extend(built.diagnostics.iter().cloned());
     diagnostics.sort();
     for diagnostic in &diagnostics {
@@ -213,10 +287,7 @@ fn load_build(paths: &[PathBuf], config: &ProxyConfig) -> Result<Built, String> 
             Severity::Ignored => debug!("ignoring {diagnostic}"),
         }
     }
-    Ok(Built {
-        build: built,
-        broken: loaded.errors.len(),
-    })
+    built
 }
 
 /// Before Linux 6.2 a chain cannot be deleted in the same transaction as the map
@@ -244,65 +315,4 @@ fn cleanup() -> Result<(), Failure> {
         }
     }
     Ok(())
-}
-
-/// The long-running file mode: re-syncs when the manifests change (checked every
-/// `minSyncPeriod`), at least every `syncPeriod`, until SIGTERM or SIGINT. The rules are
-/// left in place on exit, as kube-proxy leaves them.
-fn watch_files(
-    mut reconciler: Reconciler<NetlinkBackend>,
-    paths: Vec<PathBuf>,
-    config: ProxyConfig,
-    initial: Vec<Table>,
-) -> Result<(), Failure> {
-    let timing = Timing {
-        min_sync_period: config.min_sync_period,
-        sync_period: config.sync_period,
-    };
-    let mut fingerprint = source::fingerprint(&paths).ok();
-    let mut first = Some(initial);
-    let input = move || {
-        if let Some(tables) = first.take() {
-            return Input::Changed(tables);
-        }
-        let now = match source::fingerprint(&paths) {
-            Ok(now) => now,
-            Err(e) => return Input::Unavailable(e.to_string()),
-        };
-        if fingerprint == Some(now) {
-            return Input::Unchanged;
-        }
-        fingerprint = Some(now);
-        info!("manifests changed");
-        // A broken document is most likely a file caught half-written: rather than
-        // drop its Services, keep the rules as they are until it parses again.
-        match load_build(&paths, &config) {
-            Ok(loaded) if loaded.broken == 0 => {
-                Input::Changed(nftproxy_render::render_all(&loaded.build))
-            }
-            Ok(loaded) => Input::Unavailable(format!(
-                "{} manifest document(s) could not be parsed",
-                loaded.broken
-            )),
-            Err(e) => Input::Unavailable(e),
-        }
-    };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(error)?;
-    runtime.block_on(async {
-        let mut terminate =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .map_err(error)?;
-        let shutdown = async move {
-            tokio::select! {
-                _ = terminate.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-            info!("shutting down; the rules stay in place");
-        };
-        runner::run(&mut reconciler, timing, input, shutdown).await;
-        Ok(())
-    })
 }

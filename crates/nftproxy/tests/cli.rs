@@ -107,7 +107,14 @@ fn bad_flags_exit_2_with_one_line() {
             "--detect-local-mode",
             "Magic",
         ],
-        vec!["--dry-run", "--node-name", "n"],
+        vec![
+            "--dry-run",
+            "--manifests",
+            "x",
+            "--master",
+            "http://127.0.0.1:1",
+        ],
+        vec!["--healthz-bind-address", "localhost:x", "--manifests", "x"],
     ] {
         let output = nftproxy(&args, None);
         assert_eq!(
@@ -276,4 +283,21 @@ fn explain_traces_a_packet_through_the_seed_rules() {
         None,
     );
     assert_eq!(bad.status.code(), Some(2));
+}
+
+#[test]
+fn without_manifests_or_a_cluster_the_error_says_what_to_pass() {
+    let output = run_with_input(
+        Command::new(env!("CARGO_BIN_EXE_nftproxy"))
+            .args(["--dry-run", "--node-name", "n"])
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("KUBERNETES_SERVICE_PORT"),
+        "",
+    );
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains("not running in a cluster") && stderr.contains("--kubeconfig FILE"),
+        "{stderr}"
+    );
 }

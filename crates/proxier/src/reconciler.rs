@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use nftproxy_nft::{Backend, Family, Op, Table, Transaction, diff};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 /// Why a sync did not complete.
 #[derive(Debug, thiserror::Error)]
@@ -173,7 +173,7 @@ impl<B: Backend> Reconciler<B> {
             if let Err(source) = self.backend.apply(&tx) {
                 // The kernel kept the old rules; re-read before trusting anything again.
                 self.known = false;
-                warn!(%family, operations, error = %source, "transaction refused; old rules stay");
+                debug!(%family, operations, error = %source, "transaction refused; old rules stay");
                 return Err(SyncError::Apply {
                     family,
                     table: self.table.clone(),
@@ -196,13 +196,6 @@ impl<B: Backend> Reconciler<B> {
             debug!(%family, operations, "transaction applied");
             report.operations += operations;
             report.transactions += 1;
-        }
-        if report.operations > 0 {
-            info!(
-                operations = report.operations,
-                transactions = report.transactions,
-                "synced"
-            );
         }
         Ok(report)
     }

@@ -6,18 +6,19 @@
 //! and a failed sync is always retried.
 
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use nftproxy_nft::{Backend, Table};
+use nftproxy_nft::{Backend, Family, Table};
 use tokio::time::{Instant, sleep_until};
-use tracing::{error, info_span, warn};
+use tracing::{error, info, warn};
 
-use crate::reconciler::Reconciler;
+use crate::Monitor;
+use crate::reconciler::{Reconciler, SyncReport};
 
 /// Timing of the loop.
 #[derive(Debug, Clone, Copy)]
 pub struct Timing {
-    /// Shortest time between syncs (and how often the input is polled).
+    /// Shortest time between syncs.
     pub min_sync_period: Duration,
     /// Longest time between syncs.
     pub sync_period: Duration,
@@ -33,13 +34,27 @@ pub enum Input {
     Unavailable(String),
 }
 
-/// Runs until `shutdown` completes: polls `input` every `min_sync_period`, syncs when it
-/// changed, when `sync_period` passed, or to retry a failure (after a back-off doubling
-/// from `min_sync_period` up to `sync_period`). Returns the number of syncs done.
-pub async fn run<B: Backend>(
+/// Where the desired tables come from.
+pub trait Source {
+    /// Resolves when the input may have changed (a watch event, or simply the next poll).
+    fn changed(&mut self) -> impl Future<Output = ()>;
+    /// The input now.
+    fn input(&mut self) -> Input;
+    /// The tables of the last [`Input::Changed`] are now in the kernel; the work that
+    /// follows a sync (health-check servers, conntrack cleanup, latency metrics) goes here.
+    fn synced(&mut self, _report: &SyncReport) {}
+}
+
+/// Runs until `shutdown` completes. Syncs when the input changed, but no sooner than
+/// `min_sync_period` after the previous sync (a change after a quiet spell is synced at
+/// once; a burst of changes is batched), at least every `sync_period`, and after a
+/// failure again after a back-off doubling from `min_sync_period` up to `sync_period`.
+/// Returns the number of syncs done.
+pub async fn run<B: Backend, S: Source>(
     reconciler: &mut Reconciler<B>,
     timing: Timing,
-    mut input: impl FnMut() -> Input,
+    source: &mut S,
+    monitor: &Monitor,
     shutdown: impl Future<Output = ()>,
 ) -> usize {
     tokio::pin!(shutdown);
@@ -49,48 +64,105 @@ pub async fn run<B: Backend>(
     let mut backoff = timing.min_sync_period;
     let mut retry_at: Option<Instant> = None;
     let mut syncs = 0;
-    let mut next_poll = Instant::now();
+    let mut ask = true;
     loop {
-        tokio::select! {
-            () = &mut shutdown => return syncs,
-            () = sleep_until(next_poll) => {}
+        if ask {
+            match source.input() {
+                Input::Unchanged => {}
+                Input::Changed(tables) => {
+                    let now = SystemTime::now();
+                    monitor.health.queued(now);
+                    monitor.metrics.queued(&families(&tables), now);
+                    desired = Some(tables);
+                    pending = true;
+                }
+                Input::Unavailable(reason) => {
+                    warn!(%reason, "input unavailable; keeping the current rules");
+                }
+            }
         }
         let now = Instant::now();
-        next_poll = now + timing.min_sync_period;
-        match input() {
-            Input::Unchanged => {}
-            Input::Changed(tables) => {
-                desired = Some(tables);
-                pending = true;
+        let due = desired.as_ref().map(|_| {
+            let earliest = last_sync.map_or(now, |t| t + timing.min_sync_period);
+            match retry_at {
+                Some(retry) => retry.max(earliest),
+                None if pending => earliest,
+                None => last_sync.map_or(now, |t| t + timing.sync_period),
             }
-            Input::Unavailable(reason) => {
-                warn!(%reason, "input unavailable; keeping the current rules")
+        });
+        if let (Some(due), Some(tables)) = (due, desired.as_ref())
+            && due <= now
+        {
+            syncs += 1;
+            last_sync = Some(now);
+            match sync_once(reconciler, tables, syncs, monitor, backoff) {
+                Ok(report) => {
+                    pending = false;
+                    retry_at = None;
+                    backoff = timing.min_sync_period;
+                    source.synced(&report);
+                }
+                Err(()) => {
+                    retry_at = Some(now + backoff);
+                    backoff = (backoff * 2).min(timing.sync_period);
+                }
             }
-        }
-        let Some(tables) = desired.as_ref() else {
+            ask = false;
             continue;
-        };
-        let periodic = last_sync.is_some_and(|t| now.duration_since(t) >= timing.sync_period);
-        let retry = retry_at.is_some_and(|t| now >= t);
-        let too_soon = last_sync.is_some_and(|t| now.duration_since(t) < timing.min_sync_period);
-        if !(pending || periodic || retry) || too_soon || (retry_at.is_some() && !retry) {
-            continue;
         }
-        let span = info_span!("sync", n = syncs + 1);
-        let _guard = span.enter();
-        last_sync = Some(now);
-        syncs += 1;
-        match reconciler.sync(tables) {
-            Ok(_) => {
-                pending = false;
-                retry_at = None;
-                backoff = timing.min_sync_period;
+        // Nothing is due before this; a change of the input may make something due sooner.
+        let wake = due.unwrap_or(now + timing.sync_period);
+        tokio::select! {
+            () = &mut shutdown => return syncs,
+            () = source.changed() => ask = true,
+            () = sleep_until(wake) => ask = false,
+        }
+    }
+}
+
+fn families(tables: &[Table]) -> Vec<Family> {
+    tables.iter().map(|t| t.family).collect()
+}
+
+/// One sync, inside its own span, with its outcome recorded in the monitor.
+fn sync_once<B: Backend>(
+    reconciler: &mut Reconciler<B>,
+    tables: &[Table],
+    n: usize,
+    monitor: &Monitor,
+    retry_in: Duration,
+) -> Result<SyncReport, ()> {
+    let span = tracing::info_span!("sync", n);
+    let _guard = span.enter();
+    let started = std::time::Instant::now();
+    let families = families(tables);
+    match reconciler.sync(tables) {
+        Ok(report) => {
+            let took = started.elapsed();
+            let now = SystemTime::now();
+            monitor.health.updated(now);
+            monitor
+                .metrics
+                .synced(&families, took, report.operations, now);
+            if report.operations > 0 || report.read_back {
+                info!(
+                    operations = report.operations,
+                    transactions = report.transactions,
+                    took_ms = took.as_millis() as u64,
+                    "synced"
+                );
+            } else {
+                tracing::debug!(
+                    took_ms = took.as_millis() as u64,
+                    "synced; nothing to change"
+                );
             }
-            Err(e) => {
-                error!(error = %e, retry_in = ?backoff, "sync failed");
-                retry_at = Some(now + backoff);
-                backoff = (backoff * 2).min(timing.sync_period);
-            }
+            Ok(report)
+        }
+        Err(e) => {
+            monitor.metrics.failed(&families);
+            error!(error = %e, ?retry_in, "sync failed; the kernel keeps the previous rules");
+            Err(())
         }
     }
 }
@@ -118,64 +190,142 @@ mod tests {
         sync_period: Duration::from_secs(30),
     };
 
+    /// A source without change notifications, asked every `period`, like the file source.
+    struct Polled<F> {
+        period: Duration,
+        input: F,
+    }
+
+    impl<F: FnMut() -> Input> Source for Polled<F> {
+        async fn changed(&mut self) {
+            tokio::time::sleep(self.period).await;
+        }
+
+        fn input(&mut self) -> Input {
+            (self.input)()
+        }
+    }
+
+    fn reconciler(backend: FakeBackend) -> Reconciler<FakeBackend> {
+        Reconciler::new(backend, "nftproxy", ReconcilerOptions::default())
+    }
+
     #[tokio::test(start_paused = true)]
     async fn changes_are_synced_at_most_once_per_min_sync_period() {
-        let mut r = Reconciler::new(
-            FakeBackend::default(),
-            "nftproxy",
-            ReconcilerOptions::default(),
-        );
+        let mut r = reconciler(FakeBackend::default());
         // The input changes on every poll for 10 polls.
         let polls = Rc::new(RefCell::new(0usize));
         let counter = polls.clone();
-        let input = move || {
-            *counter.borrow_mut() += 1;
-            let n = *counter.borrow();
-            if n <= 10 {
-                Input::Changed(tables(n))
-            } else {
-                Input::Unchanged
-            }
+        let mut source = Polled {
+            period: Duration::from_millis(100),
+            input: move || {
+                *counter.borrow_mut() += 1;
+                let n = *counter.borrow();
+                if n <= 10 {
+                    Input::Changed(tables(n))
+                } else {
+                    Input::Unchanged
+                }
+            },
         };
+        let monitor = Monitor::new(TIMING.sync_period);
         let syncs = run(
             &mut r,
             TIMING,
-            input,
+            &mut source,
+            &monitor,
             tokio::time::sleep(Duration::from_millis(20_500)),
         )
         .await;
-        // 21 polls in 20.5 s; the 10 changes give 10 syncs, one per second, and nothing
-        // more (the 30 s periodic sync is not due yet).
-        assert_eq!(*polls.borrow(), 21);
-        assert_eq!(syncs, 10);
-        assert_eq!(r.backend_mut().applied.len(), 10);
+        // Ten changes within 1 s: synced at once (t=0), then the rest batched into one
+        // sync at t=1 s; nothing more (the 30 s periodic sync is not due yet).
+        assert!(*polls.borrow() > 100);
+        assert_eq!(syncs, 2);
+        assert_eq!(r.backend_mut().applied.len(), 2);
         assert_eq!(r.applied(Family::Ip), Some(&tables(10)[0]));
+    }
+
+    /// A source told about changes, like the API watch.
+    struct Notified {
+        changes: Rc<tokio::sync::Notify>,
+        next: Rc<RefCell<Option<Vec<Table>>>>,
+    }
+
+    impl Source for Notified {
+        async fn changed(&mut self) {
+            self.changes.notified().await;
+        }
+
+        fn input(&mut self) -> Input {
+            self.next
+                .borrow_mut()
+                .take()
+                .map_or(Input::Unchanged, Input::Changed)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_change_after_a_quiet_spell_is_synced_at_once_and_periodic_syncs_follow() {
+        let mut r = reconciler(FakeBackend::default());
+        let changes = Rc::new(tokio::sync::Notify::new());
+        let next = Rc::new(RefCell::new(Some(tables(1))));
+        let mut source = Notified {
+            changes: changes.clone(),
+            next: next.clone(),
+        };
+        let monitor = Monitor::new(TIMING.sync_period);
+        let start = Instant::now();
+        let synced_at = Rc::new(RefCell::new(Vec::new()));
+        let (log, at) = (synced_at.clone(), next.clone());
+        let script = async move {
+            tokio::time::sleep(Duration::from_millis(5_000)).await;
+            *at.borrow_mut() = Some(tables(2));
+            changes.notify_one();
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            log.borrow_mut().push(start.elapsed());
+            tokio::time::sleep(Duration::from_millis(60_000)).await;
+        };
+        let syncs = run(&mut r, TIMING, &mut source, &monitor, script).await;
+        // t=0 the first input; t=5 s the change, applied within the same millisecond;
+        // then periodic syncs at 35 s and 65 s that change nothing.
+        assert_eq!(syncs, 4);
+        assert_eq!(r.backend_mut().applied.len(), 2);
+        assert_eq!(r.applied(Family::Ip), Some(&tables(2)[0]));
+        assert!(synced_at.borrow()[0] < Duration::from_millis(5_002));
+        assert!(monitor.health.healthz(SystemTime::now()).healthy);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_failed_sync_is_retried_with_back_off() {
-        let backend = FakeBackend {
+        let mut r = reconciler(FakeBackend {
             fail_next: Some("EBUSY".into()),
             ..FakeBackend::default()
-        };
-        let mut r = Reconciler::new(backend, "nftproxy", ReconcilerOptions::default());
+        });
         let mut first = true;
-        let input = move || {
-            if std::mem::take(&mut first) {
-                Input::Changed(tables(1))
-            } else {
-                Input::Unchanged
-            }
+        let mut source = Polled {
+            period: TIMING.min_sync_period,
+            input: move || {
+                if std::mem::take(&mut first) {
+                    Input::Changed(tables(1))
+                } else {
+                    Input::Unchanged
+                }
+            },
         };
+        let monitor = Monitor::new(TIMING.sync_period);
         let syncs = run(
             &mut r,
             TIMING,
-            input,
+            &mut source,
+            &monitor,
             tokio::time::sleep(Duration::from_millis(3_500)),
         )
         .await;
         // t=0 fails, t=1 retries and succeeds; nothing after that.
         assert_eq!(syncs, 2);
         assert_eq!(r.backend_mut().applied.len(), 1);
+        assert!(monitor.metrics.render().contains(
+            r#"kubeproxy_sync_proxy_rules_nftables_sync_failures_total{ip_family="IPv4"} 1"#
+        ));
     }
 }

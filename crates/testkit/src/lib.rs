@@ -10,6 +10,9 @@ use std::process::Command;
 
 use nftproxy_model::{Build, KubeProxyConfiguration, ProxyConfig, Severity, Snapshot, build};
 
+#[cfg(feature = "fake-api")]
+pub mod fake_api;
+
 /// Node name unless a case says otherwise.
 pub const DEFAULT_NODE_NAME: &str = "test-node";
 /// Node IP unless a case has a Node object or a `bindAddress`.

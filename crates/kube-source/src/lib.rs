@@ -1,0 +1,386 @@
+//! The Kubernetes API side: kube-rs watchers feeding reflector stores of Services,
+//! EndpointSlices and this node's Node, plus the signals the sync loop needs (initial lists
+//! complete, something changed, when endpoint changes were triggered).
+//!
+//! Invariant: a [`Snapshot`] is only handed out once the initial lists of both Services and
+//! EndpointSlices are complete, so a half-listed cluster is never programmed; after that
+//! the stores keep their last contents while the API server is unreachable.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Config, ResourceExt};
+use nftproxy_model::{IpFamily, Snapshot};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+pub use kube::Client;
+
+/// Services and EndpointSlices carrying either label are not ours: the first names another
+/// proxy that handles the Service, the second marks the slices of headless Services.
+/// kube-proxy filters both lists with this selector.
+pub const LABEL_SELECTOR: &str =
+    "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+
+/// EndpointSlice annotation: when the change that produced this version of the slice
+/// happened (the start of network programming latency).
+pub const LAST_CHANGE_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// The taint the cluster autoscaler puts on a node it is about to remove.
+const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
+/// Why the API client could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The kubeconfig file could not be read or used.
+    #[error("kubeconfig {path}: {message}")]
+    Kubeconfig {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// No kubeconfig was given and this is not a pod.
+    #[error(
+        "not running in a cluster ({0}); pass --kubeconfig FILE or --master URL, or --manifests PATH..."
+    )]
+    InCluster(String),
+    /// `--master` is not a URL.
+    #[error("--master {url:?} is not a URL: {message}")]
+    Master {
+        /// What was given.
+        url: String,
+        /// Why it is not a URL.
+        message: String,
+    },
+    /// The client could not be built from the configuration.
+    #[error("API client: {0}")]
+    Client(#[from] kube::Error),
+}
+
+/// Builds the API client as kube-proxy does: `--kubeconfig` when given, otherwise the
+/// in-cluster service account; `--master` overrides the server address of either (and
+/// alone means an unauthenticated connection to that address).
+pub async fn client(
+    kubeconfig: Option<&Path>,
+    master: Option<&str>,
+) -> Result<Client, SourceError> {
+    let master = master
+        .map(|url| {
+            url.parse::<http::Uri>().map_err(|e| SourceError::Master {
+                url: url.to_owned(),
+                message: e.to_string(),
+            })
+        })
+        .transpose()?;
+    let mut config = match (kubeconfig, &master) {
+        (Some(path), _) => {
+            let failed = |message: String| SourceError::Kubeconfig {
+                path: path.display().to_string(),
+                message,
+            };
+            let file = Kubeconfig::read_from(path).map_err(|e| failed(e.to_string()))?;
+            Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
+                .await
+                .map_err(|e| failed(e.to_string()))?
+        }
+        (None, Some(url)) => Config::new(url.clone()),
+        (None, None) => Config::incluster().map_err(|e| SourceError::InCluster(e.to_string()))?,
+    };
+    if let Some(url) = master {
+        config.cluster_url = url;
+    }
+    Ok(Client::try_from(config)?)
+}
+
+/// Which list a watcher keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Service,
+    EndpointSlice,
+    Node,
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::Service => "Services",
+            Kind::EndpointSlice => "EndpointSlices",
+            Kind::Node => "this Node",
+        })
+    }
+}
+
+/// What the watchers have seen, shared with their tasks.
+#[derive(Default)]
+struct State {
+    services_listed: bool,
+    endpoint_slices_listed: bool,
+    node_listed: bool,
+    /// Bumped on every change of any store.
+    generation: u64,
+    /// Trigger times of EndpointSlice changes not yet programmed, with the slice's family.
+    trigger_times: Vec<(IpFamily, jiff::Timestamp)>,
+    /// The last trigger-time annotation seen per slice, so that a re-list does not count
+    /// an old change twice.
+    seen_triggers: HashMap<(String, String), String>,
+}
+
+#[derive(Default)]
+struct Shared {
+    state: Mutex<State>,
+    changed: Notify,
+}
+
+impl Shared {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panicking watcher task cannot leave `State` half-updated in a way that
+        // matters (every field is valid on its own), so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A running set of watchers; dropping it stops them.
+pub struct KubeSource {
+    services: Store<Service>,
+    endpoint_slices: Store<EndpointSlice>,
+    nodes: Store<Node>,
+    node_name: String,
+    shared: Arc<Shared>,
+    started: jiff::Timestamp,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl KubeSource {
+    /// Starts watching (must be called inside a tokio runtime). `node_name` selects the one
+    /// Node object that is watched.
+    pub fn start(client: Client, node_name: &str) -> KubeSource {
+        let shared = Arc::new(Shared::default());
+        let started = jiff::Timestamp::now();
+        let selected = watcher::Config::default().labels(LABEL_SELECTOR);
+        let (services, services_writer) = reflector::store();
+        let (endpoint_slices, slices_writer) = reflector::store();
+        let (nodes, nodes_writer) = reflector::store();
+        let tasks = vec![
+            tokio::spawn(watch(
+                Api::<Service>::all(client.clone()),
+                selected.clone(),
+                services_writer,
+                Kind::Service,
+                shared.clone(),
+                ignore,
+            )),
+            tokio::spawn(watch(
+                Api::<EndpointSlice>::all(client.clone()),
+                selected,
+                slices_writer,
+                Kind::EndpointSlice,
+                shared.clone(),
+                move |state, event| note_trigger_time(state, event, started),
+            )),
+            tokio::spawn(watch(
+                Api::<Node>::all(client),
+                watcher::Config::default().fields(&format!("metadata.name={node_name}")),
+                nodes_writer,
+                Kind::Node,
+                shared.clone(),
+                ignore,
+            )),
+        ];
+        KubeSource {
+            services,
+            endpoint_slices,
+            nodes,
+            node_name: node_name.to_owned(),
+            shared,
+            started,
+            tasks,
+        }
+    }
+
+    /// Resolves after the next change of any watched object (or completed list).
+    pub async fn changed(&self) {
+        self.shared.changed.notified().await;
+    }
+
+    /// A number that changes whenever any store changes.
+    pub fn generation(&self) -> u64 {
+        self.shared.state().generation
+    }
+
+    /// Whether the initial lists of Services and EndpointSlices are both complete.
+    pub fn is_synced(&self) -> bool {
+        let state = self.shared.state();
+        state.services_listed && state.endpoint_slices_listed
+    }
+
+    /// Whether the Node list (this node, or nothing when it does not exist) is complete.
+    pub fn node_listed(&self) -> bool {
+        self.shared.state().node_listed
+    }
+
+    /// The objects as they are now, or `None` before the initial lists are complete.
+    pub fn snapshot(&self) -> Option<Snapshot> {
+        if !self.is_synced() {
+            return None;
+        }
+        Some(Snapshot {
+            services: owned(&self.services),
+            endpoint_slices: owned(&self.endpoint_slices),
+            nodes: owned(&self.nodes)
+                .into_iter()
+                .filter(|node| node.name_any() == self.node_name)
+                .collect(),
+            service_cidrs: Vec::new(),
+        })
+    }
+
+    /// Whether this node may receive load-balanced traffic: false once its Node is being
+    /// deleted or the cluster autoscaler marked it for removal (kube-proxy's `/healthz`
+    /// then fails, so that load balancers drain it). True while the Node is unknown.
+    pub fn node_eligible(&self) -> bool {
+        self.nodes.state().iter().all(|node| node_eligible(node))
+    }
+
+    /// The trigger times of EndpointSlice changes seen since the last call, with the
+    /// slice's address family (only changes made after this source started count, as in
+    /// kube-proxy).
+    pub fn take_trigger_times(&self) -> Vec<(IpFamily, jiff::Timestamp)> {
+        std::mem::take(&mut self.shared.state().trigger_times)
+    }
+
+    /// When this source started.
+    pub fn started(&self) -> jiff::Timestamp {
+        self.started
+    }
+}
+
+impl Drop for KubeSource {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+fn owned<K: kube::Resource + Clone>(store: &Store<K>) -> Vec<K>
+where
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    store
+        .state()
+        .into_iter()
+        .map(Arc::unwrap_or_clone)
+        .collect()
+}
+
+/// See [`KubeSource::node_eligible`].
+pub fn node_eligible(node: &Node) -> bool {
+    let deleting = node.metadata.deletion_timestamp.is_some();
+    let drained = node
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.taints.as_ref())
+        .is_some_and(|taints| taints.iter().any(|t| t.key == TO_BE_DELETED_TAINT));
+    !(deleting || drained)
+}
+
+/// One watcher: list, then watch, relisting after `410 Gone` and backing off after
+/// errors (kube-rs's default: exponential from 800 ms up to 30 s, with jitter), forever.
+async fn watch<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    writer: reflector::store::Writer<K>,
+    kind: Kind,
+    shared: Arc<Shared>,
+    note: impl Fn(&mut State, &watcher::Event<K>),
+) where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let stream = watcher(api, config).default_backoff().reflect(writer);
+    futures_util::pin_mut!(stream);
+    let mut failing = false;
+    while let Some(event) = stream.next().await {
+        let event = match event {
+            Ok(event) => event,
+            Err(error) => {
+                if !failing {
+                    warn!(%error, "watching {kind} failed; keeping the last known state and retrying");
+                }
+                failing = true;
+                continue;
+            }
+        };
+        if std::mem::take(&mut failing) {
+            info!("watching {kind} again");
+        }
+        let mut state = shared.state();
+        note(&mut state, &event);
+        match &event {
+            // The store swaps in the whole list at `InitDone`; until then nothing changed.
+            watcher::Event::Init | watcher::Event::InitApply(_) => continue,
+            watcher::Event::InitDone => {
+                debug!("list of {kind} complete");
+                match kind {
+                    Kind::Service => state.services_listed = true,
+                    Kind::EndpointSlice => state.endpoint_slices_listed = true,
+                    Kind::Node => state.node_listed = true,
+                }
+            }
+            watcher::Event::Apply(_) | watcher::Event::Delete(_) => {}
+        }
+        state.generation += 1;
+        drop(state);
+        shared.changed.notify_one();
+    }
+}
+
+fn ignore<K>(_: &mut State, _: &watcher::Event<K>) {}
+
+/// Records an EndpointSlice change's trigger time for the network programming latency
+/// metric, once per distinct annotation value.
+fn note_trigger_time(
+    state: &mut State,
+    event: &watcher::Event<EndpointSlice>,
+    started: jiff::Timestamp,
+) {
+    let (watcher::Event::Apply(object) | watcher::Event::InitApply(object)) = event else {
+        if let watcher::Event::Delete(object) = event {
+            let key = (object.namespace().unwrap_or_default(), object.name_any());
+            state.seen_triggers.remove(&key);
+        }
+        return;
+    };
+    let Some(value) = object.annotations().get(LAST_CHANGE_TRIGGER_TIME) else {
+        return;
+    };
+    let key = (object.namespace().unwrap_or_default(), object.name_any());
+    if state.seen_triggers.get(&key) == Some(value) {
+        return;
+    }
+    state.seen_triggers.insert(key, value.clone());
+    if let Ok(time) = value.parse::<jiff::Timestamp>()
+        && time > started
+    {
+        let family = match object.address_type.as_str() {
+            "IPv6" => IpFamily::V6,
+            _ => IpFamily::V4,
+        };
+        state.trigger_times.push((family, time));
+    }
+}

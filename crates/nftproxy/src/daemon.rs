@@ -1,0 +1,317 @@
+//! The long-running modes: the sync loop fed by manifest files or by the API server, with
+//! the health and metrics servers beside it, until SIGTERM or SIGINT.
+//!
+//! Invariant: the rules stay in the kernel when the process ends or its input is
+//! unavailable (as kube-proxy leaves them); only a successful build of complete input
+//! ever changes them.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nftproxy_kube_source::KubeSource;
+use nftproxy_model::{
+    Build, Diagnostic, HealthCheck, IpFamily, ProxyConfig, Severity, Snapshot, build,
+};
+use nftproxy_netlink::NetlinkBackend;
+use nftproxy_nft::{Family, Table};
+use nftproxy_proxier::metrics::TrafficPolicy;
+use nftproxy_proxier::runner::{self, Input, Source, Timing};
+use nftproxy_proxier::{Monitor, Reconciler, SyncReport};
+use tracing::{debug, info, warn};
+
+use crate::health_check::HealthCheckServers;
+use crate::{http, load_build, source};
+
+/// Where the long-running mode reads the cluster from.
+pub enum Mode {
+    /// Manifest files, polled.
+    Files(Files),
+    /// The API server, watched.
+    Api(Api),
+}
+
+/// The runtime of the long-running modes: two workers, so that the HTTP servers answer
+/// while a sync holds the other.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}
+
+/// Runs the daemon on `runtime` until SIGTERM or SIGINT; `monitor` is the one the
+/// source reports to.
+pub fn run(
+    runtime: &tokio::runtime::Runtime,
+    mut reconciler: Reconciler<NetlinkBackend>,
+    config: &ProxyConfig,
+    monitor: Arc<Monitor>,
+    mode: Mode,
+) -> Result<(), String> {
+    runtime.block_on(async {
+        if let Some(address) = config.healthz_bind_address {
+            http::serve(
+                "/healthz and /livez",
+                address,
+                http::health_handler(monitor.clone()),
+            );
+        }
+        if let Some(address) = config.metrics_bind_address {
+            http::serve("/metrics", address, http::metrics_handler(monitor.clone()));
+        }
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .map_err(|e| e.to_string())?;
+        let shutdown = async move {
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            info!("shutting down; the rules stay in place");
+        };
+        let timing = Timing {
+            min_sync_period: config.min_sync_period,
+            sync_period: config.sync_period,
+        };
+        match mode {
+            Mode::Files(mut files) => {
+                runner::run(&mut reconciler, timing, &mut files, &monitor, shutdown).await
+            }
+            Mode::Api(mut api) => {
+                runner::run(&mut reconciler, timing, &mut api, &monitor, shutdown).await
+            }
+        };
+        Ok(())
+    })
+}
+
+/// What follows a successful sync, for either source: the health-check servers and the
+/// metrics of the build that was programmed.
+struct AfterSync {
+    monitor: Arc<Monitor>,
+    health_checks: HealthCheckServers,
+    /// Of the build handed to the sync loop last: where and what to serve.
+    pending: Option<(Vec<std::net::IpAddr>, Vec<HealthCheck>)>,
+}
+
+impl AfterSync {
+    fn new(monitor: Arc<Monitor>) -> AfterSync {
+        AfterSync {
+            health_checks: HealthCheckServers::new(monitor.clone()),
+            monitor,
+            pending: None,
+        }
+    }
+
+    /// `build` is what the next sync programs: its tables.
+    fn built(&mut self, build: &Build) -> Vec<Table> {
+        for (state, family) in [(&build.ipv4, Family::Ip), (&build.ipv6, Family::Ip6)] {
+            let (internal, external) = state.no_local_endpoints();
+            let metrics = &self.monitor.metrics;
+            metrics.set_no_local_endpoints(TrafficPolicy::Internal, family, internal);
+            metrics.set_no_local_endpoints(TrafficPolicy::External, family, external);
+        }
+        self.pending = Some((build.node_port_ips(), build.health_checks()));
+        nftproxy_render::render_all(build)
+    }
+
+    /// The last build is in the kernel.
+    fn synced(&mut self) {
+        if let Some((addresses, checks)) = self.pending.take() {
+            self.health_checks.sync(&addresses, &checks);
+        }
+    }
+}
+
+/// The file source: re-reads the manifests when their fingerprint changes, checked every
+/// `minSyncPeriod`.
+pub struct Files {
+    paths: Vec<PathBuf>,
+    config: ProxyConfig,
+    fingerprint: Option<u64>,
+    first: Option<Build>,
+    after: AfterSync,
+}
+
+impl Files {
+    /// A file source whose first answer is `initial`, built from the files as they are.
+    pub fn new(
+        paths: Vec<PathBuf>,
+        config: ProxyConfig,
+        initial: Build,
+        monitor: Arc<Monitor>,
+    ) -> Files {
+        Files {
+            fingerprint: source::fingerprint(&paths).ok(),
+            paths,
+            config,
+            first: Some(initial),
+            after: AfterSync::new(monitor),
+        }
+    }
+}
+
+impl Source for Files {
+    async fn changed(&mut self) {
+        tokio::time::sleep(self.config.min_sync_period).await;
+    }
+
+    fn input(&mut self) -> Input {
+        if let Some(build) = self.first.take() {
+            return Input::Changed(self.after.built(&build));
+        }
+        let now = match source::fingerprint(&self.paths) {
+            Ok(now) => now,
+            Err(e) => return Input::Unavailable(e.to_string()),
+        };
+        if self.fingerprint == Some(now) {
+            return Input::Unchanged;
+        }
+        self.fingerprint = Some(now);
+        info!("manifests changed");
+        // A broken document is most likely a file caught half-written: rather than drop
+        // its Services, keep the rules as they are until it parses again.
+        match load_build(&self.paths, &self.config) {
+            Ok(loaded) if loaded.broken == 0 => Input::Changed(self.after.built(&loaded.build)),
+            Ok(loaded) => Input::Unavailable(format!(
+                "{} manifest document(s) could not be parsed",
+                loaded.broken
+            )),
+            Err(e) => Input::Unavailable(e),
+        }
+    }
+
+    fn synced(&mut self, _report: &SyncReport) {
+        self.after.synced();
+    }
+}
+
+/// The API source: rebuilds when a watched object changed, once the initial lists are
+/// complete.
+pub struct Api {
+    source: KubeSource,
+    config: ProxyConfig,
+    after: AfterSync,
+    /// The store generation the last answer was built from.
+    seen: Option<u64>,
+    /// The tables of the last answer: an object change that changes no rule (a Node
+    /// heartbeat, an unrelated annotation) is not a change.
+    last: Option<Vec<Table>>,
+    /// What was reported as left out last time, so that each is logged once.
+    diagnostics: BTreeSet<Diagnostic>,
+    waiting_logged: bool,
+    /// Trigger times of the endpoint changes in the tables not yet in the kernel.
+    triggers: Vec<(IpFamily, jiff::Timestamp)>,
+}
+
+impl Api {
+    /// An API source over running watchers.
+    pub fn new(source: KubeSource, config: ProxyConfig, monitor: Arc<Monitor>) -> Api {
+        Api {
+            source,
+            config,
+            after: AfterSync::new(monitor),
+            seen: None,
+            last: None,
+            diagnostics: BTreeSet::new(),
+            waiting_logged: false,
+            triggers: Vec::new(),
+        }
+    }
+
+    /// Logs the diagnostics that are new since the last build.
+    fn log_new(&mut self, diagnostics: &[Diagnostic]) {
+        let now: BTreeSet<Diagnostic> = diagnostics.iter().cloned().collect();
+        for diagnostic in now.difference(&self.diagnostics) {
+            match diagnostic.severity {
+                Severity::Invalid => warn!("skipping {diagnostic}"),
+                Severity::Ignored => debug!("ignoring {diagnostic}"),
+            }
+        }
+        self.diagnostics = now;
+    }
+
+    /// Endpoint changes that are now programmed: their network programming latency.
+    fn observe_triggers(&mut self) {
+        let monitor = &self.after.monitor;
+        let now = jiff::Timestamp::now();
+        for (family, time) in self.triggers.drain(..) {
+            let family = match family {
+                IpFamily::V4 => Family::Ip,
+                IpFamily::V6 => Family::Ip6,
+            };
+            let latency = now.duration_since(time).unsigned_abs();
+            monitor.metrics.network_programmed(family, latency);
+        }
+    }
+}
+
+impl Source for Api {
+    async fn changed(&mut self) {
+        self.source.changed().await;
+    }
+
+    fn input(&mut self) -> Input {
+        let eligible = self.source.node_eligible();
+        self.after.monitor.health.set_node_eligible(eligible);
+        let generation = self.source.generation();
+        if self.seen == Some(generation) {
+            return Input::Unchanged;
+        }
+        let Some(snapshot) = self.source.snapshot() else {
+            if !std::mem::replace(&mut self.waiting_logged, true) {
+                info!("waiting for the initial lists of Services and EndpointSlices");
+            }
+            return Input::Unchanged;
+        };
+        self.seen = Some(generation);
+        self.triggers.extend(self.source.take_trigger_times());
+        let built = build(&snapshot, &self.config);
+        self.log_new(&built.diagnostics);
+        let tables = self.after.built(&built);
+        if self.last.as_ref() == Some(&tables) {
+            // Nothing to program: whatever triggered this is in the kernel already (a
+            // health-check count may still have changed).
+            self.after.synced();
+            self.observe_triggers();
+            return Input::Unchanged;
+        }
+        self.last = Some(tables.clone());
+        Input::Changed(tables)
+    }
+
+    fn synced(&mut self, _report: &SyncReport) {
+        self.after.synced();
+        self.observe_triggers();
+    }
+}
+
+/// For the one-shot modes against the API server: the cluster once the initial lists
+/// (and this node's Node, if it exists) are complete; gives up after a minute.
+pub async fn initial_snapshot(
+    client: nftproxy_kube_source::Client,
+    node_name: &str,
+) -> Result<Snapshot, String> {
+    const PATIENCE: Duration = Duration::from_secs(60);
+    let source = KubeSource::start(client, node_name);
+    let ready = async {
+        loop {
+            let changed = source.changed();
+            if source.node_listed()
+                && let Some(snapshot) = source.snapshot()
+            {
+                return snapshot;
+            }
+            changed.await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, ready).await.map_err(|_| {
+        format!(
+            "the API server did not complete the lists of Services, EndpointSlices and \
+             this Node within {} s",
+            PATIENCE.as_secs()
+        )
+    })
+}

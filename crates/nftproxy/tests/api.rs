@@ -1,0 +1,383 @@
+//! The binary against the in-process fake API server, each test in a fresh network
+//! namespace (the fake listens on that namespace's loopback): the API's ruleset equals the
+//! manifests' one; an EndpointSlice change reaches the kernel within one minSyncPeriod;
+//! an unreachable API server keeps the rules and the watch recovers; `/metrics` moves
+//! after a sync; `/healthz` turns 503 when syncs stall; health-check node ports follow the
+//! local endpoints; SIGTERM leaves the rules.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nftproxy_netlink::netns::in_new_netns;
+use nftproxy_testkit::fake_api::FakeApi;
+use nftproxy_testkit::{SEED_NODE_FLAGS, kernel_available, repo_root, run_ok};
+
+const HEALTHZ: &str = "127.0.0.1:10256";
+const METRICS: &str = "127.0.0.1:10249";
+
+/// A child process killed when dropped, so a failing test leaves nothing running; what
+/// it logged is shown when the test fails.
+struct Daemon(Child, std::path::PathBuf);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.1).unwrap_or_default();
+            eprintln!("--- nftproxy's log ---\n{log}");
+        }
+        let _ = std::fs::remove_file(&self.1);
+    }
+}
+
+/// The seed examples, as the API server would hold them.
+fn seed_yaml() -> String {
+    let dir = repo_root().join("examples/seed");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("seed examples")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .map(|f| std::fs::read_to_string(f).expect("readable"))
+        .collect::<Vec<_>>()
+        .join("\n---\n")
+}
+
+fn nftproxy() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_nftproxy"))
+}
+
+fn start(api: &FakeApi, extra: &[&str]) -> Daemon {
+    let log = std::env::temp_dir().join(format!(
+        "nftproxy-api-test-{}-{:?}.log",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let child = nftproxy()
+        .args(["--master", &api.url()])
+        .args(SEED_NODE_FLAGS)
+        .args(["--healthz-bind-address", HEALTHZ])
+        .args(["--metrics-bind-address", METRICS])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("nftproxy starts");
+    Daemon(child, log)
+}
+
+fn bring_up_loopback() {
+    run_ok(Command::new("ip").args(["link", "set", "lo", "up"]), "");
+}
+
+fn listing() -> Option<String> {
+    let output = Command::new("nft")
+        .args(["list", "table", "ip", "nftproxy"])
+        .output()
+        .expect("nft runs");
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Polls `check` every 20 ms until it holds or `limit` passes; returns how long it took.
+fn within(limit: Duration, what: &str, mut check: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if check() {
+            return start.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("{what}: not within {limit:?}");
+}
+
+/// A plain HTTP/1.0 GET: the status code and the body.
+fn get(address: &str, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(address).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let code = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n")?.1.to_owned();
+    Some((code, body))
+}
+
+/// The value of one sample line of `/metrics`, e.g. `name{label="x"}`.
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+fn metrics() -> String {
+    get(METRICS, "/metrics")
+        .map(|(_, body)| body)
+        .unwrap_or_default()
+}
+
+#[test]
+fn the_api_and_the_manifests_give_the_same_ruleset() {
+    if !kernel_available("the_api_and_the_manifests_give_the_same_ruleset") {
+        return;
+    }
+    in_new_netns(|| {
+        bring_up_loopback();
+        let api = FakeApi::start();
+        api.apply_yaml(&seed_yaml());
+        let from_api = run_ok(
+            nftproxy()
+                .args(["--dry-run", "--master", &api.url()])
+                .args(SEED_NODE_FLAGS),
+            "",
+        );
+        let from_files = run_ok(
+            nftproxy()
+                .args(["--dry-run", "--manifests"])
+                .arg(repo_root().join("examples/seed"))
+                .args(SEED_NODE_FLAGS),
+            "",
+        );
+        assert!(from_api.contains("redis"), "{from_api}");
+        assert_eq!(from_api, from_files);
+    })
+    .expect("netns");
+}
+
+#[test]
+fn the_daemon_follows_the_api_keeps_rules_while_it_is_down_and_reports_metrics() {
+    if !kernel_available(
+        "the_daemon_follows_the_api_keeps_rules_while_it_is_down_and_reports_metrics",
+    ) {
+        return;
+    }
+    in_new_netns(|| {
+        bring_up_loopback();
+        let api = FakeApi::start();
+        api.apply_yaml(&seed_yaml());
+        let mut daemon = start(&api, &["--min-sync-period", "2s", "--sync-period", "30s"]);
+
+        // The first sync, after both initial lists.
+        within(Duration::from_secs(20), "the first sync", || {
+            listing().is_some_and(|l| l.contains("10.103.50.102"))
+        });
+        within(Duration::from_secs(5), "/healthz", || {
+            get(HEALTHZ, "/healthz").is_some_and(|(code, _)| code == 200)
+        });
+        let (code, body) = get(HEALTHZ, "/healthz").expect("healthz answers");
+        assert_eq!(code, 200);
+        assert!(body.contains(r#""nodeEligible": true"#), "{body}");
+        let before = metrics();
+        let syncs = sample(
+            &before,
+            r#"kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family="IPv4"}"#,
+        )
+        .expect("a sync was measured");
+        assert!(syncs >= 1.0);
+        assert!(
+            sample(
+                &before,
+                r#"kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family="IPv4"}"#
+            )
+            .is_some_and(|t| t > 1.6e9)
+        );
+        assert_eq!(
+            get(METRICS, "/proxyMode").map(|(_, body)| body).as_deref(),
+            Some("nftables")
+        );
+
+        // An EndpointSlice change after a quiet spell: in the kernel within one
+        // minSyncPeriod (2 s; it is applied at once, the bound leaves room for a slow
+        // machine), with its network programming latency measured.
+        std::thread::sleep(Duration::from_secs(2));
+        let mut slice = seed_object("redis-7xk2p");
+        let endpoints = slice["endpoints"].as_array_mut().expect("endpoints");
+        let mut added = endpoints[0].clone();
+        added["addresses"] = serde_json::json!(["10.244.3.77"]);
+        endpoints.push(added);
+        slice["metadata"]["annotations"] = serde_json::json!({
+            "endpoints.kubernetes.io/last-change-trigger-time": jiff::Timestamp::now().to_string(),
+        });
+        api.apply(slice);
+        let took = within(Duration::from_secs(2), "the new endpoint", || {
+            listing().is_some_and(|l| l.contains("10.244.3.77"))
+        });
+        eprintln!("endpoint change reached the kernel in {took:?}");
+        within(Duration::from_secs(5), "the programming latency", || {
+            sample(
+                &metrics(),
+                r#"kubeproxy_network_programming_duration_seconds_count{ip_family="IPv4"}"#,
+            )
+            .is_some_and(|n| n >= 1.0)
+        });
+        let after = metrics();
+        assert!(
+            sample(
+                &after,
+                r#"kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family="IPv4"}"#
+            )
+            .is_some_and(|n| n > syncs),
+            "{after}"
+        );
+
+        // The API server goes away: the rules stay, health stays good (nothing is
+        // queued), and a change made meanwhile arrives once it is back.
+        let held = listing().expect("rules");
+        api.set_available(false);
+        std::thread::sleep(Duration::from_secs(3));
+        assert_eq!(listing().as_deref(), Some(held.as_str()));
+        assert_eq!(get(HEALTHZ, "/healthz").map(|(code, _)| code), Some(200));
+        api.delete("Service", "default", "redis");
+        api.set_available(true);
+        within(
+            Duration::from_secs(40),
+            "the deletion after reconnecting",
+            || listing().is_some_and(|l| !l.contains("10.103.50.102")),
+        );
+
+        // SIGTERM: a clean exit that leaves the rules.
+        let pid = daemon.0.id().to_string();
+        run_ok(Command::new("kill").args(["-TERM", &pid]), "");
+        let status = daemon.0.wait().expect("exits");
+        assert!(status.success(), "{status}");
+        assert!(listing().is_some_and(|l| l.contains("counter")));
+    })
+    .expect("netns");
+}
+
+#[test]
+fn healthz_turns_unhealthy_while_syncs_stall_and_recovers() {
+    if !kernel_available("healthz_turns_unhealthy_while_syncs_stall_and_recovers") {
+        return;
+    }
+    in_new_netns(|| {
+        bring_up_loopback();
+        let api = FakeApi::start();
+        api.apply_yaml(&seed_yaml());
+        // Another program owns a table of our name (`flags owner`, held by its open
+        // netlink socket): the kernel refuses every change to it, so each sync fails and
+        // the queued update ages past 2 × syncPeriod.
+        let mut holder = Command::new("nft")
+            .arg("-i")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("nft -i starts");
+        let mut commands = holder.stdin.take().expect("stdin");
+        writeln!(commands, "add table ip nftproxy {{ flags owner; }}").expect("nft -i reads");
+        within(Duration::from_secs(5), "the owned table", || {
+            listing().is_some()
+        });
+        let _daemon = start(&api, &["--sync-period", "1s", "--min-sync-period", "100ms"]);
+        within(Duration::from_secs(10), "a failed sync", || {
+            sample(
+                &metrics(),
+                r#"kubeproxy_sync_proxy_rules_nftables_sync_failures_total{ip_family="IPv4"}"#,
+            )
+            .is_some_and(|n| n >= 1.0)
+        });
+        within(Duration::from_secs(10), "/healthz 503", || {
+            get(HEALTHZ, "/healthz").is_some_and(|(code, _)| code == 503)
+        });
+        let (code, body) = get(HEALTHZ, "/livez").expect("livez answers");
+        assert_eq!(code, 503, "{body}");
+        assert!(
+            body.starts_with(r#"{"lastUpdated": "0001-01-01 00:00:00 +0000 UTC""#),
+            "{body}"
+        );
+        assert!(
+            sample(&metrics(), r#"kubeproxy_proxy_healthz_total{code="503"}"#)
+                .is_some_and(|n| n >= 1.0)
+        );
+
+        // The owner goes away and takes its table along: the next retry programs the
+        // rules and health returns.
+        drop(commands);
+        let _ = holder.kill();
+        let _ = holder.wait();
+        within(Duration::from_secs(10), "the rules after the stall", || {
+            listing().is_some_and(|l| l.contains("10.103.50.102"))
+        });
+        within(Duration::from_secs(5), "/healthz 200", || {
+            get(HEALTHZ, "/healthz").is_some_and(|(code, _)| code == 200)
+        });
+    })
+    .expect("netns");
+}
+
+/// One document of the seed examples, as JSON.
+fn seed_object(name: &str) -> serde_json::Value {
+    let yaml = seed_yaml();
+    let document = yaml
+        .split("\n---\n")
+        .find(|d| d.contains(&format!("\n  name: {name}\n")))
+        .unwrap_or_else(|| panic!("{name} in the seed"));
+    serde_saphyr::from_str(document).expect("yaml")
+}
+
+#[test]
+fn health_check_node_ports_follow_local_endpoints() {
+    if !kernel_available("health_check_node_ports_follow_local_endpoints") {
+        return;
+    }
+    in_new_netns(|| {
+        bring_up_loopback();
+        // The node's address, where NodePorts (and so health checks) are served.
+        run_ok(
+            Command::new("ip").args(["addr", "add", "192.168.50.10/32", "dev", "lo"]),
+            "",
+        );
+        let api = FakeApi::start();
+        api.apply_yaml(&seed_yaml());
+        let mut service = seed_object("counter-lb");
+        service["spec"]["externalTrafficPolicy"] = serde_json::json!("Local");
+        service["spec"]["healthCheckNodePort"] = serde_json::json!(32100);
+        api.apply(service.clone());
+        let _daemon = start(&api, &["--min-sync-period", "100ms"]);
+        let probe = "192.168.50.10:32100";
+
+        // counter-lb has one ready endpoint on node-a (this node) and one on node-b.
+        within(Duration::from_secs(20), "the health check", || {
+            get(probe, "/").is_some_and(|(code, _)| code == 200)
+        });
+        let (_, body) = get(probe, "/").expect("answers");
+        assert!(body.contains("\"name\": \"counter-lb\""), "{body}");
+        assert!(body.contains("\"localEndpoints\": 1"), "{body}");
+
+        // The local endpoint goes away: 503, so that load balancers skip this node.
+        let mut slice = seed_object("counter-lb-h5t8w");
+        slice["endpoints"]
+            .as_array_mut()
+            .expect("endpoints")
+            .retain(|e| e["nodeName"] != "node-a");
+        api.apply(slice);
+        within(
+            Duration::from_secs(10),
+            "503 without local endpoints",
+            || {
+                get(probe, "/").is_some_and(|(code, body)| {
+                    code == 503 && body.contains("\"localEndpoints\": 0")
+                })
+            },
+        );
+
+        // Back to the Cluster policy: no health check any more.
+        service["spec"]["externalTrafficPolicy"] = serde_json::json!("Cluster");
+        service["spec"]
+            .as_object_mut()
+            .expect("spec")
+            .remove("healthCheckNodePort");
+        api.apply(service);
+        within(Duration::from_secs(10), "the port to close", || {
+            TcpStream::connect(probe).is_err()
+        });
+    })
+    .expect("netns");
+}
