@@ -11,12 +11,14 @@
 //! has no maps or concatenations.
 
 mod backend;
+mod conntrack;
 mod ffi;
 pub mod lower;
 pub mod netns;
 mod socket;
 
 pub use backend::NetlinkBackend;
+pub use conntrack::ConntrackSocket;
 pub use ffi::rule_bytecode;
 
 /// What can go wrong talking to the kernel.

@@ -8,6 +8,7 @@
 //! program are one and the same thing.
 
 mod backend;
+pub mod conntrack;
 mod diff;
 mod expr;
 mod table;
@@ -17,6 +18,7 @@ mod transaction;
 mod types;
 
 pub use backend::{Backend, FakeBackend, FakeError};
+pub use conntrack::{Conntrack, FakeConntrack, Flow, Tuple};
 pub use diff::diff;
 pub use expr::{CmpOp, CtState, CtStatus, Expr, FibInput, MarkOp, PayloadField, Rhs, Rule, Stmt};
 pub use table::{Chain, Element, Set, Table};

@@ -14,8 +14,9 @@ use nftproxy_kube_source::KubeSource;
 use nftproxy_model::{
     Build, Diagnostic, HealthCheck, IpFamily, ProxyConfig, Severity, Snapshot, build,
 };
-use nftproxy_netlink::NetlinkBackend;
+use nftproxy_netlink::{ConntrackSocket, NetlinkBackend};
 use nftproxy_nft::{Family, Table};
+use nftproxy_proxier::conntrack::{self, ServingUdp};
 use nftproxy_proxier::metrics::TrafficPolicy;
 use nftproxy_proxier::runner::{self, Input, Source, Timing};
 use nftproxy_proxier::{Monitor, Reconciler, SyncReport};
@@ -87,13 +88,17 @@ pub fn run(
     })
 }
 
-/// What follows a successful sync, for either source: the health-check servers and the
-/// metrics of the build that was programmed.
+/// What follows a successful sync, for either source: the health-check servers, the
+/// stale UDP conntrack entries, and the metrics of the build that was programmed.
 struct AfterSync {
     monitor: Arc<Monitor>,
     health_checks: HealthCheckServers,
     /// Of the build handed to the sync loop last: where and what to serve.
     pending: Option<(Vec<std::net::IpAddr>, Vec<HealthCheck>)>,
+    /// The UDP Services of the build last handed to the sync loop.
+    serving_udp: ServingUdp,
+    /// Opened at the first cleanup; `None` after it could not be opened.
+    conntrack: Option<Result<ConntrackSocket, ()>>,
 }
 
 impl AfterSync {
@@ -102,6 +107,38 @@ impl AfterSync {
             health_checks: HealthCheckServers::new(monitor.clone()),
             monitor,
             pending: None,
+            serving_udp: ServingUdp::default(),
+            conntrack: None,
+        }
+    }
+
+    /// Deletes UDP flows the new rules would not produce, as kube-proxy does after every
+    /// successful sync. Failures are logged; the next sync tries again.
+    fn clean_conntrack(&mut self) {
+        if self.serving_udp.families().is_empty() {
+            return;
+        }
+        let socket = self.conntrack.get_or_insert_with(|| {
+            ConntrackSocket::open().map_err(
+                |e| warn!(error = %e, "cannot open the conntrack socket; stale UDP flows stay"),
+            )
+        });
+        let Ok(socket) = socket else {
+            return;
+        };
+        for &family in self.serving_udp.families() {
+            let started = std::time::Instant::now();
+            match conntrack::clean(socket, &self.serving_udp, family) {
+                Ok(deleted) => {
+                    if deleted > 0 {
+                        info!(%family, deleted, "deleted stale UDP conntrack entries");
+                    }
+                    self.monitor
+                        .metrics
+                        .conntrack_reconciled(family, deleted, started.elapsed());
+                }
+                Err(e) => warn!(%family, error = %e, "conntrack cleanup failed"),
+            }
         }
     }
 
@@ -114,6 +151,7 @@ impl AfterSync {
             metrics.set_no_local_endpoints(TrafficPolicy::External, family, external);
         }
         self.pending = Some((build.node_port_ips(), build.health_checks()));
+        self.serving_udp = ServingUdp::from_build(build);
         nftproxy_render::render_all(build)
     }
 
@@ -122,6 +160,7 @@ impl AfterSync {
         if let Some((addresses, checks)) = self.pending.take() {
             self.health_checks.sync(&addresses, &checks);
         }
+        self.clean_conntrack();
     }
 }
 

@@ -381,3 +381,99 @@ fn health_check_node_ports_follow_local_endpoints() {
     })
     .expect("netns");
 }
+
+fn udp_service(name: &str, cluster_ip: &str, endpoint: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: kube-system}}\n\
+         spec: {{clusterIP: {cluster_ip}, ports: [{{name: dns, port: 53, protocol: UDP}}]}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: {name}-1, namespace: kube-system, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+         addressType: IPv4\nports: [{{name: dns, port: 53, protocol: UDP}}]\n\
+         endpoints: [{{addresses: [{endpoint}], nodeName: node-b, conditions: {{ready: true}}}}]\n"
+    )
+}
+
+fn udp_flows() -> Vec<String> {
+    let output = run_ok(Command::new("conntrack").args(["-L", "-p", "udp"]), "");
+    output.lines().map(str::to_owned).collect()
+}
+
+#[test]
+fn stale_udp_flows_are_deleted_after_a_sync() {
+    if !kernel_available("stale_udp_flows_are_deleted_after_a_sync") {
+        return;
+    }
+    in_new_netns(|| {
+        bring_up_loopback();
+        // The pod network behind one end of a veth pair whose other end nobody reads:
+        // datagrams DNATed to a pod leave through it, which is enough for conntrack to
+        // confirm their flows.
+        for args in [
+            &[
+                "link",
+                "add",
+                "pods",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "pods-peer",
+            ][..],
+            &["link", "set", "pods-peer", "up"],
+            &["link", "set", "pods", "up"],
+            &["addr", "add", "10.244.0.1/16", "dev", "pods"],
+            &["route", "add", "10.96.0.0/12", "dev", "pods"],
+        ] {
+            run_ok(Command::new("ip").args(args), "");
+        }
+        let api = FakeApi::start();
+        api.apply_yaml(&udp_service("dns", "10.96.0.10", "10.244.1.53"));
+        api.apply_yaml(&udp_service("other", "10.96.0.11", "10.244.1.54"));
+        let _daemon = start(&api, &["--min-sync-period", "100ms"]);
+        within(Duration::from_secs(20), "the rules", || {
+            listing().is_some_and(|l| l.contains("10.96.0.11"))
+        });
+
+        let client = std::net::UdpSocket::bind("0.0.0.0:0").expect("udp socket");
+        for target in ["10.96.0.10:53", "10.96.0.11:53", "10.244.7.7:53"] {
+            client.send_to(b"query", target).expect("sent");
+        }
+        within(Duration::from_secs(5), "the flows", || {
+            let flows = udp_flows();
+            flows
+                .iter()
+                .any(|f| f.contains("dst=10.96.0.10") && f.contains("src=10.244.1.53"))
+                && flows.iter().any(|f| f.contains("src=10.244.1.54"))
+        });
+
+        // dns's backend is replaced: its flow still points at the old pod and goes; the
+        // other Service's flow and the flow to a plain address stay.
+        api.apply_yaml(&udp_service("dns", "10.96.0.10", "10.244.2.53"));
+        within(Duration::from_secs(10), "the stale flow to go", || {
+            !udp_flows().iter().any(|f| f.contains("src=10.244.1.53"))
+        });
+        let flows = udp_flows();
+        assert!(
+            flows.iter().any(|f| f.contains("src=10.244.1.54")),
+            "{flows:?}"
+        );
+        assert!(
+            flows.iter().any(|f| f.contains("dst=10.244.7.7")),
+            "{flows:?}"
+        );
+        within(Duration::from_secs(5), "the metric", || {
+            sample(
+                &metrics(),
+                r#"kubeproxy_conntrack_reconciler_deleted_entries_total{ip_family="IPv4"}"#,
+            )
+            .is_some_and(|n| n >= 1.0)
+        });
+
+        // The next datagram from the same socket reaches the new backend.
+        client.send_to(b"query", "10.96.0.10:53").expect("sent");
+        within(Duration::from_secs(5), "a fresh flow", || {
+            udp_flows().iter().any(|f| f.contains("src=10.244.2.53"))
+        });
+    })
+    .expect("netns");
+}

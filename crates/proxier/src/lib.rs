@@ -4,6 +4,7 @@
 //! Invariant: nothing here talks to the kernel or the API directly; the kernel is a
 //! [`Backend`](nftproxy_nft::Backend), the input a caller-supplied source.
 
+pub mod conntrack;
 pub mod health;
 pub mod metrics;
 mod reconciler;
