@@ -128,11 +128,22 @@ struct State {
     node_listed: bool,
     /// Bumped on every change of any store.
     generation: u64,
+    /// Service and EndpointSlice events (added, modified, deleted) since the last read.
+    changes: Changes,
     /// Trigger times of EndpointSlice changes not yet programmed, with the slice's family.
     trigger_times: Vec<(IpFamily, jiff::Timestamp)>,
     /// The last trigger-time annotation seen per slice, so that a re-list does not count
     /// an old change twice.
     seen_triggers: HashMap<(String, String), String>,
+}
+
+/// How many Service and EndpointSlice events arrived.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Services added, modified or deleted.
+    pub services: u64,
+    /// EndpointSlices added, modified or deleted.
+    pub endpoint_slices: u64,
 }
 
 #[derive(Default)]
@@ -258,6 +269,11 @@ impl KubeSource {
         std::mem::take(&mut self.shared.state().trigger_times)
     }
 
+    /// The Service and EndpointSlice events since the last call.
+    pub fn take_changes(&self) -> Changes {
+        std::mem::take(&mut self.shared.state().changes)
+    }
+
     /// When this source started.
     pub fn started(&self) -> jiff::Timestamp {
         self.started
@@ -326,7 +342,10 @@ async fn watch<K>(
                 continue;
             }
         };
-        if std::mem::take(&mut failing) {
+        // `Init` comes before the list request, so only what follows it proves the API
+        // server answers again.
+        if failing && !matches!(event, watcher::Event::Init) {
+            failing = false;
             info!("watching {kind} again");
         }
         let mut state = shared.state();
@@ -342,7 +361,11 @@ async fn watch<K>(
                     Kind::Node => state.node_listed = true,
                 }
             }
-            watcher::Event::Apply(_) | watcher::Event::Delete(_) => {}
+            watcher::Event::Apply(_) | watcher::Event::Delete(_) => match kind {
+                Kind::Service => state.changes.services += 1,
+                Kind::EndpointSlice => state.changes.endpoint_slices += 1,
+                Kind::Node => {}
+            },
         }
         state.generation += 1;
         drop(state);

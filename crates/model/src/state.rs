@@ -693,6 +693,16 @@ mod tests {
         );
     }
 
+    /// The build of `yaml` on node `me` (192.168.0.2).
+    fn build_yaml(yaml: &str) -> Build {
+        let mut snapshot = Snapshot::default();
+        let report = snapshot.add_manifest("t.yaml", yaml);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        let mut config = ProxyConfig::new("me");
+        config.node_ips = vec!["192.168.0.2".parse().unwrap()];
+        build(&snapshot, &config)
+    }
+
     #[test]
     fn no_local_endpoints_counts_local_policies_stranded_on_this_node() {
         let yaml = r#"
@@ -743,12 +753,7 @@ addressType: IPv4
 ports: [{port: 8080}]
 endpoints: [{addresses: [10.0.1.3], nodeName: me, conditions: {ready: true}}]
 "#;
-        let mut snapshot = Snapshot::default();
-        let report = snapshot.add_manifest("t.yaml", yaml);
-        assert!(report.errors.is_empty(), "{:?}", report.errors);
-        let mut config = ProxyConfig::new("me");
-        config.node_ips = vec!["192.168.0.2".parse().unwrap()];
-        let built = build(&snapshot, &config);
+        let built = build_yaml(yaml);
         // both:a, both:b and internal-only for internal; both:a and both:b for external.
         assert_eq!(built.ipv4.no_local_endpoints(), (3, 2));
         assert_eq!(built.ipv6.no_local_endpoints(), (0, 0));
@@ -786,12 +791,7 @@ endpoints:
 - {addresses: [10.0.1.2], nodeName: me, conditions: {ready: false, serving: true, terminating: true}}
 - {addresses: [10.0.1.3], nodeName: other, conditions: {ready: true}}
 "#;
-        let mut snapshot = Snapshot::default();
-        let report = snapshot.add_manifest("t.yaml", yaml);
-        assert!(report.errors.is_empty(), "{:?}", report.errors);
-        let mut config = ProxyConfig::new("me");
-        config.node_ips = vec!["192.168.0.2".parse().unwrap()];
-        let checks = build(&snapshot, &config).health_checks();
+        let checks = build_yaml(yaml).health_checks();
         // One ready local endpoint, reached on two ports; the terminating one does not
         // count; the Cluster-policy Service has no health check.
         assert_eq!(

@@ -307,6 +307,9 @@ impl Source for Api {
         };
         self.seen = Some(generation);
         self.triggers.extend(self.source.take_trigger_times());
+        let changes = self.source.take_changes();
+        let metrics = &self.after.monitor.metrics;
+        metrics.changes_seen(changes.services, changes.endpoint_slices);
         let built = build(&snapshot, &self.config);
         self.log_new(&built.diagnostics);
         let tables = self.after.built(&built);

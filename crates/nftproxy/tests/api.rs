@@ -1,9 +1,10 @@
 //! The binary against the in-process fake API server, each test in a fresh network
 //! namespace (the fake listens on that namespace's loopback): the API's ruleset equals the
-//! manifests' one; an EndpointSlice change reaches the kernel within one minSyncPeriod;
-//! an unreachable API server keeps the rules and the watch recovers; `/metrics` moves
-//! after a sync; `/healthz` turns 503 when syncs stall; health-check node ports follow the
-//! local endpoints; SIGTERM leaves the rules.
+//! manifests' one; nothing is programmed before both initial lists are complete; an
+//! EndpointSlice change reaches the kernel within one minSyncPeriod; an unreachable API
+//! server keeps the rules and the watch recovers; `/metrics` moves after a sync;
+//! `/healthz` turns 503 when syncs stall; health-check node ports follow the local
+//! endpoints; stale UDP flows are deleted; SIGTERM leaves the rules.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -11,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nftproxy_netlink::netns::in_new_netns;
-use nftproxy_testkit::fake_api::FakeApi;
+use nftproxy_testkit::fake_api::{FakeApi, Resource};
 use nftproxy_testkit::{SEED_NODE_FLAGS, kernel_available, repo_root, run_ok};
 
 const HEALTHZ: &str = "127.0.0.1:10256";
@@ -162,7 +163,16 @@ fn the_daemon_follows_the_api_keeps_rules_while_it_is_down_and_reports_metrics()
         bring_up_loopback();
         let api = FakeApi::start();
         api.apply_yaml(&seed_yaml());
+        // The EndpointSlice list fails at first: nothing may be programmed, since every
+        // Service would look endpoint-less.
+        api.refuse(Resource::EndpointSlices, true);
         let mut daemon = start(&api, &["--min-sync-period", "2s", "--sync-period", "30s"]);
+        within(Duration::from_secs(20), "the Service list", || {
+            api.lists(Resource::Services) > 0 && api.lists(Resource::EndpointSlices) > 0
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        assert!(listing().is_none(), "programmed before the initial lists");
+        api.refuse(Resource::EndpointSlices, false);
 
         // The first sync, after both initial lists.
         within(Duration::from_secs(20), "the first sync", || {

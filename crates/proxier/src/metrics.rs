@@ -9,8 +9,8 @@ use std::time::{Duration, SystemTime};
 
 use nftproxy_nft::Family;
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// The metrics registry and its collectors.
@@ -28,6 +28,10 @@ pub struct Metrics {
     conntrack_deleted: IntCounterVec,
     conntrack_duration: HistogramVec,
     operations: IntCounter,
+    service_changes: IntCounter,
+    service_changes_pending: IntGauge,
+    endpoint_changes: IntCounter,
+    endpoint_changes_pending: IntGauge,
 }
 
 /// The `ip_family` label value of a table family.
@@ -197,6 +201,34 @@ impl Metrics {
                     "Cumulative nf_tables objects added, replaced or deleted by syncs",
                 ),
             ),
+            service_changes: register(
+                &registry,
+                IntCounter::new(
+                    "kubeproxy_sync_proxy_rules_service_changes_total",
+                    "Cumulative proxy rules Service changes",
+                ),
+            ),
+            service_changes_pending: register(
+                &registry,
+                IntGauge::new(
+                    "kubeproxy_sync_proxy_rules_service_changes_pending",
+                    "Pending proxy rules Service changes",
+                ),
+            ),
+            endpoint_changes: register(
+                &registry,
+                IntCounter::new(
+                    "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+                    "Cumulative proxy rules Endpoint changes",
+                ),
+            ),
+            endpoint_changes_pending: register(
+                &registry,
+                IntGauge::new(
+                    "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+                    "Pending proxy rules Endpoint changes",
+                ),
+            ),
             registry,
         }
     }
@@ -210,8 +242,19 @@ impl Metrics {
         }
     }
 
+    /// Service and EndpointSlice events that arrived (pending until the next sync).
+    pub fn changes_seen(&self, services: u64, endpoint_slices: u64) {
+        self.service_changes.inc_by(services);
+        self.endpoint_changes.inc_by(endpoint_slices);
+        let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        self.service_changes_pending.add(gauge(services));
+        self.endpoint_changes_pending.add(gauge(endpoint_slices));
+    }
+
     /// A sync of these families succeeded.
     pub fn synced(&self, families: &[Family], took: Duration, operations: usize, now: SystemTime) {
+        self.service_changes_pending.set(0);
+        self.endpoint_changes_pending.set(0);
         for family in families {
             let label = [ip_family(*family)];
             self.sync_duration
@@ -303,6 +346,7 @@ mod tests {
         metrics.healthz_answered(503);
         metrics.livez_answered(200);
         metrics.conntrack_reconciled(Family::Ip, 1, Duration::from_millis(1));
+        metrics.changes_seen(2, 5);
         let text = metrics.render();
         for line in [
             r#"kubeproxy_sync_proxy_rules_duration_seconds_bucket{ip_family="IPv4",le="0.004"} 1"#,
@@ -319,6 +363,9 @@ mod tests {
             r#"kubeproxy_proxy_livez_total{code="200"} 1"#,
             r#"kubeproxy_conntrack_reconciler_deleted_entries_total{ip_family="IPv4"} 1"#,
             "nftproxy_sync_operations_total 7",
+            "kubeproxy_sync_proxy_rules_service_changes_total 2",
+            "kubeproxy_sync_proxy_rules_endpoint_changes_total 5",
+            "kubeproxy_sync_proxy_rules_endpoint_changes_pending 5",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -1,8 +1,9 @@
-//! When to sync: on every change of the input, but no more often than `min_sync_period`,
-//! at least every `sync_period`, and after a failure again after a back-off, as
-//! kube-proxy's bounded-frequency runner does.
+//! When to sync: on every change of the input, rate-limited as kube-proxy's
+//! bounded-frequency runner is (a bucket of two syncs refilled one per `min_sync_period`,
+//! so a lone change is programmed at once and a stream of changes at most once per
+//! period), at least every `sync_period`, and after a failure again after a back-off.
 //!
-//! Invariant: a sync never starts sooner than `min_sync_period` after the previous one,
+//! Invariant: over any stretch of time T, at most 2 + T / `min_sync_period` syncs start,
 //! and a failed sync is always retried.
 
 use std::future::Future;
@@ -45,11 +46,43 @@ pub trait Source {
     fn synced(&mut self, _report: &SyncReport) {}
 }
 
-/// Runs until `shutdown` completes. Syncs when the input changed, but no sooner than
-/// `min_sync_period` after the previous sync (a change after a quiet spell is synced at
-/// once; a burst of changes is batched), at least every `sync_period`, and after a
-/// failure again after a back-off doubling from `min_sync_period` up to `sync_period`.
-/// Returns the number of syncs done.
+/// kube-proxy's burst: two syncs may follow each other immediately.
+const BURST: f64 = 2.0;
+
+/// A token bucket: `BURST` tokens, one more every `period`; a sync takes one.
+struct Bucket {
+    tokens: f64,
+    period: Duration,
+    at: Instant,
+}
+
+impl Bucket {
+    fn refill(&mut self, now: Instant) {
+        let earned = now.duration_since(self.at).as_secs_f64() / self.period.as_secs_f64();
+        self.tokens = (self.tokens + earned).min(BURST);
+        self.at = now;
+    }
+
+    /// When a token is (or was) available.
+    fn ready_at(&mut self, now: Instant) -> Instant {
+        self.refill(now);
+        if self.tokens >= 1.0 || self.period.is_zero() {
+            now
+        } else {
+            now + self.period.mul_f64(1.0 - self.tokens)
+        }
+    }
+
+    fn take(&mut self, now: Instant) {
+        self.refill(now);
+        self.tokens = (self.tokens - 1.0).max(0.0);
+    }
+}
+
+/// Runs until `shutdown` completes. Syncs when the input changed (rate-limited by the
+/// bucket above), at least every `sync_period`, and after a failure again after a
+/// back-off doubling from `min_sync_period` up to `sync_period`. Returns the number of
+/// syncs done.
 pub async fn run<B: Backend, S: Source>(
     reconciler: &mut Reconciler<B>,
     timing: Timing,
@@ -61,6 +94,11 @@ pub async fn run<B: Backend, S: Source>(
     let mut desired: Option<Vec<Table>> = None;
     let mut pending = false;
     let mut last_sync: Option<Instant> = None;
+    let mut bucket = Bucket {
+        tokens: BURST,
+        period: timing.min_sync_period,
+        at: Instant::now(),
+    };
     let mut backoff = timing.min_sync_period;
     let mut retry_at: Option<Instant> = None;
     let mut syncs = 0;
@@ -83,7 +121,7 @@ pub async fn run<B: Backend, S: Source>(
         }
         let now = Instant::now();
         let due = desired.as_ref().map(|_| {
-            let earliest = last_sync.map_or(now, |t| t + timing.min_sync_period);
+            let earliest = bucket.ready_at(now);
             match retry_at {
                 Some(retry) => retry.max(earliest),
                 None if pending => earliest,
@@ -95,6 +133,7 @@ pub async fn run<B: Backend, S: Source>(
         {
             syncs += 1;
             last_sync = Some(now);
+            bucket.take(now);
             match sync_once(reconciler, tables, syncs, monitor, backoff) {
                 Ok(report) => {
                     pending = false;
@@ -191,9 +230,11 @@ mod tests {
     };
 
     /// A source without change notifications, asked every `period`, like the file source.
+    /// It notes when each sync succeeded.
     struct Polled<F> {
         period: Duration,
         input: F,
+        synced_at: Vec<Instant>,
     }
 
     impl<F: FnMut() -> Input> Source for Polled<F> {
@@ -204,6 +245,10 @@ mod tests {
         fn input(&mut self) -> Input {
             (self.input)()
         }
+
+        fn synced(&mut self, _report: &SyncReport) {
+            self.synced_at.push(Instant::now());
+        }
     }
 
     fn reconciler(backend: FakeBackend) -> Reconciler<FakeBackend> {
@@ -211,17 +256,19 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn changes_are_synced_at_most_once_per_min_sync_period() {
+    async fn a_stream_of_changes_is_synced_in_a_burst_of_two_then_once_per_min_sync_period() {
         let mut r = reconciler(FakeBackend::default());
-        // The input changes on every poll for 10 polls.
+        // The input changes on every poll (every 100 ms) for 3 s.
         let polls = Rc::new(RefCell::new(0usize));
         let counter = polls.clone();
+        let start = Instant::now();
         let mut source = Polled {
             period: Duration::from_millis(100),
+            synced_at: Vec::new(),
             input: move || {
                 *counter.borrow_mut() += 1;
                 let n = *counter.borrow();
-                if n <= 10 {
+                if n <= 30 {
                     Input::Changed(tables(n))
                 } else {
                     Input::Unchanged
@@ -237,12 +284,20 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20_500)),
         )
         .await;
-        // Ten changes within 1 s: synced at once (t=0), then the rest batched into one
-        // sync at t=1 s; nothing more (the 30 s periodic sync is not due yet).
+        // The first two changes spend the burst; after that at most one sync per second
+        // until the last change is in; nothing more (the periodic sync is not due).
+        let at: Vec<Duration> = source.synced_at.iter().map(|t| *t - start).collect();
         assert!(*polls.borrow() > 100);
-        assert_eq!(syncs, 2);
-        assert_eq!(r.backend_mut().applied.len(), 2);
-        assert_eq!(r.applied(Family::Ip), Some(&tables(10)[0]));
+        assert!(at[1] < Duration::from_millis(150), "{at:?}");
+        // Sync k (from 0) needs k - 1 tokens earned at one per second.
+        for (k, t) in at.iter().enumerate().skip(2) {
+            let earned = Duration::from_secs(k as u64 - 1);
+            assert!(*t + Duration::from_millis(1) >= earned, "{at:?}");
+        }
+        // 30 polls take a little over 3 s: 2 + 3 or 4 syncs.
+        assert!((5..=6).contains(&syncs), "{at:?}");
+        assert_eq!(r.backend_mut().applied.len(), syncs);
+        assert_eq!(r.applied(Family::Ip), Some(&tables(30)[0]));
     }
 
     /// A source told about changes, like the API watch.
@@ -304,6 +359,7 @@ mod tests {
         let mut first = true;
         let mut source = Polled {
             period: TIMING.min_sync_period,
+            synced_at: Vec::new(),
             input: move || {
                 if std::mem::take(&mut first) {
                     Input::Changed(tables(1))

@@ -115,6 +115,8 @@ struct State {
     next_token: u64,
     connections: Vec<AbortHandle>,
     available: bool,
+    /// The `Authorization` header of every request (`None` when absent).
+    authorizations: Vec<Option<String>>,
     /// Resources whose requests are answered `503` even while available.
     refused: Vec<Resource>,
     requests: Vec<String>,
@@ -306,6 +308,11 @@ impl FakeApi {
     /// Every request so far, as `METHOD path?query`.
     pub fn requests(&self) -> Vec<String> {
         self.shared.state().requests.clone()
+    }
+
+    /// The `Authorization` header of every request so far, in order.
+    pub fn authorizations(&self) -> Vec<Option<String>> {
+        self.shared.state().authorizations.clone()
     }
 
     /// How many open watch streams there are for `resource`.
@@ -512,6 +519,12 @@ fn handle(shared: &Shared, request: &Request<Incoming>) -> Response<Body> {
     let path = request.uri().path();
     let query = parse_query(request.uri().query().unwrap_or_default());
     let mut state = shared.state();
+    let authorization = request
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    state.authorizations.push(authorization);
     state.requests.push(format!(
         "{} {}",
         request.method(),
