@@ -63,6 +63,35 @@ fn every_golden_table_round_trips_through_the_kernel() {
 }
 
 #[test]
+fn a_staged_creation_programs_the_same_table() {
+    if !kernel_available("a_staged_creation_programs_the_same_table") {
+        return;
+    }
+    for (name, table) in golden_tables() {
+        let programmed = table.clone();
+        let (stages, read_back) = in_new_netns(move || {
+            let mut backend = NetlinkBackend::open().expect("netlink socket");
+            let stages = Transaction::create_staged(&programmed, 10);
+            for stage in &stages {
+                backend
+                    .apply(stage)
+                    .unwrap_or_else(|e| panic!("program: {e}\n{stage}"));
+            }
+            let read_back = backend
+                .list(programmed.family, &programmed.name)
+                .expect("read back");
+            (stages.len(), read_back)
+        })
+        .expect("new network namespace");
+        assert_eq!(
+            read_back.as_ref(),
+            Some(&table),
+            "{name} in {stages} stages"
+        );
+    }
+}
+
+#[test]
 fn diffs_between_golden_tables_apply_in_the_kernel() {
     if !kernel_available("diffs_between_golden_tables_apply_in_the_kernel") {
         return;

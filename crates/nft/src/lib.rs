@@ -11,6 +11,7 @@ mod backend;
 pub mod conntrack;
 mod diff;
 mod expr;
+mod staged;
 mod table;
 mod text;
 pub mod trace;

@@ -300,6 +300,7 @@ fn reconciler_options() -> ReconcilerOptions {
     let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
     ReconcilerOptions {
         defer_chain_deletes: version < (6, 2),
+        ..ReconcilerOptions::default()
     }
 }
 

@@ -39,12 +39,29 @@ pub struct SyncReport {
 }
 
 /// How the reconciler treats the kernel.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct ReconcilerOptions {
     /// Before Linux 6.2, a chain cannot be deleted in the transaction that deletes the
     /// map elements pointing at it (EBUSY): such chains are flushed, and deleted by a
     /// later sync.
     pub defer_chain_deletes: bool,
+    /// A table created from nothing (a cold start) is written in transactions of about
+    /// this many objects, each adding whole Services, so that no single commit holds the
+    /// nf_tables lock for long; every other change is one transaction.
+    pub cold_stage_objects: usize,
+}
+
+/// The default [`ReconcilerOptions::cold_stage_objects`]: about 700 Services with five
+/// endpoints each, which the kernel commits in about 0.1 s on the benchmark machine.
+pub const COLD_STAGE_OBJECTS: usize = 10_000;
+
+impl Default for ReconcilerOptions {
+    fn default() -> Self {
+        ReconcilerOptions {
+            defer_chain_deletes: false,
+            cold_stage_objects: COLD_STAGE_OBJECTS,
+        }
+    }
 }
 
 /// Keeps the kernel's tables equal to the desired ones.
@@ -165,39 +182,58 @@ impl<B: Backend> Reconciler<B> {
         }
         for family in FAMILIES {
             let want = desired.iter().find(|t| t.family == family);
-            let tx = self.plan(family, want);
-            if tx.is_empty() {
-                continue;
-            }
-            let operations = tx.len();
-            if let Err(source) = self.backend.apply(&tx) {
-                // The kernel kept the old rules; re-read before trusting anything again.
-                self.known = false;
-                debug!(%family, operations, error = %source, "transaction refused; old rules stay");
-                return Err(SyncError::Apply {
-                    family,
-                    table: self.table.clone(),
-                    operations,
-                    source,
-                });
-            }
-            self.unreadable.retain(|f| *f != family);
-            let before = self.applied.remove(&family).flatten();
-            // The transaction was checked against the same model the kernel follows.
-            match tx.apply_to(before) {
-                Ok(after) => {
-                    self.applied.insert(family, after);
+            let cold = self.applied(family).is_none() && !self.unreadable.contains(&family);
+            let transactions = match want {
+                Some(table) if cold => {
+                    Transaction::create_staged(table, self.options.cold_stage_objects)
                 }
-                Err(reason) => {
-                    warn!(%family, %reason, "applied state unknown after a transaction; will re-read");
-                    self.known = false;
-                }
+                _ => vec![self.plan(family, want)],
+            };
+            for tx in transactions {
+                self.apply(family, &tx, &mut report)?;
             }
-            debug!(%family, operations, "transaction applied");
-            report.operations += operations;
-            report.transactions += 1;
         }
         Ok(report)
+    }
+
+    /// Sends one transaction and, when the kernel took it, records its effect.
+    fn apply(
+        &mut self,
+        family: Family,
+        tx: &Transaction,
+        report: &mut SyncReport,
+    ) -> Result<(), SyncError<B::Error>> {
+        if tx.is_empty() {
+            return Ok(());
+        }
+        let operations = tx.len();
+        if let Err(source) = self.backend.apply(tx) {
+            // The kernel kept the old rules; re-read before trusting anything again.
+            self.known = false;
+            debug!(%family, operations, error = %source, "transaction refused; old rules stay");
+            return Err(SyncError::Apply {
+                family,
+                table: self.table.clone(),
+                operations,
+                source,
+            });
+        }
+        self.unreadable.retain(|f| *f != family);
+        let before = self.applied.remove(&family).flatten();
+        // The transaction was checked against the same model the kernel follows.
+        match tx.apply_to(before) {
+            Ok(after) => {
+                self.applied.insert(family, after);
+            }
+            Err(reason) => {
+                warn!(%family, %reason, "applied state unknown after a transaction; will re-read");
+                self.known = false;
+            }
+        }
+        debug!(%family, operations, "transaction applied");
+        report.operations += operations;
+        report.transactions += 1;
+        Ok(())
     }
 }
 
@@ -242,6 +278,26 @@ mod tests {
     }
 
     #[test]
+    fn a_cold_start_is_staged_and_later_changes_are_one_transaction() {
+        let options = ReconcilerOptions {
+            cold_stage_objects: 6,
+            ..ReconcilerOptions::default()
+        };
+        let mut r = Reconciler::new(FakeBackend::default(), "nftproxy", options);
+        let names = ["a", "b", "c", "d", "e", "f"];
+        let cold = r.sync(&[table(&names)]).unwrap();
+        // The table and its map, then two Services (a chain, a rule and an element: three
+        // objects each) per stage.
+        assert_eq!(cold.transactions, 4);
+        assert_eq!(r.applied(Family::Ip), Some(&table(&names)));
+        assert_eq!(r.backend_mut().tables.values().next(), Some(&table(&names)));
+        let mut more = names.to_vec();
+        more.extend(["g", "h", "i"]);
+        let warm = r.sync(&[table(&more)]).unwrap();
+        assert_eq!(warm.transactions, 1);
+    }
+
+    #[test]
     fn a_failed_transaction_keeps_the_old_rules_and_is_followed_by_a_read_back() {
         let mut r = Reconciler::new(
             FakeBackend::default(),
@@ -280,6 +336,7 @@ mod tests {
     fn old_kernels_delete_a_chain_one_sync_after_its_references() {
         let options = ReconcilerOptions {
             defer_chain_deletes: true,
+            ..ReconcilerOptions::default()
         };
         let mut r = Reconciler::new(FakeBackend::default(), "nftproxy", options);
         r.sync(&[table(&["a", "b"])]).unwrap();

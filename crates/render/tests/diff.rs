@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use nftproxy_nft::{Family, Table, diff};
+use nftproxy_nft::{Family, Op, Table, Transaction, diff};
 use nftproxy_testkit::{golden_tables, kernel_available, normalise_listing, run_ok};
 
 fn ipv4_tables() -> Vec<(String, Table)> {
@@ -65,5 +65,31 @@ fn diff_text_applied_by_the_kernel_reaches_the_target() {
             normalise_listing(&direct),
             "{from_name} -> {to_name}:\n{tx}"
         );
+    }
+}
+
+#[test]
+fn a_staged_creation_is_consistent_after_every_step_and_ends_at_the_table() {
+    for (name, table) in golden_tables() {
+        let whole: usize = Transaction::create(&table).ops.iter().map(Op::count).sum();
+        assert_eq!(Transaction::create_staged(&table, whole).len(), 1, "{name}");
+        for limit in [1, 5, 40] {
+            let stages = Transaction::create_staged(&table, limit);
+            let mut state = None;
+            for (i, stage) in stages.iter().enumerate() {
+                state = stage
+                    .apply_to(state)
+                    .unwrap_or_else(|e| panic!("{name}, limit {limit}, stage {i}: {e}\n{stage}"));
+            }
+            assert_eq!(state.as_ref(), Some(&table), "{name}, limit {limit}");
+            let staged: usize = stages.iter().flat_map(|s| &s.ops).map(Op::count).sum();
+            assert_eq!(
+                staged, whole,
+                "{name}, limit {limit}: objects created twice or not at all"
+            );
+            if table.chains.len() > 20 {
+                assert!(stages.len() > 2, "{name}, limit {limit}: not split");
+            }
+        }
     }
 }

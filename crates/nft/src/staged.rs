@@ -1,0 +1,266 @@
+//! A large table created in several transactions, each leaving a consistent table: so
+//! that a cold start of tens of thousands of Services never holds the nf_tables commit
+//! lock for long (upstream's cold-start stalls, kubernetes #139328).
+//!
+//! Invariant: every transaction only references objects created by itself or an earlier
+//! one, and the union of all of them is exactly [`Transaction::create`] of the table.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::table::{Element, Table};
+use crate::transaction::{Op, Transaction};
+
+/// A group of chains (with the sets only they use) that only reference each other and
+/// the first stage's objects, and the elements that point at them.
+#[derive(Default)]
+struct Group {
+    chains: BTreeSet<String>,
+    sets: BTreeSet<String>,
+    elements: BTreeMap<String, Vec<Element>>,
+    size: usize,
+}
+
+/// Union-find over chain and set names, by index.
+struct Groups {
+    parent: Vec<usize>,
+}
+
+impl Groups {
+    fn find(&mut self, mut i: usize) -> usize {
+        while self.parent[i] != i {
+            self.parent[i] = self.parent[self.parent[i]];
+            i = self.parent[i];
+        }
+        i
+    }
+
+    fn union(&mut self, a: usize, b: usize) {
+        let (a, b) = (self.find(a), self.find(b));
+        if a != b {
+            self.parent[a.max(b)] = a.min(b);
+        }
+    }
+}
+
+impl Transaction {
+    /// [`Transaction::create`] of `table`, split into transactions of about `limit`
+    /// objects (chains, rules, sets and elements) when it is larger. The first creates the
+    /// table, its shared sets and maps (empty), the chains rules reach from the base
+    /// chains, and the elements that name no other chain; each further one adds whole
+    /// groups of the remaining chains (a Service's chains reach only each other and its
+    /// own affinity sets) with the map elements that lead to them, so a Service appears
+    /// complete or not at all.
+    pub fn create_staged(table: &Table, limit: usize) -> Vec<Transaction> {
+        let whole = Transaction::create(table);
+        if whole.ops.iter().map(Op::count).sum::<usize>() <= limit.max(1) {
+            return vec![whole];
+        }
+        // Chains reached by rules from the base chains, and the sets their rules use.
+        let mut rooted: BTreeSet<&str> = BTreeSet::new();
+        let mut pending: Vec<&str> = table
+            .chains
+            .values()
+            .filter(|c| c.base.is_some())
+            .map(|c| c.name.as_str())
+            .collect();
+        while let Some(name) = pending.pop() {
+            if !rooted.insert(name) {
+                continue;
+            }
+            if let Some(chain) = table.chains.get(name) {
+                pending.extend(chain.rules.iter().flat_map(|r| r.referenced_chains()));
+            }
+        }
+        let shared_sets: BTreeSet<&str> = rooted
+            .iter()
+            .filter_map(|name| table.chains.get(*name))
+            .flat_map(|c| c.rules.iter().flat_map(|r| r.referenced_sets()))
+            .collect();
+
+        // Group the other chains (and the sets only they use) by what their rules
+        // reference: chains are numbered first, then sets.
+        let chain_ids: BTreeMap<&str, usize> = table
+            .chains
+            .keys()
+            .map(String::as_str)
+            .filter(|n| !rooted.contains(n))
+            .enumerate()
+            .map(|(i, n)| (n, i))
+            .collect();
+        // Sets used by those chains' rules alone go with them; every other set (used by
+        // the base chains, or by no rule at all) is created in the first transaction.
+        let set_ids: BTreeMap<&str, usize> = chain_ids
+            .keys()
+            .filter_map(|name| table.chains.get(*name))
+            .flat_map(|c| c.rules.iter().flat_map(|r| r.referenced_sets()))
+            .filter(|set| !shared_sets.contains(set) && table.sets.contains_key(*set))
+            .collect::<BTreeSet<&str>>()
+            .into_iter()
+            .enumerate()
+            .map(|(i, n)| (n, chain_ids.len() + i))
+            .collect();
+        let chain_index = |name: &str| chain_ids.get(name).copied();
+        let set_index = |name: &str| set_ids.get(name).copied();
+        let mut groups = Groups {
+            parent: (0..chain_ids.len() + set_ids.len()).collect(),
+        };
+        for chain in table.chains.values() {
+            let Some(me) = chain_index(&chain.name) else {
+                continue;
+            };
+            for rule in &chain.rules {
+                for target in rule.referenced_chains() {
+                    if let Some(other) = chain_index(target) {
+                        groups.union(me, other);
+                    }
+                }
+                for set in rule.referenced_sets() {
+                    if let Some(other) = set_index(set) {
+                        groups.union(me, other);
+                    }
+                }
+            }
+        }
+
+        let mut first = Transaction::new(table.family, table.name.clone());
+        first.ops.push(Op::AddTable {
+            comment: table.comment.clone(),
+        });
+        let mut by_root: BTreeMap<usize, Group> = BTreeMap::new();
+        for set in table.sets.values() {
+            match set_index(&set.name) {
+                Some(i) => {
+                    let group = by_root.entry(groups.find(i)).or_default();
+                    group.sets.insert(set.name.clone());
+                    group.size += 1;
+                }
+                None => first.ops.push(Op::AddSet(set.without_elements())),
+            }
+        }
+        for chain in table.chains_in_order() {
+            if let Some(i) = chain_index(&chain.name) {
+                let group = by_root.entry(groups.find(i)).or_default();
+                group.chains.insert(chain.name.clone());
+                group.size += 1 + chain.rules.len();
+            } else {
+                first.ops.push(Op::AddChain {
+                    name: chain.name.clone(),
+                    base: chain.base,
+                });
+            }
+        }
+        for chain in table.chains_in_order() {
+            if chain_index(&chain.name).is_none() {
+                first.push_rules(chain);
+            }
+        }
+        let mut shared: Vec<(String, Element)> = Vec::new();
+        for set in table.sets.values() {
+            for element in set.elements.values() {
+                let owner = element
+                    .verdict
+                    .as_ref()
+                    .and_then(|v| v.target())
+                    .and_then(chain_index)
+                    .or_else(|| set_index(&set.name));
+                match owner {
+                    Some(i) => {
+                        let group = by_root.entry(groups.find(i)).or_default();
+                        group
+                            .elements
+                            .entry(set.name.clone())
+                            .or_default()
+                            .push(element.clone());
+                        group.size += 1;
+                    }
+                    None => shared.push((set.name.clone(), element.clone())),
+                }
+            }
+        }
+        let mut stages = vec![first];
+        // Elements that lead to no chain of their own (ClusterIPs, hairpin pairs) can come
+        // in any order after the first transaction: in transactions of their own.
+        for chunk in shared.chunks(limit.max(1)) {
+            let mut tx = Transaction::new(table.family, table.name.clone());
+            let mut by_set: BTreeMap<&str, Vec<Element>> = BTreeMap::new();
+            for (set, element) in chunk {
+                by_set.entry(set).or_default().push(element.clone());
+            }
+            for (set, elements) in by_set {
+                tx.push_elements(set, elements);
+            }
+            stages.push(tx);
+        }
+
+        // Pack the groups into transactions in an order that spreads alike groups (those
+        // with affinity sets, whose chain names all start alike) over all of them: a
+        // rule naming a set costs the kernel a scan of the table's sets, so bunching the
+        // set-heavy groups would make a few transactions slow. The hash of the first
+        // chain's name is a fixed, well-mixed order.
+        let mut ordered: Vec<Group> = by_root.into_values().collect();
+        ordered.sort_by_cached_key(|g| {
+            let name = g
+                .chains
+                .first()
+                .or(g.sets.first())
+                .cloned()
+                .unwrap_or_default();
+            (fnv1a(&name), name)
+        });
+        let mut batch: Vec<Group> = Vec::new();
+        let mut size = 0;
+        for group in ordered {
+            if !batch.is_empty() && size + group.size > limit {
+                stages.push(stage(table, std::mem::take(&mut batch)));
+                size = 0;
+            }
+            size += group.size;
+            batch.push(group);
+        }
+        if !batch.is_empty() {
+            stages.push(stage(table, batch));
+        }
+        stages
+    }
+}
+
+/// 64-bit FNV-1a: a fixed, well-mixed hash of a name.
+fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// One transaction adding whole groups: sets, then chains, then rules, then elements.
+fn stage(table: &Table, groups: Vec<Group>) -> Transaction {
+    let mut tx = Transaction::new(table.family, table.name.clone());
+    for set in groups.iter().flat_map(|g| &g.sets) {
+        if let Some(set) = table.sets.get(set) {
+            tx.ops.push(Op::AddSet(set.without_elements()));
+        }
+    }
+    let chains: Vec<_> = groups
+        .iter()
+        .flat_map(|g| &g.chains)
+        .filter_map(|name| table.chains.get(name))
+        .collect();
+    for chain in &chains {
+        tx.ops.push(Op::AddChain {
+            name: chain.name.clone(),
+            base: chain.base,
+        });
+    }
+    for chain in &chains {
+        tx.push_rules(chain);
+    }
+    let mut elements: BTreeMap<String, Vec<Element>> = BTreeMap::new();
+    for group in groups {
+        for (set, list) in group.elements {
+            elements.entry(set).or_default().extend(list);
+        }
+    }
+    for (set, list) in elements {
+        tx.push_elements(&set, list);
+    }
+    tx
+}
