@@ -167,7 +167,6 @@ pub struct KubeSource {
     nodes: Store<Node>,
     node_name: String,
     shared: Arc<Shared>,
-    started: jiff::Timestamp,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -213,7 +212,6 @@ impl KubeSource {
             nodes,
             node_name: node_name.to_owned(),
             shared,
-            started,
             tasks,
         }
     }
@@ -273,11 +271,6 @@ impl KubeSource {
     pub fn take_changes(&self) -> Changes {
         std::mem::take(&mut self.shared.state().changes)
     }
-
-    /// When this source started.
-    pub fn started(&self) -> jiff::Timestamp {
-        self.started
-    }
 }
 
 impl Drop for KubeSource {
@@ -300,7 +293,7 @@ where
 }
 
 /// See [`KubeSource::node_eligible`].
-pub fn node_eligible(node: &Node) -> bool {
+fn node_eligible(node: &Node) -> bool {
     let deleting = node.metadata.deletion_timestamp.is_some();
     let drained = node
         .spec

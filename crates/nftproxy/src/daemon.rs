@@ -157,10 +157,15 @@ impl AfterSync {
 
     /// The last build is in the kernel.
     fn synced(&mut self) {
+        self.serve_health_checks();
+        self.clean_conntrack();
+    }
+
+    /// Health-check servers for the last build.
+    fn serve_health_checks(&mut self) {
         if let Some((addresses, checks)) = self.pending.take() {
             self.health_checks.sync(&addresses, &checks);
         }
-        self.clean_conntrack();
     }
 }
 
@@ -316,7 +321,7 @@ impl Source for Api {
         if self.last.as_ref() == Some(&tables) {
             // Nothing to program: whatever triggered this is in the kernel already (a
             // health-check count may still have changed).
-            self.after.synced();
+            self.after.serve_health_checks();
             self.observe_triggers();
             return Input::Unchanged;
         }

@@ -1,8 +1,8 @@
 //! nftproxy's HTTP servers: `/healthz` and `/livez` (kube-proxy's health port), `/metrics`
 //! (and the metrics port's `/healthz` and `/proxyMode`), each a small hyper server.
 //!
-//! Invariant: handlers only read the [`Monitor`]; nothing served here can change what the
-//! sync loop does.
+//! Invariant: handlers only read the [`Monitor`] (and count their answers); nothing served
+//! here can change what the sync loop does.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
