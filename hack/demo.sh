@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job on the bundled example manifests (examples/seed/: the redis ClusterIP,
+# The main job on the bundled example manifests (hack/examples/seed/: the redis ClusterIP,
 # counter-np NodePort 31000 and counter-lb LoadBalancer from the user's notes):
 #  1. prints the ruleset nftproxy generates for node-a (--dry-run);
 #  2. as root, in a scratch network namespace (deleted afterwards; the host's ruleset is
@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 hack/install-deps.sh
 cargo build --release --locked -p nftproxy
 bin=$PWD/target/release/nftproxy
-flags=(--manifests examples/seed/ --node-name node-a --node-ip 192.168.50.10 --cluster-cidr 10.244.0.0/16)
+flags=(--manifests hack/examples/seed/ --node-name node-a --node-ip 192.168.50.10 --cluster-cidr 10.244.0.0/16)
 
 echo "### nftproxy --dry-run ${flags[*]}"
 "$bin" --dry-run "${flags[@]}"

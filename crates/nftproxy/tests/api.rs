@@ -36,7 +36,7 @@ impl Drop for Daemon {
 
 /// The seed examples, as the API server would hold them.
 fn seed_yaml() -> String {
-    let dir = repo_root().join("examples/seed");
+    let dir = repo_root().join("hack/examples/seed");
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .expect("seed examples")
         .map(|e| e.expect("entry").path())
@@ -142,7 +142,7 @@ fn the_api_and_the_manifests_give_the_same_ruleset() {
         let from_files = run_ok(
             nftproxy()
                 .args(["--dry-run", "--manifests"])
-                .arg(repo_root().join("examples/seed"))
+                .arg(repo_root().join("hack/examples/seed"))
                 .args(SEED_NODE_FLAGS),
             "",
         );

@@ -206,7 +206,7 @@ fn every_hostile_input_is_named_and_the_valid_rest_programmed() {
     cases.extend(generated_cases(&temp));
 
     let failures = in_new_netns(move || {
-        let seed = repo_root().join("examples/seed");
+        let seed = repo_root().join("hack/examples/seed");
         let output = nftproxy(&["--once"], &[&seed]);
         assert!(output.status.success(), "{output:?}");
         let reference = listed();

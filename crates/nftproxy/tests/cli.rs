@@ -22,7 +22,7 @@ fn text(bytes: &[u8]) -> String {
 /// `--dry-run` of the seed examples on the node they are written for.
 fn seed_flags() -> Vec<&'static str> {
     [
-        &["--dry-run", "--manifests", "examples/seed/"][..],
+        &["--dry-run", "--manifests", "hack/examples/seed/"][..],
         &SEED_NODE_FLAGS[..],
     ]
     .concat()

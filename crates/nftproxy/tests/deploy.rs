@@ -118,7 +118,7 @@ fn write_config(dir: &Path, server: &str) -> std::path::PathBuf {
 fn the_configmap_points_nftproxy_at_the_api_server_with_its_token() {
     let api = FakeApi::start();
     for file in ["redis.yaml", "counter-nodeport.yaml"] {
-        let text = std::fs::read_to_string(repo_root().join("examples/seed").join(file))
+        let text = std::fs::read_to_string(repo_root().join("hack/examples/seed").join(file))
             .expect("seed example");
         api.apply_yaml(&text);
     }

@@ -99,7 +99,11 @@ fn nftproxy(args: &[&str]) -> Output {
 
 /// The seed examples on the node they are written for.
 fn seed() -> Vec<&'static str> {
-    [&["--manifests", "examples/seed/"][..], &SEED_NODE_FLAGS[..]].concat()
+    [
+        &["--manifests", "hack/examples/seed/"][..],
+        &SEED_NODE_FLAGS[..],
+    ]
+    .concat()
 }
 
 #[test]

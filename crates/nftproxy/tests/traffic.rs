@@ -215,7 +215,7 @@ impl Topology {
     fn program(&self) {
         std::fs::create_dir_all(&self.dir).expect("temp dir");
         let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        for entry in std::fs::read_dir(repo.join("examples/seed")).expect("seed examples") {
+        for entry in std::fs::read_dir(repo.join("hack/examples/seed")).expect("seed examples") {
             let path = entry.expect("entry").path();
             std::fs::copy(&path, self.dir.join(path.file_name().expect("file name")))
                 .expect("copy");

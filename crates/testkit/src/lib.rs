@@ -180,7 +180,7 @@ pub fn normalise_listing(listing: &str) -> String {
     blocks.join("\n")
 }
 
-/// The node the seed examples (`examples/seed/`) are written for: its name, address and
+/// The node the seed examples (`hack/examples/seed/`) are written for: its name, address and
 /// pod network, as command-line flags.
 pub const SEED_NODE_FLAGS: [&str; 6] = [
     "--node-name",
