@@ -97,7 +97,8 @@ struct AfterSync {
     pending: Option<(Vec<std::net::IpAddr>, Vec<HealthCheck>)>,
     /// The UDP Services of the build last handed to the sync loop.
     serving_udp: ServingUdp,
-    /// Opened at the first cleanup; `None` after it could not be opened.
+    /// Opened at the first cleanup. An `Err` stays: opening fails only without
+    /// CAP_NET_ADMIN, which a running process does not regain.
     conntrack: Option<Result<ConntrackSocket, ()>>,
 }
 
