@@ -6,7 +6,8 @@
 //! while a rule or element still refers to it. Sets and maps change element by element;
 //! a chain whose rules changed is flushed and refilled; unchanged chains are not touched.
 
-use std::collections::BTreeSet;
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::table::{Element, Table};
 use crate::transaction::{Op, Transaction};
@@ -86,11 +87,9 @@ pub fn diff(current: Option<&Table>, desired: &Table) -> Transaction {
         if redeclared.contains(name.as_str()) {
             continue;
         }
-        let stale: Vec<_> = old
-            .elements
-            .iter()
-            .filter(|(key, element)| new.elements.get(*key) != Some(*element))
-            .map(|(key, _)| key.clone())
+        let stale: Vec<_> = merged(&old.elements, &new.elements)
+            .filter(|(_, was, is)| was.is_some() && was != is)
+            .map(|(key, _, _)| key.clone())
             .collect();
         if !stale.is_empty() {
             tx.ops.push(Op::DeleteElements {
@@ -125,12 +124,12 @@ pub fn diff(current: Option<&Table>, desired: &Table) -> Transaction {
             .sets
             .get(name)
             .filter(|_| !redeclared.contains(name.as_str()));
-        let missing: Vec<Element> = new
-            .elements
-            .iter()
-            .filter(|(key, element)| old.and_then(|o| o.elements.get(*key)) != Some(*element))
-            .map(|(_, element)| element.clone())
-            .collect();
+        let missing: Vec<Element> = match old {
+            Some(old) => merged(&old.elements, &new.elements)
+                .filter_map(|(_, was, is)| is.filter(|is| was != Some(*is)).cloned())
+                .collect(),
+            None => new.elements.values().cloned().collect(),
+        };
         tx.push_elements(name, missing);
     }
     for chain in current.chains_in_order() {
@@ -147,6 +146,31 @@ pub fn diff(current: Option<&Table>, desired: &Table) -> Transaction {
         }
     }
     tx
+}
+
+/// The keys of two sorted maps in one ordered walk, with each side's value: one key
+/// comparison per step instead of a tree search per key (the sets of a large table hold
+/// hundreds of thousands of elements).
+fn merged<'a, K: Ord, V>(
+    old: &'a BTreeMap<K, V>,
+    new: &'a BTreeMap<K, V>,
+) -> impl Iterator<Item = (&'a K, Option<&'a V>, Option<&'a V>)> {
+    let mut old = old.iter().peekable();
+    let mut new = new.iter().peekable();
+    std::iter::from_fn(move || match (old.peek(), new.peek()) {
+        (Some((a, _)), Some((b, _))) => match a.cmp(b) {
+            Ordering::Less => old.next().map(|(k, v)| (k, Some(v), None)),
+            Ordering::Greater => new.next().map(|(k, v)| (k, None, Some(v))),
+            Ordering::Equal => {
+                let (k, was) = old.next()?;
+                let (_, is) = new.next()?;
+                Some((k, Some(was), Some(is)))
+            }
+        },
+        (Some(_), None) => old.next().map(|(k, v)| (k, Some(v), None)),
+        (None, Some(_)) => new.next().map(|(k, v)| (k, None, Some(v))),
+        (None, None) => None,
+    })
 }
 
 #[cfg(test)]

@@ -190,11 +190,28 @@ impl Set {
         self.data.is_some()
     }
 
-    /// The same declaration with no elements.
+    /// The same declaration with no elements (without copying them first: a set can
+    /// hold hundreds of thousands).
     pub fn without_elements(&self) -> Set {
+        let Set {
+            name,
+            key,
+            data,
+            dynamic,
+            timeout,
+            size,
+            comment,
+            elements: _,
+        } = self;
         Set {
+            name: name.clone(),
+            key: key.clone(),
+            data: *data,
+            dynamic: *dynamic,
+            timeout: *timeout,
+            size: *size,
+            comment: comment.clone(),
             elements: BTreeMap::new(),
-            ..self.clone()
         }
     }
 
