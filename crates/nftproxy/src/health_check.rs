@@ -9,8 +9,8 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
 use hyper::StatusCode;
@@ -39,7 +39,7 @@ impl Drop for Served {
 /// The health-check servers, keyed by Service (namespace, name).
 pub struct HealthCheckServers {
     monitor: Arc<Monitor>,
-    served: Mutex<BTreeMap<(String, String), Served>>,
+    served: BTreeMap<(String, String), Served>,
 }
 
 impl HealthCheckServers {
@@ -47,16 +47,15 @@ impl HealthCheckServers {
     pub fn new(monitor: Arc<Monitor>) -> HealthCheckServers {
         HealthCheckServers {
             monitor,
-            served: Mutex::new(BTreeMap::new()),
+            served: BTreeMap::new(),
         }
     }
 
     /// Serves exactly `checks` on `addresses` (the node addresses that accept NodePorts;
     /// empty means every IPv4 address): closes the servers of Services that are gone or
     /// moved, opens new ones, and updates every count. Must run inside the tokio runtime.
-    pub fn sync(&self, addresses: &[IpAddr], checks: &[HealthCheck]) {
-        let mut served = self.served.lock().unwrap_or_else(PoisonError::into_inner);
-        served.retain(|(namespace, name), s| {
+    pub fn sync(&mut self, addresses: &[IpAddr], checks: &[HealthCheck]) {
+        self.served.retain(|(namespace, name), s| {
             let keep = s.addresses == addresses
                 && checks
                     .iter()
@@ -68,7 +67,7 @@ impl HealthCheckServers {
         });
         for check in checks {
             let key = (check.namespace.clone(), check.name.clone());
-            if let Some(existing) = served.get(&key) {
+            if let Some(existing) = self.served.get(&key) {
                 existing
                     .local_endpoints
                     .store(check.local_endpoints, Ordering::Relaxed);
@@ -77,7 +76,7 @@ impl HealthCheckServers {
             match self.open(addresses, check) {
                 Ok(opened) => {
                     info!(service = %format!("{}/{}", check.namespace, check.name), port = check.port, "serving health check");
-                    served.insert(key, opened);
+                    self.served.insert(key, opened);
                 }
                 Err(e) => error!(
                     service = %format!("{}/{}", check.namespace, check.name),
@@ -90,40 +89,41 @@ impl HealthCheckServers {
     }
 
     fn open(&self, addresses: &[IpAddr], check: &HealthCheck) -> std::io::Result<Served> {
-        let local_endpoints = Arc::new(AtomicUsize::new(check.local_endpoints));
+        // Built first, so that when a later address cannot be bound, dropping it stops
+        // the servers already started on the earlier ones.
+        let mut served = Served {
+            port: check.port,
+            addresses: addresses.to_vec(),
+            local_endpoints: Arc::new(AtomicUsize::new(check.local_endpoints)),
+            servers: Vec::new(),
+        };
         let every = [IpAddr::V4(Ipv4Addr::UNSPECIFIED)];
-        let mut servers = Vec::new();
         for &address in if addresses.is_empty() {
             &every[..]
         } else {
             addresses
         } {
-            // Bound here, synchronously, so that a taken port is an error now; a partial
-            // set of listeners is dropped with `servers`.
+            // Bound here, synchronously, so that a taken port is an error now.
             let listener = std::net::TcpListener::bind(SocketAddr::new(address, check.port))?;
             listener.set_nonblocking(true)?;
             let listener = tokio::net::TcpListener::from_std(listener)?;
             let handler = handler(
                 check.namespace.clone(),
                 check.name.clone(),
-                local_endpoints.clone(),
+                served.local_endpoints.clone(),
                 self.monitor.clone(),
             );
-            servers.push(http::serve_on(listener, handler).abort_handle());
+            served
+                .servers
+                .push(http::serve_on(listener, handler).abort_handle());
         }
-        Ok(Served {
-            port: check.port,
-            addresses: addresses.to_vec(),
-            local_endpoints,
-            servers,
-        })
+        Ok(served)
     }
 
     /// The ports served now, by Service.
     #[cfg(test)]
     fn ports(&self) -> Vec<u16> {
-        let served = self.served.lock().unwrap_or_else(PoisonError::into_inner);
-        served.values().map(|s| s.port).collect()
+        self.served.values().map(|s| s.port).collect()
     }
 }
 
@@ -207,7 +207,7 @@ mod tests {
     #[tokio::test]
     async fn sync_opens_moves_and_closes_servers() {
         let monitor = Arc::new(Monitor::new(std::time::Duration::from_secs(30)));
-        let servers = HealthCheckServers::new(monitor);
+        let mut servers = HealthCheckServers::new(monitor);
         let loopback = [IpAddr::from([127, 0, 0, 1])];
         let free = || {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -230,5 +230,24 @@ mod tests {
             std::net::TcpListener::bind(("127.0.0.1", a)).is_ok(),
             "a is closed"
         );
+    }
+
+    #[tokio::test]
+    async fn a_port_taken_on_one_address_leaves_none_open() {
+        let monitor = Arc::new(Monitor::new(std::time::Duration::from_secs(30)));
+        let mut servers = HealthCheckServers::new(monitor);
+        let taken = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let addresses = [IpAddr::from([127, 0, 0, 1]), IpAddr::from([127, 0, 0, 2])];
+        servers.sync(&addresses, &[check("a", port, 1)]);
+        assert!(servers.ports().is_empty());
+        tokio::task::yield_now().await;
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        // The server started on the first address before the second failed is gone.
+        assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_ok());
+        // Once the port is free, the next sync serves it on both.
+        drop(taken);
+        servers.sync(&addresses, &[check("a", port, 1)]);
+        assert_eq!(servers.ports(), [port]);
     }
 }
