@@ -11,19 +11,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nftproxy_kube_source::KubeSource;
-use nftproxy_model::{
-    Build, Diagnostic, HealthCheck, IpFamily, ProxyConfig, Severity, Snapshot, build,
-};
+use nftproxy_model::{Build, Diagnostic, HealthCheck, IpFamily, ProxyConfig, Snapshot, build};
 use nftproxy_netlink::{ConntrackSocket, NetlinkBackend};
 use nftproxy_nft::{Family, Table};
 use nftproxy_proxier::conntrack::{self, ServingUdp};
 use nftproxy_proxier::metrics::TrafficPolicy;
 use nftproxy_proxier::runner::{self, Input, Source, Timing};
 use nftproxy_proxier::{Monitor, Reconciler, SyncReport};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::health_check::HealthCheckServers;
-use crate::{http, load_build, source};
+use crate::{http, load_build, log_diagnostic, source};
 
 /// Where the long-running mode reads the cluster from.
 pub enum Mode {
@@ -158,15 +156,10 @@ impl AfterSync {
 
     /// The last build is in the kernel.
     fn synced(&mut self) {
-        self.serve_health_checks();
-        self.clean_conntrack();
-    }
-
-    /// Health-check servers for the last build.
-    fn serve_health_checks(&mut self) {
         if let Some((addresses, checks)) = self.pending.take() {
             self.health_checks.sync(&addresses, &checks);
         }
+        self.clean_conntrack();
     }
 }
 
@@ -241,9 +234,6 @@ pub struct Api {
     after: AfterSync,
     /// The store generation the last answer was built from.
     seen: Option<u64>,
-    /// The tables of the last answer: an object change that changes no rule (a Node
-    /// heartbeat, an unrelated annotation) is not a change.
-    last: Option<Vec<Table>>,
     /// What was reported as left out last time, so that each is logged once.
     diagnostics: BTreeSet<Diagnostic>,
     waiting_logged: bool,
@@ -259,7 +249,6 @@ impl Api {
             config,
             after: AfterSync::new(monitor),
             seen: None,
-            last: None,
             diagnostics: BTreeSet::new(),
             waiting_logged: false,
             triggers: Vec::new(),
@@ -269,12 +258,7 @@ impl Api {
     /// Logs the diagnostics that are new since the last build.
     fn log_new(&mut self, diagnostics: &[Diagnostic]) {
         let now: BTreeSet<Diagnostic> = diagnostics.iter().cloned().collect();
-        for diagnostic in now.difference(&self.diagnostics) {
-            match diagnostic.severity {
-                Severity::Invalid => warn!("skipping {diagnostic}"),
-                Severity::Ignored => debug!("ignoring {diagnostic}"),
-            }
-        }
+        now.difference(&self.diagnostics).for_each(log_diagnostic);
         self.diagnostics = now;
     }
 
@@ -283,11 +267,8 @@ impl Api {
         let monitor = &self.after.monitor;
         let now = jiff::Timestamp::now();
         for (family, time) in self.triggers.drain(..) {
-            let family = match family {
-                IpFamily::V4 => Family::Ip,
-                IpFamily::V6 => Family::Ip6,
-            };
             let latency = now.duration_since(time).unsigned_abs();
+            let family = nftproxy_render::nft_family(family);
             monitor.metrics.network_programmed(family, latency);
         }
     }
@@ -318,16 +299,7 @@ impl Source for Api {
         metrics.changes_seen(changes.services, changes.endpoint_slices);
         let built = build(&snapshot, &self.config);
         self.log_new(&built.diagnostics);
-        let tables = self.after.built(&built);
-        if self.last.as_ref() == Some(&tables) {
-            // Nothing to program: whatever triggered this is in the kernel already (a
-            // health-check count may still have changed).
-            self.after.serve_health_checks();
-            self.observe_triggers();
-            return Input::Unchanged;
-        }
-        self.last = Some(tables.clone());
-        Input::Changed(tables)
+        Input::Changed(self.after.built(&built))
     }
 
     fn synced(&mut self, _report: &SyncReport) {

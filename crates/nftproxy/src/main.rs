@@ -281,13 +281,16 @@ fn build_logged(
     let built = build(snapshot, config);
     diagnostics.extend(built.diagnostics.iter().cloned());
     diagnostics.sort();
-    for diagnostic in &diagnostics {
-        match diagnostic.severity {
-            Severity::Invalid => warn!("skipping {diagnostic}"),
-            Severity::Ignored => debug!("ignoring {diagnostic}"),
-        }
-    }
+    diagnostics.iter().for_each(log_diagnostic);
     built
+}
+
+/// One thing left out: a warning when it was invalid, a debug line when it was ignored.
+fn log_diagnostic(diagnostic: &nftproxy_model::Diagnostic) {
+    match diagnostic.severity {
+        Severity::Invalid => warn!("skipping {diagnostic}"),
+        Severity::Ignored => debug!("ignoring {diagnostic}"),
+    }
 }
 
 /// Before Linux 6.2 a chain cannot be deleted in the same transaction as the map

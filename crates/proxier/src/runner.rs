@@ -41,8 +41,10 @@ pub trait Source {
     fn changed(&mut self) -> impl Future<Output = ()>;
     /// The input now.
     fn input(&mut self) -> Input;
-    /// The tables of the last [`Input::Changed`] are now in the kernel; the work that
-    /// follows a sync (health-check servers, conntrack cleanup, latency metrics) goes here.
+    /// The tables of the last [`Input::Changed`] are now in the kernel (also said, with an
+    /// empty report, when an answer repeats tables the kernel already holds); the work
+    /// that follows a sync (health-check servers, conntrack cleanup, latency metrics) goes
+    /// here.
     fn synced(&mut self, _report: &SyncReport) {}
 }
 
@@ -107,6 +109,14 @@ pub async fn run<B: Backend, S: Source>(
         if ask {
             match source.input() {
                 Input::Unchanged => {}
+                // An input change that changes no rule (a Node heartbeat, an edit of an
+                // unrelated field) is nothing to sync; if the kernel already holds these
+                // tables, what follows a sync is still due for the new input.
+                Input::Changed(tables) if desired.as_ref() == Some(&tables) => {
+                    if !pending {
+                        source.synced(&SyncReport::default());
+                    }
+                }
                 Input::Changed(tables) => {
                     let now = SystemTime::now();
                     monitor.health.queued(now);
@@ -348,6 +358,42 @@ mod tests {
         assert_eq!(r.applied(Family::Ip), Some(&tables(2)[0]));
         assert!(synced_at.borrow()[0] < Duration::from_millis(5_002));
         assert!(monitor.health.healthz(SystemTime::now()).healthy);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_same_tables_again_are_not_a_change() {
+        let mut r = reconciler(FakeBackend::default());
+        let mut polls = 0;
+        let mut source = Polled {
+            period: Duration::from_secs(2),
+            synced_at: Vec::new(),
+            input: move || {
+                polls += 1;
+                if polls <= 5 {
+                    Input::Changed(tables(1))
+                } else {
+                    Input::Unchanged
+                }
+            },
+        };
+        let monitor = Monitor::new(TIMING.sync_period);
+        let syncs = run(
+            &mut r,
+            TIMING,
+            &mut source,
+            &monitor,
+            tokio::time::sleep(Duration::from_secs(11)),
+        )
+        .await;
+        // One sync for the first answer; each repeat is told it is in the kernel.
+        assert_eq!(syncs, 1);
+        assert_eq!(source.synced_at.len(), 5);
+        let text = monitor.metrics.render();
+        assert!(
+            text.contains(
+                r#"kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family="IPv4"} 1"#
+            )
+        );
     }
 
     #[tokio::test(start_paused = true)]

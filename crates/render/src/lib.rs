@@ -41,7 +41,12 @@ pub fn render(state: &ProxyState) -> Table {
 }
 
 pub(crate) fn family(state: &ProxyState) -> Family {
-    match state.family {
+    nft_family(state.family)
+}
+
+/// The nftables family of an IP family's table.
+pub fn nft_family(family: IpFamily) -> Family {
+    match family {
         IpFamily::V4 => Family::Ip,
         IpFamily::V6 => Family::Ip6,
     }
