@@ -5,6 +5,7 @@
 //! and no two Services collide on an address, port or NodePort.
 
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -154,8 +155,8 @@ pub fn specs(services: u32, endpoints: u32) -> Vec<Spec> {
 /// The objects of a set of specs.
 pub fn snapshot(specs: &[Spec]) -> Snapshot {
     Snapshot {
-        services: specs.iter().map(service).collect(),
-        endpoint_slices: specs.iter().map(endpoint_slice).collect(),
+        services: specs.iter().map(|s| Arc::new(service(s))).collect(),
+        endpoint_slices: specs.iter().map(|s| Arc::new(endpoint_slice(s))).collect(),
         ..Snapshot::default()
     }
 }

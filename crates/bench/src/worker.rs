@@ -9,11 +9,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nftproxy_model::config::parse_cidr_list;
-use nftproxy_model::{ProxyConfig, Snapshot, build};
+use nftproxy_model::{Builder, ProxyConfig, Snapshot, build};
 use nftproxy_netlink::NetlinkBackend;
 use nftproxy_nft::{Backend, Family, Table, Transaction};
 use nftproxy_proxier::{Reconciler, ReconcilerOptions};
-use nftproxy_render::{TABLE_NAME, render_all};
+use nftproxy_render::{Renderer, TABLE_NAME, render_all};
 use serde::{Deserialize, Serialize};
 
 use crate::synth::{self, CLUSTER_CIDR, NODE_IP, NODE_NAME, PORT, Spec, TARGET_PORT};
@@ -112,9 +112,12 @@ fn peak_rss_kb() -> u64 {
         .unwrap_or(0)
 }
 
+/// What the daemon keeps between syncs: the builder, the renderer and the reconciler.
 struct Loaded {
     reconciler: Reconciler<Timed>,
     config: ProxyConfig,
+    builder: Builder,
+    renderer: Renderer,
 }
 
 impl Loaded {
@@ -123,18 +126,25 @@ impl Loaded {
             inner: NetlinkBackend::open().map_err(|e| e.to_string())?,
             commits: Vec::new(),
         };
+        let config = config()?;
         Ok(Loaded {
             reconciler: Reconciler::new(backend, TABLE_NAME, ReconcilerOptions::default()),
-            config: config()?,
+            builder: Builder::new(config.clone()),
+            renderer: Renderer::new(),
+            config,
         })
     }
 
-    /// One full sync of `snapshot`, timed.
+    /// One sync of `snapshot`, as the daemon does it, timed.
     fn sync(&mut self, what: &str, snapshot: &Snapshot) -> Result<SyncTiming, String> {
         self.reconciler.backend_mut().commits.clear();
         let started = Instant::now();
-        let tables = render_all(&build(snapshot, &self.config));
-        let report = self.reconciler.sync(&tables).map_err(|e| e.to_string())?;
+        let delta = self.builder.update(snapshot);
+        let scopes = self.renderer.update(self.builder.build(), &delta);
+        let report = self
+            .reconciler
+            .sync_changes(self.renderer.tables(), &scopes)
+            .map_err(|e| e.to_string())?;
         let wall_seconds = started.elapsed().as_secs_f64();
         let commits = &self.reconciler.backend_mut().commits;
         Ok(SyncTiming {
@@ -168,16 +178,18 @@ pub fn cold(services: u32, endpoints: u32) -> Result<ColdReport, String> {
     if let Some(spec) = specs.get_mut(changed) {
         spec.endpoints
             .push(synth::endpoint_ip(spec.index, endpoints));
-        snapshot.endpoint_slices[changed] = synth::endpoint_slice(spec);
+        snapshot.endpoint_slices[changed] = synth::endpoint_slice(spec).into();
         syncs.push(loaded.sync("one endpoint added", &snapshot)?);
         spec.endpoints
             .truncate(spec.endpoints.len().saturating_sub(2));
-        snapshot.endpoint_slices[changed] = synth::endpoint_slice(spec);
+        snapshot.endpoint_slices[changed] = synth::endpoint_slice(spec).into();
         syncs.push(loaded.sync("one endpoint removed", &snapshot)?);
     }
     let extra = synth::spec(services, endpoints);
-    snapshot.services.push(synth::service(&extra));
-    snapshot.endpoint_slices.push(synth::endpoint_slice(&extra));
+    snapshot.services.push(synth::service(&extra).into());
+    snapshot
+        .endpoint_slices
+        .push(synth::endpoint_slice(&extra).into());
     syncs.push(loaded.sync("one service added", &snapshot)?);
     if !specs.is_empty() {
         snapshot.services.remove(0);
@@ -186,11 +198,12 @@ pub fn cold(services: u32, endpoints: u32) -> Result<ColdReport, String> {
     }
     syncs.push(loaded.sync("nothing changed", &snapshot)?);
 
+    // From nothing, as after a restart: the whole build, render and diff.
     let started = Instant::now();
     let tables = render_all(&build(&snapshot, &loaded.config));
     let plans = loaded.reconciler.plans(&tables);
     let userspace_seconds = started.elapsed().as_secs_f64();
-    if plans.iter().any(|tx| !tx.ops.is_empty()) {
+    if plans.iter().any(|tx| !tx.ops.is_empty()) || tables != loaded.renderer.tables() {
         return Err("the kernel does not hold the last sync's ruleset".to_owned());
     }
     Ok(ColdReport {

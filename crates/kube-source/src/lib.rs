@@ -243,8 +243,8 @@ impl KubeSource {
             return None;
         }
         Some(Snapshot {
-            services: owned(&self.services),
-            endpoint_slices: owned(&self.endpoint_slices),
+            services: self.services.state(),
+            endpoint_slices: self.endpoint_slices.state(),
             nodes: owned(&self.nodes)
                 .into_iter()
                 .filter(|node| node.name_any() == self.node_name)

@@ -52,7 +52,7 @@ async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     panic!("timed out waiting for {what}");
 }
 
-fn names<K: kube::ResourceExt>(objects: &[K]) -> Vec<String> {
+fn names<K: kube::ResourceExt, O: std::ops::Deref<Target = K>>(objects: &[O]) -> Vec<String> {
     let mut names: Vec<String> = objects.iter().map(|o| o.name_any()).collect();
     names.sort();
     names
@@ -120,7 +120,7 @@ async fn changes_arrive_and_label_filters_apply() {
     let snapshot = source.snapshot().expect("synced");
     assert_eq!(names(&snapshot.services), ["web"]);
     assert_eq!(names(&snapshot.endpoint_slices), ["web-1"]);
-    assert_eq!(names(&snapshot.nodes), [NODE]);
+    assert_eq!(names(&snapshot.nodes.iter().collect::<Vec<_>>()), [NODE]);
     assert!(source.node_eligible());
 
     let before = source.generation();

@@ -5,6 +5,7 @@
 //! Invariant: nothing here fails on a bad object. Each one that cannot be used is left
 //! out with a [`Diagnostic`] naming it, and everything else is still built.
 
+mod builder;
 pub mod config;
 mod diag;
 mod endpoint;
@@ -14,6 +15,7 @@ mod service;
 mod state;
 mod topology;
 
+pub use builder::{Builder, Delta, PortChanges, build};
 pub use config::{
     ConfigError, DetectLocalMode, KubeProxyConfiguration, NodePortAddress, ProxyConfig,
 };
@@ -23,7 +25,7 @@ pub use manifest::{ManifestError, ManifestReport, Snapshot};
 pub use net::{parse_cidr, parse_ip};
 pub use state::{
     Build, CategorizedEndpoints, HealthCheck, LocalTraffic, NodePortAddresses, ProxyState,
-    ServicePortName, ServicePortState, build,
+    ServicePortName, ServicePortState,
 };
 pub use topology::categorize_endpoints;
 

@@ -6,6 +6,8 @@
 //! be; a document that is YAML but not a valid object is left out with a diagnostic
 //! naming it; every other document is still decoded.
 
+use std::sync::Arc;
+
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::ServiceCIDR;
@@ -14,12 +16,16 @@ use serde_json::Value;
 use crate::diag::{Diagnostic, ObjectRef};
 
 /// The input objects of one sync: everything nftproxy reads from the API (or files).
+///
+/// Services and EndpointSlices are shared (`Arc`), as the watch caches hold them: a
+/// snapshot of a large cluster is cheap to take, and an object that did not change is
+/// the same allocation in the next snapshot, which [`crate::Builder`] uses to skip it.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     /// Services.
-    pub services: Vec<Service>,
+    pub services: Vec<Arc<Service>>,
     /// EndpointSlices.
-    pub endpoint_slices: Vec<EndpointSlice>,
+    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
     /// Nodes (only the one named like this node is used).
     pub nodes: Vec<Node>,
     /// ServiceCIDRs: the ranges ClusterIPs are allocated from.
@@ -138,8 +144,8 @@ impl Snapshot {
         let object = object_ref(&kind, &map);
         let value = Value::Object(map);
         let decoded = match kind.as_str() {
-            "Service" => decode(value).map(|s| self.services.push(s)),
-            "EndpointSlice" => decode(value).map(|s| self.endpoint_slices.push(s)),
+            "Service" => decode(value).map(|s| self.services.push(Arc::new(s))),
+            "EndpointSlice" => decode(value).map(|s| self.endpoint_slices.push(Arc::new(s))),
             "Node" => decode(value).map(|n| self.nodes.push(n)),
             "ServiceCIDR" => decode(value).map(|c| self.service_cidrs.push(c)),
             _ => Ok(()),

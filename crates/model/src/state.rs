@@ -6,7 +6,7 @@
 //! and unique, and no two service ports claim the same address, protocol and port (the
 //! later one in name order loses the address, with a diagnostic).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::hash::Hash;
 use std::net::IpAddr;
@@ -14,14 +14,11 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
 
-use crate::config::{DetectLocalMode, NodePortAddress, ProxyConfig};
+use crate::config::ProxyConfig;
 use crate::diag::{Diagnostic, ObjectRef};
-use crate::endpoint::{Endpoint, SliceInfo, decode_slice};
 use crate::manifest::Snapshot;
 use crate::net::{parse_cidr, parse_ip};
-use crate::service::{ServiceInfo, decode_service};
 pub use crate::topology::CategorizedEndpoints;
-use crate::topology::categorize_endpoints;
 use crate::{IpFamily, Protocol};
 
 const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
@@ -263,13 +260,14 @@ pub struct Build {
     pub diagnostics: Vec<Diagnostic>,
 }
 
-struct NodeFacts {
-    ips: Vec<IpAddr>,
-    zone: Option<String>,
-    pod_cidrs: Vec<IpNet>,
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct NodeFacts {
+    pub(crate) ips: Vec<IpAddr>,
+    pub(crate) zone: Option<String>,
+    pub(crate) pod_cidrs: Vec<IpNet>,
 }
 
-fn node_facts(
+pub(crate) fn node_facts(
     snapshot: &Snapshot,
     config: &ProxyConfig,
     diagnostics: &mut Vec<Diagnostic>,
@@ -329,16 +327,16 @@ fn node_facts(
     }
 }
 
-fn in_family(family: IpFamily) -> impl Fn(&IpAddr) -> bool {
+pub(crate) fn in_family(family: IpFamily) -> impl Fn(&IpAddr) -> bool {
     move |ip| IpFamily::of(ip) == family
 }
 
-fn net_in_family(family: IpFamily) -> impl Fn(&IpNet) -> bool {
+pub(crate) fn net_in_family(family: IpFamily) -> impl Fn(&IpNet) -> bool {
     move |net| IpFamily::of(&net.addr()) == family
 }
 
 /// Records `owner` as the holder of `key`, or returns the holder it already has.
-fn claim<K: Hash + Eq>(
+pub(crate) fn claim<K: Hash + Eq>(
     claimed: &mut HashMap<K, String>,
     key: K,
     owner: &str,
@@ -356,7 +354,7 @@ fn claim<K: Hash + Eq>(
 /// once; copies that differ are all left out with a diagnostic, because which one is
 /// meant cannot be told from a snapshot, the API server never holds two, and any choice
 /// would make the result depend on input order.
-fn unique<T: PartialEq, K: Ord>(
+pub(crate) fn unique<T: PartialEq, K: Ord>(
     mut items: Vec<T>,
     key: impl Fn(&T) -> K,
     object: impl Fn(&T) -> ObjectRef,
@@ -390,289 +388,10 @@ fn unique<T: PartialEq, K: Ord>(
     kept
 }
 
-/// Builds both families' proxy state from a snapshot.
-pub fn build(snapshot: &Snapshot, config: &ProxyConfig) -> Build {
-    let mut diagnostics = Vec::new();
-    let node = node_facts(snapshot, config, &mut diagnostics);
-
-    let mut services: Vec<ServiceInfo> = Vec::new();
-    for service in &snapshot.services {
-        match decode_service(service) {
-            Ok(info) => services.push(info),
-            Err(diagnostic) => diagnostics.push(diagnostic),
-        }
-    }
-    let services = unique(
-        services,
-        |s| (s.namespace.clone(), s.name.clone()),
-        |s| ObjectRef::new("Service", &s.namespace, &s.name),
-        &mut diagnostics,
-    );
-
-    let mut decoded_slices = Vec::new();
-    for slice in &snapshot.endpoint_slices {
-        match decode_slice(slice) {
-            Ok(info) => decoded_slices.push(info),
-            Err(diagnostic) => diagnostics.push(diagnostic),
-        }
-    }
-    // Sorted by namespace and name, so each Service's group is in name order.
-    let decoded_slices = unique(
-        decoded_slices,
-        |s| (s.namespace.clone(), s.name.clone()),
-        |s| ObjectRef::new("EndpointSlice", &s.namespace, &s.name),
-        &mut diagnostics,
-    );
-    let mut slices: BTreeMap<(String, String), Vec<SliceInfo>> = BTreeMap::new();
-    for info in decoded_slices {
-        slices
-            .entry((info.namespace.clone(), info.service_name.clone()))
-            .or_default()
-            .push(info);
-    }
-
-    let mut service_cidrs = config.service_cidrs.clone();
-    for object in &snapshot.service_cidrs {
-        let reference = ObjectRef {
-            kind: "ServiceCIDR".to_owned(),
-            namespace: String::new(),
-            name: object.metadata.name.clone().unwrap_or_default(),
-        };
-        for text in object
-            .spec
-            .as_ref()
-            .and_then(|s| s.cidrs.as_ref())
-            .into_iter()
-            .flatten()
-        {
-            match parse_cidr(text) {
-                Ok(cidr) => service_cidrs.push(cidr),
-                Err(e) => diagnostics.push(Diagnostic::invalid(&reference, e)),
-            }
-        }
-    }
-
-    let mut family_state = |family| {
-        build_family(
-            family,
-            config,
-            &node,
-            &services,
-            &slices,
-            &service_cidrs,
-            &mut diagnostics,
-        )
-    };
-    let ipv4 = family_state(IpFamily::V4);
-    let ipv6 = family_state(IpFamily::V6);
-    diagnostics.sort();
-    diagnostics.dedup();
-    Build {
-        ipv4,
-        ipv6,
-        diagnostics,
-    }
-}
-
-fn build_family(
-    family: IpFamily,
-    config: &ProxyConfig,
-    node: &NodeFacts,
-    services: &[ServiceInfo],
-    slices: &BTreeMap<(String, String), Vec<SliceInfo>>,
-    service_cidrs: &[IpNet],
-    diagnostics: &mut Vec<Diagnostic>,
-) -> ProxyState {
-    let node_ips: Vec<IpAddr> = node.ips.iter().copied().filter(in_family(family)).collect();
-
-    let mut node_port_addresses = Vec::new();
-    let mut all = false;
-    let entries = if config.node_port_addresses.is_empty() {
-        &[NodePortAddress::Primary][..]
-    } else {
-        &config.node_port_addresses[..]
-    };
-    for entry in entries {
-        match entry {
-            NodePortAddress::Primary => node_port_addresses.extend(node_ips.first().copied()),
-            NodePortAddress::Cidr(cidr) if net_in_family(family)(cidr) => {
-                if cidr.prefix_len() == 0 {
-                    all = true;
-                }
-                node_port_addresses.extend(node_ips.iter().copied().filter(|ip| cidr.contains(ip)));
-            }
-            NodePortAddress::Cidr(_) => {}
-        }
-    }
-    // NodePorts on loopback need route_localnet tricks that nftables mode does not do.
-    node_port_addresses.retain(|ip| !ip.is_loopback());
-    node_port_addresses.sort();
-    node_port_addresses.dedup();
-
-    let first_cidr = |cidrs: &[IpNet]| {
-        cidrs
-            .iter()
-            .find(|c| net_in_family(family)(c))
-            .map_or(LocalTraffic::Unknown, |c| LocalTraffic::Cidr(*c))
-    };
-    let local_traffic = match &config.detect_local {
-        DetectLocalMode::ClusterCidr => first_cidr(&config.cluster_cidrs),
-        DetectLocalMode::NodeCidr => first_cidr(&node.pod_cidrs),
-        DetectLocalMode::BridgeInterface(name) => LocalTraffic::Interface(name.clone()),
-        DetectLocalMode::InterfaceNamePrefix(prefix) => {
-            LocalTraffic::InterfacePrefix(prefix.clone())
-        }
-    };
-
-    let mut cidrs: Vec<IpNet> = service_cidrs
-        .iter()
-        .copied()
-        .filter(net_in_family(family))
-        .collect();
-    cidrs.sort();
-    cidrs.dedup();
-
-    let mut claimed: HashMap<(IpAddr, Protocol, u16), String> = HashMap::new();
-    let mut claimed_node_ports: HashMap<(Protocol, u16), String> = HashMap::new();
-    let mut ports = Vec::new();
-    for service in services {
-        let Some(cluster_ip) = service.cluster_ips.iter().copied().find(in_family(family)) else {
-            continue;
-        };
-        let object = ObjectRef {
-            kind: "Service".to_owned(),
-            namespace: service.namespace.clone(),
-            name: service.name.clone(),
-        };
-        let service_slices: Vec<&SliceInfo> = slices
-            .get(&(service.namespace.clone(), service.name.clone()))
-            .into_iter()
-            .flatten()
-            .filter(|s| s.family == family)
-            .collect();
-        for port in &service.ports {
-            let name = ServicePortName {
-                namespace: service.namespace.clone(),
-                name: service.name.clone(),
-                port: port.name.clone(),
-                protocol: port.protocol,
-            };
-            let owner = format!("{}/{}", service.namespace, service.name);
-            let (protocol, number) = (port.protocol.lower(), port.port);
-            let mut claim_address = |ip: IpAddr, what: &str| {
-                claim(&mut claimed, (ip, port.protocol, number), &owner).map_err(|other| {
-                    diagnostics.push(Diagnostic::invalid(
-                        &object,
-                        format!(
-                            "{what} {ip}:{number}/{protocol} is already used by Service {other}"
-                        ),
-                    ))
-                })
-            };
-            if claim_address(cluster_ip, "ClusterIP").is_err() {
-                continue;
-            }
-            let mut claimed_ips = |ips: &[IpAddr], what: &str| -> Vec<IpAddr> {
-                ips.iter()
-                    .copied()
-                    .filter(in_family(family))
-                    .filter(|ip| claim_address(*ip, what).is_ok())
-                    .collect()
-            };
-            let external_ips = claimed_ips(&service.external_ips, "externalIP");
-            let load_balancer_ips = claimed_ips(&service.load_balancer_ips, "load balancer IP");
-            let node_port = port.node_port.filter(|node_port| {
-                claim(&mut claimed_node_ports, (port.protocol, *node_port), &owner)
-                    .map_err(|other| {
-                        diagnostics.push(Diagnostic::invalid(
-                            &object,
-                            format!(
-                                "nodePort {node_port}/{protocol} is already used by Service {other}"
-                            ),
-                        ))
-                    })
-                    .is_ok()
-            });
-
-            let mut endpoints: Vec<Endpoint> = Vec::new();
-            let mut seen: HashSet<(IpAddr, u16)> = HashSet::new();
-            for slice in &service_slices {
-                let Some(slice_port) = slice
-                    .ports
-                    .iter()
-                    .find(|p| p.name == port.name && p.protocol == port.protocol)
-                else {
-                    continue;
-                };
-                for endpoint in &slice.endpoints {
-                    // The first slice (in name order) listing an endpoint wins.
-                    if !seen.insert((endpoint.ip, slice_port.port)) {
-                        continue;
-                    }
-                    endpoints.push(Endpoint {
-                        ip: endpoint.ip,
-                        port: slice_port.port,
-                        ready: endpoint.ready,
-                        serving: endpoint.serving,
-                        terminating: endpoint.terminating,
-                        is_local: endpoint.node_name.as_deref() == Some(config.node_name.as_str()),
-                        zone_hints: endpoint.zone_hints.clone(),
-                        node_hints: endpoint.node_hints.clone(),
-                    });
-                }
-            }
-            endpoints.sort();
-
-            let mut state = ServicePortState {
-                name,
-                cluster_ip,
-                port: port.port,
-                node_port,
-                external_ips,
-                load_balancer_ips,
-                load_balancer_source_ranges: service
-                    .source_ranges
-                    .iter()
-                    .copied()
-                    .filter(net_in_family(family))
-                    .collect(),
-                internal_policy_local: service.internal_policy_local,
-                external_policy_local: service.external_policy_local,
-                affinity_timeout: service.affinity_timeout,
-                health_check_node_port: service.health_check_node_port,
-                endpoints: CategorizedEndpoints::default(),
-            };
-            state.endpoints = categorize_endpoints(
-                &endpoints,
-                state.uses_cluster_endpoints(),
-                state.uses_local_endpoints(),
-                &config.node_name,
-                node.zone.as_deref(),
-            );
-            ports.push(state);
-        }
-    }
-    ports.sort_by(|a, b| a.name.cmp(&b.name));
-
-    ProxyState {
-        family,
-        node_ips,
-        node_port_addresses: if all {
-            NodePortAddresses::All
-        } else {
-            NodePortAddresses::Addresses(node_port_addresses)
-        },
-        local_traffic,
-        masquerade_all: config.masquerade_all,
-        masquerade_mark: config.masquerade_mark(),
-        service_cidrs: cidrs,
-        services: ports,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::build;
 
     #[test]
     fn copies_count_once_and_conflicting_copies_not_at_all() {

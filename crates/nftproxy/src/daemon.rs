@@ -11,9 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nftproxy_kube_source::KubeSource;
-use nftproxy_model::{Build, Diagnostic, HealthCheck, IpFamily, ProxyConfig, Snapshot, build};
+use nftproxy_model::{
+    Build, Builder, Delta, Diagnostic, HealthCheck, IpFamily, ProxyConfig, Snapshot,
+};
 use nftproxy_netlink::{ConntrackSocket, NetlinkBackend};
-use nftproxy_nft::{Family, Table};
+use nftproxy_nft::{Family, Scopes, Table};
 use nftproxy_proxier::conntrack::{self, ServingUdp};
 use nftproxy_proxier::metrics::TrafficPolicy;
 use nftproxy_proxier::runner::{self, Input, Source, Timing};
@@ -21,7 +23,9 @@ use nftproxy_proxier::{Monitor, Reconciler, SyncReport};
 use tracing::{info, warn};
 
 use crate::health_check::HealthCheckServers;
-use crate::{http, load_build, log_diagnostic, source};
+use nftproxy_render::Renderer;
+
+use crate::{http, log_broken, log_diagnostic, log_diagnostics, source};
 
 /// Where the long-running mode reads the cluster from.
 pub enum Mode {
@@ -141,8 +145,8 @@ impl AfterSync {
         }
     }
 
-    /// `build` is what the next sync programs: its tables.
-    fn built(&mut self, build: &Build) -> Vec<Table> {
+    /// `build` is what the next sync programs.
+    fn built(&mut self, build: &Build) {
         for (state, family) in [(&build.ipv4, Family::Ip), (&build.ipv6, Family::Ip6)] {
             let (internal, external) = state.no_local_endpoints();
             let metrics = &self.monitor.metrics;
@@ -151,7 +155,6 @@ impl AfterSync {
         }
         self.pending = Some((build.node_port_ips(), build.health_checks()));
         self.serving_udp = ServingUdp::from_build(build);
-        nftproxy_render::render_all(build)
     }
 
     /// The last build is in the kernel.
@@ -163,29 +166,47 @@ impl AfterSync {
     }
 }
 
+/// The desired tables, kept up to date with the input: only the Services whose objects
+/// changed are built and rendered again.
+struct Desired {
+    builder: Builder,
+    renderer: Renderer,
+}
+
+impl Desired {
+    /// The tables of what `builder` has built.
+    fn new(builder: Builder) -> Desired {
+        let mut renderer = Renderer::new();
+        renderer.update(builder.build(), &Delta::All);
+        Desired { builder, renderer }
+    }
+
+    /// Takes in `snapshot`; says what changed in the tables.
+    fn update(&mut self, snapshot: &Snapshot) -> Scopes {
+        let delta = self.builder.update(snapshot);
+        self.renderer.update(self.builder.build(), &delta)
+    }
+}
+
 /// The file source: re-reads the manifests when their fingerprint changes, checked every
 /// `minSyncPeriod`.
 pub struct Files {
     paths: Vec<PathBuf>,
-    config: ProxyConfig,
     fingerprint: Option<u64>,
-    first: Option<Build>,
+    desired: Desired,
+    first: bool,
     after: AfterSync,
 }
 
 impl Files {
-    /// A file source whose first answer is `initial`, built from the files as they are.
-    pub fn new(
-        paths: Vec<PathBuf>,
-        config: ProxyConfig,
-        initial: Build,
-        monitor: Arc<Monitor>,
-    ) -> Files {
+    /// A file source whose first answer is what `builder` built from the files as they
+    /// are.
+    pub fn new(paths: Vec<PathBuf>, builder: Builder, monitor: Arc<Monitor>) -> Files {
         Files {
             fingerprint: source::fingerprint(&paths).ok(),
             paths,
-            config,
-            first: Some(initial),
+            desired: Desired::new(builder),
+            first: true,
             after: AfterSync::new(monitor),
         }
     }
@@ -193,12 +214,13 @@ impl Files {
 
 impl Source for Files {
     async fn changed(&mut self) {
-        tokio::time::sleep(self.config.min_sync_period).await;
+        tokio::time::sleep(self.desired.builder.config().min_sync_period).await;
     }
 
     fn input(&mut self) -> Input {
-        if let Some(build) = self.first.take() {
-            return Input::Changed(self.after.built(&build));
+        if std::mem::take(&mut self.first) {
+            self.after.built(self.desired.builder.build());
+            return Input::Changed(Scopes::everything());
         }
         let now = match source::fingerprint(&self.paths) {
             Ok(now) => now,
@@ -211,14 +233,27 @@ impl Source for Files {
         info!("manifests changed");
         // A broken document is most likely a file caught half-written: rather than drop
         // its Services, keep the rules as they are until it parses again.
-        match load_build(&self.paths, &self.config) {
-            Ok(loaded) if loaded.broken == 0 => Input::Changed(self.after.built(&loaded.build)),
-            Ok(loaded) => Input::Unavailable(format!(
-                "{} manifest document(s) could not be parsed",
-                loaded.broken
-            )),
-            Err(e) => Input::Unavailable(e),
+        match source::load(&self.paths) {
+            Ok(loaded) if loaded.errors.is_empty() => {
+                let scopes = self.desired.update(&loaded.snapshot);
+                let built = self.desired.builder.build();
+                log_diagnostics(loaded.diagnostics, built);
+                self.after.built(built);
+                Input::Changed(scopes)
+            }
+            Ok(loaded) => {
+                loaded.errors.iter().for_each(log_broken);
+                Input::Unavailable(format!(
+                    "{} manifest document(s) could not be parsed",
+                    loaded.errors.len()
+                ))
+            }
+            Err(e) => Input::Unavailable(e.to_string()),
         }
+    }
+
+    fn tables(&self) -> &[Table] {
+        self.desired.renderer.tables()
     }
 
     fn synced(&mut self, _report: &SyncReport) {
@@ -230,7 +265,7 @@ impl Source for Files {
 /// complete.
 pub struct Api {
     source: KubeSource,
-    config: ProxyConfig,
+    desired: Desired,
     after: AfterSync,
     /// The store generation the last answer was built from.
     seen: Option<u64>,
@@ -246,7 +281,7 @@ impl Api {
     pub fn new(source: KubeSource, config: ProxyConfig, monitor: Arc<Monitor>) -> Api {
         Api {
             source,
-            config,
+            desired: Desired::new(Builder::new(config)),
             after: AfterSync::new(monitor),
             seen: None,
             diagnostics: BTreeSet::new(),
@@ -297,9 +332,16 @@ impl Source for Api {
         let changes = self.source.take_changes();
         let metrics = &self.after.monitor.metrics;
         metrics.changes_seen(changes.services, changes.endpoint_slices);
-        let built = build(&snapshot, &self.config);
-        self.log_new(&built.diagnostics);
-        Input::Changed(self.after.built(&built))
+        let scopes = self.desired.update(&snapshot);
+        let built = self.desired.builder.build();
+        let diagnostics = built.diagnostics.clone();
+        self.after.built(built);
+        self.log_new(&diagnostics);
+        Input::Changed(scopes)
+    }
+
+    fn tables(&self) -> &[Table] {
+        self.desired.renderer.tables()
     }
 
     fn synced(&mut self, _report: &SyncReport) {

@@ -17,7 +17,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use nftproxy_model::{Build, KubeProxyConfiguration, ProxyConfig, Severity, build};
+use nftproxy_model::{Build, Builder, KubeProxyConfiguration, ProxyConfig, Severity};
 use nftproxy_netlink::NetlinkBackend;
 use nftproxy_nft::{Backend, Family, Op, Transaction};
 use nftproxy_proxier::{Monitor, Reconciler, ReconcilerOptions};
@@ -120,8 +120,12 @@ fn run(args: &Args) -> Result<(), Failure> {
         } else {
             Some(load_build(&args.manifests, &config).map_err(Failure::Error)?)
         };
-        let text = explain::run(explain, built.as_ref().map(|l| &l.build), &config.node_ips)
-            .map_err(Failure::Error)?;
+        let text = explain::run(
+            explain,
+            built.as_ref().map(|l| l.builder.build()),
+            &config.node_ips,
+        )
+        .map_err(Failure::Error)?;
         return emit(&text);
     }
     if config.node_name.is_empty() {
@@ -148,12 +152,7 @@ fn run(args: &Args) -> Result<(), Failure> {
         let runtime = daemon::runtime().map_err(error)?;
         return run_daemon(&runtime, &config, |monitor| {
             let paths = args.manifests.clone();
-            daemon::Mode::Files(daemon::Files::new(
-                paths,
-                config.clone(),
-                loaded.build,
-                monitor,
-            ))
+            daemon::Mode::Files(daemon::Files::new(paths, loaded.builder, monitor))
         });
     }
     one_shot(args, &loaded)
@@ -173,7 +172,7 @@ fn run_api(args: &Args, config: ProxyConfig) -> Result<(), Failure> {
             .block_on(daemon::initial_snapshot(client, &config.node_name))
             .map_err(Failure::Error)?;
         let built = Built {
-            build: build_logged(&snapshot, Vec::new(), &config),
+            builder: build_logged(&snapshot, Vec::new(), &config),
             broken: 0,
         };
         return one_shot(args, &built);
@@ -200,7 +199,7 @@ fn run_daemon(
 
 /// `--dry-run` (with or without `--diff`) and `--once` of an already built state.
 fn one_shot(args: &Args, loaded: &Built) -> Result<(), Failure> {
-    let desired = nftproxy_render::render_all(&loaded.build);
+    let desired = nftproxy_render::render_all(loaded.builder.build());
     if args.dry_run && !args.diff {
         let text: Vec<String> = desired.iter().map(ToString::to_string).collect();
         emit(&text.join("\n"))?;
@@ -243,7 +242,7 @@ fn emit(text: &str) -> Result<(), Failure> {
 /// The proxy state built from the manifests, and how many documents were skipped
 /// because they are not YAML.
 struct Built {
-    build: Build,
+    builder: Builder,
     broken: usize,
 }
 
@@ -263,11 +262,9 @@ impl Built {
 /// Loads the manifests and builds the proxy state, logging what was left out.
 fn load_build(paths: &[PathBuf], config: &ProxyConfig) -> Result<Built, String> {
     let loaded = source::load(paths).map_err(|e| e.to_string())?;
-    for broken in &loaded.errors {
-        error!("skipping document {broken}");
-    }
+    loaded.errors.iter().for_each(log_broken);
     Ok(Built {
-        build: build_logged(&loaded.snapshot, loaded.diagnostics, config),
+        builder: build_logged(&loaded.snapshot, loaded.diagnostics, config),
         broken: loaded.errors.len(),
     })
 }
@@ -275,14 +272,25 @@ fn load_build(paths: &[PathBuf], config: &ProxyConfig) -> Result<Built, String> 
 /// Builds the proxy state and logs what was left out (with the source's own diagnostics).
 fn build_logged(
     snapshot: &nftproxy_model::Snapshot,
-    mut diagnostics: Vec<nftproxy_model::Diagnostic>,
+    diagnostics: Vec<nftproxy_model::Diagnostic>,
     config: &ProxyConfig,
-) -> Build {
-    let built = build(snapshot, config);
+) -> Builder {
+    let mut builder = Builder::new(config.clone());
+    builder.update(snapshot);
+    log_diagnostics(diagnostics, builder.build());
+    builder
+}
+
+/// A document that is not YAML.
+fn log_broken(error: &nftproxy_model::ManifestError) {
+    error!("skipping document {error}");
+}
+
+/// Logs what was left out: the source's own diagnostics and the build's.
+fn log_diagnostics(mut diagnostics: Vec<nftproxy_model::Diagnostic>, built: &Build) {
     diagnostics.extend(built.diagnostics.iter().cloned());
     diagnostics.sort();
     diagnostics.iter().for_each(log_diagnostic);
-    built
 }
 
 /// One thing left out: a warning when it was invalid, a debug line when it was ignored.

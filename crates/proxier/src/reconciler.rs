@@ -5,9 +5,9 @@
 //! read back from the kernel at start-up and after any failure, never assumed. A failed
 //! transaction changes nothing (the kernel guarantees it), so the old rules keep serving.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use nftproxy_nft::{Backend, Family, Op, Table, Transaction, diff};
+use nftproxy_nft::{Backend, Family, Op, Scope, Scopes, Table, Transaction, diff, diff_scoped};
 use tracing::{debug, warn};
 
 /// Why a sync did not complete.
@@ -73,6 +73,9 @@ pub struct Reconciler<B: Backend> {
     /// Families whose table could not be read back (it holds something nftproxy did not
     /// write): the next transaction replaces the whole table.
     unreadable: Vec<Family>,
+    /// Chains whose deletion was held back (see
+    /// [`ReconcilerOptions::defer_chain_deletes`]): still in the kernel, no longer wanted.
+    held_back: BTreeMap<Family, BTreeSet<String>>,
     known: bool,
 }
 
@@ -87,6 +90,7 @@ impl<B: Backend> Reconciler<B> {
             options,
             applied: BTreeMap::new(),
             unreadable: Vec::new(),
+            held_back: BTreeMap::new(),
             known: false,
         }
     }
@@ -125,9 +129,26 @@ impl<B: Backend> Reconciler<B> {
         self.known = true;
     }
 
-    /// The transactions that bring one family from `current` to `desired`: the diff,
-    /// with deletes of still-referenced chains held back when the kernel needs that.
-    pub fn plan(&self, family: Family, desired: Option<&Table>) -> Transaction {
+    /// The transactions that bring one family from `current` to `desired`: the diff (of
+    /// the objects in `scope` alone, when given), with deletes of still-referenced chains
+    /// held back when the kernel needs that.
+    pub fn plan(
+        &self,
+        family: Family,
+        desired: Option<&Table>,
+        scope: Option<&Scope>,
+    ) -> Transaction {
+        self.plan_holding(family, desired, scope).0
+    }
+
+    /// [`Reconciler::plan`], and the chains whose deletion it holds back.
+    fn plan_holding(
+        &self,
+        family: Family,
+        desired: Option<&Table>,
+        scope: Option<&Scope>,
+    ) -> (Transaction, BTreeSet<String>) {
+        let mut held = BTreeSet::new();
         if self.unreadable.contains(&family) {
             // Add-then-delete removes the table whether or not it exists, in the same
             // atomic transaction that writes the new one.
@@ -137,11 +158,14 @@ impl<B: Backend> Reconciler<B> {
             if let Some(desired) = desired {
                 tx.ops.extend(Transaction::create(desired).ops);
             }
-            return tx;
+            return (tx, held);
         }
         let current = self.applied(family);
         let mut tx = match desired {
-            Some(desired) => diff(current, desired),
+            Some(desired) => match (current, scope) {
+                (Some(current), Some(scope)) => diff_scoped(current, desired, scope),
+                _ => diff(current, desired),
+            },
             None if current.is_some() => {
                 let mut tx = Transaction::new(family, self.table.clone());
                 tx.ops.push(Op::DeleteTable);
@@ -153,11 +177,14 @@ impl<B: Backend> Reconciler<B> {
             && let Some(current) = current
         {
             tx.ops.retain(|op| match op {
-                Op::DeleteChain(name) => current.chain_users(name).is_empty(),
+                Op::DeleteChain(name) if !current.chain_users(name).is_empty() => {
+                    held.insert(name.clone());
+                    false
+                }
                 _ => true,
             });
         }
-        tx
+        (tx, held)
     }
 
     /// The transactions a sync would send now, without sending them (reads the kernel
@@ -168,17 +195,31 @@ impl<B: Backend> Reconciler<B> {
         }
         FAMILIES
             .iter()
-            .map(|family| self.plan(*family, desired.iter().find(|t| t.family == *family)))
+            .map(|family| self.plan(*family, desired.iter().find(|t| t.family == *family), None))
             .collect()
     }
 
     /// Brings the kernel to `desired` (at most one table per family; a family without a
     /// table has its table removed).
     pub fn sync(&mut self, desired: &[Table]) -> Result<SyncReport, SyncError<B::Error>> {
+        self.sync_changes(desired, &Scopes::everything())
+    }
+
+    /// Like [`Reconciler::sync`], for `desired` tables of which only what `scopes` names
+    /// may differ from the tables of the last successful sync; the rest is not compared.
+    /// After a failure (or at start-up) the kernel is read back and compared whole.
+    pub fn sync_changes(
+        &mut self,
+        desired: &[Table],
+        scopes: &Scopes,
+    ) -> Result<SyncReport, SyncError<B::Error>> {
         let mut report = SyncReport::default();
+        let mut scopes = scopes;
+        let everything = Scopes::everything();
         if !self.known {
             self.read_back();
             report.read_back = true;
+            scopes = &everything;
         }
         for family in FAMILIES {
             let want = desired.iter().find(|t| t.family == family);
@@ -187,7 +228,21 @@ impl<B: Backend> Reconciler<B> {
                 Some(table) if cold => {
                     Transaction::create_staged(table, self.options.cold_stage_objects)
                 }
-                _ => vec![self.plan(family, want)],
+                _ => {
+                    // Chains held back last time are not in the desired table; the
+                    // scope must name them for their deletion to be seen again.
+                    let scope = scopes.get(family).map(|scope| {
+                        let mut scope = scope.clone();
+                        scope
+                            .chains
+                            .extend(self.held_back.get(&family).into_iter().flatten().cloned());
+                        scope
+                    });
+                    let (tx, held) = self.plan_holding(family, want, scope.as_ref());
+                    self.apply(family, &tx, &mut report)?;
+                    self.held_back.insert(family, held);
+                    continue;
+                }
             };
             for tx in transactions {
                 self.apply(family, &tx, &mut report)?;

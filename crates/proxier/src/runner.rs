@@ -9,7 +9,7 @@
 use std::future::Future;
 use std::time::{Duration, SystemTime};
 
-use nftproxy_nft::{Backend, Family, Table};
+use nftproxy_nft::{Backend, Family, Scopes, Table};
 use tokio::time::{Instant, sleep_until};
 use tracing::{error, info, warn};
 
@@ -29,8 +29,9 @@ pub struct Timing {
 pub enum Input {
     /// Nothing changed since the last answer.
     Unchanged,
-    /// The desired tables changed.
-    Changed(Vec<Table>),
+    /// The desired tables ([`Source::tables`]) changed; only what the scopes name
+    /// differs from the tables of the last answer.
+    Changed(Scopes),
     /// The input cannot be read right now; the rules stay as they are.
     Unavailable(String),
 }
@@ -41,8 +42,10 @@ pub trait Source {
     fn changed(&mut self) -> impl Future<Output = ()>;
     /// The input now.
     fn input(&mut self) -> Input;
+    /// The desired tables as of the last [`Input::Changed`].
+    fn tables(&self) -> &[Table];
     /// The tables of the last [`Input::Changed`] are now in the kernel (also said, with an
-    /// empty report, when an answer repeats tables the kernel already holds); the work
+    /// empty report, when an answer changes nothing in tables the kernel holds); the work
     /// that follows a sync (health-check servers, conntrack cleanup, latency metrics) goes
     /// here.
     fn synced(&mut self, _report: &SyncReport) {}
@@ -93,7 +96,9 @@ pub async fn run<B: Backend, S: Source>(
     shutdown: impl Future<Output = ()>,
 ) -> usize {
     tokio::pin!(shutdown);
-    let mut desired: Option<Vec<Table>> = None;
+    // What may differ between the source's tables and the kernel's (`None`: the source
+    // has no tables yet).
+    let mut unsynced: Option<Scopes> = None;
     let mut pending = false;
     let mut last_sync: Option<Instant> = None;
     let mut bucket = Bucket {
@@ -112,16 +117,19 @@ pub async fn run<B: Backend, S: Source>(
                 // An input change that changes no rule (a Node heartbeat, an edit of an
                 // unrelated field) is nothing to sync; if the kernel already holds these
                 // tables, what follows a sync is still due for the new input.
-                Input::Changed(tables) if desired.as_ref() == Some(&tables) => {
+                Input::Changed(changed) if unsynced.is_some() && changed.is_nothing() => {
                     if !pending {
                         source.synced(&SyncReport::default());
                     }
                 }
-                Input::Changed(tables) => {
+                Input::Changed(changed) => {
                     let now = SystemTime::now();
                     monitor.health.queued(now);
-                    monitor.metrics.queued(&families(&tables), now);
-                    desired = Some(tables);
+                    monitor.metrics.queued(&families(source.tables()), now);
+                    unsynced = Some(match unsynced.take() {
+                        Some(before) => before.then(changed),
+                        None => changed,
+                    });
                     pending = true;
                 }
                 Input::Unavailable(reason) => {
@@ -130,7 +138,7 @@ pub async fn run<B: Backend, S: Source>(
             }
         }
         let now = Instant::now();
-        let due = desired.as_ref().map(|_| {
+        let due = unsynced.as_ref().map(|_| {
             let earliest = bucket.ready_at(now);
             match retry_at {
                 Some(retry) => retry.max(earliest),
@@ -138,14 +146,22 @@ pub async fn run<B: Backend, S: Source>(
                 None => last_sync.map_or(now, |t| t + timing.sync_period),
             }
         });
-        if let (Some(due), Some(tables)) = (due, desired.as_ref())
+        if let (Some(due), Some(changed)) = (due, unsynced.as_ref())
             && due <= now
         {
             syncs += 1;
             last_sync = Some(now);
             bucket.take(now);
-            match sync_once(reconciler, tables, syncs, monitor, backoff) {
+            match sync_once(
+                reconciler,
+                source.tables(),
+                changed,
+                syncs,
+                monitor,
+                backoff,
+            ) {
                 Ok(report) => {
+                    unsynced = Some(Scopes::nothing());
                     pending = false;
                     retry_at = None;
                     backoff = timing.min_sync_period;
@@ -177,6 +193,7 @@ fn families(tables: &[Table]) -> Vec<Family> {
 fn sync_once<B: Backend>(
     reconciler: &mut Reconciler<B>,
     tables: &[Table],
+    scopes: &Scopes,
     n: usize,
     monitor: &Monitor,
     retry_in: Duration,
@@ -185,7 +202,7 @@ fn sync_once<B: Backend>(
     let _guard = span.enter();
     let started = std::time::Instant::now();
     let families = families(tables);
-    match reconciler.sync(tables) {
+    match reconciler.sync_changes(tables, scopes) {
         Ok(report) => {
             let took = started.elapsed();
             let now = SystemTime::now();
@@ -239,21 +256,40 @@ mod tests {
         sync_period: Duration::from_secs(30),
     };
 
+    /// Takes `new` tables (if any) as the source's: a change of everything, or of nothing
+    /// when they are the same.
+    fn answer(tables: &mut Vec<Table>, new: Option<Vec<Table>>) -> Input {
+        match new {
+            None => Input::Unchanged,
+            Some(new) if *tables == new => Input::Changed(Scopes::nothing()),
+            Some(new) => {
+                *tables = new;
+                Input::Changed(Scopes::everything())
+            }
+        }
+    }
+
     /// A source without change notifications, asked every `period`, like the file source.
     /// It notes when each sync succeeded.
     struct Polled<F> {
         period: Duration,
         input: F,
+        tables: Vec<Table>,
         synced_at: Vec<Instant>,
     }
 
-    impl<F: FnMut() -> Input> Source for Polled<F> {
+    impl<F: FnMut() -> Option<Vec<Table>>> Source for Polled<F> {
         async fn changed(&mut self) {
             tokio::time::sleep(self.period).await;
         }
 
         fn input(&mut self) -> Input {
-            (self.input)()
+            let new = (self.input)();
+            answer(&mut self.tables, new)
+        }
+
+        fn tables(&self) -> &[Table] {
+            &self.tables
         }
 
         fn synced(&mut self, _report: &SyncReport) {
@@ -274,15 +310,12 @@ mod tests {
         let start = Instant::now();
         let mut source = Polled {
             period: Duration::from_millis(100),
+            tables: Vec::new(),
             synced_at: Vec::new(),
             input: move || {
                 *counter.borrow_mut() += 1;
                 let n = *counter.borrow();
-                if n <= 30 {
-                    Input::Changed(tables(n))
-                } else {
-                    Input::Unchanged
-                }
+                (n <= 30).then(|| tables(n))
             },
         };
         let monitor = Monitor::new(TIMING.sync_period);
@@ -314,6 +347,7 @@ mod tests {
     struct Notified {
         changes: Rc<tokio::sync::Notify>,
         next: Rc<RefCell<Option<Vec<Table>>>>,
+        tables: Vec<Table>,
     }
 
     impl Source for Notified {
@@ -322,10 +356,12 @@ mod tests {
         }
 
         fn input(&mut self) -> Input {
-            self.next
-                .borrow_mut()
-                .take()
-                .map_or(Input::Unchanged, Input::Changed)
+            let new = self.next.borrow_mut().take();
+            answer(&mut self.tables, new)
+        }
+
+        fn tables(&self) -> &[Table] {
+            &self.tables
         }
     }
 
@@ -337,6 +373,7 @@ mod tests {
         let mut source = Notified {
             changes: changes.clone(),
             next: next.clone(),
+            tables: Vec::new(),
         };
         let monitor = Monitor::new(TIMING.sync_period);
         let start = Instant::now();
@@ -366,14 +403,11 @@ mod tests {
         let mut polls = 0;
         let mut source = Polled {
             period: Duration::from_secs(2),
+            tables: Vec::new(),
             synced_at: Vec::new(),
             input: move || {
                 polls += 1;
-                if polls <= 5 {
-                    Input::Changed(tables(1))
-                } else {
-                    Input::Unchanged
-                }
+                (polls <= 5).then(|| tables(1))
             },
         };
         let monitor = Monitor::new(TIMING.sync_period);
@@ -405,14 +439,9 @@ mod tests {
         let mut first = true;
         let mut source = Polled {
             period: TIMING.min_sync_period,
+            tables: Vec::new(),
             synced_at: Vec::new(),
-            input: move || {
-                if std::mem::take(&mut first) {
-                    Input::Changed(tables(1))
-                } else {
-                    Input::Unchanged
-                }
-            },
+            input: move || std::mem::take(&mut first).then(|| tables(1)),
         };
         let monitor = Monitor::new(TIMING.sync_period);
         let syncs = run(

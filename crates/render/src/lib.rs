@@ -10,6 +10,7 @@
 //! departs from it where the kernel's costs say so; `rules-golden/README.md` explains
 //! each departure.
 
+mod fragment;
 mod names;
 mod services;
 mod skeleton;
@@ -17,6 +18,7 @@ mod skeleton;
 use nftproxy_model::{Build, IpFamily, Protocol, ProxyState};
 use nftproxy_nft::{Family, L4Proto, Table, Value};
 
+pub use fragment::{Renderer, render};
 pub use names::hash_and_truncate;
 
 /// The name of nftproxy's tables (one per family).
@@ -29,15 +31,6 @@ pub fn render_all(build: &Build) -> Vec<Table> {
         tables.push(render(&build.ipv6));
     }
     tables
-}
-
-/// Renders one family's table.
-pub fn render(state: &ProxyState) -> Table {
-    let mut table = skeleton::table(state);
-    for service_port in &state.services {
-        services::add_service_port(&mut table, state, service_port);
-    }
-    table
 }
 
 pub(crate) fn family(state: &ProxyState) -> Family {

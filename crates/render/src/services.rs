@@ -11,15 +11,16 @@
 //! that grows with the size of the transaction.
 
 use nftproxy_model::{Endpoint, ProxyState, ServicePortState};
-use nftproxy_nft::{Chain, Element, Expr, FibInput, Rhs, Rule, Set, Stmt, Table, Value, Verdict};
+use nftproxy_nft::{Chain, Element, Expr, FibInput, Rhs, Rule, Set, Stmt, Value, Verdict};
 
+use crate::fragment::Fragment;
 use crate::skeleton::{
     CLUSTER_IPS, FIREWALL_IPS, HAIRPIN_CONNECTIONS, NO_ENDPOINT_NODEPORTS, NO_ENDPOINT_SERVICES,
     REJECT_CHAIN, SERVICE_IPS, SERVICE_NODEPORTS, local_traffic_match, mark_for_masquerade,
 };
 use crate::{address_key, comment, family, l4proto, names};
 
-pub(crate) fn add_service_port(table: &mut Table, state: &ProxyState, sp: &ServicePortState) {
+pub(crate) fn add_service_port(table: &mut Fragment, state: &ProxyState, sp: &ServicePortState) {
     let name = &sp.name;
     let proto = l4proto(name.protocol);
     let cluster_chain = names::service_chain(name);
@@ -66,7 +67,7 @@ pub(crate) fn add_service_port(table: &mut Table, state: &ProxyState, sp: &Servi
     // With Local policy and only remote endpoints the destination also gets a drop
     // element: pod and host traffic is short-circuited by the external chain, everything
     // else falls through it and is dropped after DNAT.
-    let mut add_external = |map: &str, no_endpoint_map: &str, key: Vec<Value>| {
+    let mut add_external = |map: &'static str, no_endpoint_map: &'static str, key: Vec<Value>| {
         if uses_external_chain {
             table.add_element(
                 map,

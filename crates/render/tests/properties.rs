@@ -2,13 +2,17 @@
 //! validation, endpoint selection, rendering): for generated clusters full of edge and
 //! invalid values, and for randomly damaged golden manifests, nothing panics, the output
 //! does not depend on input order or on the run, and the kernel accepts it (`nft -c`, in
-//! a network namespace of its own).
+//! a network namespace of its own). Kept up to date change by change, the tables and
+//! what the reconciler sends match the whole computation.
 
 use std::process::Command;
 
 use nftproxy_model::config::parse_cidr_list;
-use nftproxy_model::{DetectLocalMode, NodePortAddress, ProxyConfig, Snapshot, build};
-use nftproxy_render::render_all;
+use std::sync::Arc;
+
+use nftproxy_model::{Builder, DetectLocalMode, NodePortAddress, ProxyConfig, Snapshot, build};
+use nftproxy_nft::{Table, diff, diff_scoped};
+use nftproxy_render::{Renderer, render_all};
 use nftproxy_testkit::{golden_cases, kernel_available, run_with_input};
 use proptest::prelude::*;
 use proptest::sample::select;
@@ -327,8 +331,101 @@ fn as_list(items: &[Value]) -> Vec<u8> {
         .expect("serialisable")
 }
 
+/// Services and EndpointSlices of a generated cluster, each decoded once: the same
+/// object in two snapshots is the same allocation, as in a watch cache.
+fn objects(items: &[Value]) -> Snapshot {
+    let mut snapshot = Snapshot::default();
+    let _ = snapshot.add_manifest_bytes("objects.yaml", &as_list(items));
+    snapshot
+}
+
+/// A cluster drawn twice (`a` and `b`): each step takes, for every object position, a's
+/// object, b's, nothing, or a fresh copy of a's (as a re-read file gives).
+fn steps() -> impl Strategy<Value = (Vec<Value>, Vec<Value>, Vec<Value>, Vec<Vec<u8>>)> {
+    // b's odd Services get names of their own, so that a step also adds Services beside
+    // a's (and takes addresses a's still hold) instead of only replacing them.
+    let cluster = |suffix: &'static str| {
+        prop::collection::vec(service(), 0..8).prop_flat_map(move |mut services| {
+            for service in services.iter_mut().skip(1).step_by(2) {
+                let name = format!(
+                    "{}{suffix}",
+                    service["metadata"]["name"].as_str().unwrap_or_default()
+                );
+                service["metadata"]["name"] = Value::String(name);
+            }
+            let slices = prop::collection::vec(endpoint_slice(&services), 0..10);
+            (Just(services), slices).prop_map(|(mut services, slices)| {
+                services.extend(slices);
+                services
+            })
+        })
+    };
+    (
+        cluster(""),
+        cluster("-b"),
+        prop::collection::vec(node(), 0..2),
+        prop::collection::vec(prop::collection::vec(0u8..4, 20), 1..6),
+    )
+}
+
+fn pick<T>(a: &[Arc<T>], b: &[Arc<T>], fresh: &[Arc<T>], choices: &[u8]) -> Vec<Arc<T>> {
+    let positions = a.len().max(b.len());
+    (0..positions)
+        .filter_map(
+            |i| match choices.get(i % choices.len()).copied().unwrap_or(0) {
+                0 => a.get(i).cloned(),
+                1 => b.get(i).cloned(),
+                2 => None,
+                _ => fresh.get(i).cloned(),
+            },
+        )
+        .collect()
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 192, ..ProptestConfig::default() })]
+
+    #[test]
+    fn tables_kept_up_to_date_equal_tables_made_whole(
+        (a, b, nodes, choices) in steps(),
+        config in config(),
+    ) {
+        let (a, b, fresh) = (objects(&a), objects(&b), objects(&a));
+        let mut builder = Builder::new(config.clone());
+        let mut renderer = Renderer::new();
+        let mut kernel: Vec<Table> = Vec::new();
+        for (step, choice) in choices.iter().enumerate() {
+            let mut snapshot = Snapshot {
+                services: pick(&a.services, &b.services, &fresh.services, choice),
+                endpoint_slices: pick(&a.endpoint_slices, &b.endpoint_slices, &fresh.endpoint_slices, &choice[3..]),
+                ..Snapshot::default()
+            };
+            // The Node comes and goes every other step: a change of the node itself.
+            if step % 2 == 1 {
+                let _ = snapshot.add_manifest_bytes("nodes.yaml", &as_list(&nodes));
+            }
+            let delta = builder.update(&snapshot);
+            let scopes = renderer.update(builder.build(), &delta);
+            // What the reconciler sends for these scopes brings the old tables to the new.
+            for table in renderer.tables() {
+                let old = kernel.iter().find(|t| t.family == table.family);
+                let tx = match (old, scopes.get(table.family)) {
+                    (Some(old), Some(scope)) => diff_scoped(old, table, scope),
+                    _ => diff(old, table),
+                };
+                let after = tx.apply_to(old.cloned()).map_err(TestCaseError::fail)?;
+                prop_assert_eq!(after.as_ref(), Some(table), "{}", tx);
+            }
+            kernel = renderer.tables().to_vec();
+
+            let whole = build(&snapshot, &config);
+            prop_assert_eq!(&builder.build().ipv4, &whole.ipv4);
+            prop_assert_eq!(&builder.build().ipv6, &whole.ipv6);
+            prop_assert_eq!(&builder.build().diagnostics, &whole.diagnostics);
+            let tables = render_all(&whole);
+            prop_assert_eq!(renderer.tables(), &tables[..]);
+        }
+    }
 
     #[test]
     fn generated_clusters_render_deterministically_and_load(

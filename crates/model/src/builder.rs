@@ -1,0 +1,744 @@
+//! Building the proxy state, and keeping it built: a [`Builder`] remembers the objects of
+//! the last snapshot and rebuilds only the Services whose Service or EndpointSlices are
+//! not the same objects any more, as kube-proxy's change trackers do.
+//!
+//! Invariant: after every [`Builder::update`], [`Builder::build`] equals what a fresh
+//! builder makes of the same snapshot, and the returned [`Delta`] names every service
+//! port whose state differs from the previous build. Services are built in groups (one
+//! Service with its EndpointSlices, keyed by namespace and name); groups only meet where
+//! two of them declare the same address and port or NodePort, and then every group is
+//! built again in name order, so the later one loses the address exactly as in a
+//! full build.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use crate::config::{DetectLocalMode, NodePortAddress, ProxyConfig};
+use crate::diag::{Diagnostic, ObjectRef};
+use crate::endpoint::{Endpoint, SERVICE_NAME_LABEL, SliceInfo, decode_slice};
+use crate::manifest::Snapshot;
+use crate::net::parse_cidr;
+use crate::service::{ServiceInfo, decode_service};
+use crate::state::{
+    Build, CategorizedEndpoints, LocalTraffic, NodeFacts, NodePortAddresses, ProxyState,
+    ServicePortName, ServicePortState, claim, in_family, net_in_family, node_facts, unique,
+};
+use crate::topology::categorize_endpoints;
+use crate::{IpFamily, Protocol};
+
+/// Namespace and name of a Service: the key of its group.
+type GroupKey = (String, String);
+
+/// Something a service port takes for itself; two Services declaring the same one
+/// conflict.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum Claim {
+    Address(IpAddr, Protocol, u16),
+    NodePort(Protocol, u16),
+}
+
+/// What every service port of a build depends on besides its own objects.
+#[derive(Debug, PartialEq, Eq)]
+struct Context {
+    node: NodeFacts,
+    service_cidrs: Vec<IpNet>,
+    diagnostics: Vec<Diagnostic>,
+}
+
+/// One Service (or several copies of it, from manifests) and its EndpointSlices.
+#[derive(Debug, Default)]
+struct Group {
+    services: Vec<Arc<Service>>,
+    slices: Vec<Arc<EndpointSlice>>,
+    /// What the decoded Service declares, whether or not it won it.
+    declared: Vec<Claim>,
+    diagnostics: Vec<Diagnostic>,
+}
+
+/// A group's objects decoded.
+struct Decoded {
+    service: Option<ServiceInfo>,
+    slices: Vec<SliceInfo>,
+    diagnostics: Vec<Diagnostic>,
+}
+
+/// The addresses and NodePorts taken so far in one family, with their owner.
+#[derive(Default)]
+struct Claims {
+    addresses: HashMap<(IpAddr, Protocol, u16), String>,
+    node_ports: HashMap<(Protocol, u16), String>,
+}
+
+/// What one update changed in the build.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delta {
+    /// Node-level state changed (or this is the first build): everything may differ.
+    All,
+    /// Only these service ports changed.
+    Ports {
+        /// IPv4.
+        ipv4: PortChanges,
+        /// IPv6.
+        ipv6: PortChanges,
+    },
+}
+
+impl Delta {
+    /// Whether the build is the same as before.
+    pub fn is_empty(&self) -> bool {
+        match self {
+            Delta::All => false,
+            Delta::Ports { ipv4, ipv6 } => ipv4.is_empty() && ipv6.is_empty(),
+        }
+    }
+
+    /// The changes of one family (`None`: everything).
+    pub fn family(&self, family: IpFamily) -> Option<&PortChanges> {
+        match (self, family) {
+            (Delta::All, _) => None,
+            (Delta::Ports { ipv4, .. }, IpFamily::V4) => Some(ipv4),
+            (Delta::Ports { ipv6, .. }, IpFamily::V6) => Some(ipv6),
+        }
+    }
+}
+
+/// The service ports of one family that changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PortChanges {
+    /// The previous state of every service port that changed or went away.
+    pub removed: Vec<ServicePortState>,
+    /// Every service port that changed or is new; its state is in the build.
+    pub added: Vec<ServicePortName>,
+}
+
+impl PortChanges {
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.removed.is_empty() && self.added.is_empty()
+    }
+}
+
+/// Keeps a [`Build`] up to date with successive snapshots.
+#[derive(Debug)]
+pub struct Builder {
+    config: ProxyConfig,
+    context: Option<Context>,
+    /// The objects of the last snapshot, by address: an object that is still there is
+    /// unchanged (the watch caches replace an object on every change). Holding them
+    /// keeps their addresses from being reused.
+    services: HashMap<usize, Arc<Service>>,
+    slices: HashMap<usize, Arc<EndpointSlice>>,
+    groups: BTreeMap<GroupKey, Group>,
+    /// How many groups declare each claim.
+    declared: HashMap<Claim, u32>,
+    build: Build,
+}
+
+/// Builds both families' proxy state from a snapshot.
+pub fn build(snapshot: &Snapshot, config: &ProxyConfig) -> Build {
+    let mut builder = Builder::new(config.clone());
+    builder.update(snapshot);
+    builder.build
+}
+
+impl Builder {
+    /// A builder that has seen nothing yet.
+    pub fn new(config: ProxyConfig) -> Builder {
+        Builder {
+            config,
+            context: None,
+            services: HashMap::new(),
+            slices: HashMap::new(),
+            groups: BTreeMap::new(),
+            declared: HashMap::new(),
+            build: Build {
+                ipv4: empty_state(IpFamily::V4),
+                ipv6: empty_state(IpFamily::V6),
+                diagnostics: Vec::new(),
+            },
+        }
+    }
+
+    /// The settings it builds with.
+    pub fn config(&self) -> &ProxyConfig {
+        &self.config
+    }
+
+    /// The build of the last snapshot.
+    pub fn build(&self) -> &Build {
+        &self.build
+    }
+
+    /// Brings the build up to `snapshot` and says what changed.
+    pub fn update(&mut self, snapshot: &Snapshot) -> Delta {
+        let mut diagnostics = Vec::new();
+        let node = node_facts(snapshot, &self.config, &mut diagnostics);
+        let service_cidrs = service_cidrs(snapshot, &self.config, &mut diagnostics);
+        let context = Context {
+            node,
+            service_cidrs,
+            diagnostics,
+        };
+        let context_changed = self.context.as_ref() != Some(&context);
+        if context_changed {
+            for family in [IpFamily::V4, IpFamily::V6] {
+                let state = family_state(family, &self.config, &context);
+                let slot = self.build.family_mut(family);
+                let services = std::mem::take(&mut slot.services);
+                *slot = ProxyState { services, ..state };
+            }
+            self.context = Some(context);
+        }
+
+        let mut dirty = BTreeSet::new();
+        track(
+            &mut self.services,
+            &snapshot.services,
+            &mut dirty,
+            |s, key| {
+                let group = self.groups.entry(key).or_default();
+                match s {
+                    Tracked::Added(object) => group.services.push(object),
+                    Tracked::Removed(object) => group.services.retain(|o| !Arc::ptr_eq(o, &object)),
+                }
+            },
+        );
+        track(
+            &mut self.slices,
+            &snapshot.endpoint_slices,
+            &mut dirty,
+            |s, key| {
+                let group = self.groups.entry(key).or_default();
+                match s {
+                    Tracked::Added(object) => group.slices.push(object),
+                    Tracked::Removed(object) => group.slices.retain(|o| !Arc::ptr_eq(o, &object)),
+                }
+            },
+        );
+
+        // Rebuilding only the dirty groups is exact when none of them shares a claim
+        // with another group, before or after the change.
+        let mut decoded: BTreeMap<GroupKey, Decoded> = BTreeMap::new();
+        let mut everything = context_changed;
+        let mut claimed_now = HashSet::new();
+        for key in &dirty {
+            let Some(group) = self.groups.get(key) else {
+                continue;
+            };
+            let new = decode_group(group);
+            let declarers = |c: &Claim| self.declared.get(c).copied().unwrap_or(0);
+            for claim in declared_claims(new.service.as_ref()) {
+                everything |= declarers(&claim) > u32::from(group.declared.contains(&claim));
+                everything |= !claimed_now.insert(claim);
+            }
+            everything |= group.declared.iter().any(|c| declarers(c) > 1);
+            decoded.insert(key.clone(), new);
+        }
+        if everything {
+            for (key, group) in &self.groups {
+                if !decoded.contains_key(key) {
+                    decoded.insert(key.clone(), decode_group(group));
+                }
+            }
+        }
+        let delta = self.rebuild(decoded, context_changed);
+        self.groups
+            .retain(|_, g| !g.services.is_empty() || !g.slices.is_empty());
+        if context_changed { Delta::All } else { delta }
+    }
+
+    /// Builds the decoded groups again, in name order with shared claims, and puts their
+    /// service ports and diagnostics in place of the old ones.
+    fn rebuild(&mut self, decoded: BTreeMap<GroupKey, Decoded>, context_changed: bool) -> Delta {
+        let Some(context) = &self.context else {
+            return Delta::All;
+        };
+        let mut claims = [Claims::default(), Claims::default()];
+        let mut ports: [BTreeMap<GroupKey, Vec<ServicePortState>>; 2] = Default::default();
+        let mut diagnostics_changed = false;
+        for (key, mut new) in decoded {
+            let declared = declared_claims(new.service.as_ref());
+            let group = self.groups.entry(key.clone()).or_default();
+            for claim in std::mem::replace(&mut group.declared, declared) {
+                if let Some(count) = self.declared.get_mut(&claim) {
+                    *count -= 1;
+                    if *count == 0 {
+                        self.declared.remove(&claim);
+                    }
+                }
+            }
+            for claim in &group.declared {
+                *self.declared.entry(claim.clone()).or_default() += 1;
+            }
+            for (index, family) in [IpFamily::V4, IpFamily::V6].into_iter().enumerate() {
+                let list = match &new.service {
+                    Some(service) => service_ports(
+                        family,
+                        &self.config,
+                        &context.node,
+                        service,
+                        &new.slices,
+                        &mut claims[index],
+                        &mut new.diagnostics,
+                    ),
+                    None => Vec::new(),
+                };
+                ports[index].insert(key.clone(), list);
+            }
+            new.diagnostics.sort();
+            new.diagnostics.dedup();
+            if group.diagnostics != new.diagnostics {
+                group.diagnostics = new.diagnostics;
+                diagnostics_changed = true;
+            }
+        }
+        if diagnostics_changed || context_changed {
+            let mut all: Vec<Diagnostic> = context.diagnostics.clone();
+            all.extend(
+                self.groups
+                    .values()
+                    .flat_map(|g| g.diagnostics.iter().cloned()),
+            );
+            all.sort();
+            all.dedup();
+            self.build.diagnostics = all;
+        }
+        let [v4, v6] = ports;
+        Delta::Ports {
+            ipv4: replace_groups(&mut self.build.ipv4.services, v4),
+            ipv6: replace_groups(&mut self.build.ipv6.services, v6),
+        }
+    }
+}
+
+impl Build {
+    fn family_mut(&mut self, family: IpFamily) -> &mut ProxyState {
+        match family {
+            IpFamily::V4 => &mut self.ipv4,
+            IpFamily::V6 => &mut self.ipv6,
+        }
+    }
+}
+
+enum Tracked<T> {
+    Added(Arc<T>),
+    Removed(Arc<T>),
+}
+
+/// Finds the objects of `current` that `seen` does not hold and the ones it holds that
+/// are gone, updates `seen`, and hands each to `apply` with its group, which is dirty.
+fn track<T: GroupMember>(
+    seen: &mut HashMap<usize, Arc<T>>,
+    current: &[Arc<T>],
+    dirty: &mut BTreeSet<GroupKey>,
+    mut apply: impl FnMut(Tracked<T>, GroupKey),
+) {
+    let address = |o: &Arc<T>| Arc::as_ptr(o) as usize;
+    let mut present = HashSet::with_capacity(current.len());
+    let mut added = Vec::new();
+    for object in current {
+        let at = address(object);
+        if present.insert(at) && !seen.contains_key(&at) {
+            added.push(object.clone());
+        }
+    }
+    // Every present object was seen; when as many were seen, none is gone.
+    if added.is_empty() && present.len() == seen.len() {
+        return;
+    }
+    let gone: Vec<usize> = seen
+        .keys()
+        .filter(|at| !present.contains(*at))
+        .copied()
+        .collect();
+    for at in gone {
+        if let Some(object) = seen.remove(&at) {
+            let key = object.group();
+            dirty.insert(key.clone());
+            apply(Tracked::Removed(object), key);
+        }
+    }
+    for object in added {
+        seen.insert(address(&object), object.clone());
+        let key = object.group();
+        dirty.insert(key.clone());
+        apply(Tracked::Added(object), key);
+    }
+}
+
+/// The group an object belongs to.
+trait GroupMember {
+    fn group(&self) -> GroupKey;
+}
+
+impl GroupMember for Service {
+    fn group(&self) -> GroupKey {
+        let meta = &self.metadata;
+        (
+            meta.namespace
+                .clone()
+                .unwrap_or_else(|| "default".to_owned()),
+            meta.name.clone().unwrap_or_default(),
+        )
+    }
+}
+
+impl GroupMember for EndpointSlice {
+    fn group(&self) -> GroupKey {
+        let meta = &self.metadata;
+        (
+            meta.namespace
+                .clone()
+                .unwrap_or_else(|| "default".to_owned()),
+            meta.labels
+                .as_ref()
+                .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                .cloned()
+                .unwrap_or_default(),
+        )
+    }
+}
+
+/// Puts each group's new service ports in place of its old ones in `services` (sorted
+/// by name, so a group's ports are next to each other), and says which changed.
+fn replace_groups(
+    services: &mut Vec<ServicePortState>,
+    mut groups: BTreeMap<GroupKey, Vec<ServicePortState>>,
+) -> PortChanges {
+    let mut changes = PortChanges::default();
+    if groups.is_empty() {
+        return changes;
+    }
+    let in_group =
+        |p: &ServicePortState, key: &GroupKey| p.name.namespace == key.0 && p.name.name == key.1;
+    let before = |p: &ServicePortState, key: &GroupKey| {
+        (p.name.namespace.as_str(), p.name.name.as_str()) < (key.0.as_str(), key.1.as_str())
+    };
+    let old = std::mem::take(services);
+    let mut old = old.into_iter().peekable();
+    let mut merged = Vec::with_capacity(old.len());
+    for (key, mut new) in std::mem::take(&mut groups) {
+        while let Some(p) = old.next_if(|p| before(p, &key)) {
+            merged.push(p);
+        }
+        let mut previous = Vec::new();
+        while let Some(p) = old.next_if(|p| in_group(p, &key)) {
+            previous.push(p);
+        }
+        new.sort_by(|a, b| a.name.cmp(&b.name));
+        if previous != new {
+            // Ports of a group that kept their state are not reported.
+            for p in &previous {
+                if !new.contains(p) {
+                    changes.removed.push(p.clone());
+                }
+            }
+            for p in &new {
+                if !previous.contains(p) {
+                    changes.added.push(p.name.clone());
+                }
+            }
+        }
+        merged.extend(new);
+    }
+    merged.extend(old);
+    *services = merged;
+    changes
+}
+
+fn empty_state(family: IpFamily) -> ProxyState {
+    ProxyState {
+        family,
+        node_ips: Vec::new(),
+        node_port_addresses: NodePortAddresses::Addresses(Vec::new()),
+        local_traffic: LocalTraffic::Unknown,
+        masquerade_all: false,
+        masquerade_mark: 0,
+        service_cidrs: Vec::new(),
+        services: Vec::new(),
+    }
+}
+
+/// The configured Service CIDRs and those of the ServiceCIDR objects.
+fn service_cidrs(
+    snapshot: &Snapshot,
+    config: &ProxyConfig,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Vec<IpNet> {
+    let mut service_cidrs = config.service_cidrs.clone();
+    for object in &snapshot.service_cidrs {
+        let reference = ObjectRef {
+            kind: "ServiceCIDR".to_owned(),
+            namespace: String::new(),
+            name: object.metadata.name.clone().unwrap_or_default(),
+        };
+        for text in object
+            .spec
+            .as_ref()
+            .and_then(|s| s.cidrs.as_ref())
+            .into_iter()
+            .flatten()
+        {
+            match parse_cidr(text) {
+                Ok(cidr) => service_cidrs.push(cidr),
+                Err(e) => diagnostics.push(Diagnostic::invalid(&reference, e)),
+            }
+        }
+    }
+    service_cidrs
+}
+
+/// Decodes a group's Services (of which one copy must remain) and EndpointSlices (in
+/// name order, so that the first slice listing an endpoint is the first in name order).
+fn decode_group(group: &Group) -> Decoded {
+    let mut diagnostics = Vec::new();
+    let mut services = Vec::new();
+    for service in &group.services {
+        match decode_service(service) {
+            Ok(info) => services.push(info),
+            Err(diagnostic) => diagnostics.push(diagnostic),
+        }
+    }
+    let service = unique(
+        services,
+        |s| (s.namespace.clone(), s.name.clone()),
+        |s| ObjectRef::new("Service", &s.namespace, &s.name),
+        &mut diagnostics,
+    )
+    .pop();
+    let mut slices = Vec::new();
+    for slice in &group.slices {
+        match decode_slice(slice) {
+            Ok(info) => slices.push(info),
+            Err(diagnostic) => diagnostics.push(diagnostic),
+        }
+    }
+    let slices = unique(
+        slices,
+        |s| (s.namespace.clone(), s.name.clone()),
+        |s| ObjectRef::new("EndpointSlice", &s.namespace, &s.name),
+        &mut diagnostics,
+    );
+    Decoded {
+        service,
+        slices,
+        diagnostics,
+    }
+}
+
+/// Every address and NodePort a Service asks for, in any family.
+fn declared_claims(service: Option<&ServiceInfo>) -> Vec<Claim> {
+    let Some(service) = service else {
+        return Vec::new();
+    };
+    let mut claims = Vec::new();
+    for port in &service.ports {
+        let addresses = service
+            .cluster_ips
+            .iter()
+            .chain(&service.external_ips)
+            .chain(&service.load_balancer_ips);
+        claims.extend(addresses.map(|ip| Claim::Address(*ip, port.protocol, port.port)));
+        claims.extend(
+            port.node_port
+                .map(|node_port| Claim::NodePort(port.protocol, node_port)),
+        );
+    }
+    claims.sort();
+    claims.dedup();
+    claims
+}
+
+/// The node-level part of one family's state (everything but the service ports).
+fn family_state(family: IpFamily, config: &ProxyConfig, context: &Context) -> ProxyState {
+    let node = &context.node;
+    let node_ips: Vec<IpAddr> = node.ips.iter().copied().filter(in_family(family)).collect();
+
+    let mut node_port_addresses = Vec::new();
+    let mut all = false;
+    let entries = if config.node_port_addresses.is_empty() {
+        &[NodePortAddress::Primary][..]
+    } else {
+        &config.node_port_addresses[..]
+    };
+    for entry in entries {
+        match entry {
+            NodePortAddress::Primary => node_port_addresses.extend(node_ips.first().copied()),
+            NodePortAddress::Cidr(cidr) if net_in_family(family)(cidr) => {
+                if cidr.prefix_len() == 0 {
+                    all = true;
+                }
+                node_port_addresses.extend(node_ips.iter().copied().filter(|ip| cidr.contains(ip)));
+            }
+            NodePortAddress::Cidr(_) => {}
+        }
+    }
+    // NodePorts on loopback need route_localnet tricks that nftables mode does not do.
+    node_port_addresses.retain(|ip| !ip.is_loopback());
+    node_port_addresses.sort();
+    node_port_addresses.dedup();
+
+    let first_cidr = |cidrs: &[IpNet]| {
+        cidrs
+            .iter()
+            .find(|c| net_in_family(family)(c))
+            .map_or(LocalTraffic::Unknown, |c| LocalTraffic::Cidr(*c))
+    };
+    let local_traffic = match &config.detect_local {
+        DetectLocalMode::ClusterCidr => first_cidr(&config.cluster_cidrs),
+        DetectLocalMode::NodeCidr => first_cidr(&node.pod_cidrs),
+        DetectLocalMode::BridgeInterface(name) => LocalTraffic::Interface(name.clone()),
+        DetectLocalMode::InterfaceNamePrefix(prefix) => {
+            LocalTraffic::InterfacePrefix(prefix.clone())
+        }
+    };
+
+    let mut cidrs: Vec<IpNet> = context
+        .service_cidrs
+        .iter()
+        .copied()
+        .filter(net_in_family(family))
+        .collect();
+    cidrs.sort();
+    cidrs.dedup();
+
+    ProxyState {
+        family,
+        node_ips,
+        node_port_addresses: if all {
+            NodePortAddresses::All
+        } else {
+            NodePortAddresses::Addresses(node_port_addresses)
+        },
+        local_traffic,
+        masquerade_all: config.masquerade_all,
+        masquerade_mark: config.masquerade_mark(),
+        service_cidrs: cidrs,
+        services: Vec::new(),
+    }
+}
+
+/// The service ports of one Service in one family. Addresses and NodePorts already in
+/// `claims` are left out with a diagnostic; a port that loses its ClusterIP is left out
+/// whole.
+fn service_ports(
+    family: IpFamily,
+    config: &ProxyConfig,
+    node: &NodeFacts,
+    service: &ServiceInfo,
+    slices: &[SliceInfo],
+    claims: &mut Claims,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Vec<ServicePortState> {
+    let Some(cluster_ip) = service.cluster_ips.iter().copied().find(in_family(family)) else {
+        return Vec::new();
+    };
+    let object = ObjectRef::new("Service", &service.namespace, &service.name);
+    let service_slices: Vec<&SliceInfo> = slices.iter().filter(|s| s.family == family).collect();
+    let owner = format!("{}/{}", service.namespace, service.name);
+    let mut ports = Vec::new();
+    for port in &service.ports {
+        let name = ServicePortName {
+            namespace: service.namespace.clone(),
+            name: service.name.clone(),
+            port: port.name.clone(),
+            protocol: port.protocol,
+        };
+        let (protocol, number) = (port.protocol.lower(), port.port);
+        let mut claim_address = |ip: IpAddr, what: &str| {
+            claim(&mut claims.addresses, (ip, port.protocol, number), &owner).map_err(|other| {
+                diagnostics.push(Diagnostic::invalid(
+                    &object,
+                    format!("{what} {ip}:{number}/{protocol} is already used by Service {other}"),
+                ))
+            })
+        };
+        if claim_address(cluster_ip, "ClusterIP").is_err() {
+            continue;
+        }
+        let mut claimed_ips = |ips: &[IpAddr], what: &str| -> Vec<IpAddr> {
+            ips.iter()
+                .copied()
+                .filter(in_family(family))
+                .filter(|ip| claim_address(*ip, what).is_ok())
+                .collect()
+        };
+        let external_ips = claimed_ips(&service.external_ips, "externalIP");
+        let load_balancer_ips = claimed_ips(&service.load_balancer_ips, "load balancer IP");
+        let node_port = port.node_port.filter(|node_port| {
+            claim(&mut claims.node_ports, (port.protocol, *node_port), &owner)
+                .map_err(|other| {
+                    diagnostics.push(Diagnostic::invalid(
+                        &object,
+                        format!(
+                            "nodePort {node_port}/{protocol} is already used by Service {other}"
+                        ),
+                    ))
+                })
+                .is_ok()
+        });
+
+        let mut endpoints: Vec<Endpoint> = Vec::new();
+        let mut seen: HashSet<(IpAddr, u16)> = HashSet::new();
+        for slice in &service_slices {
+            let Some(slice_port) = slice
+                .ports
+                .iter()
+                .find(|p| p.name == port.name && p.protocol == port.protocol)
+            else {
+                continue;
+            };
+            for endpoint in &slice.endpoints {
+                // The first slice (in name order) listing an endpoint wins.
+                if !seen.insert((endpoint.ip, slice_port.port)) {
+                    continue;
+                }
+                endpoints.push(Endpoint {
+                    ip: endpoint.ip,
+                    port: slice_port.port,
+                    ready: endpoint.ready,
+                    serving: endpoint.serving,
+                    terminating: endpoint.terminating,
+                    is_local: endpoint.node_name.as_deref() == Some(config.node_name.as_str()),
+                    zone_hints: endpoint.zone_hints.clone(),
+                    node_hints: endpoint.node_hints.clone(),
+                });
+            }
+        }
+        endpoints.sort();
+
+        let mut state = ServicePortState {
+            name,
+            cluster_ip,
+            port: port.port,
+            node_port,
+            external_ips,
+            load_balancer_ips,
+            load_balancer_source_ranges: service
+                .source_ranges
+                .iter()
+                .copied()
+                .filter(net_in_family(family))
+                .collect(),
+            internal_policy_local: service.internal_policy_local,
+            external_policy_local: service.external_policy_local,
+            affinity_timeout: service.affinity_timeout,
+            health_check_node_port: service.health_check_node_port,
+            endpoints: CategorizedEndpoints::default(),
+        };
+        state.endpoints = categorize_endpoints(
+            &endpoints,
+            state.uses_cluster_endpoints(),
+            state.uses_local_endpoints(),
+            &config.node_name,
+            node.zone.as_deref(),
+        );
+        ports.push(state);
+    }
+    ports
+}
