@@ -11,6 +11,7 @@
 //! full build.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -131,8 +132,8 @@ pub struct Builder {
     /// The objects of the last snapshot, by address: an object that is still there is
     /// unchanged (the watch caches replace an object on every change). Holding them
     /// keeps their addresses from being reused.
-    services: HashMap<usize, Arc<Service>>,
-    slices: HashMap<usize, Arc<EndpointSlice>>,
+    services: ByAddress<Service>,
+    slices: ByAddress<EndpointSlice>,
     groups: BTreeMap<GroupKey, Group>,
     /// How many groups declare each claim.
     declared: HashMap<Claim, u32>,
@@ -152,8 +153,8 @@ impl Builder {
         Builder {
             config,
             context: None,
-            services: HashMap::new(),
-            slices: HashMap::new(),
+            services: ByAddress::default(),
+            slices: ByAddress::default(),
             groups: BTreeMap::new(),
             declared: HashMap::new(),
             build: Build {
@@ -226,7 +227,7 @@ impl Builder {
         let mut decoded: BTreeMap<GroupKey, Decoded> = BTreeMap::new();
         let mut everything = context_changed;
         let mut claimed_now = HashSet::new();
-        for key in &dirty {
+        for key in dirty.iter().filter(|_| !context_changed) {
             let Some(group) = self.groups.get(key) else {
                 continue;
             };
@@ -239,29 +240,44 @@ impl Builder {
             everything |= group.declared.iter().any(|c| declarers(c) > 1);
             decoded.insert(key.clone(), new);
         }
-        if everything {
-            for (key, group) in &self.groups {
-                if !decoded.contains_key(key) {
-                    decoded.insert(key.clone(), decode_group(group));
-                }
+        let keys: Vec<GroupKey> = if everything {
+            self.groups.keys().cloned().collect()
+        } else {
+            decoded.keys().cloned().collect()
+        };
+        let delta = self.rebuild(keys, decoded, context_changed);
+        for key in &dirty {
+            if self
+                .groups
+                .get(key)
+                .is_some_and(|g| g.services.is_empty() && g.slices.is_empty())
+            {
+                self.groups.remove(key);
             }
         }
-        let delta = self.rebuild(decoded, context_changed);
-        self.groups
-            .retain(|_, g| !g.services.is_empty() || !g.slices.is_empty());
         if context_changed { Delta::All } else { delta }
     }
 
-    /// Builds the decoded groups again, in name order with shared claims, and puts their
-    /// service ports and diagnostics in place of the old ones.
-    fn rebuild(&mut self, decoded: BTreeMap<GroupKey, Decoded>, context_changed: bool) -> Delta {
+    /// Builds the groups `keys` (in name order) again with shared claims, and puts their
+    /// service ports and diagnostics in place of the old ones. Groups not in `decoded`
+    /// are decoded on the way, so that a whole build never holds every decoded object.
+    fn rebuild(
+        &mut self,
+        keys: Vec<GroupKey>,
+        mut decoded: BTreeMap<GroupKey, Decoded>,
+        context_changed: bool,
+    ) -> Delta {
         let Some(context) = &self.context else {
             return Delta::All;
         };
         let mut claims = [Claims::default(), Claims::default()];
         let mut ports: [BTreeMap<GroupKey, Vec<ServicePortState>>; 2] = Default::default();
         let mut diagnostics_changed = false;
-        for (key, mut new) in decoded {
+        for key in keys {
+            let mut new = match decoded.remove(&key) {
+                Some(new) => new,
+                None => decode_group(self.groups.entry(key.clone()).or_default()),
+            };
             let declared = declared_claims(new.service.as_ref());
             let group = self.groups.entry(key.clone()).or_default();
             for claim in std::mem::replace(&mut group.declared, declared) {
@@ -325,6 +341,32 @@ impl Build {
     }
 }
 
+/// Objects by their address.
+type ByAddress<T> = HashMap<usize, Arc<T>, BuildHasherDefault<AddressHasher>>;
+
+/// Hashes an object's address: addresses are distinct and aligned, so dropping the
+/// always-zero low bits and multiplying spreads them well, at a fraction of SipHash's
+/// cost (every sync hashes the address of every object in the snapshot, twice).
+#[derive(Default)]
+struct AddressHasher(u64);
+
+impl Hasher for AddressHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 = (self.0 << 8 | u64::from(*byte)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_usize(&mut self, address: usize) {
+        let spread = (address as u64 >> 4).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.0 = spread ^ (spread >> 32);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
 enum Tracked<T> {
     Added(Arc<T>),
     Removed(Arc<T>),
@@ -333,13 +375,14 @@ enum Tracked<T> {
 /// Finds the objects of `current` that `seen` does not hold and the ones it holds that
 /// are gone, updates `seen`, and hands each to `apply` with its group, which is dirty.
 fn track<T: GroupMember>(
-    seen: &mut HashMap<usize, Arc<T>>,
+    seen: &mut ByAddress<T>,
     current: &[Arc<T>],
     dirty: &mut BTreeSet<GroupKey>,
     mut apply: impl FnMut(Tracked<T>, GroupKey),
 ) {
     let address = |o: &Arc<T>| Arc::as_ptr(o) as usize;
-    let mut present = HashSet::with_capacity(current.len());
+    let mut present: HashSet<usize, BuildHasherDefault<AddressHasher>> =
+        HashSet::with_capacity_and_hasher(current.len(), BuildHasherDefault::default());
     let mut added = Vec::new();
     for object in current {
         let at = address(object);

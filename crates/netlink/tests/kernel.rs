@@ -71,7 +71,7 @@ fn a_staged_creation_programs_the_same_table() {
         let programmed = table.clone();
         let (stages, read_back) = in_new_netns(move || {
             let mut backend = NetlinkBackend::open().expect("netlink socket");
-            let stages = Transaction::create_staged(&programmed, 10);
+            let stages: Vec<Transaction> = Transaction::create_staged(&programmed, 10).collect();
             for stage in &stages {
                 backend
                     .apply(stage)

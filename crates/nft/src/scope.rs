@@ -69,6 +69,42 @@ impl Scope {
     }
 }
 
+impl Scope {
+    /// Applies `tx`, which touches nothing this scope does not name, to `table`: the
+    /// named part is taken out, changed and put back, so the cost is the scope's, not the
+    /// table's. Fails as [`Transaction::apply_to`] does, leaving `table` as it was.
+    pub fn apply(&self, table: &mut Table, tx: &Transaction) -> Result<(), String> {
+        let mut part = tx
+            .apply_to(Some(self.restrict(table)))?
+            .ok_or("the transaction deletes the table")?;
+        for name in &self.chains {
+            match part.chains.remove(name) {
+                Some(chain) => table.chains.insert(name.clone(), chain),
+                None => table.chains.remove(name),
+            };
+        }
+        for name in &self.sets {
+            match part.sets.remove(name) {
+                Some(set) => table.sets.insert(name.clone(), set),
+                None => table.sets.remove(name),
+            };
+        }
+        for (name, keys) in &self.elements {
+            let (Some(set), Some(changed)) = (table.sets.get_mut(name), part.sets.get_mut(name))
+            else {
+                continue;
+            };
+            for key in keys {
+                match changed.elements.remove(key) {
+                    Some(element) => set.elements.insert(key.clone(), element),
+                    None => set.elements.remove(key),
+                };
+            }
+        }
+        Ok(())
+    }
+}
+
 /// [`diff`] of the objects `scope` names, the rest of both tables taken as equal.
 pub fn diff_scoped(current: &Table, desired: &Table, scope: &Scope) -> Transaction {
     diff(Some(&scope.restrict(current)), &scope.restrict(desired))

@@ -13,11 +13,19 @@ use crate::transaction::{Op, Transaction};
 /// A group of chains (with the sets only they use) that only reference each other and
 /// the first stage's objects, and the elements that point at them.
 #[derive(Default)]
-struct Group {
-    chains: BTreeSet<String>,
-    sets: BTreeSet<String>,
-    elements: BTreeMap<String, Vec<Element>>,
+struct Group<'t> {
+    chains: BTreeSet<&'t str>,
+    sets: BTreeSet<&'t str>,
+    elements: BTreeMap<&'t str, Vec<&'t Element>>,
     size: usize,
+}
+
+/// What one transaction after the first adds.
+enum Stage<'t> {
+    /// Elements that lead to no chain of their own.
+    Shared(Vec<(&'t str, &'t Element)>),
+    /// Whole groups.
+    Groups(Vec<Group<'t>>),
 }
 
 /// Union-find over chain and set names, by index.
@@ -49,11 +57,22 @@ impl Transaction {
     /// chains, and the elements that name no other chain; each further one adds whole
     /// groups of the remaining chains (a Service's chains reach only each other and its
     /// own affinity sets) with the map elements that lead to them, so a Service appears
-    /// complete or not at all.
-    pub fn create_staged(table: &Table, limit: usize) -> Vec<Transaction> {
-        let whole = Transaction::create(table);
-        if whole.ops.iter().map(Op::count).sum::<usize>() <= limit.max(1) {
-            return vec![whole];
+    /// complete or not at all. Each transaction is made when the iterator reaches it, so
+    /// only one is held at a time.
+    pub fn create_staged(table: &Table, limit: usize) -> impl Iterator<Item = Transaction> + '_ {
+        let objects = 1
+            + table
+                .sets
+                .values()
+                .map(|s| 1 + s.elements.len())
+                .sum::<usize>()
+            + table
+                .chains
+                .values()
+                .map(|c| 1 + c.rules.len())
+                .sum::<usize>();
+        if objects <= limit.max(1) {
+            return Stages::Whole(Some(table));
         }
         // Chains reached by rules from the base chains, and the sets their rules use.
         let mut rooted: BTreeSet<&str> = BTreeSet::new();
@@ -131,7 +150,7 @@ impl Transaction {
             match set_index(&set.name) {
                 Some(i) => {
                     let group = by_root.entry(groups.find(i)).or_default();
-                    group.sets.insert(set.name.clone());
+                    group.sets.insert(&set.name);
                     group.size += 1;
                 }
                 None => first.ops.push(Op::AddSet(set.without_elements())),
@@ -140,7 +159,7 @@ impl Transaction {
         for chain in table.chains_in_order() {
             if let Some(i) = chain_index(&chain.name) {
                 let group = by_root.entry(groups.find(i)).or_default();
-                group.chains.insert(chain.name.clone());
+                group.chains.insert(&chain.name);
                 group.size += 1 + chain.rules.len();
             } else {
                 first.ops.push(Op::AddChain {
@@ -154,7 +173,7 @@ impl Transaction {
                 first.push_rules(chain);
             }
         }
-        let mut shared: Vec<(String, Element)> = Vec::new();
+        let mut shared: Vec<(&str, &Element)> = Vec::new();
         for set in table.sets.values() {
             for element in set.elements.values() {
                 let owner = element
@@ -166,31 +185,19 @@ impl Transaction {
                 match owner {
                     Some(i) => {
                         let group = by_root.entry(groups.find(i)).or_default();
-                        group
-                            .elements
-                            .entry(set.name.clone())
-                            .or_default()
-                            .push(element.clone());
+                        group.elements.entry(&set.name).or_default().push(element);
                         group.size += 1;
                     }
-                    None => shared.push((set.name.clone(), element.clone())),
+                    None => shared.push((&set.name, element)),
                 }
             }
         }
-        let mut stages = vec![first];
         // Elements that lead to no chain of their own (ClusterIPs, hairpin pairs) can come
         // in any order after the first transaction: in transactions of their own.
-        for chunk in shared.chunks(limit.max(1)) {
-            let mut tx = Transaction::new(table.family, table.name.clone());
-            let mut by_set: BTreeMap<&str, Vec<Element>> = BTreeMap::new();
-            for (set, element) in chunk {
-                by_set.entry(set).or_default().push(element.clone());
-            }
-            for (set, elements) in by_set {
-                tx.push_elements(set, elements);
-            }
-            stages.push(tx);
-        }
+        let mut stages: Vec<Stage> = shared
+            .chunks(limit.max(1))
+            .map(|chunk| Stage::Shared(chunk.to_vec()))
+            .collect();
 
         // Pack the groups into transactions in an order that spreads alike groups (those
         // with affinity sets, whose chain names all start alike) over all of them: a
@@ -203,24 +210,103 @@ impl Transaction {
                 .chains
                 .first()
                 .or(g.sets.first())
-                .cloned()
+                .copied()
                 .unwrap_or_default();
-            (fnv1a(&name), name)
+            (fnv1a(name), name)
         });
         let mut batch: Vec<Group> = Vec::new();
         let mut size = 0;
         for group in ordered {
             if !batch.is_empty() && size + group.size > limit {
-                stages.push(stage(table, std::mem::take(&mut batch)));
+                stages.push(Stage::Groups(std::mem::take(&mut batch)));
                 size = 0;
             }
             size += group.size;
             batch.push(group);
         }
         if !batch.is_empty() {
-            stages.push(stage(table, batch));
+            stages.push(Stage::Groups(batch));
         }
-        stages
+        Stages::Staged {
+            table,
+            first: Some(first),
+            rest: stages.into_iter(),
+        }
+    }
+}
+
+/// The transactions of [`Transaction::create_staged`], made one at a time.
+enum Stages<'t> {
+    Whole(Option<&'t Table>),
+    Staged {
+        table: &'t Table,
+        first: Option<Transaction>,
+        rest: std::vec::IntoIter<Stage<'t>>,
+    },
+}
+
+impl Iterator for Stages<'_> {
+    type Item = Transaction;
+
+    fn next(&mut self) -> Option<Transaction> {
+        match self {
+            Stages::Whole(table) => table.take().map(Transaction::create),
+            Stages::Staged { table, first, rest } => first
+                .take()
+                .or_else(|| rest.next().map(|stage| stage.transaction(table))),
+        }
+    }
+}
+
+impl Stage<'_> {
+    /// Sets, then chains, then rules, then elements.
+    fn transaction(self, table: &Table) -> Transaction {
+        let mut tx = Transaction::new(table.family, table.name.clone());
+        let groups = match self {
+            Stage::Shared(elements) => {
+                let mut by_set: BTreeMap<&str, Vec<Element>> = BTreeMap::new();
+                for (set, element) in elements {
+                    by_set.entry(set).or_default().push(element.clone());
+                }
+                for (set, elements) in by_set {
+                    tx.push_elements(set, elements);
+                }
+                return tx;
+            }
+            Stage::Groups(groups) => groups,
+        };
+        for set in groups.iter().flat_map(|g| &g.sets) {
+            if let Some(set) = table.sets.get(*set) {
+                tx.ops.push(Op::AddSet(set.without_elements()));
+            }
+        }
+        let chains: Vec<_> = groups
+            .iter()
+            .flat_map(|g| &g.chains)
+            .filter_map(|name| table.chains.get(*name))
+            .collect();
+        for chain in &chains {
+            tx.ops.push(Op::AddChain {
+                name: chain.name.clone(),
+                base: chain.base,
+            });
+        }
+        for chain in &chains {
+            tx.push_rules(chain);
+        }
+        let mut elements: BTreeMap<&str, Vec<Element>> = BTreeMap::new();
+        for group in groups {
+            for (set, list) in group.elements {
+                elements
+                    .entry(set)
+                    .or_default()
+                    .extend(list.into_iter().cloned());
+            }
+        }
+        for (set, list) in elements {
+            tx.push_elements(set, list);
+        }
+        tx
     }
 }
 
@@ -229,38 +315,4 @@ fn fnv1a(text: &str) -> u64 {
     text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
         (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
     })
-}
-
-/// One transaction adding whole groups: sets, then chains, then rules, then elements.
-fn stage(table: &Table, groups: Vec<Group>) -> Transaction {
-    let mut tx = Transaction::new(table.family, table.name.clone());
-    for set in groups.iter().flat_map(|g| &g.sets) {
-        if let Some(set) = table.sets.get(set) {
-            tx.ops.push(Op::AddSet(set.without_elements()));
-        }
-    }
-    let chains: Vec<_> = groups
-        .iter()
-        .flat_map(|g| &g.chains)
-        .filter_map(|name| table.chains.get(name))
-        .collect();
-    for chain in &chains {
-        tx.ops.push(Op::AddChain {
-            name: chain.name.clone(),
-            base: chain.base,
-        });
-    }
-    for chain in &chains {
-        tx.push_rules(chain);
-    }
-    let mut elements: BTreeMap<String, Vec<Element>> = BTreeMap::new();
-    for group in groups {
-        for (set, list) in group.elements {
-            elements.entry(set).or_default().extend(list);
-        }
-    }
-    for (set, list) in elements {
-        tx.push_elements(&set, list);
-    }
-    tx
 }

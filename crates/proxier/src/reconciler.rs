@@ -239,23 +239,25 @@ impl<B: Backend> Reconciler<B> {
                         scope
                     });
                     let (tx, held) = self.plan_holding(family, want, scope.as_ref());
-                    self.apply(family, &tx, &mut report)?;
+                    self.apply(family, &tx, scope.as_ref(), &mut report)?;
                     self.held_back.insert(family, held);
                     continue;
                 }
             };
             for tx in transactions {
-                self.apply(family, &tx, &mut report)?;
+                self.apply(family, &tx, None, &mut report)?;
             }
         }
         Ok(report)
     }
 
-    /// Sends one transaction and, when the kernel took it, records its effect.
+    /// Sends one transaction and, when the kernel took it, records its effect (on the
+    /// objects in `scope` alone, when it was planned from one).
     fn apply(
         &mut self,
         family: Family,
         tx: &Transaction,
+        scope: Option<&Scope>,
         report: &mut SyncReport,
     ) -> Result<(), SyncError<B::Error>> {
         if tx.is_empty() {
@@ -274,16 +276,15 @@ impl<B: Backend> Reconciler<B> {
             });
         }
         self.unreadable.retain(|f| *f != family);
-        let before = self.applied.remove(&family).flatten();
         // The transaction was checked against the same model the kernel follows.
-        match tx.apply_to(before) {
-            Ok(after) => {
-                self.applied.insert(family, after);
-            }
-            Err(reason) => {
-                warn!(%family, %reason, "applied state unknown after a transaction; will re-read");
-                self.known = false;
-            }
+        let applied = self.applied.entry(family).or_default();
+        let outcome = match (applied.as_mut(), scope) {
+            (Some(table), Some(scope)) => scope.apply(table, tx),
+            _ => tx.apply_to(applied.take()).map(|after| *applied = after),
+        };
+        if let Err(reason) = outcome {
+            warn!(%family, %reason, "applied state unknown after a transaction; will re-read");
+            self.known = false;
         }
         debug!(%family, operations, "transaction applied");
         report.operations += operations;
@@ -317,6 +318,66 @@ mod tests {
             );
         }
         t
+    }
+
+    /// What may differ between `table(from)` and `table(to)`: the chains of both and
+    /// their `service-ips` elements.
+    fn scopes(from: &[&str], to: &[&str]) -> Scopes {
+        let mut scope = Scope::default();
+        for names in [from, to] {
+            for (i, name) in names.iter().enumerate() {
+                scope.chains.insert((*name).to_owned());
+                let key = vec![Value::Addr([10, 0, 0, i as u8 + 1].into())];
+                scope
+                    .elements
+                    .entry("service-ips".to_owned())
+                    .or_default()
+                    .insert(key);
+            }
+        }
+        let mut scopes = Scopes::nothing();
+        scopes.insert(Family::Ip, scope);
+        scopes
+    }
+
+    #[test]
+    fn a_scoped_sync_sends_what_a_whole_one_does_and_keeps_the_applied_table_exact() {
+        let options = ReconcilerOptions::default();
+        let mut whole = Reconciler::new(FakeBackend::default(), "nftproxy", options);
+        let mut scoped = Reconciler::new(FakeBackend::default(), "nftproxy", options);
+        for r in [&mut whole, &mut scoped] {
+            r.sync(&[table(&["a", "b"])]).unwrap();
+        }
+        let next = [table(&["a", "c"])];
+        let by_whole = whole.sync(&next).unwrap();
+        let by_scope = scoped
+            .sync_changes(&next, &scopes(&["a", "b"], &["a", "c"]))
+            .unwrap();
+        assert_eq!(by_scope, by_whole);
+        assert_eq!(scoped.backend_mut().applied, whole.backend_mut().applied);
+        assert_eq!(scoped.applied(Family::Ip), Some(&next[0]));
+        assert_eq!(
+            scoped.sync_changes(&next, &Scopes::nothing()).unwrap(),
+            SyncReport::default()
+        );
+    }
+
+    #[test]
+    fn after_a_failure_the_next_sync_compares_everything_whatever_its_scope() {
+        let mut r = Reconciler::new(
+            FakeBackend::default(),
+            "nftproxy",
+            ReconcilerOptions::default(),
+        );
+        r.sync(&[table(&["a"])]).unwrap();
+        r.backend_mut().fail_next = Some("EBUSY".into());
+        assert!(r.sync(&[table(&["a", "b"])]).is_err());
+        // The scope names nothing, but the kernel is read back and `b` is still missing.
+        let report = r
+            .sync_changes(&[table(&["a", "b"])], &Scopes::nothing())
+            .unwrap();
+        assert!(report.read_back && report.operations > 0);
+        assert_eq!(r.applied(Family::Ip), Some(&table(&["a", "b"])));
     }
 
     #[test]
@@ -395,7 +456,8 @@ mod tests {
         };
         let mut r = Reconciler::new(FakeBackend::default(), "nftproxy", options);
         r.sync(&[table(&["a", "b"])]).unwrap();
-        r.sync(&[table(&["a"])]).unwrap();
+        r.sync_changes(&[table(&["a"])], &scopes(&["a", "b"], &["a"]))
+            .unwrap();
         let kernel = r
             .backend_mut()
             .list(Family::Ip, "nftproxy")
@@ -405,7 +467,10 @@ mod tests {
             kernel.chains.get("b").is_some_and(|c| c.rules.is_empty()),
             "b is flushed, not deleted"
         );
-        let later = r.sync(&[table(&["a"])]).unwrap();
+        // Nothing changed since, yet the held-back deletion is remembered.
+        let later = r
+            .sync_changes(&[table(&["a"])], &Scopes::nothing())
+            .unwrap();
         assert_eq!(later.operations, 1);
         let kernel = r
             .backend_mut()
