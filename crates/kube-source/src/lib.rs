@@ -303,6 +303,19 @@ fn node_eligible(node: &Node) -> bool {
     !(deleting || drained)
 }
 
+/// kubectl's copy of the object as last applied: often larger than the rest of it.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Drops what nftproxy never reads but the API server sends with every object (the
+/// field managers, and kubectl's last applied copy), before the caches keep it: they
+/// hold every Service and EndpointSlice of the cluster.
+fn trim<K: kube::Resource>(object: &mut K) {
+    object.managed_fields_mut().clear();
+    if let Some(annotations) = object.meta_mut().annotations.as_mut() {
+        annotations.remove(LAST_APPLIED);
+    }
+}
+
 /// One watcher: list, then watch, relisting after `410 Gone` and backing off after
 /// errors (kube-rs's default: exponential from 800 ms up to 30 s, with jitter), forever.
 async fn watch<K>(
@@ -321,7 +334,10 @@ async fn watch<K>(
         + Sync
         + 'static,
 {
-    let stream = watcher(api, config).default_backoff().reflect(writer);
+    let stream = watcher(api, config)
+        .default_backoff()
+        .modify(trim)
+        .reflect(writer);
     futures_util::pin_mut!(stream);
     let mut failing = false;
     while let Some(event) = stream.next().await {

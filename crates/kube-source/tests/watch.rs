@@ -98,7 +98,13 @@ async fn no_snapshot_until_both_initial_lists_are_complete() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_arrive_and_label_filters_apply() {
     let api = FakeApi::start();
-    api.apply(service("web", "10.96.0.10", json!({})));
+    let mut web = service("web", "10.96.0.10", json!({}));
+    web["metadata"]["managedFields"] = json!([{"manager": "kubectl", "operation": "Apply"}]);
+    web["metadata"]["annotations"] = json!({
+        "kubectl.kubernetes.io/last-applied-configuration": "{\"big\": true}",
+        "service.beta.kubernetes.io/load-balancer-source-ranges": "10.0.0.0/8",
+    });
+    api.apply(web);
     api.apply(service(
         "elsewhere",
         "10.96.0.11",
@@ -121,6 +127,19 @@ async fn changes_arrive_and_label_filters_apply() {
     assert_eq!(names(&snapshot.services), ["web"]);
     assert_eq!(names(&snapshot.endpoint_slices), ["web-1"]);
     assert_eq!(names(&snapshot.nodes.iter().collect::<Vec<_>>()), [NODE]);
+    // What nftproxy never reads is not cached; what it reads is.
+    let web = &snapshot.services[0];
+    assert!(
+        web.metadata
+            .managed_fields
+            .as_ref()
+            .is_none_or(Vec::is_empty)
+    );
+    let annotations = web.metadata.annotations.clone().unwrap_or_default();
+    assert_eq!(
+        annotations.keys().collect::<Vec<_>>(),
+        ["service.beta.kubernetes.io/load-balancer-source-ranges"]
+    );
     assert!(source.node_eligible());
 
     let before = source.generation();
