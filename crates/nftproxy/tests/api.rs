@@ -2,7 +2,8 @@
 //! namespace (the fake listens on that namespace's loopback): the API's ruleset equals the
 //! manifests' one; nothing is programmed before both initial lists are complete; an
 //! EndpointSlice change reaches the kernel within one minSyncPeriod; an unreachable API
-//! server keeps the rules and the watch recovers; `/metrics` moves after a sync;
+//! server keeps the rules and the watch recovers; after the changes the kernel holds
+//! what a fresh build gives; `/metrics` moves after a sync;
 //! `/healthz` turns 503 when syncs stall; health-check node ports follow the local
 //! endpoints; stale UDP flows are deleted; SIGTERM leaves the rules.
 
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use nftproxy_netlink::netns::in_new_netns;
 use nftproxy_testkit::fake_api::{FakeApi, Resource};
-use nftproxy_testkit::{SEED_NODE_FLAGS, kernel_available, repo_root, run_ok};
+use nftproxy_testkit::{SEED_NODE_FLAGS, kernel_available, normalise_listing, repo_root, run_ok};
 
 const HEALTHZ: &str = "127.0.0.1:10256";
 const METRICS: &str = "127.0.0.1:10249";
@@ -250,6 +251,20 @@ fn the_daemon_follows_the_api_keeps_rules_while_it_is_down_and_reports_metrics()
             Duration::from_secs(40),
             "the deletion after reconnecting",
             || listing().is_some_and(|l| !l.contains("10.103.50.102")),
+        );
+
+        // After these changes, each synced as only what changed, the kernel holds what
+        // a fresh build of the API's objects gives: nothing left behind, nothing missed.
+        let fresh = run_ok(
+            nftproxy()
+                .args(["--dry-run", "--master", &api.url()])
+                .args(SEED_NODE_FLAGS),
+            "",
+        );
+        let fresh_ip = fresh.split("table ip6 ").next().unwrap_or_default();
+        assert_eq!(
+            normalise_listing(&listing().expect("rules")),
+            normalise_listing(fresh_ip)
         );
 
         // SIGTERM: a clean exit that leaves the rules.
