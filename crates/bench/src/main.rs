@@ -288,7 +288,7 @@ fn table(results: &Results) -> String {
             );
         }
         out += &format!(
-            "| {} x {} | user space alone (build + render + plan) | {:.1} ms | - | - |\n",
+            "| {} x {} | from nothing, user space alone (build + render + plan) | {:.1} ms | - | - |\n",
             report.services,
             report.endpoints,
             report.userspace_seconds * 1e3

@@ -47,7 +47,8 @@ pub struct ColdReport {
     pub rss_kb: u64,
     /// The cold load, single changes, and a sync with nothing changed.
     pub syncs: Vec<SyncTiming>,
-    /// Build + render + plan of an unchanged cluster, without the kernel.
+    /// Build + render + plan of the whole cluster from nothing (as after a restart),
+    /// without the kernel.
     pub userspace_seconds: f64,
 }
 

@@ -200,26 +200,14 @@ impl Builder {
         track(
             &mut self.services,
             &snapshot.services,
+            &mut self.groups,
             &mut dirty,
-            |s, key| {
-                let group = self.groups.entry(key).or_default();
-                match s {
-                    Tracked::Added(object) => group.services.push(object),
-                    Tracked::Removed(object) => group.services.retain(|o| !Arc::ptr_eq(o, &object)),
-                }
-            },
         );
         track(
             &mut self.slices,
             &snapshot.endpoint_slices,
+            &mut self.groups,
             &mut dirty,
-            |s, key| {
-                let group = self.groups.entry(key).or_default();
-                match s {
-                    Tracked::Added(object) => group.slices.push(object),
-                    Tracked::Removed(object) => group.slices.retain(|o| !Arc::ptr_eq(o, &object)),
-                }
-            },
         );
 
         // Rebuilding only the dirty groups is exact when none of them shares a claim
@@ -367,18 +355,13 @@ impl Hasher for AddressHasher {
     }
 }
 
-enum Tracked<T> {
-    Added(Arc<T>),
-    Removed(Arc<T>),
-}
-
 /// Finds the objects of `current` that `seen` does not hold and the ones it holds that
-/// are gone, updates `seen`, and hands each to `apply` with its group, which is dirty.
+/// are gone, and moves them into or out of `seen` and their group, which is dirty.
 fn track<T: GroupMember>(
     seen: &mut ByAddress<T>,
     current: &[Arc<T>],
+    groups: &mut BTreeMap<GroupKey, Group>,
     dirty: &mut BTreeSet<GroupKey>,
-    mut apply: impl FnMut(Tracked<T>, GroupKey),
 ) {
     let address = |o: &Arc<T>| Arc::as_ptr(o) as usize;
     let mut present: HashSet<usize, BuildHasherDefault<AddressHasher>> =
@@ -402,24 +385,31 @@ fn track<T: GroupMember>(
     for at in gone {
         if let Some(object) = seen.remove(&at) {
             let key = object.group();
-            dirty.insert(key.clone());
-            apply(Tracked::Removed(object), key);
+            T::members(groups.entry(key.clone()).or_default()).retain(|o| !Arc::ptr_eq(o, &object));
+            dirty.insert(key);
         }
     }
     for object in added {
         seen.insert(address(&object), object.clone());
         let key = object.group();
-        dirty.insert(key.clone());
-        apply(Tracked::Added(object), key);
+        T::members(groups.entry(key.clone()).or_default()).push(object);
+        dirty.insert(key);
     }
 }
 
-/// The group an object belongs to.
-trait GroupMember {
+/// An object of a group.
+trait GroupMember: Sized {
+    /// The group it belongs to.
     fn group(&self) -> GroupKey;
+    /// The group's objects of its kind.
+    fn members(group: &mut Group) -> &mut Vec<Arc<Self>>;
 }
 
 impl GroupMember for Service {
+    fn members(group: &mut Group) -> &mut Vec<Arc<Service>> {
+        &mut group.services
+    }
+
     fn group(&self) -> GroupKey {
         let meta = &self.metadata;
         (
@@ -432,6 +422,10 @@ impl GroupMember for Service {
 }
 
 impl GroupMember for EndpointSlice {
+    fn members(group: &mut Group) -> &mut Vec<Arc<EndpointSlice>> {
+        &mut group.slices
+    }
+
     fn group(&self) -> GroupKey {
         let meta = &self.metadata;
         (
