@@ -534,31 +534,17 @@ fn service_cidrs(
 /// name order, so that the first slice listing an endpoint is the first in name order).
 fn decode_group(group: &Group) -> Decoded {
     let mut diagnostics = Vec::new();
-    let mut services = Vec::new();
-    for service in &group.services {
-        match decode_service(service) {
-            Ok(info) => services.push(info),
-            Err(diagnostic) => diagnostics.push(diagnostic),
-        }
-    }
-    let service = unique(
-        services,
-        |s| (s.namespace.clone(), s.name.clone()),
-        |s| ObjectRef::new("Service", &s.namespace, &s.name),
+    let service = decode_unique(
+        &group.services,
+        decode_service,
+        |s: &ServiceInfo| ObjectRef::new("Service", &s.namespace, &s.name),
         &mut diagnostics,
     )
     .pop();
-    let mut slices = Vec::new();
-    for slice in &group.slices {
-        match decode_slice(slice) {
-            Ok(info) => slices.push(info),
-            Err(diagnostic) => diagnostics.push(diagnostic),
-        }
-    }
-    let slices = unique(
-        slices,
-        |s| (s.namespace.clone(), s.name.clone()),
-        |s| ObjectRef::new("EndpointSlice", &s.namespace, &s.name),
+    let slices = decode_unique(
+        &group.slices,
+        decode_slice,
+        |s: &SliceInfo| ObjectRef::new("EndpointSlice", &s.namespace, &s.name),
         &mut diagnostics,
     );
     Decoded {
@@ -566,6 +552,31 @@ fn decode_group(group: &Group) -> Decoded {
         slices,
         diagnostics,
     }
+}
+
+/// Decodes objects, keeping one copy per name (see [`unique`]), sorted by name.
+fn decode_unique<O, I: PartialEq>(
+    objects: &[Arc<O>],
+    decode: impl Fn(&O) -> Result<I, Diagnostic>,
+    object: impl Fn(&I) -> ObjectRef,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Vec<I> {
+    let mut decoded = Vec::new();
+    for item in objects {
+        match decode(item) {
+            Ok(info) => decoded.push(info),
+            Err(diagnostic) => diagnostics.push(diagnostic),
+        }
+    }
+    unique(
+        decoded,
+        |i| {
+            let o = object(i);
+            (o.namespace, o.name)
+        },
+        &object,
+        diagnostics,
+    )
 }
 
 /// Every address and NodePort a Service asks for, in any family.
