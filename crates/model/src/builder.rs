@@ -64,6 +64,8 @@ struct Group {
 /// A group's objects decoded.
 struct Decoded {
     service: Option<ServiceInfo>,
+    /// What the Service declares.
+    declared: Vec<Claim>,
     slices: Vec<SliceInfo>,
     diagnostics: Vec<Diagnostic>,
 }
@@ -221,9 +223,9 @@ impl Builder {
             };
             let new = decode_group(group);
             let declarers = |c: &Claim| self.declared.get(c).copied().unwrap_or(0);
-            for claim in declared_claims(new.service.as_ref()) {
-                everything |= declarers(&claim) > u32::from(group.declared.contains(&claim));
-                everything |= !claimed_now.insert(claim);
+            for claim in &new.declared {
+                everything |= declarers(claim) > u32::from(group.declared.contains(claim));
+                everything |= !claimed_now.insert(claim.clone());
             }
             everything |= group.declared.iter().any(|c| declarers(c) > 1);
             decoded.insert(key.clone(), new);
@@ -266,8 +268,8 @@ impl Builder {
                 Some(new) => new,
                 None => decode_group(self.groups.entry(key.clone()).or_default()),
             };
-            let declared = declared_claims(new.service.as_ref());
             let group = self.groups.entry(key.clone()).or_default();
+            let declared = std::mem::take(&mut new.declared);
             for claim in std::mem::replace(&mut group.declared, declared) {
                 if let Some(count) = self.declared.get_mut(&claim) {
                     *count -= 1;
@@ -548,6 +550,7 @@ fn decode_group(group: &Group) -> Decoded {
         &mut diagnostics,
     );
     Decoded {
+        declared: declared_claims(service.as_ref()),
         service,
         slices,
         diagnostics,

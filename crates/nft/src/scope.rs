@@ -67,9 +67,7 @@ impl Scope {
         }
         part
     }
-}
 
-impl Scope {
     /// Applies `tx`, which touches nothing this scope does not name, to `table`: the
     /// named part is taken out, changed and put back, so the cost is the scope's, not the
     /// table's. Fails as [`Transaction::apply_to`] does, leaving `table` as it was.

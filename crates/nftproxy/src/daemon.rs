@@ -290,13 +290,6 @@ impl Api {
         }
     }
 
-    /// Logs the diagnostics that are new since the last build.
-    fn log_new(&mut self, diagnostics: &[Diagnostic]) {
-        let now: BTreeSet<Diagnostic> = diagnostics.iter().cloned().collect();
-        now.difference(&self.diagnostics).for_each(log_diagnostic);
-        self.diagnostics = now;
-    }
-
     /// Endpoint changes that are now programmed: their network programming latency.
     fn observe_triggers(&mut self) {
         let monitor = &self.after.monitor;
@@ -334,9 +327,8 @@ impl Source for Api {
         metrics.changes_seen(changes.services, changes.endpoint_slices);
         let scopes = self.desired.update(&snapshot);
         let built = self.desired.builder.build();
-        let diagnostics = built.diagnostics.clone();
         self.after.built(built);
-        self.log_new(&diagnostics);
+        log_new(&mut self.diagnostics, &built.diagnostics);
         Input::Changed(scopes)
     }
 
@@ -348,6 +340,13 @@ impl Source for Api {
         self.after.synced();
         self.observe_triggers();
     }
+}
+
+/// Logs the diagnostics not in `seen` (those of the last build), then keeps them as seen.
+fn log_new(seen: &mut BTreeSet<Diagnostic>, diagnostics: &[Diagnostic]) {
+    let now: BTreeSet<Diagnostic> = diagnostics.iter().cloned().collect();
+    now.difference(seen).for_each(log_diagnostic);
+    *seen = now;
 }
 
 /// For the one-shot modes against the API server: the cluster once the initial lists

@@ -224,29 +224,23 @@ impl<B: Backend> Reconciler<B> {
         for family in FAMILIES {
             let want = desired.iter().find(|t| t.family == family);
             let cold = self.applied(family).is_none() && !self.unreadable.contains(&family);
-            let transactions = match want {
-                Some(table) if cold => {
-                    Transaction::create_staged(table, self.options.cold_stage_objects)
+            if let Some(table) = want.filter(|_| cold) {
+                for tx in Transaction::create_staged(table, self.options.cold_stage_objects) {
+                    self.apply(family, &tx, None, &mut report)?;
                 }
-                _ => {
-                    // Chains held back last time are not in the desired table; the
-                    // scope must name them for their deletion to be seen again.
-                    let scope = scopes.get(family).map(|scope| {
-                        let mut scope = scope.clone();
-                        scope
-                            .chains
-                            .extend(self.held_back.get(&family).into_iter().flatten().cloned());
-                        scope
-                    });
-                    let (tx, held) = self.plan_holding(family, want, scope.as_ref());
-                    self.apply(family, &tx, scope.as_ref(), &mut report)?;
-                    self.held_back.insert(family, held);
-                    continue;
-                }
-            };
-            for tx in transactions {
-                self.apply(family, &tx, None, &mut report)?;
+                continue;
             }
+            // Chains held back last time are not in the desired table; the scope must
+            // name them for their deletion to be seen again.
+            let scope = scopes.get(family).map(|scope| {
+                let mut scope = scope.clone();
+                let held = self.held_back.get(&family).into_iter().flatten();
+                scope.chains.extend(held.cloned());
+                scope
+            });
+            let (tx, held) = self.plan_holding(family, want, scope.as_ref());
+            self.apply(family, &tx, scope.as_ref(), &mut report)?;
+            self.held_back.insert(family, held);
         }
         Ok(report)
     }

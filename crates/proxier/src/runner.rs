@@ -278,6 +278,16 @@ mod tests {
         synced_at: Vec<Instant>,
     }
 
+    /// A polled source asked every `period`, whose answers `input` gives (`None`: no change).
+    fn polled<F: FnMut() -> Option<Vec<Table>>>(period: Duration, input: F) -> Polled<F> {
+        Polled {
+            period,
+            input,
+            tables: Vec::new(),
+            synced_at: Vec::new(),
+        }
+    }
+
     impl<F: FnMut() -> Option<Vec<Table>>> Source for Polled<F> {
         async fn changed(&mut self) {
             tokio::time::sleep(self.period).await;
@@ -297,6 +307,17 @@ mod tests {
         }
     }
 
+    /// Runs the loop over `source` for `duration`: the syncs done, and what was reported.
+    async fn run_for<S: Source>(
+        r: &mut Reconciler<FakeBackend>,
+        source: &mut S,
+        duration: Duration,
+    ) -> (usize, Monitor) {
+        let monitor = Monitor::new(TIMING.sync_period);
+        let syncs = run(r, TIMING, source, &monitor, tokio::time::sleep(duration)).await;
+        (syncs, monitor)
+    }
+
     fn reconciler(backend: FakeBackend) -> Reconciler<FakeBackend> {
         Reconciler::new(backend, "nftproxy", ReconcilerOptions::default())
     }
@@ -308,25 +329,12 @@ mod tests {
         let polls = Rc::new(RefCell::new(0usize));
         let counter = polls.clone();
         let start = Instant::now();
-        let mut source = Polled {
-            period: Duration::from_millis(100),
-            tables: Vec::new(),
-            synced_at: Vec::new(),
-            input: move || {
-                *counter.borrow_mut() += 1;
-                let n = *counter.borrow();
-                (n <= 30).then(|| tables(n))
-            },
-        };
-        let monitor = Monitor::new(TIMING.sync_period);
-        let syncs = run(
-            &mut r,
-            TIMING,
-            &mut source,
-            &monitor,
-            tokio::time::sleep(Duration::from_millis(20_500)),
-        )
-        .await;
+        let mut source = polled(Duration::from_millis(100), move || {
+            *counter.borrow_mut() += 1;
+            let n = *counter.borrow();
+            (n <= 30).then(|| tables(n))
+        });
+        let (syncs, _) = run_for(&mut r, &mut source, Duration::from_millis(20_500)).await;
         // The first two changes spend the burst; after that at most one sync per second
         // until the last change is in; nothing more (the periodic sync is not due).
         let at: Vec<Duration> = source.synced_at.iter().map(|t| *t - start).collect();
@@ -401,24 +409,11 @@ mod tests {
     async fn the_same_tables_again_are_not_a_change() {
         let mut r = reconciler(FakeBackend::default());
         let mut polls = 0;
-        let mut source = Polled {
-            period: Duration::from_secs(2),
-            tables: Vec::new(),
-            synced_at: Vec::new(),
-            input: move || {
-                polls += 1;
-                (polls <= 5).then(|| tables(1))
-            },
-        };
-        let monitor = Monitor::new(TIMING.sync_period);
-        let syncs = run(
-            &mut r,
-            TIMING,
-            &mut source,
-            &monitor,
-            tokio::time::sleep(Duration::from_secs(11)),
-        )
-        .await;
+        let mut source = polled(Duration::from_secs(2), move || {
+            polls += 1;
+            (polls <= 5).then(|| tables(1))
+        });
+        let (syncs, monitor) = run_for(&mut r, &mut source, Duration::from_secs(11)).await;
         // One sync for the first answer; each repeat is told it is in the kernel.
         assert_eq!(syncs, 1);
         assert_eq!(source.synced_at.len(), 5);
@@ -437,21 +432,10 @@ mod tests {
             ..FakeBackend::default()
         });
         let mut first = true;
-        let mut source = Polled {
-            period: TIMING.min_sync_period,
-            tables: Vec::new(),
-            synced_at: Vec::new(),
-            input: move || std::mem::take(&mut first).then(|| tables(1)),
-        };
-        let monitor = Monitor::new(TIMING.sync_period);
-        let syncs = run(
-            &mut r,
-            TIMING,
-            &mut source,
-            &monitor,
-            tokio::time::sleep(Duration::from_millis(3_500)),
-        )
-        .await;
+        let mut source = polled(TIMING.min_sync_period, move || {
+            std::mem::take(&mut first).then(|| tables(1))
+        });
+        let (syncs, monitor) = run_for(&mut r, &mut source, Duration::from_millis(3_500)).await;
         // t=0 fails, t=1 retries and succeeds; nothing after that.
         assert_eq!(syncs, 2);
         assert_eq!(r.backend_mut().applied.len(), 1);

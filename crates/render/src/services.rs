@@ -20,7 +20,7 @@ use crate::skeleton::{
 };
 use crate::{address_key, comment, family, l4proto, names};
 
-pub(crate) fn add_service_port(table: &mut Fragment, state: &ProxyState, sp: &ServicePortState) {
+pub(crate) fn add_service_port(fragment: &mut Fragment, state: &ProxyState, sp: &ServicePortState) {
     let name = &sp.name;
     let proto = l4proto(name.protocol);
     let cluster_chain = names::service_chain(name);
@@ -44,7 +44,7 @@ pub(crate) fn add_service_port(table: &mut Fragment, state: &ProxyState, sp: &Se
     };
 
     // ClusterIP.
-    table.add_element(CLUSTER_IPS, Element::key(vec![Value::Addr(sp.cluster_ip)]));
+    fragment.add_element(CLUSTER_IPS, Element::key(vec![Value::Addr(sp.cluster_ip)]));
     let cluster_key = address_key(sp.cluster_ip, name.protocol, sp.port);
     let internal_chain = if sp.internal_policy_local {
         uses_local_chain.then_some(&local_chain)
@@ -53,13 +53,13 @@ pub(crate) fn add_service_port(table: &mut Fragment, state: &ProxyState, sp: &Se
     };
     match internal_chain {
         Some(chain) if sp.has_internal_endpoints() => {
-            table.add_element(
+            fragment.add_element(
                 SERVICE_IPS,
                 Element::verdict(cluster_key, Verdict::Goto(chain.clone())),
             );
         }
         _ => {
-            table.add_element(NO_ENDPOINT_SERVICES, no_endpoint_element(cluster_key));
+            fragment.add_element(NO_ENDPOINT_SERVICES, no_endpoint_element(cluster_key));
         }
     }
 
@@ -69,13 +69,13 @@ pub(crate) fn add_service_port(table: &mut Fragment, state: &ProxyState, sp: &Se
     // else falls through it and is dropped after DNAT.
     let mut add_external = |map: &'static str, no_endpoint_map: &'static str, key: Vec<Value>| {
         if uses_external_chain {
-            table.add_element(
+            fragment.add_element(
                 map,
                 Element::verdict(key.clone(), Verdict::Goto(external_chain.clone())),
             );
         }
         if !uses_external_chain || !sp.has_external_endpoints() {
-            table.add_element(no_endpoint_map, no_endpoint_element(key));
+            fragment.add_element(no_endpoint_map, no_endpoint_element(key));
         }
     };
     for ip in sp.external_ips.iter().chain(&sp.load_balancer_ips) {
@@ -97,7 +97,7 @@ pub(crate) fn add_service_port(table: &mut Fragment, state: &ProxyState, sp: &Se
     if !sp.load_balancer_ips.is_empty() && !sp.load_balancer_source_ranges.is_empty() {
         let firewall_chain = names::firewall_chain(name);
         for ip in &sp.load_balancer_ips {
-            table.add_element(
+            fragment.add_element(
                 FIREWALL_IPS,
                 Element::verdict(
                     address_key(*ip, name.protocol, sp.port),
@@ -105,31 +105,31 @@ pub(crate) fn add_service_port(table: &mut Fragment, state: &ProxyState, sp: &Se
                 ),
             );
         }
-        table.add_chain(Chain::regular(firewall_chain, firewall_rules(state, sp)));
+        fragment.add_chain(Chain::regular(firewall_chain, firewall_rules(state, sp)));
     }
 
     if uses_cluster_chain {
-        table.add_chain(Chain::regular(
+        fragment.add_chain(Chain::regular(
             cluster_chain.clone(),
             endpoint_rules(state, sp, &endpoints.cluster),
         ));
     }
     if uses_local_chain {
-        table.add_chain(Chain::regular(
+        fragment.add_chain(Chain::regular(
             local_chain.clone(),
             endpoint_rules(state, sp, &endpoints.local),
         ));
     }
     if uses_external_chain {
         let local = uses_local_chain.then_some(local_chain.as_str());
-        table.add_chain(Chain::regular(
+        fragment.add_chain(Chain::regular(
             external_chain,
             external_rules(state, sp, &cluster_chain, local),
         ));
     }
 
     for endpoint in &endpoints.all_reachable {
-        table.add_element(
+        fragment.add_element(
             HAIRPIN_CONNECTIONS,
             Element::key(vec![
                 Value::Addr(endpoint.ip),
@@ -140,7 +140,7 @@ pub(crate) fn add_service_port(table: &mut Fragment, state: &ProxyState, sp: &Se
         );
         if let Some(timeout) = sp.affinity_timeout {
             let set = names::affinity_set(name, endpoint);
-            table.add_set(Set {
+            fragment.add_set(Set {
                 dynamic: true,
                 timeout: Some(timeout),
                 // No `size`: the kernel sizes the hash table for it up front (a 65,535
@@ -149,7 +149,7 @@ pub(crate) fn add_service_port(table: &mut Fragment, state: &ProxyState, sp: &Se
                 size: None,
                 ..Set::new(set.clone(), vec![family(state).addr_type()])
             });
-            table.add_chain(Chain::regular(
+            fragment.add_chain(Chain::regular(
                 names::endpoint_chain(name, endpoint),
                 vec![
                     Rule::new(vec![Stmt::Update {
