@@ -14,7 +14,8 @@ use std::ptr::NonNull;
 use libc::nlmsghdr;
 use nftnl_sys as sys;
 use nftproxy_nft::{
-    BaseChain, Chain, ChainType, Element, Family, Hook, Priority, Rule, Set, Verdict,
+    BaseChain, Chain, ChainType, DataType, Element, Family, Hook, Priority, Rule, Set, TypeOf,
+    Verdict,
 };
 
 use crate::Error;
@@ -447,6 +448,26 @@ impl Messages {
                     0u32.to_ne_bytes().to_vec(),
                 ));
             }
+            if let Some(type_of) = &set.type_of {
+                let typeof_entry = |exprs| {
+                    lower::typeof_udata(exprs)
+                        .map_err(|e| Error::Encode(format!("set {}: {e}", set.name)))
+                };
+                entries.push((
+                    sys::NFTNL_UDATA_SET_KEY_TYPEOF as u8,
+                    typeof_entry(&type_of.key)?,
+                ));
+                if set.is_map() {
+                    entries.push((
+                        sys::NFTNL_UDATA_SET_DATA_TYPEOF as u8,
+                        typeof_entry(&type_of.data)?,
+                    ));
+                    entries.push((
+                        sys::NFTNL_UDATA_SET_DATA_INTERVAL as u8,
+                        0u32.to_ne_bytes().to_vec(),
+                    ));
+                }
+            }
             if let Some(comment) = &set.comment {
                 entries.push((sys::NFTNL_UDATA_SET_COMMENT as u8, comment_bytes(comment)));
             }
@@ -466,13 +487,24 @@ impl Messages {
                     sys::NFTNL_SET_KEY_LEN as u16,
                     lower::key_len(&set.key),
                 );
-                if set.is_map() {
+                if set.data == [DataType::Verdict] {
                     sys::nftnl_set_set_u32(
                         obj.ptr(),
                         sys::NFTNL_SET_DATA_TYPE as u16,
                         libc::NFT_DATA_VERDICT,
                     );
                     sys::nftnl_set_set_u32(obj.ptr(), sys::NFTNL_SET_DATA_LEN as u16, 0);
+                } else if set.is_map() {
+                    sys::nftnl_set_set_u32(
+                        obj.ptr(),
+                        sys::NFTNL_SET_DATA_TYPE as u16,
+                        lower::key_type(&set.data),
+                    );
+                    sys::nftnl_set_set_u32(
+                        obj.ptr(),
+                        sys::NFTNL_SET_DATA_LEN as u16,
+                        lower::key_len(&set.data),
+                    );
                 }
                 if let Some(timeout) = set.timeout {
                     sys::nftnl_set_set_u64(
@@ -520,6 +552,8 @@ impl Messages {
         let obj = Self::set_obj(family, table, set)?;
         for element in elements {
             let key = lower::key_bytes(&element.key);
+            let value = (!element.data.is_empty() && kind == libc::NFT_MSG_NEWSETELEM)
+                .then(|| lower::key_bytes(&element.data));
             // SAFETY: allocation has no preconditions; null only when out of memory.
             let elem = NonNull::new(unsafe { sys::nftnl_set_elem_alloc() })
                 .expect("libnftnl allocation failed: out of memory");
@@ -560,6 +594,14 @@ impl Messages {
                             chain.as_ptr(),
                         );
                     }
+                }
+                if let Some(value) = &value {
+                    sys::nftnl_set_elem_set(
+                        elem.as_ptr(),
+                        sys::NFTNL_SET_ELEM_DATA as u16,
+                        value.as_ptr().cast(),
+                        value.len() as u32,
+                    );
                 }
                 if let Some(data) = &comment {
                     sys::nftnl_set_elem_set(
@@ -1149,27 +1191,39 @@ pub(crate) fn parse_set(nlh: *const nlmsghdr) -> Result<(String, Set), Error> {
         let key = lower::key_types(sys::nftnl_set_get_u32(p, sys::NFTNL_SET_KEY_TYPE as u16))
             .map_err(|e| Error::Decode(format!("set {name}: {e}")))?;
         let is_map = flags & libc::NFT_SET_MAP as u32 != 0;
-        if is_map
-            && sys::nftnl_set_get_u32(p, sys::NFTNL_SET_DATA_TYPE as u16) != libc::NFT_DATA_VERDICT
-        {
-            return Err(Error::Decode(format!("map {name} is not a verdict map")));
-        }
+        let data = match sys::nftnl_set_get_u32(p, sys::NFTNL_SET_DATA_TYPE as u16) {
+            _ if !is_map => Vec::new(),
+            libc::NFT_DATA_VERDICT => vec![DataType::Verdict],
+            id => lower::key_types(id).map_err(|e| Error::Decode(format!("map {name}: {e}")))?,
+        };
         let timeout = (flags & libc::NFT_SET_TIMEOUT as u32 != 0)
             .then(|| (sys::nftnl_set_get_u64(p, sys::NFTNL_SET_TIMEOUT as u16) / 1000) as u32);
         let size = sys::nftnl_set_is_set(p, sys::NFTNL_SET_DESC_SIZE as u16)
             .then(|| sys::nftnl_set_get_u32(p, sys::NFTNL_SET_DESC_SIZE as u16));
         let mut len = 0u32;
         let ptr = sys::nftnl_set_get_data(p, sys::NFTNL_SET_USERDATA as u16, &mut len);
-        let comment = if ptr.is_null() {
-            None
+        let udata: &[u8] = if ptr.is_null() {
+            &[]
         } else {
-            comment_of(
-                std::slice::from_raw_parts(ptr.cast::<u8>(), len as usize),
-                sys::NFTNL_UDATA_SET_COMMENT as u8,
-            )
+            std::slice::from_raw_parts(ptr.cast::<u8>(), len as usize)
+        };
+        let comment = comment_of(udata, sys::NFTNL_UDATA_SET_COMMENT as u8);
+        let typeof_entry = |kind: u32| {
+            userdata_entry(udata, kind as u8)
+                .map(lower::typeof_exprs)
+                .transpose()
+                .map_err(|e| Error::Decode(format!("set {name}: {e}")))
+        };
+        let type_of = match typeof_entry(sys::NFTNL_UDATA_SET_KEY_TYPEOF)? {
+            Some(key) => Some(TypeOf {
+                key,
+                data: typeof_entry(sys::NFTNL_UDATA_SET_DATA_TYPEOF)?.unwrap_or_default(),
+            }),
+            None => None,
         };
         let mut decoded = Set::new(name, key);
-        decoded.data = is_map.then_some(nftproxy_nft::DataType::Verdict);
+        decoded.data = data;
+        decoded.type_of = type_of;
         decoded.dynamic = flags & libc::NFT_SET_EVAL as u32 != 0;
         decoded.timeout = timeout;
         // A set without a size gets 65,535 from the kernel when an `update` binds it
@@ -1230,7 +1284,15 @@ fn parse_element(elem: *mut sys::nftnl_set_elem, set: &Set) -> Result<Element, E
         .ok_or_else(|| Error::Decode(format!("element of {} without a key", set.name)))?;
     let key = lower::key_values(&set.key, &key_bytes)
         .map_err(|e| Error::Decode(format!("element of {}: {e}", set.name)))?;
-    let verdict = if set.is_map() {
+    let value = if set.is_map() && set.data != [DataType::Verdict] {
+        let bytes = data(sys::NFTNL_SET_ELEM_DATA)
+            .ok_or_else(|| Error::Decode(format!("element of {} without a value", set.name)))?;
+        lower::key_values(&set.data, &bytes)
+            .map_err(|e| Error::Decode(format!("element of {}: {e}", set.name)))?
+    } else {
+        Vec::new()
+    };
+    let verdict = if set.data == [DataType::Verdict] {
         // SAFETY: `elem` is live (owned by the set being iterated).
         let code =
             unsafe { sys::nftnl_set_elem_get_u32(elem, sys::NFTNL_SET_ELEM_VERDICT as u16) } as i32;
@@ -1247,6 +1309,7 @@ fn parse_element(elem: *mut sys::nftnl_set_elem, set: &Set) -> Result<Element, E
     Ok(Element {
         key,
         verdict,
+        data: value,
         comment,
     })
 }

@@ -24,6 +24,7 @@ pub const REG_VERDICT: u32 = 0;
 const META_L4PROTO: u32 = libc::NFT_META_L4PROTO as u32;
 const META_MARK: u32 = libc::NFT_META_MARK as u32;
 const META_IIFNAME: u32 = libc::NFT_META_IIFNAME as u32;
+const NUMGEN_RANDOM: u32 = libc::NFT_NG_RANDOM as u32;
 const CT_STATE: u32 = libc::NFT_CT_STATE as u32;
 const CT_STATUS: u32 = libc::NFT_CT_STATUS as u32;
 const CT_STATE_NEW: u32 = 8;
@@ -202,6 +203,7 @@ fn load_len(expr: &Expr) -> Result<u32, LowerError> {
         Expr::Payload(PayloadField::ThDport) => 2,
         Expr::Payload(field) => addr_offset(*field).map_or(0, |(_, len)| len),
         Expr::MetaL4proto => 1,
+        Expr::NumgenRandom(_) => 4,
         other => return err(format!("{other} cannot be part of a set key")),
     })
 }
@@ -445,6 +447,27 @@ pub fn lower(family: Family, stmts: &[Stmt]) -> Result<Vec<RawExpr>, LowerError>
                     flags: NAT_RANGE_PROTO_SPECIFIED,
                 });
             }
+            Stmt::DnatMap {
+                family: to,
+                key,
+                map,
+            } => {
+                if *to != family {
+                    return err(format!("dnat {to} in a {family} table"));
+                }
+                load_key(key, &mut out)?;
+                out.push(RawExpr::Lookup {
+                    sreg: REG_1,
+                    set: map.clone(),
+                    dreg: Some(REG_1),
+                });
+                out.push(RawExpr::Dnat {
+                    family: nfproto(family),
+                    reg_addr: REG_1,
+                    reg_proto: mapped_port_reg(family),
+                    flags: NAT_RANGE_PROTO_SPECIFIED,
+                });
+            }
             Stmt::MasqueradeFullyRandom => out.push(RawExpr::Masq {
                 flags: NAT_RANGE_PROTO_RANDOM_FULLY,
             }),
@@ -459,6 +482,15 @@ pub fn lower(family: Family, stmts: &[Stmt]) -> Result<Vec<RawExpr>, LowerError>
         }
     }
     Ok(out)
+}
+
+/// Where the port of an `address . port` map value lands when the value is looked up
+/// into register 1: the word after the address, named as nft names it.
+fn mapped_port_reg(family: Family) -> u32 {
+    match family {
+        Family::Ip => REG32_00 + 1,
+        Family::Ip6 => REG_1 + 1,
+    }
 }
 
 /// `NFPROTO_IPV4` / `NFPROTO_IPV6`.
@@ -482,6 +514,8 @@ enum Loaded {
     MarkUpdate { mask: u32, xor: u32 },
     /// Immediate data (dnat operands).
     Data(Vec<u8>),
+    /// The value a map lookup found for a key (dnat operands).
+    Mapped { key: Expr, map: String },
 }
 
 fn u32_of(bytes: &[u8]) -> Result<u32, LowerError> {
@@ -735,6 +769,10 @@ pub fn raise(family: Family, exprs: &[RawExpr]) -> Result<Vec<Stmt>, LowerError>
                         key,
                         map: set.clone(),
                     },
+                    Some(REG_1) => {
+                        set_reg(&mut regs, REG_1, Loaded::Mapped { key, map: set.clone() });
+                        continue;
+                    }
                     Some(other) => return err(format!("map lookup into register {other}")),
                 });
             }
@@ -761,11 +799,16 @@ pub fn raise(family: Family, exprs: &[RawExpr]) -> Result<Vec<Stmt>, LowerError>
             } if *nat_family == nfproto(family)
                 && *flags & !NAT_RANGE_MAP_IPS == NAT_RANGE_PROTO_SPECIFIED =>
             {
-                let (Loaded::Data(addr), Loaded::Data(port)) = (
-                    take_reg(&mut regs, *reg_addr)?,
-                    take_reg(&mut regs, *reg_proto)?,
-                ) else {
-                    return err("dnat operands are not immediates");
+                let addr = match take_reg(&mut regs, *reg_addr)? {
+                    Loaded::Mapped { key, map } if *reg_proto == mapped_port_reg(family) => {
+                        stmts.push(Stmt::DnatMap { family, key, map });
+                        continue;
+                    }
+                    Loaded::Data(addr) => addr,
+                    other => return err(format!("dnat to {other:?}")),
+                };
+                let Loaded::Data(port) = take_reg(&mut regs, *reg_proto)? else {
+                    return err("dnat port is not an immediate");
                 };
                 let port: [u8; 2] = port
                     .as_slice()
@@ -805,6 +848,7 @@ fn type_id(data_type: DataType) -> u32 {
         DataType::Ipv6Addr => 8,
         DataType::InetProto => 12,
         DataType::InetService => 13,
+        DataType::Integer => 4,
     }
 }
 
@@ -815,6 +859,7 @@ fn type_of_id(id: u32) -> Result<DataType, LowerError> {
         8 => DataType::Ipv6Addr,
         12 => DataType::InetProto,
         13 => DataType::InetService,
+        4 => DataType::Integer,
         other => return err(format!("data type {other}")),
     })
 }
@@ -841,6 +886,7 @@ fn type_len(data_type: DataType) -> usize {
         DataType::Ipv6Addr => 16,
         DataType::InetProto => 1,
         DataType::InetService => 2,
+        DataType::Integer => 4,
         DataType::Verdict => 0,
     }
 }
@@ -862,6 +908,8 @@ pub fn key_bytes(values: &[Value]) -> Vec<u8> {
             Value::Addr(addr) => addr_bytes(*addr),
             Value::Proto(proto) => vec![proto.number()],
             Value::Port(port) => port.to_be_bytes().to_vec(),
+            // numgen writes its result in host order.
+            Value::Number(n) => n.to_ne_bytes().to_vec(),
         };
         out.extend_from_slice(&bytes);
         if values.len() > 1 {
@@ -884,6 +932,7 @@ pub fn key_values(types: &[DataType], bytes: &[u8]) -> Result<Vec<Value>, LowerE
             DataType::Ipv4Addr | DataType::Ipv6Addr => Value::Addr(addr_of(field)?),
             DataType::InetProto => Value::Proto(proto_of(field[0])?),
             DataType::InetService => Value::Port(u16::from_be_bytes([field[0], field[1]])),
+            DataType::Integer => Value::Number(u32_of(field)?),
             DataType::Verdict => return err("verdict in a key"),
         });
         offset += if types.len() > 1 {
@@ -893,6 +942,147 @@ pub fn key_values(types: &[DataType], bytes: &[u8]) -> Result<Vec<Value>, LowerE
         };
     }
     Ok(values)
+}
+
+// === `typeof` declarations, in nft's set userdata ===
+//
+// A `typeof` key or value is kept as nested userdata TLVs (type, length, value; numbers
+// in host order): the expression's kind (`NFTNL_UDATA_SET_TYPEOF_EXPR`) and its own
+// fields (`NFTNL_UDATA_SET_TYPEOF_DATA`); a concatenation lists its parts under indexes
+// 0, 1, … with the same two entries each. nft lists a set from these, so they must be
+// the ones nft writes.
+
+const TYPEOF_EXPR: u8 = 0;
+const TYPEOF_DATA: u8 = 1;
+/// nft's `enum expr_types`.
+const EXPR_PAYLOAD: u32 = 7;
+const EXPR_META: u32 = 9;
+const EXPR_CONCAT: u32 = 13;
+const EXPR_NUMGEN: u32 = 23;
+/// nft's `enum proto_desc_id` and header field indexes.
+const PROTO_DESC_TH: u32 = 11;
+const PROTO_DESC_IP: u32 = 12;
+const PROTO_DESC_IP6: u32 = 13;
+const IPHDR_SADDR: u32 = 11;
+const IPHDR_DADDR: u32 = 12;
+const IP6HDR_SADDR: u32 = 8;
+const IP6HDR_DADDR: u32 = 9;
+const THDR_DPORT: u32 = 2;
+
+fn tlv(out: &mut Vec<u8>, kind: u8, value: &[u8]) -> Result<(), LowerError> {
+    let len = u8::try_from(value.len()).map_err(|_| LowerError("typeof too long".into()))?;
+    out.push(kind);
+    out.push(len);
+    out.extend_from_slice(value);
+    Ok(())
+}
+
+fn tlv_u32s(values: &[u32]) -> Result<Vec<u8>, LowerError> {
+    let mut out = Vec::with_capacity(values.len() * 6);
+    for (kind, value) in (0u8..).zip(values) {
+        tlv(&mut out, kind, &value.to_ne_bytes())?;
+    }
+    Ok(out)
+}
+
+/// An expression's kind and fields, as nft records them.
+fn typeof_fields(expr: &Expr) -> Result<(u32, Vec<u32>), LowerError> {
+    Ok(match expr {
+        Expr::Payload(field) => (
+            EXPR_PAYLOAD,
+            match field {
+                PayloadField::Saddr(Family::Ip) => vec![PROTO_DESC_IP, IPHDR_SADDR],
+                PayloadField::Daddr(Family::Ip) => vec![PROTO_DESC_IP, IPHDR_DADDR],
+                PayloadField::Saddr(Family::Ip6) => vec![PROTO_DESC_IP6, IP6HDR_SADDR],
+                PayloadField::Daddr(Family::Ip6) => vec![PROTO_DESC_IP6, IP6HDR_DADDR],
+                PayloadField::ThDport => vec![PROTO_DESC_TH, THDR_DPORT],
+            },
+        ),
+        Expr::MetaL4proto => (EXPR_META, vec![META_L4PROTO]),
+        Expr::NumgenRandom(modulus) => (EXPR_NUMGEN, vec![NUMGEN_RANDOM, *modulus, 0]),
+        other => return err(format!("{other} cannot declare a set with typeof")),
+    })
+}
+
+fn typeof_of_fields(kind: u32, fields: &[u32]) -> Result<Expr, LowerError> {
+    Ok(match (kind, fields) {
+        (EXPR_PAYLOAD, [PROTO_DESC_IP, IPHDR_SADDR]) => Expr::saddr(Family::Ip),
+        (EXPR_PAYLOAD, [PROTO_DESC_IP, IPHDR_DADDR]) => Expr::daddr(Family::Ip),
+        (EXPR_PAYLOAD, [PROTO_DESC_IP6, IP6HDR_SADDR]) => Expr::saddr(Family::Ip6),
+        (EXPR_PAYLOAD, [PROTO_DESC_IP6, IP6HDR_DADDR]) => Expr::daddr(Family::Ip6),
+        (EXPR_PAYLOAD, [PROTO_DESC_TH, THDR_DPORT]) => Expr::th_dport(),
+        (EXPR_META, [META_L4PROTO]) => Expr::MetaL4proto,
+        (EXPR_NUMGEN, [NUMGEN_RANDOM, modulus, 0]) => Expr::NumgenRandom(*modulus),
+        _ => return err(format!("typeof expression {kind} with {fields:?}")),
+    })
+}
+
+/// One expression (kind, then its fields) as a TLV body.
+fn typeof_body(kind: u32, data: &[u8]) -> Result<Vec<u8>, LowerError> {
+    let mut out = Vec::new();
+    tlv(&mut out, TYPEOF_EXPR, &kind.to_ne_bytes())?;
+    tlv(&mut out, TYPEOF_DATA, data)?;
+    Ok(out)
+}
+
+/// The value of a `NFTNL_UDATA_SET_KEY_TYPEOF` / `_DATA_TYPEOF` entry for `exprs` (a
+/// concatenation when there are several).
+pub fn typeof_udata(exprs: &[Expr]) -> Result<Vec<u8>, LowerError> {
+    if let [single] = exprs {
+        let (kind, fields) = typeof_fields(single)?;
+        return typeof_body(kind, &tlv_u32s(&fields)?);
+    }
+    let mut parts = Vec::new();
+    for (index, expr) in (0u8..).zip(exprs) {
+        let (kind, fields) = typeof_fields(expr)?;
+        tlv(&mut parts, index, &typeof_body(kind, &tlv_u32s(&fields)?)?)?;
+    }
+    typeof_body(EXPR_CONCAT, &parts)
+}
+
+/// The TLVs of a userdata body, in order.
+pub fn tlvs(mut data: &[u8]) -> Result<Vec<(u8, &[u8])>, LowerError> {
+    let mut out = Vec::new();
+    while let [kind, len, rest @ ..] = data {
+        let len = usize::from(*len);
+        let value = rest
+            .get(..len)
+            .ok_or_else(|| LowerError("userdata entry runs past its end".into()))?;
+        out.push((*kind, value));
+        data = &rest[len..];
+    }
+    Ok(out)
+}
+
+/// An expression's (kind, fields body) from its TLV body.
+fn typeof_parts(body: &[u8]) -> Result<(u32, &[u8]), LowerError> {
+    match tlvs(body)?.as_slice() {
+        [(TYPEOF_EXPR, kind), (TYPEOF_DATA, data)] => Ok((u32_of(kind)?, data)),
+        _ => err("typeof entry without a kind and fields"),
+    }
+}
+
+fn typeof_single(kind: u32, body: &[u8]) -> Result<Expr, LowerError> {
+    let fields = tlvs(body)?
+        .into_iter()
+        .map(|(_, value)| u32_of(value))
+        .collect::<Result<Vec<_>, _>>()?;
+    typeof_of_fields(kind, &fields)
+}
+
+/// The expressions of a `typeof` entry written by [`typeof_udata`] (or by nft).
+pub fn typeof_exprs(value: &[u8]) -> Result<Vec<Expr>, LowerError> {
+    let (kind, body) = typeof_parts(value)?;
+    if kind != EXPR_CONCAT {
+        return Ok(vec![typeof_single(kind, body)?]);
+    }
+    tlvs(body)?
+        .into_iter()
+        .map(|(_, part)| {
+            let (kind, fields) = typeof_parts(part)?;
+            typeof_single(kind, fields)
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -2,11 +2,15 @@
 //! every golden table programmed, read back and listed by `nft`; diffs between golden
 //! tables applied; failures rolled back and attributed to their operation.
 
+use std::net::IpAddr;
 use std::process::Command;
 
 use nftproxy_netlink::netns::in_new_netns;
 use nftproxy_netlink::{Error, NetlinkBackend};
-use nftproxy_nft::{Backend, Chain, Family, Op, Rule, Stmt, Table, Transaction, diff};
+use nftproxy_nft::{
+    Backend, Chain, DataType, Element, Expr, Family, L4Proto, Op, Rhs, Rule, Set, Stmt, Table,
+    Transaction, Value, diff,
+};
 use nftproxy_testkit::{golden_tables, kernel_available, normalise_listing, run_ok};
 
 /// `nft list ruleset` in the calling thread's namespace.
@@ -232,4 +236,108 @@ fn every_rule_is_encoded_exactly_as_nft_encodes_it() {
     }
     assert!(compared > 1000, "only {compared} rules compared");
     eprintln!("{compared} rules encoded exactly as nft encodes them");
+}
+
+/// A `typeof` map of `address . port` values, a set gating it, and the rule that picks
+/// an element at random and DNATs to it: what load balancing by map elements needs.
+fn load_balancing_table(family: Family) -> Table {
+    let (service, endpoint) = match family {
+        Family::Ip => ("172.30.0.1", "10.1.0.1"),
+        Family::Ip6 => ("fd00:30::1", "fd00:1::1"),
+    };
+    let service: IpAddr = service.parse().expect("address");
+    let endpoint: IpAddr = endpoint.parse().expect("address");
+    let key = || {
+        Expr::Concat(vec![
+            Expr::daddr(family),
+            Expr::MetaL4proto,
+            Expr::th_dport(),
+        ])
+    };
+    let mut table = Table::new(family, "nftproxy");
+    table.add_set(
+        Set::typeof_map(
+            "endpoints",
+            vec![
+                Expr::daddr(family),
+                Expr::MetaL4proto,
+                Expr::th_dport(),
+                Expr::NumgenRandom(1),
+            ],
+            vec![Expr::daddr(family), Expr::th_dport()],
+        )
+        .expect("typed expressions")
+        .with_comment("endpoints by service address and index"),
+    );
+    table.add_set(Set::new(
+        "endpoints-2",
+        vec![family.addr_type(), DataType::InetProto, DataType::InetService],
+    ));
+    let service_key = vec![
+        Value::Addr(service),
+        Value::Proto(L4Proto::Udp),
+        Value::Port(53),
+    ];
+    table.add_element("endpoints-2", Element::key(service_key.clone()));
+    for (index, port) in [(0, 5353), (1, 5354)] {
+        let mut key = service_key.clone();
+        key.push(Value::Number(index));
+        table.add_element(
+            "endpoints",
+            Element::mapped(key, vec![Value::Addr(endpoint), Value::Port(port)]),
+        );
+    }
+    table.add_chain(Chain::regular(
+        "load-balance",
+        [L4Proto::Tcp, L4Proto::Udp]
+            .into_iter()
+            .map(|proto| {
+                Rule::new(vec![
+                    Stmt::eq(Expr::MetaL4proto, Rhs::Proto(proto)),
+                    Stmt::lookup(key(), "endpoints-2"),
+                    Stmt::DnatMap {
+                        family,
+                        key: Expr::Concat(vec![
+                            Expr::daddr(family),
+                            Expr::MetaL4proto,
+                            Expr::th_dport(),
+                            Expr::NumgenRandom(2),
+                        ]),
+                        map: "endpoints".to_owned(),
+                    },
+                ])
+            })
+            .collect(),
+    ));
+    table
+}
+
+#[test]
+fn maps_of_endpoints_round_trip_and_list_like_their_text() {
+    if !kernel_available("maps_of_endpoints_round_trip_and_list_like_their_text") {
+        return;
+    }
+    for family in [Family::Ip, Family::Ip6] {
+        let table = load_balancing_table(family);
+        let programmed = table.clone();
+        let (read_back, listing) = in_new_netns(move || {
+            let mut backend = NetlinkBackend::open().expect("netlink socket");
+            backend
+                .apply(&Transaction::create(&programmed))
+                .unwrap_or_else(|e| panic!("program: {e}"));
+            let read_back = backend.list(family, "nftproxy").expect("read back");
+            (read_back, nft_list())
+        })
+        .expect("new network namespace");
+        assert_eq!(read_back.as_ref(), Some(&table), "{family}: read back");
+        let text = table.to_string();
+        assert_eq!(
+            normalise_listing(&listing),
+            normalise_listing(&text),
+            "{family}: `nft list` differs from the text"
+        );
+        let reference =
+            in_new_netns(move || nft_load_and_list(&text)).expect("new network namespace");
+        assert_eq!(normalise_listing(&reference), normalise_listing(&listing));
+    }
 }

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::types::{Family, L4Proto, Verdict};
+use crate::types::{DataType, Family, L4Proto, Verdict};
 
 /// A packet header field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -55,6 +55,29 @@ pub enum Expr {
 }
 
 impl Expr {
+    /// The type of what this expression loads, as a set key or map value field; `None`
+    /// for expressions nftproxy never stores in a set.
+    pub fn data_type(&self) -> Option<DataType> {
+        match self {
+            Expr::Payload(PayloadField::Saddr(family) | PayloadField::Daddr(family)) => {
+                Some(family.addr_type())
+            }
+            Expr::Payload(PayloadField::ThDport) => Some(DataType::InetService),
+            Expr::MetaL4proto => Some(DataType::InetProto),
+            Expr::NumgenRandom(_) => Some(DataType::Integer),
+            _ => None,
+        }
+    }
+
+    /// Whether this expression loads `th dport`.
+    pub fn loads_port(&self) -> bool {
+        match self {
+            Expr::Payload(PayloadField::ThDport) => true,
+            Expr::Concat(parts) => parts.iter().any(Expr::loads_port),
+            _ => false,
+        }
+    }
+
     /// `ip saddr` or `ip6 saddr`.
     pub fn saddr(family: Family) -> Expr {
         Expr::Payload(PayloadField::Saddr(family))
@@ -173,6 +196,16 @@ pub enum Stmt {
         /// New destination port.
         port: u16,
     },
+    /// `dnat ip to KEY map @MAP`: the address and port of the element the key finds; no
+    /// match if absent. Must follow a `meta l4proto` match, like `Dnat`.
+    DnatMap {
+        /// The family of the new destination.
+        family: Family,
+        /// The key.
+        key: Expr,
+        /// The named map, of `address . port` values.
+        map: String,
+    },
     /// `masquerade fully-random`
     MasqueradeFullyRandom,
     /// `reject` (ICMP port unreachable for this family).
@@ -205,6 +238,17 @@ impl Stmt {
         Stmt::Lookup {
             left,
             set: set.into(),
+        }
+    }
+
+    /// Whether an expression of this statement loads `th dport`.
+    pub fn loads_port(&self) -> bool {
+        match self {
+            Stmt::Match { left, .. } | Stmt::Lookup { left, .. } => left.loads_port(),
+            Stmt::Vmap { key, .. } | Stmt::Update { key, .. } | Stmt::DnatMap { key, .. } => {
+                key.loads_port()
+            }
+            _ => false,
         }
     }
 
@@ -254,7 +298,7 @@ impl Rule {
     pub fn referenced_sets(&self) -> impl Iterator<Item = &str> {
         self.stmts.iter().filter_map(|stmt| match stmt {
             Stmt::Lookup { set, .. } | Stmt::Update { set, .. } => Some(set.as_str()),
-            Stmt::Vmap { map, .. } => Some(map.as_str()),
+            Stmt::Vmap { map, .. } | Stmt::DnatMap { map, .. } => Some(map.as_str()),
             _ => None,
         })
     }

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::expr::Rule;
+use crate::expr::{Expr, Rule};
 use crate::types::{BaseChain, DataType, Family, Value, Verdict};
 
 /// One table and everything in it.
@@ -135,15 +135,19 @@ impl Chain {
     }
 }
 
-/// A named set, or a map when `data` is set.
+/// A named set, or a map when `data` is not empty.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Set {
     /// The name.
     pub name: String,
     /// The key type; several types make a concatenation.
     pub key: Vec<DataType>,
-    /// The value type of a map.
-    pub data: Option<DataType>,
+    /// The value type of a map (several types make a concatenation); empty for a set.
+    pub data: Vec<DataType>,
+    /// The expressions the key and value types were taken from, when the set is declared
+    /// with `typeof` (needed when a type has no name nft accepts, such as a `numgen`
+    /// result in a concatenation). nft keeps them in the set's userdata.
+    pub type_of: Option<TypeOf>,
     /// `flags dynamic`: the data path may add elements (`update`).
     pub dynamic: bool,
     /// `flags timeout` with this default timeout, in seconds.
@@ -162,7 +166,8 @@ impl Set {
         Set {
             name: name.into(),
             key,
-            data: None,
+            data: Vec::new(),
+            type_of: None,
             dynamic: false,
             timeout: None,
             size: None,
@@ -174,9 +179,23 @@ impl Set {
     /// An empty verdict map with the given key type.
     pub fn verdict_map(name: impl Into<String>, key: Vec<DataType>) -> Set {
         Set {
-            data: Some(DataType::Verdict),
+            data: vec![DataType::Verdict],
             ..Set::new(name, key)
         }
+    }
+
+    /// An empty map declared by `typeof KEY : DATA`, or `None` when one of the
+    /// expressions has no data type.
+    pub fn typeof_map(name: impl Into<String>, key: Vec<Expr>, data: Vec<Expr>) -> Option<Set> {
+        let types = |exprs: &[Expr]| exprs.iter().map(Expr::data_type).collect::<Option<Vec<_>>>();
+        Some(Set {
+            data: types(&data)?,
+            type_of: Some(TypeOf {
+                key: key.clone(),
+                data,
+            }),
+            ..Set::new(name, types(&key)?)
+        })
     }
 
     /// The same set with a comment.
@@ -187,7 +206,7 @@ impl Set {
 
     /// Whether this is a map.
     pub fn is_map(&self) -> bool {
-        self.data.is_some()
+        !self.data.is_empty()
     }
 
     /// The same declaration with no elements (without copying them first: a set can
@@ -197,6 +216,7 @@ impl Set {
             name,
             key,
             data,
+            type_of,
             dynamic,
             timeout,
             size,
@@ -206,7 +226,8 @@ impl Set {
         Set {
             name: name.clone(),
             key: key.clone(),
-            data: *data,
+            data: data.clone(),
+            type_of: type_of.clone(),
             dynamic: *dynamic,
             timeout: *timeout,
             size: *size,
@@ -222,6 +243,15 @@ impl Set {
     }
 }
 
+/// The expressions of a `typeof` declaration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TypeOf {
+    /// One expression per key field.
+    pub key: Vec<Expr>,
+    /// One expression per value field of a map.
+    pub data: Vec<Expr>,
+}
+
 /// A set or map element.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Element {
@@ -229,6 +259,8 @@ pub struct Element {
     pub key: Vec<Value>,
     /// The verdict of a verdict-map element.
     pub verdict: Option<Verdict>,
+    /// The value of a data-map element (one value per value field); empty otherwise.
+    pub data: Vec<Value>,
     /// Comment.
     pub comment: Option<String>,
 }
@@ -239,16 +271,24 @@ impl Element {
         Element {
             key,
             verdict: None,
+            data: Vec::new(),
             comment: None,
+        }
+    }
+
+    /// A data-map element.
+    pub fn mapped(key: Vec<Value>, data: Vec<Value>) -> Element {
+        Element {
+            data,
+            ..Element::key(key)
         }
     }
 
     /// A verdict-map element.
     pub fn verdict(key: Vec<Value>, verdict: Verdict) -> Element {
         Element {
-            key,
             verdict: Some(verdict),
-            comment: None,
+            ..Element::key(key)
         }
     }
 

@@ -11,7 +11,7 @@ use crate::expr::{
     CmpOp, CtState, CtStatus, Expr, FibInput, MarkOp, PayloadField, Rhs, Rule, Stmt,
 };
 use crate::table::{Chain, Element, Set, Table};
-use crate::types::{BaseChain, ChainType, DataType, Hook, Value, Verdict};
+use crate::types::{BaseChain, ChainType, DataType, Hook, L4Proto, Value, Verdict};
 
 /// Formats seconds the way nft prints timeouts: `3h`, `1d1h1m1s`, `10s`.
 pub fn format_duration(seconds: u32) -> String {
@@ -86,6 +86,7 @@ impl Display for DataType {
             DataType::InetProto => "inet_proto",
             DataType::InetService => "inet_service",
             DataType::Verdict => "verdict",
+            DataType::Integer => "integer",
         })
     }
 }
@@ -96,6 +97,7 @@ impl Display for Value {
             Value::Addr(addr) => addr.fmt(f),
             Value::Proto(proto) => f.write_str(proto.name()),
             Value::Port(port) => port.fmt(f),
+            Value::Number(n) => n.fmt(f),
         }
     }
 }
@@ -114,28 +116,37 @@ impl Display for Verdict {
 
 impl Display for Expr {
     fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
-        match self {
-            Expr::Payload(PayloadField::Saddr(family)) => write!(f, "{family} saddr"),
-            Expr::Payload(PayloadField::Daddr(family)) => write!(f, "{family} daddr"),
-            Expr::Payload(PayloadField::ThDport) => f.write_str("th dport"),
-            Expr::MetaL4proto => f.write_str("meta l4proto"),
-            Expr::MetaMark => f.write_str("meta mark"),
-            Expr::MetaMarkAnd(mask) => write!(f, "meta mark & {mask:#010x}"),
-            Expr::Iifname => f.write_str("iifname"),
-            Expr::CtState => f.write_str("ct state"),
-            Expr::CtStatus => f.write_str("ct status"),
-            Expr::FibType(FibInput::Saddr) => f.write_str("fib saddr type"),
-            Expr::FibType(FibInput::Daddr) => f.write_str("fib daddr type"),
-            Expr::NumgenRandom(modulus) => write!(f, "numgen random mod {modulus}"),
-            Expr::Concat(parts) => {
-                for (i, part) in parts.iter().enumerate() {
-                    if i > 0 {
-                        f.write_str(" . ")?;
-                    }
-                    part.fmt(f)?;
+        write_expr(f, self, None)
+    }
+}
+
+/// An expression; with `proto` set, `th dport` prints as that protocol's port, the way
+/// nft shows a port whose `meta l4proto` dependency it folded away.
+fn write_expr(f: &mut Formatter<'_>, expr: &Expr, proto: Option<L4Proto>) -> fmt::Result {
+    match expr {
+        Expr::Payload(PayloadField::Saddr(family)) => write!(f, "{family} saddr"),
+        Expr::Payload(PayloadField::Daddr(family)) => write!(f, "{family} daddr"),
+        Expr::Payload(PayloadField::ThDport) => match proto {
+            Some(proto) => write!(f, "{} dport", proto.name()),
+            None => f.write_str("th dport"),
+        },
+        Expr::MetaL4proto => f.write_str("meta l4proto"),
+        Expr::MetaMark => f.write_str("meta mark"),
+        Expr::MetaMarkAnd(mask) => write!(f, "meta mark & {mask:#010x}"),
+        Expr::Iifname => f.write_str("iifname"),
+        Expr::CtState => f.write_str("ct state"),
+        Expr::CtStatus => f.write_str("ct status"),
+        Expr::FibType(FibInput::Saddr) => f.write_str("fib saddr type"),
+        Expr::FibType(FibInput::Daddr) => f.write_str("fib daddr type"),
+        Expr::NumgenRandom(modulus) => write!(f, "numgen random mod {modulus}"),
+        Expr::Concat(parts) => {
+            for (i, part) in parts.iter().enumerate() {
+                if i > 0 {
+                    f.write_str(" . ")?;
                 }
-                Ok(())
+                write_expr(f, part, proto)?;
             }
+            Ok(())
         }
     }
 }
@@ -158,44 +169,80 @@ impl Display for Rhs {
 
 impl Display for Stmt {
     fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
-        match self {
-            Stmt::Match {
-                left,
-                op: CmpOp::Eq,
-                right,
-            } => write!(f, "{left} {right}"),
-            Stmt::Match {
-                left,
-                op: CmpOp::Neq,
-                right,
-            } => write!(f, "{left} != {right}"),
-            Stmt::Lookup { left, set } => write!(f, "{left} @{set}"),
-            Stmt::Vmap { key, map } => write!(f, "{key} vmap @{map}"),
-            Stmt::SetMark(MarkOp::Or(bits)) => write!(f, "meta mark set meta mark | {bits:#010x}"),
-            Stmt::SetMark(MarkOp::Xor(bits)) => write!(f, "meta mark set meta mark ^ {bits:#010x}"),
-            Stmt::Update { set, key } => write!(f, "update @{set} {{ {key} }}"),
-            Stmt::Dnat {
-                addr: IpAddr::V4(addr),
-                port,
-            } => write!(f, "dnat to {addr}:{port}"),
-            Stmt::Dnat {
-                addr: IpAddr::V6(addr),
-                port,
-            } => write!(f, "dnat to [{addr}]:{port}"),
-            Stmt::MasqueradeFullyRandom => f.write_str("masquerade fully-random"),
-            Stmt::Reject => f.write_str("reject"),
-            Stmt::Verdict(verdict) => verdict.fmt(f),
-        }
+        write_stmt(f, self, None)
     }
+}
+
+fn write_stmt(f: &mut Formatter<'_>, stmt: &Stmt, proto: Option<L4Proto>) -> fmt::Result {
+    let expr = |f: &mut Formatter<'_>, expr: &Expr| write_expr(f, expr, proto);
+    match stmt {
+        Stmt::Match { left, op, right } => {
+            expr(f, left)?;
+            match op {
+                CmpOp::Eq => write!(f, " {right}"),
+                CmpOp::Neq => write!(f, " != {right}"),
+            }
+        }
+        Stmt::Lookup { left, set } => {
+            expr(f, left)?;
+            write!(f, " @{set}")
+        }
+        Stmt::Vmap { key, map } => {
+            expr(f, key)?;
+            write!(f, " vmap @{map}")
+        }
+        Stmt::SetMark(MarkOp::Or(bits)) => write!(f, "meta mark set meta mark | {bits:#010x}"),
+        Stmt::SetMark(MarkOp::Xor(bits)) => write!(f, "meta mark set meta mark ^ {bits:#010x}"),
+        Stmt::Update { set, key } => {
+            write!(f, "update @{set} {{ ")?;
+            expr(f, key)?;
+            f.write_str(" }")
+        }
+        Stmt::Dnat {
+            addr: IpAddr::V4(addr),
+            port,
+        } => write!(f, "dnat to {addr}:{port}"),
+        Stmt::Dnat {
+            addr: IpAddr::V6(addr),
+            port,
+        } => write!(f, "dnat to [{addr}]:{port}"),
+        Stmt::DnatMap { family, key, map } => {
+            write!(f, "dnat {family} to ")?;
+            expr(f, key)?;
+            write!(f, " map @{map}")
+        }
+        Stmt::MasqueradeFullyRandom => f.write_str("masquerade fully-random"),
+        Stmt::Reject => f.write_str("reject"),
+        Stmt::Verdict(verdict) => verdict.fmt(f),
+    }
+}
+
+/// The protocol of a `meta l4proto` match that nft lists folded into a later `th dport`
+/// (as `tcp dport` …): the first statement, when a later one loads the port.
+fn folded_protocol(stmts: &[Stmt]) -> Option<L4Proto> {
+    let (
+        Stmt::Match {
+            left: Expr::MetaL4proto,
+            op: CmpOp::Eq,
+            right: Rhs::Proto(proto),
+        },
+        rest,
+    ) = stmts.split_first()?
+    else {
+        return None;
+    };
+    rest.iter().any(Stmt::loads_port).then_some(*proto)
 }
 
 impl Display for Rule {
     fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
-        for (i, stmt) in self.stmts.iter().enumerate() {
+        let proto = folded_protocol(&self.stmts);
+        let shown = &self.stmts[usize::from(proto.is_some())..];
+        for (i, stmt) in shown.iter().enumerate() {
             if i > 0 {
                 f.write_str(" ")?;
             }
-            stmt.fmt(f)?;
+            write_stmt(f, stmt, proto)?;
         }
         if let Some(comment) = &self.comment {
             write!(f, " comment \"{comment}\"")?;
@@ -218,6 +265,10 @@ impl Display for Element {
         if let Some(verdict) = &self.verdict {
             write!(f, " : {verdict}")?;
         }
+        for (i, value) in self.data.iter().enumerate() {
+            f.write_str(if i == 0 { " : " } else { " . " })?;
+            value.fmt(f)?;
+        }
         Ok(())
     }
 }
@@ -226,12 +277,27 @@ impl Display for Element {
 /// `comment …`), in the order nft lists them.
 pub(crate) fn set_declaration(set: &Set) -> Vec<String> {
     let mut lines = Vec::with_capacity(5);
-    let key: Vec<String> = set.key.iter().map(ToString::to_string).collect();
-    let mut type_line = format!("type {}", key.join(" . "));
-    if let Some(data) = &set.data {
-        let _ = write!(type_line, " : {data}");
-    }
-    lines.push(type_line);
+    lines.push(match &set.type_of {
+        Some(type_of) => format!(
+            "typeof {} : {}",
+            Expr::Concat(type_of.key.clone()),
+            Expr::Concat(type_of.data.clone())
+        ),
+        None => {
+            let join = |types: &[DataType]| {
+                types
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" . ")
+            };
+            let mut line = format!("type {}", join(&set.key));
+            if set.is_map() {
+                let _ = write!(line, " : {}", join(&set.data));
+            }
+            line
+        }
+    });
     if let Some(size) = set.size {
         lines.push(format!("size {size}"));
     }

@@ -264,6 +264,21 @@ impl Tracer<'_> {
                     }
                     branches.push((state, at + 1));
                 }
+                Step_::DnatChoices(choices) => {
+                    let share = 1.0 / choices.len() as f64;
+                    for choice in choices {
+                        let mut state = state.clone();
+                        state.probability *= share;
+                        match choice {
+                            Some((addr, port)) => {
+                                dnat(&mut state, addr, port);
+                                record(&mut state, hook, chain, index, rule);
+                                done.push((state, Flow::End(End::Fate(Fate::Accepted))));
+                            }
+                            None => done.push((state, Flow::NoMatch)),
+                        }
+                    }
+                }
                 Step_::Verdict(verdict) => {
                     record(&mut state, hook, chain, index, rule);
                     done.extend(self.verdict(hook, verdict, state, depth));
@@ -344,10 +359,25 @@ impl Tracer<'_> {
             }
             Stmt::Update { .. } => Step_::Next,
             Stmt::Dnat { addr, port } => {
-                state.packet.daddr = *addr;
-                state.packet.dport = *port;
-                state.dnat = Some((*addr, *port));
+                dnat(state, *addr, *port);
                 Step_::End(End::Fate(Fate::Accepted))
+            }
+            Stmt::DnatMap { key, map, .. } => {
+                // One equally likely choice per value of the key's `numgen` (one choice
+                // without it); a value whose key finds no element does not match.
+                let modulus = numgen_modulus(key).unwrap_or(1);
+                Step_::DnatChoices(
+                    (0..modulus)
+                        .map(|n| {
+                            let key = values(key, state, n)?;
+                            let element = self.table.sets.get(map)?.elements.get(&key)?;
+                            match element.data.as_slice() {
+                                [Value::Addr(addr), Value::Port(port)] => Some((*addr, *port)),
+                                _ => None,
+                            }
+                        })
+                        .collect(),
+                )
             }
             Stmt::MasqueradeFullyRandom => {
                 state.masquerade = true;
@@ -369,7 +399,7 @@ impl Tracer<'_> {
         if set.dynamic {
             return None;
         }
-        let key = values(key, state)?;
+        let key = values(key, state, 0)?;
         set.elements.get(&key)
     }
 
@@ -398,6 +428,8 @@ enum Step_ {
     Next,
     NoMatch,
     Random(u32),
+    /// DNAT to one of these, each as likely; `None`: no match.
+    DnatChoices(Vec<Option<(IpAddr, u16)>>),
     Verdict(Verdict),
     End(End),
 }
@@ -418,8 +450,24 @@ fn record(state: &mut State, hook: &str, chain: &str, index: usize, rule: &Rule)
     });
 }
 
-/// The values a (possibly concatenated) key expression has for this packet.
-fn values(key: &Expr, state: &State) -> Option<Vec<Value>> {
+fn dnat(state: &mut State, addr: IpAddr, port: u16) {
+    state.packet.daddr = addr;
+    state.packet.dport = port;
+    state.dnat = Some((addr, port));
+}
+
+/// The modulus of the `numgen` inside a key, if it has one.
+fn numgen_modulus(key: &Expr) -> Option<u32> {
+    match key {
+        Expr::NumgenRandom(modulus) => Some(*modulus),
+        Expr::Concat(parts) => parts.iter().find_map(numgen_modulus),
+        _ => None,
+    }
+}
+
+/// The values a (possibly concatenated) key expression has for this packet, with
+/// `numgen` drawing `drawn`.
+fn values(key: &Expr, state: &State, drawn: u32) -> Option<Vec<Value>> {
     let p = &state.packet;
     let one = |e: &Expr| -> Option<Value> {
         Some(match e {
@@ -427,6 +475,7 @@ fn values(key: &Expr, state: &State) -> Option<Vec<Value>> {
             Expr::Payload(PayloadField::Daddr(_)) => Value::Addr(p.daddr),
             Expr::Payload(PayloadField::ThDport) => Value::Port(p.dport),
             Expr::MetaL4proto => Value::Proto(p.proto),
+            Expr::NumgenRandom(_) => Value::Number(drawn),
             _ => return None,
         })
     };
@@ -565,6 +614,56 @@ mod tests {
             dport,
             iifname: "eth0".into(),
         }
+    }
+
+    #[test]
+    fn a_map_of_endpoints_gives_every_element_an_equal_share_and_misses_fall_through() {
+        let mut t = table();
+        let family = crate::Family::Ip;
+        t.add_set(
+            Set::typeof_map(
+                "endpoints",
+                vec![Expr::daddr(family), Expr::th_dport(), Expr::NumgenRandom(1)],
+                vec![Expr::daddr(family), Expr::th_dport()],
+            )
+            .unwrap(),
+        );
+        // Two of the three values numgen draws have an element: the third falls through
+        // to the cascade of chain `s`.
+        for (index, last) in [(0, 7), (2, 8)] {
+            t.add_element(
+                "endpoints",
+                Element::mapped(
+                    vec![
+                        Value::Addr([10, 96, 0, 1].into()),
+                        Value::Port(80),
+                        Value::Number(index),
+                    ],
+                    vec![Value::Addr([10, 0, 1, last].into()), Value::Port(9090)],
+                ),
+            );
+        }
+        let rules = &mut t.chains.get_mut("s").unwrap().rules;
+        rules.insert(
+            0,
+            Rule::new(vec![Stmt::DnatMap {
+                family,
+                key: Expr::Concat(vec![
+                    Expr::daddr(family),
+                    Expr::th_dport(),
+                    Expr::NumgenRandom(3),
+                ]),
+                map: "endpoints".into(),
+            }]),
+        );
+        let outcomes = trace(&t, &packet([10, 96, 0, 1], 80), Origin::Arriving, &[]);
+        assert_eq!(
+            describe(&outcomes),
+            "dnat 10.0.0.1:8080 (11.1%), dnat 10.0.0.2:8080 (11.1%), \
+             dnat 10.0.0.3:8080 (11.1%), dnat 10.0.1.7:9090 (33.3%), dnat 10.0.1.8:9090 (33.3%)"
+        );
+        let total: f64 = outcomes.iter().map(|o| o.probability).sum();
+        assert!((total - 1.0).abs() < 1e-9);
     }
 
     #[test]

@@ -113,6 +113,9 @@ pub enum DataType {
     InetService,
     /// `verdict` (map values only)
     Verdict,
+    /// `integer`, 32 bits: a `numgen` result in a key. nft has no `type` name for it in
+    /// a concatenation, so a set using it is declared with `typeof`.
+    Integer,
 }
 
 /// A layer-4 protocol that a Service port can use.
@@ -155,6 +158,8 @@ pub enum Value {
     Proto(L4Proto),
     /// A port (`inet_service`).
     Port(u16),
+    /// A 32-bit number (`integer`): the `numgen` slot of a key.
+    Number(u32),
 }
 
 /// A verdict: the end of a rule, or the value of a verdict map element.
