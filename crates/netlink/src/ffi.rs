@@ -897,7 +897,10 @@ fn build_expr(raw: &RawExpr) -> Result<ExprObj, Error> {
             expr.u32(sys::NFTNL_EXPR_NAT_FAMILY, *family);
             expr.u32(sys::NFTNL_EXPR_NAT_REG_ADDR_MIN, *reg_addr);
             expr.u32(sys::NFTNL_EXPR_NAT_REG_PROTO_MIN, *reg_proto);
-            expr.u32(sys::NFTNL_EXPR_NAT_FLAGS, *flags);
+            // nft leaves the attribute out when there are no flags.
+            if *flags != 0 {
+                expr.u32(sys::NFTNL_EXPR_NAT_FLAGS, *flags);
+            }
         }
         RawExpr::Masq { flags } => expr.u32(sys::NFTNL_EXPR_MASQ_FLAGS, *flags),
         RawExpr::Reject { kind, code } => {

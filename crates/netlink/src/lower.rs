@@ -193,14 +193,14 @@ fn addr_offset(field: PayloadField) -> Option<(u32, u32)> {
         PayloadField::Daddr(Family::Ip) => Some((16, 4)),
         PayloadField::Saddr(Family::Ip6) => Some((8, 16)),
         PayloadField::Daddr(Family::Ip6) => Some((24, 16)),
-        PayloadField::ThDport => None,
+        PayloadField::ThDport | PayloadField::Dport(_) => None,
     }
 }
 
 /// The byte length of a loaded value, as it sits in registers.
 fn load_len(expr: &Expr) -> Result<u32, LowerError> {
     Ok(match expr {
-        Expr::Payload(PayloadField::ThDport) => 2,
+        Expr::Payload(PayloadField::ThDport | PayloadField::Dport(_)) => 2,
         Expr::Payload(field) => addr_offset(*field).map_or(0, |(_, len)| len),
         Expr::MetaL4proto => 1,
         Expr::NumgenRandom(_) => 4,
@@ -217,6 +217,9 @@ fn load(expr: &Expr, dreg: u32, out: &mut Vec<RawExpr>) -> Result<(), LowerError
             len: 2,
             dreg,
         },
+        Expr::Payload(PayloadField::Dport(_)) => {
+            return err(format!("{expr} only declares sets (rules load th dport)"));
+        }
         Expr::Payload(field) => {
             let (offset, len) = addr_offset(*field).expect("address fields have offsets");
             RawExpr::Payload {
@@ -461,11 +464,12 @@ pub fn lower(family: Family, stmts: &[Stmt]) -> Result<Vec<RawExpr>, LowerError>
                     set: map.clone(),
                     dreg: Some(REG_1),
                 });
+                // Like nft, no flags: the kernel sets them for the registers given.
                 out.push(RawExpr::Dnat {
                     family: nfproto(family),
                     reg_addr: REG_1,
                     reg_proto: mapped_port_reg(family),
-                    flags: NAT_RANGE_PROTO_SPECIFIED,
+                    flags: 0,
                 });
             }
             Stmt::MasqueradeFullyRandom => out.push(RawExpr::Masq {
@@ -770,7 +774,14 @@ pub fn raise(family: Family, exprs: &[RawExpr]) -> Result<Vec<Stmt>, LowerError>
                         map: set.clone(),
                     },
                     Some(REG_1) => {
-                        set_reg(&mut regs, REG_1, Loaded::Mapped { key, map: set.clone() });
+                        set_reg(
+                            &mut regs,
+                            REG_1,
+                            Loaded::Mapped {
+                                key,
+                                map: set.clone(),
+                            },
+                        );
                         continue;
                     }
                     Some(other) => return err(format!("map lookup into register {other}")),
@@ -797,7 +808,7 @@ pub fn raise(family: Family, exprs: &[RawExpr]) -> Result<Vec<Stmt>, LowerError>
                 reg_proto,
                 flags,
             } if *nat_family == nfproto(family)
-                && *flags & !NAT_RANGE_MAP_IPS == NAT_RANGE_PROTO_SPECIFIED =>
+                && *flags & !(NAT_RANGE_MAP_IPS | NAT_RANGE_PROTO_SPECIFIED) == 0 =>
             {
                 let addr = match take_reg(&mut regs, *reg_addr)? {
                     Loaded::Mapped { key, map } if *reg_proto == mapped_port_reg(family) => {
@@ -960,6 +971,9 @@ const EXPR_META: u32 = 9;
 const EXPR_CONCAT: u32 = 13;
 const EXPR_NUMGEN: u32 = 23;
 /// nft's `enum proto_desc_id` and header field indexes.
+const PROTO_DESC_UDP: u32 = 6;
+const PROTO_DESC_TCP: u32 = 8;
+const PROTO_DESC_SCTP: u32 = 10;
 const PROTO_DESC_TH: u32 = 11;
 const PROTO_DESC_IP: u32 = 12;
 const PROTO_DESC_IP6: u32 = 13;
@@ -968,6 +982,20 @@ const IPHDR_DADDR: u32 = 12;
 const IP6HDR_SADDR: u32 = 8;
 const IP6HDR_DADDR: u32 = 9;
 const THDR_DPORT: u32 = 2;
+
+fn proto_desc(proto: L4Proto) -> u32 {
+    match proto {
+        L4Proto::Tcp => PROTO_DESC_TCP,
+        L4Proto::Udp => PROTO_DESC_UDP,
+        L4Proto::Sctp => PROTO_DESC_SCTP,
+    }
+}
+
+fn proto_of_desc(desc: u32) -> Option<L4Proto> {
+    [L4Proto::Tcp, L4Proto::Udp, L4Proto::Sctp]
+        .into_iter()
+        .find(|p| proto_desc(*p) == desc)
+}
 
 fn tlv(out: &mut Vec<u8>, kind: u8, value: &[u8]) -> Result<(), LowerError> {
     let len = u8::try_from(value.len()).map_err(|_| LowerError("typeof too long".into()))?;
@@ -996,6 +1024,7 @@ fn typeof_fields(expr: &Expr) -> Result<(u32, Vec<u32>), LowerError> {
                 PayloadField::Saddr(Family::Ip6) => vec![PROTO_DESC_IP6, IP6HDR_SADDR],
                 PayloadField::Daddr(Family::Ip6) => vec![PROTO_DESC_IP6, IP6HDR_DADDR],
                 PayloadField::ThDport => vec![PROTO_DESC_TH, THDR_DPORT],
+                PayloadField::Dport(proto) => vec![proto_desc(*proto), THDR_DPORT],
             },
         ),
         Expr::MetaL4proto => (EXPR_META, vec![META_L4PROTO]),
@@ -1011,6 +1040,9 @@ fn typeof_of_fields(kind: u32, fields: &[u32]) -> Result<Expr, LowerError> {
         (EXPR_PAYLOAD, [PROTO_DESC_IP6, IP6HDR_SADDR]) => Expr::saddr(Family::Ip6),
         (EXPR_PAYLOAD, [PROTO_DESC_IP6, IP6HDR_DADDR]) => Expr::daddr(Family::Ip6),
         (EXPR_PAYLOAD, [PROTO_DESC_TH, THDR_DPORT]) => Expr::th_dport(),
+        (EXPR_PAYLOAD, [desc, THDR_DPORT]) if let Some(proto) = proto_of_desc(*desc) => {
+            Expr::Payload(PayloadField::Dport(proto))
+        }
         (EXPR_META, [META_L4PROTO]) => Expr::MetaL4proto,
         (EXPR_NUMGEN, [NUMGEN_RANDOM, modulus, 0]) => Expr::NumgenRandom(*modulus),
         _ => return err(format!("typeof expression {kind} with {fields:?}")),

@@ -8,8 +8,8 @@ use std::process::Command;
 use nftproxy_netlink::netns::in_new_netns;
 use nftproxy_netlink::{Error, NetlinkBackend};
 use nftproxy_nft::{
-    Backend, Chain, DataType, Element, Expr, Family, L4Proto, Op, Rhs, Rule, Set, Stmt, Table,
-    Transaction, Value, diff,
+    Backend, Chain, DataType, Element, Expr, Family, L4Proto, Op, PayloadField, Rhs, Rule, Set,
+    Stmt, Table, Transaction, Value, diff,
 };
 use nftproxy_testkit::{golden_tables, kernel_available, normalise_listing, run_ok};
 
@@ -247,37 +247,22 @@ fn load_balancing_table(family: Family) -> Table {
     };
     let service: IpAddr = service.parse().expect("address");
     let endpoint: IpAddr = endpoint.parse().expect("address");
-    let key = || {
-        Expr::Concat(vec![
-            Expr::daddr(family),
-            Expr::MetaL4proto,
-            Expr::th_dport(),
-        ])
-    };
+    let udp_port = || Expr::Payload(PayloadField::Dport(L4Proto::Udp));
     let mut table = Table::new(family, "nftproxy");
     table.add_set(
         Set::typeof_map(
             "endpoints",
-            vec![
-                Expr::daddr(family),
-                Expr::MetaL4proto,
-                Expr::th_dport(),
-                Expr::NumgenRandom(1),
-            ],
-            vec![Expr::daddr(family), Expr::th_dport()],
+            vec![Expr::daddr(family), udp_port(), Expr::NumgenRandom(1)],
+            vec![Expr::daddr(family), udp_port()],
         )
         .expect("typed expressions")
         .with_comment("endpoints by service address and index"),
     );
     table.add_set(Set::new(
         "endpoints-2",
-        vec![family.addr_type(), DataType::InetProto, DataType::InetService],
+        vec![family.addr_type(), DataType::InetService],
     ));
-    let service_key = vec![
-        Value::Addr(service),
-        Value::Proto(L4Proto::Udp),
-        Value::Port(53),
-    ];
+    let service_key = vec![Value::Addr(service), Value::Port(53)];
     table.add_element("endpoints-2", Element::key(service_key.clone()));
     for (index, port) in [(0, 5353), (1, 5354)] {
         let mut key = service_key.clone();
@@ -287,27 +272,20 @@ fn load_balancing_table(family: Family) -> Table {
             Element::mapped(key, vec![Value::Addr(endpoint), Value::Port(port)]),
         );
     }
+    let destination = || vec![Expr::daddr(family), Expr::th_dport()];
+    let mut drawn = destination();
+    drawn.push(Expr::NumgenRandom(2));
     table.add_chain(Chain::regular(
         "load-balance",
-        [L4Proto::Tcp, L4Proto::Udp]
-            .into_iter()
-            .map(|proto| {
-                Rule::new(vec![
-                    Stmt::eq(Expr::MetaL4proto, Rhs::Proto(proto)),
-                    Stmt::lookup(key(), "endpoints-2"),
-                    Stmt::DnatMap {
-                        family,
-                        key: Expr::Concat(vec![
-                            Expr::daddr(family),
-                            Expr::MetaL4proto,
-                            Expr::th_dport(),
-                            Expr::NumgenRandom(2),
-                        ]),
-                        map: "endpoints".to_owned(),
-                    },
-                ])
-            })
-            .collect(),
+        vec![Rule::new(vec![
+            Stmt::eq(Expr::MetaL4proto, Rhs::Proto(L4Proto::Udp)),
+            Stmt::lookup(Expr::Concat(destination()), "endpoints-2"),
+            Stmt::DnatMap {
+                family,
+                key: Expr::Concat(drawn),
+                map: "endpoints".to_owned(),
+            },
+        ])],
     ));
     table
 }

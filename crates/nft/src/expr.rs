@@ -18,6 +18,9 @@ pub enum PayloadField {
     Daddr(Family),
     /// `th dport`: the destination port of TCP, UDP or SCTP.
     ThDport,
+    /// `tcp dport`, `udp dport`, `sctp dport`: only in `typeof` declarations. (Rules
+    /// load `th dport` after a `meta l4proto` match, which nft lists the same way.)
+    Dport(L4Proto),
 }
 
 /// Which address `fib` looks up.
@@ -62,7 +65,9 @@ impl Expr {
             Expr::Payload(PayloadField::Saddr(family) | PayloadField::Daddr(family)) => {
                 Some(family.addr_type())
             }
-            Expr::Payload(PayloadField::ThDport) => Some(DataType::InetService),
+            Expr::Payload(PayloadField::ThDport | PayloadField::Dport(_)) => {
+                Some(DataType::InetService)
+            }
             Expr::MetaL4proto => Some(DataType::InetProto),
             Expr::NumgenRandom(_) => Some(DataType::Integer),
             _ => None,

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::table::{Element, Table};
 use crate::transaction::{Op, Transaction};
+use crate::types::DataType;
 
 /// A group of chains (with the sets only they use) that only reference each other and
 /// the first stage's objects, and the elements that point at them.
@@ -192,19 +193,42 @@ impl Transaction {
                 }
             }
         }
-        // Elements that lead to no chain of their own (ClusterIPs, hairpin pairs) can come
-        // in any order after the first transaction: in transactions of their own.
-        let mut stages: Vec<Stage> = shared
-            .chunks(limit.max(1))
-            .map(|chunk| Stage::Shared(chunk.to_vec()))
-            .collect();
+        // A group too big for one transaction (chains shared by many Services, and
+        // the elements of all of them) is created empty first; its elements then come
+        // with the shared ones.
+        let mut stages: Vec<Stage> = Vec::new();
+        let (big, small): (Vec<Group>, Vec<Group>) =
+            by_root.into_values().partition(|g| g.size > limit);
+        for mut group in big {
+            shared.extend(
+                std::mem::take(&mut group.elements)
+                    .into_iter()
+                    .flat_map(|(set, list)| list.into_iter().map(move |e| (set, e))),
+            );
+            stages.push(Stage::Groups(vec![group]));
+        }
+        // Elements that lead to no chain of their own (ClusterIPs, hairpin pairs,
+        // endpoints) can come in any order after the chains: in transactions of their
+        // own, with those of verdict maps last, so a destination is entered only once
+        // the data it leads to is in.
+        shared.sort_by_key(|(set, _)| {
+            table
+                .sets
+                .get(*set)
+                .is_some_and(|s| s.data == [DataType::Verdict])
+        });
+        stages.extend(
+            shared
+                .chunks(limit.max(1))
+                .map(|chunk| Stage::Shared(chunk.to_vec())),
+        );
 
         // Pack the groups into transactions in an order that spreads alike groups (those
         // with affinity sets, whose chain names all start alike) over all of them: a
         // rule naming a set costs the kernel a scan of the table's sets, so bunching the
         // set-heavy groups would make a few transactions slow. The hash of the first
         // chain's name is a fixed, well-mixed order.
-        let mut ordered: Vec<Group> = by_root.into_values().collect();
+        let mut ordered = small;
         ordered.sort_by_cached_key(|g| {
             let name = g
                 .chains

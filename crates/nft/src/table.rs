@@ -187,7 +187,12 @@ impl Set {
     /// An empty map declared by `typeof KEY : DATA`, or `None` when one of the
     /// expressions has no data type.
     pub fn typeof_map(name: impl Into<String>, key: Vec<Expr>, data: Vec<Expr>) -> Option<Set> {
-        let types = |exprs: &[Expr]| exprs.iter().map(Expr::data_type).collect::<Option<Vec<_>>>();
+        let types = |exprs: &[Expr]| {
+            exprs
+                .iter()
+                .map(Expr::data_type)
+                .collect::<Option<Vec<_>>>()
+        };
         Some(Set {
             data: types(&data)?,
             type_of: Some(TypeOf {

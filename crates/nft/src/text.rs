@@ -126,6 +126,7 @@ fn write_expr(f: &mut Formatter<'_>, expr: &Expr, proto: Option<L4Proto>) -> fmt
     match expr {
         Expr::Payload(PayloadField::Saddr(family)) => write!(f, "{family} saddr"),
         Expr::Payload(PayloadField::Daddr(family)) => write!(f, "{family} daddr"),
+        Expr::Payload(PayloadField::Dport(proto)) => write!(f, "{} dport", proto.name()),
         Expr::Payload(PayloadField::ThDport) => match proto {
             Some(proto) => write!(f, "{} dport", proto.name()),
             None => f.write_str("th dport"),

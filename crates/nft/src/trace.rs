@@ -474,6 +474,7 @@ fn values(key: &Expr, state: &State, drawn: u32) -> Option<Vec<Value>> {
             Expr::Payload(PayloadField::Saddr(_)) => Value::Addr(p.saddr),
             Expr::Payload(PayloadField::Daddr(_)) => Value::Addr(p.daddr),
             Expr::Payload(PayloadField::ThDport) => Value::Port(p.dport),
+            Expr::Payload(PayloadField::Dport(proto)) if p.proto == *proto => Value::Port(p.dport),
             Expr::MetaL4proto => Value::Proto(p.proto),
             Expr::NumgenRandom(_) => Value::Number(drawn),
             _ => return None,

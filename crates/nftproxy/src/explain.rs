@@ -35,8 +35,9 @@ fn service_of_chain(chain: &str) -> Option<String> {
     })
 }
 
-/// The Services an outcome went through, or for a reject/drop the no-endpoint element's
-/// comment (which names its Service).
+/// The Services an outcome went through: named by their chains (ports with affinity),
+/// else by the comment of the element that dispatched the packet, or for a reject/drop
+/// by the no-endpoint element's.
 fn services(table: &Table, packet: &Packet, outcome: &Outcome) -> Vec<String> {
     let mut names: Vec<String> = outcome
         .steps
@@ -45,30 +46,28 @@ fn services(table: &Table, packet: &Packet, outcome: &Outcome) -> Vec<String> {
         .filter_map(|s| service_of_chain(&s.chain))
         .collect();
     names.dedup();
-    if names.is_empty() && outcome.fate != Fate::Accepted {
-        let proto = Value::Proto(packet.proto);
-        let keys = [
-            (
-                "no-endpoint-services",
-                vec![Value::Addr(packet.daddr), proto, Value::Port(packet.dport)],
-            ),
-            (
-                "no-endpoint-nodeports",
-                vec![proto, Value::Port(packet.dport)],
-            ),
-        ];
-        for (set, key) in keys {
-            if let Some(comment) = table
-                .sets
-                .get(set)
-                .and_then(|s| s.elements.get(&key))
-                .and_then(|e| e.comment.clone())
-            {
-                names.push(format!("{comment} (no usable endpoints)"));
-                break;
-            }
-        }
+    if !names.is_empty() {
+        return names;
     }
+    let proto = Value::Proto(packet.proto);
+    let by_address = vec![Value::Addr(packet.daddr), proto, Value::Port(packet.dport)];
+    let by_port = vec![proto, Value::Port(packet.dport)];
+    let (maps, suffix) = if outcome.dnat.is_some() {
+        (["service-ips", "service-nodeports"], packet.proto.name())
+    } else if outcome.fate != Fate::Accepted {
+        (
+            ["no-endpoint-services", "no-endpoint-nodeports"],
+            "no usable endpoints",
+        )
+    } else {
+        return names;
+    };
+    // In the order the rules consult them: addresses first, then NodePorts.
+    let comment = maps
+        .into_iter()
+        .zip([by_address, by_port])
+        .find_map(|(map, key)| table.sets.get(map)?.elements.get(&key)?.comment.clone());
+    names.extend(comment.map(|c| format!("{c} ({suffix})")));
     names
 }
 

@@ -147,7 +147,8 @@ fn the_api_and_the_manifests_give_the_same_ruleset() {
                 .args(SEED_NODE_FLAGS),
             "",
         );
-        assert!(from_api.contains("redis"), "{from_api}");
+        // redis's ClusterIP.
+        assert!(from_api.contains("10.103.50.102"), "{from_api}");
         assert_eq!(from_api, from_files);
     })
     .expect("netns");
@@ -272,7 +273,8 @@ fn the_daemon_follows_the_api_keeps_rules_while_it_is_down_and_reports_metrics()
         run_ok(Command::new("kill").args(["-TERM", &pid]), "");
         let status = daemon.0.wait().expect("exits");
         assert!(status.success(), "{status}");
-        assert!(listing().is_some_and(|l| l.contains("counter")));
+        // counter-lb's ClusterIP.
+        assert!(listing().is_some_and(|l| l.contains("10.109.133.129")));
     })
     .expect("netns");
 }

@@ -160,22 +160,19 @@ fn check(case: &Case, output: &Output, table: &Table, reference: &Table) -> Vec<
         }
     }
     for service in &case.programs {
-        // A Service with endpoints has a service chain; one without has its
-        // no-endpoint-services element, commented `namespace/name[:port]`.
-        let marker = format!("-{service}/");
-        let with_endpoints = table
-            .chains
-            .keys()
-            .any(|c| c.starts_with("service-") && c.contains(&marker));
-        let without_endpoints = table.sets.get("no-endpoint-services").is_some_and(|set| {
-            set.elements.values().any(|e| {
-                e.comment
-                    .as_deref()
-                    .and_then(|c| c.strip_prefix(service.as_str()))
-                    .is_some_and(|rest| rest.is_empty() || rest.starts_with(':'))
+        // A Service's ClusterIP has its element in service-ips (with endpoints) or in
+        // no-endpoint-services (without), commented `namespace/name[:port]`.
+        let names = |set: &str| {
+            table.sets.get(set).is_some_and(|set| {
+                set.elements.values().any(|e| {
+                    e.comment
+                        .as_deref()
+                        .and_then(|c| c.strip_prefix(service.as_str()))
+                        .is_some_and(|rest| rest.is_empty() || rest.starts_with(':'))
+                })
             })
-        });
-        if !with_endpoints && !without_endpoints {
+        };
+        if !names("service-ips") && !names("no-endpoint-services") {
             problems.push(format!("Service {service} is not programmed"));
         }
     }

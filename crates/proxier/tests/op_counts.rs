@@ -5,26 +5,30 @@ use nftproxy_nft::FakeBackend;
 use nftproxy_proxier::{Reconciler, ReconcilerOptions};
 use nftproxy_testkit::tables_from_yaml;
 
-/// Service `web` with the given endpoint addresses, plus an unrelated service `db`.
+/// Service `web` with the given endpoint addresses, plus two unrelated services, `db`
+/// with two endpoints and `cache` with three, so that the balancers' rules for two and
+/// three endpoints exist whatever `web` has.
 fn cluster(web_endpoints: &[u8], with_web: bool) -> String {
-    let mut yaml = String::from(
-        "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: ns}\n\
-         spec: {clusterIP: 172.30.0.2, ports: [{name: p, port: 5432}]}\n---\n\
-         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
-         metadata: {name: db-1, namespace: ns, labels: {kubernetes.io/service-name: db}}\n\
-         addressType: IPv4\nports: [{name: p, port: 5432}]\nendpoints: [{addresses: [10.180.9.1]}]\n",
-    );
-    if with_web {
-        yaml.push_str(
-            "---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: ns}\n\
-             spec: {clusterIP: 172.30.0.1, ports: [{name: p, port: 80}]}\n---\n\
+    let mut yaml = String::new();
+    let mut service = |name: &str, cluster_ip: &str, endpoints: &[String]| {
+        yaml.push_str(&format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: ns}}\n\
+             spec: {{clusterIP: {cluster_ip}, ports: [{{name: p, port: 80}}]}}\n---\n\
              apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
-             metadata: {name: web-1, namespace: ns, labels: {kubernetes.io/service-name: web}}\n\
-             addressType: IPv4\nports: [{name: p, port: 80}]\nendpoints:\n",
-        );
-        for e in web_endpoints {
-            yaml.push_str(&format!("- addresses: [10.180.0.{e}]\n"));
+             metadata: {{name: {name}-1, namespace: ns, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+             addressType: IPv4\nports: [{{name: p, port: 80}}]\nendpoints:\n"
+        ));
+        for address in endpoints {
+            yaml.push_str(&format!("- addresses: [{address}]\n"));
         }
+    };
+    let addresses = |prefix: &str, last: &[u8]| -> Vec<String> {
+        last.iter().map(|e| format!("{prefix}{e}")).collect()
+    };
+    service("db", "172.30.0.2", &addresses("10.180.9.", &[1, 2]));
+    service("cache", "172.30.0.3", &addresses("10.180.8.", &[1, 2, 3]));
+    if with_web {
+        service("web", "172.30.0.1", &addresses("10.180.0.", web_endpoints));
     }
     yaml
 }
@@ -50,31 +54,52 @@ fn nothing_changed_is_zero_operations() {
 }
 
 #[test]
-fn an_added_endpoint_rewrites_one_chain() {
+fn an_added_endpoint_is_four_element_operations() {
     let mut r = reconciler_at(&cluster(&[1, 2], true));
-    // flush the service chain, three cascade rules, one hairpin element
-    assert_eq!(operations(&mut r, &cluster(&[1, 2, 3], true)), 5);
+    // web leaves the two-endpoint set for the three-endpoint one; one endpoint element,
+    // one hairpin element
+    assert_eq!(operations(&mut r, &cluster(&[1, 2, 3], true)), 4);
 }
 
 #[test]
-fn a_removed_endpoint_rewrites_one_chain() {
+fn a_removed_last_endpoint_is_four_element_operations() {
     let mut r = reconciler_at(&cluster(&[1, 2, 3], true));
-    // flush the service chain, two cascade rules, one hairpin element deleted
     assert_eq!(operations(&mut r, &cluster(&[1, 2], true)), 4);
 }
 
 #[test]
-fn an_added_service_adds_its_chain_and_elements() {
+fn a_removed_first_endpoint_moves_the_later_ones_down() {
+    let mut r = reconciler_at(&cluster(&[1, 2, 3], true));
+    // the count sets (2), indexes 0 and 1 take new values (delete and add each: 4),
+    // index 2 goes (1), one hairpin element (1)
+    assert_eq!(operations(&mut r, &cluster(&[2, 3], true)), 8);
+}
+
+#[test]
+fn a_count_no_destination_had_adds_a_rule() {
+    let mut r = reconciler_at(&cluster(&[1, 2, 3], true));
+    // as above, plus the set of four-endpoint destinations and the balancer chain
+    // rewritten (flushed, three rules)
+    let ops = operations(&mut r, &cluster(&[1, 2, 3, 4], true));
+    assert_eq!(ops, 9);
+}
+
+#[test]
+fn an_added_service_is_its_elements() {
     let mut r = reconciler_at(&cluster(&[], false));
-    // chain, two rules, cluster-ips and service-ips elements, two hairpin elements
+    // cluster-ips and service-ips elements, the count element, two endpoint elements,
+    // two hairpin elements
     assert_eq!(operations(&mut r, &cluster(&[1, 2], true)), 7);
 }
 
 #[test]
 fn a_removed_service_leaves_nothing_behind() {
     let mut r = reconciler_at(&cluster(&[1, 2], true));
-    // flush and delete its chain, cluster-ips, service-ips and two hairpin elements
-    assert_eq!(operations(&mut r, &cluster(&[], false)), 6);
+    assert_eq!(operations(&mut r, &cluster(&[], false)), 7);
     let kernel = r.applied(nftproxy_nft::Family::Ip).unwrap();
-    assert!(!kernel.chains.keys().any(|c| c.contains("/web/")));
+    let text = kernel.to_string();
+    assert!(
+        !text.contains("172.30.0.1 ") && !text.contains("10.180.0."),
+        "{text}"
+    );
 }

@@ -8,11 +8,13 @@
 //! (one ClusterIP for several ports, one endpoint behind several Services); the element
 //! stays until the last of them takes it out.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
+use std::collections::{BTreeSet, HashMap};
 
 use nftproxy_model::{Build, Delta, IpFamily, PortChanges, ProxyState, ServicePortState};
 use nftproxy_nft::{Chain, Element, Family, Scope, Scopes, Set, Table, Value};
 
+use crate::balance::{self, Balancer, Destination, Usages};
 use crate::{nft_family, services, skeleton};
 
 /// What one service port adds to its family's table.
@@ -20,7 +22,8 @@ use crate::{nft_family, services, skeleton};
 pub(crate) struct Fragment {
     sets: Vec<Set>,
     chains: Vec<Chain>,
-    elements: Vec<(&'static str, Element)>,
+    elements: Vec<(Cow<'static, str>, Element)>,
+    destinations: Vec<Destination>,
 }
 
 impl Fragment {
@@ -34,16 +37,81 @@ impl Fragment {
 
     /// An element of one of the skeleton's shared sets or maps.
     pub(crate) fn add_element(&mut self, set: &'static str, element: Element) {
-        self.elements.push((set, element));
+        self.elements.push((Cow::Borrowed(set), element));
+    }
+
+    /// A destination's endpoints, for the shared load-balancing chains.
+    pub(crate) fn add_destination(&mut self, destination: Destination) {
+        self.destinations.push(destination);
     }
 }
 
 /// Elements put in by more than one service port, with how many holders beyond the
 /// first.
-type ExtraHolders = HashMap<(&'static str, Vec<Value>), u32>;
+type ExtraHolders = HashMap<(Cow<'static, str>, Vec<Value>), u32>;
+
+/// What service ports share in a table: elements, and the balancers' rules.
+#[derive(Debug, Default)]
+struct Shared {
+    extra: ExtraHolders,
+    usages: Usages,
+}
 
 /// Adds a service port's objects to `table`, noting them in `scope` if given.
-fn put(
+fn put(table: &mut Table, shared: &mut Shared, fragment: Fragment, mut scope: Option<&mut Scope>) {
+    let Fragment {
+        sets,
+        chains,
+        mut elements,
+        destinations,
+    } = fragment;
+    let mut changed = BTreeSet::new();
+    for destination in &destinations {
+        let usage = destination.usage();
+        let (balancer, proto, _) = usage;
+        let mut created = Vec::with_capacity(2);
+        if !balance::map_in_use(&shared.usages, balancer, proto) {
+            balance::add_map(table, balancer, proto);
+            created.push(balancer.map(proto));
+        }
+        let uses = shared.usages.entry(usage).or_default();
+        *uses += 1;
+        if *uses == 1 {
+            balance::add_count_set(table, usage);
+            created.push(balancer.count_set(usage.1, usage.2));
+            changed.insert(balancer);
+        }
+        if let Some(scope) = scope.as_deref_mut() {
+            scope.sets.extend(created);
+        }
+        elements.extend(destination.elements().map(|(s, e)| (Cow::Owned(s), e)));
+    }
+    let fragment = Fragment {
+        sets,
+        chains,
+        elements,
+        destinations: Vec::new(),
+    };
+    put_objects(table, &mut shared.extra, fragment, scope.as_deref_mut());
+    rebuild_balancers(table, &shared.usages, changed, scope);
+}
+
+/// A new chain for each balancer whose rules changed.
+fn rebuild_balancers(
+    table: &mut Table,
+    usages: &Usages,
+    changed: BTreeSet<Balancer>,
+    mut scope: Option<&mut Scope>,
+) {
+    for balancer in changed {
+        table.add_chain(balance::chain(table.family, balancer, usages));
+        if let Some(scope) = scope.as_deref_mut() {
+            scope.chains.insert(balancer.chain().to_owned());
+        }
+    }
+}
+
+fn put_objects(
     table: &mut Table,
     extra: &mut ExtraHolders,
     fragment: Fragment,
@@ -63,34 +131,80 @@ fn put(
     }
     for (set, element) in fragment.elements {
         if let Some(scope) = scope.as_deref_mut() {
-            let keys = scope.elements.entry(set.to_owned()).or_default();
+            let keys = scope.elements.entry(set.to_string()).or_default();
             keys.insert(element.key.clone());
         }
         if let Some(existing) = table
             .sets
-            .get(set)
+            .get(set.as_ref())
             .and_then(|s| s.elements.get(&element.key))
         {
             debug_assert_eq!(existing, &element, "one key, two meanings in {set}");
             *extra.entry((set, element.key)).or_default() += 1;
         } else {
-            table.add_element(set, element);
+            table.add_element(&set, element);
         }
     }
 }
 
 /// Removes a service port's objects from `table` (shared elements only with their last
-/// holder), noting them in `scope`.
-fn take(table: &mut Table, extra: &mut ExtraHolders, fragment: Fragment, scope: &mut Scope) {
-    for set in fragment.sets {
+/// holder, count sets and balancer rules with the last destination using them), noting
+/// them in `scope`.
+fn take(table: &mut Table, shared: &mut Shared, fragment: Fragment, scope: &mut Scope) {
+    let mut elements = fragment.elements;
+    for destination in &fragment.destinations {
+        elements.extend(destination.elements().map(|(s, e)| (Cow::Owned(s), e)));
+    }
+    take_objects(
+        table,
+        &mut shared.extra,
+        fragment.sets,
+        fragment.chains,
+        elements,
+        scope,
+    );
+    let mut changed = BTreeSet::new();
+    for destination in &fragment.destinations {
+        let usage = destination.usage();
+        let (balancer, proto, count) = usage;
+        let Some(uses) = shared.usages.get_mut(&usage) else {
+            continue;
+        };
+        *uses -= 1;
+        if *uses > 0 {
+            continue;
+        }
+        shared.usages.remove(&usage);
+        changed.insert(balancer);
+        let mut gone = vec![balancer.count_set(proto, count)];
+        if !balance::map_in_use(&shared.usages, balancer, proto) {
+            gone.push(balancer.map(proto));
+        }
+        for name in gone {
+            table.sets.remove(&name);
+            scope.sets.insert(name);
+        }
+    }
+    rebuild_balancers(table, &shared.usages, changed, Some(scope));
+}
+
+fn take_objects(
+    table: &mut Table,
+    extra: &mut ExtraHolders,
+    sets: Vec<Set>,
+    chains: Vec<Chain>,
+    elements: Vec<(Cow<'static, str>, Element)>,
+    scope: &mut Scope,
+) {
+    for set in sets {
         table.sets.remove(&set.name);
         scope.sets.insert(set.name);
     }
-    for chain in fragment.chains {
+    for chain in chains {
         table.chains.remove(&chain.name);
         scope.chains.insert(chain.name);
     }
-    for (set, element) in fragment.elements {
+    for (set, element) in elements {
         let holder = (set, element.key);
         match extra.get_mut(&holder) {
             Some(count) if *count > 1 => *count -= 1,
@@ -98,27 +212,27 @@ fn take(table: &mut Table, extra: &mut ExtraHolders, fragment: Fragment, scope: 
                 extra.remove(&holder);
             }
             None => {
-                if let Some(s) = table.sets.get_mut(set) {
+                if let Some(s) = table.sets.get_mut(holder.0.as_ref()) {
                     s.elements.remove(&holder.1);
                 }
             }
         }
         scope
             .elements
-            .entry(set.to_owned())
+            .entry(holder.0.into_owned())
             .or_default()
             .insert(holder.1);
     }
 }
 
-/// A family's whole table, with its shared elements counted.
-fn render_counted(state: &ProxyState) -> (Table, ExtraHolders) {
+/// A family's whole table, with what its service ports share counted.
+fn render_counted(state: &ProxyState) -> (Table, Shared) {
     let mut table = skeleton::table(state);
-    let mut extra = ExtraHolders::new();
+    let mut shared = Shared::default();
     for service_port in &state.services {
-        put(&mut table, &mut extra, fragment(state, service_port), None);
+        put(&mut table, &mut shared, fragment(state, service_port), None);
     }
-    (table, extra)
+    (table, shared)
 }
 
 /// A service port's objects.
@@ -138,8 +252,8 @@ pub fn render(state: &ProxyState) -> Table {
 pub struct Renderer {
     /// The IPv4 table, then the IPv6 table when that family is active.
     tables: Vec<Table>,
-    /// Per table, its shared elements' extra holders.
-    extra: Vec<ExtraHolders>,
+    /// Per table, what its service ports share.
+    shared: Vec<Shared>,
 }
 
 impl Renderer {
@@ -165,24 +279,24 @@ impl Renderer {
                 (None, false, _) => scopes.insert(family, Scope::default()),
                 (Some(at), false, _) => {
                     self.tables.remove(at);
-                    self.extra.remove(at);
+                    self.shared.remove(at);
                 }
                 (Some(at), true, Some(changes)) => {
                     let scope = self.apply(at, state, changes);
                     scopes.insert(family, scope);
                 }
                 (at, true, _) => {
-                    let (table, extra) = render_counted(state);
+                    let (table, shared) = render_counted(state);
                     match at {
                         Some(at) => {
                             self.tables[at] = table;
-                            self.extra[at] = extra;
+                            self.shared[at] = shared;
                         }
                         None => {
                             // IPv4 is always first.
                             let at = usize::from(family == Family::Ip6 && !self.tables.is_empty());
                             self.tables.insert(at, table);
-                            self.extra.insert(at, extra);
+                            self.shared.insert(at, shared);
                         }
                     }
                 }
@@ -192,16 +306,16 @@ impl Renderer {
     }
 
     fn apply(&mut self, at: usize, state: &ProxyState, changes: &PortChanges) -> Scope {
-        let (table, extra) = (&mut self.tables[at], &mut self.extra[at]);
+        let (table, shared) = (&mut self.tables[at], &mut self.shared[at]);
         let mut scope = Scope::default();
         for old in &changes.removed {
-            take(table, extra, fragment(state, old), &mut scope);
+            take(table, shared, fragment(state, old), &mut scope);
         }
         for name in &changes.added {
             if let Ok(found) = state.services.binary_search_by(|p| p.name.cmp(name)) {
                 put(
                     table,
-                    extra,
+                    shared,
                     fragment(state, &state.services[found]),
                     Some(&mut scope),
                 );

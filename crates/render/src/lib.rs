@@ -10,6 +10,7 @@
 //! departs from it where the kernel's costs say so; `rules-golden/README.md` explains
 //! each departure.
 
+mod balance;
 mod fragment;
 mod names;
 mod services;

@@ -1,32 +1,33 @@
-//! Per-service-port chains and map elements: ClusterIP, NodePort, externalIPs and load
+//! Per-service-port map elements and chains: ClusterIP, NodePort, externalIPs and load
 //! balancer IPs, traffic policies, affinity, source ranges and no-endpoint verdicts.
 //!
 //! Invariant: a chain is only referenced (by an element or a rule) when it is written in
 //! the same table, and the decisions follow kube-proxy's element table exactly
 //! (`kube-proxy-nftables.md` §1.7).
 //!
-//! Load balancing is a cascade rather than upstream's per-service `numgen` map: rule k
-//! of N matches with probability 1/(N−k), so each endpoint gets exactly 1/N of new
-//! connections, and the table holds no anonymous sets, which the kernel binds at a cost
-//! that grows with the size of the transaction.
+//! Without affinity a service port has no chains of its own: its destinations go to the
+//! shared entry and load-balancing chains, and its endpoints are elements of the
+//! balancers' maps (`balance`). With ClientIP affinity it keeps upstream's per-port
+//! chains, per-endpoint affinity sets and endpoint chains, chosen among by a cascade:
+//! rule k of N matches with probability 1/(N−k), so each endpoint gets exactly 1/N of
+//! new connections.
 
 use nftproxy_model::{Endpoint, ProxyState, ServicePortState};
-use nftproxy_nft::{Chain, Element, Expr, FibInput, Rhs, Rule, Set, Stmt, Value, Verdict};
+use nftproxy_nft::{Chain, Element, Expr, L4Proto, Rhs, Rule, Set, Stmt, Value, Verdict};
 
+use crate::balance::{self, Balancer, Destination};
 use crate::fragment::Fragment;
 use crate::skeleton::{
     CLUSTER_IPS, FIREWALL_IPS, HAIRPIN_CONNECTIONS, NO_ENDPOINT_NODEPORTS, NO_ENDPOINT_SERVICES,
-    REJECT_CHAIN, SERVICE_IPS, SERVICE_NODEPORTS, local_traffic_match, mark_for_masquerade,
+    REJECT_CHAIN, SERVICE_IPS, SERVICE_NODEPORTS,
 };
 use crate::{address_key, comment, family, l4proto, names};
 
 pub(crate) fn add_service_port(fragment: &mut Fragment, state: &ProxyState, sp: &ServicePortState) {
     let name = &sp.name;
     let proto = l4proto(name.protocol);
-    let cluster_chain = names::service_chain(name);
-    let local_chain = names::local_chain(name);
-    let external_chain = names::external_chain(name);
     let endpoints = &sp.endpoints;
+    let affinity = sp.affinity_timeout.is_some();
 
     let uses_cluster_chain = !endpoints.cluster.is_empty() && sp.uses_cluster_endpoints();
     let uses_local_chain = !endpoints.local.is_empty() && sp.uses_local_endpoints();
@@ -39,56 +40,77 @@ pub(crate) fn add_service_port(fragment: &mut Fragment, state: &ProxyState, sp: 
     } else {
         Verdict::Goto(REJECT_CHAIN.to_owned())
     };
-    let no_endpoint_element = |key: Vec<Value>| {
-        Element::verdict(key, no_endpoints.clone()).with_comment(comment(name.to_string()))
+    // Elements name their Service port: no chain name does without affinity.
+    let element = |key: Vec<Value>, verdict: Verdict| {
+        Element::verdict(key, verdict).with_comment(comment(name.to_string()))
+    };
+    let no_endpoint_element = |key: Vec<Value>| element(key, no_endpoints.clone());
+    // Where a destination's traffic is balanced: the port's own chains with affinity,
+    // otherwise the shared balancers, which need the destination's endpoints.
+    let balance = |fragment: &mut Fragment, node_port: bool, local: bool, key: &[Value]| {
+        let (chain, endpoints) = if local {
+            (names::local_chain(name), &endpoints.local)
+        } else {
+            (names::service_chain(name), &endpoints.cluster)
+        };
+        if affinity {
+            return chain;
+        }
+        let balancer = Balancer::of(node_port, local);
+        fragment.add_destination(Destination::new(balancer, proto, port_key(key), endpoints));
+        balancer.chain().to_owned()
     };
 
     // ClusterIP.
     fragment.add_element(CLUSTER_IPS, Element::key(vec![Value::Addr(sp.cluster_ip)]));
     let cluster_key = address_key(sp.cluster_ip, name.protocol, sp.port);
-    let internal_chain = if sp.internal_policy_local {
-        uses_local_chain.then_some(&local_chain)
+    let internal_chain_used = if sp.internal_policy_local {
+        uses_local_chain
     } else {
-        uses_cluster_chain.then_some(&cluster_chain)
+        uses_cluster_chain
     };
-    match internal_chain {
-        Some(chain) if sp.has_internal_endpoints() => {
-            fragment.add_element(
-                SERVICE_IPS,
-                Element::verdict(cluster_key, Verdict::Goto(chain.clone())),
-            );
-        }
-        _ => {
-            fragment.add_element(NO_ENDPOINT_SERVICES, no_endpoint_element(cluster_key));
-        }
+    if internal_chain_used && sp.has_internal_endpoints() {
+        let chain = balance(fragment, false, sp.internal_policy_local, &cluster_key);
+        fragment.add_element(SERVICE_IPS, element(cluster_key, Verdict::Goto(chain)));
+    } else {
+        fragment.add_element(NO_ENDPOINT_SERVICES, no_endpoint_element(cluster_key));
     }
 
-    // externalIPs, load balancer IPs and the NodePort enter through the external chain.
+    // externalIPs, load balancer IPs and the NodePort enter through an external chain.
     // With Local policy and only remote endpoints the destination also gets a drop
     // element: pod and host traffic is short-circuited by the external chain, everything
     // else falls through it and is dropped after DNAT.
-    let mut add_external = |map: &'static str, no_endpoint_map: &'static str, key: Vec<Value>| {
+    let external_local = sp.external_policy_local;
+    let add_external = |fragment: &mut Fragment, node_port: bool, key: Vec<Value>| {
+        let (map, no_endpoint_map) = if node_port {
+            (SERVICE_NODEPORTS, NO_ENDPOINT_NODEPORTS)
+        } else {
+            (SERVICE_IPS, NO_ENDPOINT_SERVICES)
+        };
         if uses_external_chain {
-            fragment.add_element(
-                map,
-                Element::verdict(key.clone(), Verdict::Goto(external_chain.clone())),
-            );
+            // Pod and host traffic uses the Cluster endpoints whatever the policy.
+            balance(fragment, node_port, false, &key);
+            if external_local && uses_local_chain {
+                balance(fragment, node_port, true, &key);
+            }
+            let chain = if affinity {
+                names::external_chain(name)
+            } else {
+                balance::external_chain(node_port, external_local).to_owned()
+            };
+            fragment.add_element(map, element(key.clone(), Verdict::Goto(chain)));
         }
         if !uses_external_chain || !sp.has_external_endpoints() {
             fragment.add_element(no_endpoint_map, no_endpoint_element(key));
         }
     };
     for ip in sp.external_ips.iter().chain(&sp.load_balancer_ips) {
-        add_external(
-            SERVICE_IPS,
-            NO_ENDPOINT_SERVICES,
-            address_key(*ip, name.protocol, sp.port),
-        );
+        add_external(fragment, false, address_key(*ip, name.protocol, sp.port));
     }
     if let Some(node_port) = sp.node_port {
         add_external(
-            SERVICE_NODEPORTS,
-            NO_ENDPOINT_NODEPORTS,
+            fragment,
+            true,
             vec![Value::Proto(proto), Value::Port(node_port)],
         );
     }
@@ -108,26 +130,6 @@ pub(crate) fn add_service_port(fragment: &mut Fragment, state: &ProxyState, sp: 
         fragment.add_chain(Chain::regular(firewall_chain, firewall_rules(state, sp)));
     }
 
-    if uses_cluster_chain {
-        fragment.add_chain(Chain::regular(
-            cluster_chain.clone(),
-            endpoint_rules(state, sp, &endpoints.cluster),
-        ));
-    }
-    if uses_local_chain {
-        fragment.add_chain(Chain::regular(
-            local_chain.clone(),
-            endpoint_rules(state, sp, &endpoints.local),
-        ));
-    }
-    if uses_external_chain {
-        let local = uses_local_chain.then_some(local_chain.as_str());
-        fragment.add_chain(Chain::regular(
-            external_chain,
-            external_rules(state, sp, &cluster_chain, local),
-        ));
-    }
-
     for endpoint in &endpoints.all_reachable {
         fragment.add_element(
             HAIRPIN_CONNECTIONS,
@@ -138,34 +140,89 @@ pub(crate) fn add_service_port(fragment: &mut Fragment, state: &ProxyState, sp: 
                 Value::Port(endpoint.port),
             ]),
         );
-        if let Some(timeout) = sp.affinity_timeout {
-            let set = names::affinity_set(name, endpoint);
-            fragment.add_set(Set {
-                dynamic: true,
-                timeout: Some(timeout),
-                // No `size`: the kernel sizes the hash table for it up front (a 65,535
-                // hint zeroes about a megabyte per set, which made 250 affinity sets cost
-                // 0.6 s of a cold load); upstream states none either.
-                size: None,
-                ..Set::new(set.clone(), vec![family(state).addr_type()])
-            });
-            fragment.add_chain(Chain::regular(
-                names::endpoint_chain(name, endpoint),
-                vec![
-                    Rule::new(vec![Stmt::Update {
-                        set,
-                        key: Expr::saddr(family(state)),
-                    }]),
-                    Rule::new(dnat(sp, endpoint)),
-                ],
-            ));
-        }
+    }
+    if let Some(timeout) = sp.affinity_timeout {
+        add_affinity_chains(
+            fragment,
+            state,
+            sp,
+            timeout,
+            [uses_cluster_chain, uses_local_chain, uses_external_chain],
+        );
     }
 }
 
-fn dnat(sp: &ServicePortState, endpoint: &Endpoint) -> Vec<Stmt> {
+/// A destination's `[address .] port`, from its `[address .] protocol . port` key: the
+/// balancers keep one map per protocol.
+fn port_key(key: &[Value]) -> Vec<Value> {
+    key.iter()
+        .filter(|v| !matches!(v, Value::Proto(_)))
+        .copied()
+        .collect()
+}
+
+/// A port with ClientIP affinity: its Cluster, Local and external chains (those in use,
+/// in that order), and per endpoint an affinity set and an endpoint chain.
+fn add_affinity_chains(
+    fragment: &mut Fragment,
+    state: &ProxyState,
+    sp: &ServicePortState,
+    timeout: u32,
+    [cluster, local, external]: [bool; 3],
+) {
+    let name = &sp.name;
+    let cluster_chain = names::service_chain(name);
+    let local_chain = names::local_chain(name);
+    if cluster {
+        fragment.add_chain(Chain::regular(
+            cluster_chain.clone(),
+            affinity_rules(state, sp, &sp.endpoints.cluster),
+        ));
+    }
+    if local {
+        fragment.add_chain(Chain::regular(
+            local_chain.clone(),
+            affinity_rules(state, sp, &sp.endpoints.local),
+        ));
+    }
+    if external {
+        fragment.add_chain(Chain::regular(
+            names::external_chain(name),
+            balance::external_rules(
+                state,
+                sp.external_policy_local,
+                &cluster_chain,
+                local.then_some(local_chain.as_str()),
+            ),
+        ));
+    }
+    for endpoint in &sp.endpoints.all_reachable {
+        let set = names::affinity_set(name, endpoint);
+        fragment.add_set(Set {
+            dynamic: true,
+            timeout: Some(timeout),
+            // No `size`: the kernel sizes the hash table for it up front (a 65,535
+            // hint zeroes about a megabyte per set, which made 250 affinity sets cost
+            // 0.6 s of a cold load); upstream states none either.
+            size: None,
+            ..Set::new(set.clone(), vec![family(state).addr_type()])
+        });
+        fragment.add_chain(Chain::regular(
+            names::endpoint_chain(name, endpoint),
+            vec![
+                Rule::new(vec![Stmt::Update {
+                    set,
+                    key: Expr::saddr(family(state)),
+                }]),
+                Rule::new(dnat(l4proto(name.protocol), endpoint)),
+            ],
+        ));
+    }
+}
+
+fn dnat(proto: L4Proto, endpoint: &Endpoint) -> Vec<Stmt> {
     vec![
-        Stmt::eq(Expr::MetaL4proto, Rhs::Proto(l4proto(sp.name.protocol))),
+        Stmt::eq(Expr::MetaL4proto, Rhs::Proto(proto)),
         Stmt::Dnat {
             addr: endpoint.ip,
             port: endpoint.port,
@@ -173,73 +230,29 @@ fn dnat(sp: &ServicePortState, endpoint: &Endpoint) -> Vec<Stmt> {
     ]
 }
 
-/// The rules of a service or local chain: affinity lookups first, then the
-/// equal-probability cascade over `endpoints` (DNAT directly, or into endpoint chains
-/// when affinity needs them).
-fn endpoint_rules(state: &ProxyState, sp: &ServicePortState, endpoints: &[Endpoint]) -> Vec<Rule> {
-    let affinity = sp.affinity_timeout.is_some();
-    let mut rules = Vec::with_capacity(endpoints.len() * if affinity { 2 } else { 1 });
-    if affinity {
-        for endpoint in endpoints {
-            rules.push(Rule::new(vec![
-                Stmt::lookup(
-                    Expr::saddr(family(state)),
-                    names::affinity_set(&sp.name, endpoint),
-                ),
-                Stmt::goto(names::endpoint_chain(&sp.name, endpoint)),
-            ]));
-        }
+/// The rules of an affinity port's service or local chain: the affinity lookups, then
+/// the equal-probability cascade into the endpoint chains.
+fn affinity_rules(state: &ProxyState, sp: &ServicePortState, endpoints: &[Endpoint]) -> Vec<Rule> {
+    let mut rules = Vec::with_capacity(endpoints.len() * 2);
+    for endpoint in endpoints {
+        rules.push(Rule::new(vec![
+            Stmt::lookup(
+                Expr::saddr(family(state)),
+                names::affinity_set(&sp.name, endpoint),
+            ),
+            Stmt::goto(names::endpoint_chain(&sp.name, endpoint)),
+        ]));
     }
     let count = endpoints.len();
     for (index, endpoint) in endpoints.iter().enumerate() {
-        let mut stmts = Vec::with_capacity(4);
+        let mut stmts = Vec::with_capacity(2);
         let remaining = count - index;
         if remaining > 1 {
             let modulus = u32::try_from(remaining).unwrap_or(u32::MAX);
             stmts.push(Stmt::eq(Expr::NumgenRandom(modulus), Rhs::Number(0)));
         }
-        if affinity {
-            stmts.push(Stmt::goto(names::endpoint_chain(&sp.name, endpoint)));
-        } else {
-            stmts.extend(dnat(sp, endpoint));
-        }
+        stmts.push(Stmt::goto(names::endpoint_chain(&sp.name, endpoint)));
         rules.push(Rule::new(stmts));
-    }
-    rules
-}
-
-/// The entry chain for external traffic: masquerade and use Cluster endpoints, or with
-/// Local policy keep the client address and use local endpoints, except for pod and
-/// host traffic, which is short-circuited to the Cluster endpoints.
-fn external_rules(
-    state: &ProxyState,
-    sp: &ServicePortState,
-    cluster: &str,
-    local: Option<&str>,
-) -> Vec<Rule> {
-    if !sp.external_policy_local {
-        return vec![Rule::new(vec![
-            mark_for_masquerade(state),
-            Stmt::goto(cluster),
-        ])];
-    }
-    let mut rules = Vec::with_capacity(3);
-    if let Some(from_pod) = local_traffic_match(state, true) {
-        rules.push(
-            Rule::new(vec![from_pod, Stmt::goto(cluster)])
-                .with_comment("short-circuit pod traffic"),
-        );
-    }
-    rules.push(
-        Rule::new(vec![
-            Stmt::eq(Expr::FibType(FibInput::Saddr), Rhs::FibLocal),
-            mark_for_masquerade(state),
-            Stmt::goto(cluster),
-        ])
-        .with_comment("masquerade and short-circuit local traffic"),
-    );
-    if let Some(local) = local {
-        rules.push(Rule::new(vec![Stmt::goto(local)]));
     }
     rules
 }

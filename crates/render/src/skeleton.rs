@@ -307,5 +307,6 @@ pub(crate) fn table(state: &ProxyState) -> Table {
         )
         .with_comment("service hairpin connections"),
     );
+    crate::balance::add_shared(&mut table, state);
     table
 }

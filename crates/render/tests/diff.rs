@@ -91,7 +91,7 @@ fn a_staged_creation_is_consistent_after_every_step_and_ends_at_the_table() {
                 staged, whole,
                 "{name}, limit {limit}: objects created twice or not at all"
             );
-            if table.chains.len() > 20 {
+            if whole > 3 * limit {
                 assert!(stages.len() > 2, "{name}, limit {limit}: not split");
             }
         }

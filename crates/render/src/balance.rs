@@ -1,0 +1,306 @@
+//! Load balancing by map elements: a destination's endpoints are elements of a map keyed
+//! by the destination and an index, and one shared rule per endpoint count draws the
+//! index with `numgen random mod COUNT`.
+//!
+//! Invariant: a balancer's chain holds exactly one rule per (endpoint count, protocol)
+//! that some destination uses, in ascending order, and the set of destinations with a
+//! given count exists exactly while one has that count. So adding or removing an
+//! endpoint changes elements only (the kernel revalidates the whole table for any rule
+//! change, but not for elements of a data map), unless it brings a count no destination
+//! had before.
+
+use std::collections::BTreeMap;
+
+use nftproxy_model::{Endpoint, ProxyState};
+use nftproxy_nft::{
+    Chain, Element, Expr, Family, FibInput, L4Proto, PayloadField, Rhs, Rule, Set, Stmt, Table,
+    Value,
+};
+
+use crate::skeleton::{local_traffic_match, mark_for_masquerade};
+
+/// Which endpoints of which destinations a balancer picks from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) enum Balancer {
+    /// Cluster endpoints, by destination address, protocol and port.
+    Cluster,
+    /// Node-local endpoints, by destination address, protocol and port.
+    Local,
+    /// Cluster endpoints, by NodePort.
+    NodePort,
+    /// Node-local endpoints, by NodePort.
+    NodePortLocal,
+}
+
+impl Balancer {
+    const ALL: [Balancer; 4] = [
+        Balancer::Cluster,
+        Balancer::Local,
+        Balancer::NodePort,
+        Balancer::NodePortLocal,
+    ];
+
+    /// The balancer for a traffic policy, by address or by NodePort.
+    pub(crate) fn of(node_port: bool, local: bool) -> Balancer {
+        match (node_port, local) {
+            (false, false) => Balancer::Cluster,
+            (false, true) => Balancer::Local,
+            (true, false) => Balancer::NodePort,
+            (true, true) => Balancer::NodePortLocal,
+        }
+    }
+
+    /// The chain that draws an endpoint.
+    pub(crate) fn chain(self) -> &'static str {
+        match self {
+            Balancer::Cluster => "load-balance",
+            Balancer::Local => "load-balance-local",
+            Balancer::NodePort => "load-balance-nodeport",
+            Balancer::NodePortLocal => "load-balance-nodeport-local",
+        }
+    }
+
+    /// The map from destination and index to endpoint, for one protocol. (One map per
+    /// protocol: nft 1.0.6 refuses to add a rule using a map already in the kernel
+    /// whose value is declared with `th dport`, and takes `udp dport` only in UDP rules.)
+    pub(crate) fn map(self, proto: L4Proto) -> String {
+        let what = match self {
+            Balancer::Cluster => "endpoints",
+            Balancer::Local => "local-endpoints",
+            Balancer::NodePort => "nodeport-endpoints",
+            Balancer::NodePortLocal => "nodeport-local-endpoints",
+        };
+        format!("{}-{what}", proto.name())
+    }
+
+    /// The set of destinations with `count` endpoints.
+    pub(crate) fn count_set(self, proto: L4Proto, count: usize) -> String {
+        format!("{}-{count}", self.map(proto))
+    }
+
+    fn by_node_port(self) -> bool {
+        matches!(self, Balancer::NodePort | Balancer::NodePortLocal)
+    }
+
+    /// `[ip daddr .] PORT`: what identifies a destination of one protocol.
+    fn destination(self, family: Family, port: PayloadField) -> Vec<Expr> {
+        let mut parts = Vec::with_capacity(2);
+        if !self.by_node_port() {
+            parts.push(Expr::daddr(family));
+        }
+        parts.push(Expr::Payload(port));
+        parts
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            Balancer::Cluster => "Cluster endpoints by destination",
+            Balancer::Local => "node-local endpoints by destination",
+            Balancer::NodePort => "Cluster endpoints by NodePort",
+            Balancer::NodePortLocal => "node-local endpoints by NodePort",
+        }
+    }
+
+    fn map_declaration(self, family: Family, proto: L4Proto) -> Set {
+        let port = PayloadField::Dport(proto);
+        let mut key = self.destination(family, port);
+        key.push(Expr::NumgenRandom(1));
+        Set::typeof_map(
+            self.map(proto),
+            key,
+            vec![Expr::daddr(family), Expr::Payload(port)],
+        )
+        .expect("addresses, ports and numgen results all have data types")
+        .with_comment(format!("{} {}, and index", proto.name(), self.what()))
+    }
+
+    fn count_set_declaration(self, family: Family, proto: L4Proto, count: usize) -> Set {
+        let types = self
+            .destination(family, PayloadField::ThDport)
+            .iter()
+            .filter_map(Expr::data_type)
+            .collect();
+        Set::new(self.count_set(proto, count), types).with_comment(format!(
+            "{} destinations with {count} {}",
+            proto.name(),
+            if count == 1 { "endpoint" } else { "endpoints" }
+        ))
+    }
+
+    /// `meta l4proto PROTO DESTINATION @COUNT-SET dnat to DESTINATION . numgen random mod
+    /// COUNT map @MAP`: an equal share for each of the destination's endpoints.
+    fn rule(self, family: Family, proto: L4Proto, count: usize) -> Rule {
+        let destination = self.destination(family, PayloadField::ThDport);
+        let mut drawn = destination.clone();
+        drawn.push(Expr::NumgenRandom(u32::try_from(count).unwrap_or(u32::MAX)));
+        Rule::new(vec![
+            Stmt::eq(Expr::MetaL4proto, Rhs::Proto(proto)),
+            Stmt::lookup(one_or_concat(destination), self.count_set(proto, count)),
+            Stmt::DnatMap {
+                family,
+                key: Expr::Concat(drawn),
+                map: self.map(proto),
+            },
+        ])
+    }
+}
+
+/// A key of one expression, or the concatenation of several (as nft decompiles them).
+fn one_or_concat(mut parts: Vec<Expr>) -> Expr {
+    if parts.len() == 1 {
+        parts.remove(0)
+    } else {
+        Expr::Concat(parts)
+    }
+}
+
+/// One destination's endpoints in one balancer.
+#[derive(Debug)]
+pub(crate) struct Destination {
+    balancer: Balancer,
+    proto: L4Proto,
+    /// `[address .] port`
+    key: Vec<Value>,
+    /// At least one.
+    endpoints: Vec<(std::net::IpAddr, u16)>,
+}
+
+impl Destination {
+    /// `key` is `[address .] port`.
+    pub(crate) fn new(
+        balancer: Balancer,
+        proto: L4Proto,
+        key: Vec<Value>,
+        endpoints: &[Endpoint],
+    ) -> Destination {
+        Destination {
+            balancer,
+            proto,
+            key,
+            endpoints: endpoints.iter().map(|e| (e.ip, e.port)).collect(),
+        }
+    }
+
+    /// The rule (and count set) this destination needs.
+    pub(crate) fn usage(&self) -> Usage {
+        (self.balancer, self.proto, self.endpoints.len())
+    }
+
+    /// The element in the count set, then one map element per endpoint.
+    pub(crate) fn elements(&self) -> impl Iterator<Item = (String, Element)> + '_ {
+        let count = std::iter::once((
+            self.balancer.count_set(self.proto, self.endpoints.len()),
+            Element::key(self.key.clone()),
+        ));
+        let map = self.balancer.map(self.proto);
+        let endpoints = (0u32..)
+            .zip(&self.endpoints)
+            .map(move |(index, (ip, port))| {
+                let mut key = self.key.clone();
+                key.push(Value::Number(index));
+                (
+                    map.clone(),
+                    Element::mapped(key, vec![Value::Addr(*ip), Value::Port(*port)]),
+                )
+            });
+        count.chain(endpoints)
+    }
+}
+
+/// (balancer, protocol, endpoint count): one rule, and its count set.
+pub(crate) type Usage = (Balancer, L4Proto, usize);
+
+/// How many destinations each rule serves.
+pub(crate) type Usages = BTreeMap<Usage, u32>;
+
+/// Whether any destination of `balancer` uses `proto`, and so needs its map.
+pub(crate) fn map_in_use(usages: &Usages, balancer: Balancer, proto: L4Proto) -> bool {
+    usages
+        .range((balancer, proto, 0)..=(balancer, proto, usize::MAX))
+        .next()
+        .is_some()
+}
+
+/// The map of a balancer's endpoints of one protocol.
+pub(crate) fn add_map(table: &mut Table, balancer: Balancer, proto: L4Proto) {
+    table.add_set(balancer.map_declaration(table.family, proto));
+}
+
+/// The set of destinations a rule serves.
+pub(crate) fn add_count_set(table: &mut Table, (balancer, proto, count): Usage) {
+    table.add_set(balancer.count_set_declaration(table.family, proto, count));
+}
+
+/// A balancer's chain, with a rule for each usage.
+pub(crate) fn chain(family: Family, balancer: Balancer, usages: &Usages) -> Chain {
+    let rules = usages
+        .keys()
+        .filter(|(b, _, _)| *b == balancer)
+        .map(|(_, proto, count)| balancer.rule(family, *proto, *count))
+        .collect();
+    Chain::regular(balancer.chain(), rules)
+}
+
+/// The entry chain of externally reached destinations without affinity, for each
+/// traffic policy, by address or by NodePort.
+pub(crate) fn external_chain(node_port: bool, local: bool) -> &'static str {
+    match (node_port, local) {
+        (false, false) => "external-cluster",
+        (false, true) => "external-local",
+        (true, false) => "nodeport-cluster",
+        (true, true) => "nodeport-local",
+    }
+}
+
+/// The entry for external traffic: masquerade and use Cluster endpoints, or with Local
+/// policy keep the client address and use node-local endpoints, except for pod and host
+/// traffic, which is short-circuited to the Cluster endpoints.
+pub(crate) fn external_rules(
+    state: &ProxyState,
+    policy_local: bool,
+    cluster: &str,
+    local: Option<&str>,
+) -> Vec<Rule> {
+    if !policy_local {
+        return vec![Rule::new(vec![
+            mark_for_masquerade(state),
+            Stmt::goto(cluster),
+        ])];
+    }
+    let mut rules = Vec::with_capacity(3);
+    if let Some(from_pod) = local_traffic_match(state, true) {
+        rules.push(
+            Rule::new(vec![from_pod, Stmt::goto(cluster)])
+                .with_comment("short-circuit pod traffic"),
+        );
+    }
+    rules.push(
+        Rule::new(vec![
+            Stmt::eq(Expr::FibType(FibInput::Saddr), Rhs::FibLocal),
+            mark_for_masquerade(state),
+            Stmt::goto(cluster),
+        ])
+        .with_comment("masquerade and short-circuit local traffic"),
+    );
+    if let Some(local) = local {
+        rules.push(Rule::new(vec![Stmt::goto(local)]));
+    }
+    rules
+}
+
+/// The balancers' (still empty) chains, and the shared external entry chains.
+pub(crate) fn add_shared(table: &mut Table, state: &ProxyState) {
+    for balancer in Balancer::ALL {
+        table.add_chain(Chain::regular(balancer.chain(), Vec::new()));
+    }
+    for node_port in [false, true] {
+        for local in [false, true] {
+            let cluster = Balancer::of(node_port, false).chain();
+            let local_chain = Balancer::of(node_port, true).chain();
+            table.add_chain(Chain::regular(
+                external_chain(node_port, local),
+                external_rules(state, local, cluster, Some(local_chain)),
+            ));
+        }
+    }
+}
