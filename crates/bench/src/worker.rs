@@ -181,8 +181,8 @@ pub fn cold(services: u32, endpoints: u32) -> Result<ColdReport, String> {
             .push(synth::endpoint_ip(spec.index, endpoints));
         snapshot.endpoint_slices[changed] = synth::endpoint_slice(spec).into();
         syncs.push(loaded.sync("one endpoint added", &snapshot)?);
-        spec.endpoints
-            .truncate(spec.endpoints.len().saturating_sub(2));
+        // The first: every later endpoint moves down one index.
+        spec.endpoints.remove(0);
         snapshot.endpoint_slices[changed] = synth::endpoint_slice(spec).into();
         syncs.push(loaded.sync("one endpoint removed", &snapshot)?);
     }

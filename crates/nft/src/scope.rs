@@ -7,8 +7,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::diff::diff;
-use crate::table::Table;
-use crate::transaction::Transaction;
+use crate::table::{Chain, Table};
+use crate::transaction::{Op, Transaction};
 use crate::types::{Family, Value};
 
 /// Names of chains and sets, and keys of elements, that may differ between two versions
@@ -72,8 +72,42 @@ impl Scope {
     /// named part is taken out, changed and put back, so the cost is the scope's, not the
     /// table's. Fails as [`Transaction::apply_to`] does, leaving `table` as it was.
     pub fn apply(&self, table: &mut Table, tx: &Transaction) -> Result<(), String> {
+        let mut part = self.restrict(table);
+        // What the transaction's rules and elements refer to outside the scope must be
+        // there to refer to; it is not written back.
+        for op in &tx.ops {
+            let (chains, sets): (Vec<&str>, Vec<&str>) = match op {
+                Op::AddRule { rule, .. } => (
+                    rule.referenced_chains().collect(),
+                    rule.referenced_sets().collect(),
+                ),
+                Op::AddElements { elements, .. } => (
+                    elements
+                        .iter()
+                        .filter_map(|e| e.verdict.as_ref()?.target())
+                        .collect(),
+                    Vec::new(),
+                ),
+                _ => continue,
+            };
+            for name in chains {
+                if let (None, Some(chain)) = (part.chains.get(name), table.chains.get(name)) {
+                    let stub = Chain {
+                        name: chain.name.clone(),
+                        base: chain.base,
+                        rules: Vec::new(),
+                    };
+                    part.chains.insert(name.to_owned(), stub);
+                }
+            }
+            for name in sets {
+                if let (None, Some(set)) = (part.sets.get(name), table.sets.get(name)) {
+                    part.sets.insert(name.to_owned(), set.without_elements());
+                }
+            }
+        }
         let mut part = tx
-            .apply_to(Some(self.restrict(table)))?
+            .apply_to(Some(part))?
             .ok_or("the transaction deletes the table")?;
         for name in &self.chains {
             match part.chains.remove(name) {

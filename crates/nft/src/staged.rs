@@ -209,14 +209,24 @@ impl Transaction {
         }
         // Elements that lead to no chain of their own (ClusterIPs, hairpin pairs,
         // endpoints) can come in any order after the chains: in transactions of their
-        // own, with those of verdict maps last, so a destination is entered only once
-        // the data it leads to is in.
-        shared.sort_by_key(|(set, _)| {
-            table
-                .sets
-                .get(*set)
-                .is_some_and(|s| s.data == [DataType::Verdict])
-        });
+        // own, with those that lead into a chain last (verdict maps, and sets a rule
+        // looks up before going to a chain), so a destination is entered only once the
+        // data it leads to is in.
+        let entries: BTreeSet<&str> = table
+            .chains
+            .values()
+            .flat_map(|c| &c.rules)
+            .filter(|r| r.referenced_chains().next().is_some())
+            .flat_map(|r| r.referenced_sets())
+            .chain(
+                table
+                    .sets
+                    .values()
+                    .filter(|s| s.data == [DataType::Verdict])
+                    .map(|s| s.name.as_str()),
+            )
+            .collect();
+        shared.sort_by_key(|(set, _)| entries.contains(set));
         stages.extend(
             shared
                 .chunks(limit.max(1))

@@ -36,8 +36,8 @@ fn service_of_chain(chain: &str) -> Option<String> {
 }
 
 /// The Services an outcome went through: named by their chains (ports with affinity),
-/// else by the comment of the element that dispatched the packet, or for a reject/drop
-/// by the no-endpoint element's.
+/// else by the comments of the elements for the packet's destination (every one names
+/// its Service port), addresses before NodePorts as the rules look.
 fn services(table: &Table, packet: &Packet, outcome: &Outcome) -> Vec<String> {
     let mut names: Vec<String> = outcome
         .steps
@@ -49,24 +49,22 @@ fn services(table: &Table, packet: &Packet, outcome: &Outcome) -> Vec<String> {
     if !names.is_empty() {
         return names;
     }
-    let proto = Value::Proto(packet.proto);
-    let by_address = vec![Value::Addr(packet.daddr), proto, Value::Port(packet.dport)];
-    let by_port = vec![proto, Value::Port(packet.dport)];
-    let (maps, suffix) = if outcome.dnat.is_some() {
-        (["service-ips", "service-nodeports"], packet.proto.name())
+    let suffix = if outcome.dnat.is_some() {
+        packet.proto.name()
     } else if outcome.fate != Fate::Accepted {
-        (
-            ["no-endpoint-services", "no-endpoint-nodeports"],
-            "no usable endpoints",
-        )
+        "no usable endpoints"
     } else {
         return names;
     };
-    // In the order the rules consult them: addresses first, then NodePorts.
-    let comment = maps
-        .into_iter()
-        .zip([by_address, by_port])
-        .find_map(|(map, key)| table.sets.get(map)?.elements.get(&key)?.comment.clone());
+    let proto = Value::Proto(packet.proto);
+    let by_address = vec![Value::Addr(packet.daddr), proto, Value::Port(packet.dport)];
+    let by_port = vec![proto, Value::Port(packet.dport)];
+    let comment = [by_address, by_port].iter().find_map(|key| {
+        table
+            .sets
+            .values()
+            .find_map(|set| set.elements.get(key)?.comment.clone())
+    });
     names.extend(comment.map(|c| format!("{c} ({suffix})")));
     names
 }

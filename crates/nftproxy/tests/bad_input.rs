@@ -160,19 +160,17 @@ fn check(case: &Case, output: &Output, table: &Table, reference: &Table) -> Vec<
         }
     }
     for service in &case.programs {
-        // A Service's ClusterIP has its element in service-ips (with endpoints) or in
-        // no-endpoint-services (without), commented `namespace/name[:port]`.
-        let names = |set: &str| {
-            table.sets.get(set).is_some_and(|set| {
-                set.elements.values().any(|e| {
-                    e.comment
-                        .as_deref()
-                        .and_then(|c| c.strip_prefix(service.as_str()))
-                        .is_some_and(|rest| rest.is_empty() || rest.starts_with(':'))
-                })
+        // A Service's destinations have elements (where they go with endpoints, or
+        // no-endpoint verdicts without), commented `namespace/name[:port]`.
+        let named = table.sets.values().any(|set| {
+            set.elements.values().any(|e| {
+                e.comment
+                    .as_deref()
+                    .and_then(|c| c.strip_prefix(service.as_str()))
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with(':'))
             })
-        };
-        if !names("service-ips") && !names("no-endpoint-services") {
+        });
+        if !named {
             problems.push(format!("Service {service} is not programmed"));
         }
     }

@@ -226,7 +226,7 @@ fn explain_traces_a_packet_through_the_seed_rules() {
     );
     assert!(out.contains("service: default/counter-np (tcp)"), "{out}");
     assert!(
-        out.contains("nat-prerouting > services #2: ip daddr @nodeport-ips"),
+        out.contains("nat-prerouting > services #6: ip daddr @nodeport-ips goto nodeports"),
         "{out}"
     );
 

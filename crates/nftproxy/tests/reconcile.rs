@@ -159,7 +159,7 @@ fn once_matches_the_dry_run_restarts_send_nothing_and_other_tables_are_untouched
     .expect("new network namespace");
     let stderr = |o: &Output| String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(
-        first.status.success() && stderr(&first).contains("operations=99"),
+        first.status.success() && stderr(&first).contains("operations=113"),
         "{}",
         stderr(&first)
     );
@@ -210,9 +210,10 @@ fn file_mode_follows_edits_and_leaves_the_rules_on_sigterm() {
                 .spawn()
                 .expect("nftproxy starts"),
         );
+        // The ClusterIPs load-balanced over Cluster endpoints.
         let services = || {
             Command::new("nft")
-                .args(["list", "map", "ip", "nftproxy", "service-ips"])
+                .args(["list", "set", "ip", "nftproxy", "load-balance"])
                 .output()
                 .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
                 .unwrap_or_default()

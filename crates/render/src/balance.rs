@@ -13,8 +13,8 @@ use std::collections::BTreeMap;
 
 use nftproxy_model::{Endpoint, ProxyState};
 use nftproxy_nft::{
-    Chain, Element, Expr, Family, FibInput, L4Proto, PayloadField, Rhs, Rule, Set, Stmt, Table,
-    Value,
+    Chain, DataType, Element, Expr, Family, FibInput, L4Proto, PayloadField, Rhs, Rule, Set, Stmt,
+    Table, Value,
 };
 
 use crate::skeleton::{local_traffic_match, mark_for_masquerade};
@@ -288,8 +288,38 @@ pub(crate) fn external_rules(
     rules
 }
 
-/// The balancers' (still empty) chains, and the shared external entry chains.
+/// The shared chains a destination without affinity enters by, with whether they are
+/// entered by address (or by NodePort). A set of the same name holds the destinations
+/// that go to each.
+const ENTRIES: [(&str, bool); 6] = [
+    ("load-balance", true),
+    ("load-balance-local", true),
+    ("external-cluster", true),
+    ("external-local", true),
+    ("nodeport-cluster", false),
+    ("nodeport-local", false),
+];
+
+/// `KEY @CHAIN goto CHAIN` for each shared entry by address (or by NodePort).
+pub(crate) fn entry_rules(key: &Expr, by_address: bool) -> Vec<Rule> {
+    ENTRIES
+        .iter()
+        .filter(|(_, address)| *address == by_address)
+        .map(|(chain, _)| Rule::new(vec![Stmt::lookup(key.clone(), *chain), Stmt::goto(*chain)]))
+        .collect()
+}
+
+/// The balancers' (still empty) chains, the shared external entry chains, and the
+/// (still empty) sets of destinations entering each.
 pub(crate) fn add_shared(table: &mut Table, state: &ProxyState) {
+    let addr = table.family.addr_type();
+    for (chain, by_address) in ENTRIES {
+        let mut key = vec![DataType::InetProto, DataType::InetService];
+        if by_address {
+            key.insert(0, addr);
+        }
+        table.add_set(Set::new(chain, key).with_comment(format!("destinations going to {chain}")));
+    }
     for balancer in Balancer::ALL {
         table.add_chain(Chain::regular(balancer.chain(), Vec::new()));
     }

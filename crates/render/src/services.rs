@@ -41,24 +41,39 @@ pub(crate) fn add_service_port(fragment: &mut Fragment, state: &ProxyState, sp: 
         Verdict::Goto(REJECT_CHAIN.to_owned())
     };
     // Elements name their Service port: no chain name does without affinity.
-    let element = |key: Vec<Value>, verdict: Verdict| {
-        Element::verdict(key, verdict).with_comment(comment(name.to_string()))
-    };
-    let no_endpoint_element = |key: Vec<Value>| element(key, no_endpoints.clone());
-    // Where a destination's traffic is balanced: the port's own chains with affinity,
-    // otherwise the shared balancers, which need the destination's endpoints.
+    let named = |element: Element| element.with_comment(comment(name.to_string()));
+    let no_endpoint_element = |key: Vec<Value>| named(Element::verdict(key, no_endpoints.clone()));
+    // The shared balancers need the destination's endpoints (ports with affinity choose
+    // in their own chains).
     let balance = |fragment: &mut Fragment, node_port: bool, local: bool, key: &[Value]| {
-        let (chain, endpoints) = if local {
-            (names::local_chain(name), &endpoints.local)
-        } else {
-            (names::service_chain(name), &endpoints.cluster)
-        };
-        if affinity {
-            return chain;
+        if !affinity {
+            let endpoints = if local {
+                &endpoints.local
+            } else {
+                &endpoints.cluster
+            };
+            let balancer = Balancer::of(node_port, local);
+            fragment.add_destination(Destination::new(balancer, proto, port_key(key), endpoints));
         }
-        let balancer = Balancer::of(node_port, local);
-        fragment.add_destination(Destination::new(balancer, proto, port_key(key), endpoints));
-        balancer.chain().to_owned()
+    };
+    // Where a destination enters: with affinity a verdict-map element going to the port's
+    // own chain; without, an element of the set named after the shared chain it goes to
+    // (a set element costs the kernel no revalidation of the table, a goto element does).
+    let dispatch = |fragment: &mut Fragment,
+                    node_port: bool,
+                    key: Vec<Value>,
+                    own: String,
+                    shared: &'static str| {
+        if affinity {
+            let map = if node_port {
+                SERVICE_NODEPORTS
+            } else {
+                SERVICE_IPS
+            };
+            fragment.add_element(map, named(Element::verdict(key, Verdict::Goto(own))));
+        } else {
+            fragment.add_element(shared, named(Element::key(key)));
+        }
     };
 
     // ClusterIP.
@@ -70,8 +85,15 @@ pub(crate) fn add_service_port(fragment: &mut Fragment, state: &ProxyState, sp: 
         uses_cluster_chain
     };
     if internal_chain_used && sp.has_internal_endpoints() {
-        let chain = balance(fragment, false, sp.internal_policy_local, &cluster_key);
-        fragment.add_element(SERVICE_IPS, element(cluster_key, Verdict::Goto(chain)));
+        let local = sp.internal_policy_local;
+        balance(fragment, false, local, &cluster_key);
+        let own = if local {
+            names::local_chain(name)
+        } else {
+            names::service_chain(name)
+        };
+        let shared = Balancer::of(false, local).chain();
+        dispatch(fragment, false, cluster_key, own, shared);
     } else {
         fragment.add_element(NO_ENDPOINT_SERVICES, no_endpoint_element(cluster_key));
     }
@@ -82,10 +104,10 @@ pub(crate) fn add_service_port(fragment: &mut Fragment, state: &ProxyState, sp: 
     // else falls through it and is dropped after DNAT.
     let external_local = sp.external_policy_local;
     let add_external = |fragment: &mut Fragment, node_port: bool, key: Vec<Value>| {
-        let (map, no_endpoint_map) = if node_port {
-            (SERVICE_NODEPORTS, NO_ENDPOINT_NODEPORTS)
+        let no_endpoint_map = if node_port {
+            NO_ENDPOINT_NODEPORTS
         } else {
-            (SERVICE_IPS, NO_ENDPOINT_SERVICES)
+            NO_ENDPOINT_SERVICES
         };
         if uses_external_chain {
             // Pod and host traffic uses the Cluster endpoints whatever the policy.
@@ -93,12 +115,14 @@ pub(crate) fn add_service_port(fragment: &mut Fragment, state: &ProxyState, sp: 
             if external_local && uses_local_chain {
                 balance(fragment, node_port, true, &key);
             }
-            let chain = if affinity {
-                names::external_chain(name)
-            } else {
-                balance::external_chain(node_port, external_local).to_owned()
-            };
-            fragment.add_element(map, element(key.clone(), Verdict::Goto(chain)));
+            let shared = balance::external_chain(node_port, external_local);
+            dispatch(
+                fragment,
+                node_port,
+                key.clone(),
+                names::external_chain(name),
+                shared,
+            );
         }
         if !uses_external_chain || !sp.has_external_endpoints() {
             fragment.add_element(no_endpoint_map, no_endpoint_element(key));

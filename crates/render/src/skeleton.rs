@@ -13,6 +13,7 @@ use nftproxy_nft::{
 use crate::family;
 
 pub(crate) const SERVICES: &str = "services";
+pub(crate) const NODEPORTS: &str = "nodeports";
 pub(crate) const MASQUERADING: &str = "masquerading";
 pub(crate) const SERVICE_ENDPOINTS_CHECK: &str = "service-endpoints-check";
 pub(crate) const NODEPORT_ENDPOINTS_CHECK: &str = "nodeport-endpoints-check";
@@ -183,13 +184,11 @@ pub(crate) fn table(state: &ProxyState) -> Table {
                 .with_comment("masquerade clusterIP traffic from outside cluster"),
         );
     }
+    services.extend(crate::balance::entry_rules(&port_key(state, true), true));
     services.push(Rule::new(vec![vmap(port_key(state, true), SERVICE_IPS)]));
     let (nodeport_dispatch, nodeport_check) = match &state.node_port_addresses {
         NodePortAddresses::Addresses(_) => (
-            vec![
-                Stmt::lookup(daddr(), NODEPORT_IPS),
-                vmap(port_key(state, false), SERVICE_NODEPORTS),
-            ],
+            vec![Stmt::lookup(daddr(), NODEPORT_IPS), Stmt::goto(NODEPORTS)],
             vec![
                 Stmt::lookup(daddr(), NODEPORT_IPS),
                 vmap(port_key(state, false), NO_ENDPOINT_NODEPORTS),
@@ -199,7 +198,7 @@ pub(crate) fn table(state: &ProxyState) -> Table {
             vec![
                 Stmt::eq(Expr::FibType(FibInput::Daddr), Rhs::FibLocal),
                 not_loopback(),
-                vmap(port_key(state, false), SERVICE_NODEPORTS),
+                Stmt::goto(NODEPORTS),
             ],
             vec![
                 not_loopback(),
@@ -209,6 +208,12 @@ pub(crate) fn table(state: &ProxyState) -> Table {
     };
     services.push(Rule::new(nodeport_dispatch));
     table.add_chain(Chain::regular(SERVICES, services));
+    let mut nodeports = crate::balance::entry_rules(&port_key(state, false), false);
+    nodeports.push(Rule::new(vec![vmap(
+        port_key(state, false),
+        SERVICE_NODEPORTS,
+    )]));
+    table.add_chain(Chain::regular(NODEPORTS, nodeports));
 
     table.add_chain(Chain::regular(
         MASQUERADING,

@@ -415,6 +415,12 @@ proptest! {
                 };
                 let after = tx.apply_to(old.cloned()).map_err(TestCaseError::fail)?;
                 prop_assert_eq!(after.as_ref(), Some(table), "{}", tx);
+                // And so does the reconciler's bookkeeping, which looks at the scope alone.
+                if let (Some(old), Some(scope)) = (old, scopes.get(table.family)) {
+                    let mut applied = old.clone();
+                    scope.apply(&mut applied, &tx).map_err(TestCaseError::fail)?;
+                    prop_assert_eq!(&applied, table, "scoped: {}", tx);
+                }
             }
             kernel = renderer.tables().to_vec();
 
