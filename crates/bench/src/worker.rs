@@ -174,17 +174,25 @@ pub fn cold(services: u32, endpoints: u32) -> Result<ColdReport, String> {
     let rss_kb = peak_rss_kb();
     let mut syncs = vec![cold];
 
-    // Service 1 is a plain ClusterIP Service (see synth::spec).
-    let changed = 1usize.min(specs.len().saturating_sub(1));
-    if let Some(spec) = specs.get_mut(changed) {
-        spec.endpoints
-            .push(synth::endpoint_ip(spec.index, endpoints));
-        snapshot.endpoint_slices[changed] = synth::endpoint_slice(spec).into();
-        syncs.push(loaded.sync("one endpoint added", &snapshot)?);
+    // Services 1 and 2 are plain ClusterIP Services (see synth::spec). The first endpoint
+    // added gives a count no Service had (a rule for it is added), the second one that
+    // count again (elements only).
+    if specs.len() > 2 {
+        for (changed, what) in [
+            (1, "one endpoint added (a new count)"),
+            (2, "one endpoint added (a count in use)"),
+        ] {
+            let spec = &mut specs[changed];
+            spec.endpoints
+                .push(synth::endpoint_ip(spec.index, endpoints));
+            snapshot.endpoint_slices[changed] = synth::endpoint_slice(spec).into();
+            syncs.push(loaded.sync(what, &snapshot)?);
+        }
         // The first: every later endpoint moves down one index.
+        let spec = &mut specs[1];
         spec.endpoints.remove(0);
-        snapshot.endpoint_slices[changed] = synth::endpoint_slice(spec).into();
-        syncs.push(loaded.sync("one endpoint removed", &snapshot)?);
+        snapshot.endpoint_slices[1] = synth::endpoint_slice(spec).into();
+        syncs.push(loaded.sync("one endpoint removed (the first)", &snapshot)?);
     }
     let extra = synth::spec(services, endpoints);
     snapshot.services.push(synth::service(&extra).into());

@@ -48,9 +48,13 @@ fn a_small_benchmark_runs_end_to_end() {
             .unwrap_or_else(|| panic!("no sync {what:?}"))
     };
     assert!(operations("cold load") > 1_000);
+    // An endpoint added to a ClusterIP Service: it moves between two count sets, gains
+    // one endpoint element and one hairpin element; with a count no Service had, also
+    // that count's set and rule.
+    assert_eq!(operations("one endpoint added (a count in use)"), 4);
+    assert_eq!(operations("one endpoint added (a new count)"), 6);
     for change in [
-        "one endpoint added",
-        "one endpoint removed",
+        "one endpoint removed (the first)",
         "one service added",
         "one service removed",
     ] {

@@ -4,7 +4,8 @@
 //! empty when nothing differs, and its operations are ordered so the kernel accepts them
 //! in one batch: objects exist before anything refers to them, and nothing is deleted
 //! while a rule or element still refers to it. Sets and maps change element by element;
-//! a chain whose rules changed is flushed and refilled; unchanged chains are not touched.
+//! a chain that only gained rules at its end gets those; a chain whose rules changed
+//! otherwise is flushed and refilled; unchanged chains are not touched.
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
@@ -44,22 +45,29 @@ pub fn diff(current: Option<&Table>, desired: &Table) -> Transaction {
         })
         .map(|chain| chain.name.as_str())
         .collect();
-    let rewritten: BTreeSet<&str> = desired
-        .chains
-        .values()
-        .filter(|chain| match current.chains.get(&chain.name) {
-            Some(old) => {
-                old.rules != chain.rules
-                    || rebased.contains(chain.name.as_str())
-                    || old
-                        .rules
-                        .iter()
-                        .any(|r| r.referenced_sets().any(|s| redeclared.contains(s)))
-            }
-            None => false,
-        })
-        .map(|chain| chain.name.as_str())
-        .collect();
+    // Chains to refill: from the start (flushed first), or after the rules they keep
+    // when they only gained rules at the end (every rule added binds the sets it uses,
+    // which for a map walks its elements; so a kept rule is not added again).
+    let mut refilled: BTreeMap<&str, usize> = BTreeMap::new();
+    for chain in desired.chains.values() {
+        let Some(old) = current.chains.get(&chain.name) else {
+            continue;
+        };
+        let rewritten = rebased.contains(chain.name.as_str())
+            || old
+                .rules
+                .iter()
+                .any(|r| r.referenced_sets().any(|s| redeclared.contains(s)));
+        if !rewritten && old.rules == chain.rules {
+            continue;
+        }
+        let kept = if !rewritten && chain.rules.starts_with(&old.rules) {
+            old.rules.len()
+        } else {
+            0
+        };
+        refilled.insert(chain.name.as_str(), kept);
+    }
 
     for set in desired.sets.values() {
         if !current.sets.contains_key(&set.name) {
@@ -76,7 +84,8 @@ pub fn diff(current: Option<&Table>, desired: &Table) -> Transaction {
     }
     for chain in current.chains_in_order() {
         let removed = !desired.chains.contains_key(&chain.name);
-        if (removed || rewritten.contains(chain.name.as_str())) && !chain.rules.is_empty() {
+        let flushed = refilled.get(chain.name.as_str()) == Some(&0);
+        if (removed || flushed) && !chain.rules.is_empty() {
             tx.ops.push(Op::FlushChain(chain.name.clone()));
         }
     }
@@ -115,8 +124,16 @@ pub fn diff(current: Option<&Table>, desired: &Table) -> Transaction {
         });
     }
     for chain in desired.chains_in_order() {
-        if !current.chains.contains_key(&chain.name) || rewritten.contains(chain.name.as_str()) {
-            tx.push_rules(chain);
+        let from = match refilled.get(chain.name.as_str()) {
+            Some(kept) => *kept,
+            None if !current.chains.contains_key(&chain.name) => 0,
+            None => continue,
+        };
+        for rule in &chain.rules[from..] {
+            tx.ops.push(Op::AddRule {
+                chain: chain.name.clone(),
+                rule: rule.clone(),
+            });
         }
     }
     for (name, new) in &desired.sets {
@@ -234,8 +251,21 @@ mod tests {
     }
 
     #[test]
-    fn an_added_endpoint_rewrites_one_chain_and_adds_one_element() {
+    fn a_rule_added_at_the_end_is_appended() {
         let from = table(&[("a", &[1, 2]), ("b", &[3])]);
+        let to = table(&[("a", &[1, 2]), ("b", &[3, 4])]);
+        let tx = check(&from, &to);
+        // one rule, one hairpin element
+        assert_eq!(tx.len(), 2, "{tx}");
+        assert!(
+            !tx.ops.iter().any(|op| matches!(op, Op::FlushChain(_))),
+            "{tx}"
+        );
+    }
+
+    #[test]
+    fn a_rule_added_before_others_refills_the_chain() {
+        let from = table(&[("a", &[1, 2]), ("b", &[4])]);
         let to = table(&[("a", &[1, 2]), ("b", &[3, 4])]);
         let tx = check(&from, &to);
         // flush b, two rules, one hairpin element

@@ -146,13 +146,18 @@ impl Transaction {
         first.ops.push(Op::AddTable {
             comment: table.comment.clone(),
         });
+        // The kernel keeps a table's sets in a list: creating a set, and every rule
+        // naming one, walks it. A group's set counts for that (measured at 30,000 × 10,
+        // 15,000 affinity sets: stages of 160 such Services took up to 14 s), so stages of
+        // set-heavy groups hold fewer of them.
+        let set_weight = 1 + table.sets.len() / 64;
         let mut by_root: BTreeMap<usize, Group> = BTreeMap::new();
         for set in table.sets.values() {
             match set_index(&set.name) {
                 Some(i) => {
                     let group = by_root.entry(groups.find(i)).or_default();
                     group.sets.insert(&set.name);
-                    group.size += 1;
+                    group.size += set_weight;
                 }
                 None => first.ops.push(Op::AddSet(set.without_elements())),
             }
