@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::worker::{ColdReport, LatencyReport};
 
 /// Latency runs per Service count.
-const LATENCY_ROUNDS: usize = 3;
+const LATENCY_ROUNDS: usize = 7;
 
 #[derive(Parser)]
 #[command(name = "nftproxy-bench", version, about)]

@@ -474,6 +474,12 @@ impl Messages {
             let borrowed: Vec<(u8, &[u8])> =
                 entries.iter().map(|(k, v)| (*k, v.as_slice())).collect();
             let data = userdata(&borrowed);
+            let data_type_and_len = if set.data == [DataType::Verdict] {
+                Some((libc::NFT_DATA_VERDICT, 0))
+            } else {
+                set.is_map()
+                    .then(|| (lower::key_type(&set.data), lower::key_len(&set.data)))
+            };
             // SAFETY: `obj` is live; `data` outlives the call and is copied.
             unsafe {
                 sys::nftnl_set_set_u32(obj.ptr(), sys::NFTNL_SET_FLAGS as u16, set_flags);
@@ -487,24 +493,9 @@ impl Messages {
                     sys::NFTNL_SET_KEY_LEN as u16,
                     lower::key_len(&set.key),
                 );
-                if set.data == [DataType::Verdict] {
-                    sys::nftnl_set_set_u32(
-                        obj.ptr(),
-                        sys::NFTNL_SET_DATA_TYPE as u16,
-                        libc::NFT_DATA_VERDICT,
-                    );
-                    sys::nftnl_set_set_u32(obj.ptr(), sys::NFTNL_SET_DATA_LEN as u16, 0);
-                } else if set.is_map() {
-                    sys::nftnl_set_set_u32(
-                        obj.ptr(),
-                        sys::NFTNL_SET_DATA_TYPE as u16,
-                        lower::key_type(&set.data),
-                    );
-                    sys::nftnl_set_set_u32(
-                        obj.ptr(),
-                        sys::NFTNL_SET_DATA_LEN as u16,
-                        lower::key_len(&set.data),
-                    );
+                if let Some((data_type, data_len)) = data_type_and_len {
+                    sys::nftnl_set_set_u32(obj.ptr(), sys::NFTNL_SET_DATA_TYPE as u16, data_type);
+                    sys::nftnl_set_set_u32(obj.ptr(), sys::NFTNL_SET_DATA_LEN as u16, data_len);
                 }
                 if let Some(timeout) = set.timeout {
                     sys::nftnl_set_set_u64(

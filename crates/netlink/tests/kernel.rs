@@ -24,6 +24,19 @@ fn nft_load_and_list(text: &str) -> String {
     nft_list()
 }
 
+/// Programs `table` over netlink into a fresh namespace: what reads back, and `nft list`.
+fn program_and_list(table: Table) -> (Option<Table>, String) {
+    in_new_netns(move || {
+        let mut backend = NetlinkBackend::open().expect("netlink socket");
+        backend
+            .apply(&Transaction::create(&table))
+            .unwrap_or_else(|e| panic!("program: {e}"));
+        let read_back = backend.list(table.family, &table.name).expect("read back");
+        (read_back, nft_list())
+    })
+    .expect("new network namespace")
+}
+
 #[test]
 fn every_golden_table_round_trips_through_the_kernel() {
     if !kernel_available("every_golden_table_round_trips_through_the_kernel") {
@@ -31,18 +44,7 @@ fn every_golden_table_round_trips_through_the_kernel() {
     }
     let mut checked = 0;
     for (name, table) in golden_tables() {
-        let programmed = table.clone();
-        let (read_back, listing) = in_new_netns(move || {
-            let mut backend = NetlinkBackend::open().expect("netlink socket");
-            backend
-                .apply(&Transaction::create(&programmed))
-                .unwrap_or_else(|e| panic!("program: {e}"));
-            let read_back = backend
-                .list(programmed.family, &programmed.name)
-                .expect("read back");
-            (read_back, nft_list())
-        })
-        .expect("new network namespace");
+        let (read_back, listing) = program_and_list(table.clone());
         assert_eq!(
             read_back.as_ref(),
             Some(&table),
@@ -297,16 +299,7 @@ fn maps_of_endpoints_round_trip_and_list_like_their_text() {
     }
     for family in [Family::Ip, Family::Ip6] {
         let table = load_balancing_table(family);
-        let programmed = table.clone();
-        let (read_back, listing) = in_new_netns(move || {
-            let mut backend = NetlinkBackend::open().expect("netlink socket");
-            backend
-                .apply(&Transaction::create(&programmed))
-                .unwrap_or_else(|e| panic!("program: {e}"));
-            let read_back = backend.list(family, "nftproxy").expect("read back");
-            (read_back, nft_list())
-        })
-        .expect("new network namespace");
+        let (read_back, listing) = program_and_list(table.clone());
         assert_eq!(read_back.as_ref(), Some(&table), "{family}: read back");
         let text = table.to_string();
         assert_eq!(

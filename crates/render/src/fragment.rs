@@ -1,12 +1,13 @@
-//! One service port's share of a table (its chains, its affinity sets, its elements in
-//! the shared maps), and the [`Renderer`] that keeps tables up to date by taking old
-//! shares out and putting new ones in.
+//! One service port's share of a table (its elements in the shared sets and maps, its
+//! destinations' endpoints, and with affinity its chains and sets), and the [`Renderer`]
+//! that keeps tables up to date by taking old shares out and putting new ones in.
 //!
 //! Invariant: a renderer's tables equal [`crate::render`] of the build it was last
 //! updated with, and the [`Scope`] an update returns names every object that differs
 //! from the tables before. Two service ports may put the same element in a shared set
 //! (one ClusterIP for several ports, one endpoint behind several Services); the element
-//! stays until the last of them takes it out.
+//! stays until the last of them takes it out. A balancer's count set, map and rule stay
+//! while a destination uses them.
 
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
