@@ -1,13 +1,14 @@
-//! Load balancing by map elements: a destination's endpoints are elements of a map keyed
-//! by the destination and an index, and one shared rule per endpoint count draws the
-//! index with `numgen random mod COUNT`.
+//! Load balancing by map elements: a destination's endpoints are elements of a map (one
+//! per balancer and protocol) keyed by the destination and an index, and one shared rule
+//! per endpoint count draws the index with `numgen random mod COUNT`; destinations enter
+//! the shared chains through sets named after them.
 //!
-//! Invariant: a balancer's chain holds exactly one rule per (endpoint count, protocol)
-//! that some destination uses, in ascending order, and the set of destinations with a
-//! given count exists exactly while one has that count. So adding or removing an
-//! endpoint changes elements only (the kernel revalidates the whole table for any rule
-//! change, but not for elements of a data map), unless it brings a count no destination
-//! had before.
+//! Invariant: a balancer's chain holds exactly one rule per (protocol, endpoint count)
+//! that some destination uses, in that order; the set of destinations with a count, and
+//! a protocol's map, exist exactly while a destination uses them. So adding or removing
+//! an endpoint changes elements only (the kernel revalidates the whole table for a rule
+//! or a `goto` element, not for elements of a data map or plain set), unless it brings a
+//! count no destination had before.
 
 use std::collections::BTreeMap;
 
@@ -289,23 +290,26 @@ pub(crate) fn external_rules(
 }
 
 /// The shared chains a destination without affinity enters by, with whether they are
-/// entered by address (or by NodePort). A set of the same name holds the destinations
-/// that go to each.
-const ENTRIES: [(&str, bool); 6] = [
-    ("load-balance", true),
-    ("load-balance-local", true),
-    ("external-cluster", true),
-    ("external-local", true),
-    ("nodeport-cluster", false),
-    ("nodeport-local", false),
-];
+/// entered by address (or by NodePort): ClusterIPs go straight to a balancer, the rest
+/// through an external chain. A set of the same name holds the destinations that go to
+/// each.
+fn entries() -> [(&'static str, bool); 6] {
+    [
+        (Balancer::Cluster.chain(), true),
+        (Balancer::Local.chain(), true),
+        (external_chain(false, false), true),
+        (external_chain(false, true), true),
+        (external_chain(true, false), false),
+        (external_chain(true, true), false),
+    ]
+}
 
 /// `KEY @CHAIN goto CHAIN` for each shared entry by address (or by NodePort).
 pub(crate) fn entry_rules(key: &Expr, by_address: bool) -> Vec<Rule> {
-    ENTRIES
-        .iter()
+    entries()
+        .into_iter()
         .filter(|(_, address)| *address == by_address)
-        .map(|(chain, _)| Rule::new(vec![Stmt::lookup(key.clone(), *chain), Stmt::goto(*chain)]))
+        .map(|(chain, _)| Rule::new(vec![Stmt::lookup(key.clone(), chain), Stmt::goto(chain)]))
         .collect()
 }
 
@@ -313,7 +317,7 @@ pub(crate) fn entry_rules(key: &Expr, by_address: bool) -> Vec<Rule> {
 /// (still empty) sets of destinations entering each.
 pub(crate) fn add_shared(table: &mut Table, state: &ProxyState) {
     let addr = table.family.addr_type();
-    for (chain, by_address) in ENTRIES {
+    for (chain, by_address) in entries() {
         let mut key = vec![DataType::InetProto, DataType::InetService];
         if by_address {
             key.insert(0, addr);

@@ -12,7 +12,7 @@
 //! rule k of N matches with probability 1/(N−k), so each endpoint gets exactly 1/N of
 //! new connections.
 
-use nftproxy_model::{Endpoint, ProxyState, ServicePortState};
+use nftproxy_model::{Endpoint, ProxyState, ServicePortName, ServicePortState};
 use nftproxy_nft::{Chain, Element, Expr, L4Proto, Rhs, Rule, Set, Stmt, Value, Verdict};
 
 use crate::balance::{self, Balancer, Destination};
@@ -57,12 +57,13 @@ pub(crate) fn add_service_port(fragment: &mut Fragment, state: &ProxyState, sp: 
         }
     };
     // Where a destination enters: with affinity a verdict-map element going to the port's
-    // own chain; without, an element of the set named after the shared chain it goes to
-    // (a set element costs the kernel no revalidation of the table, a goto element does).
+    // own chain (`own` makes its name, a hash, so only when needed); without, an element
+    // of the set named after the shared chain it goes to (a set element costs the kernel
+    // no revalidation of the table, a goto element does).
     let dispatch = |fragment: &mut Fragment,
                     node_port: bool,
                     key: Vec<Value>,
-                    own: String,
+                    own: fn(&ServicePortName) -> String,
                     shared: &'static str| {
         if affinity {
             let map = if node_port {
@@ -70,7 +71,8 @@ pub(crate) fn add_service_port(fragment: &mut Fragment, state: &ProxyState, sp: 
             } else {
                 SERVICE_IPS
             };
-            fragment.add_element(map, named(Element::verdict(key, Verdict::Goto(own))));
+            let goto = Verdict::Goto(own(name));
+            fragment.add_element(map, named(Element::verdict(key, goto)));
         } else {
             fragment.add_element(shared, named(Element::key(key)));
         }
@@ -88,9 +90,9 @@ pub(crate) fn add_service_port(fragment: &mut Fragment, state: &ProxyState, sp: 
         let local = sp.internal_policy_local;
         balance(fragment, false, local, &cluster_key);
         let own = if local {
-            names::local_chain(name)
+            names::local_chain
         } else {
-            names::service_chain(name)
+            names::service_chain
         };
         let shared = Balancer::of(false, local).chain();
         dispatch(fragment, false, cluster_key, own, shared);
@@ -120,7 +122,7 @@ pub(crate) fn add_service_port(fragment: &mut Fragment, state: &ProxyState, sp: 
                 fragment,
                 node_port,
                 key.clone(),
-                names::external_chain(name),
+                names::external_chain,
                 shared,
             );
         }
