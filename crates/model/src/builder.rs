@@ -20,7 +20,7 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::config::{DetectLocalMode, NodePortAddress, ProxyConfig};
-use crate::diag::{Diagnostic, ObjectRef};
+use crate::diag::{Diagnostic, ObjectRef, namespace_of};
 use crate::endpoint::{Endpoint, SERVICE_NAME_LABEL, SliceInfo, decode_slice};
 use crate::manifest::Snapshot;
 use crate::net::parse_cidr;
@@ -414,12 +414,7 @@ impl GroupMember for Service {
 
     fn group(&self) -> GroupKey {
         let meta = &self.metadata;
-        (
-            meta.namespace
-                .clone()
-                .unwrap_or_else(|| "default".to_owned()),
-            meta.name.clone().unwrap_or_default(),
-        )
+        (namespace_of(meta), meta.name.clone().unwrap_or_default())
     }
 }
 
@@ -431,9 +426,7 @@ impl GroupMember for EndpointSlice {
     fn group(&self) -> GroupKey {
         let meta = &self.metadata;
         (
-            meta.namespace
-                .clone()
-                .unwrap_or_else(|| "default".to_owned()),
+            namespace_of(meta),
             meta.labels
                 .as_ref()
                 .and_then(|l| l.get(SERVICE_NAME_LABEL))

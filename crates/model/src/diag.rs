@@ -24,6 +24,16 @@ impl ObjectRef {
     }
 }
 
+/// The namespace of a namespaced object: `default` when the object names none, as the
+/// API server defaults it.
+pub(crate) fn namespace_of(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> String {
+    meta.namespace
+        .clone()
+        .unwrap_or_else(|| "default".to_owned())
+}
+
 /// Names in hostile input can be megabytes long or hold control and bidirectional
 /// formatting characters; a log line shows the start, with those characters escaped so
 /// that one name cannot forge or hide another line.

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use crate::diag::{Diagnostic, ObjectRef};
+use crate::diag::{Diagnostic, ObjectRef, namespace_of};
 use crate::net::parse_ip;
 use crate::service::{check_name, check_port_name, port_number};
 use crate::{IpFamily, Protocol};
@@ -77,10 +77,7 @@ pub(crate) fn decode_slice(slice: &EndpointSlice) -> Result<SliceInfo, Diagnosti
     let meta = &slice.metadata;
     let object = ObjectRef {
         kind: "EndpointSlice".to_owned(),
-        namespace: meta
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".to_owned()),
+        namespace: namespace_of(meta),
         name: meta.name.clone().unwrap_or_else(|| "<unnamed>".to_owned()),
     };
     let invalid = |reason: String| Diagnostic::invalid(&object, reason);

@@ -10,7 +10,7 @@ use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Service;
 
 use crate::Protocol;
-use crate::diag::{Diagnostic, ObjectRef};
+use crate::diag::{Diagnostic, ObjectRef, namespace_of};
 use crate::net::{parse_cidr, parse_ip};
 
 /// Services with this label belong to another service proxy.
@@ -98,11 +98,7 @@ pub(crate) fn port_number(value: i32) -> Result<u16, String> {
 pub(crate) fn object_ref(service: &Service) -> ObjectRef {
     ObjectRef {
         kind: "Service".to_owned(),
-        namespace: service
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".to_owned()),
+        namespace: namespace_of(&service.metadata),
         name: service
             .metadata
             .name
