@@ -121,18 +121,11 @@ fn comment_bytes(comment: &str) -> Vec<u8> {
     bytes
 }
 
-/// The value of userdata entry `kind`, if present.
+/// The value of userdata entry `kind`, if present before any damaged entry.
 fn userdata_entry(data: &[u8], kind: u8) -> Option<&[u8]> {
-    let mut rest = data;
-    while rest.len() >= 2 {
-        let (entry_kind, len) = (rest[0], usize::from(rest[1]));
-        let value = rest.get(2..2 + len)?;
-        if entry_kind == kind {
-            return Some(value);
-        }
-        rest = &rest[2 + len..];
-    }
-    None
+    lower::tlvs(data)
+        .map_while(Result::ok)
+        .find_map(|(entry_kind, value)| (entry_kind == kind).then_some(value))
 }
 
 fn comment_of(data: &[u8], kind: u8) -> Option<String> {

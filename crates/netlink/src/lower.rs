@@ -1072,32 +1072,33 @@ pub fn typeof_udata(exprs: &[Expr]) -> Result<Vec<u8>, LowerError> {
     typeof_body(EXPR_CONCAT, &parts)
 }
 
-/// The TLVs of a userdata body, in order.
-pub fn tlvs(mut data: &[u8]) -> Result<Vec<(u8, &[u8])>, LowerError> {
-    let mut out = Vec::new();
-    while let [kind, len, rest @ ..] = data {
-        let len = usize::from(*len);
-        let value = rest
-            .get(..len)
-            .ok_or_else(|| LowerError("userdata entry runs past its end".into()))?;
-        out.push((*kind, value));
-        data = &rest[len..];
-    }
-    Ok(out)
+/// The TLVs (type, value) of a userdata body, in order; an entry that runs past the end
+/// is an error, and the last item.
+pub fn tlvs(mut data: &[u8]) -> impl Iterator<Item = Result<(u8, &[u8]), LowerError>> {
+    std::iter::from_fn(move || {
+        let [kind, len, rest @ ..] = data else {
+            return None;
+        };
+        let Some(value) = rest.get(..usize::from(*len)) else {
+            data = &[];
+            return Some(err("userdata entry runs past its end"));
+        };
+        data = &rest[value.len()..];
+        Some(Ok((*kind, value)))
+    })
 }
 
 /// An expression's (kind, fields body) from its TLV body.
 fn typeof_parts(body: &[u8]) -> Result<(u32, &[u8]), LowerError> {
-    match tlvs(body)?.as_slice() {
+    match tlvs(body).collect::<Result<Vec<_>, _>>()?.as_slice() {
         [(TYPEOF_EXPR, kind), (TYPEOF_DATA, data)] => Ok((u32_of(kind)?, data)),
         _ => err("typeof entry without a kind and fields"),
     }
 }
 
 fn typeof_single(kind: u32, body: &[u8]) -> Result<Expr, LowerError> {
-    let fields = tlvs(body)?
-        .into_iter()
-        .map(|(_, value)| u32_of(value))
+    let fields = tlvs(body)
+        .map(|entry| u32_of(entry?.1))
         .collect::<Result<Vec<_>, _>>()?;
     typeof_of_fields(kind, &fields)
 }
@@ -1108,10 +1109,9 @@ pub fn typeof_exprs(value: &[u8]) -> Result<Vec<Expr>, LowerError> {
     if kind != EXPR_CONCAT {
         return Ok(vec![typeof_single(kind, body)?]);
     }
-    tlvs(body)?
-        .into_iter()
-        .map(|(_, part)| {
-            let (kind, fields) = typeof_parts(part)?;
+    tlvs(body)
+        .map(|entry| {
+            let (kind, fields) = typeof_parts(entry?.1)?;
             typeof_single(kind, fields)
         })
         .collect()
