@@ -163,6 +163,21 @@ impl Loaded {
     }
 }
 
+/// Adds the next endpoint to Service `changed` and syncs.
+fn add_endpoint(
+    loaded: &mut Loaded,
+    specs: &mut [Spec],
+    snapshot: &mut Snapshot,
+    changed: usize,
+    what: &str,
+) -> Result<SyncTiming, String> {
+    let spec = &mut specs[changed];
+    let next = u32::try_from(spec.endpoints.len()).map_err(|e| e.to_string())?;
+    spec.endpoints.push(synth::endpoint_ip(spec.index, next));
+    snapshot.endpoint_slices[changed] = synth::endpoint_slice(spec).into();
+    loaded.sync(what, snapshot)
+}
+
 /// Cold load of `services` × `endpoints`, then one endpoint added, one removed, one
 /// Service added, one removed, and a sync with nothing changed.
 pub fn cold(services: u32, endpoints: u32) -> Result<ColdReport, String> {
@@ -174,25 +189,40 @@ pub fn cold(services: u32, endpoints: u32) -> Result<ColdReport, String> {
     let rss_kb = peak_rss_kb();
     let mut syncs = vec![cold];
 
-    // Services 1 and 2 are plain ClusterIP Services (see synth::spec). The first endpoint
-    // added gives a count no Service had (a rule for it is added), the second one that
-    // count again (elements only).
-    if specs.len() > 2 {
+    // Services 1, 2 and 4 are plain ClusterIP Services (see synth::spec). The first
+    // endpoint added gives a count no Service had (its rule is there already: the span
+    // covers it), the second one that count again.
+    if specs.len() > 4 {
         for (changed, what) in [
-            (1, "one endpoint added (a new count)"),
+            (1, "one endpoint added (a count no Service had)"),
             (2, "one endpoint added (a count in use)"),
         ] {
-            let spec = &mut specs[changed];
-            spec.endpoints
-                .push(synth::endpoint_ip(spec.index, endpoints));
-            snapshot.endpoint_slices[changed] = synth::endpoint_slice(spec).into();
-            syncs.push(loaded.sync(what, &snapshot)?);
+            syncs.push(add_endpoint(
+                &mut loaded,
+                &mut specs,
+                &mut snapshot,
+                changed,
+                what,
+            )?);
         }
         // The first: every later endpoint moves down one index.
         let spec = &mut specs[1];
         spec.endpoints.remove(0);
         snapshot.endpoint_slices[1] = synth::endpoint_slice(spec).into();
         syncs.push(loaded.sync("one endpoint removed (the first)", &snapshot)?);
+        // The worst single endpoint: the largest count reaches a power of two and the
+        // span doubles (new count sets and rules). Service 4 grows there untimed first.
+        let span = (endpoints as usize + 1).next_power_of_two();
+        while specs[4].endpoints.len() + 1 < span {
+            add_endpoint(&mut loaded, &mut specs, &mut snapshot, 4, "growing")?;
+        }
+        syncs.push(add_endpoint(
+            &mut loaded,
+            &mut specs,
+            &mut snapshot,
+            4,
+            "one endpoint added (the span doubles)",
+        )?);
     }
     let extra = synth::spec(services, endpoints);
     snapshot.services.push(synth::service(&extra).into());

@@ -992,9 +992,7 @@ fn proto_desc(proto: L4Proto) -> u32 {
 }
 
 fn proto_of_desc(desc: u32) -> Option<L4Proto> {
-    [L4Proto::Tcp, L4Proto::Udp, L4Proto::Sctp]
-        .into_iter()
-        .find(|p| proto_desc(*p) == desc)
+    L4Proto::ALL.into_iter().find(|p| proto_desc(*p) == desc)
 }
 
 fn tlv(out: &mut Vec<u8>, kind: u8, value: &[u8]) -> Result<(), LowerError> {

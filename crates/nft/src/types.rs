@@ -130,6 +130,9 @@ pub enum L4Proto {
 }
 
 impl L4Proto {
+    /// Every protocol, in order.
+    pub const ALL: [L4Proto; 3] = [L4Proto::Tcp, L4Proto::Udp, L4Proto::Sctp];
+
     /// The IANA protocol number.
     pub fn number(self) -> u8 {
         match self {

@@ -6,8 +6,8 @@ use nftproxy_proxier::{Reconciler, ReconcilerOptions};
 use nftproxy_testkit::tables_from_yaml;
 
 /// Service `web` with the given endpoint addresses, plus two unrelated services, `db`
-/// with two endpoints and `cache` with three, so that the balancers' rules for two and
-/// three endpoints exist whatever `web` has.
+/// with two endpoints and `cache` with five, so that the balancer has rules for one to
+/// eight endpoints (its span) whatever `web` has up to seven.
 fn cluster(web_endpoints: &[u8], with_web: bool) -> String {
     let mut yaml = String::new();
     let mut service = |name: &str, cluster_ip: &str, endpoints: &[String]| {
@@ -26,7 +26,11 @@ fn cluster(web_endpoints: &[u8], with_web: bool) -> String {
         last.iter().map(|e| format!("{prefix}{e}")).collect()
     };
     service("db", "172.30.0.2", &addresses("10.180.9.", &[1, 2]));
-    service("cache", "172.30.0.3", &addresses("10.180.8.", &[1, 2, 3]));
+    service(
+        "cache",
+        "172.30.0.3",
+        &addresses("10.180.8.", &[1, 2, 3, 4, 5]),
+    );
     if with_web {
         service("web", "172.30.0.1", &addresses("10.180.0.", web_endpoints));
     }
@@ -76,12 +80,25 @@ fn a_removed_first_endpoint_moves_the_later_ones_down() {
 }
 
 #[test]
-fn a_count_no_destination_had_adds_a_rule() {
+fn a_count_no_destination_had_is_still_elements_only() {
     let mut r = reconciler_at(&cluster(&[1, 2, 3], true));
-    // as above, plus the set of four-endpoint destinations and its rule, appended to
-    // the balancer chain
-    let ops = operations(&mut r, &cluster(&[1, 2, 3, 4], true));
-    assert_eq!(ops, 6);
+    // nobody had four endpoints, but the span holds its set and rule already
+    assert_eq!(operations(&mut r, &cluster(&[1, 2, 3, 4], true)), 4);
+}
+
+#[test]
+fn a_largest_count_reaching_the_span_doubles_it() {
+    let seven = [1, 2, 3, 4, 5, 6, 7];
+    let mut r = reconciler_at(&cluster(&seven, true));
+    // as an added endpoint, plus the sets of nine to sixteen endpoints and their rules,
+    // appended to the balancer chain
+    assert_eq!(
+        operations(&mut r, &cluster(&[seven.as_slice(), &[8]].concat(), true)),
+        20
+    );
+    // and back: the elements (4), the eight sets, and the chain flushed and refilled
+    // with its first eight rules (9)
+    assert_eq!(operations(&mut r, &cluster(&seven, true)), 21);
 }
 
 #[test]

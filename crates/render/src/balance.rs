@@ -3,12 +3,14 @@
 //! per endpoint count draws the index with `numgen random mod COUNT`; destinations enter
 //! the shared chains through sets named after them.
 //!
-//! Invariant: a balancer's chain holds exactly one rule per (protocol, endpoint count)
-//! that some destination uses, in that order; the set of destinations with a count, and
-//! a protocol's map, exist exactly while a destination uses them. So adding or removing
-//! an endpoint changes elements only (the kernel revalidates the whole table for a rule
-//! or a `goto` element, not for elements of a data map or plain set), unless it brings a
-//! count no destination had before.
+//! Invariant: for each protocol, a balancer's chain holds one rule for every count from
+//! 1 to its span (the power of two above the largest count a destination uses), in that
+//! order, each with its set of destinations; the protocol's map exists while a
+//! destination uses it. The kernel revalidates the whole table, and walks the whole map,
+//! for every rule it adds, but not for elements of a data map or plain set. So adding or
+//! removing an endpoint changes elements only, unless the largest count crosses a power
+//! of two: the span is a pure function of the counts in use, so the output stays
+//! deterministic, and growth costs rules only at 2, 4, 8, 16, … endpoints.
 
 use std::collections::BTreeMap;
 
@@ -214,30 +216,62 @@ pub(crate) type Usage = (Balancer, L4Proto, usize);
 /// How many destinations each rule serves.
 pub(crate) type Usages = BTreeMap<Usage, u32>;
 
-/// Whether any destination of `balancer` uses `proto`, and so needs its map.
-pub(crate) fn map_in_use(usages: &Usages, balancer: Balancer, proto: L4Proto) -> bool {
+/// The counts `balancer` has rules for in `proto`: 1 to the power of two above the
+/// largest count in use (so one more endpoint never needs a new rule unless it reaches
+/// that power), none when no destination uses the protocol.
+pub(crate) fn span(usages: &Usages, balancer: Balancer, proto: L4Proto) -> usize {
     usages
         .range((balancer, proto, 0)..=(balancer, proto, usize::MAX))
-        .next()
-        .is_some()
+        .next_back()
+        .map_or(0, |((_, _, largest), _)| (largest + 1).next_power_of_two())
 }
 
-/// The map of a balancer's endpoints of one protocol.
-pub(crate) fn add_map(table: &mut Table, balancer: Balancer, proto: L4Proto) {
-    table.add_set(balancer.map_declaration(table.family, proto));
+/// Brings `balancer`'s map and count sets in `proto` from span `before` to its span in
+/// `usages`, naming what it creates or removes in `scope`. Whether the span changed (and
+/// with it the balancer's rules).
+pub(crate) fn respan(
+    table: &mut Table,
+    usages: &Usages,
+    (balancer, proto): (Balancer, L4Proto),
+    before: usize,
+    mut scope: Option<&mut nftproxy_nft::Scope>,
+) -> bool {
+    let after = span(usages, balancer, proto);
+    if after == before {
+        return false;
+    }
+    let mut touched = Vec::new();
+    if before == 0 || after == 0 {
+        touched.push(balancer.map(proto));
+        if before == 0 {
+            table.add_set(balancer.map_declaration(table.family, proto));
+        }
+    }
+    for count in (before.min(after) + 1)..=before.max(after) {
+        touched.push(balancer.count_set(proto, count));
+        if after > before {
+            table.add_set(balancer.count_set_declaration(table.family, proto, count));
+        }
+    }
+    if after < before {
+        for name in &touched {
+            table.sets.remove(name);
+        }
+    }
+    if let Some(scope) = scope.as_deref_mut() {
+        scope.sets.extend(touched);
+    }
+    true
 }
 
-/// The set of destinations a rule serves.
-pub(crate) fn add_count_set(table: &mut Table, (balancer, proto, count): Usage) {
-    table.add_set(balancer.count_set_declaration(table.family, proto, count));
-}
-
-/// A balancer's chain, with a rule for each usage.
+/// A balancer's chain, with a rule for each protocol and count in its span.
 pub(crate) fn chain(family: Family, balancer: Balancer, usages: &Usages) -> Chain {
-    let rules = usages
-        .keys()
-        .filter(|(b, _, _)| *b == balancer)
-        .map(|(_, proto, count)| balancer.rule(family, *proto, *count))
+    let rules = L4Proto::ALL
+        .into_iter()
+        .flat_map(|proto| {
+            (1..=span(usages, balancer, proto))
+                .map(move |count| balancer.rule(family, proto, count))
+        })
         .collect();
     Chain::regular(balancer.chain(), rules)
 }

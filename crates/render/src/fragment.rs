@@ -6,8 +6,8 @@
 //! updated with, and the [`Scope`] an update returns names every object that differs
 //! from the tables before. Two service ports may put the same element in a shared set
 //! (one ClusterIP for several ports, one endpoint behind several Services); the element
-//! stays until the last of them takes it out. A balancer's count set, map and rule stay
-//! while a destination uses them.
+//! stays until the last of them takes it out. A balancer's count sets, map and rules
+//! follow its span (see [`crate::balance`]).
 
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
@@ -68,22 +68,17 @@ fn put(table: &mut Table, shared: &mut Shared, fragment: Fragment, mut scope: Op
     } = fragment;
     let mut changed = BTreeSet::new();
     for destination in &destinations {
-        let usage = destination.usage();
-        let (balancer, proto, _) = usage;
-        let mut created = Vec::with_capacity(2);
-        if !balance::map_in_use(&shared.usages, balancer, proto) {
-            balance::add_map(table, balancer, proto);
-            created.push(balancer.map(proto));
-        }
-        let uses = shared.usages.entry(usage).or_default();
-        *uses += 1;
-        if *uses == 1 {
-            balance::add_count_set(table, usage);
-            created.push(balancer.count_set(usage.1, usage.2));
+        let (balancer, proto, count) = destination.usage();
+        let before = balance::span(&shared.usages, balancer, proto);
+        *shared.usages.entry((balancer, proto, count)).or_default() += 1;
+        if balance::respan(
+            table,
+            &shared.usages,
+            (balancer, proto),
+            before,
+            scope.as_deref_mut(),
+        ) {
             changed.insert(balancer);
-        }
-        if let Some(scope) = scope.as_deref_mut() {
-            scope.sets.extend(created);
         }
         elements.extend(destination.elements().map(|(s, e)| (Cow::Owned(s), e)));
     }
@@ -149,8 +144,8 @@ fn put_objects(
 }
 
 /// Removes a service port's objects from `table` (shared elements only with their last
-/// holder, count sets and balancer rules with the last destination using them), noting
-/// them in `scope`.
+/// holder; count sets, maps and balancer rules when the span shrinks), noting them in
+/// `scope`.
 fn take(table: &mut Table, shared: &mut Shared, fragment: Fragment, scope: &mut Scope) {
     let mut elements = fragment.elements;
     for destination in &fragment.destinations {
@@ -167,7 +162,7 @@ fn take(table: &mut Table, shared: &mut Shared, fragment: Fragment, scope: &mut 
     let mut changed = BTreeSet::new();
     for destination in &fragment.destinations {
         let usage = destination.usage();
-        let (balancer, proto, count) = usage;
+        let (balancer, proto, _) = usage;
         let Some(uses) = shared.usages.get_mut(&usage) else {
             continue;
         };
@@ -175,15 +170,16 @@ fn take(table: &mut Table, shared: &mut Shared, fragment: Fragment, scope: &mut 
         if *uses > 0 {
             continue;
         }
+        let before = balance::span(&shared.usages, balancer, proto);
         shared.usages.remove(&usage);
-        changed.insert(balancer);
-        let mut gone = vec![balancer.count_set(proto, count)];
-        if !balance::map_in_use(&shared.usages, balancer, proto) {
-            gone.push(balancer.map(proto));
-        }
-        for name in gone {
-            table.sets.remove(&name);
-            scope.sets.insert(name);
+        if balance::respan(
+            table,
+            &shared.usages,
+            (balancer, proto),
+            before,
+            Some(scope),
+        ) {
+            changed.insert(balancer);
         }
     }
     rebuild_balancers(table, &shared.usages, changed, Some(scope));
