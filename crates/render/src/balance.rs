@@ -234,7 +234,7 @@ pub(crate) fn respan(
     usages: &Usages,
     (balancer, proto): (Balancer, L4Proto),
     before: usize,
-    mut scope: Option<&mut nftproxy_nft::Scope>,
+    scope: Option<&mut nftproxy_nft::Scope>,
 ) -> bool {
     let after = span(usages, balancer, proto);
     if after == before {
@@ -258,7 +258,7 @@ pub(crate) fn respan(
             table.sets.remove(name);
         }
     }
-    if let Some(scope) = scope.as_deref_mut() {
+    if let Some(scope) = scope {
         scope.sets.extend(touched);
     }
     true
