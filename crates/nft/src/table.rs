@@ -48,12 +48,15 @@ impl Table {
     /// Adds an element to a set that was added before. Returns `false` (and adds
     /// nothing) when the set does not exist or already holds that key.
     pub fn add_element(&mut self, set: &str, element: Element) -> bool {
-        match self.sets.get_mut(set) {
-            Some(set) if !set.elements.contains_key(&element.key) => {
-                set.elements.insert(element.key.clone(), element);
+        let Some(set) = self.sets.get_mut(set) else {
+            return false;
+        };
+        match set.elements.entry(element.key.clone()) {
+            std::collections::btree_map::Entry::Vacant(slot) => {
+                slot.insert(element);
                 true
             }
-            _ => false,
+            std::collections::btree_map::Entry::Occupied(_) => false,
         }
     }
 

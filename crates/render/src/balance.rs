@@ -12,6 +12,7 @@
 //! of two: the span is a pure function of the counts in use, so the output stays
 //! deterministic, and growth costs rules only at 2, 4, 8, 16, … endpoints.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use nftproxy_model::{Endpoint, ProxyState};
@@ -66,14 +67,22 @@ impl Balancer {
     /// The map from destination and index to endpoint, for one protocol. (One map per
     /// protocol: nft 1.0.6 refuses to add a rule using a map already in the kernel
     /// whose value is declared with `th dport`, and takes `udp dport` only in UDP rules.)
-    pub(crate) fn map(self, proto: L4Proto) -> String {
-        let what = match self {
-            Balancer::Cluster => "endpoints",
-            Balancer::Local => "local-endpoints",
-            Balancer::NodePort => "nodeport-endpoints",
-            Balancer::NodePortLocal => "nodeport-local-endpoints",
-        };
-        format!("{}-{what}", proto.name())
+    pub(crate) fn map(self, proto: L4Proto) -> &'static str {
+        use L4Proto::{Sctp, Tcp, Udp};
+        match (self, proto) {
+            (Balancer::Cluster, Tcp) => "tcp-endpoints",
+            (Balancer::Cluster, Udp) => "udp-endpoints",
+            (Balancer::Cluster, Sctp) => "sctp-endpoints",
+            (Balancer::Local, Tcp) => "tcp-local-endpoints",
+            (Balancer::Local, Udp) => "udp-local-endpoints",
+            (Balancer::Local, Sctp) => "sctp-local-endpoints",
+            (Balancer::NodePort, Tcp) => "tcp-nodeport-endpoints",
+            (Balancer::NodePort, Udp) => "udp-nodeport-endpoints",
+            (Balancer::NodePort, Sctp) => "sctp-nodeport-endpoints",
+            (Balancer::NodePortLocal, Tcp) => "tcp-nodeport-local-endpoints",
+            (Balancer::NodePortLocal, Udp) => "udp-nodeport-local-endpoints",
+            (Balancer::NodePortLocal, Sctp) => "sctp-nodeport-local-endpoints",
+        }
     }
 
     /// The set of destinations with `count` endpoints.
@@ -142,7 +151,7 @@ impl Balancer {
             Stmt::DnatMap {
                 family,
                 key: Expr::Concat(drawn),
-                map: self.map(proto),
+                map: self.map(proto).to_owned(),
             },
         ])
     }
@@ -190,9 +199,9 @@ impl Destination {
     }
 
     /// The element in the count set, then one map element per endpoint.
-    pub(crate) fn elements(&self) -> impl Iterator<Item = (String, Element)> + '_ {
+    pub(crate) fn elements(&self) -> impl Iterator<Item = (Cow<'static, str>, Element)> + '_ {
         let count = std::iter::once((
-            self.balancer.count_set(self.proto, self.endpoints.len()),
+            Cow::Owned(self.balancer.count_set(self.proto, self.endpoints.len())),
             Element::key(self.key.clone()),
         ));
         let map = self.balancer.map(self.proto);
@@ -202,7 +211,7 @@ impl Destination {
                 let mut key = self.key.clone();
                 key.push(Value::Number(index));
                 (
-                    map.clone(),
+                    Cow::Borrowed(map),
                     Element::mapped(key, vec![Value::Addr(*ip), Value::Port(*port)]),
                 )
             });
@@ -242,7 +251,7 @@ pub(crate) fn respan(
     }
     let mut touched = Vec::new();
     if before == 0 || after == 0 {
-        touched.push(balancer.map(proto));
+        touched.push(balancer.map(proto).to_owned());
         if before == 0 {
             table.add_set(balancer.map_declaration(table.family, proto));
         }

@@ -10,6 +10,7 @@
 //! follow its span (see [`crate::balance`]).
 
 use std::borrow::Cow;
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeSet, HashMap};
 
 use nftproxy_model::{Build, Delta, IpFamily, PortChanges, ProxyState, ServicePortState};
@@ -80,7 +81,7 @@ fn put(table: &mut Table, shared: &mut Shared, fragment: Fragment, mut scope: Op
         ) {
             changed.insert(balancer);
         }
-        elements.extend(destination.elements().map(|(s, e)| (Cow::Owned(s), e)));
+        elements.extend(destination.elements());
     }
     let fragment = Fragment {
         sets,
@@ -130,15 +131,17 @@ fn put_objects(
             let keys = scope.elements.entry(set.to_string()).or_default();
             keys.insert(element.key.clone());
         }
-        if let Some(existing) = table
-            .sets
-            .get(set.as_ref())
-            .and_then(|s| s.elements.get(&element.key))
-        {
-            debug_assert_eq!(existing, &element, "one key, two meanings in {set}");
-            *extra.entry((set, element.key)).or_default() += 1;
-        } else {
-            table.add_element(&set, element);
+        let Some(elements) = table.sets.get_mut(set.as_ref()).map(|s| &mut s.elements) else {
+            continue;
+        };
+        match elements.entry(element.key.clone()) {
+            Entry::Occupied(existing) => {
+                debug_assert_eq!(existing.get(), &element, "one key, two meanings in {set}");
+                *extra.entry((set, element.key)).or_default() += 1;
+            }
+            Entry::Vacant(slot) => {
+                slot.insert(element);
+            }
         }
     }
 }
@@ -149,7 +152,7 @@ fn put_objects(
 fn take(table: &mut Table, shared: &mut Shared, fragment: Fragment, scope: &mut Scope) {
     let mut elements = fragment.elements;
     for destination in &fragment.destinations {
-        elements.extend(destination.elements().map(|(s, e)| (Cow::Owned(s), e)));
+        elements.extend(destination.elements());
     }
     take_objects(
         table,
