@@ -271,6 +271,25 @@ fn table(results: &Results) -> String {
             ratio(row.nft_upstream_shape.as_ref(), ours),
         );
     }
+    out += "\n| services x endpoints | RSS: API objects | + proxy state | + rendered tables | + kernel copy (after commit) |\n|---|---|---|---|---|\n";
+    for report in results
+        .rows
+        .iter()
+        .map(|r| &r.nftproxy)
+        .chain(&results.wide)
+    {
+        let m = &report.memory;
+        let mb = |kb: u64| kb / 1024;
+        out += &format!(
+            "| {} x {} | {} MB | +{} MB | +{} MB | +{} MB |\n",
+            report.services,
+            report.endpoints,
+            mb(m.objects_kb),
+            mb(m.built_kb.saturating_sub(m.objects_kb)),
+            mb(m.rendered_kb.saturating_sub(m.built_kb)),
+            mb(m.synced_kb.saturating_sub(m.rendered_kb)),
+        );
+    }
     out += "\n| services x endpoints | sync | wall | kernel commit | operations |\n|---|---|---|---|---|\n";
     let mut all: Vec<&ColdReport> = results.rows.iter().map(|r| &r.nftproxy).collect();
     all.extend(&results.wide);

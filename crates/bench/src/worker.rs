@@ -45,11 +45,28 @@ pub struct ColdReport {
     /// Peak RSS of the process after the cold load (it holds the objects, as the
     /// daemon's watch caches do).
     pub rss_kb: u64,
+    /// Where the memory of the cold load goes.
+    pub memory: Memory,
     /// The cold load, single changes, and a sync with nothing changed.
     pub syncs: Vec<SyncTiming>,
     /// Build + render + plan of the whole cluster from nothing (as after a restart),
     /// without the kernel.
     pub userspace_seconds: f64,
+}
+
+/// The process's resident set (VmRSS) after each step of the cold load, in kB: what
+/// each step keeps (the allocator rarely returns memory, so each figure includes what
+/// the steps before freed).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Memory {
+    /// The API objects, as the daemon's watch caches hold them.
+    pub objects_kb: u64,
+    /// Plus the proxy state built from them.
+    pub built_kb: u64,
+    /// Plus the rendered tables.
+    pub rendered_kb: u64,
+    /// Plus the reconciler's copy of what the kernel holds, after the commits.
+    pub synced_kb: u64,
 }
 
 /// Connect latency through the rules.
@@ -102,12 +119,13 @@ pub fn dry_run_text(specs: &[Spec]) -> String {
     tables.iter().map(ToString::to_string).collect()
 }
 
-fn peak_rss_kb() -> u64 {
+/// A `/proc/self/status` figure in kB: `VmHWM` (peak) or `VmRSS` (now).
+fn status_kb(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         })
         .unwrap_or(0)
@@ -119,6 +137,8 @@ struct Loaded {
     config: ProxyConfig,
     builder: Builder,
     renderer: Renderer,
+    /// When set, the next sync notes the memory after its build and its render.
+    memory: Option<Memory>,
 }
 
 impl Loaded {
@@ -133,6 +153,7 @@ impl Loaded {
             builder: Builder::new(config.clone()),
             renderer: Renderer::new(),
             config,
+            memory: None,
         })
     }
 
@@ -141,7 +162,13 @@ impl Loaded {
         self.reconciler.backend_mut().commits.clear();
         let started = Instant::now();
         let delta = self.builder.update(snapshot);
+        if let Some(memory) = &mut self.memory {
+            memory.built_kb = status_kb("VmRSS");
+        }
         let scopes = self.renderer.update(self.builder.build(), &delta);
+        if let Some(memory) = &mut self.memory {
+            memory.rendered_kb = status_kb("VmRSS");
+        }
         let report = self
             .reconciler
             .sync_changes(self.renderer.tables(), &scopes)
@@ -184,9 +211,15 @@ pub fn cold(services: u32, endpoints: u32) -> Result<ColdReport, String> {
     let mut specs = synth::specs(services, endpoints);
     let mut snapshot = synth::snapshot(&specs);
     let mut loaded = Loaded::new()?;
+    loaded.memory = Some(Memory {
+        objects_kb: status_kb("VmRSS"),
+        ..Memory::default()
+    });
     let cold = loaded.sync("cold load", &snapshot)?;
+    let mut memory = loaded.memory.take().unwrap_or_default();
+    memory.synced_kb = status_kb("VmRSS");
     let cold_seconds = cold.wall_seconds;
-    let rss_kb = peak_rss_kb();
+    let rss_kb = status_kb("VmHWM");
     let mut syncs = vec![cold];
 
     // Services 1, 2 and 4 are plain ClusterIP Services (see synth::spec). The first
@@ -250,6 +283,7 @@ pub fn cold(services: u32, endpoints: u32) -> Result<ColdReport, String> {
         endpoints,
         cold_seconds,
         rss_kb,
+        memory,
         syncs,
         userspace_seconds,
     })
