@@ -204,7 +204,7 @@ impl NetlinkBackend {
                 Some(&declaration),
                 |nlh| {
                     for element in ffi::parse_elements(nlh, &declaration)? {
-                        set.elements.insert(element.key.clone(), element);
+                        set.elements.insert(element);
                     }
                     Ok(())
                 },

@@ -96,9 +96,9 @@ pub fn diff(current: Option<&Table>, desired: &Table) -> Transaction {
         if redeclared.contains(name.as_str()) {
             continue;
         }
-        let stale: Vec<_> = merged(&old.elements, &new.elements)
+        let stale: Vec<_> = merged(old.elements.iter(), new.elements.iter())
             .filter(|(_, was, is)| was.is_some() && was != is)
-            .map(|(key, _, _)| key.clone())
+            .map(|(key, _, _)| key.to_vec())
             .collect();
         if !stale.is_empty() {
             tx.ops.push(Op::DeleteElements {
@@ -142,7 +142,7 @@ pub fn diff(current: Option<&Table>, desired: &Table) -> Transaction {
             .get(name)
             .filter(|_| !redeclared.contains(name.as_str()));
         let missing: Vec<Element> = match old {
-            Some(old) => merged(&old.elements, &new.elements)
+            Some(old) => merged(old.elements.iter(), new.elements.iter())
                 .filter_map(|(_, was, is)| is.filter(|is| was != Some(*is)).cloned())
                 .collect(),
             None => new.elements.values().cloned().collect(),
@@ -168,12 +168,12 @@ pub fn diff(current: Option<&Table>, desired: &Table) -> Transaction {
 /// The keys of two sorted maps in one ordered walk, with each side's value: one key
 /// comparison per step instead of a tree search per key (the sets of a large table hold
 /// hundreds of thousands of elements).
-fn merged<'a, K: Ord, V>(
-    old: &'a BTreeMap<K, V>,
-    new: &'a BTreeMap<K, V>,
+fn merged<'a, K: Ord + ?Sized + 'a, V: 'a>(
+    old: impl Iterator<Item = (&'a K, &'a V)>,
+    new: impl Iterator<Item = (&'a K, &'a V)>,
 ) -> impl Iterator<Item = (&'a K, Option<&'a V>, Option<&'a V>)> {
-    let mut old = old.iter().peekable();
-    let mut new = new.iter().peekable();
+    let mut old = old.peekable();
+    let mut new = new.peekable();
     std::iter::from_fn(move || match (old.peek(), new.peek()) {
         (Some((a, _)), Some((b, _))) => match a.cmp(b) {
             Ordering::Less => old.next().map(|(k, v)| (k, Some(v), None)),

@@ -24,7 +24,7 @@ pub use conntrack::{Conntrack, FakeConntrack, Flow, Tuple};
 pub use diff::diff;
 pub use expr::{CmpOp, CtState, CtStatus, Expr, FibInput, MarkOp, PayloadField, Rhs, Rule, Stmt};
 pub use scope::{Scope, Scopes, diff_scoped};
-pub use table::{Chain, Element, Set, Table, TypeOf};
+pub use table::{Chain, Element, Elements, Set, Table, TypeOf};
 pub use text::format_duration;
 pub use transaction::{Op, Transaction};
 pub use types::{BaseChain, ChainType, DataType, Family, Hook, L4Proto, Priority, Value, Verdict};

@@ -5,6 +5,7 @@
 //! the same in both tables; who builds a scope answers for that.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use crate::diff::diff;
 use crate::table::{Chain, Table};
@@ -59,8 +60,8 @@ impl Scope {
             };
             let mut copy = set.without_elements();
             for key in keys {
-                if let Some(element) = set.elements.get(key) {
-                    copy.elements.insert(key.clone(), element.clone());
+                if let Some(element) = set.elements.get_shared(key) {
+                    copy.elements.insert(Arc::clone(element));
                 }
             }
             part.sets.insert(name.clone(), copy);
@@ -128,7 +129,7 @@ impl Scope {
             };
             for key in keys {
                 match changed.elements.remove(key) {
-                    Some(element) => set.elements.insert(key.clone(), element),
+                    Some(element) => set.elements.insert(element),
                     None => set.elements.remove(key),
                 };
             }

@@ -1,9 +1,12 @@
 //! The contents of one nftables table: chains, sets and maps, with their elements.
 //!
 //! Invariant: objects live in ordered maps keyed by name (elements by key), so iteration
-//! order — and therefore the printed text — never depends on insertion order.
+//! order — and therefore the printed text — never depends on insertion order. Elements
+//! are shared between copies of a table: copying one costs a pointer per element.
 
-use std::collections::BTreeMap;
+use std::borrow::Borrow;
+use std::collections::{BTreeMap, BTreeSet, btree_set};
+use std::sync::Arc;
 
 use crate::expr::{Expr, Rule};
 use crate::types::{BaseChain, DataType, Family, Value, Verdict};
@@ -48,15 +51,20 @@ impl Table {
     /// Adds an element to a set that was added before. Returns `false` (and adds
     /// nothing) when the set does not exist or already holds that key.
     pub fn add_element(&mut self, set: &str, element: Element) -> bool {
-        let Some(set) = self.sets.get_mut(set) else {
-            return false;
-        };
-        match set.elements.entry(element.key.clone()) {
-            std::collections::btree_map::Entry::Vacant(slot) => {
-                slot.insert(element);
-                true
+        self.sets
+            .get_mut(set)
+            .is_some_and(|set| set.elements.insert_new(element))
+    }
+
+    /// Makes each set whose elements equal those of the same set in `other` share
+    /// them, so that the two tables hold one copy.
+    pub fn share_elements(&mut self, other: &Table) {
+        for (name, set) in &mut self.sets {
+            if let Some(theirs) = other.sets.get(name)
+                && set.elements == theirs.elements
+            {
+                set.elements = theirs.elements.clone();
             }
-            std::collections::btree_map::Entry::Occupied(_) => false,
         }
     }
 
@@ -160,7 +168,7 @@ pub struct Set {
     /// Comment.
     pub comment: Option<String>,
     /// Elements by key.
-    pub elements: BTreeMap<Vec<Value>, Element>,
+    pub elements: Elements,
 }
 
 impl Set {
@@ -175,7 +183,7 @@ impl Set {
             timeout: None,
             size: None,
             comment: None,
-            elements: BTreeMap::new(),
+            elements: Elements::default(),
         }
     }
 
@@ -240,7 +248,7 @@ impl Set {
             timeout: *timeout,
             size: *size,
             comment: comment.clone(),
-            elements: BTreeMap::new(),
+            elements: Elements::default(),
         }
     }
 
@@ -258,6 +266,142 @@ pub struct TypeOf {
     pub key: Vec<Expr>,
     /// One expression per value field of a map.
     pub data: Vec<Expr>,
+}
+
+/// A set's elements in key order. Each is reference-counted, so that the copy of a
+/// table the reconciler keeps (what the kernel holds) shares them with the rendered
+/// one instead of doubling the largest part of both.
+#[derive(Debug, Clone, Default)]
+pub struct Elements(BTreeSet<Keyed>);
+
+/// An element ordered, compared and looked up by its key alone.
+#[derive(Debug, Clone)]
+struct Keyed(Arc<Element>);
+
+impl PartialEq for Keyed {
+    fn eq(&self, other: &Keyed) -> bool {
+        self.0.key == other.0.key
+    }
+}
+
+impl Eq for Keyed {}
+
+impl PartialOrd for Keyed {
+    fn partial_cmp(&self, other: &Keyed) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Keyed {
+    fn cmp(&self, other: &Keyed) -> std::cmp::Ordering {
+        self.0.key.cmp(&other.0.key)
+    }
+}
+
+impl Borrow<[Value]> for Keyed {
+    fn borrow(&self) -> &[Value] {
+        &self.0.key
+    }
+}
+
+impl Elements {
+    /// How many.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The element with this key.
+    pub fn get(&self, key: &[Value]) -> Option<&Element> {
+        self.0.get(key).map(|k| &*k.0)
+    }
+
+    /// The element with this key, to share.
+    pub fn get_shared(&self, key: &[Value]) -> Option<&Arc<Element>> {
+        self.0.get(key).map(|k| &k.0)
+    }
+
+    /// Whether an element has this key.
+    pub fn contains_key(&self, key: &[Value]) -> bool {
+        self.0.contains(key)
+    }
+
+    /// Adds an element, replacing the one with the same key (which it returns).
+    pub fn insert(&mut self, element: impl Into<Arc<Element>>) -> Option<Arc<Element>> {
+        self.0.replace(Keyed(element.into())).map(|k| k.0)
+    }
+
+    /// Adds an element unless one has its key; whether it was added.
+    pub fn insert_new(&mut self, element: impl Into<Arc<Element>>) -> bool {
+        self.0.insert(Keyed(element.into()))
+    }
+
+    /// Takes out the element with this key.
+    pub fn remove(&mut self, key: &[Value]) -> Option<Arc<Element>> {
+        self.0.take(key).map(|k| k.0)
+    }
+
+    /// The elements in key order.
+    pub fn values(&self) -> impl DoubleEndedIterator<Item = &Element> + ExactSizeIterator {
+        self.0.iter().map(|k| &*k.0)
+    }
+
+    /// (key, element) in key order.
+    pub fn iter(&self) -> Iter<'_> {
+        Iter(self.0.iter())
+    }
+}
+
+impl PartialEq for Elements {
+    fn eq(&self, other: &Elements) -> bool {
+        self.len() == other.len()
+            && self
+                .0
+                .iter()
+                .zip(&other.0)
+                .all(|(a, b)| Arc::ptr_eq(&a.0, &b.0) || a.0 == b.0)
+    }
+}
+
+impl Eq for Elements {}
+
+impl<E: Into<Arc<Element>>> FromIterator<E> for Elements {
+    fn from_iter<I: IntoIterator<Item = E>>(iter: I) -> Elements {
+        let mut elements = Elements::default();
+        for element in iter {
+            elements.insert(element);
+        }
+        elements
+    }
+}
+
+/// (key, element) of [`Elements`] in key order.
+#[derive(Debug, Clone)]
+pub struct Iter<'a>(btree_set::Iter<'a, Keyed>);
+
+impl<'a> Iterator for Iter<'a> {
+    type Item = (&'a [Value], &'a Element);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.0.next().map(|k| (k.0.key.as_slice(), &*k.0))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.0.size_hint()
+    }
+}
+
+impl<'a> IntoIterator for &'a Elements {
+    type Item = (&'a [Value], &'a Element);
+    type IntoIter = Iter<'a>;
+
+    fn into_iter(self) -> Iter<'a> {
+        self.iter()
+    }
 }
 
 /// A set or map element.
@@ -304,5 +448,60 @@ impl Element {
     pub fn with_comment(mut self, comment: impl Into<String>) -> Element {
         self.comment = Some(comment.into());
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn port(n: u16) -> Vec<Value> {
+        vec![Value::Port(n)]
+    }
+
+    #[test]
+    fn elements_are_kept_by_key_whatever_their_other_fields() {
+        let mut elements = Elements::default();
+        assert!(elements.insert_new(Element::key(port(80))));
+        assert!(!elements.insert_new(Element::key(port(80)).with_comment("other")));
+        assert_eq!(elements.get(&port(80)), Some(&Element::key(port(80))));
+        let replaced = elements.insert(Element::key(port(80)).with_comment("new"));
+        assert_eq!(replaced.as_deref(), Some(&Element::key(port(80))));
+        assert!(elements.insert_new(Element::key(port(22))));
+        let keys: Vec<_> = elements.iter().map(|(key, _)| key.to_vec()).collect();
+        assert_eq!(keys, [port(22), port(80)]);
+        assert_eq!(
+            elements.remove(&port(22)).map(|e| e.key.clone()),
+            Some(port(22))
+        );
+        assert!(!elements.contains_key(&port(22)));
+        assert_eq!(elements.len(), 1);
+    }
+
+    #[test]
+    fn element_sets_are_equal_by_content_and_copies_share_it() {
+        let a: Elements = [Element::key(port(1)), Element::key(port(2))]
+            .into_iter()
+            .collect();
+        let b: Elements = [Element::key(port(2)), Element::key(port(1))]
+            .into_iter()
+            .collect();
+        assert_eq!(a, b);
+        let c: Elements = [
+            Element::key(port(1)),
+            Element::key(port(2)).with_comment("x"),
+        ]
+        .into_iter()
+        .collect();
+        assert_ne!(a, c);
+        let copy = a.clone();
+        assert!(Arc::ptr_eq(
+            copy.get_shared(&port(1)).unwrap(),
+            a.get_shared(&port(1)).unwrap()
+        ));
+        assert!(!Arc::ptr_eq(
+            b.get_shared(&port(1)).unwrap(),
+            a.get_shared(&port(1)).unwrap()
+        ));
     }
 }

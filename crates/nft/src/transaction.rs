@@ -230,9 +230,9 @@ fn apply_op(t: &mut Table, op: &Op) -> Result<(), String> {
             let s = set_mut(t, set)?;
             for element in elements {
                 // Adding an existing key is a no-op in the kernel, as in nft.
-                s.elements
-                    .entry(element.key.clone())
-                    .or_insert_with(|| element.clone());
+                if !s.elements.contains_key(&element.key) {
+                    s.elements.insert(element.clone());
+                }
             }
         }
         Op::DeleteElements { set, keys, .. } => {

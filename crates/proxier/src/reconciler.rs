@@ -64,6 +64,17 @@ impl Default for ReconcilerOptions {
     }
 }
 
+/// How [`Reconciler::apply`] records a transaction the kernel took.
+#[derive(Clone, Copy)]
+enum Record<'a> {
+    /// Apply it to the whole applied table.
+    Whole,
+    /// Apply it to the objects the scope names.
+    Scoped(&'a Scope),
+    /// Not at all: the caller records the result of a series (a staged cold load).
+    Later,
+}
+
 /// Keeps the kernel's tables equal to the desired ones.
 pub struct Reconciler<B: Backend> {
     backend: B,
@@ -226,8 +237,11 @@ impl<B: Backend> Reconciler<B> {
             let cold = self.applied(family).is_none() && !self.unreadable.contains(&family);
             if let Some(table) = want.filter(|_| cold) {
                 for tx in Transaction::create_staged(table, self.options.cold_stage_objects) {
-                    self.apply(family, &tx, None, &mut report)?;
+                    self.apply(family, &tx, Record::Later, &mut report)?;
                 }
+                // Every stage went in: the kernel holds the table. The copy shares its
+                // elements with the desired one.
+                self.applied.insert(family, Some(table.clone()));
                 continue;
             }
             // Chains held back last time are not in the desired table; the scope must
@@ -239,19 +253,27 @@ impl<B: Backend> Reconciler<B> {
                 scope
             });
             let (tx, held) = self.plan_holding(family, want, scope.as_ref());
-            self.apply(family, &tx, scope.as_ref(), &mut report)?;
+            let record = scope.as_ref().map_or(Record::Whole, Record::Scoped);
+            self.apply(family, &tx, record, &mut report)?;
+            if let (Record::Whole, Some(Some(applied)), Some(want)) =
+                (record, self.applied.get_mut(&family), want)
+            {
+                // After a read-back the copy's elements are the kernel's; where they equal
+                // the desired ones, keep one of each.
+                applied.share_elements(want);
+            }
             self.held_back.insert(family, held);
         }
         Ok(report)
     }
 
-    /// Sends one transaction and, when the kernel took it, records its effect (on the
-    /// objects in `scope` alone, when it was planned from one).
+    /// Sends one transaction and, when the kernel took it, records its effect as
+    /// `record` says.
     fn apply(
         &mut self,
         family: Family,
         tx: &Transaction,
-        scope: Option<&Scope>,
+        record: Record<'_>,
         report: &mut SyncReport,
     ) -> Result<(), SyncError<B::Error>> {
         if tx.is_empty() {
@@ -272,8 +294,9 @@ impl<B: Backend> Reconciler<B> {
         self.unreadable.retain(|f| *f != family);
         // The transaction was checked against the same model the kernel follows.
         let applied = self.applied.entry(family).or_default();
-        let outcome = match (applied.as_mut(), scope) {
-            (Some(table), Some(scope)) => scope.apply(table, tx),
+        let outcome = match (applied.as_mut(), record) {
+            (_, Record::Later) => Ok(()),
+            (Some(table), Record::Scoped(scope)) => scope.apply(table, tx),
             _ => tx.apply_to(applied.take()).map(|after| *applied = after),
         };
         if let Err(reason) = outcome {
@@ -387,6 +410,39 @@ mod tests {
         more.extend(["g", "h", "i"]);
         let warm = r.sync(&[table(&more)]).unwrap();
         assert_eq!(warm.transactions, 1);
+    }
+
+    /// Whether `a` and `b` hold the very same `service-ips` elements, not equal copies.
+    fn shared(a: &Table, b: &Table) -> bool {
+        let (a, b) = (
+            &a.sets["service-ips"].elements,
+            &b.sets["service-ips"].elements,
+        );
+        a.len() == b.len()
+            && a.iter()
+                .all(|(key, _)| match (a.get_shared(key), b.get_shared(key)) {
+                    (Some(x), Some(y)) => std::sync::Arc::ptr_eq(x, y),
+                    _ => false,
+                })
+    }
+
+    #[test]
+    fn the_applied_copy_shares_its_elements_with_the_desired_table() {
+        let options = ReconcilerOptions {
+            cold_stage_objects: 6,
+            ..ReconcilerOptions::default()
+        };
+        let desired = [table(&["a", "b", "c", "d"])];
+        let mut r = Reconciler::new(FakeBackend::default(), "nftproxy", options);
+        r.sync(&desired).unwrap();
+        assert!(shared(r.applied(Family::Ip).unwrap(), &desired[0]));
+
+        // After a restart the copy is read from the kernel, then shared where equal.
+        let backend = std::mem::take(r.backend_mut());
+        let mut r = Reconciler::new(backend, "nftproxy", options);
+        let desired = [table(&["a", "b", "c"])];
+        assert_eq!(r.sync(&desired).unwrap().operations, 3);
+        assert!(shared(r.applied(Family::Ip).unwrap(), &desired[0]));
     }
 
     #[test]

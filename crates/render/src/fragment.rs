@@ -10,8 +10,8 @@
 //! follow its span (see [`crate::balance`]).
 
 use std::borrow::Cow;
-use std::collections::btree_map::Entry;
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
 use nftproxy_model::{Build, Delta, IpFamily, PortChanges, ProxyState, ServicePortState};
 use nftproxy_nft::{Chain, Element, Family, Scope, Scopes, Set, Table, Value};
@@ -134,14 +134,14 @@ fn put_objects(
         let Some(elements) = table.sets.get_mut(set.as_ref()).map(|s| &mut s.elements) else {
             continue;
         };
-        match elements.entry(element.key.clone()) {
-            Entry::Occupied(existing) => {
-                debug_assert_eq!(existing.get(), &element, "one key, two meanings in {set}");
-                *extra.entry((set, element.key)).or_default() += 1;
-            }
-            Entry::Vacant(slot) => {
-                slot.insert(element);
-            }
+        let element = Arc::new(element);
+        if !elements.insert_new(Arc::clone(&element)) {
+            debug_assert_eq!(
+                elements.get(&element.key),
+                Some(&*element),
+                "one key, two meanings in {set}"
+            );
+            *extra.entry((set, element.key.clone())).or_default() += 1;
         }
     }
 }
