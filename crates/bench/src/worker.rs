@@ -256,6 +256,11 @@ pub fn cold(services: u32, endpoints: u32) -> Result<ColdReport, String> {
             4,
             "one endpoint added (the span doubles)",
         )?);
+        // And back: the rules beyond the old span are deleted (by handle).
+        let spec = &mut specs[4];
+        spec.endpoints.pop();
+        snapshot.endpoint_slices[4] = synth::endpoint_slice(spec).into();
+        syncs.push(loaded.sync("one endpoint removed (the span halves)", &snapshot)?);
     }
     let extra = synth::spec(services, endpoints);
     snapshot.services.push(synth::service(&extra).into());

@@ -55,6 +55,7 @@ fn a_small_benchmark_runs_end_to_end() {
     assert_eq!(operations("one endpoint added (a count in use)"), 4);
     assert_eq!(operations("one endpoint added (a count no Service had)"), 4);
     assert_eq!(operations("one endpoint added (the span doubles)"), 20);
+    assert_eq!(operations("one endpoint removed (the span halves)"), 20);
     for change in [
         "one endpoint removed (the first)",
         "one service added",

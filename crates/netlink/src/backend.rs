@@ -23,6 +23,17 @@ pub struct NetlinkBackend {
     seq: u32,
 }
 
+/// What a GET request asks for: a table's objects of one kind, a set's elements, or a
+/// chain's rules.
+enum Dump<'a> {
+    Table,
+    Set(&'a Set),
+    Chain(&'a str),
+}
+
+/// Rule handles by chain, in rule order.
+type Handles = std::collections::HashMap<String, Vec<u64>>;
+
 fn describe(op: &Op) -> String {
     match op {
         Op::AddTable { .. } => "add table".to_owned(),
@@ -30,6 +41,9 @@ fn describe(op: &Op) -> String {
         Op::AddChain { name, .. } => format!("add chain {name}"),
         Op::FlushChain(name) => format!("flush chain {name}"),
         Op::DeleteChain(name) => format!("delete chain {name}"),
+        Op::DeleteRules {
+            chain, positions, ..
+        } => format!("delete rules {positions:?} of chain {chain}"),
         Op::AddRule { chain, rule } => format!("add rule in chain {chain} `{rule}`"),
         Op::AddSet(set) => format!("add set {}", set.name),
         Op::DeleteSet { name, .. } => format!("delete set {name}"),
@@ -55,7 +69,40 @@ impl NetlinkBackend {
         self.seq
     }
 
-    fn encode(&mut self, tx: &Transaction) -> Result<(Messages, Vec<(u32, usize)>), Error> {
+    /// The kernel's handles of the rules of the chains `tx` deletes rules from, in
+    /// order (the kernel names a rule to delete by its handle, the transaction by its
+    /// position).
+    fn rule_handles(&mut self, tx: &Transaction) -> Result<Handles, Error> {
+        let mut handles = Handles::new();
+        for op in &tx.ops {
+            let Op::DeleteRules { chain, .. } = op else {
+                continue;
+            };
+            let mut found = Vec::new();
+            let table = tx.table.as_str();
+            self.request(
+                libc::NFT_MSG_GETRULE,
+                tx.family,
+                table,
+                Dump::Chain(chain),
+                |nlh| {
+                    let (owner, of, handle) = ffi::parse_rule_handle(nlh)?;
+                    if owner == table && of == *chain {
+                        found.push(handle);
+                    }
+                    Ok(())
+                },
+            )?;
+            handles.insert(chain.clone(), found);
+        }
+        Ok(handles)
+    }
+
+    fn encode(
+        &mut self,
+        tx: &Transaction,
+        handles: &Handles,
+    ) -> Result<(Messages, Vec<(u32, usize)>), Error> {
         let (family, table) = (tx.family, tx.table.as_str());
         let create = libc::NLM_F_CREATE as u16;
         let mut msgs = Messages::new(family, table);
@@ -80,6 +127,21 @@ impl NetlinkBackend {
                 Op::FlushChain(name) => msgs.rule(libc::NFT_MSG_DELRULE, name, None, 0, seq())?,
                 Op::DeleteChain(name) => {
                     msgs.chain(libc::NFT_MSG_DELCHAIN, name, None, 0, seq())?
+                }
+                Op::DeleteRules {
+                    chain, positions, ..
+                } => {
+                    for position in positions {
+                        let handle = handles
+                            .get(chain)
+                            .and_then(|h| h.get(*position))
+                            .ok_or_else(|| {
+                                Error::Encode(format!(
+                                    "rule {position} of chain {chain}: not in the kernel"
+                                ))
+                            })?;
+                        msgs.delete_rule(chain, *handle, seq())?;
+                    }
                 }
                 Op::AddRule { chain, rule } => {
                     let flags = create | libc::NLM_F_APPEND as u16;
@@ -117,7 +179,8 @@ impl NetlinkBackend {
 
     /// The encoded batch of a transaction: what [`apply`](Backend::apply) sends.
     pub fn batch_bytes(&mut self, tx: &Transaction) -> Result<Vec<u8>, Error> {
-        Ok(self.encode(tx)?.0.bytes)
+        let handles = self.rule_handles(tx)?;
+        Ok(self.encode(tx, &handles)?.0.bytes)
     }
 
     /// Sends a request and hands every data reply to `each`, until the dump ends (or,
@@ -127,14 +190,15 @@ impl NetlinkBackend {
         kind: i32,
         family: Family,
         table: &str,
-        set: Option<&Set>,
+        dump: Dump<'_>,
         mut each: impl FnMut(*const libc::nlmsghdr) -> Result<(), Error>,
     ) -> Result<(), Error> {
         let mut msgs = Messages::new(family, table);
         let seq = self.next_seq();
-        match set {
-            Some(set) => msgs.set(kind, set, 0, libc::NLM_F_DUMP as u16, seq)?,
-            None => msgs.request(kind, seq)?,
+        match dump {
+            Dump::Set(set) => msgs.set(kind, set, 0, libc::NLM_F_DUMP as u16, seq)?,
+            Dump::Chain(chain) => msgs.rule_dump(chain, seq)?,
+            Dump::Table => msgs.request(kind, seq)?,
         }
         self.socket.send(&msgs.bytes)?;
         let single = kind == libc::NFT_MSG_GETTABLE;
@@ -171,7 +235,7 @@ impl NetlinkBackend {
 
     fn try_list(&mut self, family: Family, name: &str) -> Result<Option<Table>, Error> {
         let mut table = Table::new(family, name);
-        let found = self.request(libc::NFT_MSG_GETTABLE, family, name, None, |nlh| {
+        let found = self.request(libc::NFT_MSG_GETTABLE, family, name, Dump::Table, |nlh| {
             let (_, comment) = ffi::parse_table(nlh)?;
             table.comment = comment;
             Ok(())
@@ -180,7 +244,7 @@ impl NetlinkBackend {
             Err(error) if error.is_not_found() => return Ok(None),
             other => other?,
         }
-        self.request(libc::NFT_MSG_GETCHAIN, family, name, None, |nlh| {
+        self.request(libc::NFT_MSG_GETCHAIN, family, name, Dump::Table, |nlh| {
             let (owner, chain) = ffi::parse_chain(nlh)?;
             if owner == name {
                 table.add_chain(chain);
@@ -188,7 +252,7 @@ impl NetlinkBackend {
             Ok(())
         })?;
         let mut sets = BTreeMap::new();
-        self.request(libc::NFT_MSG_GETSET, family, name, None, |nlh| {
+        self.request(libc::NFT_MSG_GETSET, family, name, Dump::Table, |nlh| {
             let (owner, set) = ffi::parse_set(nlh)?;
             if owner == name {
                 sets.insert(set.name.clone(), set);
@@ -201,7 +265,7 @@ impl NetlinkBackend {
                 libc::NFT_MSG_GETSETELEM,
                 family,
                 name,
-                Some(&declaration),
+                Dump::Set(&declaration),
                 |nlh| {
                     for element in ffi::parse_elements(nlh, &declaration)? {
                         set.elements.insert(element);
@@ -212,7 +276,7 @@ impl NetlinkBackend {
         }
         table.sets = sets;
         let mut missing_chain = false;
-        self.request(libc::NFT_MSG_GETRULE, family, name, None, |nlh| {
+        self.request(libc::NFT_MSG_GETRULE, family, name, Dump::Table, |nlh| {
             let (owner, chain, rule) = ffi::parse_rule(nlh, family)?;
             if owner == name {
                 match table.chains.get_mut(&chain) {
@@ -252,7 +316,8 @@ impl Backend for NetlinkBackend {
         if tx.is_empty() {
             return Ok(());
         }
-        let (msgs, seqs) = self.encode(tx)?;
+        let handles = self.rule_handles(tx)?;
+        let (msgs, seqs) = self.encode(tx, &handles)?;
         self.socket.send(&msgs.bytes)?;
         let mut errors = Vec::new();
         while let Some(replies) = self.socket.receive(true)? {

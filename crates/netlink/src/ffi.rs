@@ -387,6 +387,29 @@ impl Messages {
         })
     }
 
+    /// A GETRULE dump of one chain, for the handles of its rules.
+    pub(crate) fn rule_dump(&mut self, chain: &str, seq: u32) -> Result<(), Error> {
+        let obj = rule_obj(self.family, &self.table.clone(), chain, None)?;
+        // SAFETY: `nlh` is the header just written; `obj` is live.
+        self.object(
+            libc::NFT_MSG_GETRULE,
+            libc::NLM_F_DUMP as u16,
+            seq,
+            |nlh| unsafe { sys::nftnl_rule_nlmsg_build_payload(nlh, obj.ptr()) },
+        )
+    }
+
+    /// DELRULE of the rule with this handle.
+    pub(crate) fn delete_rule(&mut self, chain: &str, handle: u64, seq: u32) -> Result<(), Error> {
+        let obj = rule_obj(self.family, &self.table.clone(), chain, None)?;
+        // SAFETY: `obj` is live.
+        unsafe { sys::nftnl_rule_set_u64(obj.ptr(), sys::NFTNL_RULE_HANDLE as u16, handle) };
+        // SAFETY: `nlh` is the header just written; `obj` is live.
+        self.object(libc::NFT_MSG_DELRULE, 0, seq, |nlh| unsafe {
+            sys::nftnl_rule_nlmsg_build_payload(nlh, obj.ptr())
+        })
+    }
+
     fn set_obj(family: Family, table: &str, name: &str) -> Result<SetObj, Error> {
         let set = SetObj::new();
         let (table, name) = (cstring(table)?, cstring(name)?);
@@ -1100,6 +1123,24 @@ pub(crate) fn parse_chain(nlh: *const nlmsghdr) -> Result<(String, Chain), Error
             rules: Vec::new(),
         },
     ))
+}
+
+/// Table, chain and handle of a rule in a GETRULE reply (its expressions unread).
+pub(crate) fn parse_rule_handle(nlh: *const nlmsghdr) -> Result<(String, String, u64), Error> {
+    let rule = RuleObj::new();
+    // SAFETY: `nlh` points at a complete message; `rule` is live.
+    if unsafe { sys::nftnl_rule_nlmsg_parse(nlh, rule.ptr()) } < 0 {
+        return Err(Error::Decode("rule message".into()));
+    }
+    let p = rule.ptr();
+    // SAFETY: `rule` is live for these reads.
+    Ok(unsafe {
+        (
+            owned_str(sys::nftnl_rule_get_str(p, sys::NFTNL_RULE_TABLE as u16)).unwrap_or_default(),
+            owned_str(sys::nftnl_rule_get_str(p, sys::NFTNL_RULE_CHAIN as u16)).unwrap_or_default(),
+            sys::nftnl_rule_get_u64(p, sys::NFTNL_RULE_HANDLE as u16),
+        )
+    })
 }
 
 /// A rule parsed from a GETRULE reply: table, chain and the rule.

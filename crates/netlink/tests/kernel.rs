@@ -126,6 +126,45 @@ fn diffs_between_golden_tables_apply_in_the_kernel() {
 }
 
 #[test]
+fn rules_are_deleted_by_handle_and_kept_ones_stay() {
+    if !kernel_available("rules_are_deleted_by_handle_and_kept_ones_stay") {
+        return;
+    }
+    let rules = |last_octets: &[u8]| -> Vec<Rule> {
+        last_octets
+            .iter()
+            .map(|p| {
+                Rule::new(vec![
+                    Stmt::eq(Expr::daddr(Family::Ip), Rhs::addr([10, 0, 0, *p].into())),
+                    Stmt::Verdict(nftproxy_nft::Verdict::Accept),
+                ])
+            })
+            .collect()
+    };
+    let table = |last_octets: &[u8]| {
+        let mut t = Table::new(Family::Ip, "nftproxy");
+        // Another chain's rules come first, so handles and positions differ.
+        t.add_chain(Chain::regular("other", rules(&[9, 9])));
+        t.add_chain(Chain::regular("c", rules(last_octets)));
+        t
+    };
+    let (from, to) = (table(&[1, 2, 3, 4, 5]), table(&[1, 3, 5, 6]));
+    let tx = diff(Some(&from), &to);
+    assert!(
+        matches!(&tx.ops[0], Op::DeleteRules { positions, .. } if positions == &[1, 3]),
+        "{tx}"
+    );
+    let read_back = in_new_netns(move || {
+        let mut backend = NetlinkBackend::open().expect("netlink socket");
+        backend.apply(&Transaction::create(&from)).expect("program");
+        backend.apply(&tx).unwrap_or_else(|e| panic!("{e}\n{tx}"));
+        backend.list(Family::Ip, "nftproxy").expect("read back")
+    })
+    .expect("new network namespace");
+    assert_eq!(read_back, Some(to));
+}
+
+#[test]
 fn a_refused_batch_changes_nothing_and_names_the_operation() {
     if !kernel_available("a_refused_batch_changes_nothing_and_names_the_operation") {
         return;

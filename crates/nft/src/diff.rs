@@ -4,8 +4,10 @@
 //! empty when nothing differs, and its operations are ordered so the kernel accepts them
 //! in one batch: objects exist before anything refers to them, and nothing is deleted
 //! while a rule or element still refers to it. Sets and maps change element by element;
-//! a chain that only gained rules at its end gets those; a chain whose rules changed
-//! otherwise is flushed and refilled; unchanged chains are not touched.
+//! a changed chain loses the rules not in the desired order (deleted one by one) and
+//! gets the rest appended, or is flushed and refilled when it keeps none; unchanged
+//! chains are not touched. (Every rule added binds the sets it uses, which for a map
+//! walks its elements; deleting a rule does not, so kept rules are never added again.)
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
@@ -45,10 +47,10 @@ pub fn diff(current: Option<&Table>, desired: &Table) -> Transaction {
         })
         .map(|chain| chain.name.as_str())
         .collect();
-    // Chains to refill: from the start (flushed first), or after the rules they keep
-    // when they only gained rules at the end (every rule added binds the sets it uses,
-    // which for a map walks its elements; so a kept rule is not added again).
+    // Changed chains: how many of the desired rules they keep (the rest is appended),
+    // and the positions of the rules they lose; keeping none, they are flushed.
     let mut refilled: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut deleted: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for chain in desired.chains.values() {
         let Some(old) = current.chains.get(&chain.name) else {
             continue;
@@ -61,12 +63,15 @@ pub fn diff(current: Option<&Table>, desired: &Table) -> Transaction {
         if !rewritten && old.rules == chain.rules {
             continue;
         }
-        let kept = if !rewritten && chain.rules.starts_with(&old.rules) {
-            old.rules.len()
+        let (kept, lost) = if rewritten {
+            (0, Vec::new())
         } else {
-            0
+            kept_in_order(&old.rules, &chain.rules)
         };
         refilled.insert(chain.name.as_str(), kept);
+        if kept > 0 && !lost.is_empty() {
+            deleted.insert(chain.name.as_str(), lost);
+        }
     }
 
     for set in desired.sets.values() {
@@ -87,6 +92,14 @@ pub fn diff(current: Option<&Table>, desired: &Table) -> Transaction {
         let flushed = refilled.get(chain.name.as_str()) == Some(&0);
         if (removed || flushed) && !chain.rules.is_empty() {
             tx.ops.push(Op::FlushChain(chain.name.clone()));
+        }
+        if let Some(positions) = deleted.remove(chain.name.as_str()) {
+            let kept = refilled[chain.name.as_str()];
+            tx.ops.push(Op::DeleteRules {
+                chain: chain.name.clone(),
+                positions,
+                kept: desired.chains[&chain.name].rules[..kept].to_vec(),
+            });
         }
     }
     for (name, old) in &current.sets {
@@ -168,6 +181,22 @@ pub fn diff(current: Option<&Table>, desired: &Table) -> Transaction {
 /// The keys of two sorted maps in one ordered walk, with each side's value: one key
 /// comparison per step instead of a tree search per key (the sets of a large table hold
 /// hundreds of thousands of elements).
+/// Walking `old` in order, the rules that match `new` in order are kept: how many, and
+/// the positions of the others (deleted). The desired chain is then the kept rules
+/// followed by `new`'s remaining ones, appended.
+fn kept_in_order<T: PartialEq>(old: &[T], new: &[T]) -> (usize, Vec<usize>) {
+    let mut kept = 0;
+    let mut lost = Vec::new();
+    for (position, rule) in old.iter().enumerate() {
+        if new.get(kept) == Some(rule) {
+            kept += 1;
+        } else {
+            lost.push(position);
+        }
+    }
+    (kept, lost)
+}
+
 fn merged<'a, K: Ord + ?Sized + 'a, V: 'a>(
     old: impl Iterator<Item = (&'a K, &'a V)>,
     new: impl Iterator<Item = (&'a K, &'a V)>,
@@ -277,8 +306,30 @@ mod tests {
         let from = table(&[("a", &[1, 2])]);
         let to = table(&[("a", &[1])]);
         let tx = check(&from, &to);
-        // flush a, one rule, one hairpin element deleted
-        assert_eq!(tx.len(), 3, "{tx}");
+        // the second rule deleted (by position; the first stays), one hairpin element
+        assert_eq!(tx.len(), 2, "{tx}");
+        assert!(
+            matches!(&tx.ops[0], Op::DeleteRules { positions, kept, .. }
+                if positions == &[1] && kept.len() == 1),
+            "{tx}"
+        );
+    }
+
+    #[test]
+    fn rules_lost_anywhere_are_deleted_and_kept_ones_never_added_again() {
+        assert_eq!(kept_in_order(&[1, 2, 3, 5], &[1, 3, 5, 6]), (3, vec![1]));
+        assert_eq!(kept_in_order(&[1, 2, 3, 5], &[1, 2, 3, 4, 5]), (3, vec![3]));
+        assert_eq!(kept_in_order(&[4], &[3, 4]), (0, vec![0]));
+        assert_eq!(kept_in_order::<u8>(&[], &[1]), (0, vec![]));
+        let from = table(&[("a", &[1, 2, 3])]);
+        let to = table(&[("a", &[1, 3, 4])]);
+        let tx = check(&from, &to);
+        // rule 2 deleted, rule 4 appended; hairpin: 2 out, 4 in
+        assert_eq!(tx.len(), 4, "{tx}");
+        assert!(
+            !tx.ops.iter().any(|op| matches!(op, Op::FlushChain(_))),
+            "{tx}"
+        );
     }
 
     #[test]

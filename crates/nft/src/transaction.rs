@@ -31,6 +31,18 @@ pub enum Op {
     },
     /// Remove every rule of a chain.
     FlushChain(String),
+    /// Delete some rules of a chain, by their positions in it before the transaction,
+    /// leaving `kept`. This must be the transaction's first operation on the chain: the
+    /// kernel names rules by handle, which the backend looks up by position.
+    DeleteRules {
+        /// The chain.
+        chain: String,
+        /// Positions (from 0, ascending) of the rules to delete.
+        positions: Vec<usize>,
+        /// The rules left, in order. nft's text has no positions, so the text form
+        /// flushes the chain and adds these again (same result, not the same cost).
+        kept: Vec<Rule>,
+    },
     /// Delete an empty, unreferenced chain.
     DeleteChain(String),
     /// Append a rule to a chain.
@@ -74,6 +86,7 @@ impl Op {
         match self {
             Op::AddElements { elements, .. } => elements.len(),
             Op::DeleteElements { keys, .. } => keys.len(),
+            Op::DeleteRules { positions, .. } => positions.len(),
             _ => 1,
         }
     }
@@ -191,6 +204,25 @@ fn apply_op(t: &mut Table, op: &Op) -> Result<(), String> {
         Op::FlushChain(name) => {
             chain_mut(t, name)?.rules.clear();
         }
+        Op::DeleteRules {
+            chain,
+            positions,
+            kept,
+        } => {
+            let rules = &mut chain_mut(t, chain)?.rules;
+            let ascending = positions.windows(2).all(|w| w[0] < w[1]);
+            if !ascending || positions.last().is_some_and(|p| *p >= rules.len()) {
+                return Err(format!(
+                    "delete rules {positions:?} of {chain}: no such rules"
+                ));
+            }
+            for position in positions.iter().rev() {
+                rules.remove(*position);
+            }
+            if rules != kept {
+                return Err(format!("delete rules of {chain}: other rules are left"));
+            }
+        }
         Op::DeleteChain(name) => {
             if !chain_mut(t, name)?.rules.is_empty() {
                 return Err(format!("delete chain {name}: chain is not empty"));
@@ -282,6 +314,12 @@ impl Display for Transaction {
                     writeln!(f, "add chain {family} {table} {name}")?
                 }
                 Op::FlushChain(name) => writeln!(f, "flush chain {family} {table} {name}")?,
+                Op::DeleteRules { chain, kept, .. } => {
+                    writeln!(f, "flush chain {family} {table} {chain}")?;
+                    for rule in kept {
+                        writeln!(f, "add rule {family} {table} {chain} {rule}")?;
+                    }
+                }
                 Op::DeleteChain(name) => writeln!(f, "delete chain {family} {table} {name}")?,
                 Op::AddRule { chain, rule } => {
                     writeln!(f, "add rule {family} {table} {chain} {rule}")?
