@@ -1,7 +1,8 @@
 //! A transaction: an ordered list of operations on one table, applied all or nothing.
 //!
-//! Invariant: a transaction's text (its `Display`) is `nft -f` input that does exactly
-//! what the operations do, and [`Transaction::apply_to`] computes the table the kernel
+//! Invariant: a transaction's text (its `Display`) is `nft -f` input that leaves the
+//! table exactly as the operations do (rules deleted by position, which nft's text can
+//! only name by handle, are written as a flush and the kept rules added again), and [`Transaction::apply_to`] computes the table the kernel
 //! holds afterwards, so a transaction can be checked against the kernel and against the
 //! in-memory model alike.
 
