@@ -13,7 +13,7 @@ use nftproxy_model::{Builder, ProxyConfig, Snapshot, build};
 use nftproxy_netlink::NetlinkBackend;
 use nftproxy_nft::{Backend, Family, Table, Transaction};
 use nftproxy_proxier::{Reconciler, ReconcilerOptions};
-use nftproxy_render::{Renderer, TABLE_NAME, render_all};
+use nftproxy_render::{Renderer, TABLE_NAME, render_all, span_above};
 use serde::{Deserialize, Serialize};
 
 use crate::synth::{self, CLUSTER_CIDR, NODE_IP, NODE_NAME, PORT, Spec, TARGET_PORT};
@@ -243,9 +243,9 @@ pub fn cold(services: u32, endpoints: u32) -> Result<ColdReport, String> {
         spec.endpoints.remove(0);
         snapshot.endpoint_slices[1] = synth::endpoint_slice(spec).into();
         syncs.push(loaded.sync("one endpoint removed (the first)", &snapshot)?);
-        // The worst single endpoint: the largest count reaches a power of two and the
-        // span doubles (new count sets and rules). Service 4 grows there untimed first.
-        let span = (endpoints as usize + 1).next_power_of_two();
+        // The worst single endpoint: the largest count reaches the span, which grows by
+        // a step (new count sets and rules). Service 4 grows there untimed first.
+        let span = span_above(endpoints as usize);
         while specs[4].endpoints.len() + 1 < span {
             add_endpoint(&mut loaded, &mut specs, &mut snapshot, 4, "growing")?;
         }
@@ -254,13 +254,13 @@ pub fn cold(services: u32, endpoints: u32) -> Result<ColdReport, String> {
             &mut specs,
             &mut snapshot,
             4,
-            "one endpoint added (the span doubles)",
+            "one endpoint added (the span grows)",
         )?);
         // And back: the rules beyond the old span are deleted (by handle).
         let spec = &mut specs[4];
         spec.endpoints.pop();
         snapshot.endpoint_slices[4] = synth::endpoint_slice(spec).into();
-        syncs.push(loaded.sync("one endpoint removed (the span halves)", &snapshot)?);
+        syncs.push(loaded.sync("one endpoint removed (the span shrinks)", &snapshot)?);
     }
     let extra = synth::spec(services, endpoints);
     snapshot.services.push(synth::service(&extra).into());

@@ -51,11 +51,11 @@ fn a_small_benchmark_runs_end_to_end() {
     // An endpoint added to a ClusterIP Service: it moves between two count sets, gains
     // one endpoint element and one hairpin element, whether or not another Service had
     // its new count; when its count reaches the span (8), also the sets and rules for
-    // nine to sixteen endpoints.
+    // nine to twelve endpoints, which go again when it falls back.
     assert_eq!(operations("one endpoint added (a count in use)"), 4);
     assert_eq!(operations("one endpoint added (a count no Service had)"), 4);
-    assert_eq!(operations("one endpoint added (the span doubles)"), 20);
-    assert_eq!(operations("one endpoint removed (the span halves)"), 20);
+    assert_eq!(operations("one endpoint added (the span grows)"), 12);
+    assert_eq!(operations("one endpoint removed (the span shrinks)"), 12);
     for change in [
         "one endpoint removed (the first)",
         "one service added",

@@ -178,9 +178,6 @@ pub fn diff(current: Option<&Table>, desired: &Table) -> Transaction {
     tx
 }
 
-/// The keys of two sorted maps in one ordered walk, with each side's value: one key
-/// comparison per step instead of a tree search per key (the sets of a large table hold
-/// hundreds of thousands of elements).
 /// Walking `old` in order, the rules that match `new` in order are kept: how many, and
 /// the positions of the others (deleted). The desired chain is then the kept rules
 /// followed by `new`'s remaining ones, appended.
@@ -197,6 +194,9 @@ fn kept_in_order<T: PartialEq>(old: &[T], new: &[T]) -> (usize, Vec<usize>) {
     (kept, lost)
 }
 
+/// The keys of two sorted walks in one ordered walk, with each side's value: one key
+/// comparison per step instead of a tree search per key (the sets of a large table hold
+/// hundreds of thousands of elements).
 fn merged<'a, K: Ord + ?Sized + 'a, V: 'a>(
     old: impl Iterator<Item = (&'a K, &'a V)>,
     new: impl Iterator<Item = (&'a K, &'a V)>,
