@@ -75,7 +75,12 @@ impl NetlinkBackend {
     fn rule_handles(&mut self, tx: &Transaction) -> Result<Handles, Error> {
         let mut handles = Handles::new();
         for op in &tx.ops {
-            let Op::DeleteRules { chain, .. } = op else {
+            let Op::DeleteRules {
+                chain,
+                positions,
+                kept,
+            } = op
+            else {
                 continue;
             };
             let mut found = Vec::new();
@@ -93,6 +98,15 @@ impl NetlinkBackend {
                     Ok(())
                 },
             )?;
+            // Positions only name the right rules in the chain the transaction was
+            // planned against; a chain of another length was changed behind our back.
+            if found.len() != positions.len() + kept.len() {
+                return Err(Error::Encode(format!(
+                    "chain {chain} holds {} rules, the transaction expects {}",
+                    found.len(),
+                    positions.len() + kept.len()
+                )));
+            }
             handles.insert(chain.clone(), found);
         }
         Ok(handles)

@@ -154,14 +154,29 @@ fn rules_are_deleted_by_handle_and_kept_ones_stay() {
         matches!(&tx.ops[0], Op::DeleteRules { positions, .. } if positions == &[1, 3]),
         "{tx}"
     );
-    let read_back = in_new_netns(move || {
+    let (read_back, refused, untouched) = in_new_netns(move || {
         let mut backend = NetlinkBackend::open().expect("netlink socket");
         backend.apply(&Transaction::create(&from)).expect("program");
         backend.apply(&tx).unwrap_or_else(|e| panic!("{e}\n{tx}"));
-        backend.list(Family::Ip, "nftproxy").expect("read back")
+        let read_back = backend.list(Family::Ip, "nftproxy").expect("read back");
+        // Someone else's rule in the chain: positions no longer name the right rules,
+        // so the same kind of transaction is refused before anything is sent.
+        run_ok(
+            Command::new("nft").args(["add rule ip nftproxy c ip daddr 10.0.0.99 accept"]),
+            "",
+        );
+        let before = backend.list(Family::Ip, "nftproxy").expect("read back");
+        let again = diff(read_back.as_ref(), &from);
+        let refused = backend.apply(&again).is_err();
+        let after = backend.list(Family::Ip, "nftproxy").expect("read back");
+        (read_back, refused, before == after)
     })
     .expect("new network namespace");
     assert_eq!(read_back, Some(to));
+    assert!(
+        refused && untouched,
+        "a chain changed behind our back was not noticed"
+    );
 }
 
 #[test]
