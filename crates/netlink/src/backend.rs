@@ -273,7 +273,10 @@ impl NetlinkBackend {
             }
             Ok(())
         })?;
-        for set in sets.values_mut() {
+        // A dynamic set's elements are the data path's (affinity: clients and their
+        // endpoints), not configuration: they are neither read nor diffed, so a restart
+        // keeps them, as upstream does.
+        for set in sets.values_mut().filter(|s| !s.dynamic) {
             let declaration = set.clone();
             self.request(
                 libc::NFT_MSG_GETSETELEM,

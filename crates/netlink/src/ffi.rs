@@ -875,9 +875,16 @@ fn build_expr(raw: &RawExpr) -> Result<ExprObj, Error> {
                 expr.str(sys::NFTNL_EXPR_IMM_CHAIN, chain)?;
             }
         }
-        RawExpr::Numgen { dreg, modulus } => {
+        RawExpr::Numgen {
+            dreg,
+            modulus,
+            offset,
+        } => {
             expr.u32(sys::NFTNL_EXPR_NG_DREG, *dreg);
             expr.u32(sys::NFTNL_EXPR_NG_MODULUS, *modulus);
+            if *offset != 0 {
+                expr.u32(sys::NFTNL_EXPR_NG_OFFSET, *offset);
+            }
             expr.u32(sys::NFTNL_EXPR_NG_TYPE, libc::NFT_NG_RANDOM as u32);
         }
         RawExpr::Fib {
@@ -1000,15 +1007,11 @@ fn raw_expr(expr: *const sys::nftnl_expr) -> Result<RawExpr, Error> {
             dreg: u(sys::NFTNL_EXPR_IMM_DREG),
             data: expr_data(expr, sys::NFTNL_EXPR_IMM_DATA),
         },
-        "numgen"
-            if u(sys::NFTNL_EXPR_NG_TYPE) == libc::NFT_NG_RANDOM as u32
-                && u(sys::NFTNL_EXPR_NG_OFFSET) == 0 =>
-        {
-            RawExpr::Numgen {
-                dreg: u(sys::NFTNL_EXPR_NG_DREG),
-                modulus: u(sys::NFTNL_EXPR_NG_MODULUS),
-            }
-        }
+        "numgen" if u(sys::NFTNL_EXPR_NG_TYPE) == libc::NFT_NG_RANDOM as u32 => RawExpr::Numgen {
+            dreg: u(sys::NFTNL_EXPR_NG_DREG),
+            modulus: u(sys::NFTNL_EXPR_NG_MODULUS),
+            offset: u(sys::NFTNL_EXPR_NG_OFFSET),
+        },
         "fib" => RawExpr::Fib {
             flags: u(sys::NFTNL_EXPR_FIB_FLAGS),
             result: u(sys::NFTNL_EXPR_FIB_RESULT),

@@ -123,12 +123,14 @@ pub enum RawExpr {
     },
     /// `immediate reg 0 VERDICT`
     Verdict(Verdict),
-    /// `numgen DREG = random mod MODULUS`
+    /// `numgen DREG = random mod MODULUS offset OFFSET`
     Numgen {
         /// Destination register.
         dreg: u32,
         /// Modulus.
         modulus: u32,
+        /// Added to the result.
+        offset: u32,
     },
     /// `fib FLAGS type => DREG`
     Fib {
@@ -203,7 +205,7 @@ fn load_len(expr: &Expr) -> Result<u32, LowerError> {
         Expr::Payload(PayloadField::ThDport | PayloadField::Dport(_)) => 2,
         Expr::Payload(field) => addr_offset(*field).map_or(0, |(_, len)| len),
         Expr::MetaL4proto => 1,
-        Expr::NumgenRandom(_) => 4,
+        Expr::NumgenRandom(_) | Expr::Tag(_) => 4,
         other => return err(format!("{other} cannot be part of a set key")),
     })
 }
@@ -260,6 +262,12 @@ fn load(expr: &Expr, dreg: u32, out: &mut Vec<RawExpr>) -> Result<(), LowerError
         Expr::NumgenRandom(modulus) => RawExpr::Numgen {
             dreg,
             modulus: *modulus,
+            offset: 0,
+        },
+        Expr::Tag(tag) => RawExpr::Numgen {
+            dreg,
+            modulus: 1,
+            offset: *tag,
         },
         Expr::MetaMarkAnd(_) | Expr::Concat(_) => {
             return err(format!("{expr} is not a single load"));
@@ -606,7 +614,16 @@ fn expr_of_load(raw: &RawExpr) -> Option<(Expr, u32, u32)> {
             FIB_F_DADDR => Some((Expr::FibType(FibInput::Daddr), 4, *dreg)),
             _ => None,
         },
-        RawExpr::Numgen { dreg, modulus } => Some((Expr::NumgenRandom(*modulus), 4, *dreg)),
+        RawExpr::Numgen {
+            dreg,
+            modulus,
+            offset: 0,
+        } => Some((Expr::NumgenRandom(*modulus), 4, *dreg)),
+        RawExpr::Numgen {
+            dreg,
+            modulus: 1,
+            offset,
+        } => Some((Expr::Tag(*offset), 4, *dreg)),
         _ => None,
     }
 }

@@ -180,6 +180,39 @@ fn rules_are_deleted_by_handle_and_kept_ones_stay() {
 }
 
 #[test]
+fn what_the_data_path_put_in_a_dynamic_set_is_left_alone() {
+    if !kernel_available("what_the_data_path_put_in_a_dynamic_set_is_left_alone") {
+        return;
+    }
+    let mut table = Table::new(Family::Ip, "nftproxy");
+    let key = vec![Expr::saddr(Family::Ip), Expr::NumgenRandom(1)];
+    let set = Set::typeof_map("affinity", key, Vec::new()).expect("typeof");
+    table.add_set(Set {
+        dynamic: true,
+        timeout: Some(10_800),
+        ..set
+    });
+    let (read_back, listing) = in_new_netns(move || {
+        let mut backend = NetlinkBackend::open().expect("netlink socket");
+        backend
+            .apply(&Transaction::create(&table))
+            .expect("program");
+        // A client the data path recorded.
+        run_ok(
+            Command::new("nft").args(["add element ip nftproxy affinity { 10.1.2.3 . 7 }"]),
+            "",
+        );
+        let read_back = backend.list(Family::Ip, "nftproxy").expect("read back");
+        let tx = diff(read_back.as_ref(), &table);
+        assert!(tx.is_empty(), "{tx}");
+        (read_back == Some(table), nft_list())
+    })
+    .expect("new network namespace");
+    assert!(read_back, "the client came back as configuration");
+    assert!(listing.contains("10.1.2.3 . 7"), "{listing}");
+}
+
+#[test]
 fn a_refused_batch_changes_nothing_and_names_the_operation() {
     if !kernel_available("a_refused_batch_changes_nothing_and_names_the_operation") {
         return;

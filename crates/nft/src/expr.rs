@@ -53,6 +53,9 @@ pub enum Expr {
     FibType(FibInput),
     /// `numgen random mod N`: a fresh random number in `0..N` for every evaluation.
     NumgenRandom(u32),
+    /// `numgen random mod 1 offset N`: always N. A constant in a concatenated key, where
+    /// nft 1.0.6 takes no literal (`ip saddr . 7 @set` does not parse).
+    Tag(u32),
     /// `a . b . c`: a concatenation, for set lookups.
     Concat(Vec<Expr>),
 }
@@ -69,7 +72,7 @@ impl Expr {
                 Some(DataType::InetService)
             }
             Expr::MetaL4proto => Some(DataType::InetProto),
-            Expr::NumgenRandom(_) => Some(DataType::Integer),
+            Expr::NumgenRandom(_) | Expr::Tag(_) => Some(DataType::Integer),
             _ => None,
         }
     }

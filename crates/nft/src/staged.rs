@@ -148,8 +148,9 @@ impl Transaction {
         });
         // The kernel keeps a table's sets in a list: creating a set, and every rule
         // naming one, walks it. A group's sets count for that, so stages of set-heavy
-        // groups hold fewer of them. (At 30,000 × 10, with 15,000 affinity sets, stages
-        // of 160 such Services took up to 14 s; weighed this way, at most 0.5 s.)
+        // groups hold fewer of them. (When affinity took a set per endpoint, 15,000 sets
+        // at 30,000 × 10, stages of 160 such Services took up to 14 s; weighed this way,
+        // at most 0.5 s.)
         let set_weight = 1 + table.sets.len() / 32;
         let mut by_root: BTreeMap<usize, Group> = BTreeMap::new();
         for set in table.sets.values() {

@@ -140,6 +140,7 @@ fn write_expr(f: &mut Formatter<'_>, expr: &Expr, proto: Option<L4Proto>) -> fmt
         Expr::FibType(FibInput::Saddr) => f.write_str("fib saddr type"),
         Expr::FibType(FibInput::Daddr) => f.write_str("fib daddr type"),
         Expr::NumgenRandom(modulus) => write!(f, "numgen random mod {modulus}"),
+        Expr::Tag(tag) => write!(f, "numgen random mod 1 offset {tag}"),
         Expr::Concat(parts) => {
             for (i, part) in parts.iter().enumerate() {
                 if i > 0 {
@@ -279,11 +280,13 @@ impl Display for Element {
 pub(crate) fn set_declaration(set: &Set) -> Vec<String> {
     let mut lines = Vec::with_capacity(5);
     lines.push(match &set.type_of {
-        Some(type_of) => format!(
-            "typeof {} : {}",
-            Expr::Concat(type_of.key.clone()),
-            Expr::Concat(type_of.data.clone())
-        ),
+        Some(type_of) => {
+            let mut line = format!("typeof {}", Expr::Concat(type_of.key.clone()));
+            if !type_of.data.is_empty() {
+                let _ = write!(line, " : {}", Expr::Concat(type_of.data.clone()));
+            }
+            line
+        }
         None => {
             let join = |types: &[DataType]| {
                 types

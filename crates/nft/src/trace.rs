@@ -477,6 +477,7 @@ fn values(key: &Expr, state: &State, drawn: u32) -> Option<Vec<Value>> {
             Expr::Payload(PayloadField::Dport(proto)) if p.proto == *proto => Value::Port(p.dport),
             Expr::MetaL4proto => Value::Proto(p.proto),
             Expr::NumgenRandom(_) => Value::Number(drawn),
+            Expr::Tag(tag) => Value::Number(*tag),
             _ => return None,
         })
     };

@@ -77,12 +77,17 @@ pub fn endpoint_chain(name: &ServicePortName, endpoint: &Endpoint) -> String {
     )
 }
 
-/// Per-endpoint affinity set (ClientIP affinity only).
-pub fn affinity_set(name: &ServicePortName, endpoint: &Endpoint) -> String {
-    format!(
-        "affinity-{}",
-        hash_and_truncate(&endpoint_base(name, endpoint))
-    )
+/// A port's affinity set (ClientIP affinity only): its clients, each with the endpoint
+/// it last used.
+pub fn affinity_set(name: &ServicePortName) -> String {
+    format!("affinity-{}", hash_and_truncate(&service_port_base(name)))
+}
+
+/// An endpoint's tag in its port's affinity set: the first four bytes of the SHA-256 of
+/// `ip/port`, a function of the endpoint alone.
+pub fn affinity_tag(endpoint: &Endpoint) -> u32 {
+    let digest = Sha256::digest(format!("{}/{}", endpoint.ip, endpoint.port).as_bytes());
+    u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]])
 }
 
 #[cfg(test)]

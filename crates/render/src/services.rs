@@ -8,9 +8,14 @@
 //! Without affinity a service port has no chains of its own: its destinations go to the
 //! shared entry and load-balancing chains, and its endpoints are elements of the
 //! balancers' maps (`balance`). With ClientIP affinity it keeps upstream's per-port
-//! chains, per-endpoint affinity sets and endpoint chains, chosen among by a cascade:
-//! rule k of N matches with probability 1/(N−k), so each endpoint gets exactly 1/N of
-//! new connections.
+//! chains and endpoint chains, chosen among by a cascade: rule k of N matches with
+//! probability 1/(N−k), so each endpoint gets exactly 1/N of new connections. Its
+//! affinity set is one per port, not per endpoint: a client is kept with a tag naming
+//! its endpoint (the kernel looks sets up by name in a list, so thousands of sets make
+//! every set and rule added cost milliseconds).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 
 use nftproxy_model::{Endpoint, ProxyState, ServicePortName, ServicePortState};
 use nftproxy_nft::{Chain, Element, Expr, L4Proto, Rhs, Rule, Set, Stmt, Value, Verdict};
@@ -188,7 +193,7 @@ fn port_key(key: &[Value]) -> Vec<Value> {
 }
 
 /// A port with ClientIP affinity: its Cluster, Local and external chains (those in use,
-/// in that order), and per endpoint an affinity set and an endpoint chain.
+/// in that order), its affinity set, and per endpoint an endpoint chain.
 fn add_affinity_chains(
     fragment: &mut Fragment,
     state: &ProxyState,
@@ -222,28 +227,56 @@ fn add_affinity_chains(
             ),
         ));
     }
+    let set = names::affinity_set(name);
+    let typeof_key = vec![Expr::saddr(family(state)), Expr::NumgenRandom(1)];
+    let declaration = Set::typeof_map(set.clone(), typeof_key, Vec::new())
+        .expect("addresses and numgen results have data types");
+    fragment.add_set(Set {
+        dynamic: true,
+        timeout: Some(timeout),
+        // No `size`: the kernel sizes the hash table for it up front (a 65,535 hint
+        // zeroes about a megabyte per set); upstream states none either.
+        size: None,
+        ..declaration.with_comment("clients, by the tag of the endpoint they last used")
+    });
+    let tags = affinity_tags(&sp.endpoints.all_reachable, names::affinity_tag);
     for endpoint in &sp.endpoints.all_reachable {
-        let set = names::affinity_set(name, endpoint);
-        fragment.add_set(Set {
-            dynamic: true,
-            timeout: Some(timeout),
-            // No `size`: the kernel sizes the hash table for it up front (a 65,535
-            // hint zeroes about a megabyte per set, which made 250 affinity sets cost
-            // 0.6 s of a cold load); upstream states none either.
-            size: None,
-            ..Set::new(set.clone(), vec![family(state).addr_type()])
-        });
         fragment.add_chain(Chain::regular(
             names::endpoint_chain(name, endpoint),
             vec![
                 Rule::new(vec![Stmt::Update {
-                    set,
-                    key: Expr::saddr(family(state)),
+                    set: set.clone(),
+                    key: client_and_tag(state, tags[&(endpoint.ip, endpoint.port)]),
                 }]),
                 Rule::new(dnat(l4proto(name.protocol), endpoint)),
             ],
         ));
     }
+}
+
+/// `ip saddr . numgen random mod 1 offset TAG`: a client with an endpoint's tag.
+fn client_and_tag(state: &ProxyState, tag: u32) -> Expr {
+    Expr::Concat(vec![Expr::saddr(family(state)), Expr::Tag(tag)])
+}
+
+/// The tags of a port's endpoints (by [`names::affinity_tag`]). Two endpoints whose
+/// tags collide are told apart by moving the later one (in address order) up to the
+/// next free tag, so a tag changes only when a colliding endpoint comes or goes.
+fn affinity_tags(
+    endpoints: &[Endpoint],
+    tag_of: impl Fn(&Endpoint) -> u32,
+) -> BTreeMap<(IpAddr, u16), u32> {
+    let mut taken = BTreeSet::new();
+    endpoints
+        .iter()
+        .map(|endpoint| {
+            let mut tag = tag_of(endpoint);
+            while !taken.insert(tag) {
+                tag = tag.wrapping_add(1);
+            }
+            ((endpoint.ip, endpoint.port), tag)
+        })
+        .collect()
 }
 
 fn dnat(proto: L4Proto, endpoint: &Endpoint) -> Vec<Stmt> {
@@ -260,12 +293,11 @@ fn dnat(proto: L4Proto, endpoint: &Endpoint) -> Vec<Stmt> {
 /// the equal-probability cascade into the endpoint chains.
 fn affinity_rules(state: &ProxyState, sp: &ServicePortState, endpoints: &[Endpoint]) -> Vec<Rule> {
     let mut rules = Vec::with_capacity(endpoints.len() * 2);
+    let tags = affinity_tags(&sp.endpoints.all_reachable, names::affinity_tag);
     for endpoint in endpoints {
+        let tag = tags[&(endpoint.ip, endpoint.port)];
         rules.push(Rule::new(vec![
-            Stmt::lookup(
-                Expr::saddr(family(state)),
-                names::affinity_set(&sp.name, endpoint),
-            ),
+            Stmt::lookup(client_and_tag(state, tag), names::affinity_set(&sp.name)),
             Stmt::goto(names::endpoint_chain(&sp.name, endpoint)),
         ]));
     }
@@ -316,4 +348,40 @@ fn firewall_rules(state: &ProxyState, sp: &ServicePortState) -> Vec<Rule> {
             .with_comment(comment(format!("{} loadBalancerSourceRanges", sp.name))),
     );
     rules
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(ip: &str) -> Endpoint {
+        Endpoint {
+            ip: ip.parse().unwrap(),
+            port: 80,
+            ready: true,
+            serving: true,
+            terminating: false,
+            is_local: false,
+            zone_hints: vec![],
+            node_hints: vec![],
+        }
+    }
+
+    #[test]
+    fn colliding_affinity_tags_move_up_to_the_next_free_one() {
+        let endpoints = [
+            endpoint("10.0.0.1"),
+            endpoint("10.0.0.2"),
+            endpoint("10.0.0.3"),
+        ];
+        let tags = affinity_tags(&endpoints, |_| u32::MAX);
+        let key = |e: &Endpoint| (e.ip, e.port);
+        assert_eq!(tags[&key(&endpoints[0])], u32::MAX);
+        assert_eq!(tags[&key(&endpoints[1])], 0);
+        assert_eq!(tags[&key(&endpoints[2])], 1);
+        // Without collisions a tag is the endpoint's own, whatever else is there.
+        let alone = affinity_tags(&endpoints[1..2], names::affinity_tag);
+        let together = affinity_tags(&endpoints, names::affinity_tag);
+        assert_eq!(alone[&key(&endpoints[1])], together[&key(&endpoints[1])]);
+    }
 }
