@@ -77,8 +77,8 @@ pub fn endpoint_chain(name: &ServicePortName, endpoint: &Endpoint) -> String {
     )
 }
 
-/// A port's affinity set (ClientIP affinity only): its clients, each with the endpoint
-/// it last used.
+/// A port's affinity set (ClientIP affinity only): its clients, each with the tag of an
+/// endpoint it used within the timeout.
 pub fn affinity_set(name: &ServicePortName) -> String {
     format!("affinity-{}", hash_and_truncate(&service_port_base(name)))
 }
