@@ -91,11 +91,12 @@ pub fn affinity_tag(endpoint: &Endpoint) -> u32 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use nftproxy_model::Protocol;
 
-    fn endpoint(ip: &str) -> Endpoint {
+    /// A ready endpoint on port 80.
+    pub(crate) fn endpoint(ip: &str) -> Endpoint {
         Endpoint {
             ip: ip.parse().unwrap(),
             port: 80,

@@ -353,19 +353,7 @@ fn firewall_rules(state: &ProxyState, sp: &ServicePortState) -> Vec<Rule> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn endpoint(ip: &str) -> Endpoint {
-        Endpoint {
-            ip: ip.parse().unwrap(),
-            port: 80,
-            ready: true,
-            serving: true,
-            terminating: false,
-            is_local: false,
-            zone_hints: vec![],
-            node_hints: vec![],
-        }
-    }
+    use crate::names::tests::endpoint;
 
     #[test]
     fn colliding_affinity_tags_move_up_to_the_next_free_one() {
