@@ -186,7 +186,7 @@ fn what_the_data_path_put_in_a_dynamic_set_is_left_alone() {
     }
     let mut table = Table::new(Family::Ip, "nftproxy");
     let key = vec![Expr::saddr(Family::Ip), Expr::NumgenRandom(1)];
-    let set = Set::typeof_map("affinity", key, Vec::new()).expect("typeof");
+    let set = Set::typeof_set("affinity", key).expect("typeof");
     table.add_set(Set {
         dynamic: true,
         timeout: Some(10_800),

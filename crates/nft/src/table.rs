@@ -214,6 +214,12 @@ impl Set {
         })
     }
 
+    /// An empty set declared by `typeof KEY`, or `None` when a key expression has no data
+    /// type.
+    pub fn typeof_set(name: impl Into<String>, key: Vec<Expr>) -> Option<Set> {
+        Set::typeof_map(name, key, Vec::new())
+    }
+
     /// The same set with a comment.
     pub fn with_comment(mut self, comment: impl Into<String>) -> Set {
         self.comment = Some(comment.into());

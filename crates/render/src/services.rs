@@ -229,7 +229,7 @@ fn add_affinity_chains(
     }
     let set = names::affinity_set(name);
     let typeof_key = vec![Expr::saddr(family(state)), Expr::NumgenRandom(1)];
-    let declaration = Set::typeof_map(set.clone(), typeof_key, Vec::new())
+    let declaration = Set::typeof_set(set.clone(), typeof_key)
         .expect("addresses and numgen results have data types");
     fragment.add_set(Set {
         dynamic: true,
@@ -295,6 +295,7 @@ fn affinity_rules(state: &ProxyState, sp: &ServicePortState, endpoints: &[Endpoi
     let mut rules = Vec::with_capacity(endpoints.len() * 2);
     let tags = affinity_tags(&sp.endpoints.all_reachable, names::affinity_tag);
     for endpoint in endpoints {
+        // `all_reachable` holds every Cluster and Local endpoint.
         let tag = tags[&(endpoint.ip, endpoint.port)];
         rules.push(Rule::new(vec![
             Stmt::lookup(client_and_tag(state, tag), names::affinity_set(&sp.name)),
