@@ -211,7 +211,7 @@ impl NetlinkBackend {
         let seq = self.next_seq();
         match dump {
             Dump::Set(set) => msgs.set(kind, set, 0, libc::NLM_F_DUMP as u16, seq)?,
-            Dump::Chain(chain) => msgs.rule_dump(chain, seq)?,
+            Dump::Chain(chain) => msgs.rule(kind, chain, None, libc::NLM_F_DUMP as u16, seq)?,
             Dump::Table => msgs.request(kind, seq)?,
         }
         self.socket.send(&msgs.bytes)?;

@@ -387,18 +387,6 @@ impl Messages {
         })
     }
 
-    /// A GETRULE dump of one chain, for the handles of its rules.
-    pub(crate) fn rule_dump(&mut self, chain: &str, seq: u32) -> Result<(), Error> {
-        let obj = rule_obj(self.family, &self.table.clone(), chain, None)?;
-        // SAFETY: `nlh` is the header just written; `obj` is live.
-        self.object(
-            libc::NFT_MSG_GETRULE,
-            libc::NLM_F_DUMP as u16,
-            seq,
-            |nlh| unsafe { sys::nftnl_rule_nlmsg_build_payload(nlh, obj.ptr()) },
-        )
-    }
-
     /// DELRULE of the rule with this handle.
     pub(crate) fn delete_rule(&mut self, chain: &str, handle: u64, seq: u32) -> Result<(), Error> {
         let obj = rule_obj(self.family, &self.table.clone(), chain, None)?;
@@ -1128,29 +1116,8 @@ pub(crate) fn parse_chain(nlh: *const nlmsghdr) -> Result<(String, Chain), Error
     ))
 }
 
-/// Table, chain and handle of a rule in a GETRULE reply (its expressions unread).
-pub(crate) fn parse_rule_handle(nlh: *const nlmsghdr) -> Result<(String, String, u64), Error> {
-    let rule = RuleObj::new();
-    // SAFETY: `nlh` points at a complete message; `rule` is live.
-    if unsafe { sys::nftnl_rule_nlmsg_parse(nlh, rule.ptr()) } < 0 {
-        return Err(Error::Decode("rule message".into()));
-    }
-    let p = rule.ptr();
-    // SAFETY: `rule` is live for these reads.
-    Ok(unsafe {
-        (
-            owned_str(sys::nftnl_rule_get_str(p, sys::NFTNL_RULE_TABLE as u16)).unwrap_or_default(),
-            owned_str(sys::nftnl_rule_get_str(p, sys::NFTNL_RULE_CHAIN as u16)).unwrap_or_default(),
-            sys::nftnl_rule_get_u64(p, sys::NFTNL_RULE_HANDLE as u16),
-        )
-    })
-}
-
-/// A rule parsed from a GETRULE reply: table, chain and the rule.
-pub(crate) fn parse_rule(
-    nlh: *const nlmsghdr,
-    family: Family,
-) -> Result<(String, String, Rule), Error> {
+/// A GETRULE reply parsed, with the rule's table and chain.
+fn rule_message(nlh: *const nlmsghdr) -> Result<(RuleObj, String, String), Error> {
     let rule = RuleObj::new();
     // SAFETY: `nlh` points at a complete message; `rule` is live.
     if unsafe { sys::nftnl_rule_nlmsg_parse(nlh, rule.ptr()) } < 0 {
@@ -1164,6 +1131,24 @@ pub(crate) fn parse_rule(
             owned_str(sys::nftnl_rule_get_str(p, sys::NFTNL_RULE_CHAIN as u16)).unwrap_or_default(),
         )
     };
+    Ok((rule, table, chain))
+}
+
+/// Table, chain and handle of a rule in a GETRULE reply (its expressions unread).
+pub(crate) fn parse_rule_handle(nlh: *const nlmsghdr) -> Result<(String, String, u64), Error> {
+    let (rule, table, chain) = rule_message(nlh)?;
+    // SAFETY: `rule` is live.
+    let handle = unsafe { sys::nftnl_rule_get_u64(rule.ptr(), sys::NFTNL_RULE_HANDLE as u16) };
+    Ok((table, chain, handle))
+}
+
+/// A rule parsed from a GETRULE reply: table, chain and the rule.
+pub(crate) fn parse_rule(
+    nlh: *const nlmsghdr,
+    family: Family,
+) -> Result<(String, String, Rule), Error> {
+    let (rule, table, chain) = rule_message(nlh)?;
+    let p = rule.ptr();
     let mut raw = Vec::new();
     // SAFETY: the iterator borrows the live rule and is destroyed below.
     let iter = unsafe { sys::nftnl_expr_iter_create(p) };
