@@ -83,13 +83,14 @@ fn put(table: &mut Table, shared: &mut Shared, fragment: Fragment, mut scope: Op
         }
         elements.extend(destination.elements());
     }
-    let fragment = Fragment {
+    put_objects(
+        table,
+        &mut shared.extra,
         sets,
         chains,
         elements,
-        destinations: Vec::new(),
-    };
-    put_objects(table, &mut shared.extra, fragment, scope.as_deref_mut());
+        scope.as_deref_mut(),
+    );
     rebuild_balancers(table, &shared.usages, changed, scope);
 }
 
@@ -111,22 +112,24 @@ fn rebuild_balancers(
 fn put_objects(
     table: &mut Table,
     extra: &mut ExtraHolders,
-    fragment: Fragment,
+    sets: Vec<Set>,
+    chains: Vec<Chain>,
+    elements: Vec<(Cow<'static, str>, Element)>,
     mut scope: Option<&mut Scope>,
 ) {
-    for set in fragment.sets {
+    for set in sets {
         if let Some(scope) = scope.as_deref_mut() {
             scope.sets.insert(set.name.clone());
         }
         table.add_set(set);
     }
-    for chain in fragment.chains {
+    for chain in chains {
         if let Some(scope) = scope.as_deref_mut() {
             scope.chains.insert(chain.name.clone());
         }
         table.add_chain(chain);
     }
-    for (set, element) in fragment.elements {
+    for (set, element) in elements {
         if let Some(scope) = scope.as_deref_mut() {
             let keys = scope.elements.entry(set.to_string()).or_default();
             keys.insert(element.key.clone());

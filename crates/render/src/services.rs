@@ -204,16 +204,18 @@ fn add_affinity_chains(
     let name = &sp.name;
     let cluster_chain = names::service_chain(name);
     let local_chain = names::local_chain(name);
+    let set = names::affinity_set(name);
+    let tags = affinity_tags(&sp.endpoints.all_reachable, names::affinity_tag);
     if cluster {
         fragment.add_chain(Chain::regular(
             cluster_chain.clone(),
-            affinity_rules(state, sp, &sp.endpoints.cluster),
+            affinity_rules(state, sp, &sp.endpoints.cluster, &set, &tags),
         ));
     }
     if local {
         fragment.add_chain(Chain::regular(
             local_chain.clone(),
-            affinity_rules(state, sp, &sp.endpoints.local),
+            affinity_rules(state, sp, &sp.endpoints.local, &set, &tags),
         ));
     }
     if external {
@@ -227,7 +229,6 @@ fn add_affinity_chains(
             ),
         ));
     }
-    let set = names::affinity_set(name);
     let typeof_key = vec![Expr::saddr(family(state)), Expr::NumgenRandom(1)];
     let declaration = Set::typeof_set(set.clone(), typeof_key)
         .expect("addresses and numgen results have data types");
@@ -239,7 +240,6 @@ fn add_affinity_chains(
         size: None,
         ..declaration.with_comment("clients, by the tag of the endpoint they last used")
     });
-    let tags = affinity_tags(&sp.endpoints.all_reachable, names::affinity_tag);
     for endpoint in &sp.endpoints.all_reachable {
         fragment.add_chain(Chain::regular(
             names::endpoint_chain(name, endpoint),
@@ -289,16 +289,22 @@ fn dnat(proto: L4Proto, endpoint: &Endpoint) -> Vec<Stmt> {
     ]
 }
 
-/// The rules of an affinity port's service or local chain: the affinity lookups, then
-/// the equal-probability cascade into the endpoint chains.
-fn affinity_rules(state: &ProxyState, sp: &ServicePortState, endpoints: &[Endpoint]) -> Vec<Rule> {
+/// The rules of an affinity port's service or local chain: the lookups in the port's
+/// affinity `set` (with the tags of all its reachable endpoints), then the
+/// equal-probability cascade into the endpoint chains.
+fn affinity_rules(
+    state: &ProxyState,
+    sp: &ServicePortState,
+    endpoints: &[Endpoint],
+    set: &str,
+    tags: &BTreeMap<(IpAddr, u16), u32>,
+) -> Vec<Rule> {
     let mut rules = Vec::with_capacity(endpoints.len() * 2);
-    let tags = affinity_tags(&sp.endpoints.all_reachable, names::affinity_tag);
     for endpoint in endpoints {
         // `all_reachable` holds every Cluster and Local endpoint.
         let tag = tags[&(endpoint.ip, endpoint.port)];
         rules.push(Rule::new(vec![
-            Stmt::lookup(client_and_tag(state, tag), names::affinity_set(&sp.name)),
+            Stmt::lookup(client_and_tag(state, tag), set),
             Stmt::goto(names::endpoint_chain(&sp.name, endpoint)),
         ]));
     }
