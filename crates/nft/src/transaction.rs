@@ -2,9 +2,9 @@
 //!
 //! Invariant: a transaction's text (its `Display`) is `nft -f` input that leaves the
 //! table exactly as the operations do (rules deleted by position, which nft's text can
-//! only name by handle, are written as a flush and the kept rules added again), and [`Transaction::apply_to`] computes the table the kernel
-//! holds afterwards, so a transaction can be checked against the kernel and against the
-//! in-memory model alike.
+//! only name by handle, are written as a flush and the kept rules added again), and
+//! [`Transaction::apply_to`] computes the table the kernel holds afterwards, so a
+//! transaction can be checked against the kernel and against the in-memory model alike.
 
 use std::fmt::{self, Display, Formatter};
 
@@ -263,9 +263,7 @@ fn apply_op(t: &mut Table, op: &Op) -> Result<(), String> {
             let s = set_mut(t, set)?;
             for element in elements {
                 // Adding an existing key is a no-op in the kernel, as in nft.
-                if !s.elements.contains_key(&element.key) {
-                    s.elements.insert(element.clone());
-                }
+                s.elements.insert_new(element.clone());
             }
         }
         Op::DeleteElements { set, keys, .. } => {
