@@ -4,13 +4,11 @@
 //! nftproxy ruleset and the upstream-shaped text describe exactly the same Services,
 //! and no two Services collide on an address, port or NodePort.
 
-use std::net::Ipv4Addr;
-use std::sync::Arc;
-
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use nftproxy_model::Snapshot;
 use serde_json::json;
+use std::net::Ipv4Addr;
 
 /// The node the benchmark pretends to run on.
 pub const NODE_NAME: &str = "bench-node";
@@ -152,11 +150,11 @@ pub fn specs(services: u32, endpoints: u32) -> Vec<Spec> {
     (0..services).map(|i| spec(i, endpoints)).collect()
 }
 
-/// The objects of a set of specs.
+/// The objects of a set of specs, decoded one at a time as the watch caches do.
 pub fn snapshot(specs: &[Spec]) -> Snapshot {
     Snapshot {
-        services: specs.iter().map(|s| Arc::new(service(s))).collect(),
-        endpoint_slices: specs.iter().map(|s| Arc::new(endpoint_slice(s))).collect(),
+        services: specs.iter().map(|s| (&service(s)).into()).collect(),
+        endpoint_slices: specs.iter().map(|s| (&endpoint_slice(s)).into()).collect(),
         ..Snapshot::default()
     }
 }
@@ -168,13 +166,17 @@ mod tests {
     #[test]
     fn specs_decode_and_never_collide() {
         let specs = specs(2_000, 3);
-        let snapshot = snapshot(&specs);
-        assert!(snapshot.services.iter().all(|s| s.spec.is_some()));
+        let mut config = nftproxy_model::ProxyConfig::new(NODE_NAME);
+        config.node_ips = vec![NODE_IP.into()];
+        let built = nftproxy_model::build(&snapshot(&specs), &config);
+        assert!(built.diagnostics.is_empty(), "{:?}", built.diagnostics);
+        assert_eq!(built.ipv4.services.len(), 2_000);
         assert!(
-            snapshot
-                .endpoint_slices
+            built
+                .ipv4
+                .services
                 .iter()
-                .all(|s| !s.endpoints.as_ref().is_none_or(Vec::is_empty))
+                .all(|p| p.endpoints.cluster.len() == 3)
         );
         let mut node_ports: Vec<u16> = specs.iter().filter_map(|s| s.node_port).collect();
         let count = node_ports.len();

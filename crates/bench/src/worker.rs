@@ -201,7 +201,7 @@ fn add_endpoint(
     let spec = &mut specs[changed];
     let next = u32::try_from(spec.endpoints.len()).map_err(|e| e.to_string())?;
     spec.endpoints.push(synth::endpoint_ip(spec.index, next));
-    snapshot.endpoint_slices[changed] = synth::endpoint_slice(spec).into();
+    snapshot.endpoint_slices[changed] = (&synth::endpoint_slice(spec)).into();
     loaded.sync(what, snapshot)
 }
 
@@ -241,7 +241,7 @@ pub fn cold(services: u32, endpoints: u32) -> Result<ColdReport, String> {
         // The first: every later endpoint moves down one index.
         let spec = &mut specs[1];
         spec.endpoints.remove(0);
-        snapshot.endpoint_slices[1] = synth::endpoint_slice(spec).into();
+        snapshot.endpoint_slices[1] = (&synth::endpoint_slice(spec)).into();
         syncs.push(loaded.sync("one endpoint removed (the first)", &snapshot)?);
         // The worst single endpoint: the largest count reaches the span, which grows by
         // a step (new count sets and rules). Service 4 grows there untimed first.
@@ -259,14 +259,14 @@ pub fn cold(services: u32, endpoints: u32) -> Result<ColdReport, String> {
         // And back: the rules beyond the old span are deleted (by handle).
         let spec = &mut specs[4];
         spec.endpoints.pop();
-        snapshot.endpoint_slices[4] = synth::endpoint_slice(spec).into();
+        snapshot.endpoint_slices[4] = (&synth::endpoint_slice(spec)).into();
         syncs.push(loaded.sync("one endpoint removed (the span shrinks)", &snapshot)?);
     }
     let extra = synth::spec(services, endpoints);
-    snapshot.services.push(synth::service(&extra).into());
+    snapshot.services.push((&synth::service(&extra)).into());
     snapshot
         .endpoint_slices
-        .push(synth::endpoint_slice(&extra).into());
+        .push((&synth::endpoint_slice(&extra)).into());
     syncs.push(loaded.sync("one service added", &snapshot)?);
     if !specs.is_empty() {
         snapshot.services.remove(0);

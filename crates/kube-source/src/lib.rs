@@ -1,10 +1,12 @@
-//! The Kubernetes API side: kube-rs watchers feeding reflector stores of Services,
-//! EndpointSlices and this node's Node, plus the signals the sync loop needs (initial lists
-//! complete, something changed, when endpoint changes were triggered).
+//! The Kubernetes API side: kube-rs watchers feeding caches of Services, EndpointSlices
+//! (both decoded as they arrive, so the API objects are not kept) and this node's Node,
+//! plus the signals the sync loop needs (initial lists complete, something changed, when
+//! endpoint changes were triggered).
 //!
 //! Invariant: a [`Snapshot`] is only handed out once the initial lists of both Services and
 //! EndpointSlices are complete, so a half-listed cluster is never programmed; after that
-//! the stores keep their last contents while the API server is unreachable.
+//! the caches keep their last contents while the API server is unreachable, and a relist
+//! replaces a cache only once it is complete.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -15,10 +17,9 @@ use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Config, ResourceExt};
-use nftproxy_model::{IpFamily, Snapshot};
+use nftproxy_model::{DecodedEndpointSlice, DecodedService, IpFamily, Snapshot};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
@@ -120,13 +121,63 @@ impl fmt::Display for Kind {
     }
 }
 
+/// Namespace and name of an object.
+type ObjectKey = (String, String);
+
+/// The objects of one watch, in the form they are kept.
+struct Cache<T> {
+    objects: HashMap<ObjectKey, T>,
+    /// What the list in progress returned so far; it replaces `objects` when complete.
+    listing: Option<HashMap<ObjectKey, T>>,
+}
+
+impl<T> Default for Cache<T> {
+    fn default() -> Cache<T> {
+        Cache {
+            objects: HashMap::new(),
+            listing: None,
+        }
+    }
+}
+
+impl<T> Cache<T> {
+    fn update<K: kube::Resource>(&mut self, event: &watcher::Event<K>, keep: impl Fn(&K) -> T) {
+        let key = |object: &K| (object.namespace().unwrap_or_default(), object.name_any());
+        match event {
+            watcher::Event::Init => self.listing = Some(HashMap::new()),
+            watcher::Event::InitApply(object) => {
+                let listing = self.listing.get_or_insert_default();
+                listing.insert(key(object), keep(object));
+            }
+            watcher::Event::InitDone => {
+                if let Some(listing) = self.listing.take() {
+                    self.objects = listing;
+                }
+            }
+            watcher::Event::Apply(object) => {
+                self.objects.insert(key(object), keep(object));
+            }
+            watcher::Event::Delete(object) => {
+                self.objects.remove(&key(object));
+            }
+        }
+    }
+
+    fn values(&self) -> impl Iterator<Item = &T> {
+        self.objects.values()
+    }
+}
+
 /// What the watchers have seen, shared with their tasks.
 #[derive(Default)]
 struct State {
+    services: Cache<DecodedService>,
+    endpoint_slices: Cache<DecodedEndpointSlice>,
+    nodes: Cache<Node>,
     services_listed: bool,
     endpoint_slices_listed: bool,
     node_listed: bool,
-    /// Bumped on every change of any store.
+    /// Bumped on every change of any cache.
     generation: u64,
     /// Service and EndpointSlice events (added, modified, deleted) since the last read.
     changes: Changes,
@@ -162,9 +213,6 @@ impl Shared {
 
 /// A running set of watchers; dropping it stops them.
 pub struct KubeSource {
-    services: Store<Service>,
-    endpoint_slices: Store<EndpointSlice>,
-    nodes: Store<Node>,
     node_name: String,
     shared: Arc<Shared>,
     tasks: Vec<JoinHandle<()>>,
@@ -177,39 +225,35 @@ impl KubeSource {
         let shared = Arc::new(Shared::default());
         let started = jiff::Timestamp::now();
         let selected = watcher::Config::default().labels(LABEL_SELECTOR);
-        let (services, services_writer) = reflector::store();
-        let (endpoint_slices, slices_writer) = reflector::store();
-        let (nodes, nodes_writer) = reflector::store();
         let tasks = vec![
             tokio::spawn(watch(
                 Api::<Service>::all(client.clone()),
                 selected.clone(),
-                services_writer,
                 Kind::Service,
                 shared.clone(),
-                ignore,
+                |state, event| state.services.update(event, |s| DecodedService::from(s)),
             )),
             tokio::spawn(watch(
                 Api::<EndpointSlice>::all(client.clone()),
                 selected,
-                slices_writer,
                 Kind::EndpointSlice,
                 shared.clone(),
-                move |state, event| note_trigger_time(state, event, started),
+                move |state, event| {
+                    note_trigger_time(state, event, started);
+                    state
+                        .endpoint_slices
+                        .update(event, |s| DecodedEndpointSlice::from(s));
+                },
             )),
             tokio::spawn(watch(
                 Api::<Node>::all(client),
                 watcher::Config::default().fields(&format!("metadata.name={node_name}")),
-                nodes_writer,
                 Kind::Node,
                 shared.clone(),
-                ignore,
+                |state, event| state.nodes.update(event, Node::clone),
             )),
         ];
         KubeSource {
-            services,
-            endpoint_slices,
-            nodes,
             node_name: node_name.to_owned(),
             shared,
             tasks,
@@ -221,7 +265,7 @@ impl KubeSource {
         self.shared.changed.notified().await;
     }
 
-    /// A number that changes whenever any store changes.
+    /// A number that changes whenever any cache changes.
     pub fn generation(&self) -> u64 {
         self.shared.state().generation
     }
@@ -239,15 +283,18 @@ impl KubeSource {
 
     /// The objects as they are now, or `None` before the initial lists are complete.
     pub fn snapshot(&self) -> Option<Snapshot> {
-        if !self.is_synced() {
+        let state = self.shared.state();
+        if !(state.services_listed && state.endpoint_slices_listed) {
             return None;
         }
         Some(Snapshot {
-            services: self.services.state(),
-            endpoint_slices: self.endpoint_slices.state(),
-            nodes: owned(&self.nodes)
-                .into_iter()
+            services: state.services.values().cloned().collect(),
+            endpoint_slices: state.endpoint_slices.values().cloned().collect(),
+            nodes: state
+                .nodes
+                .values()
                 .filter(|node| node.name_any() == self.node_name)
+                .cloned()
                 .collect(),
             service_cidrs: Vec::new(),
         })
@@ -257,7 +304,7 @@ impl KubeSource {
     /// deleted or the cluster autoscaler marked it for removal (kube-proxy's `/healthz`
     /// then fails, so that load balancers drain it). True while the Node is unknown.
     pub fn node_eligible(&self) -> bool {
-        self.nodes.state().iter().all(|node| node_eligible(node))
+        self.shared.state().nodes.values().all(node_eligible)
     }
 
     /// The trigger times of EndpointSlice changes seen since the last call, with the
@@ -281,17 +328,6 @@ impl Drop for KubeSource {
     }
 }
 
-fn owned<K: kube::Resource + Clone>(store: &Store<K>) -> Vec<K>
-where
-    K::DynamicType: Eq + std::hash::Hash + Clone,
-{
-    store
-        .state()
-        .into_iter()
-        .map(Arc::unwrap_or_clone)
-        .collect()
-}
-
 /// See [`KubeSource::node_eligible`].
 fn node_eligible(node: &Node) -> bool {
     let deleting = node.metadata.deletion_timestamp.is_some();
@@ -303,28 +339,14 @@ fn node_eligible(node: &Node) -> bool {
     !(deleting || drained)
 }
 
-/// kubectl's copy of the object as last applied: often larger than the rest of it.
-const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
-
-/// Drops what nftproxy never reads but the API server sends with every object (the
-/// field managers, and kubectl's last applied copy), before the caches keep it: they
-/// hold every Service and EndpointSlice of the cluster.
-fn trim<K: kube::Resource>(object: &mut K) {
-    object.managed_fields_mut().clear();
-    if let Some(annotations) = object.meta_mut().annotations.as_mut() {
-        annotations.remove(LAST_APPLIED);
-    }
-}
-
 /// One watcher: list, then watch, relisting after `410 Gone` and backing off after
 /// errors (kube-rs's default: exponential from 800 ms up to 30 s, with jitter), forever.
 async fn watch<K>(
     api: Api<K>,
     config: watcher::Config,
-    writer: reflector::store::Writer<K>,
     kind: Kind,
     shared: Arc<Shared>,
-    note: impl Fn(&mut State, &watcher::Event<K>),
+    record: impl Fn(&mut State, &watcher::Event<K>),
 ) where
     K: kube::Resource<DynamicType = ()>
         + Clone
@@ -334,10 +356,7 @@ async fn watch<K>(
         + Sync
         + 'static,
 {
-    let stream = watcher(api, config)
-        .default_backoff()
-        .modify(trim)
-        .reflect(writer);
+    let stream = watcher(api, config).default_backoff();
     futures_util::pin_mut!(stream);
     let mut failing = false;
     while let Some(event) = stream.next().await {
@@ -358,9 +377,9 @@ async fn watch<K>(
             info!("watching {kind} again");
         }
         let mut state = shared.state();
-        note(&mut state, &event);
+        record(&mut state, &event);
         match &event {
-            // The store swaps in the whole list at `InitDone`; until then nothing changed.
+            // The cache swaps in the whole list at `InitDone`; until then nothing changed.
             watcher::Event::Init | watcher::Event::InitApply(_) => continue,
             watcher::Event::InitDone => {
                 debug!("list of {kind} complete");
@@ -381,8 +400,6 @@ async fn watch<K>(
         shared.changed.notify_one();
     }
 }
-
-fn ignore<K>(_: &mut State, _: &watcher::Event<K>) {}
 
 /// Records an EndpointSlice change's trigger time for the network programming latency
 /// metric, once per distinct annotation value.

@@ -16,15 +16,14 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::config::{DetectLocalMode, NodePortAddress, ProxyConfig};
-use crate::diag::{Diagnostic, ObjectRef, namespace_of};
-use crate::endpoint::{Endpoint, SERVICE_NAME_LABEL, SliceInfo, decode_slice};
+use crate::diag::{Diagnostic, ObjectRef};
+use crate::endpoint::{Endpoint, SliceInfo};
 use crate::manifest::Snapshot;
 use crate::net::parse_cidr;
-use crate::service::{ServiceInfo, decode_service};
+use crate::object::{Decoded, Grouped};
+use crate::service::ServiceInfo;
 use crate::state::{
     Build, CategorizedEndpoints, LocalTraffic, NodeFacts, NodePortAddresses, ProxyState,
     ServicePortName, ServicePortState, claim, in_family, net_in_family, node_facts, unique,
@@ -54,19 +53,19 @@ struct Context {
 /// One Service (or several copies of it, from manifests) and its EndpointSlices.
 #[derive(Debug, Default)]
 struct Group {
-    services: Vec<Arc<Service>>,
-    slices: Vec<Arc<EndpointSlice>>,
+    services: Vec<Decoded<ServiceInfo>>,
+    slices: Vec<Decoded<SliceInfo>>,
     /// What the decoded Service declares, whether or not it won it.
     declared: Vec<Claim>,
     diagnostics: Vec<Diagnostic>,
 }
 
-/// A group's objects decoded.
-struct Decoded {
-    service: Option<ServiceInfo>,
+/// A group's usable objects, and what it declares.
+struct Parts {
+    service: Option<Arc<ServiceInfo>>,
     /// What the Service declares.
     declared: Vec<Claim>,
-    slices: Vec<SliceInfo>,
+    slices: Vec<Arc<SliceInfo>>,
     diagnostics: Vec<Diagnostic>,
 }
 
@@ -134,8 +133,8 @@ pub struct Builder {
     /// The objects of the last snapshot, by address: an object that is still there is
     /// unchanged (the watch caches replace an object on every change). Holding them
     /// keeps their addresses from being reused.
-    services: ByAddress<Service>,
-    slices: ByAddress<EndpointSlice>,
+    services: ByAddress<ServiceInfo>,
+    slices: ByAddress<SliceInfo>,
     groups: BTreeMap<GroupKey, Group>,
     /// How many groups declare each claim.
     declared: HashMap<Claim, u32>,
@@ -214,28 +213,28 @@ impl Builder {
 
         // Rebuilding only the dirty groups is exact when none of them shares a claim
         // with another group, before or after the change.
-        let mut decoded: BTreeMap<GroupKey, Decoded> = BTreeMap::new();
+        let mut parts: BTreeMap<GroupKey, Parts> = BTreeMap::new();
         let mut everything = context_changed;
         let mut claimed_now = HashSet::new();
         for key in dirty.iter().filter(|_| !context_changed) {
             let Some(group) = self.groups.get(key) else {
                 continue;
             };
-            let new = decode_group(group);
+            let new = group_parts(group);
             let declarers = |c: &Claim| self.declared.get(c).copied().unwrap_or(0);
             for claim in &new.declared {
                 everything |= declarers(claim) > u32::from(group.declared.contains(claim));
                 everything |= !claimed_now.insert(claim.clone());
             }
             everything |= group.declared.iter().any(|c| declarers(c) > 1);
-            decoded.insert(key.clone(), new);
+            parts.insert(key.clone(), new);
         }
         let keys: Vec<GroupKey> = if everything {
             self.groups.keys().cloned().collect()
         } else {
-            decoded.keys().cloned().collect()
+            parts.keys().cloned().collect()
         };
-        let delta = self.rebuild(keys, decoded, context_changed);
+        let delta = self.rebuild(keys, parts, context_changed);
         for key in &dirty {
             if self
                 .groups
@@ -249,12 +248,12 @@ impl Builder {
     }
 
     /// Builds the groups `keys` (in name order) again with shared claims, and puts their
-    /// service ports and diagnostics in place of the old ones. Groups not in `decoded`
-    /// are decoded on the way, so that a whole build never holds every decoded object.
+    /// service ports and diagnostics in place of the old ones. Groups not in `parts`
+    /// have their parts gathered on the way.
     fn rebuild(
         &mut self,
         keys: Vec<GroupKey>,
-        mut decoded: BTreeMap<GroupKey, Decoded>,
+        mut parts: BTreeMap<GroupKey, Parts>,
         context_changed: bool,
     ) -> Delta {
         let Some(context) = &self.context else {
@@ -264,9 +263,9 @@ impl Builder {
         let mut ports: [BTreeMap<GroupKey, Vec<ServicePortState>>; 2] = Default::default();
         let mut diagnostics_changed = false;
         for key in keys {
-            let mut new = match decoded.remove(&key) {
+            let mut new = match parts.remove(&key) {
                 Some(new) => new,
-                None => decode_group(self.groups.entry(key.clone()).or_default()),
+                None => group_parts(self.groups.entry(key.clone()).or_default()),
             };
             let group = self.groups.entry(key.clone()).or_default();
             let declared = std::mem::take(&mut new.declared);
@@ -332,7 +331,7 @@ impl Build {
 }
 
 /// Objects by their address.
-type ByAddress<T> = HashMap<usize, Arc<T>, BuildHasherDefault<AddressHasher>>;
+type ByAddress<T> = HashMap<usize, Decoded<T>, BuildHasherDefault<AddressHasher>>;
 
 /// Hashes an object's address: addresses are distinct and aligned, so dropping the
 /// always-zero low bits and multiplying spreads them well, at a fraction of SipHash's
@@ -361,16 +360,15 @@ impl Hasher for AddressHasher {
 /// are gone, and moves them into or out of `seen` and their group, which is dirty.
 fn track<T: GroupMember>(
     seen: &mut ByAddress<T>,
-    current: &[Arc<T>],
+    current: &[Decoded<T>],
     groups: &mut BTreeMap<GroupKey, Group>,
     dirty: &mut BTreeSet<GroupKey>,
 ) {
-    let address = |o: &Arc<T>| Arc::as_ptr(o) as usize;
     let mut present: HashSet<usize, BuildHasherDefault<AddressHasher>> =
         HashSet::with_capacity_and_hasher(current.len(), BuildHasherDefault::default());
     let mut added = Vec::new();
     for object in current {
-        let at = address(object);
+        let at = object.address();
         if present.insert(at) && !seen.contains_key(&at) {
             added.push(object.clone());
         }
@@ -384,55 +382,40 @@ fn track<T: GroupMember>(
         .filter(|at| !present.contains(*at))
         .copied()
         .collect();
+    let key = |object: &Decoded<T>| {
+        let (namespace, name) = object.group();
+        (namespace.to_owned(), name.to_owned())
+    };
     for at in gone {
         if let Some(object) = seen.remove(&at) {
-            let key = object.group();
-            T::members(groups.entry(key.clone()).or_default()).retain(|o| !Arc::ptr_eq(o, &object));
+            let key = key(&object);
+            T::members(groups.entry(key.clone()).or_default()).retain(|o| !o.same(&object));
             dirty.insert(key);
         }
     }
     for object in added {
-        seen.insert(address(&object), object.clone());
-        let key = object.group();
+        seen.insert(object.address(), object.clone());
+        let key = key(&object);
         T::members(groups.entry(key.clone()).or_default()).push(object);
         dirty.insert(key);
     }
 }
 
-/// An object of a group.
-trait GroupMember: Sized {
-    /// The group it belongs to.
-    fn group(&self) -> GroupKey;
+/// A decoded object of a group.
+trait GroupMember: Grouped + Sized {
     /// The group's objects of its kind.
-    fn members(group: &mut Group) -> &mut Vec<Arc<Self>>;
+    fn members(group: &mut Group) -> &mut Vec<Decoded<Self>>;
 }
 
-impl GroupMember for Service {
-    fn members(group: &mut Group) -> &mut Vec<Arc<Service>> {
+impl GroupMember for ServiceInfo {
+    fn members(group: &mut Group) -> &mut Vec<Decoded<ServiceInfo>> {
         &mut group.services
     }
-
-    fn group(&self) -> GroupKey {
-        let meta = &self.metadata;
-        (namespace_of(meta), meta.name.clone().unwrap_or_default())
-    }
 }
 
-impl GroupMember for EndpointSlice {
-    fn members(group: &mut Group) -> &mut Vec<Arc<EndpointSlice>> {
+impl GroupMember for SliceInfo {
+    fn members(group: &mut Group) -> &mut Vec<Decoded<SliceInfo>> {
         &mut group.slices
-    }
-
-    fn group(&self) -> GroupKey {
-        let meta = &self.metadata;
-        (
-            namespace_of(meta),
-            meta.labels
-                .as_ref()
-                .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                .cloned()
-                .unwrap_or_default(),
-        )
     }
 }
 
@@ -525,52 +508,39 @@ fn service_cidrs(
     service_cidrs
 }
 
-/// Decodes a group's Services (of which one copy must remain) and EndpointSlices (in
+/// A group's decoded Services (of which one copy must remain) and EndpointSlices (in
 /// name order, so that the first slice listing an endpoint is the first in name order).
-fn decode_group(group: &Group) -> Decoded {
+fn group_parts(group: &Group) -> Parts {
     let mut diagnostics = Vec::new();
-    let service = decode_unique(
-        &group.services,
-        decode_service,
-        |s: &ServiceInfo| ObjectRef::new("Service", &s.namespace, &s.name),
-        &mut diagnostics,
-    )
-    .pop();
-    let slices = decode_unique(
-        &group.slices,
-        decode_slice,
-        |s: &SliceInfo| ObjectRef::new("EndpointSlice", &s.namespace, &s.name),
-        &mut diagnostics,
-    );
-    Decoded {
-        declared: declared_claims(service.as_ref()),
+    let service = unique_infos(&group.services, "Service", &mut diagnostics).pop();
+    let slices = unique_infos(&group.slices, "EndpointSlice", &mut diagnostics);
+    Parts {
+        declared: declared_claims(service.as_deref()),
         service,
         slices,
         diagnostics,
     }
 }
 
-/// Decodes objects, keeping one copy per name (see [`unique`]), sorted by name.
-fn decode_unique<O, I: PartialEq>(
-    objects: &[Arc<O>],
-    decode: impl Fn(&O) -> Result<I, Diagnostic>,
-    object: impl Fn(&I) -> ObjectRef,
+/// The decoded objects, one copy per name (see [`unique`]), sorted by name; the others
+/// are reported.
+fn unique_infos<I: Grouped + PartialEq>(
+    objects: &[Decoded<I>],
+    kind: &str,
     diagnostics: &mut Vec<Diagnostic>,
-) -> Vec<I> {
-    let mut decoded = Vec::new();
-    for item in objects {
-        match decode(item) {
-            Ok(info) => decoded.push(info),
-            Err(diagnostic) => diagnostics.push(diagnostic),
+) -> Vec<Arc<I>> {
+    let mut infos = Vec::new();
+    for object in objects {
+        match object.info() {
+            Ok(info) => infos.push(Arc::clone(info)),
+            Err(diagnostic) => diagnostics.push(diagnostic.clone()),
         }
     }
+    let namespace = |i: &Arc<I>| i.group().0.to_owned();
     unique(
-        decoded,
-        |i| {
-            let o = object(i);
-            (o.namespace, o.name)
-        },
-        &object,
+        infos,
+        |i| (namespace(i), i.name().to_owned()),
+        |i| ObjectRef::new(kind, &namespace(i), i.name()),
         diagnostics,
     )
 }
@@ -675,7 +645,7 @@ fn service_ports(
     config: &ProxyConfig,
     node: &NodeFacts,
     service: &ServiceInfo,
-    slices: &[SliceInfo],
+    slices: &[Arc<SliceInfo>],
     claims: &mut Claims,
     diagnostics: &mut Vec<Diagnostic>,
 ) -> Vec<ServicePortState> {
@@ -683,7 +653,11 @@ fn service_ports(
         return Vec::new();
     };
     let object = ObjectRef::new("Service", &service.namespace, &service.name);
-    let service_slices: Vec<&SliceInfo> = slices.iter().filter(|s| s.family == family).collect();
+    let service_slices: Vec<&SliceInfo> = slices
+        .iter()
+        .map(|s| &**s)
+        .filter(|s| s.family == family)
+        .collect();
     let owner = format!("{}/{}", service.namespace, service.name);
     let mut ports = Vec::new();
     for port in &service.ports {

@@ -64,13 +64,13 @@ pub(crate) struct SlicePort {
 
 /// A decoded EndpointSlice.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct SliceInfo {
-    pub name: String,
-    pub namespace: String,
-    pub service_name: String,
-    pub family: IpFamily,
-    pub ports: Vec<SlicePort>,
-    pub endpoints: Vec<SliceEndpoint>,
+pub struct SliceInfo {
+    pub(crate) name: String,
+    pub(crate) namespace: String,
+    pub(crate) service_name: String,
+    pub(crate) family: IpFamily,
+    pub(crate) ports: Vec<SlicePort>,
+    pub(crate) endpoints: Vec<SliceEndpoint>,
 }
 
 pub(crate) fn decode_slice(slice: &EndpointSlice) -> Result<SliceInfo, Diagnostic> {

@@ -11,6 +11,7 @@ mod diag;
 mod endpoint;
 pub mod manifest;
 mod net;
+mod object;
 mod service;
 mod state;
 mod topology;
@@ -20,9 +21,11 @@ pub use config::{
     ConfigError, DetectLocalMode, KubeProxyConfiguration, NodePortAddress, ProxyConfig,
 };
 pub use diag::{Diagnostic, ObjectRef, Severity};
-pub use endpoint::Endpoint;
+pub use endpoint::{Endpoint, SliceInfo};
 pub use manifest::{ManifestError, ManifestReport, Snapshot};
 pub use net::{parse_cidr, parse_ip};
+pub use object::{Decoded, DecodedEndpointSlice, DecodedService, Grouped, Rejected};
+pub use service::ServiceInfo;
 pub use state::{
     Build, CategorizedEndpoints, HealthCheck, LocalTraffic, NodePortAddresses, ProxyState,
     ServicePortName, ServicePortState,

@@ -6,26 +6,26 @@
 //! be; a document that is YAML but not a valid object is left out with a diagnostic
 //! naming it; every other document is still decoded.
 
-use std::sync::Arc;
-
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::ServiceCIDR;
 use serde_json::Value;
 
 use crate::diag::{Diagnostic, ObjectRef};
+use crate::object::{DecodedEndpointSlice, DecodedService};
 
 /// The input objects of one sync: everything nftproxy reads from the API (or files).
 ///
-/// Services and EndpointSlices are shared (`Arc`), as the watch caches hold them: a
-/// snapshot of a large cluster is cheap to take, and an object that did not change is
-/// the same allocation in the next snapshot, which [`crate::Builder`] uses to skip it.
+/// Services and EndpointSlices are decoded as they arrive and shared, as the watch
+/// caches hold them: a snapshot of a large cluster is cheap to take, and an object that
+/// did not change is the same allocation in the next snapshot, which
+/// [`crate::Builder`] uses to skip it.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     /// Services.
-    pub services: Vec<Arc<Service>>,
+    pub services: Vec<DecodedService>,
     /// EndpointSlices.
-    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
+    pub endpoint_slices: Vec<DecodedEndpointSlice>,
     /// Nodes (only the one named like this node is used).
     pub nodes: Vec<Node>,
     /// ServiceCIDRs: the ranges ClusterIPs are allocated from.
@@ -144,8 +144,10 @@ impl Snapshot {
         let object = object_ref(&kind, &map);
         let value = Value::Object(map);
         let decoded = match kind.as_str() {
-            "Service" => decode(value).map(|s| self.services.push(Arc::new(s))),
-            "EndpointSlice" => decode(value).map(|s| self.endpoint_slices.push(Arc::new(s))),
+            "Service" => decode::<Service>(value).map(|s| self.services.push((&s).into())),
+            "EndpointSlice" => {
+                decode::<EndpointSlice>(value).map(|s| self.endpoint_slices.push((&s).into()))
+            }
             "Node" => decode(value).map(|n| self.nodes.push(n)),
             "ServiceCIDR" => decode(value).map(|c| self.service_cidrs.push(c)),
             _ => Ok(()),
@@ -343,11 +345,7 @@ mod tests {
                     name: broken\n  namespace: ns\nspec:\n  ports: [unclosed\n---\n\
                     kind: Service\nmetadata: {name: after}\n";
         let (snapshot, report) = read(text);
-        let names: Vec<_> = snapshot
-            .services
-            .iter()
-            .filter_map(|s| s.metadata.name.as_deref())
-            .collect();
+        let names: Vec<_> = snapshot.services.iter().map(|s| s.name()).collect();
         assert_eq!(names, ["before", "after"]);
         assert_eq!(report.errors.len(), 1);
         let error = &report.errors[0];

@@ -31,18 +31,19 @@ pub(crate) struct PortInfo {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct ServiceInfo {
-    pub namespace: String,
-    pub name: String,
-    pub cluster_ips: Vec<IpAddr>,
-    pub ports: Vec<PortInfo>,
-    pub external_ips: Vec<IpAddr>,
-    pub load_balancer_ips: Vec<IpAddr>,
-    pub source_ranges: Vec<IpNet>,
-    pub internal_policy_local: bool,
-    pub external_policy_local: bool,
-    pub affinity_timeout: Option<u32>,
-    pub health_check_node_port: Option<u16>,
+/// A Service decoded: what nftproxy reads of it, validated.
+pub struct ServiceInfo {
+    pub(crate) namespace: String,
+    pub(crate) name: String,
+    pub(crate) cluster_ips: Vec<IpAddr>,
+    pub(crate) ports: Vec<PortInfo>,
+    pub(crate) external_ips: Vec<IpAddr>,
+    pub(crate) load_balancer_ips: Vec<IpAddr>,
+    pub(crate) source_ranges: Vec<IpNet>,
+    pub(crate) internal_policy_local: bool,
+    pub(crate) external_policy_local: bool,
+    pub(crate) affinity_timeout: Option<u32>,
+    pub(crate) health_check_node_port: Option<u16>,
 }
 
 /// Checks a DNS-label-like name (lower-case alphanumerics and `-`, plus `.` for longer

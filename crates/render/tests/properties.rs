@@ -8,7 +8,6 @@
 use std::process::Command;
 
 use nftproxy_model::config::parse_cidr_list;
-use std::sync::Arc;
 
 use nftproxy_model::{Builder, DetectLocalMode, NodePortAddress, ProxyConfig, Snapshot, build};
 use nftproxy_nft::{Table, diff, diff_scoped};
@@ -368,7 +367,7 @@ fn steps() -> impl Strategy<Value = (Vec<Value>, Vec<Value>, Vec<Value>, Vec<Vec
     )
 }
 
-fn pick<T>(a: &[Arc<T>], b: &[Arc<T>], fresh: &[Arc<T>], choices: &[u8]) -> Vec<Arc<T>> {
+fn pick<T: Clone>(a: &[T], b: &[T], fresh: &[T], choices: &[u8]) -> Vec<T> {
     let positions = a.len().max(b.len());
     (0..positions)
         .filter_map(
