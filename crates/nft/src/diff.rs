@@ -1,8 +1,9 @@
 //! The smallest transaction that turns the table the kernel holds into the desired one.
 //!
-//! Invariant: `diff(current, desired).apply_to(current) == desired`, the transaction is
-//! empty when nothing differs, and its operations are ordered so the kernel accepts them
-//! in one batch: objects exist before anything refers to them, and nothing is deleted
+//! Invariant: `diff(current, desired).apply_to(current)` means what `desired` means (it
+//! equals it, except that a slot map's values may sit in other slots of their key prefix:
+//! equal after [`Table::slots_in_order`]), the transaction is empty when nothing means
+//! something else, and its operations are ordered so the kernel accepts them in one batch: objects exist before anything refers to them, and nothing is deleted
 //! while a rule or element still refers to it. Sets and maps change element by element;
 //! a changed chain loses the rules not in the desired order (deleted one by one) and
 //! gets the rest appended, or is flushed and refilled when it keeps none; unchanged
@@ -12,8 +13,9 @@
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::table::{Element, Table};
+use crate::table::{Element, Elements, Table, slot_groups};
 use crate::transaction::{Op, Transaction};
+use crate::types::Value;
 
 /// The operations that turn `current` (`None`: no table yet) into `desired`.
 pub fn diff(current: Option<&Table>, desired: &Table) -> Transaction {
@@ -102,6 +104,8 @@ pub fn diff(current: Option<&Table>, desired: &Table) -> Transaction {
             });
         }
     }
+    // Per set in both tables: the keys to delete and the elements to add.
+    let mut changed: BTreeMap<&str, (Vec<Vec<Value>>, Vec<Element>)> = BTreeMap::new();
     for (name, old) in &current.sets {
         let Some(new) = desired.sets.get(name) else {
             continue;
@@ -109,10 +113,26 @@ pub fn diff(current: Option<&Table>, desired: &Table) -> Transaction {
         if redeclared.contains(name.as_str()) {
             continue;
         }
-        let stale: Vec<_> = merged(old.elements.iter(), new.elements.iter())
-            .filter(|(_, was, is)| was.is_some() && was != is)
-            .map(|(key, _, _)| key.to_vec())
-            .collect();
+        let changes = if new.is_slot_map() {
+            slot_changes(&old.elements, &new.elements)
+        } else {
+            let pairs = || merged(old.elements.iter(), new.elements.iter());
+            let stale = pairs()
+                .filter(|(_, was, is)| was.is_some() && was != is)
+                .map(|(key, _, _)| key.to_vec())
+                .collect();
+            let missing = pairs()
+                .filter_map(|(_, was, is)| is.filter(|is| was != Some(*is)).cloned())
+                .collect();
+            (stale, missing)
+        };
+        changed.insert(name.as_str(), changes);
+    }
+    for (name, old) in &current.sets {
+        let Some((stale, _)) = changed.get_mut(name.as_str()) else {
+            continue;
+        };
+        let stale = std::mem::take(stale);
         if !stale.is_empty() {
             tx.ops.push(Op::DeleteElements {
                 set: name.clone(),
@@ -150,14 +170,8 @@ pub fn diff(current: Option<&Table>, desired: &Table) -> Transaction {
         }
     }
     for (name, new) in &desired.sets {
-        let old = current
-            .sets
-            .get(name)
-            .filter(|_| !redeclared.contains(name.as_str()));
-        let missing: Vec<Element> = match old {
-            Some(old) => merged(old.elements.iter(), new.elements.iter())
-                .filter_map(|(_, was, is)| is.filter(|is| was != Some(*is)).cloned())
-                .collect(),
+        let missing: Vec<Element> = match changed.get_mut(name.as_str()) {
+            Some((_, missing)) => std::mem::take(missing),
             None => new.elements.values().cloned().collect(),
         };
         tx.push_elements(name, missing);
@@ -176,6 +190,69 @@ pub fn diff(current: Option<&Table>, desired: &Table) -> Transaction {
         }
     }
     tx
+}
+
+/// A slot map's changes (keys to delete, elements to add), prefix by prefix: a slot of
+/// the desired prefix whose value is still wanted keeps it (where it is when it can), and
+/// the wanted values left over fill the desired slots left over, in order. Removing one
+/// of a prefix's values then moves at most one other (into the freed slot), instead of
+/// shifting every later one.
+fn slot_changes(old: &Elements, new: &Elements) -> (Vec<Vec<Value>>, Vec<Element>) {
+    let mut stale = Vec::new();
+    let mut missing = Vec::new();
+    let (old, new) = (slot_groups(old), slot_groups(new));
+    let pairs = merged(
+        old.iter().map(|(prefix, g)| (*prefix, g)),
+        new.iter().map(|(prefix, g)| (*prefix, g)),
+    );
+    for (_, was, is) in pairs {
+        let (was, is): (&[&Element], &[&Element]) = (
+            was.map_or(&[][..], |g| g.as_slice()),
+            is.map_or(&[][..], |g| g.as_slice()),
+        );
+        // Desired slot → its value, until placed; old elements kept.
+        let mut unplaced: BTreeMap<Value, &Element> =
+            is.iter().filter_map(|e| Some((e.slot()?, *e))).collect();
+        let mut free: BTreeSet<Value> = unplaced.keys().copied().collect();
+        let mut kept = vec![false; was.len()];
+        // First the values already in their desired slot, then any wanted value in a
+        // desired slot.
+        for in_place in [true, false] {
+            for (index, element) in was.iter().enumerate() {
+                let Some(slot) = element.slot().filter(|s| !kept[index] && free.contains(s)) else {
+                    continue;
+                };
+                let found = if in_place {
+                    unplaced
+                        .get(&slot)
+                        .filter(|e| e.payload() == element.payload())
+                        .map(|_| slot)
+                } else {
+                    unplaced
+                        .iter()
+                        .find(|(_, e)| e.payload() == element.payload())
+                        .map(|(s, _)| *s)
+                };
+                if let Some(found) = found {
+                    unplaced.remove(&found);
+                    free.remove(&slot);
+                    kept[index] = true;
+                }
+            }
+        }
+        stale.extend(
+            was.iter()
+                .zip(&kept)
+                .filter(|(_, kept)| !**kept)
+                .map(|(e, _)| e.key.clone()),
+        );
+        missing.extend(
+            free.into_iter()
+                .zip(unplaced.into_values())
+                .map(|(slot, e)| e.in_slot(slot)),
+        );
+    }
+    (stale, missing)
 }
 
 /// Walking `old` in order, the rules that match `new` in order are kept: how many, and
@@ -265,12 +342,78 @@ mod tests {
 
     fn check(from: &Table, to: &Table) -> Transaction {
         let tx = diff(Some(from), to);
-        assert_eq!(
-            tx.apply_to(Some(from.clone())).unwrap().as_ref(),
-            Some(to),
-            "{tx}"
-        );
+        let after = tx.apply_to(Some(from.clone())).unwrap().unwrap();
+        assert_eq!(after.slots_in_order(), to.slots_in_order(), "{tx}");
         tx
+    }
+
+    /// A table with one slot map: per destination port, its endpoints' ports in slots
+    /// 0, 1, … in the order given.
+    fn slots(destinations: &[(u16, &[u16])]) -> Table {
+        let mut t = Table::new(Family::Ip, "t");
+        let key = vec![crate::Expr::th_dport(), crate::Expr::NumgenRandom(1)];
+        let map = Set::typeof_map("endpoints", key, vec![crate::Expr::th_dport()]).unwrap();
+        assert!(map.is_slot_map());
+        t.add_set(map);
+        for (port, endpoints) in destinations {
+            for (slot, endpoint) in (0u32..).zip(*endpoints) {
+                let key = vec![Value::Port(*port), Value::Number(slot)];
+                t.add_element(
+                    "endpoints",
+                    Element::mapped(key, vec![Value::Port(*endpoint)]),
+                );
+            }
+        }
+        t
+    }
+
+    #[test]
+    fn a_slot_map_keeps_values_in_their_slots_and_fills_freed_ones() {
+        let from = slots(&[(80, &[1, 2, 3, 4, 5]), (81, &[7])]);
+        // The first value gone: the last one moves into its slot, nothing else moves.
+        let tx = check(&from, &slots(&[(80, &[2, 3, 4, 5]), (81, &[7])]));
+        assert_eq!(
+            tx.to_string(),
+            "delete element ip t endpoints { 80 . 0, 80 . 4 }\n\
+             add element ip t endpoints { 80 . 0 : 5 }\n"
+        );
+        // The same values in other slots mean the same: nothing to do, either way.
+        let shuffled = slots(&[(80, &[5, 2, 3, 4]), (81, &[7])]);
+        assert!(check(&shuffled, &slots(&[(80, &[2, 3, 4, 5]), (81, &[7])])).is_empty());
+        // A value added goes into the new slot; one replaced stays in its slot.
+        assert_eq!(
+            check(&shuffled, &slots(&[(80, &[2, 3, 4, 5, 6]), (81, &[7])])).len(),
+            1
+        );
+        assert_eq!(
+            check(&shuffled, &slots(&[(80, &[2, 3, 4, 9]), (81, &[7])])).len(),
+            2
+        );
+        // Prefixes that come and go take their slots along.
+        assert_eq!(check(&from, &slots(&[(81, &[7, 8])])).len(), 6);
+        // Repeated values are kept as often as they are wanted.
+        assert_eq!(
+            check(&slots(&[(80, &[1, 1, 2])]), &slots(&[(80, &[1, 2, 1])])).len(),
+            0
+        );
+        // (One 1 gives way to the 2, whose slot goes.)
+        assert_eq!(
+            check(&slots(&[(80, &[1, 1, 2])]), &slots(&[(80, &[2, 1])])).len(),
+            3
+        );
+    }
+
+    #[test]
+    fn slots_in_order_equalizes_only_what_means_the_same() {
+        let a = slots(&[(80, &[5, 2, 3])]);
+        assert_eq!(a.slots_in_order(), slots(&[(80, &[2, 3, 5])]));
+        assert_ne!(
+            a.slots_in_order(),
+            slots(&[(80, &[2, 3, 6])]).slots_in_order()
+        );
+        // Other sets are left as they are.
+        let plain = table(&[("a", &[2, 1])]);
+        assert_eq!(plain.slots_in_order(), plain);
     }
 
     #[test]

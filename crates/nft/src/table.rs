@@ -56,14 +56,25 @@ impl Table {
             .is_some_and(|set| set.elements.insert_new(element))
     }
 
-    /// Makes each set whose elements equal those of the same set in `other` share
-    /// them, so that the two tables hold one copy.
+    /// The same table with every slot map's values in a canonical order (see
+    /// [`Set::slots_in_order`]): two tables that mean the same are then equal.
+    pub fn slots_in_order(&self) -> Table {
+        Table {
+            sets: self
+                .sets
+                .iter()
+                .map(|(name, set)| (name.clone(), set.slots_in_order()))
+                .collect(),
+            ..self.clone()
+        }
+    }
+
+    /// Makes each element equal to the one with its key in the same set of `other` share
+    /// it, so that the two tables hold one copy.
     pub fn share_elements(&mut self, other: &Table) {
         for (name, set) in &mut self.sets {
-            if let Some(theirs) = other.sets.get(name)
-                && set.elements == theirs.elements
-            {
-                set.elements = theirs.elements.clone();
+            if let Some(theirs) = other.sets.get(name) {
+                set.elements.share(&theirs.elements);
             }
         }
     }
@@ -231,6 +242,39 @@ impl Set {
         !self.data.is_empty()
     }
 
+    /// Whether this is a slot map: a map whose last key field is declared as a `numgen
+    /// random` result. nftproxy looks such a map up only with a fresh random number in
+    /// that field (one per slot of the key's prefix, each as likely), so what a prefix
+    /// means is its slots' values taken together, whichever slot holds which: the diff
+    /// may move them between slots (see [`Set::slots_in_order`]).
+    pub fn is_slot_map(&self) -> bool {
+        self.is_map()
+            && self
+                .type_of
+                .as_ref()
+                .is_some_and(|t| matches!(t.key.last(), Some(Expr::NumgenRandom(_))))
+    }
+
+    /// The same set with a slot map's values in a canonical order: per key prefix, the
+    /// values sorted, in its slots in ascending order. Two slot maps that mean the same
+    /// are equal once both are in this order; other sets are returned as they are.
+    pub fn slots_in_order(&self) -> Set {
+        let mut set = self.without_elements();
+        if !self.is_slot_map() {
+            set.elements = self.elements.clone();
+            return set;
+        }
+        for (_, mut group) in slot_groups(&self.elements) {
+            let mut slots: Vec<Value> = group.iter().filter_map(|e| e.slot()).collect();
+            slots.sort();
+            group.sort_by(|a, b| a.payload().cmp(&b.payload()));
+            for (slot, element) in slots.into_iter().zip(group) {
+                set.elements.insert(element.in_slot(slot));
+            }
+        }
+        set
+    }
+
     /// The same declaration with no elements (without copying them first: a set can
     /// hold hundreds of thousands).
     pub fn without_elements(&self) -> Set {
@@ -360,6 +404,26 @@ impl Elements {
     pub fn iter(&self) -> Iter<'_> {
         Iter(self.0.iter())
     }
+
+    /// Takes `other`'s copy of every element both hold alike.
+    fn share(&mut self, other: &Elements) {
+        if *self == *other {
+            self.clone_from(other);
+            return;
+        }
+        let mine = std::mem::take(&mut self.0);
+        let mut theirs = other.0.iter().peekable();
+        self.0 = mine
+            .into_iter()
+            .map(|Keyed(element)| {
+                while theirs.next_if(|t| t.0.key < element.key).is_some() {}
+                match theirs.peek() {
+                    Some(t) if *t.0 == *element => Keyed(Arc::clone(&t.0)),
+                    _ => Keyed(element),
+                }
+            })
+            .collect();
+    }
 }
 
 impl PartialEq for Elements {
@@ -455,6 +519,38 @@ impl Element {
         self.comment = Some(comment.into());
         self
     }
+
+    /// Everything but the key: what a slot map's slot holds.
+    pub(crate) fn payload(&self) -> (&[Value], Option<&Verdict>, Option<&str>) {
+        (&self.data, self.verdict.as_ref(), self.comment.as_deref())
+    }
+
+    /// The last key field: a slot map element's slot.
+    pub(crate) fn slot(&self) -> Option<Value> {
+        self.key.last().copied()
+    }
+
+    /// The same payload in another slot of the same key prefix.
+    pub(crate) fn in_slot(&self, slot: Value) -> Element {
+        let mut element = self.clone();
+        if let Some(last) = element.key.last_mut() {
+            *last = slot;
+        }
+        element
+    }
+}
+
+/// A slot map's elements grouped by key prefix (everything but the slot), in key order.
+pub(crate) fn slot_groups(elements: &Elements) -> Vec<(&[Value], Vec<&Element>)> {
+    let mut groups: Vec<(&[Value], Vec<&Element>)> = Vec::new();
+    for element in elements.values() {
+        let prefix = &element.key[..element.key.len().saturating_sub(1)];
+        match groups.last_mut() {
+            Some((at, group)) if *at == prefix => group.push(element),
+            _ => groups.push((prefix, vec![element])),
+        }
+    }
+    groups
 }
 
 #[cfg(test)]
@@ -482,6 +578,30 @@ mod tests {
         );
         assert!(!elements.contains_key(&port(22)));
         assert_eq!(elements.len(), 1);
+    }
+
+    #[test]
+    fn sharing_takes_the_other_copy_of_each_equal_element_only() {
+        let table = |comment: &str| {
+            let mut t = Table::new(Family::Ip, "t");
+            t.add_set(Set::new("s", vec![DataType::InetService]));
+            for (n, c) in [(1, ""), (2, comment), (3, "")] {
+                t.add_element("s", Element::key(port(n)).with_comment(c));
+            }
+            t
+        };
+        let (mut mine, theirs) = (table("a"), table("b"));
+        let before = mine.clone();
+        mine.share_elements(&theirs);
+        assert_eq!(mine, before);
+        let shared = |n| {
+            Arc::ptr_eq(
+                mine.sets["s"].elements.get_shared(&port(n)).unwrap(),
+                theirs.sets["s"].elements.get_shared(&port(n)).unwrap(),
+            )
+        };
+        assert!(shared(1) && shared(3));
+        assert!(!shared(2));
     }
 
     #[test]

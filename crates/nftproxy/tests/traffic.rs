@@ -128,8 +128,9 @@ impl Topology {
         format!("{}{name}", self.prefix)
     }
 
-    fn new() -> Topology {
-        let prefix = format!("nftp{}-", std::process::id());
+    /// Namespaces named after the process and `test`, so tests can run side by side.
+    fn new(test: &str) -> Topology {
+        let prefix = format!("nftp{}{test}-", std::process::id());
         let dir = std::env::temp_dir().join(format!("{prefix}manifests"));
         let topology = Topology { prefix, dir };
         for name in ["node", "client", "pod", "be1", "be2"] {
@@ -211,8 +212,8 @@ impl Topology {
         topology
     }
 
-    /// Programs the node with `nftproxy --once` on the seed examples plus `EXTRA`.
-    fn program(&self) {
+    /// Programs the node with `nftproxy --once` on the seed examples plus `extra`.
+    fn program(&self, extra: &str) {
         std::fs::create_dir_all(&self.dir).expect("temp dir");
         let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
         for entry in std::fs::read_dir(repo.join("hack/examples/seed")).expect("seed examples") {
@@ -220,7 +221,7 @@ impl Topology {
             std::fs::copy(&path, self.dir.join(path.file_name().expect("file name")))
                 .expect("copy");
         }
-        std::fs::write(self.dir.join("extra.yaml"), EXTRA).expect("write");
+        std::fs::write(self.dir.join("extra.yaml"), extra).expect("write");
         let output = Command::new("ip")
             .args([
                 "netns",
@@ -404,8 +405,8 @@ fn seed_services_carry_real_traffic() {
     if !kernel_available("seed_services_carry_real_traffic") {
         return;
     }
-    let topology = Topology::new();
-    topology.program();
+    let topology = Topology::new("seed");
+    topology.program(EXTRA);
     let stop = Arc::new(AtomicBool::new(false));
     let servers = [
         serve(topology.ns("be1"), "be1", stop.clone()),
@@ -556,6 +557,78 @@ fn seed_services_carry_real_traffic() {
     }
 
     eprintln!("traffic checks took {:?}", started.elapsed());
+    stop.store(true, Ordering::Relaxed);
+    for server in servers {
+        server.join().expect("server thread");
+    }
+}
+
+/// Service `trio` (ClusterIP 10.96.100.20:6379) with these endpoints.
+fn trio(endpoints: &[&str]) -> String {
+    let mut yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: trio, namespace: default}\n\
+                    spec: {clusterIP: 10.96.100.20, ports: [{port: 6379}]}\n---\n\
+                    apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+                    metadata: {name: trio-1, namespace: default, labels: {kubernetes.io/service-name: trio}}\n\
+                    addressType: IPv4\nports: [{port: 6379}]\nendpoints:\n"
+        .to_owned();
+    for endpoint in endpoints {
+        yaml.push_str(&format!(
+            "- {{addresses: [{endpoint}], nodeName: node-a}}\n"
+        ));
+    }
+    yaml
+}
+
+/// The kernel's endpoint map, in one line.
+fn endpoint_map(topology: &Topology) -> String {
+    let output = Command::new("ip")
+        .args(["netns", "exec", &topology.ns("node")])
+        .args(["nft", "list", "map", "ip", "nftproxy", "tcp-endpoints"])
+        .output()
+        .expect("nft runs");
+    assert!(output.status.success());
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[test]
+fn a_removed_endpoints_slot_takes_the_last_one_and_traffic_follows() {
+    if !kernel_available("a_removed_endpoints_slot_takes_the_last_one_and_traffic_follows") {
+        return;
+    }
+    let topology = Topology::new("slots");
+    topology.program(&trio(&["10.244.1.10", "10.244.1.20", "10.244.2.10"]));
+    let slot =
+        |index: u8, endpoint: &str| format!("10.96.100.20 . 6379 . {index} : {endpoint} . 6379");
+    let before = endpoint_map(&topology);
+    assert!(before.contains(&slot(0, "10.244.1.10")), "{before}");
+    // The first endpoint goes. A second run diffs against what the kernel holds: the
+    // last endpoint moves into the freed slot and the middle one stays, where a fresh
+    // render would have shifted both.
+    let remaining = trio(&["10.244.1.20", "10.244.2.10"]);
+    topology.program(&remaining);
+    let after = endpoint_map(&topology);
+    assert!(after.contains(&slot(0, "10.244.2.10")), "{after}");
+    assert!(after.contains(&slot(1, "10.244.1.20")), "{after}");
+    assert!(!after.contains("10.96.100.20 . 6379 . 2 "), "{after}");
+    // That means the same as the fresh render, so a third run leaves it alone.
+    topology.program(&remaining);
+    assert_eq!(endpoint_map(&topology), after);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let servers = [
+        serve(topology.ns("be1"), "be1", stop.clone()),
+        serve(topology.ns("be2"), "be2", stop.clone()),
+    ];
+    std::thread::sleep(Duration::from_millis(200));
+    let outcomes = from(topology.ns("pod"), 100, || tcp(addr("10.96.100.20:6379")));
+    assert_split("pod -> trio 10.96.100.20:6379 after the removal", &outcomes);
+    assert_eq!(
+        explain_live(&topology, "10.244.3.10", "10.96.100.20:6379/tcp"),
+        "dnat 10.244.1.20:6379 (50.0%), dnat 10.244.2.10:6379 (50.0%)"
+    );
     stop.store(true, Ordering::Relaxed);
     for server in servers {
         server.join().expect("server thread");

@@ -11,7 +11,9 @@
 //! plain set. So adding or removing an endpoint changes elements only, unless the
 //! largest count reaches the span: then four rules come (or, falling below the step
 //! under it, go). The span is a pure function of the counts in use, so the output stays
-//! deterministic.
+//! deterministic. Indices are given in endpoint order; the maps are slot maps
+//! ([`nftproxy_nft::Set::is_slot_map`]), so the diff may keep the kernel's endpoints in
+//! another order that means the same.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
