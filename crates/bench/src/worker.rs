@@ -13,7 +13,7 @@ use nftproxy_model::{Builder, ProxyConfig, Snapshot, build};
 use nftproxy_netlink::NetlinkBackend;
 use nftproxy_nft::{Backend, Family, Table, Transaction};
 use nftproxy_proxier::{Reconciler, ReconcilerOptions};
-use nftproxy_render::{Renderer, TABLE_NAME, render_all, span_above};
+use nftproxy_render::{Renderer, TABLE_NAME, render_all};
 use serde::{Deserialize, Serialize};
 
 use crate::synth::{self, CLUSTER_CIDR, NODE_IP, NODE_NAME, PORT, Spec, TARGET_PORT};
@@ -222,12 +222,15 @@ pub fn cold(services: u32, endpoints: u32) -> Result<ColdReport, String> {
     let rss_kb = status_kb("VmHWM");
     let mut syncs = vec![cold];
 
-    // Services 1, 2 and 4 are plain ClusterIP Services (see synth::spec). The first
-    // endpoint added gives a count no Service had (its rule is there already: the span
-    // covers it), the second one that count again.
-    if specs.len() > 4 {
+    // Services 1 and 2 are plain ClusterIP Services (see synth::spec). Service 1 gets
+    // the first count above every other: the span grows by a rule. Service 2 then joins
+    // that count, which is in use.
+    if specs.len() > 2 {
         for (changed, what) in [
-            (1, "one endpoint added (a count no Service had)"),
+            (
+                1,
+                "one endpoint added (a new largest count: the span grows)",
+            ),
             (2, "one endpoint added (a count in use)"),
         ] {
             syncs.push(add_endpoint(
@@ -238,29 +241,20 @@ pub fn cold(services: u32, endpoints: u32) -> Result<ColdReport, String> {
                 what,
             )?);
         }
-        // The first: every later endpoint moves down one index.
-        let spec = &mut specs[1];
-        spec.endpoints.remove(0);
-        snapshot.endpoint_slices[1] = (&synth::endpoint_slice(spec)).into();
-        syncs.push(loaded.sync("one endpoint removed (the first)", &snapshot)?);
-        // The worst single endpoint: the largest count reaches the span, which grows by
-        // a step (new count sets and rules). Service 4 grows there untimed first.
-        let span = span_above(endpoints as usize);
-        while specs[4].endpoints.len() + 1 < span {
-            add_endpoint(&mut loaded, &mut specs, &mut snapshot, 4, "growing")?;
+        // The first endpoint: the last one moves into its slot. From Service 2, which
+        // then alone had the largest count, the span also shrinks by a rule.
+        for (changed, what) in [
+            (1, "one endpoint removed (the first)"),
+            (
+                2,
+                "one endpoint removed (the first, of the largest: the span shrinks)",
+            ),
+        ] {
+            let spec = &mut specs[changed];
+            spec.endpoints.remove(0);
+            snapshot.endpoint_slices[changed] = (&synth::endpoint_slice(spec)).into();
+            syncs.push(loaded.sync(what, &snapshot)?);
         }
-        syncs.push(add_endpoint(
-            &mut loaded,
-            &mut specs,
-            &mut snapshot,
-            4,
-            "one endpoint added (the span grows)",
-        )?);
-        // And back: the rules beyond the old span are deleted (by handle).
-        let spec = &mut specs[4];
-        spec.endpoints.pop();
-        snapshot.endpoint_slices[4] = (&synth::endpoint_slice(spec)).into();
-        syncs.push(loaded.sync("one endpoint removed (the span shrinks)", &snapshot)?);
     }
     let extra = synth::spec(services, endpoints);
     snapshot.services.push((&synth::service(&extra)).into());

@@ -3,15 +3,15 @@
 //! per endpoint count draws the index with `numgen random mod COUNT`; destinations enter
 //! the shared chains through sets named after them.
 //!
-//! Invariant: for each protocol, a balancer's chain holds one rule for every count from
-//! 1 to its span (the smallest multiple of [`SPAN_STEP`] above the largest count a
+//! Invariant: a balancer's chain sends each protocol to a chain of its own, which holds
+//! one rule for every count from 1 to the protocol's span (one above the largest count a
 //! destination uses), in that order, each with its set of destinations; the protocol's
 //! map exists while a destination uses it. The kernel revalidates the whole table, and
 //! walks the whole map, for every rule it adds, but not for elements of a data map or
-//! plain set. So adding or removing an endpoint changes elements only, unless the
-//! largest count reaches the span: then four rules come (or, falling below the step
-//! under it, go). The span is a pure function of the counts in use, so the output stays
-//! deterministic. Indices are given in endpoint order; the maps are slot maps
+//! plain set. So adding or removing an endpoint changes elements only, unless it changes
+//! the largest count: then one rule and its set are appended (or the last ones go). The
+//! span is a pure function of the counts in use, so the output stays deterministic.
+//! Indices are given in endpoint order; the maps are slot maps
 //! ([`nftproxy_nft::Set::is_slot_map`]), so the diff may keep the kernel's endpoints in
 //! another order that means the same.
 
@@ -57,7 +57,7 @@ impl Balancer {
         }
     }
 
-    /// The chain that draws an endpoint.
+    /// The chain destinations enter by: it sends each protocol to its own chain.
     pub(crate) fn chain(self) -> &'static str {
         match self {
             Balancer::Cluster => "load-balance",
@@ -65,6 +65,11 @@ impl Balancer {
             Balancer::NodePort => "load-balance-nodeport",
             Balancer::NodePortLocal => "load-balance-nodeport-local",
         }
+    }
+
+    /// The chain that draws an endpoint for one protocol.
+    pub(crate) fn proto_chain(self, proto: L4Proto) -> String {
+        format!("{}-{}", self.chain(), proto.name())
     }
 
     /// The map from destination and index to endpoint, for one protocol. (One map per
@@ -143,7 +148,9 @@ impl Balancer {
     }
 
     /// `meta l4proto PROTO DESTINATION @COUNT-SET dnat to DESTINATION . numgen random mod
-    /// COUNT map @MAP`: an equal share for each of the destination's endpoints.
+    /// COUNT map @MAP`: an equal share for each of the destination's endpoints. (The
+    /// protocol's chain sees only that protocol, but nft takes a port mapping only after
+    /// a protocol match in the same rule.)
     fn rule(self, family: Family, proto: L4Proto, count: usize) -> Rule {
         let destination = self.destination(family, PayloadField::ThDport);
         let mut drawn = destination.clone();
@@ -228,16 +235,14 @@ pub(crate) type Usage = (Balancer, L4Proto, usize);
 /// How many destinations each rule serves.
 pub(crate) type Usages = BTreeMap<Usage, u32>;
 
-/// How far a span grows at a time: each rule added walks the whole endpoint map (about
-/// 90 ms at 30,000 Services × 10 endpoints), so four keep the commit well under a second
-/// while a Service that keeps growing adds rules at every fourth endpoint only.
-pub const SPAN_STEP: usize = 4;
-
 /// The span of a balancer whose largest destination has `largest` endpoints: the counts
-/// it has rules for, 1 to the smallest multiple of [`SPAN_STEP`] above `largest` (so one
-/// more endpoint never needs a rule that is not there).
-pub fn span_above(largest: usize) -> usize {
-    (largest / SPAN_STEP + 1) * SPAN_STEP
+/// it has rules for, 1 to one above `largest`, so one more endpoint never needs a rule
+/// that is not there. The span moves one rule at a time: each rule added walks the
+/// whole endpoint map (about 5 ms at 10,000 Services × 5 endpoints, 90 ms at 30,000 ×
+/// 10), so a new largest count costs one walk, and its set and rule are two operations
+/// beside the endpoint's four.
+pub(crate) fn span_above(largest: usize) -> usize {
+    largest + 1
 }
 
 /// The span of `balancer` in `proto`: none when no destination uses the protocol.
@@ -286,16 +291,14 @@ pub(crate) fn respan(
     true
 }
 
-/// A balancer's chain, with a rule for each protocol and count in its span.
-pub(crate) fn chain(family: Family, balancer: Balancer, usages: &Usages) -> Chain {
-    let rules = L4Proto::ALL
-        .into_iter()
-        .flat_map(|proto| {
-            (1..=span(usages, balancer, proto))
-                .map(move |count| balancer.rule(family, proto, count))
-        })
+/// A balancer's chain for one protocol, with a rule for each count in its span, in
+/// order: the span grows by appending and shrinks by deleting the last rules, and never
+/// moves another protocol's rules.
+pub(crate) fn chain(family: Family, balancer: Balancer, proto: L4Proto, usages: &Usages) -> Chain {
+    let rules = (1..=span(usages, balancer, proto))
+        .map(|count| balancer.rule(family, proto, count))
         .collect();
-    Chain::regular(balancer.chain(), rules)
+    Chain::regular(balancer.proto_chain(proto), rules)
 }
 
 /// The entry chain of externally reached destinations without affinity, for each
@@ -381,7 +384,16 @@ pub(crate) fn add_shared(table: &mut Table, state: &ProxyState) {
         table.add_set(Set::new(chain, key).with_comment(format!("destinations going to {chain}")));
     }
     for balancer in Balancer::ALL {
-        table.add_chain(Chain::regular(balancer.chain(), Vec::new()));
+        let dispatch = L4Proto::ALL.map(|proto| {
+            Rule::new(vec![
+                Stmt::eq(Expr::MetaL4proto, Rhs::Proto(proto)),
+                Stmt::goto(balancer.proto_chain(proto)),
+            ])
+        });
+        table.add_chain(Chain::regular(balancer.chain(), dispatch.to_vec()));
+        for proto in L4Proto::ALL {
+            table.add_chain(Chain::regular(balancer.proto_chain(proto), Vec::new()));
+        }
     }
     for node_port in [false, true] {
         for local in [false, true] {

@@ -14,7 +14,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use nftproxy_model::{Build, Delta, IpFamily, PortChanges, ProxyState, ServicePortState};
-use nftproxy_nft::{Chain, Element, Family, Scope, Scopes, Set, Table, Value};
+use nftproxy_nft::{Chain, Element, Family, L4Proto, Scope, Scopes, Set, Table, Value};
 
 use crate::balance::{self, Balancer, Destination, Usages};
 use crate::{nft_family, services, skeleton};
@@ -79,7 +79,7 @@ fn put(table: &mut Table, shared: &mut Shared, fragment: Fragment, mut scope: Op
             before,
             scope.as_deref_mut(),
         ) {
-            changed.insert(balancer);
+            changed.insert((balancer, proto));
         }
         elements.extend(destination.elements());
     }
@@ -94,18 +94,19 @@ fn put(table: &mut Table, shared: &mut Shared, fragment: Fragment, mut scope: Op
     rebuild_balancers(table, &shared.usages, changed, scope);
 }
 
-/// A new chain for each balancer whose rules changed.
+/// A new chain for each balancer and protocol whose rules changed.
 fn rebuild_balancers(
     table: &mut Table,
     usages: &Usages,
-    changed: BTreeSet<Balancer>,
+    changed: BTreeSet<(Balancer, L4Proto)>,
     mut scope: Option<&mut Scope>,
 ) {
-    for balancer in changed {
-        table.add_chain(balance::chain(table.family, balancer, usages));
+    for (balancer, proto) in changed {
+        let chain = balance::chain(table.family, balancer, proto, usages);
         if let Some(scope) = scope.as_deref_mut() {
-            scope.chains.insert(balancer.chain().to_owned());
+            scope.chains.insert(chain.name.clone());
         }
+        table.add_chain(chain);
     }
 }
 
@@ -185,7 +186,7 @@ fn take(table: &mut Table, shared: &mut Shared, fragment: Fragment, scope: &mut 
             before,
             Some(scope),
         ) {
-            changed.insert(balancer);
+            changed.insert((balancer, proto));
         }
     }
     rebuild_balancers(table, &shared.usages, changed, Some(scope));

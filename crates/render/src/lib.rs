@@ -19,7 +19,6 @@ mod skeleton;
 use nftproxy_model::{Build, IpFamily, Protocol, ProxyState};
 use nftproxy_nft::{Family, L4Proto, Table, Value};
 
-pub use balance::{SPAN_STEP, span_above};
 pub use fragment::{Renderer, render};
 pub use names::hash_and_truncate;
 
