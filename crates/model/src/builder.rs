@@ -723,8 +723,7 @@ fn service_ports(
                     serving: endpoint.serving,
                     terminating: endpoint.terminating,
                     is_local: endpoint.node_name.as_deref() == Some(config.node_name.as_str()),
-                    zone_hints: endpoint.zone_hints.clone(),
-                    node_hints: endpoint.node_hints.clone(),
+                    hints: endpoint.hints.clone(),
                 });
             }
         }

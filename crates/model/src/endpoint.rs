@@ -4,6 +4,7 @@
 //! a slice that breaks that is left out whole, with a diagnostic.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
@@ -36,10 +37,31 @@ pub struct Endpoint {
     pub terminating: bool,
     /// Whether the endpoint runs on this node.
     pub is_local: bool,
+    /// Topology hints; most endpoints have none, and those that have share them with
+    /// their slice's copy (every service port of a large cluster holds its endpoints up
+    /// to three times).
+    pub hints: Option<Arc<Hints>>,
+}
+
+/// An endpoint's topology hints.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Hints {
     /// `hints.forZones` names.
-    pub zone_hints: Vec<String>,
+    pub zones: Vec<String>,
     /// `hints.forNodes` names.
-    pub node_hints: Vec<String>,
+    pub nodes: Vec<String>,
+}
+
+impl Endpoint {
+    /// `hints.forZones` names.
+    pub fn zone_hints(&self) -> &[String] {
+        self.hints.as_deref().map_or(&[], |h| &h.zones)
+    }
+
+    /// `hints.forNodes` names.
+    pub fn node_hints(&self) -> &[String] {
+        self.hints.as_deref().map_or(&[], |h| &h.nodes)
+    }
 }
 
 /// An endpoint of a slice before it is paired with a service port.
@@ -49,9 +71,9 @@ pub(crate) struct SliceEndpoint {
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
-    pub node_name: Option<String>,
-    pub zone_hints: Vec<String>,
-    pub node_hints: Vec<String>,
+    /// Shared by the endpoints of a slice on the same node.
+    pub node_name: Option<Arc<str>>,
+    pub hints: Option<Arc<Hints>>,
 }
 
 /// A port of a slice: name, protocol, number.
@@ -136,6 +158,7 @@ pub(crate) fn decode_slice(slice: &EndpointSlice) -> Result<SliceInfo, Diagnosti
     }
 
     let mut endpoints = Vec::new();
+    let mut node_names: Vec<Arc<str>> = Vec::new();
     for endpoint in slice.endpoints.iter().flatten() {
         // kube-proxy only ever uses the first address of an endpoint.
         let Some(address) = endpoint.addresses.first() else {
@@ -150,25 +173,37 @@ pub(crate) fn decode_slice(slice: &EndpointSlice) -> Result<SliceInfo, Diagnosti
         }
         let conditions = endpoint.conditions.clone().unwrap_or_default();
         let ready = conditions.ready.unwrap_or(true);
-        let hints = endpoint.hints.clone().unwrap_or_default();
+        let hints = endpoint.hints.as_ref().map(|hints| Hints {
+            zones: hints
+                .for_zones
+                .iter()
+                .flatten()
+                .map(|z| z.name.clone())
+                .collect(),
+            nodes: hints
+                .for_nodes
+                .iter()
+                .flatten()
+                .map(|n| n.name.clone())
+                .collect(),
+        });
+        let node_name = endpoint.node_name.as_deref().map(|name| {
+            match node_names.iter().find(|known| &***known == name) {
+                Some(known) => Arc::clone(known),
+                None => {
+                    let new: Arc<str> = Arc::from(name);
+                    node_names.push(Arc::clone(&new));
+                    new
+                }
+            }
+        });
         endpoints.push(SliceEndpoint {
             ip,
             ready,
             serving: conditions.serving.unwrap_or(ready),
             terminating: conditions.terminating.unwrap_or(false),
-            node_name: endpoint.node_name.clone(),
-            zone_hints: hints
-                .for_zones
-                .into_iter()
-                .flatten()
-                .map(|z| z.name)
-                .collect(),
-            node_hints: hints
-                .for_nodes
-                .into_iter()
-                .flatten()
-                .map(|n| n.name)
-                .collect(),
+            node_name,
+            hints: hints.filter(|h| *h != Hints::default()).map(Arc::new),
         });
     }
 

@@ -21,7 +21,7 @@ pub use config::{
     ConfigError, DetectLocalMode, KubeProxyConfiguration, NodePortAddress, ProxyConfig,
 };
 pub use diag::{Diagnostic, ObjectRef, Severity};
-pub use endpoint::{Endpoint, SliceInfo};
+pub use endpoint::{Endpoint, Hints, SliceInfo};
 pub use manifest::{ManifestError, ManifestReport, Snapshot};
 pub use net::{parse_cidr, parse_ip};
 pub use object::{Decoded, DecodedEndpointSlice, DecodedService, Grouped, Rejected};

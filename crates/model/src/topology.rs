@@ -30,18 +30,18 @@ enum TopologyMode {
 
 fn topology_mode(endpoints: &[Endpoint], node_name: &str, zone: Option<&str>) -> TopologyMode {
     let ready = || endpoints.iter().filter(|e| e.ready);
-    let all_have_node_hints = ready().all(|e| !e.node_hints.is_empty());
-    let all_have_zone_hints = ready().all(|e| !e.zone_hints.is_empty());
+    let all_have_node_hints = ready().all(|e| !e.node_hints().is_empty());
+    let all_have_zone_hints = ready().all(|e| !e.zone_hints().is_empty());
     // With no ready endpoint there is nothing to narrow.
     if ready().next().is_none() {
         return TopologyMode::None;
     }
-    if all_have_node_hints && ready().any(|e| e.node_hints.iter().any(|n| n == node_name)) {
+    if all_have_node_hints && ready().any(|e| e.node_hints().iter().any(|n| n == node_name)) {
         return TopologyMode::SameNode;
     }
     if let Some(zone) = zone
         && all_have_zone_hints
-        && ready().any(|e| e.zone_hints.iter().any(|z| z == zone))
+        && ready().any(|e| e.zone_hints().iter().any(|z| z == zone))
     {
         return TopologyMode::SameZone;
     }
@@ -51,8 +51,11 @@ fn topology_mode(endpoints: &[Endpoint], node_name: &str, zone: Option<&str>) ->
 fn available(endpoint: &Endpoint, mode: TopologyMode, node_name: &str, zone: Option<&str>) -> bool {
     match mode {
         TopologyMode::None => true,
-        TopologyMode::SameNode => endpoint.node_hints.iter().any(|n| n == node_name),
-        TopologyMode::SameZone => endpoint.zone_hints.iter().any(|z| Some(z.as_str()) == zone),
+        TopologyMode::SameNode => endpoint.node_hints().iter().any(|n| n == node_name),
+        TopologyMode::SameZone => endpoint
+            .zone_hints()
+            .iter()
+            .any(|z| Some(z.as_str()) == zone),
     }
 }
 
@@ -115,7 +118,10 @@ pub fn categorize_endpoints(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+    use crate::endpoint::Hints;
 
     fn ep(last: u8, ready: bool, serving: bool, terminating: bool, local: bool) -> Endpoint {
         Endpoint {
@@ -125,9 +131,15 @@ mod tests {
             serving,
             terminating,
             is_local: local,
-            zone_hints: Vec::new(),
-            node_hints: Vec::new(),
+            hints: None,
         }
+    }
+
+    fn zones(names: &[&str]) -> Option<Arc<Hints>> {
+        Some(Arc::new(Hints {
+            zones: names.iter().map(|z| (*z).to_owned()).collect(),
+            nodes: Vec::new(),
+        }))
     }
 
     fn ips(endpoints: &[Endpoint]) -> Vec<u8> {
@@ -182,15 +194,15 @@ mod tests {
     fn zone_hints_are_all_or_nothing() {
         let mut a = ep(1, true, true, false, false);
         let mut b = ep(2, true, true, false, false);
-        a.zone_hints = vec!["z1".into()];
-        b.zone_hints = vec!["z2".into()];
+        a.hints = zones(&["z1"]);
+        b.hints = zones(&["z2"]);
         let c = categorize_endpoints(&[a.clone(), b.clone()], true, false, "n", Some("z1"));
         assert_eq!(ips(&c.cluster), [1]);
         // No endpoint hinted for this zone: hints ignored.
         let c = categorize_endpoints(&[a.clone(), b.clone()], true, false, "n", Some("z3"));
         assert_eq!(ips(&c.cluster), [1, 2]);
         // One ready endpoint without hints: hints ignored.
-        b.zone_hints.clear();
+        b.hints = None;
         let c = categorize_endpoints(&[a, b], true, false, "n", Some("z1"));
         assert_eq!(ips(&c.cluster), [1, 2]);
     }
@@ -199,10 +211,14 @@ mod tests {
     fn node_hints_take_precedence_over_zone_hints() {
         let mut a = ep(1, true, true, false, true);
         let mut b = ep(2, true, true, false, false);
-        a.node_hints = vec!["n".into()];
-        b.node_hints = vec!["other".into()];
-        a.zone_hints = vec!["z".into()];
-        b.zone_hints = vec!["z".into()];
+        let both = |node: &str| {
+            Some(Arc::new(Hints {
+                zones: vec!["z".into()],
+                nodes: vec![node.into()],
+            }))
+        };
+        a.hints = both("n");
+        b.hints = both("other");
         let c = categorize_endpoints(&[a, b], true, false, "n", Some("z"));
         assert_eq!(ips(&c.cluster), [1]);
     }

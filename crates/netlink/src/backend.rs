@@ -180,7 +180,7 @@ impl NetlinkBackend {
                 Op::DeleteElements { set, keys, .. } => {
                     for chunk in keys.chunks(ELEMENTS_PER_MESSAGE) {
                         let elements: Vec<Element> =
-                            chunk.iter().map(|k| Element::key(k.clone())).collect();
+                            chunk.iter().map(|k| Element::new(k.clone())).collect();
                         msgs.elements(libc::NFT_MSG_DELSETELEM, set, &elements, 0, seq())?;
                     }
                 }

@@ -546,21 +546,19 @@ impl Messages {
         let table = table.as_str();
         let obj = Self::set_obj(family, table, set)?;
         for element in elements {
-            let key = lower::key_bytes(&element.key);
-            let value = (!element.data.is_empty() && kind == libc::NFT_MSG_NEWSETELEM)
-                .then(|| lower::key_bytes(&element.data));
+            let key = lower::key_bytes(element.key());
+            let value = (!element.data().is_empty() && kind == libc::NFT_MSG_NEWSETELEM)
+                .then(|| lower::key_bytes(element.data()));
             // SAFETY: allocation has no preconditions; null only when out of memory.
             let elem = NonNull::new(unsafe { sys::nftnl_set_elem_alloc() })
                 .expect("libnftnl allocation failed: out of memory");
             let chain = element
-                .verdict
-                .as_ref()
+                .verdict()
                 .and_then(Verdict::target)
                 .map(cstring)
                 .transpose()?;
             let comment = element
-                .comment
-                .as_ref()
+                .comment()
                 .filter(|_| kind == libc::NFT_MSG_NEWSETELEM)
                 .map(|c| userdata(&[(sys::NFTNL_UDATA_SET_ELEM_COMMENT as u8, &comment_bytes(c))]));
             // SAFETY: `elem` is live until handed to the set, which then owns it; every
@@ -573,8 +571,7 @@ impl Messages {
                     key.len() as u32,
                 );
                 if let Some(verdict) = element
-                    .verdict
-                    .as_ref()
+                    .verdict()
                     .filter(|_| kind == libc::NFT_MSG_NEWSETELEM)
                 {
                     sys::nftnl_set_elem_set_u32(
@@ -1322,12 +1319,12 @@ fn parse_element(elem: *mut sys::nftnl_set_elem, set: &Set) -> Result<Element, E
     };
     let comment = data(sys::NFTNL_SET_ELEM_USERDATA)
         .and_then(|d| comment_of(&d, sys::NFTNL_UDATA_SET_ELEM_COMMENT as u8));
-    Ok(Element {
-        key,
-        verdict,
-        data: value,
-        comment,
-    })
+    let mut element = match verdict {
+        Some(verdict) => Element::with_verdict(key, verdict),
+        None => Element::mapped(key, value),
+    };
+    element.set_comment(comment);
+    Ok(element)
 }
 
 #[cfg(test)]

@@ -352,7 +352,7 @@ fn load_balancing_table(family: Family) -> Table {
         vec![family.addr_type(), DataType::InetService],
     ));
     let service_key = vec![Value::Addr(service), Value::Port(53)];
-    table.add_element("endpoints-2", Element::key(service_key.clone()));
+    table.add_element("endpoints-2", Element::new(service_key.clone()));
     for (index, port) in [(0, 5353), (1, 5354)] {
         let mut key = service_key.clone();
         key.push(Value::Number(index));

@@ -244,7 +244,7 @@ fn slot_changes(old: &Elements, new: &Elements) -> (Vec<Vec<Value>>, Vec<Element
             was.iter()
                 .zip(&kept)
                 .filter(|(_, kept)| !**kept)
-                .map(|(e, _)| e.key.clone()),
+                .map(|(e, _)| e.key().to_vec()),
         );
         missing.extend(
             free.into_iter()
@@ -328,12 +328,12 @@ mod tests {
             let ip = [172, 30, 0, i as u8 + 1].into();
             t.add_element(
                 "svc",
-                Element::verdict(vec![Value::Addr(ip)], Verdict::Goto((*name).into())),
+                Element::with_verdict(vec![Value::Addr(ip)], Verdict::Goto((*name).into())),
             );
             for e in endpoints.iter() {
                 t.add_element(
                     "hairpin",
-                    Element::key(vec![Value::Addr([10, 0, 0, *e].into())]),
+                    Element::new(vec![Value::Addr([10, 0, 0, *e].into())]),
                 );
             }
         }

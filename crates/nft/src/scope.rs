@@ -85,7 +85,7 @@ impl Scope {
                 Op::AddElements { elements, .. } => (
                     elements
                         .iter()
-                        .filter_map(|e| e.verdict.as_ref()?.target())
+                        .filter_map(|e| e.verdict()?.target())
                         .collect(),
                     Vec::new(),
                 ),

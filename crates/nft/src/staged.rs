@@ -184,8 +184,7 @@ impl Transaction {
         for set in table.sets.values() {
             for element in set.elements.values() {
                 let owner = element
-                    .verdict
-                    .as_ref()
+                    .verdict()
                     .and_then(|v| v.target())
                     .and_then(chain_index)
                     .or_else(|| set_index(&set.name));

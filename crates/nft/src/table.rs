@@ -97,7 +97,7 @@ impl Table {
             .filter(|s| {
                 s.elements
                     .values()
-                    .any(|e| e.verdict.as_ref().and_then(Verdict::target) == Some(name))
+                    .any(|e| e.verdict().and_then(Verdict::target) == Some(name))
             })
             .map(|s| format!("set {}", s.name));
         rules.chain(elements).collect()
@@ -330,7 +330,7 @@ struct Keyed(Arc<Element>);
 
 impl PartialEq for Keyed {
     fn eq(&self, other: &Keyed) -> bool {
-        self.0.key == other.0.key
+        self.0.key() == other.0.key()
     }
 }
 
@@ -344,13 +344,13 @@ impl PartialOrd for Keyed {
 
 impl Ord for Keyed {
     fn cmp(&self, other: &Keyed) -> std::cmp::Ordering {
-        self.0.key.cmp(&other.0.key)
+        self.0.key().cmp(other.0.key())
     }
 }
 
 impl Borrow<[Value]> for Keyed {
     fn borrow(&self) -> &[Value] {
-        &self.0.key
+        self.0.key()
     }
 }
 
@@ -416,7 +416,7 @@ impl Elements {
         self.0 = mine
             .into_iter()
             .map(|Keyed(element)| {
-                while theirs.next_if(|t| t.0.key < element.key).is_some() {}
+                while theirs.next_if(|t| t.0.key() < element.key()).is_some() {}
                 match theirs.peek() {
                     Some(t) if *t.0 == *element => Keyed(Arc::clone(&t.0)),
                     _ => Keyed(element),
@@ -457,7 +457,7 @@ impl<'a> Iterator for Iter<'a> {
     type Item = (&'a [Value], &'a Element);
 
     fn next(&mut self) -> Option<Self::Item> {
-        self.0.next().map(|k| (k.0.key.as_slice(), &*k.0))
+        self.0.next().map(|k| (k.0.key(), &*k.0))
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
@@ -474,67 +474,97 @@ impl<'a> IntoIterator for &'a Elements {
     }
 }
 
-/// A set or map element.
+/// A set or map element: a key, and a map element's value (verdict or data).
+///
+/// A large table holds hundreds of thousands of these, so the key and data fields share
+/// one allocation, and the rarer verdict and comment take a pointer's room when absent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Element {
-    /// The key (one value per key field).
-    pub key: Vec<Value>,
+    /// The key fields, then a data-map element's value fields.
+    values: Box<[Value]>,
+    /// How many of `values` are the key.
+    key_len: u32,
     /// The verdict of a verdict-map element.
-    pub verdict: Option<Verdict>,
-    /// The value of a data-map element (one value per value field); empty otherwise.
-    pub data: Vec<Value>,
-    /// Comment.
-    pub comment: Option<String>,
+    verdict: Option<Box<Verdict>>,
+    comment: Option<Box<str>>,
 }
 
 impl Element {
     /// A set element.
-    pub fn key(key: Vec<Value>) -> Element {
+    pub fn new(key: Vec<Value>) -> Element {
+        Element::mapped(key, Vec::new())
+    }
+
+    /// A data-map element.
+    pub fn mapped(mut key: Vec<Value>, data: Vec<Value>) -> Element {
+        let key_len = u32::try_from(key.len()).unwrap_or(u32::MAX);
+        key.extend(data);
         Element {
-            key,
+            values: key.into_boxed_slice(),
+            key_len,
             verdict: None,
-            data: Vec::new(),
             comment: None,
         }
     }
 
-    /// A data-map element.
-    pub fn mapped(key: Vec<Value>, data: Vec<Value>) -> Element {
-        Element {
-            data,
-            ..Element::key(key)
-        }
-    }
-
     /// A verdict-map element.
-    pub fn verdict(key: Vec<Value>, verdict: Verdict) -> Element {
+    pub fn with_verdict(key: Vec<Value>, verdict: Verdict) -> Element {
         Element {
-            verdict: Some(verdict),
-            ..Element::key(key)
+            verdict: Some(Box::new(verdict)),
+            ..Element::new(key)
         }
     }
 
     /// The same element with a comment.
     pub fn with_comment(mut self, comment: impl Into<String>) -> Element {
-        self.comment = Some(comment.into());
+        self.comment = Some(comment.into().into_boxed_str());
         self
+    }
+
+    /// The key (one value per key field).
+    pub fn key(&self) -> &[Value] {
+        &self.values[..self.key_end()]
+    }
+
+    /// The value of a data-map element (one value per value field); empty otherwise.
+    pub fn data(&self) -> &[Value] {
+        &self.values[self.key_end()..]
+    }
+
+    /// The verdict of a verdict-map element.
+    pub fn verdict(&self) -> Option<&Verdict> {
+        self.verdict.as_deref()
+    }
+
+    /// The comment.
+    pub fn comment(&self) -> Option<&str> {
+        self.comment.as_deref()
+    }
+
+    /// Puts or removes the comment.
+    pub fn set_comment(&mut self, comment: Option<String>) {
+        self.comment = comment.map(String::into_boxed_str);
+    }
+
+    fn key_end(&self) -> usize {
+        usize::try_from(self.key_len).map_or(self.values.len(), |n| n.min(self.values.len()))
     }
 
     /// Everything but the key: what a slot map's slot holds.
     pub(crate) fn payload(&self) -> (&[Value], Option<&Verdict>, Option<&str>) {
-        (&self.data, self.verdict.as_ref(), self.comment.as_deref())
+        (self.data(), self.verdict(), self.comment())
     }
 
     /// The last key field: a slot map element's slot.
     pub(crate) fn slot(&self) -> Option<Value> {
-        self.key.last().copied()
+        self.key().last().copied()
     }
 
     /// The same payload in another slot of the same key prefix.
     pub(crate) fn in_slot(&self, slot: Value) -> Element {
         let mut element = self.clone();
-        if let Some(last) = element.key.last_mut() {
-            *last = slot;
+        if let Some(last) = element.key_end().checked_sub(1) {
+            element.values[last] = slot;
         }
         element
     }
@@ -544,7 +574,8 @@ impl Element {
 pub(crate) fn slot_groups(elements: &Elements) -> Vec<(&[Value], Vec<&Element>)> {
     let mut groups: Vec<(&[Value], Vec<&Element>)> = Vec::new();
     for element in elements.values() {
-        let prefix = &element.key[..element.key.len().saturating_sub(1)];
+        let key = element.key();
+        let prefix = &key[..key.len().saturating_sub(1)];
         match groups.last_mut() {
             Some((at, group)) if *at == prefix => group.push(element),
             _ => groups.push((prefix, vec![element])),
@@ -564,16 +595,16 @@ mod tests {
     #[test]
     fn elements_are_kept_by_key_whatever_their_other_fields() {
         let mut elements = Elements::default();
-        assert!(elements.insert_new(Element::key(port(80))));
-        assert!(!elements.insert_new(Element::key(port(80)).with_comment("other")));
-        assert_eq!(elements.get(&port(80)), Some(&Element::key(port(80))));
-        let replaced = elements.insert(Element::key(port(80)).with_comment("new"));
-        assert_eq!(replaced.as_deref(), Some(&Element::key(port(80))));
-        assert!(elements.insert_new(Element::key(port(22))));
+        assert!(elements.insert_new(Element::new(port(80))));
+        assert!(!elements.insert_new(Element::new(port(80)).with_comment("other")));
+        assert_eq!(elements.get(&port(80)), Some(&Element::new(port(80))));
+        let replaced = elements.insert(Element::new(port(80)).with_comment("new"));
+        assert_eq!(replaced.as_deref(), Some(&Element::new(port(80))));
+        assert!(elements.insert_new(Element::new(port(22))));
         let keys: Vec<_> = elements.iter().map(|(key, _)| key.to_vec()).collect();
         assert_eq!(keys, [port(22), port(80)]);
         assert_eq!(
-            elements.remove(&port(22)).map(|e| e.key.clone()),
+            elements.remove(&port(22)).map(|e| e.key().to_vec()),
             Some(port(22))
         );
         assert!(!elements.contains_key(&port(22)));
@@ -586,7 +617,7 @@ mod tests {
             let mut t = Table::new(Family::Ip, "t");
             t.add_set(Set::new("s", vec![DataType::InetService]));
             for (n, c) in [(1, ""), (2, comment), (3, "")] {
-                t.add_element("s", Element::key(port(n)).with_comment(c));
+                t.add_element("s", Element::new(port(n)).with_comment(c));
             }
             t
         };
@@ -606,16 +637,16 @@ mod tests {
 
     #[test]
     fn element_sets_are_equal_by_content_and_copies_share_it() {
-        let a: Elements = [Element::key(port(1)), Element::key(port(2))]
+        let a: Elements = [Element::new(port(1)), Element::new(port(2))]
             .into_iter()
             .collect();
-        let b: Elements = [Element::key(port(2)), Element::key(port(1))]
+        let b: Elements = [Element::new(port(2)), Element::new(port(1))]
             .into_iter()
             .collect();
         assert_eq!(a, b);
         let c: Elements = [
-            Element::key(port(1)),
-            Element::key(port(2)).with_comment("x"),
+            Element::new(port(1)),
+            Element::new(port(2)).with_comment("x"),
         ]
         .into_iter()
         .collect();

@@ -255,19 +255,19 @@ impl Display for Rule {
 
 impl Display for Element {
     fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
-        for (i, value) in self.key.iter().enumerate() {
+        for (i, value) in self.key().iter().enumerate() {
             if i > 0 {
                 f.write_str(" . ")?;
             }
             value.fmt(f)?;
         }
-        if let Some(comment) = &self.comment {
+        if let Some(comment) = self.comment() {
             write!(f, " comment \"{comment}\"")?;
         }
-        if let Some(verdict) = &self.verdict {
+        if let Some(verdict) = self.verdict() {
             write!(f, " : {verdict}")?;
         }
-        for (i, value) in self.data.iter().enumerate() {
+        for (i, value) in self.data().iter().enumerate() {
             f.write_str(if i == 0 { " : " } else { " . " })?;
             value.fmt(f)?;
         }

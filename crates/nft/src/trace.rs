@@ -344,7 +344,7 @@ impl Tracer<'_> {
             }
             Stmt::Vmap { key, map } => match self
                 .element(map, key, state)
-                .and_then(|e| e.verdict.clone())
+                .and_then(|e| e.verdict().cloned())
             {
                 Some(verdict) => Step_::Verdict(verdict),
                 None => Step_::NoMatch,
@@ -371,7 +371,7 @@ impl Tracer<'_> {
                         .map(|n| {
                             let key = values(key, state, n)?;
                             let element = self.table.sets.get(map)?.elements.get(&key)?;
-                            match element.data.as_slice() {
+                            match element.data() {
                                 [Value::Addr(addr), Value::Port(port)] => Some((*addr, *port)),
                                 _ => None,
                             }
@@ -564,7 +564,7 @@ mod tests {
         ));
         t.add_element(
             "svc",
-            Element::verdict(
+            Element::with_verdict(
                 vec![
                     Value::Addr([10, 96, 0, 1].into()),
                     Value::Proto(L4Proto::Tcp),

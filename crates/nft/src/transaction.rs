@@ -256,7 +256,7 @@ fn apply_op(t: &mut Table, op: &Op) -> Result<(), String> {
         }
         Op::AddElements { set, elements } => {
             for element in elements {
-                if let Some(target) = element.verdict.as_ref().and_then(|v| v.target()) {
+                if let Some(target) = element.verdict().and_then(|v| v.target()) {
                     chain_mut(t, target)?;
                 }
             }
@@ -347,7 +347,7 @@ impl Display for Transaction {
                 Op::DeleteElements { set, keys, .. } => {
                     let keys: Vec<String> = keys
                         .iter()
-                        .map(|k| Element::key(k.clone()).to_string())
+                        .map(|k| Element::new(k.clone()).to_string())
                         .collect();
                     writeln!(
                         f,

@@ -63,7 +63,7 @@ fn services(table: &Table, packet: &Packet, outcome: &Outcome) -> Vec<String> {
         table
             .sets
             .values()
-            .find_map(|set| set.elements.get(key)?.comment.clone())
+            .find_map(|set| Some(set.elements.get(key)?.comment()?.to_owned()))
     });
     names.extend(comment.map(|c| format!("{c} ({suffix})")));
     names

@@ -164,8 +164,7 @@ fn check(case: &Case, output: &Output, table: &Table, reference: &Table) -> Vec<
         // no-endpoint verdicts without), commented `namespace/name[:port]`.
         let named = table.sets.values().any(|set| {
             set.elements.values().any(|e| {
-                e.comment
-                    .as_deref()
+                e.comment()
                     .and_then(|c| c.strip_prefix(service.as_str()))
                     .is_some_and(|rest| rest.is_empty() || rest.starts_with(':'))
             })

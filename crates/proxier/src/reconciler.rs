@@ -328,7 +328,7 @@ mod tests {
             ));
             t.add_element(
                 "service-ips",
-                Element::verdict(
+                Element::with_verdict(
                     vec![Value::Addr([10, 0, 0, i as u8 + 1].into())],
                     Verdict::Goto((*name).into()),
                 ),

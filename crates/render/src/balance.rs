@@ -212,7 +212,7 @@ impl Destination {
     pub(crate) fn elements(&self) -> impl Iterator<Item = (Cow<'static, str>, Element)> + '_ {
         let count = std::iter::once((
             Cow::Owned(self.balancer.count_set(self.proto, self.endpoints.len())),
-            Element::key(self.key.clone()),
+            Element::new(self.key.clone()),
         ));
         let map = self.balancer.map(self.proto);
         let endpoints = (0u32..)

@@ -104,8 +104,7 @@ pub(crate) mod tests {
             serving: true,
             terminating: false,
             is_local: false,
-            zone_hints: vec![],
-            node_hints: vec![],
+            hints: None,
         }
     }
 

@@ -47,7 +47,8 @@ pub(crate) fn add_service_port(fragment: &mut Fragment, state: &ProxyState, sp: 
     };
     // Elements name their Service port: no chain name does without affinity.
     let named = |element: Element| element.with_comment(comment(name.to_string()));
-    let no_endpoint_element = |key: Vec<Value>| named(Element::verdict(key, no_endpoints.clone()));
+    let no_endpoint_element =
+        |key: Vec<Value>| named(Element::with_verdict(key, no_endpoints.clone()));
     // The shared balancers need the destination's endpoints (ports with affinity choose
     // in their own chains).
     let balance = |fragment: &mut Fragment, node_port: bool, local: bool, key: &[Value]| {
@@ -77,14 +78,14 @@ pub(crate) fn add_service_port(fragment: &mut Fragment, state: &ProxyState, sp: 
                 SERVICE_IPS
             };
             let goto = Verdict::Goto(own(name));
-            fragment.add_element(map, named(Element::verdict(key, goto)));
+            fragment.add_element(map, named(Element::with_verdict(key, goto)));
         } else {
-            fragment.add_element(shared, named(Element::key(key)));
+            fragment.add_element(shared, named(Element::new(key)));
         }
     };
 
     // ClusterIP.
-    fragment.add_element(CLUSTER_IPS, Element::key(vec![Value::Addr(sp.cluster_ip)]));
+    fragment.add_element(CLUSTER_IPS, Element::new(vec![Value::Addr(sp.cluster_ip)]));
     let cluster_key = address_key(sp.cluster_ip, name.protocol, sp.port);
     let internal_chain_used = if sp.internal_policy_local {
         uses_local_chain
@@ -152,7 +153,7 @@ pub(crate) fn add_service_port(fragment: &mut Fragment, state: &ProxyState, sp: 
         for ip in &sp.load_balancer_ips {
             fragment.add_element(
                 FIREWALL_IPS,
-                Element::verdict(
+                Element::with_verdict(
                     address_key(*ip, name.protocol, sp.port),
                     Verdict::Goto(firewall_chain.clone()),
                 ),
@@ -164,7 +165,7 @@ pub(crate) fn add_service_port(fragment: &mut Fragment, state: &ProxyState, sp: 
     for endpoint in &endpoints.all_reachable {
         fragment.add_element(
             HAIRPIN_CONNECTIONS,
-            Element::key(vec![
+            Element::new(vec![
                 Value::Addr(endpoint.ip),
                 Value::Addr(endpoint.ip),
                 Value::Proto(proto),

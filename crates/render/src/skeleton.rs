@@ -283,7 +283,7 @@ pub(crate) fn table(state: &ProxyState) -> Table {
             Set::new(NODEPORT_IPS, vec![addr]).with_comment("IPs that accept NodePort traffic"),
         );
         for ip in addresses {
-            table.add_element(NODEPORT_IPS, Element::key(vec![Value::Addr(*ip)]));
+            table.add_element(NODEPORT_IPS, Element::new(vec![Value::Addr(*ip)]));
         }
     }
     table.add_set(
