@@ -1,10 +1,11 @@
 //! The smallest transaction that turns the table the kernel holds into the desired one.
 //!
-//! Invariant: `diff(current, desired).apply_to(current)` means what `desired` means (it
-//! equals it, except that a slot map's values may sit in other slots of their key prefix:
-//! equal after [`Table::slots_in_order`]), the transaction is empty when nothing means
-//! something else, and its operations are ordered so the kernel accepts them in one batch: objects exist before anything refers to them, and nothing is deleted
-//! while a rule or element still refers to it. Sets and maps change element by element;
+//! Invariant: `diff(current, desired).apply_to(current)` means what `desired` means: it
+//! equals it, except that a slot map's values may sit in other slots of their key prefix
+//! (the two are equal after [`Table::slots_in_order`]). The transaction is empty when
+//! both mean the same, and its operations are ordered so the kernel accepts them in one
+//! batch: objects exist before anything refers to them, and nothing is deleted while a
+//! rule or element still refers to it. Sets and maps change element by element;
 //! a changed chain loses the rules not in the desired order (deleted one by one) and
 //! gets the rest appended, or is flushed and refilled when it keeps none; unchanged
 //! chains are not touched. (Every rule added binds the sets it uses, which for a map
