@@ -12,9 +12,9 @@
 //! walks its elements; deleting a rule does not, so kept rules are never added again.)
 
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use crate::table::{Element, Elements, Table, slot_groups};
+use crate::table::{Element, Elements, Payload, Table, slot_groups};
 use crate::transaction::{Op, Transaction};
 use crate::types::Value;
 
@@ -211,9 +211,13 @@ fn slot_changes(old: &Elements, new: &Elements) -> (Vec<Vec<Value>>, Vec<Element
             was.map_or(&[][..], |g| g.as_slice()),
             is.map_or(&[][..], |g| g.as_slice()),
         );
-        // Desired slot → its value, until placed; old elements kept.
+        // The desired values not placed yet, by slot and by value.
         let mut unplaced: BTreeMap<Value, &Element> =
             is.iter().filter_map(|e| Some((e.slot()?, *e))).collect();
+        let mut slots_of: HashMap<Payload<'_>, BTreeSet<Value>> = HashMap::new();
+        for (slot, element) in &unplaced {
+            slots_of.entry(element.payload()).or_default().insert(*slot);
+        }
         let mut free: BTreeSet<Value> = unplaced.keys().copied().collect();
         let mut kept = vec![false; was.len()];
         // First the values already in their desired slot, then any wanted value in a
@@ -223,16 +227,13 @@ fn slot_changes(old: &Elements, new: &Elements) -> (Vec<Vec<Value>>, Vec<Element
                 let Some(slot) = element.slot().filter(|s| !kept[index] && free.contains(s)) else {
                     continue;
                 };
+                let Some(slots) = slots_of.get_mut(&element.payload()) else {
+                    continue;
+                };
                 let found = if in_place {
-                    unplaced
-                        .get(&slot)
-                        .filter(|e| e.payload() == element.payload())
-                        .map(|_| slot)
+                    slots.take(&slot)
                 } else {
-                    unplaced
-                        .iter()
-                        .find(|(_, e)| e.payload() == element.payload())
-                        .map(|(s, _)| *s)
+                    slots.pop_first()
                 };
                 if let Some(found) = found {
                     unplaced.remove(&found);
@@ -401,6 +402,20 @@ mod tests {
         assert_eq!(
             check(&slots(&[(80, &[1, 1, 2])]), &slots(&[(80, &[2, 1])])).len(),
             3
+        );
+    }
+
+    #[test]
+    fn a_large_destination_in_another_order_is_no_change() {
+        let sorted: Vec<u16> = (1..=3_000).collect();
+        let reversed: Vec<u16> = sorted.iter().rev().copied().collect();
+        assert!(check(&slots(&[(80, &reversed)]), &slots(&[(80, &sorted)])).is_empty());
+        // One value replaced: it alone is deleted and added.
+        let mut changed = sorted.clone();
+        changed[1_500] = 9_999;
+        assert_eq!(
+            check(&slots(&[(80, &reversed)]), &slots(&[(80, &changed)])).len(),
+            2
         );
     }
 

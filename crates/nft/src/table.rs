@@ -551,7 +551,7 @@ impl Element {
     }
 
     /// Everything but the key: what a slot map's slot holds.
-    pub(crate) fn payload(&self) -> (&[Value], Option<&Verdict>, Option<&str>) {
+    pub(crate) fn payload(&self) -> Payload<'_> {
         (self.data(), self.verdict(), self.comment())
     }
 
@@ -569,6 +569,9 @@ impl Element {
         element
     }
 }
+
+/// An element's data, verdict and comment.
+pub(crate) type Payload<'a> = (&'a [Value], Option<&'a Verdict>, Option<&'a str>);
 
 /// A slot map's elements grouped by key prefix (everything but the slot), in key order.
 pub(crate) fn slot_groups(elements: &Elements) -> Vec<(&[Value], Vec<&Element>)> {
