@@ -1183,7 +1183,14 @@ pub(crate) fn parse_rule(
             sys::NFTNL_UDATA_RULE_COMMENT as u8,
         )
     };
-    Ok((table, chain, Rule { stmts, comment }))
+    Ok((
+        table,
+        chain,
+        Rule {
+            stmts: stmts.into(),
+            comment,
+        },
+    ))
 }
 
 /// A set declaration parsed from a GETSET reply, with its table.

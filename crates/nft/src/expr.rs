@@ -4,6 +4,7 @@
 //! bytecode and the packet tracer can evaluate every rule without parsing text.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
@@ -279,8 +280,9 @@ impl Stmt {
 /// A rule: statements and an optional comment.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Rule {
-    /// The statements, in evaluation order.
-    pub stmts: Vec<Stmt>,
+    /// The statements, in evaluation order. Shared, so that the copies of a table (the
+    /// reconciler's record of the kernel, a transaction's rules) cost a pointer per rule.
+    pub stmts: Arc<[Stmt]>,
     /// A comment for humans; at most 128 bytes (the kernel's userdata limit for nft).
     pub comment: Option<String>,
 }
@@ -289,7 +291,7 @@ impl Rule {
     /// A rule without a comment.
     pub fn new(stmts: Vec<Stmt>) -> Rule {
         Rule {
-            stmts,
+            stmts: stmts.into(),
             comment: None,
         }
     }
