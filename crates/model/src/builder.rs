@@ -435,8 +435,10 @@ fn replace_groups(
         (p.name.namespace.as_str(), p.name.name.as_str()) < (key.0.as_str(), key.1.as_str())
     };
     let old = std::mem::take(services);
+    // At most the old and the new ports: one allocation, not a doubling series (a first
+    // build puts every port of the cluster here).
+    let mut merged = Vec::with_capacity(old.len() + groups.values().map(Vec::len).sum::<usize>());
     let mut old = old.into_iter().peekable();
-    let mut merged = Vec::with_capacity(old.len());
     for (key, mut new) in std::mem::take(&mut groups) {
         while let Some(p) = old.next_if(|p| before(p, &key)) {
             merged.push(p);
