@@ -13,6 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::IpAddr;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use ipnet::IpNet;
@@ -72,8 +73,8 @@ struct Parts {
 /// The addresses and NodePorts taken so far in one family, with their owner.
 #[derive(Default)]
 struct Claims {
-    addresses: HashMap<(IpAddr, Protocol, u16), String>,
-    node_ports: HashMap<(Protocol, u16), String>,
+    addresses: HashMap<(IpAddr, Protocol, u16), Rc<str>>,
+    node_ports: HashMap<(Protocol, u16), Rc<str>>,
 }
 
 /// What one update changed in the build.
@@ -293,7 +294,12 @@ impl Builder {
                     ),
                     None => Vec::new(),
                 };
-                ports[index].insert(key.clone(), list);
+                // A group without ports in a family, before or now, changes nothing there
+                // (a first build would otherwise note every group in both families).
+                let services = &self.build.family(family).services;
+                if !list.is_empty() || holds_group(services, &key) {
+                    ports[index].insert(key.clone(), list);
+                }
             }
             new.diagnostics.sort();
             new.diagnostics.dedup();
@@ -315,13 +321,20 @@ impl Builder {
         }
         let [v4, v6] = ports;
         Delta::Ports {
-            ipv4: replace_groups(&mut self.build.ipv4.services, v4),
-            ipv6: replace_groups(&mut self.build.ipv6.services, v6),
+            ipv4: replace_groups(&mut self.build.ipv4.services, v4, !context_changed),
+            ipv6: replace_groups(&mut self.build.ipv6.services, v6, !context_changed),
         }
     }
 }
 
 impl Build {
+    fn family(&self, family: IpFamily) -> &ProxyState {
+        match family {
+            IpFamily::V4 => &self.ipv4,
+            IpFamily::V6 => &self.ipv6,
+        }
+    }
+
     fn family_mut(&mut self, family: IpFamily) -> &mut ProxyState {
         match family {
             IpFamily::V4 => &mut self.ipv4,
@@ -419,21 +432,37 @@ impl GroupMember for SliceInfo {
     }
 }
 
+/// The group (namespace and Service name) of a service port, and of a group key.
+fn group_of(port: &ServicePortState) -> (&str, &str) {
+    (&port.name.namespace, &port.name.name)
+}
+
+fn as_group(key: &GroupKey) -> (&str, &str) {
+    (&key.0, &key.1)
+}
+
+/// Whether `services` (sorted by name) holds a port of the group `key`.
+fn holds_group(services: &[ServicePortState], key: &GroupKey) -> bool {
+    let at = services.partition_point(|p| group_of(p) < as_group(key));
+    services
+        .get(at)
+        .is_some_and(|p| group_of(p) == as_group(key))
+}
+
 /// Puts each group's new service ports in place of its old ones in `services` (sorted
-/// by name, so a group's ports are next to each other), and says which changed.
+/// by name, so a group's ports are next to each other), and says which changed when
+/// `report` (a build of everything reports nothing).
 fn replace_groups(
     services: &mut Vec<ServicePortState>,
     mut groups: BTreeMap<GroupKey, Vec<ServicePortState>>,
+    report: bool,
 ) -> PortChanges {
     let mut changes = PortChanges::default();
     if groups.is_empty() {
         return changes;
     }
-    let in_group =
-        |p: &ServicePortState, key: &GroupKey| p.name.namespace == key.0 && p.name.name == key.1;
-    let before = |p: &ServicePortState, key: &GroupKey| {
-        (p.name.namespace.as_str(), p.name.name.as_str()) < (key.0.as_str(), key.1.as_str())
-    };
+    let in_group = |p: &ServicePortState, key: &GroupKey| group_of(p) == as_group(key);
+    let before = |p: &ServicePortState, key: &GroupKey| group_of(p) < as_group(key);
     let old = std::mem::take(services);
     // At most the old and the new ports: one allocation, not a doubling series (a first
     // build puts every port of the cluster here).
@@ -448,7 +477,7 @@ fn replace_groups(
             previous.push(p);
         }
         new.sort_by(|a, b| a.name.cmp(&b.name));
-        if previous != new {
+        if report && previous != new {
             // Ports of a group that kept their state are not reported.
             for p in &previous {
                 if !new.contains(p) {
@@ -660,7 +689,7 @@ fn service_ports(
         .map(|s| &**s)
         .filter(|s| s.family == family)
         .collect();
-    let owner = format!("{}/{}", service.namespace, service.name);
+    let owner: Rc<str> = format!("{}/{}", service.namespace, service.name).into();
     let mut ports = Vec::new();
     for port in &service.ports {
         let name = ServicePortName {

@@ -135,7 +135,8 @@ pub(crate) fn decode_slice(slice: &EndpointSlice) -> Result<SliceInfo, Diagnosti
         )));
     }
 
-    let mut ports: Vec<SlicePort> = Vec::new();
+    // Decoded slices are kept for the whole cluster: sized exactly, not by doubling.
+    let mut ports: Vec<SlicePort> = Vec::with_capacity(port_count);
     for port in slice.ports.iter().flatten() {
         let name = port.name.clone().unwrap_or_default();
         check_port_name(&name).map_err(invalid)?;
@@ -157,7 +158,7 @@ pub(crate) fn decode_slice(slice: &EndpointSlice) -> Result<SliceInfo, Diagnosti
         });
     }
 
-    let mut endpoints = Vec::new();
+    let mut endpoints = Vec::with_capacity(endpoint_count);
     let mut node_names: Vec<Arc<str>> = Vec::new();
     for endpoint in slice.endpoints.iter().flatten() {
         // kube-proxy only ever uses the first address of an endpoint.

@@ -155,7 +155,7 @@ pub(crate) fn decode_service(service: &Service) -> Result<ServiceInfo, Diagnosti
         ));
     }
 
-    let mut ports: Vec<PortInfo> = Vec::new();
+    let mut ports: Vec<PortInfo> = Vec::with_capacity(spec.ports.as_ref().map_or(0, Vec::len));
     for port in spec.ports.iter().flatten() {
         let name = port.name.clone().unwrap_or_default();
         check_port_name(&name).map_err(invalid)?;

@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::hash::Hash;
 use std::net::IpAddr;
+use std::rc::Rc;
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
@@ -337,14 +338,14 @@ pub(crate) fn net_in_family(family: IpFamily) -> impl Fn(&IpNet) -> bool {
 
 /// Records `owner` as the holder of `key`, or returns the holder it already has.
 pub(crate) fn claim<K: Hash + Eq>(
-    claimed: &mut HashMap<K, String>,
+    claimed: &mut HashMap<K, Rc<str>>,
     key: K,
-    owner: &str,
-) -> Result<(), String> {
+    owner: &Rc<str>,
+) -> Result<(), Rc<str>> {
     match claimed.get(&key) {
-        Some(other) => Err(other.clone()),
+        Some(other) => Err(Rc::clone(other)),
         None => {
-            claimed.insert(key, owner.to_owned());
+            claimed.insert(key, Rc::clone(owner));
             Ok(())
         }
     }

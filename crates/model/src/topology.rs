@@ -113,6 +113,10 @@ pub fn categorize_endpoints(
     all.sort();
     all.dedup();
     result.all_reachable = all;
+    // The build keeps these for every service port of the cluster: no spare room.
+    result.cluster.shrink_to_fit();
+    result.local.shrink_to_fit();
+    result.all_reachable.shrink_to_fit();
     result
 }
 
