@@ -546,9 +546,9 @@ impl Messages {
         let table = table.as_str();
         let obj = Self::set_obj(family, table, set)?;
         for element in elements {
-            let key = lower::key_bytes(element.key());
+            let key = lower::key_bytes(&element.key());
             let value = (!element.data().is_empty() && kind == libc::NFT_MSG_NEWSETELEM)
-                .then(|| lower::key_bytes(element.data()));
+                .then(|| lower::key_bytes(&element.data()));
             // SAFETY: allocation has no preconditions; null only when out of memory.
             let elem = NonNull::new(unsafe { sys::nftnl_set_elem_alloc() })
                 .expect("libnftnl allocation failed: out of memory");

@@ -117,10 +117,10 @@ pub fn diff(current: Option<&Table>, desired: &Table) -> Transaction {
         let changes = if new.is_slot_map() {
             slot_changes(&old.elements, &new.elements)
         } else {
-            let pairs = || merged(old.elements.iter(), new.elements.iter());
+            let pairs = || merged(old.elements.keyed(), new.elements.keyed());
             let stale = pairs()
-                .filter(|(_, was, is)| was.is_some() && was != is)
-                .map(|(key, _, _)| key.to_vec())
+                .filter_map(|(_, was, is)| was.filter(|was| Some(*was) != is))
+                .map(|was| was.key())
                 .collect();
             let missing = pairs()
                 .filter_map(|(_, was, is)| is.filter(|is| was != Some(*is)).cloned())
@@ -246,7 +246,7 @@ fn slot_changes(old: &Elements, new: &Elements) -> (Vec<Vec<Value>>, Vec<Element
             was.iter()
                 .zip(&kept)
                 .filter(|(_, kept)| !**kept)
-                .map(|(e, _)| e.key().to_vec()),
+                .map(|(e, _)| e.key()),
         );
         missing.extend(
             free.into_iter()

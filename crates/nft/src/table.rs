@@ -5,11 +5,11 @@
 //! are shared between copies of a table: copying one costs a pointer per element.
 
 use std::borrow::Borrow;
-use std::collections::{BTreeMap, BTreeSet, btree_set};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use crate::expr::{Expr, Rule};
-use crate::types::{BaseChain, DataType, Family, Value, Verdict};
+use crate::types::{BaseChain, DataType, Family, Value, Verdict, decode, encode};
 
 /// One table and everything in it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -324,13 +324,14 @@ pub struct TypeOf {
 #[derive(Debug, Clone, Default)]
 pub struct Elements(BTreeSet<Keyed>);
 
-/// An element ordered, compared and looked up by its key alone.
+/// An element ordered, compared and looked up by its key alone (its encoding, which
+/// orders as the key does).
 #[derive(Debug, Clone)]
 struct Keyed(Arc<Element>);
 
 impl PartialEq for Keyed {
     fn eq(&self, other: &Keyed) -> bool {
-        self.0.key() == other.0.key()
+        self.0.key_bytes() == other.0.key_bytes()
     }
 }
 
@@ -344,13 +345,13 @@ impl PartialOrd for Keyed {
 
 impl Ord for Keyed {
     fn cmp(&self, other: &Keyed) -> std::cmp::Ordering {
-        self.0.key().cmp(other.0.key())
+        self.0.key_bytes().cmp(other.0.key_bytes())
     }
 }
 
-impl Borrow<[Value]> for Keyed {
-    fn borrow(&self) -> &[Value] {
-        self.0.key()
+impl Borrow<[u8]> for Keyed {
+    fn borrow(&self) -> &[u8] {
+        self.0.key_bytes()
     }
 }
 
@@ -367,17 +368,17 @@ impl Elements {
 
     /// The element with this key.
     pub fn get(&self, key: &[Value]) -> Option<&Element> {
-        self.0.get(key).map(|k| &*k.0)
+        self.0.get(encode(key).as_slice()).map(|k| &*k.0)
     }
 
     /// The element with this key, to share.
     pub fn get_shared(&self, key: &[Value]) -> Option<&Arc<Element>> {
-        self.0.get(key).map(|k| &k.0)
+        self.0.get(encode(key).as_slice()).map(|k| &k.0)
     }
 
     /// Whether an element has this key.
     pub fn contains_key(&self, key: &[Value]) -> bool {
-        self.0.contains(key)
+        self.0.contains(encode(key).as_slice())
     }
 
     /// Adds an element, replacing the one with the same key (which it returns).
@@ -392,7 +393,7 @@ impl Elements {
 
     /// Takes out the element with this key.
     pub fn remove(&mut self, key: &[Value]) -> Option<Arc<Element>> {
-        self.0.take(key).map(|k| k.0)
+        self.0.take(encode(key).as_slice()).map(|k| k.0)
     }
 
     /// The elements in key order.
@@ -400,9 +401,9 @@ impl Elements {
         self.0.iter().map(|k| &*k.0)
     }
 
-    /// (key, element) in key order.
-    pub fn iter(&self) -> Iter<'_> {
-        Iter(self.0.iter())
+    /// (encoded key, element) in key order: the encodings compare as the keys do.
+    pub(crate) fn keyed(&self) -> impl Iterator<Item = (&[u8], &Element)> {
+        self.0.iter().map(|k| (k.0.key_bytes(), &*k.0))
     }
 
     /// Takes `other`'s copy of every element both hold alike.
@@ -416,7 +417,10 @@ impl Elements {
         self.0 = mine
             .into_iter()
             .map(|Keyed(element)| {
-                while theirs.next_if(|t| t.0.key() < element.key()).is_some() {}
+                while theirs
+                    .next_if(|t| t.0.key_bytes() < element.key_bytes())
+                    .is_some()
+                {}
                 match theirs.peek() {
                     Some(t) if *t.0 == *element => Keyed(Arc::clone(&t.0)),
                     _ => Keyed(element),
@@ -449,40 +453,17 @@ impl<E: Into<Arc<Element>>> FromIterator<E> for Elements {
     }
 }
 
-/// (key, element) of [`Elements`] in key order.
-#[derive(Debug, Clone)]
-pub struct Iter<'a>(btree_set::Iter<'a, Keyed>);
-
-impl<'a> Iterator for Iter<'a> {
-    type Item = (&'a [Value], &'a Element);
-
-    fn next(&mut self) -> Option<Self::Item> {
-        self.0.next().map(|k| (k.0.key(), &*k.0))
-    }
-
-    fn size_hint(&self) -> (usize, Option<usize>) {
-        self.0.size_hint()
-    }
-}
-
-impl<'a> IntoIterator for &'a Elements {
-    type Item = (&'a [Value], &'a Element);
-    type IntoIter = Iter<'a>;
-
-    fn into_iter(self) -> Iter<'a> {
-        self.iter()
-    }
-}
-
 /// A set or map element: a key, and a map element's value (verdict or data).
 ///
-/// A large table holds hundreds of thousands of these, so the key and data fields share
-/// one allocation, and the rarer verdict and comment take a pointer's room when absent.
+/// A large table holds hundreds of thousands of these, so the key and data fields are
+/// kept as bytes in one allocation (an IPv4 address takes 5 bytes, not a 20-byte
+/// [`Value`]), and the rarer verdict and comment take a pointer's room when absent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Element {
-    /// The key fields, then a data-map element's value fields.
-    values: Box<[Value]>,
-    /// How many of `values` are the key.
+    /// The key fields, then a data-map element's value fields, encoded so that the
+    /// key's bytes compare as the key does (see `Value::encode_into`).
+    fields: Box<[u8]>,
+    /// How many bytes of `fields` are the key.
     key_len: u32,
     /// The verdict of a verdict-map element.
     verdict: Option<Box<Verdict>>,
@@ -496,11 +477,14 @@ impl Element {
     }
 
     /// A data-map element.
-    pub fn mapped(mut key: Vec<Value>, data: Vec<Value>) -> Element {
-        let key_len = u32::try_from(key.len()).unwrap_or(u32::MAX);
-        key.extend(data);
+    pub fn mapped(key: Vec<Value>, data: Vec<Value>) -> Element {
+        let mut fields = encode(&key);
+        let key_len = u32::try_from(fields.len()).unwrap_or(u32::MAX);
+        for value in data {
+            value.encode_into(&mut fields);
+        }
         Element {
-            values: key.into_boxed_slice(),
+            fields: fields.into_boxed_slice(),
             key_len,
             verdict: None,
             comment: None,
@@ -522,13 +506,13 @@ impl Element {
     }
 
     /// The key (one value per key field).
-    pub fn key(&self) -> &[Value] {
-        &self.values[..self.key_end()]
+    pub fn key(&self) -> Vec<Value> {
+        decode(self.key_bytes()).map(|(_, value)| value).collect()
     }
 
     /// The value of a data-map element (one value per value field); empty otherwise.
-    pub fn data(&self) -> &[Value] {
-        &self.values[self.key_end()..]
+    pub fn data(&self) -> Vec<Value> {
+        decode(self.data_bytes()).map(|(_, value)| value).collect()
     }
 
     /// The verdict of a verdict-map element.
@@ -547,38 +531,58 @@ impl Element {
     }
 
     fn key_end(&self) -> usize {
-        usize::try_from(self.key_len).map_or(self.values.len(), |n| n.min(self.values.len()))
+        usize::try_from(self.key_len).map_or(self.fields.len(), |n| n.min(self.fields.len()))
     }
 
-    /// Everything but the key: what a slot map's slot holds.
+    /// The key, encoded: ordered as the key.
+    pub(crate) fn key_bytes(&self) -> &[u8] {
+        &self.fields[..self.key_end()]
+    }
+
+    fn data_bytes(&self) -> &[u8] {
+        &self.fields[self.key_end()..]
+    }
+
+    /// Where the key's last field (a slot map element's slot) starts in its encoding.
+    fn slot_start(&self) -> usize {
+        decode(self.key_bytes()).last().map_or(0, |(at, _)| at)
+    }
+
+    /// Everything but the key: what a slot map's slot holds. Payloads compare and order
+    /// as their data, verdicts and comments do.
     pub(crate) fn payload(&self) -> Payload<'_> {
-        (self.data(), self.verdict(), self.comment())
+        (self.data_bytes(), self.verdict(), self.comment())
     }
 
     /// The last key field: a slot map element's slot.
     pub(crate) fn slot(&self) -> Option<Value> {
-        self.key().last().copied()
+        decode(self.key_bytes()).last().map(|(_, value)| value)
     }
 
     /// The same payload in another slot of the same key prefix.
     pub(crate) fn in_slot(&self, slot: Value) -> Element {
-        let mut element = self.clone();
-        if let Some(last) = element.key_end().checked_sub(1) {
-            element.values[last] = slot;
+        let start = self.slot_start();
+        let mut fields = self.fields[..start].to_vec();
+        slot.encode_into(&mut fields);
+        let key_len = u32::try_from(fields.len()).unwrap_or(u32::MAX);
+        fields.extend_from_slice(self.data_bytes());
+        Element {
+            fields: fields.into_boxed_slice(),
+            key_len,
+            ..self.clone()
         }
-        element
     }
 }
 
-/// An element's data, verdict and comment.
-pub(crate) type Payload<'a> = (&'a [Value], Option<&'a Verdict>, Option<&'a str>);
+/// An element's data (encoded), verdict and comment.
+pub(crate) type Payload<'a> = (&'a [u8], Option<&'a Verdict>, Option<&'a str>);
 
-/// A slot map's elements grouped by key prefix (everything but the slot), in key order.
-pub(crate) fn slot_groups(elements: &Elements) -> Vec<(&[Value], Vec<&Element>)> {
-    let mut groups: Vec<(&[Value], Vec<&Element>)> = Vec::new();
+/// A slot map's elements grouped by key prefix (everything but the slot, encoded), in
+/// key order.
+pub(crate) fn slot_groups(elements: &Elements) -> Vec<(&[u8], Vec<&Element>)> {
+    let mut groups: Vec<(&[u8], Vec<&Element>)> = Vec::new();
     for element in elements.values() {
-        let key = element.key();
-        let prefix = &key[..key.len().saturating_sub(1)];
+        let prefix = &element.key_bytes()[..element.slot_start()];
         match groups.last_mut() {
             Some((at, group)) if *at == prefix => group.push(element),
             _ => groups.push((prefix, vec![element])),
@@ -604,12 +608,9 @@ mod tests {
         let replaced = elements.insert(Element::new(port(80)).with_comment("new"));
         assert_eq!(replaced.as_deref(), Some(&Element::new(port(80))));
         assert!(elements.insert_new(Element::new(port(22))));
-        let keys: Vec<_> = elements.iter().map(|(key, _)| key.to_vec()).collect();
+        let keys: Vec<_> = elements.values().map(Element::key).collect();
         assert_eq!(keys, [port(22), port(80)]);
-        assert_eq!(
-            elements.remove(&port(22)).map(|e| e.key().to_vec()),
-            Some(port(22))
-        );
+        assert_eq!(elements.remove(&port(22)).map(|e| e.key()), Some(port(22)));
         assert!(!elements.contains_key(&port(22)));
         assert_eq!(elements.len(), 1);
     }

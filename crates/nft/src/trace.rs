@@ -371,7 +371,7 @@ impl Tracer<'_> {
                         .map(|n| {
                             let key = values(key, state, n)?;
                             let element = self.table.sets.get(map)?.elements.get(&key)?;
-                            match element.data() {
+                            match element.data().as_slice() {
                                 [Value::Addr(addr), Value::Port(port)] => Some((*addr, *port)),
                                 _ => None,
                             }

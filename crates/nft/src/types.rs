@@ -165,6 +165,85 @@ pub enum Value {
     Number(u32),
 }
 
+/// Tags of [`Value`] fields encoded as bytes, in the order of the variants (and of
+/// the address families), so that encoded keys compare as the values do.
+const TAG_V4: u8 = 0;
+const TAG_V6: u8 = 1;
+const TAG_PROTO: u8 = 2;
+const TAG_PORT: u8 = 3;
+const TAG_NUMBER: u8 = 4;
+
+impl Value {
+    /// Appends the field as a tag byte and its value in network order: comparing two
+    /// encodings byte by byte orders them as comparing the values field by field.
+    pub(crate) fn encode_into(self, out: &mut Vec<u8>) {
+        match self {
+            Value::Addr(IpAddr::V4(addr)) => {
+                out.push(TAG_V4);
+                out.extend(addr.octets());
+            }
+            Value::Addr(IpAddr::V6(addr)) => {
+                out.push(TAG_V6);
+                out.extend(addr.octets());
+            }
+            Value::Proto(proto) => {
+                out.push(TAG_PROTO);
+                out.push(proto as u8);
+            }
+            Value::Port(port) => {
+                out.push(TAG_PORT);
+                out.extend(port.to_be_bytes());
+            }
+            Value::Number(number) => {
+                out.push(TAG_NUMBER);
+                out.extend(number.to_be_bytes());
+            }
+        }
+    }
+
+    /// The first field of `bytes` (written by [`Value::encode_into`]) and its length.
+    pub(crate) fn decode_from(bytes: &[u8]) -> Option<(Value, usize)> {
+        let (tag, rest) = bytes.split_first()?;
+        let take = |n: usize| rest.get(..n);
+        let value = match *tag {
+            TAG_V4 => Value::Addr(IpAddr::from(<[u8; 4]>::try_from(take(4)?).ok()?)),
+            TAG_V6 => Value::Addr(IpAddr::from(<[u8; 16]>::try_from(take(16)?).ok()?)),
+            TAG_PROTO => Value::Proto(*L4Proto::ALL.get(usize::from(*take(1)?.first()?))?),
+            TAG_PORT => Value::Port(u16::from_be_bytes(take(2)?.try_into().ok()?)),
+            TAG_NUMBER => Value::Number(u32::from_be_bytes(take(4)?.try_into().ok()?)),
+            _ => return None,
+        };
+        let len = match *tag {
+            TAG_V4 | TAG_NUMBER => 4,
+            TAG_V6 => 16,
+            TAG_PROTO => 1,
+            _ => 2,
+        };
+        Some((value, 1 + len))
+    }
+}
+
+/// Fields as bytes (see [`Value::encode_into`]).
+pub(crate) fn encode(values: &[Value]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() * 5);
+    for value in values {
+        value.encode_into(&mut out);
+    }
+    out
+}
+
+/// The fields of an encoding, and where each starts.
+pub(crate) fn decode(mut bytes: &[u8]) -> impl Iterator<Item = (usize, Value)> + '_ {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        let (value, len) = Value::decode_from(bytes)?;
+        let start = at;
+        bytes = &bytes[len..];
+        at += len;
+        Some((start, value))
+    })
+}
+
 /// A verdict: the end of a rule, or the value of a verdict map element.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Verdict {
@@ -187,5 +266,52 @@ impl Verdict {
             Verdict::Jump(chain) | Verdict::Goto(chain) => Some(chain),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encoded_keys_decode_and_order_as_their_values() {
+        let fields = [
+            Value::Addr("10.0.0.1".parse().unwrap()),
+            Value::Addr("10.0.0.2".parse().unwrap()),
+            Value::Addr("255.255.255.255".parse().unwrap()),
+            Value::Addr("::1".parse().unwrap()),
+            Value::Addr("fd00::1".parse().unwrap()),
+            Value::Proto(L4Proto::Tcp),
+            Value::Proto(L4Proto::Udp),
+            Value::Proto(L4Proto::Sctp),
+            Value::Port(0),
+            Value::Port(80),
+            Value::Port(65_535),
+            Value::Number(0),
+            Value::Number(7),
+            Value::Number(u32::MAX),
+        ];
+        // Keys of one to three fields, including every prefix of a longer key.
+        let mut keys: Vec<Vec<Value>> = Vec::new();
+        for a in fields {
+            keys.push(vec![a]);
+            for b in fields {
+                keys.push(vec![a, b]);
+                keys.extend([Value::Port(443), Value::Number(1)].map(|c| vec![a, b, c]));
+            }
+        }
+        for a in &keys {
+            let bytes = encode(a);
+            let back: Vec<Value> = decode(&bytes).map(|(_, v)| v).collect();
+            assert_eq!(&back, a);
+            for b in &keys {
+                assert_eq!(bytes.cmp(&encode(b)), a.cmp(b), "{a:?} vs {b:?}");
+            }
+        }
+        assert_eq!(
+            decode(&[9, 1, 2]).count(),
+            0,
+            "an unknown tag ends the fields"
+        );
     }
 }

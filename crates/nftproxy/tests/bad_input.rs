@@ -132,8 +132,9 @@ fn seed_problems(reference: &Table, table: &Table) -> Vec<String> {
         }
     }
     for (name, set) in &reference.sets {
-        for (key, element) in &set.elements {
-            let found = table.sets.get(name).and_then(|s| s.elements.get(key));
+        for element in set.elements.values() {
+            let key = element.key();
+            let found = table.sets.get(name).and_then(|s| s.elements.get(&key));
             if found != Some(element) {
                 problems.push(format!("{name}: element {key:?} differs or is missing"));
             }

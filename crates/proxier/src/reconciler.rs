@@ -419,11 +419,13 @@ mod tests {
             &b.sets["service-ips"].elements,
         );
         a.len() == b.len()
-            && a.iter()
-                .all(|(key, _)| match (a.get_shared(key), b.get_shared(key)) {
+            && a.values().all(|element| {
+                let key = element.key();
+                match (a.get_shared(&key), b.get_shared(&key)) {
                     (Some(x), Some(y)) => std::sync::Arc::ptr_eq(x, y),
                     _ => false,
-                })
+                }
+            })
     }
 
     #[test]

@@ -133,7 +133,7 @@ fn put_objects(
     for (set, element) in elements {
         if let Some(scope) = scope.as_deref_mut() {
             let keys = scope.elements.entry(set.to_string()).or_default();
-            keys.insert(element.key().to_vec());
+            keys.insert(element.key());
         }
         let Some(elements) = table.sets.get_mut(set.as_ref()).map(|s| &mut s.elements) else {
             continue;
@@ -141,11 +141,11 @@ fn put_objects(
         let element = Arc::new(element);
         if !elements.insert_new(Arc::clone(&element)) {
             debug_assert_eq!(
-                elements.get(element.key()),
+                elements.get(&element.key()),
                 Some(&*element),
                 "one key, two meanings in {set}"
             );
-            *extra.entry((set, element.key().to_vec())).or_default() += 1;
+            *extra.entry((set, element.key())).or_default() += 1;
         }
     }
 }
@@ -209,7 +209,7 @@ fn take_objects(
         scope.chains.insert(chain.name);
     }
     for (set, element) in elements {
-        let holder = (set, element.key().to_vec());
+        let holder = (set, element.key());
         match extra.get_mut(&holder) {
             Some(count) if *count > 1 => *count -= 1,
             Some(_) => {
