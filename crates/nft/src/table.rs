@@ -462,7 +462,7 @@ impl<E: Into<Arc<Element>>> FromIterator<E> for Elements {
 pub struct Element {
     /// The key fields, then a data-map element's value fields, encoded so that the
     /// key's bytes compare as the key does (see `Value::encode_into`).
-    fields: Box<[u8]>,
+    fields: Fields,
     /// How many bytes of `fields` are the key.
     key_len: u32,
     /// The verdict of a verdict-map element.
@@ -484,7 +484,7 @@ impl Element {
             value.encode_into(&mut fields);
         }
         Element {
-            fields: fields.into_boxed_slice(),
+            fields: Fields::from(fields),
             key_len,
             verdict: None,
             comment: None,
@@ -567,9 +567,45 @@ impl Element {
         let key_len = u32::try_from(fields.len()).unwrap_or(u32::MAX);
         fields.extend_from_slice(self.data_bytes());
         Element {
-            fields: fields.into_boxed_slice(),
+            fields: Fields::from(fields),
             key_len,
             ..self.clone()
+        }
+    }
+}
+
+/// An element's encoded fields: in the element itself when they fit (an IPv4 endpoint
+/// map element takes 21 bytes), so that most elements are one allocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Fields {
+    Inline { len: u8, bytes: [u8; INLINE] },
+    Spilled(Box<[u8]>),
+}
+
+/// The most bytes kept in the element: the enum stays as small as a boxed slice plus
+/// its tag.
+const INLINE: usize = 22;
+
+impl From<Vec<u8>> for Fields {
+    fn from(fields: Vec<u8>) -> Fields {
+        match u8::try_from(fields.len()) {
+            Ok(len) if fields.len() <= INLINE => {
+                let mut bytes = [0; INLINE];
+                bytes[..fields.len()].copy_from_slice(&fields);
+                Fields::Inline { len, bytes }
+            }
+            _ => Fields::Spilled(fields.into_boxed_slice()),
+        }
+    }
+}
+
+impl std::ops::Deref for Fields {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Fields::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Fields::Spilled(bytes) => bytes,
         }
     }
 }
@@ -613,6 +649,28 @@ mod tests {
         assert_eq!(elements.remove(&port(22)).map(|e| e.key()), Some(port(22)));
         assert!(!elements.contains_key(&port(22)));
         assert_eq!(elements.len(), 1);
+    }
+
+    #[test]
+    fn short_fields_live_in_the_element_and_long_ones_beside_it() {
+        // An IPv4 endpoint map element (destination . port . index : endpoint . port).
+        let v4 = |last: u8| Value::Addr([10, 0, 0, last].into());
+        let short = Element::mapped(
+            vec![v4(1), Value::Port(80), Value::Number(3)],
+            vec![v4(2), Value::Port(8080)],
+        );
+        assert!(matches!(short.fields, Fields::Inline { .. }));
+        let v6 = Value::Addr("fd00::1".parse().unwrap());
+        let long = Element::mapped(vec![v6, Value::Port(80), Value::Number(3)], vec![v6]);
+        assert!(matches!(long.fields, Fields::Spilled(_)));
+        for element in [&short, &long] {
+            let copy = Element::mapped(element.key(), element.data());
+            assert_eq!(&copy, element);
+        }
+        assert_eq!(short.data(), [v4(2), Value::Port(8080)]);
+        assert_eq!(long.key(), [v6, Value::Port(80), Value::Number(3)]);
+        // Kept as small as a boxed slice beside its tag, the verdict and the comment.
+        assert!(std::mem::size_of::<Element>() <= 56);
     }
 
     #[test]
