@@ -211,6 +211,10 @@ fn slot_changes(old: &Elements, new: &Elements) -> (Vec<Vec<Value>>, Vec<Element
             was.map_or(&[][..], |g| g.as_slice()),
             is.map_or(&[][..], |g| g.as_slice()),
         );
+        // Most prefixes of a whole-table diff (after a read-back) are unchanged.
+        if was == is {
+            continue;
+        }
         // The desired values not placed yet, by slot and by value.
         let mut unplaced: BTreeMap<Value, &Element> =
             is.iter().filter_map(|e| Some((e.slot()?, *e))).collect();

@@ -479,15 +479,25 @@ impl Element {
     /// A data-map element.
     pub fn mapped(key: Vec<Value>, data: Vec<Value>) -> Element {
         let mut fields = encode(&key);
-        let key_len = u32::try_from(fields.len()).unwrap_or(u32::MAX);
+        let key_len = fields.len();
         for value in data {
             value.encode_into(&mut fields);
         }
+        Element::of_fields(fields, key_len, None, None)
+    }
+
+    /// An element of encoded fields, of which the first `key_len` bytes are the key.
+    fn of_fields(
+        fields: Vec<u8>,
+        key_len: usize,
+        verdict: Option<Box<Verdict>>,
+        comment: Option<Box<str>>,
+    ) -> Element {
         Element {
             fields: Fields::from(fields),
-            key_len,
-            verdict: None,
-            comment: None,
+            key_len: u32::try_from(key_len).unwrap_or(u32::MAX),
+            verdict,
+            comment,
         }
     }
 
@@ -561,16 +571,11 @@ impl Element {
 
     /// The same payload in another slot of the same key prefix.
     pub(crate) fn in_slot(&self, slot: Value) -> Element {
-        let start = self.slot_start();
-        let mut fields = self.fields[..start].to_vec();
+        let mut fields = self.fields[..self.slot_start()].to_vec();
         slot.encode_into(&mut fields);
-        let key_len = u32::try_from(fields.len()).unwrap_or(u32::MAX);
+        let key_len = fields.len();
         fields.extend_from_slice(self.data_bytes());
-        Element {
-            fields: Fields::from(fields),
-            key_len,
-            ..self.clone()
-        }
+        Element::of_fields(fields, key_len, self.verdict.clone(), self.comment.clone())
     }
 }
 
