@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::table::{Element, Table};
+use crate::table::{Element, Set, Table};
 use crate::transaction::{Op, Transaction};
 use crate::types::DataType;
 
@@ -19,14 +19,6 @@ struct Group<'t> {
     sets: BTreeSet<&'t str>,
     elements: BTreeMap<&'t str, Vec<&'t Element>>,
     size: usize,
-}
-
-/// What one transaction after the first adds.
-enum Stage<'t> {
-    /// Elements that lead to no chain of their own.
-    Shared(Vec<(&'t str, &'t Element)>),
-    /// Whole groups.
-    Groups(Vec<Group<'t>>),
 }
 
 /// Union-find over chain and set names, by index.
@@ -49,6 +41,30 @@ impl Groups {
             self.parent[a.max(b)] = a.min(b);
         }
     }
+
+    /// Each name's group, by its root.
+    fn roots<'t>(&mut self, ids: BTreeMap<&'t str, usize>) -> BTreeMap<&'t str, usize> {
+        ids.into_iter().map(|(n, i)| (n, self.find(i))).collect()
+    }
+}
+
+/// The group (by its root) of every chain and set the first transaction leaves out.
+/// Chains and sets are looked up apart: a chain may share a set's name.
+struct Owners<'t> {
+    chains: BTreeMap<&'t str, usize>,
+    sets: BTreeMap<&'t str, usize>,
+}
+
+impl Owners<'_> {
+    /// The group an element of a set owned by `set_owner` comes with: that of the chain
+    /// its verdict leads to, else its set's; `None` when neither has one.
+    fn of(&self, set_owner: Option<usize>, element: &Element) -> Option<usize> {
+        element
+            .verdict()
+            .and_then(|v| v.target())
+            .and_then(|chain| self.chains.get(chain).copied())
+            .or(set_owner)
+    }
 }
 
 impl Transaction {
@@ -61,6 +77,7 @@ impl Transaction {
     /// complete or not at all. Each transaction is made when the iterator reaches it, so
     /// only one is held at a time.
     pub fn create_staged(table: &Table, limit: usize) -> impl Iterator<Item = Transaction> + '_ {
+        let limit = limit.max(1);
         let objects = 1
             + table
                 .sets
@@ -72,7 +89,7 @@ impl Transaction {
                 .values()
                 .map(|c| 1 + c.rules.len())
                 .sum::<usize>();
-        if objects <= limit.max(1) {
+        if objects <= limit {
             return Stages::Whole(Some(table));
         }
         // Chains reached by rules from the base chains, and the sets their rules use.
@@ -119,28 +136,30 @@ impl Transaction {
             .enumerate()
             .map(|(i, n)| (n, chain_ids.len() + i))
             .collect();
-        let chain_index = |name: &str| chain_ids.get(name).copied();
-        let set_index = |name: &str| set_ids.get(name).copied();
         let mut groups = Groups {
             parent: (0..chain_ids.len() + set_ids.len()).collect(),
         };
         for chain in table.chains.values() {
-            let Some(me) = chain_index(&chain.name) else {
+            let Some(&me) = chain_ids.get(chain.name.as_str()) else {
                 continue;
             };
             for rule in &chain.rules {
                 for target in rule.referenced_chains() {
-                    if let Some(other) = chain_index(target) {
+                    if let Some(&other) = chain_ids.get(target) {
                         groups.union(me, other);
                     }
                 }
                 for set in rule.referenced_sets() {
-                    if let Some(other) = set_index(set) {
+                    if let Some(&other) = set_ids.get(set) {
                         groups.union(me, other);
                     }
                 }
             }
         }
+        let owners = Owners {
+            chains: groups.roots(chain_ids),
+            sets: groups.roots(set_ids),
+        };
 
         let mut first = Transaction::new(table.family, table.name.clone());
         first.ops.push(Op::AddTable {
@@ -154,9 +173,9 @@ impl Transaction {
         let set_weight = 1 + table.sets.len() / 32;
         let mut by_root: BTreeMap<usize, Group> = BTreeMap::new();
         for set in table.sets.values() {
-            match set_index(&set.name) {
-                Some(i) => {
-                    let group = by_root.entry(groups.find(i)).or_default();
+            match owners.sets.get(set.name.as_str()) {
+                Some(root) => {
+                    let group = by_root.entry(*root).or_default();
                     group.sets.insert(&set.name);
                     group.size += set_weight;
                 }
@@ -164,8 +183,8 @@ impl Transaction {
             }
         }
         for chain in table.chains_in_order() {
-            if let Some(i) = chain_index(&chain.name) {
-                let group = by_root.entry(groups.find(i)).or_default();
+            if let Some(root) = owners.chains.get(chain.name.as_str()) {
+                let group = by_root.entry(*root).or_default();
                 group.chains.insert(&chain.name);
                 group.size += 1 + chain.rules.len();
             } else {
@@ -176,42 +195,33 @@ impl Transaction {
             }
         }
         for chain in table.chains_in_order() {
-            if chain_index(&chain.name).is_none() {
+            if !owners.chains.contains_key(chain.name.as_str()) {
                 first.push_rules(chain);
             }
         }
-        let mut shared: Vec<(&str, &Element)> = Vec::new();
         for set in table.sets.values() {
+            let set_owner = owners.sets.get(set.name.as_str()).copied();
             for element in set.elements.values() {
-                let owner = element
-                    .verdict()
-                    .and_then(|v| v.target())
-                    .and_then(chain_index)
-                    .or_else(|| set_index(&set.name));
-                match owner {
-                    Some(i) => {
-                        let group = by_root.entry(groups.find(i)).or_default();
-                        group.elements.entry(&set.name).or_default().push(element);
-                        group.size += 1;
-                    }
-                    None => shared.push((&set.name, element)),
+                if let Some(root) = owners.of(set_owner, element) {
+                    let group = by_root.entry(root).or_default();
+                    group.elements.entry(&set.name).or_default().push(element);
+                    group.size += 1;
                 }
             }
         }
         // A group too big for one transaction (chains shared by many Services, and
         // the elements of all of them) is created empty first; its elements then come
         // with the shared ones.
-        let mut stages: Vec<Stage> = Vec::new();
-        let (big, small): (Vec<Group>, Vec<Group>) =
-            by_root.into_values().partition(|g| g.size > limit);
-        for mut group in big {
-            shared.extend(
-                std::mem::take(&mut group.elements)
-                    .into_iter()
-                    .flat_map(|(set, list)| list.into_iter().map(move |e| (set, e))),
-            );
-            stages.push(Stage::Groups(vec![group]));
-        }
+        let (big, small): (Vec<(usize, Group)>, Vec<(usize, Group)>) =
+            by_root.into_iter().partition(|(_, g)| g.size > limit);
+        let big_roots = big.iter().map(|(root, _)| *root).collect();
+        let created_empty: Vec<Group> = big
+            .into_iter()
+            .map(|(_, group)| Group {
+                elements: BTreeMap::new(),
+                ..group
+            })
+            .collect();
         // Elements that lead to no chain of their own (ClusterIPs, hairpin pairs,
         // endpoints) can come in any order after the chains: in transactions of their
         // own, with those that lead into a chain last (verdict maps, and sets a rule
@@ -231,19 +241,15 @@ impl Transaction {
                     .map(|s| s.name.as_str()),
             )
             .collect();
-        shared.sort_by_key(|(set, _)| entries.contains(set));
-        stages.extend(
-            shared
-                .chunks(limit.max(1))
-                .map(|chunk| Stage::Shared(chunk.to_vec())),
-        );
+        let mut sets: Vec<&Set> = table.sets.values().collect();
+        sets.sort_by_key(|s| entries.contains(s.name.as_str()));
 
         // Pack the groups into transactions in an order that spreads alike groups (those
         // with affinity sets, whose chain names all start alike) over all of them: a
         // rule naming a set costs the kernel a scan of the table's sets, so bunching the
         // set-heavy groups would make a few transactions slow. The hash of the first
         // chain's name is a fixed, well-mixed order.
-        let mut ordered = small;
+        let mut ordered: Vec<Group> = small.into_iter().map(|(_, group)| group).collect();
         ordered.sort_by_cached_key(|g| {
             let name = g
                 .chains
@@ -253,34 +259,47 @@ impl Transaction {
                 .unwrap_or_default();
             (fnv1a(name), name)
         });
+        let mut batches: Vec<Vec<Group>> = Vec::new();
         let mut batch: Vec<Group> = Vec::new();
         let mut size = 0;
         for group in ordered {
             if !batch.is_empty() && size + group.size > limit {
-                stages.push(Stage::Groups(std::mem::take(&mut batch)));
+                batches.push(std::mem::take(&mut batch));
                 size = 0;
             }
             size += group.size;
             batch.push(group);
         }
         if !batch.is_empty() {
-            stages.push(Stage::Groups(batch));
+            batches.push(batch);
         }
         Stages::Staged {
             table,
             first: Some(first),
-            rest: stages.into_iter(),
+            created_empty: created_empty.into_iter(),
+            shared: SharedElements {
+                sets,
+                at: 0,
+                after: None,
+                owners,
+                big_roots,
+                limit,
+            },
+            batches: batches.into_iter(),
         }
     }
 }
 
-/// The transactions of [`Transaction::create_staged`], made one at a time.
+/// The transactions of [`Transaction::create_staged`], made one at a time: the first,
+/// the groups too big for one (empty), the shared elements, then the other groups.
 enum Stages<'t> {
     Whole(Option<&'t Table>),
     Staged {
         table: &'t Table,
         first: Option<Transaction>,
-        rest: std::vec::IntoIter<Stage<'t>>,
+        created_empty: std::vec::IntoIter<Group<'t>>,
+        shared: SharedElements<'t>,
+        batches: std::vec::IntoIter<Vec<Group<'t>>>,
     },
 }
 
@@ -290,63 +309,105 @@ impl Iterator for Stages<'_> {
     fn next(&mut self) -> Option<Transaction> {
         match self {
             Stages::Whole(table) => table.take().map(Transaction::create),
-            Stages::Staged { table, first, rest } => first
+            Stages::Staged {
+                table,
+                first,
+                created_empty,
+                shared,
+                batches,
+            } => first
                 .take()
-                .or_else(|| rest.next().map(|stage| stage.transaction(table))),
+                .or_else(|| {
+                    created_empty
+                        .next()
+                        .map(|g| groups_transaction(table, vec![g]))
+                })
+                .or_else(|| shared.next_transaction(table))
+                .or_else(|| batches.next().map(|b| groups_transaction(table, b))),
         }
     }
 }
 
-impl Stage<'_> {
-    /// Sets, then chains, then rules, then elements.
-    fn transaction(self, table: &Table) -> Transaction {
+/// The elements that no group of one transaction brings, walked in place a transaction
+/// at a time: at 10,000 Services a list of them all took 10 MB while the load ran.
+struct SharedElements<'t> {
+    /// Every set, those whose elements lead into a chain last.
+    sets: Vec<&'t Set>,
+    /// The set the walk is in, and the key of the last element it passed there.
+    at: usize,
+    after: Option<&'t [u8]>,
+    owners: Owners<'t>,
+    /// Groups created empty, whose elements come here.
+    big_roots: BTreeSet<usize>,
+    limit: usize,
+}
+
+impl SharedElements<'_> {
+    /// The next `limit` elements, or `None` when all have been sent.
+    fn next_transaction(&mut self, table: &Table) -> Option<Transaction> {
         let mut tx = Transaction::new(table.family, table.name.clone());
-        let groups = match self {
-            Stage::Shared(elements) => {
-                let mut by_set: BTreeMap<&str, Vec<Element>> = BTreeMap::new();
-                for (set, element) in elements {
-                    by_set.entry(set).or_default().push(element.clone());
+        let mut taken = 0;
+        while let Some(set) = self.sets.get(self.at).copied() {
+            let set_owner = self.owners.sets.get(set.name.as_str()).copied();
+            let mut elements = Vec::new();
+            let mut rest = set.elements.keyed_after(self.after);
+            while taken < self.limit {
+                let Some((key, element)) = rest.next() else {
+                    self.at += 1;
+                    self.after = None;
+                    break;
+                };
+                self.after = Some(key);
+                let owner = self.owners.of(set_owner, element);
+                if owner.is_none_or(|root| self.big_roots.contains(&root)) {
+                    elements.push(element.clone());
+                    taken += 1;
                 }
-                for (set, elements) in by_set {
-                    tx.push_elements(set, elements);
-                }
-                return tx;
             }
-            Stage::Groups(groups) => groups,
-        };
-        for set in groups.iter().flat_map(|g| &g.sets) {
-            if let Some(set) = table.sets.get(*set) {
-                tx.ops.push(Op::AddSet(set.without_elements()));
+            tx.push_elements(&set.name, elements);
+            if taken == self.limit {
+                break;
             }
         }
-        let chains: Vec<_> = groups
-            .iter()
-            .flat_map(|g| &g.chains)
-            .filter_map(|name| table.chains.get(*name))
-            .collect();
-        for chain in &chains {
-            tx.ops.push(Op::AddChain {
-                name: chain.name.clone(),
-                base: chain.base,
-            });
-        }
-        for chain in &chains {
-            tx.push_rules(chain);
-        }
-        let mut elements: BTreeMap<&str, Vec<Element>> = BTreeMap::new();
-        for group in groups {
-            for (set, list) in group.elements {
-                elements
-                    .entry(set)
-                    .or_default()
-                    .extend(list.into_iter().cloned());
-            }
-        }
-        for (set, list) in elements {
-            tx.push_elements(set, list);
-        }
-        tx
+        (!tx.ops.is_empty()).then_some(tx)
     }
+}
+
+/// Sets, then chains, then rules, then elements of `groups`.
+fn groups_transaction(table: &Table, groups: Vec<Group<'_>>) -> Transaction {
+    let mut tx = Transaction::new(table.family, table.name.clone());
+    for set in groups.iter().flat_map(|g| &g.sets) {
+        if let Some(set) = table.sets.get(*set) {
+            tx.ops.push(Op::AddSet(set.without_elements()));
+        }
+    }
+    let chains: Vec<_> = groups
+        .iter()
+        .flat_map(|g| &g.chains)
+        .filter_map(|name| table.chains.get(*name))
+        .collect();
+    for chain in &chains {
+        tx.ops.push(Op::AddChain {
+            name: chain.name.clone(),
+            base: chain.base,
+        });
+    }
+    for chain in &chains {
+        tx.push_rules(chain);
+    }
+    let mut elements: BTreeMap<&str, Vec<Element>> = BTreeMap::new();
+    for group in groups {
+        for (set, list) in group.elements {
+            elements
+                .entry(set)
+                .or_default()
+                .extend(list.into_iter().cloned());
+        }
+    }
+    for (set, list) in elements {
+        tx.push_elements(set, list);
+    }
+    tx
 }
 
 /// 64-bit FNV-1a: a fixed, well-mixed hash of a name.

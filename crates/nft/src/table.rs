@@ -6,6 +6,7 @@
 
 use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
 use std::sync::Arc;
 
 use crate::expr::{Expr, Rule};
@@ -406,6 +407,18 @@ impl Elements {
         self.0.iter().map(|k| (k.0.key_bytes(), &*k.0))
     }
 
+    /// (encoded key, element) in key order, from the first whose key comes after `key`
+    /// (from the first when `None`).
+    pub(crate) fn keyed_after<'a>(
+        &'a self,
+        key: Option<&[u8]>,
+    ) -> impl Iterator<Item = (&'a [u8], &'a Element)> {
+        let from = key.map_or(Bound::Unbounded, Bound::Excluded);
+        self.0
+            .range::<[u8], _>((from, Bound::Unbounded))
+            .map(|k| (k.0.key_bytes(), &*k.0))
+    }
+
     /// Takes `other`'s copy of every element both hold alike.
     fn share(&mut self, other: &Elements) {
         if *self == *other {
@@ -456,18 +469,117 @@ impl<E: Into<Arc<Element>>> FromIterator<E> for Elements {
 /// A set or map element: a key, and a map element's value (verdict or data).
 ///
 /// A large table holds hundreds of thousands of these, so the key and data fields are
-/// kept as bytes in one allocation (an IPv4 address takes 5 bytes, not a 20-byte
-/// [`Value`]), and the rarer verdict and comment take a pointer's room when absent.
+/// kept as bytes (an IPv4 address takes 5 bytes, not a 20-byte [`Value`]), inside the
+/// element when they fit; the rarer verdict and comment sit in a box of their own. An
+/// IPv4 element is then 24 bytes and, shared, one 48-byte allocation.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Element {
-    /// The key fields, then a data-map element's value fields, encoded so that the
-    /// key's bytes compare as the key does (see `Value::encode_into`).
-    fields: Fields,
-    /// How many bytes of `fields` are the key.
-    key_len: u32,
-    /// The verdict of a verdict-map element.
+pub struct Element(Repr);
+
+/// An element's fields (the key's encoding, then a data-map element's value's), and
+/// its verdict and comment. Kept canonical, so that the derived equality is the
+/// element's: `Annotated` only with a verdict or a comment, and `Inline` whenever the
+/// fields fit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Repr {
+    /// Fields that fit in the element, and no verdict or comment: every IPv4 set and
+    /// data-map element of the layout (an endpoint map element takes 21 bytes).
+    Inline {
+        len: u8,
+        key_len: u8,
+        bytes: [u8; INLINE],
+    },
+    /// Longer fields (IPv6), and no verdict or comment.
+    Spilled { key_len: u32, bytes: Box<[u8]> },
+    /// A verdict or a comment besides: at most a few per Service.
+    Annotated(Box<Annotated>),
+}
+
+/// The most field bytes kept in the element: the enum stays as small as a boxed slice,
+/// its key length and its tag.
+const INLINE: usize = 21;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Annotated {
+    /// `Inline` or `Spilled`.
+    fields: Repr,
     verdict: Option<Box<Verdict>>,
     comment: Option<Box<str>>,
+}
+
+impl Repr {
+    /// The fields of `fields`, of which the first `key_len` bytes are the key.
+    fn plain(fields: Vec<u8>, key_len: usize) -> Repr {
+        let key_len = key_len.min(fields.len());
+        match (u8::try_from(fields.len()), u8::try_from(key_len)) {
+            (Ok(len), Ok(key_len)) if fields.len() <= INLINE => {
+                let mut bytes = [0; INLINE];
+                bytes[..fields.len()].copy_from_slice(&fields);
+                Repr::Inline {
+                    len,
+                    key_len,
+                    bytes,
+                }
+            }
+            _ => Repr::Spilled {
+                key_len: u32::try_from(key_len).unwrap_or(u32::MAX),
+                bytes: fields.into_boxed_slice(),
+            },
+        }
+    }
+
+    /// Plain `fields` (`Inline` or `Spilled`) with `verdict` and `comment`, in
+    /// canonical form.
+    fn annotated(fields: Repr, verdict: Option<Box<Verdict>>, comment: Option<Box<str>>) -> Repr {
+        if verdict.is_none() && comment.is_none() {
+            fields
+        } else {
+            Repr::Annotated(Box::new(Annotated {
+                fields,
+                verdict,
+                comment,
+            }))
+        }
+    }
+
+    /// The plain fields, the verdict and the comment.
+    fn into_parts(self) -> (Repr, Option<Box<Verdict>>, Option<Box<str>>) {
+        match self {
+            Repr::Annotated(annotated) => {
+                let Annotated {
+                    fields,
+                    verdict,
+                    comment,
+                } = *annotated;
+                (fields, verdict, comment)
+            }
+            plain => (plain, None, None),
+        }
+    }
+
+    /// The encoded fields, and where the key ends in them.
+    fn fields(&self) -> (&[u8], usize) {
+        match self {
+            Repr::Inline {
+                len,
+                key_len,
+                bytes,
+            } => (&bytes[..usize::from(*len)], usize::from(*key_len)),
+            Repr::Spilled { key_len, bytes } => {
+                let key_len = usize::try_from(*key_len).map_or(bytes.len(), |n| n.min(bytes.len()));
+                (bytes, key_len)
+            }
+            Repr::Annotated(annotated) => annotated.fields.fields(),
+        }
+    }
+
+    fn annotations(&self) -> (Option<&Verdict>, Option<&str>) {
+        match self {
+            Repr::Annotated(annotated) => {
+                (annotated.verdict.as_deref(), annotated.comment.as_deref())
+            }
+            _ => (None, None),
+        }
+    }
 }
 
 impl Element {
@@ -483,35 +595,18 @@ impl Element {
         for value in data {
             value.encode_into(&mut fields);
         }
-        Element::of_fields(fields, key_len, None, None)
-    }
-
-    /// An element of encoded fields, of which the first `key_len` bytes are the key.
-    fn of_fields(
-        fields: Vec<u8>,
-        key_len: usize,
-        verdict: Option<Box<Verdict>>,
-        comment: Option<Box<str>>,
-    ) -> Element {
-        Element {
-            fields: Fields::from(fields),
-            key_len: u32::try_from(key_len).unwrap_or(u32::MAX),
-            verdict,
-            comment,
-        }
+        Element(Repr::plain(fields, key_len))
     }
 
     /// A verdict-map element.
     pub fn with_verdict(key: Vec<Value>, verdict: Verdict) -> Element {
-        Element {
-            verdict: Some(Box::new(verdict)),
-            ..Element::new(key)
-        }
+        let Element(fields) = Element::new(key);
+        Element(Repr::annotated(fields, Some(Box::new(verdict)), None))
     }
 
     /// The same element with a comment.
     pub fn with_comment(mut self, comment: impl Into<String>) -> Element {
-        self.comment = Some(comment.into().into_boxed_str());
+        self.set_comment(Some(comment.into()));
         self
     }
 
@@ -527,30 +622,34 @@ impl Element {
 
     /// The verdict of a verdict-map element.
     pub fn verdict(&self) -> Option<&Verdict> {
-        self.verdict.as_deref()
+        self.0.annotations().0
     }
 
     /// The comment.
     pub fn comment(&self) -> Option<&str> {
-        self.comment.as_deref()
+        self.0.annotations().1
     }
 
     /// Puts or removes the comment.
     pub fn set_comment(&mut self, comment: Option<String>) {
-        self.comment = comment.map(String::into_boxed_str);
-    }
-
-    fn key_end(&self) -> usize {
-        usize::try_from(self.key_len).map_or(self.fields.len(), |n| n.min(self.fields.len()))
+        // An empty placeholder, for the moment the parts are apart: no allocation.
+        let placeholder = Repr::Spilled {
+            key_len: 0,
+            bytes: Box::default(),
+        };
+        let (fields, verdict, _) = std::mem::replace(&mut self.0, placeholder).into_parts();
+        self.0 = Repr::annotated(fields, verdict, comment.map(String::into_boxed_str));
     }
 
     /// The key, encoded: ordered as the key.
     pub(crate) fn key_bytes(&self) -> &[u8] {
-        &self.fields[..self.key_end()]
+        let (fields, key_len) = self.0.fields();
+        &fields[..key_len]
     }
 
     fn data_bytes(&self) -> &[u8] {
-        &self.fields[self.key_end()..]
+        let (fields, key_len) = self.0.fields();
+        &fields[key_len..]
     }
 
     /// Where the key's last field (a slot map element's slot) starts in its encoding.
@@ -571,47 +670,16 @@ impl Element {
 
     /// The same payload in another slot of the same key prefix.
     pub(crate) fn in_slot(&self, slot: Value) -> Element {
-        let mut fields = self.fields[..self.slot_start()].to_vec();
+        let mut fields = self.key_bytes()[..self.slot_start()].to_vec();
         slot.encode_into(&mut fields);
         let key_len = fields.len();
         fields.extend_from_slice(self.data_bytes());
-        Element::of_fields(fields, key_len, self.verdict.clone(), self.comment.clone())
-    }
-}
-
-/// An element's encoded fields: in the element itself when they fit (an IPv4 endpoint
-/// map element takes 21 bytes), so that most elements are one allocation.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Fields {
-    Inline { len: u8, bytes: [u8; INLINE] },
-    Spilled(Box<[u8]>),
-}
-
-/// The most bytes kept in the element: the enum stays as small as a boxed slice plus
-/// its tag.
-const INLINE: usize = 22;
-
-impl From<Vec<u8>> for Fields {
-    fn from(fields: Vec<u8>) -> Fields {
-        match u8::try_from(fields.len()) {
-            Ok(len) if fields.len() <= INLINE => {
-                let mut bytes = [0; INLINE];
-                bytes[..fields.len()].copy_from_slice(&fields);
-                Fields::Inline { len, bytes }
-            }
-            _ => Fields::Spilled(fields.into_boxed_slice()),
-        }
-    }
-}
-
-impl std::ops::Deref for Fields {
-    type Target = [u8];
-
-    fn deref(&self) -> &[u8] {
-        match self {
-            Fields::Inline { len, bytes } => &bytes[..usize::from(*len)],
-            Fields::Spilled(bytes) => bytes,
-        }
+        let (verdict, comment) = self.0.annotations();
+        Element(Repr::annotated(
+            Repr::plain(fields, key_len),
+            verdict.cloned().map(Box::new),
+            comment.map(Box::from),
+        ))
     }
 }
 
@@ -664,18 +732,24 @@ mod tests {
             vec![v4(1), Value::Port(80), Value::Number(3)],
             vec![v4(2), Value::Port(8080)],
         );
-        assert!(matches!(short.fields, Fields::Inline { .. }));
+        assert!(matches!(short.0, Repr::Inline { .. }));
         let v6 = Value::Addr("fd00::1".parse().unwrap());
         let long = Element::mapped(vec![v6, Value::Port(80), Value::Number(3)], vec![v6]);
-        assert!(matches!(long.fields, Fields::Spilled(_)));
+        assert!(matches!(long.0, Repr::Spilled { .. }));
         for element in [&short, &long] {
             let copy = Element::mapped(element.key(), element.data());
             assert_eq!(&copy, element);
         }
         assert_eq!(short.data(), [v4(2), Value::Port(8080)]);
         assert_eq!(long.key(), [v6, Value::Port(80), Value::Number(3)]);
-        // Kept as small as a boxed slice beside its tag, the verdict and the comment.
-        assert!(std::mem::size_of::<Element>() <= 56);
+        // As small as a boxed slice beside its key length and tag.
+        assert_eq!(std::mem::size_of::<Element>(), 24);
+        let noted = short.clone().with_comment("ns/name");
+        assert!(matches!(noted.0, Repr::Annotated(_)));
+        assert_eq!((noted.key(), noted.data()), (short.key(), short.data()));
+        let mut plain = noted;
+        plain.set_comment(None);
+        assert_eq!(plain, short, "back to the inline form");
     }
 
     #[test]
