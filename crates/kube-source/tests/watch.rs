@@ -71,7 +71,7 @@ fn endpoint_count(source: &KubeSource) -> usize {
         .map(|s| {
             built(&s)
                 .iter()
-                .map(|p| p.endpoints.all_reachable.len())
+                .map(|p| p.endpoints.all_reachable().len())
                 .sum()
         })
         .unwrap_or(0)
@@ -139,7 +139,7 @@ async fn changes_arrive_and_label_filters_apply() {
     let web = built(&snapshot);
     assert_eq!(web.len(), 1);
     assert_eq!(web[0].name.to_string(), "default/web");
-    assert_eq!(web[0].endpoints.all_reachable.len(), 1);
+    assert_eq!(web[0].endpoints.all_reachable().len(), 1);
     assert!(source.node_eligible());
 
     let before = source.generation();

@@ -5,6 +5,8 @@
 //! fall back to serving-terminating endpoints only when they have no ready one; hints
 //! apply all-or-nothing.
 
+use std::borrow::Cow;
+
 use crate::endpoint::Endpoint;
 
 /// The endpoints a service port uses on this node.
@@ -14,10 +16,27 @@ pub struct CategorizedEndpoints {
     pub cluster: Vec<Endpoint>,
     /// Endpoints on this node, for Local traffic policy.
     pub local: Vec<Endpoint>,
-    /// The union of both, in address order: every endpoint traffic may reach from here.
-    pub all_reachable: Vec<Endpoint>,
     /// Whether any usable endpoint exists anywhere in the cluster.
     pub has_any: bool,
+}
+
+impl CategorizedEndpoints {
+    /// The union of both, in address order: every endpoint traffic may reach from here.
+    /// Borrowed when one list is that already, as it is for nearly every service port
+    /// (the endpoints come sorted): the build keeps no third list.
+    pub fn all_reachable(&self) -> Cow<'_, [Endpoint]> {
+        let ordered = |list: &[Endpoint]| list.windows(2).all(|pair| pair[0] < pair[1]);
+        match (self.cluster.as_slice(), self.local.as_slice()) {
+            (list, []) | ([], list) if ordered(list) => Cow::Borrowed(list),
+            (cluster, local) => {
+                let mut all = cluster.to_vec();
+                all.extend_from_slice(local);
+                all.sort();
+                all.dedup();
+                Cow::Owned(all)
+            }
+        }
+    }
 }
 
 /// How topology hints narrow the Cluster endpoints.
@@ -108,15 +127,9 @@ pub fn categorize_endpoints(
             local_ready
         };
     }
-    let mut all = result.cluster.clone();
-    all.extend(result.local.iter().cloned());
-    all.sort();
-    all.dedup();
-    result.all_reachable = all;
     // The build keeps these for every service port of the cluster: no spare room.
     result.cluster.shrink_to_fit();
     result.local.shrink_to_fit();
-    result.all_reachable.shrink_to_fit();
     result
 }
 
@@ -189,7 +202,7 @@ mod tests {
         let c = categorize_endpoints(&eps, true, true, "n", None);
         assert_eq!(ips(&c.cluster), [1]);
         assert_eq!(ips(&c.local), [2]);
-        assert_eq!(ips(&c.all_reachable), [1, 2]);
+        assert_eq!(ips(&c.all_reachable()), [1, 2]);
         let only_local = categorize_endpoints(&eps[..1], false, true, "n", None);
         assert!(only_local.has_any && only_local.local.is_empty() && only_local.cluster.is_empty());
     }

@@ -42,7 +42,7 @@ impl ServingUdp {
                 any = true;
                 let backends: HashSet<Backend> = service
                     .endpoints
-                    .all_reachable
+                    .all_reachable()
                     .iter()
                     .map(|e| (e.ip, e.port))
                     .collect();

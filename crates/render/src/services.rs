@@ -162,7 +162,7 @@ pub(crate) fn add_service_port(fragment: &mut Fragment, state: &ProxyState, sp: 
         fragment.add_chain(Chain::regular(firewall_chain, firewall_rules(state, sp)));
     }
 
-    for endpoint in &endpoints.all_reachable {
+    for endpoint in endpoints.all_reachable().iter() {
         fragment.add_element(
             HAIRPIN_CONNECTIONS,
             Element::new(vec![
@@ -206,7 +206,7 @@ fn add_affinity_chains(
     let cluster_chain = names::service_chain(name);
     let local_chain = names::local_chain(name);
     let set = names::affinity_set(name);
-    let tags = affinity_tags(&sp.endpoints.all_reachable, names::affinity_tag);
+    let tags = affinity_tags(&sp.endpoints.all_reachable(), names::affinity_tag);
     if cluster {
         fragment.add_chain(Chain::regular(
             cluster_chain.clone(),
@@ -241,7 +241,7 @@ fn add_affinity_chains(
         size: None,
         ..declaration.with_comment("clients, by the tag of the endpoint they last used")
     });
-    for endpoint in &sp.endpoints.all_reachable {
+    for endpoint in sp.endpoints.all_reachable().iter() {
         fragment.add_chain(Chain::regular(
             names::endpoint_chain(name, endpoint),
             vec![
@@ -302,7 +302,7 @@ fn affinity_rules(
 ) -> Vec<Rule> {
     let mut rules = Vec::with_capacity(endpoints.len() * 2);
     for endpoint in endpoints {
-        // `all_reachable` holds every Cluster and Local endpoint.
+        // `all_reachable()` holds every Cluster and Local endpoint.
         let tag = tags[&(endpoint.ip, endpoint.port)];
         rules.push(Rule::new(vec![
             Stmt::lookup(client_and_tag(state, tag), set),
