@@ -212,8 +212,7 @@ impl Transaction {
         // A group too big for one transaction (chains shared by many Services, and
         // the elements of all of them) is created empty first; its elements then come
         // with the shared ones.
-        let (big, small): (Vec<(usize, Group)>, Vec<(usize, Group)>) =
-            by_root.into_iter().partition(|(_, g)| g.size > limit);
+        let (big, small): (Vec<_>, Vec<_>) = by_root.into_iter().partition(|(_, g)| g.size > limit);
         let big_roots = big.iter().map(|(root, _)| *root).collect();
         let created_empty: Vec<Group> = big
             .into_iter()
@@ -273,7 +272,7 @@ impl Transaction {
         if !batch.is_empty() {
             batches.push(batch);
         }
-        Stages::Staged {
+        Stages::Staged(Box::new(Staged {
             table,
             first: Some(first),
             created_empty: created_empty.into_iter(),
@@ -286,7 +285,7 @@ impl Transaction {
                 limit,
             },
             batches: batches.into_iter(),
-        }
+        }))
     }
 }
 
@@ -294,13 +293,15 @@ impl Transaction {
 /// the groups too big for one (empty), the shared elements, then the other groups.
 enum Stages<'t> {
     Whole(Option<&'t Table>),
-    Staged {
-        table: &'t Table,
-        first: Option<Transaction>,
-        created_empty: std::vec::IntoIter<Group<'t>>,
-        shared: SharedElements<'t>,
-        batches: std::vec::IntoIter<Vec<Group<'t>>>,
-    },
+    Staged(Box<Staged<'t>>),
+}
+
+struct Staged<'t> {
+    table: &'t Table,
+    first: Option<Transaction>,
+    created_empty: std::vec::IntoIter<Group<'t>>,
+    shared: SharedElements<'t>,
+    batches: std::vec::IntoIter<Vec<Group<'t>>>,
 }
 
 impl Iterator for Stages<'_> {
@@ -309,21 +310,24 @@ impl Iterator for Stages<'_> {
     fn next(&mut self) -> Option<Transaction> {
         match self {
             Stages::Whole(table) => table.take().map(Transaction::create),
-            Stages::Staged {
-                table,
-                first,
-                created_empty,
-                shared,
-                batches,
-            } => first
-                .take()
-                .or_else(|| {
-                    created_empty
-                        .next()
-                        .map(|g| groups_transaction(table, vec![g]))
-                })
-                .or_else(|| shared.next_transaction(table))
-                .or_else(|| batches.next().map(|b| groups_transaction(table, b))),
+            Stages::Staged(staged) => {
+                let Staged {
+                    table,
+                    first,
+                    created_empty,
+                    shared,
+                    batches,
+                } = &mut **staged;
+                first
+                    .take()
+                    .or_else(|| {
+                        created_empty
+                            .next()
+                            .map(|g| groups_transaction(table, vec![g]))
+                    })
+                    .or_else(|| shared.next_transaction(table))
+                    .or_else(|| batches.next().map(|b| groups_transaction(table, b)))
+            }
         }
     }
 }
