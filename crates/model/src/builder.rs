@@ -10,6 +10,7 @@
 //! built again in name order, so the later one loses the address exactly as in a
 //! full build.
 
+use compact_str::CompactString;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::IpAddr;
@@ -33,7 +34,7 @@ use crate::topology::categorize_endpoints;
 use crate::{IpFamily, Protocol};
 
 /// Namespace and name of a Service: the key of its group.
-type GroupKey = (String, String);
+type GroupKey = (CompactString, CompactString);
 
 /// Something a service port takes for itself; two Services declaring the same one
 /// conflict.
@@ -397,7 +398,7 @@ fn track<T: GroupMember>(
         .collect();
     let key = |object: &Decoded<T>| {
         let (namespace, name) = object.group();
-        (namespace.to_owned(), name.to_owned())
+        (CompactString::from(namespace), CompactString::from(name))
     };
     for at in gone {
         if let Some(object) = seen.remove(&at) {

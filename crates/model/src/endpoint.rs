@@ -3,6 +3,7 @@
 //! Invariant: a decoded slice has only addresses of its own family and ports in range;
 //! a slice that breaks that is left out whole, with a diagnostic.
 
+use compact_str::CompactString;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -79,7 +80,7 @@ pub(crate) struct SliceEndpoint {
 /// A port of a slice: name, protocol, number.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct SlicePort {
-    pub name: String,
+    pub name: CompactString,
     pub protocol: Protocol,
     pub port: u16,
 }
@@ -87,9 +88,9 @@ pub(crate) struct SlicePort {
 /// A decoded EndpointSlice.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SliceInfo {
-    pub(crate) name: String,
-    pub(crate) namespace: String,
-    pub(crate) service_name: String,
+    pub(crate) name: CompactString,
+    pub(crate) namespace: CompactString,
+    pub(crate) service_name: CompactString,
     pub(crate) family: IpFamily,
     pub(crate) ports: Vec<SlicePort>,
     pub(crate) endpoints: Vec<SliceEndpoint>,
@@ -152,7 +153,7 @@ pub(crate) fn decode_slice(slice: &EndpointSlice) -> Result<SliceInfo, Diagnosti
             return Err(invalid(format!("port name {name:?} appears twice")));
         }
         ports.push(SlicePort {
-            name,
+            name: name.into(),
             protocol,
             port: number,
         });
@@ -209,9 +210,9 @@ pub(crate) fn decode_slice(slice: &EndpointSlice) -> Result<SliceInfo, Diagnosti
     }
 
     Ok(SliceInfo {
-        name: object.name,
-        namespace: object.namespace,
-        service_name,
+        name: object.name.into(),
+        namespace: object.namespace.into(),
+        service_name: service_name.into(),
         family,
         ports,
         endpoints,

@@ -4,6 +4,7 @@
 //! that fit nftables' limits once hashed, and known enum values; any violation leaves the
 //! whole Service out with one diagnostic (a half-programmed Service would be worse).
 
+use compact_str::CompactString;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -24,7 +25,7 @@ const MAX_AFFINITY_TIMEOUT: u32 = 86_400;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct PortInfo {
-    pub name: String,
+    pub name: CompactString,
     pub protocol: Protocol,
     pub port: u16,
     pub node_port: Option<u16>,
@@ -33,8 +34,8 @@ pub(crate) struct PortInfo {
 #[derive(Debug, Clone, PartialEq, Eq)]
 /// A Service decoded: what nftproxy reads of it, validated.
 pub struct ServiceInfo {
-    pub(crate) namespace: String,
-    pub(crate) name: String,
+    pub(crate) namespace: CompactString,
+    pub(crate) name: CompactString,
     pub(crate) cluster_ips: Vec<IpAddr>,
     pub(crate) ports: Vec<PortInfo>,
     pub(crate) external_ips: Vec<IpAddr>,
@@ -172,7 +173,7 @@ pub(crate) fn decode_service(service: &Service) -> Result<ServiceInfo, Diagnosti
             return Err(invalid(format!("port name {name:?} appears twice")));
         }
         ports.push(PortInfo {
-            name,
+            name: name.into(),
             protocol,
             port: number,
             node_port,
@@ -271,8 +272,8 @@ pub(crate) fn decode_service(service: &Service) -> Result<ServiceInfo, Diagnosti
     };
 
     Ok(ServiceInfo {
-        namespace: object.namespace,
-        name: object.name,
+        namespace: object.namespace.into(),
+        name: object.name.into(),
         cluster_ips,
         ports,
         external_ips,

@@ -6,6 +6,7 @@
 //! and unique, and no two service ports claim the same address, protocol and port (the
 //! later one in name order loses the address, with a diagnostic).
 
+use compact_str::CompactString;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::hash::Hash;
@@ -28,11 +29,11 @@ const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServicePortName {
     /// Namespace.
-    pub namespace: String,
+    pub namespace: CompactString,
     /// Service name.
-    pub name: String,
+    pub name: CompactString,
     /// Port name (may be empty).
-    pub port: String,
+    pub port: CompactString,
     /// Protocol.
     pub protocol: Protocol,
 }
