@@ -19,7 +19,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Config, ResourceExt};
-use nftproxy_model::{DecodedEndpointSlice, DecodedService, IpFamily, Snapshot};
+use nftproxy_model::{CompactString, DecodedEndpointSlice, DecodedService, IpFamily, Snapshot};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
@@ -121,8 +121,8 @@ impl fmt::Display for Kind {
     }
 }
 
-/// Namespace and name of an object.
-type ObjectKey = (String, String);
+/// Namespace and name of an object (inline, as the decoded objects keep them).
+type ObjectKey = (CompactString, CompactString);
 
 /// The objects of one watch, in the form they are kept.
 struct Cache<T> {
@@ -142,7 +142,13 @@ impl<T> Default for Cache<T> {
 
 impl<T> Cache<T> {
     fn update<K: kube::Resource>(&mut self, event: &watcher::Event<K>, keep: impl Fn(&K) -> T) {
-        let key = |object: &K| (object.namespace().unwrap_or_default(), object.name_any());
+        let key = |object: &K| {
+            let namespace = object.namespace().unwrap_or_default();
+            (
+                CompactString::from(namespace),
+                CompactString::from(object.name_any()),
+            )
+        };
         match event {
             watcher::Event::Init => self.listing = Some(HashMap::new()),
             watcher::Event::InitApply(object) => {
