@@ -459,38 +459,53 @@ fn replace_groups(
     report: bool,
 ) -> PortChanges {
     let mut changes = PortChanges::default();
-    if groups.is_empty() {
+    for new in groups.values_mut() {
+        new.sort_by(|a, b| a.name.cmp(&b.name));
+    }
+    let mut note = |previous: &[ServicePortState], new: &[ServicePortState]| {
+        // Ports of a group that kept their state are not reported.
+        if report && previous != new {
+            for p in previous.iter().filter(|p| !new.contains(p)) {
+                changes.removed.push(p.clone());
+            }
+            for p in new.iter().filter(|p| !previous.contains(p)) {
+                changes.added.push(p.name.clone());
+            }
+        }
+    };
+    let ranges: Vec<std::ops::Range<usize>> = groups
+        .keys()
+        .map(|key| {
+            let start = services.partition_point(|p| group_of(p) < as_group(key));
+            let len = services[start..]
+                .iter()
+                .take_while(|p| group_of(p) == as_group(key))
+                .count();
+            start..start + len
+        })
+        .collect();
+    if ranges.iter().zip(groups.values()).all(|(at, new)| at.len() == new.len()) {
+        // Every group keeps its number of ports (an endpoint changed, say): swap them in
+        // place, instead of moving every port of the cluster into a new list.
+        for (at, new) in ranges.into_iter().zip(groups.into_values()) {
+            note(&services[at.clone()], &new);
+            for (slot, port) in services[at].iter_mut().zip(new) {
+                *slot = port;
+            }
+        }
         return changes;
     }
-    let in_group = |p: &ServicePortState, key: &GroupKey| group_of(p) == as_group(key);
-    let before = |p: &ServicePortState, key: &GroupKey| group_of(p) < as_group(key);
     let old = std::mem::take(services);
     // At most the old and the new ports: one allocation, not a doubling series (a first
     // build puts every port of the cluster here).
     let mut merged = Vec::with_capacity(old.len() + groups.values().map(Vec::len).sum::<usize>());
-    let mut old = old.into_iter().peekable();
-    for (key, mut new) in std::mem::take(&mut groups) {
-        while let Some(p) = old.next_if(|p| before(p, &key)) {
-            merged.push(p);
-        }
-        let mut previous = Vec::new();
-        while let Some(p) = old.next_if(|p| in_group(p, &key)) {
-            previous.push(p);
-        }
-        new.sort_by(|a, b| a.name.cmp(&b.name));
-        if report && previous != new {
-            // Ports of a group that kept their state are not reported.
-            for p in &previous {
-                if !new.contains(p) {
-                    changes.removed.push(p.clone());
-                }
-            }
-            for p in &new {
-                if !previous.contains(p) {
-                    changes.added.push(p.name.clone());
-                }
-            }
-        }
+    let mut old = old.into_iter();
+    let mut taken = 0;
+    for (at, new) in ranges.into_iter().zip(groups.into_values()) {
+        merged.extend(old.by_ref().take(at.start - taken));
+        let previous: Vec<ServicePortState> = old.by_ref().take(at.len()).collect();
+        taken = at.end;
+        note(&previous, &new);
         merged.extend(new);
     }
     merged.extend(old);
