@@ -484,7 +484,11 @@ fn replace_groups(
             start..start + len
         })
         .collect();
-    if ranges.iter().zip(groups.values()).all(|(at, new)| at.len() == new.len()) {
+    if ranges
+        .iter()
+        .zip(groups.values())
+        .all(|(at, new)| at.len() == new.len())
+    {
         // Every group keeps its number of ports (an endpoint changed, say): swap them in
         // place, instead of moving every port of the cluster into a new list.
         for (at, new) in ranges.into_iter().zip(groups.into_values()) {

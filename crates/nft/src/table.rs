@@ -507,7 +507,7 @@ struct Annotated {
 }
 
 impl Repr {
-    /// The fields of `fields`, of which the first `key_len` bytes are the key.
+    /// Encoded `fields`, of which the first `key_len` bytes are the key.
     fn plain(fields: Vec<u8>, key_len: usize) -> Repr {
         let key_len = key_len.min(fields.len());
         match (u8::try_from(fields.len()), u8::try_from(key_len)) {
