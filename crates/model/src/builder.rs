@@ -10,13 +10,13 @@
 //! built again in name order, so the later one loses the address exactly as in a
 //! full build.
 
-use compact_str::CompactString;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::IpAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 
+use compact_str::CompactString;
 use ipnet::IpNet;
 
 use crate::config::{DetectLocalMode, NodePortAddress, ProxyConfig};

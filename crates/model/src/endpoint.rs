@@ -3,10 +3,10 @@
 //! Invariant: a decoded slice has only addresses of its own family and ports in range;
 //! a slice that breaks that is left out whole, with a diagnostic.
 
-use compact_str::CompactString;
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use compact_str::CompactString;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::diag::{Diagnostic, ObjectRef, namespace_of};

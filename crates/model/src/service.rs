@@ -4,9 +4,9 @@
 //! that fit nftables' limits once hashed, and known enum values; any violation leaves the
 //! whole Service out with one diagnostic (a half-programmed Service would be worse).
 
-use compact_str::CompactString;
 use std::net::IpAddr;
 
+use compact_str::CompactString;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Service;
 

@@ -6,13 +6,13 @@
 //! and unique, and no two service ports claim the same address, protocol and port (the
 //! later one in name order loses the address, with a diagnostic).
 
-use compact_str::CompactString;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::hash::Hash;
 use std::net::IpAddr;
 use std::rc::Rc;
 
+use compact_str::CompactString;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
 
