@@ -346,8 +346,22 @@ impl PartialOrd for Keyed {
 
 impl Ord for Keyed {
     fn cmp(&self, other: &Keyed) -> std::cmp::Ordering {
-        self.0.key_bytes().cmp(other.0.key_bytes())
+        key_order(self.0.key_bytes(), other.0.key_bytes())
     }
+}
+
+/// The byte order of two encoded keys, as `a.cmp(b)`. Most keys differ in their first
+/// eight bytes (a tag and an address), which compare as one big-endian word: building a
+/// table compares keys millions of times, and `memcmp` over a dozen bytes took a quarter
+/// of a 10,000-Service build and render.
+fn key_order(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
+    if let (Some(a8), Some(b8)) = (a.first_chunk::<8>(), b.first_chunk::<8>()) {
+        let order = u64::from_be_bytes(*a8).cmp(&u64::from_be_bytes(*b8));
+        if order.is_ne() {
+            return order;
+        }
+    }
+    a.cmp(b)
 }
 
 impl Borrow<[u8]> for Keyed {
@@ -722,6 +736,29 @@ mod tests {
         assert_eq!(elements.remove(&port(22)).map(|e| e.key()), Some(port(22)));
         assert!(!elements.contains_key(&port(22)));
         assert_eq!(elements.len(), 1);
+    }
+
+    #[test]
+    fn keys_order_as_their_bytes() {
+        let keys: Vec<Vec<u8>> = [
+            &[][..],
+            &[0],
+            &[0, 1, 2, 3, 4, 5, 6],
+            &[0, 1, 2, 3, 4, 5, 6, 7],
+            &[0, 1, 2, 3, 4, 5, 6, 7, 0],
+            &[0, 1, 2, 3, 4, 5, 6, 8],
+            &[0, 1, 2, 3, 4, 5, 7],
+            &[255, 0, 0, 0, 0, 0, 0, 0, 1],
+            &[1, 255, 255, 255, 255, 255, 255, 255, 255, 0],
+        ]
+        .iter()
+        .map(|k| k.to_vec())
+        .collect();
+        for a in &keys {
+            for b in &keys {
+                assert_eq!(key_order(a, b), a.cmp(b), "{a:?} vs {b:?}");
+            }
+        }
     }
 
     #[test]
