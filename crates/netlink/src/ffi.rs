@@ -547,8 +547,9 @@ impl Messages {
         let obj = Self::set_obj(family, table, set)?;
         for element in elements {
             let key = lower::key_bytes(&element.key());
-            let value = (!element.data().is_empty() && kind == libc::NFT_MSG_NEWSETELEM)
-                .then(|| lower::key_bytes(&element.data()));
+            let data = element.data();
+            let value = (!data.is_empty() && kind == libc::NFT_MSG_NEWSETELEM)
+                .then(|| lower::key_bytes(&data));
             // SAFETY: allocation has no preconditions; null only when out of memory.
             let elem = NonNull::new(unsafe { sys::nftnl_set_elem_alloc() })
                 .expect("libnftnl allocation failed: out of memory");
