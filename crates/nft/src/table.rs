@@ -666,9 +666,15 @@ impl Element {
         &fields[key_len..]
     }
 
-    /// Where the key's last field (a slot map element's slot) starts in its encoding.
+    /// The key's last field (a slot map element's slot) and where it starts in the
+    /// key's encoding.
+    fn last_key_field(&self) -> Option<(usize, Value)> {
+        decode(self.key_bytes()).last()
+    }
+
+    /// Where the key's last field starts in its encoding.
     fn slot_start(&self) -> usize {
-        decode(self.key_bytes()).last().map_or(0, |(at, _)| at)
+        self.last_key_field().map_or(0, |(at, _)| at)
     }
 
     /// Everything but the key: what a slot map's slot holds. Payloads compare and order
@@ -679,7 +685,7 @@ impl Element {
 
     /// The last key field: a slot map element's slot.
     pub(crate) fn slot(&self) -> Option<Value> {
-        decode(self.key_bytes()).last().map(|(_, value)| value)
+        self.last_key_field().map(|(_, value)| value)
     }
 
     /// The same payload in another slot of the same key prefix.

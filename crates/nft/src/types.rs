@@ -204,20 +204,20 @@ impl Value {
     /// The first field of `bytes` (written by [`Value::encode_into`]) and its length.
     pub(crate) fn decode_from(bytes: &[u8]) -> Option<(Value, usize)> {
         let (tag, rest) = bytes.split_first()?;
-        let take = |n: usize| rest.get(..n);
-        let value = match *tag {
-            TAG_V4 => Value::Addr(IpAddr::from(<[u8; 4]>::try_from(take(4)?).ok()?)),
-            TAG_V6 => Value::Addr(IpAddr::from(<[u8; 16]>::try_from(take(16)?).ok()?)),
-            TAG_PROTO => Value::Proto(*L4Proto::ALL.get(usize::from(*take(1)?.first()?))?),
-            TAG_PORT => Value::Port(u16::from_be_bytes(take(2)?.try_into().ok()?)),
-            TAG_NUMBER => Value::Number(u32::from_be_bytes(take(4)?.try_into().ok()?)),
-            _ => return None,
-        };
         let len = match *tag {
             TAG_V4 | TAG_NUMBER => 4,
             TAG_V6 => 16,
             TAG_PROTO => 1,
-            _ => 2,
+            TAG_PORT => 2,
+            _ => return None,
+        };
+        let field = rest.get(..len)?;
+        let value = match *tag {
+            TAG_V4 => Value::Addr(IpAddr::from(<[u8; 4]>::try_from(field).ok()?)),
+            TAG_V6 => Value::Addr(IpAddr::from(<[u8; 16]>::try_from(field).ok()?)),
+            TAG_PROTO => Value::Proto(*L4Proto::ALL.get(usize::from(field[0]))?),
+            TAG_PORT => Value::Port(u16::from_be_bytes(field.try_into().ok()?)),
+            _ => Value::Number(u32::from_be_bytes(field.try_into().ok()?)),
         };
         Some((value, 1 + len))
     }
