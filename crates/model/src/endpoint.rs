@@ -40,7 +40,7 @@ pub struct Endpoint {
     pub is_local: bool,
     /// Topology hints; most endpoints have none, and those that have share them with
     /// their slice's copy (every service port of a large cluster holds its endpoints up
-    /// to three times).
+    /// to twice: Cluster and Local).
     pub hints: Option<Arc<Hints>>,
 }
 

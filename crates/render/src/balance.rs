@@ -124,6 +124,17 @@ impl Balancer {
         key
     }
 
+    /// A destination's element in its count set: the values of [`Balancer::count_key`]
+    /// for the destination `key` (`[address .] port`).
+    fn count_element(self, proto: L4Proto, key: &[Value]) -> Element {
+        let mut counted = Vec::with_capacity(key.len() + 1);
+        if self.by_node_port() {
+            counted.push(Value::Proto(proto));
+        }
+        counted.extend_from_slice(key);
+        Element::new(counted)
+    }
+
     fn what(self) -> &'static str {
         match self {
             Balancer::Cluster => "Cluster endpoints by destination",
@@ -222,13 +233,9 @@ impl Destination {
 
     /// The element in the count set, then one map element per endpoint.
     pub(crate) fn elements(&self) -> impl Iterator<Item = (Cow<'static, str>, Element)> + '_ {
-        let mut counted = self.key.clone();
-        if self.balancer.by_node_port() {
-            counted.insert(0, Value::Proto(self.proto));
-        }
         let count = std::iter::once((
             Cow::Owned(self.balancer.count_set(self.proto, self.endpoints.len())),
-            Element::new(counted),
+            self.balancer.count_element(self.proto, &self.key),
         ));
         let map = self.balancer.map(self.proto);
         let endpoints = (0u32..)

@@ -206,7 +206,8 @@ fn add_affinity_chains(
     let cluster_chain = names::service_chain(name);
     let local_chain = names::local_chain(name);
     let set = names::affinity_set(name);
-    let tags = affinity_tags(&sp.endpoints.all_reachable(), names::affinity_tag);
+    let reachable = sp.endpoints.all_reachable();
+    let tags = affinity_tags(&reachable, names::affinity_tag);
     if cluster {
         fragment.add_chain(Chain::regular(
             cluster_chain.clone(),
@@ -241,7 +242,7 @@ fn add_affinity_chains(
         size: None,
         ..declaration.with_comment("clients, by the tag of the endpoint they last used")
     });
-    for endpoint in sp.endpoints.all_reachable().iter() {
+    for endpoint in reachable.iter() {
         fragment.add_chain(Chain::regular(
             names::endpoint_chain(name, endpoint),
             vec![
