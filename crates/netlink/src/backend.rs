@@ -41,9 +41,12 @@ fn describe(op: &Op) -> String {
         Op::AddChain { name, .. } => format!("add chain {name}"),
         Op::FlushChain(name) => format!("flush chain {name}"),
         Op::DeleteChain(name) => format!("delete chain {name}"),
-        Op::DeleteRules {
-            chain, positions, ..
-        } => format!("delete rules {positions:?} of chain {chain}"),
+        Op::EditRules {
+            chain,
+            deleted,
+            added,
+            ..
+        } => format!("edit chain {chain}: delete rules {deleted:?}, add rules {added:?}"),
         Op::AddRule { chain, rule } => format!("add rule in chain {chain} `{rule}`"),
         Op::AddSet(set) => format!("add set {}", set.name),
         Op::DeleteSet { name, .. } => format!("delete set {name}"),
@@ -69,16 +72,17 @@ impl NetlinkBackend {
         self.seq
     }
 
-    /// The kernel's handles of the rules of the chains `tx` deletes rules from, in
-    /// order (the kernel names a rule to delete by its handle, the transaction by its
-    /// position).
+    /// The kernel's handles of the rules of the chains `tx` edits, in order (the kernel
+    /// names a rule to delete, or to insert before, by its handle, the transaction by
+    /// its position).
     fn rule_handles(&mut self, tx: &Transaction) -> Result<Handles, Error> {
         let mut handles = Handles::new();
         for op in &tx.ops {
-            let Op::DeleteRules {
+            let Op::EditRules {
                 chain,
-                positions,
-                kept,
+                deleted,
+                added,
+                rules,
             } = op
             else {
                 continue;
@@ -100,11 +104,11 @@ impl NetlinkBackend {
             )?;
             // Positions only name the right rules in the chain the transaction was
             // planned against; a chain of another length was changed behind our back.
-            if found.len() != positions.len() + kept.len() {
+            let expected = (deleted.len() + rules.len()).saturating_sub(added.len());
+            if found.len() != expected {
                 return Err(Error::Encode(format!(
-                    "chain {chain} holds {} rules, the transaction expects {}",
+                    "chain {chain} holds {} rules, the transaction expects {expected}",
                     found.len(),
-                    positions.len() + kept.len()
                 )));
             }
             handles.insert(chain.clone(), found);
@@ -142,19 +146,39 @@ impl NetlinkBackend {
                 Op::DeleteChain(name) => {
                     msgs.chain(libc::NFT_MSG_DELCHAIN, name, None, 0, seq())?
                 }
-                Op::DeleteRules {
-                    chain, positions, ..
+                Op::EditRules {
+                    chain,
+                    deleted,
+                    added,
+                    rules,
                 } => {
-                    for position in positions {
-                        let handle = handles
-                            .get(chain)
-                            .and_then(|h| h.get(*position))
-                            .ok_or_else(|| {
-                                Error::Encode(format!(
-                                    "rule {position} of chain {chain}: not in the kernel"
-                                ))
-                            })?;
-                        msgs.delete_rule(chain, *handle, seq())?;
+                    let found = handles.get(chain).map_or(&[][..], Vec::as_slice);
+                    let mut kept = Vec::with_capacity(found.len());
+                    for (position, handle) in found.iter().enumerate() {
+                        if deleted.binary_search(&position).is_ok() {
+                            msgs.delete_rule(chain, *handle, seq())?;
+                        } else {
+                            kept.push(*handle);
+                        }
+                    }
+                    // A rule added goes before the next rule kept, or at the end; rules
+                    // added before the same kept rule go in their order.
+                    let mut next_kept = kept.iter();
+                    let mut before = next_kept.next();
+                    for (at, rule) in rules.iter().enumerate() {
+                        if added.binary_search(&at).is_err() {
+                            before = next_kept.next();
+                            continue;
+                        }
+                        match before {
+                            Some(handle) => {
+                                msgs.insert_rule(chain, rule, *handle, create, seq())?
+                            }
+                            None => {
+                                let flags = create | libc::NLM_F_APPEND as u16;
+                                msgs.rule(libc::NFT_MSG_NEWRULE, chain, Some(rule), flags, seq())?
+                            }
+                        }
                     }
                 }
                 Op::AddRule { chain, rule } => {

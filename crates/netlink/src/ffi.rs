@@ -387,6 +387,24 @@ impl Messages {
         })
     }
 
+    /// NEWRULE of `rule`, inserted before the rule with handle `before`.
+    pub(crate) fn insert_rule(
+        &mut self,
+        chain: &str,
+        rule: &Rule,
+        before: u64,
+        flags: u16,
+        seq: u32,
+    ) -> Result<(), Error> {
+        let obj = rule_obj(self.family, &self.table.clone(), chain, Some(rule))?;
+        // SAFETY: `obj` is live.
+        unsafe { sys::nftnl_rule_set_u64(obj.ptr(), sys::NFTNL_RULE_POSITION as u16, before) };
+        // SAFETY: `nlh` is the header just written; `obj` is live.
+        self.object(libc::NFT_MSG_NEWRULE, flags, seq, |nlh| unsafe {
+            sys::nftnl_rule_nlmsg_build_payload(nlh, obj.ptr())
+        })
+    }
+
     /// DELRULE of the rule with this handle.
     pub(crate) fn delete_rule(&mut self, chain: &str, handle: u64, seq: u32) -> Result<(), Error> {
         let obj = rule_obj(self.family, &self.table.clone(), chain, None)?;

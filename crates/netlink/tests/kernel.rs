@@ -126,8 +126,8 @@ fn diffs_between_golden_tables_apply_in_the_kernel() {
 }
 
 #[test]
-fn rules_are_deleted_by_handle_and_kept_ones_stay() {
-    if !kernel_available("rules_are_deleted_by_handle_and_kept_ones_stay") {
+fn rules_are_deleted_and_inserted_by_handle_and_kept_ones_stay() {
+    if !kernel_available("rules_are_deleted_and_inserted_by_handle_and_kept_ones_stay") {
         return;
     }
     let rules = |last_octets: &[u8]| -> Vec<Rule> {
@@ -148,10 +148,12 @@ fn rules_are_deleted_by_handle_and_kept_ones_stay() {
         t.add_chain(Chain::regular("c", rules(last_octets)));
         t
     };
-    let (from, to) = (table(&[1, 2, 3, 4, 5]), table(&[1, 3, 5, 6]));
+    // Rules go at the head, two before one kept rule, and at the end.
+    let (from, to) = (table(&[1, 2, 3, 4, 5]), table(&[0, 1, 3, 7, 8, 5, 6]));
     let tx = diff(Some(&from), &to);
     assert!(
-        matches!(&tx.ops[0], Op::DeleteRules { positions, .. } if positions == &[1, 3]),
+        matches!(&tx.ops[0], Op::EditRules { deleted, added, .. }
+            if deleted == &[1, 3] && added == &[0, 3, 4, 6]),
         "{tx}"
     );
     let (read_back, refused, untouched) = in_new_netns(move || {

@@ -5,11 +5,12 @@
 //! (the two are equal after [`Table::slots_in_order`]). The transaction is empty when
 //! both mean the same, and its operations are ordered so the kernel accepts them in one
 //! batch: objects exist before anything refers to them, and nothing is deleted while a
-//! rule or element still refers to it. Sets and maps change element by element;
-//! a changed chain loses the rules not in the desired order (deleted one by one) and
-//! gets the rest appended, or is flushed and refilled when it keeps none; unchanged
-//! chains are not touched. (Every rule added binds the sets it uses, which for a map
-//! walks its elements; deleting a rule does not, so kept rules are never added again.)
+//! rule or element still refers to it. Sets and maps change element by element; a
+//! changed chain keeps as many of its rules as the desired chain has in the same order,
+//! and loses and gains the others one by one, in place; it is flushed and refilled only
+//! when it keeps none. Unchanged chains are not touched. (Every rule added binds the
+//! sets it uses, which for a map walks its elements; deleting a rule does not, so kept
+//! rules are never added again.)
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -50,30 +51,33 @@ pub fn diff(current: Option<&Table>, desired: &Table) -> Transaction {
         })
         .map(|chain| chain.name.as_str())
         .collect();
-    // Changed chains: how many of the desired rules they keep (the rest is appended),
-    // and the positions of the rules they lose; keeping none, they are flushed.
-    let mut refilled: BTreeMap<&str, usize> = BTreeMap::new();
-    let mut deleted: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    // Changed chains: edited in place, or, keeping no rule (or using a set that is
+    // declared anew), flushed and refilled.
+    let mut edited: BTreeMap<&str, (Vec<usize>, Vec<usize>)> = BTreeMap::new();
+    let mut refilled: BTreeSet<&str> = BTreeSet::new();
     for chain in desired.chains.values() {
         let Some(old) = current.chains.get(&chain.name) else {
             continue;
         };
-        let rewritten = rebased.contains(chain.name.as_str())
-            || old
-                .rules
+        let uses_redeclared = || {
+            old.rules
                 .iter()
-                .any(|r| r.referenced_sets().any(|s| redeclared.contains(s)));
-        if !rewritten && old.rules == chain.rules {
+                .chain(&chain.rules)
+                .flat_map(|r| r.referenced_sets())
+                .any(|s| redeclared.contains(s))
+        };
+        if rebased.contains(chain.name.as_str()) || uses_redeclared() {
+            refilled.insert(chain.name.as_str());
             continue;
         }
-        let (kept, lost) = if rewritten {
-            (0, Vec::new())
+        if old.rules == chain.rules {
+            continue;
+        }
+        let (deleted, added) = edit(&old.rules, &chain.rules);
+        if deleted.len() == old.rules.len() {
+            refilled.insert(chain.name.as_str());
         } else {
-            kept_in_order(&old.rules, &chain.rules)
-        };
-        refilled.insert(chain.name.as_str(), kept);
-        if kept > 0 && !lost.is_empty() {
-            deleted.insert(chain.name.as_str(), lost);
+            edited.insert(chain.name.as_str(), (deleted, added));
         }
     }
 
@@ -92,16 +96,15 @@ pub fn diff(current: Option<&Table>, desired: &Table) -> Transaction {
     }
     for chain in current.chains_in_order() {
         let removed = !desired.chains.contains_key(&chain.name);
-        let flushed = refilled.get(chain.name.as_str()) == Some(&0);
-        if (removed || flushed) && !chain.rules.is_empty() {
+        if (removed || refilled.contains(chain.name.as_str())) && !chain.rules.is_empty() {
             tx.ops.push(Op::FlushChain(chain.name.clone()));
         }
-        if let Some(positions) = deleted.remove(chain.name.as_str()) {
-            let kept = refilled[chain.name.as_str()];
-            tx.ops.push(Op::DeleteRules {
+        if let Some((deleted, added)) = edited.remove(chain.name.as_str()) {
+            tx.ops.push(Op::EditRules {
                 chain: chain.name.clone(),
-                positions,
-                kept: desired.chains[&chain.name].rules[..kept].to_vec(),
+                deleted,
+                added,
+                rules: desired.chains[&chain.name].rules.clone(),
             });
         }
     }
@@ -158,16 +161,8 @@ pub fn diff(current: Option<&Table>, desired: &Table) -> Transaction {
         });
     }
     for chain in desired.chains_in_order() {
-        let from = match refilled.get(chain.name.as_str()) {
-            Some(kept) => *kept,
-            None if !current.chains.contains_key(&chain.name) => 0,
-            None => continue,
-        };
-        for rule in &chain.rules[from..] {
-            tx.ops.push(Op::AddRule {
-                chain: chain.name.clone(),
-                rule: rule.clone(),
-            });
+        if refilled.contains(chain.name.as_str()) || !current.chains.contains_key(&chain.name) {
+            tx.push_rules(chain);
         }
     }
     for (name, new) in &desired.sets {
@@ -261,20 +256,59 @@ fn slot_changes(old: &Elements, new: &Elements) -> (Vec<Vec<Value>>, Vec<Element
     (stale, missing)
 }
 
-/// Walking `old` in order, the rules that match `new` in order are kept: how many, and
-/// the positions of the others (deleted). The desired chain is then the kept rules
-/// followed by `new`'s remaining ones, appended.
-fn kept_in_order<T: PartialEq>(old: &[T], new: &[T]) -> (usize, Vec<usize>) {
-    let mut kept = 0;
-    let mut lost = Vec::new();
-    for (position, rule) in old.iter().enumerate() {
-        if new.get(kept) == Some(rule) {
-            kept += 1;
-        } else {
-            lost.push(position);
+/// How a chain's rules `old` become `new` with the fewest rules deleted and added: the
+/// positions in `old` of the rules deleted, and in `new` of the rules added; the rules
+/// kept are a longest common subsequence of the two. The common ends are matched first,
+/// so the usual edit, a few rules in one place, costs time in the chain's length only.
+fn edit<T: PartialEq>(old: &[T], new: &[T]) -> (Vec<usize>, Vec<usize>) {
+    // Past this many pairs of rules between the common ends, all of them are replaced
+    // rather than a quadratic table built.
+    const MAX_PAIRS: usize = 1 << 20;
+    let prefix = old.iter().zip(new).take_while(|(a, b)| a == b).count();
+    let (old_rest, new_rest) = (&old[prefix..], &new[prefix..]);
+    let suffix = old_rest
+        .iter()
+        .rev()
+        .zip(new_rest.iter().rev())
+        .take_while(|(a, b)| a == b)
+        .count();
+    let o = &old_rest[..old_rest.len() - suffix];
+    let n = &new_rest[..new_rest.len() - suffix];
+    let (mut deleted, mut added) = (Vec::new(), Vec::new());
+    if o.len().saturating_mul(n.len()) > MAX_PAIRS {
+        return (
+            (prefix..prefix + o.len()).collect(),
+            (prefix..prefix + n.len()).collect(),
+        );
+    }
+    // common[i * width + j]: how many rules o[i..] and n[j..] have in common, in order.
+    let width = n.len() + 1;
+    let mut common = vec![0u32; (o.len() + 1) * width];
+    for i in (0..o.len()).rev() {
+        for j in (0..n.len()).rev() {
+            common[i * width + j] = if o[i] == n[j] {
+                common[(i + 1) * width + j + 1] + 1
+            } else {
+                common[(i + 1) * width + j].max(common[i * width + j + 1])
+            };
         }
     }
-    (kept, lost)
+    let (mut i, mut j) = (0, 0);
+    while i < o.len() && j < n.len() {
+        if o[i] == n[j] {
+            i += 1;
+            j += 1;
+        } else if common[(i + 1) * width + j] >= common[i * width + j + 1] {
+            deleted.push(prefix + i);
+            i += 1;
+        } else {
+            added.push(prefix + j);
+            j += 1;
+        }
+    }
+    deleted.extend((i..o.len()).map(|i| prefix + i));
+    added.extend((j..n.len()).map(|j| prefix + j));
+    (deleted, added)
 }
 
 /// The keys of two sorted walks in one ordered walk, with each side's value: one key
@@ -456,12 +490,27 @@ mod tests {
     }
 
     #[test]
-    fn a_rule_added_before_others_refills_the_chain() {
+    fn a_rule_added_before_others_is_inserted() {
         let from = table(&[("a", &[1, 2]), ("b", &[4])]);
         let to = table(&[("a", &[1, 2]), ("b", &[3, 4])]);
         let tx = check(&from, &to);
-        // flush b, two rules, one hairpin element
-        assert_eq!(tx.len(), 4, "{tx}");
+        // one rule inserted before the kept one, one hairpin element
+        assert_eq!(tx.len(), 2, "{tx}");
+        assert!(
+            matches!(&tx.ops[0], Op::EditRules { deleted, added, .. }
+                if deleted.is_empty() && added == &[0]),
+            "{tx}"
+        );
+    }
+
+    #[test]
+    fn a_chain_keeping_no_rule_is_refilled() {
+        let from = table(&[("a", &[1, 2])]);
+        let to = table(&[("a", &[3])]);
+        let tx = check(&from, &to);
+        // flush, one rule, hairpin: two out, one in
+        assert_eq!(tx.len(), 5, "{tx}");
+        assert!(matches!(&tx.ops[0], Op::FlushChain(_)), "{tx}");
     }
 
     #[test]
@@ -472,18 +521,22 @@ mod tests {
         // the second rule deleted (by position; the first stays), one hairpin element
         assert_eq!(tx.len(), 2, "{tx}");
         assert!(
-            matches!(&tx.ops[0], Op::DeleteRules { positions, kept, .. }
-                if positions == &[1] && kept.len() == 1),
+            matches!(&tx.ops[0], Op::EditRules { deleted, added, rules, .. }
+                if deleted == &[1] && added.is_empty() && rules.len() == 1),
             "{tx}"
         );
     }
 
     #[test]
-    fn rules_lost_anywhere_are_deleted_and_kept_ones_never_added_again() {
-        assert_eq!(kept_in_order(&[1, 2, 3, 5], &[1, 3, 5, 6]), (3, vec![1]));
-        assert_eq!(kept_in_order(&[1, 2, 3, 5], &[1, 2, 3, 4, 5]), (3, vec![3]));
-        assert_eq!(kept_in_order(&[4], &[3, 4]), (0, vec![0]));
-        assert_eq!(kept_in_order::<u8>(&[], &[1]), (0, vec![]));
+    fn an_edit_keeps_a_longest_common_subsequence_of_rules() {
+        assert_eq!(edit(&[1, 2, 3, 5], &[1, 3, 5, 6]), (vec![1], vec![3]));
+        assert_eq!(edit(&[1, 2, 3, 5], &[1, 2, 3, 4, 5]), (vec![], vec![3]));
+        assert_eq!(edit(&[4], &[3, 4]), (vec![], vec![0]));
+        assert_eq!(edit::<u8>(&[], &[1]), (vec![], vec![0]));
+        assert_eq!(edit(&[1], &[]), (vec![0], vec![]));
+        // Greedy matching from the front would keep 9 and lose 1, 2, 3.
+        assert_eq!(edit(&[9, 1, 2, 3], &[1, 2, 3, 9]), (vec![0], vec![3]));
+        assert_eq!(edit(&[7, 1, 7], &[1, 7, 7]), (vec![0], vec![1]));
         let from = table(&[("a", &[1, 2, 3])]);
         let to = table(&[("a", &[1, 3, 4])]);
         let tx = check(&from, &to);

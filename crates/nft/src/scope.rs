@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use crate::diff::diff;
+use crate::expr::Rule;
 use crate::table::{Chain, Table};
 use crate::transaction::{Op, Transaction};
 use crate::types::{Family, Value};
@@ -82,6 +83,13 @@ impl Scope {
                     rule.referenced_chains().collect(),
                     rule.referenced_sets().collect(),
                 ),
+                Op::EditRules { added, rules, .. } => {
+                    let added = || added.iter().filter_map(|at| rules.get(*at));
+                    (
+                        added().flat_map(Rule::referenced_chains).collect(),
+                        added().flat_map(Rule::referenced_sets).collect(),
+                    )
+                }
                 Op::AddElements { elements, .. } => (
                     elements
                         .iter()

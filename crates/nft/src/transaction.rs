@@ -1,8 +1,8 @@
 //! A transaction: an ordered list of operations on one table, applied all or nothing.
 //!
 //! Invariant: a transaction's text (its `Display`) is `nft -f` input that leaves the
-//! table exactly as the operations do (rules deleted by position, which nft's text can
-//! only name by handle, are written as a flush and the kept rules added again), and
+//! table exactly as the operations do (a chain edited by position, which nft's text can
+//! only name by handle, is written as a flush and its rules added again), and
 //! [`Transaction::apply_to`] computes the table the kernel holds afterwards, so a
 //! transaction can be checked against the kernel and against the in-memory model alike.
 
@@ -32,17 +32,22 @@ pub enum Op {
     },
     /// Remove every rule of a chain.
     FlushChain(String),
-    /// Delete some rules of a chain, by their positions in it before the transaction,
-    /// leaving `kept`. This must be the transaction's first operation on the chain: the
-    /// kernel names rules by handle, which the backend looks up by position.
-    DeleteRules {
+    /// Edit a chain in place: delete some of its rules, by their positions in it before
+    /// the transaction, and insert others among the rules kept, leaving `rules`. This
+    /// must be the transaction's only operation on the chain: the kernel names the rules
+    /// to delete, and those to insert before, by handle, which the backend looks up by
+    /// position.
+    EditRules {
         /// The chain.
         chain: String,
-        /// Positions (from 0, ascending) of the rules to delete.
-        positions: Vec<usize>,
-        /// The rules left, in order. nft's text has no positions, so the text form
-        /// flushes the chain and adds these again (same result, not the same cost).
-        kept: Vec<Rule>,
+        /// Positions (from 0, ascending) of the rules deleted.
+        deleted: Vec<usize>,
+        /// Positions (from 0, ascending) in `rules` of the rules added; the others are
+        /// the rules kept, in their old order.
+        added: Vec<usize>,
+        /// The rules afterwards. nft's text has no positions, so the text form flushes
+        /// the chain and adds these again (same result, not the same cost).
+        rules: Vec<Rule>,
     },
     /// Delete an empty, unreferenced chain.
     DeleteChain(String),
@@ -87,7 +92,7 @@ impl Op {
         match self {
             Op::AddElements { elements, .. } => elements.len(),
             Op::DeleteElements { keys, .. } => keys.len(),
-            Op::DeleteRules { positions, .. } => positions.len(),
+            Op::EditRules { deleted, added, .. } => deleted.len() + added.len(),
             _ => 1,
         }
     }
@@ -205,24 +210,37 @@ fn apply_op(t: &mut Table, op: &Op) -> Result<(), String> {
         Op::FlushChain(name) => {
             chain_mut(t, name)?.rules.clear();
         }
-        Op::DeleteRules {
+        Op::EditRules {
             chain,
-            positions,
-            kept,
+            deleted,
+            added,
+            rules,
         } => {
-            let rules = &mut chain_mut(t, chain)?.rules;
-            let ascending = positions.windows(2).all(|w| w[0] < w[1]);
-            if !ascending || positions.last().is_some_and(|p| *p >= rules.len()) {
+            for rule in added.iter().filter_map(|at| rules.get(*at)) {
+                check_references(t, rule)?;
+            }
+            let old = &mut chain_mut(t, chain)?.rules;
+            if !ascending_below(deleted, old.len()) || !ascending_below(added, rules.len()) {
                 return Err(format!(
-                    "delete rules {positions:?} of {chain}: no such rules"
+                    "edit rules of {chain}: no rules at {deleted:?} to delete, or at \
+                     {added:?} to add"
                 ));
             }
-            for position in positions.iter().rev() {
-                rules.remove(*position);
+            for position in deleted.iter().rev() {
+                old.remove(*position);
             }
-            if rules != kept {
-                return Err(format!("delete rules of {chain}: other rules are left"));
+            let mut added = added.iter().peekable();
+            let kept = rules.iter().enumerate().filter(|(at, _)| {
+                let is_added = added.peek() == Some(&at);
+                if is_added {
+                    added.next();
+                }
+                !is_added
+            });
+            if !kept.map(|(_, rule)| rule).eq(old.iter()) {
+                return Err(format!("edit rules of {chain}: other rules are kept"));
             }
+            old.clone_from(rules);
         }
         Op::DeleteChain(name) => {
             if !chain_mut(t, name)?.rules.is_empty() {
@@ -234,12 +252,7 @@ fn apply_op(t: &mut Table, op: &Op) -> Result<(), String> {
             t.chains.remove(name);
         }
         Op::AddRule { chain, rule } => {
-            for target in rule.referenced_chains() {
-                chain_mut(t, target)?;
-            }
-            for set in rule.referenced_sets() {
-                set_mut(t, set)?;
-            }
+            check_references(t, rule)?;
             chain_mut(t, chain)?.rules.push(rule.clone());
         }
         Op::AddSet(set) => {
@@ -274,6 +287,22 @@ fn apply_op(t: &mut Table, op: &Op) -> Result<(), String> {
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// Whether `positions` ascend and all lie below `len`.
+fn ascending_below(positions: &[usize], len: usize) -> bool {
+    positions.windows(2).all(|w| w[0] < w[1]) && positions.last().is_none_or(|p| *p < len)
+}
+
+/// Fails unless the chains and sets `rule` refers to exist.
+fn check_references(t: &mut Table, rule: &Rule) -> Result<(), String> {
+    for target in rule.referenced_chains() {
+        chain_mut(t, target)?;
+    }
+    for set in rule.referenced_sets() {
+        set_mut(t, set)?;
     }
     Ok(())
 }
@@ -313,9 +342,9 @@ impl Display for Transaction {
                     writeln!(f, "add chain {family} {table} {name}")?
                 }
                 Op::FlushChain(name) => writeln!(f, "flush chain {family} {table} {name}")?,
-                Op::DeleteRules { chain, kept, .. } => {
+                Op::EditRules { chain, rules, .. } => {
                     writeln!(f, "flush chain {family} {table} {chain}")?;
-                    for rule in kept {
+                    for rule in rules {
                         writeln!(f, "add rule {family} {table} {chain} {rule}")?;
                     }
                 }
