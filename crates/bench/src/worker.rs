@@ -223,14 +223,11 @@ pub fn cold(services: u32, endpoints: u32) -> Result<ColdReport, String> {
     let mut syncs = vec![cold];
 
     // Services 1 and 2 are plain ClusterIP Services (see synth::spec). Service 1 gets
-    // the first count above every other: the span grows by a rule. Service 2 then joins
-    // that count, which is in use.
+    // a count no destination had: its rule comes. Service 2 then joins that count,
+    // which is in use.
     if specs.len() > 2 {
         for (changed, what) in [
-            (
-                1,
-                "one endpoint added (a new largest count: the span grows)",
-            ),
+            (1, "one endpoint added (a new count: its rule comes)"),
             (2, "one endpoint added (a count in use)"),
         ] {
             syncs.push(add_endpoint(
@@ -241,13 +238,13 @@ pub fn cold(services: u32, endpoints: u32) -> Result<ColdReport, String> {
                 what,
             )?);
         }
-        // The first endpoint: the last one moves into its slot. From Service 2, which
-        // then alone had the largest count, the span also shrinks by a rule.
+        // The first endpoint: the last one moves into its slot. Service 2 then leaves
+        // the count it was the last to have: its rule goes too.
         for (changed, what) in [
             (1, "one endpoint removed (the first)"),
             (
                 2,
-                "one endpoint removed (the first, of the largest: the span shrinks)",
+                "one endpoint removed (the first, the last of its count: its rule goes)",
             ),
         ] {
             let spec = &mut specs[changed];

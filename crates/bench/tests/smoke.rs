@@ -48,21 +48,19 @@ fn a_small_benchmark_runs_end_to_end() {
             .unwrap_or_else(|| panic!("no sync {what:?}"))
     };
     assert!(operations("cold load") > 1_000);
-    // An endpoint added to a ClusterIP Service: it moves between two count sets, gains
-    // one endpoint element and one hairpin element; a new largest count also appends
-    // the next count's set and rule. The first endpoint removed: two count sets, the
-    // freed and the last slot go, the last endpoint comes back in the freed slot, one
-    // hairpin element; from the only destination with the largest count, the last
-    // count's set and rule go too.
+    // An endpoint added to a ClusterIP Service: one endpoint element and one hairpin
+    // element, and the rule of a count that comes into use. The first endpoint removed:
+    // the freed and the last slot go, the last endpoint comes back in the freed slot, one
+    // hairpin element, and the rule of a count that falls out of use.
     assert_eq!(
-        operations("one endpoint added (a new largest count: the span grows)"),
-        6
+        operations("one endpoint added (a new count: its rule comes)"),
+        3
     );
-    assert_eq!(operations("one endpoint added (a count in use)"), 4);
-    assert_eq!(operations("one endpoint removed (the first)"), 6);
+    assert_eq!(operations("one endpoint added (a count in use)"), 2);
+    assert_eq!(operations("one endpoint removed (the first)"), 4);
     assert_eq!(
-        operations("one endpoint removed (the first, of the largest: the span shrinks)"),
-        8
+        operations("one endpoint removed (the first, the last of its count: its rule goes)"),
+        5
     );
     for change in ["one service added", "one service removed"] {
         assert!(

@@ -23,8 +23,26 @@ use std::time::{Duration, Instant};
 use nftproxy_netlink::netns;
 use nftproxy_testkit::{SEED_NODE_FLAGS, kernel_available};
 
-/// Services beyond the seed examples, one per behaviour under test.
+/// Services beyond the seed examples, one per behaviour under test. (`triple` has three
+/// endpoints, so the two-endpoint Services' draws pass the rule for three first.)
 const EXTRA: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: triple, namespace: default}
+spec:
+  clusterIP: 10.96.100.15
+  ports: [{port: 6379}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: triple-1, namespace: default, labels: {kubernetes.io/service-name: triple}}
+addressType: IPv4
+ports: [{port: 6379}]
+endpoints:
+- {addresses: [10.244.1.10], nodeName: node-a}
+- {addresses: [10.244.1.20], nodeName: node-a}
+- {addresses: [10.244.2.10], nodeName: node-b}
+---
 apiVersion: v1
 kind: Service
 metadata: {name: udp-echo, namespace: default}
@@ -416,6 +434,10 @@ fn seed_services_carry_real_traffic() {
     let (client, pod) = (topology.ns("client"), topology.ns("pod"));
     let started = Instant::now();
 
+    // Three endpoints, two of them in be1.
+    let triple = from(pod.clone(), 150, || tcp(addr("10.96.100.15:6379")));
+    assert_split("pod -> triple ClusterIP 10.96.100.15:6379", &triple);
+
     // ClusterIP (redis) from a pod, NodePort 31000 and the LB IP from outside.
     let clusterip = from(pod.clone(), 200, || tcp(addr("10.103.50.102:6379")));
     assert_split("pod -> redis ClusterIP 10.103.50.102:6379", &clusterip);
@@ -505,6 +527,13 @@ fn seed_services_carry_real_traffic() {
     let both =
         |a: &str, b: &str, masq: &str| format!("dnat {a}{masq} (50.0%), dnat {b}{masq} (50.0%)");
     let predictions = [
+        (
+            "10.244.3.10",
+            "10.96.100.15:6379/tcp",
+            "dnat 10.244.1.10:6379 (33.3%), dnat 10.244.1.20:6379 (33.3%), \
+             dnat 10.244.2.10:6379 (33.3%)"
+                .to_owned(),
+        ),
         (
             "10.244.3.10",
             "10.103.50.102:6379/tcp",

@@ -1,27 +1,30 @@
 //! Load balancing by map elements: a destination's endpoints are elements of a map (one
 //! per balancer and protocol) keyed by the destination and an index, and one shared rule
-//! per endpoint count draws the index with `numgen random mod COUNT`; destinations enter
-//! the shared chains through sets named after them.
+//! per endpoint count in use draws the index with `numgen random mod COUNT`.
 //!
 //! Invariant: a balancer's chain sends each protocol to a chain of its own, which holds
-//! one rule for every count from 1 to the protocol's span (one above the largest count a
-//! destination uses), in that order, each with its set of destinations; the protocol's
-//! map exists while a destination uses it. The kernel revalidates the whole table, and
-//! walks the whole map, for every rule it adds, but not for elements of a data map or
-//! plain set. So adding or removing an endpoint changes elements only, unless it changes
-//! the largest count: then one rule and its set are appended (or the last ones go). The
-//! span is a pure function of the counts in use, so the output stays deterministic.
-//! Indices are given in endpoint order; the maps are slot maps
-//! ([`nftproxy_nft::Set::is_slot_map`]), so the diff may keep the kernel's endpoints in
-//! another order that means the same.
+//! one rule for every endpoint count a destination of that protocol has, largest count
+//! first, and the protocol's map exists while a destination uses it. A rule's draw that
+//! names no endpoint of the destination (its count is smaller) finds no map element, so
+//! the rule does not match and the next, smaller count draws again; the first draw that
+//! names an endpoint picks each endpoint of the destination with the same probability,
+//! and the rule of the destination's own count always names one. So the split is equal,
+//! and no set says which destination has which count: adding or removing an endpoint
+//! changes the destination's map elements only, unless its old count falls out of use
+//! or its new count comes into use, and then one rule goes or comes. (The kernel
+//! revalidates the table, and walks the whole map, for every rule it adds, but not for
+//! map elements; it does neither for a rule deleted.) The rules are a pure function of
+//! the counts in use, so the output stays deterministic. Indices are given in endpoint
+//! order; the maps are slot maps ([`nftproxy_nft::Set::is_slot_map`]), so the diff may
+//! keep the kernel's endpoints in another order that means the same.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use nftproxy_model::{Endpoint, ProxyState};
 use nftproxy_nft::{
-    Chain, DataType, Element, Expr, Family, FibInput, L4Proto, PayloadField, Rhs, Rule, Set, Stmt,
-    Table, Value,
+    Chain, DataType, Element, Expr, Family, FibInput, L4Proto, PayloadField, Rhs, Rule, Scope, Set,
+    Stmt, Table, Value,
 };
 
 use crate::skeleton::{local_traffic_match, mark_for_masquerade};
@@ -93,46 +96,14 @@ impl Balancer {
         }
     }
 
-    /// The set of destinations with `count` endpoints.
-    pub(crate) fn count_set(self, proto: L4Proto, count: usize) -> String {
-        format!("{}-{count}", self.map(proto))
-    }
-
-    fn by_node_port(self) -> bool {
-        matches!(self, Balancer::NodePort | Balancer::NodePortLocal)
-    }
-
     /// `[ip daddr .] PORT`: what identifies a destination of one protocol.
     fn destination(self, family: Family, port: PayloadField) -> Vec<Expr> {
         let mut parts = Vec::with_capacity(2);
-        if !self.by_node_port() {
+        if !matches!(self, Balancer::NodePort | Balancer::NodePortLocal) {
             parts.push(Expr::daddr(family));
         }
         parts.push(Expr::Payload(port));
         parts
-    }
-
-    /// What a count set holds: the destination, with the protocol before a lone port.
-    /// A set keyed by a port alone (two bytes) is a bitmap in the kernel, and every
-    /// insert into a bitmap walks its elements: its first 3,000 NodePorts took 45 ms of
-    /// a cold load, and the time grew with the square of their number.
-    fn count_key(self, family: Family, port: PayloadField) -> Vec<Expr> {
-        let mut key = self.destination(family, port);
-        if self.by_node_port() {
-            key.insert(0, Expr::MetaL4proto);
-        }
-        key
-    }
-
-    /// A destination's element in its count set: the values of [`Balancer::count_key`]
-    /// for the destination `key` (`[address .] port`).
-    fn count_element(self, proto: L4Proto, key: &[Value]) -> Element {
-        let mut counted = Vec::with_capacity(key.len() + 1);
-        if self.by_node_port() {
-            counted.push(Value::Proto(proto));
-        }
-        counted.extend_from_slice(key);
-        Element::new(counted)
     }
 
     fn what(self) -> &'static str {
@@ -157,45 +128,21 @@ impl Balancer {
         .with_comment(format!("{} {}, and index", proto.name(), self.what()))
     }
 
-    fn count_set_declaration(self, family: Family, proto: L4Proto, count: usize) -> Set {
-        let types = self
-            .count_key(family, PayloadField::ThDport)
-            .iter()
-            .filter_map(Expr::data_type)
-            .collect();
-        Set::new(self.count_set(proto, count), types).with_comment(format!(
-            "{} destinations with {count} {}",
-            proto.name(),
-            if count == 1 { "endpoint" } else { "endpoints" }
-        ))
-    }
-
-    /// `meta l4proto PROTO DESTINATION @COUNT-SET dnat to DESTINATION . numgen random mod
-    /// COUNT map @MAP`: an equal share for each of the destination's endpoints. (The
-    /// protocol's chain sees only that protocol, but nft takes a port mapping only after
-    /// a protocol match in the same rule.)
+    /// `meta l4proto PROTO dnat to DESTINATION . numgen random mod COUNT map @MAP`: an
+    /// endpoint of a destination with `count` endpoints or more, or no match for one
+    /// whose endpoints the draw misses. (The protocol's chain sees only that protocol,
+    /// but nft takes a port mapping only after a protocol match in the same rule.)
     fn rule(self, family: Family, proto: L4Proto, count: usize) -> Rule {
         let mut drawn = self.destination(family, PayloadField::ThDport);
         drawn.push(Expr::NumgenRandom(u32::try_from(count).unwrap_or(u32::MAX)));
-        let counted = self.count_key(family, PayloadField::ThDport);
         Rule::new(vec![
             Stmt::eq(Expr::MetaL4proto, Rhs::Proto(proto)),
-            Stmt::lookup(one_or_concat(counted), self.count_set(proto, count)),
             Stmt::DnatMap {
                 family,
                 key: Expr::Concat(drawn),
                 map: self.map(proto).to_owned(),
             },
         ])
-    }
-}
-
-/// A key of one expression, or the concatenation of several (as nft decompiles them).
-fn one_or_concat(mut parts: Vec<Expr>) -> Expr {
-    if parts.len() == 1 {
-        parts.remove(0)
-    } else {
-        Expr::Concat(parts)
     }
 }
 
@@ -226,19 +173,15 @@ impl Destination {
         }
     }
 
-    /// The rule (and count set) this destination needs.
+    /// The rule this destination needs.
     pub(crate) fn usage(&self) -> Usage {
         (self.balancer, self.proto, self.endpoints.len())
     }
 
-    /// The element in the count set, then one map element per endpoint.
+    /// One map element per endpoint.
     pub(crate) fn elements(&self) -> impl Iterator<Item = (Cow<'static, str>, Element)> + '_ {
-        let count = std::iter::once((
-            Cow::Owned(self.balancer.count_set(self.proto, self.endpoints.len())),
-            self.balancer.count_element(self.proto, &self.key),
-        ));
         let map = self.balancer.map(self.proto);
-        let endpoints = (0u32..)
+        (0u32..)
             .zip(&self.endpoints)
             .map(move |(index, (ip, port))| {
                 let mut key = self.key.clone();
@@ -247,79 +190,48 @@ impl Destination {
                     Cow::Borrowed(map),
                     Element::mapped(key, vec![Value::Addr(*ip), Value::Port(*port)]),
                 )
-            });
-        count.chain(endpoints)
+            })
     }
 }
 
-/// (balancer, protocol, endpoint count): one rule, and its count set.
+/// (balancer, protocol, endpoint count): one rule.
 pub(crate) type Usage = (Balancer, L4Proto, usize);
 
 /// How many destinations each rule serves.
 pub(crate) type Usages = BTreeMap<Usage, u32>;
 
-/// The span of a balancer whose largest destination has `largest` endpoints: the counts
-/// it has rules for, 1 to one above `largest`, so one more endpoint never needs a rule
-/// that is not there. The span moves one rule at a time: each rule added walks the
-/// whole endpoint map and has the table revalidated (a new largest count took 11 ms of
-/// kernel time at 10,000 Services × 5 endpoints, 96 ms at 30,000 × 10), and its set and
-/// rule are two operations beside the endpoint's four.
-pub(crate) fn span_above(largest: usize) -> usize {
-    largest + 1
-}
-
-/// The span of `balancer` in `proto`: none when no destination uses the protocol.
-pub(crate) fn span(usages: &Usages, balancer: Balancer, proto: L4Proto) -> usize {
-    usages
-        .range((balancer, proto, 0)..=(balancer, proto, usize::MAX))
-        .next_back()
-        .map_or(0, |((_, _, largest), _)| span_above(*largest))
-}
-
-/// Brings `balancer`'s map and count sets in `proto` from span `before` to its span in
-/// `usages`, naming what it creates or removes in `scope`. Whether the span changed (and
-/// with it the balancer's rules).
-pub(crate) fn respan(
+/// Creates or removes `balancer`'s map in `proto` to match `usages` (after a count came
+/// into use or fell out of it), naming it in `scope` when it does.
+pub(crate) fn keep_map(
     table: &mut Table,
     usages: &Usages,
     (balancer, proto): (Balancer, L4Proto),
-    before: usize,
-    scope: Option<&mut nftproxy_nft::Scope>,
-) -> bool {
-    let after = span(usages, balancer, proto);
-    if after == before {
-        return false;
+    scope: Option<&mut Scope>,
+) {
+    let used = usages
+        .range((balancer, proto, 0)..=(balancer, proto, usize::MAX))
+        .next()
+        .is_some();
+    let name = balancer.map(proto);
+    if used == table.sets.contains_key(name) {
+        return;
     }
-    let mut touched = Vec::new();
-    if before == 0 || after == 0 {
-        touched.push(balancer.map(proto).to_owned());
-        if before == 0 {
-            table.add_set(balancer.map_declaration(table.family, proto));
-        }
-    }
-    for count in (before.min(after) + 1)..=before.max(after) {
-        touched.push(balancer.count_set(proto, count));
-        if after > before {
-            table.add_set(balancer.count_set_declaration(table.family, proto, count));
-        }
-    }
-    if after < before {
-        for name in &touched {
-            table.sets.remove(name);
-        }
+    if used {
+        table.add_set(balancer.map_declaration(table.family, proto));
+    } else {
+        table.sets.remove(name);
     }
     if let Some(scope) = scope {
-        scope.sets.extend(touched);
+        scope.sets.insert(name.to_owned());
     }
-    true
 }
 
-/// A balancer's chain for one protocol, with a rule for each count in its span, in
-/// order: the span grows by appending and shrinks by deleting the last rules, and never
-/// moves another protocol's rules.
+/// A balancer's chain for one protocol: a rule for each count in use, largest first.
 pub(crate) fn chain(family: Family, balancer: Balancer, proto: L4Proto, usages: &Usages) -> Chain {
-    let rules = (1..=span(usages, balancer, proto))
-        .map(|count| balancer.rule(family, proto, count))
+    let rules = usages
+        .range((balancer, proto, 0)..=(balancer, proto, usize::MAX))
+        .rev()
+        .map(|((_, _, count), _)| balancer.rule(family, proto, *count))
         .collect();
     Chain::regular(balancer.proto_chain(proto), rules)
 }

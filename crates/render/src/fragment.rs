@@ -6,8 +6,8 @@
 //! updated with, and the [`Scope`] an update returns names every object that differs
 //! from the tables before. Two service ports may put the same element in a shared set
 //! (one ClusterIP for several ports, one endpoint behind several Services); the element
-//! stays until the last of them takes it out. A balancer's count sets, map and rules
-//! follow its span (see [`crate::balance`]).
+//! stays until the last of them takes it out. A balancer's map and rules follow the
+//! endpoint counts in use (see [`crate::balance`]).
 
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
@@ -69,16 +69,16 @@ fn put(table: &mut Table, shared: &mut Shared, fragment: Fragment, mut scope: Op
     } = fragment;
     let mut changed = BTreeSet::new();
     for destination in &destinations {
-        let (balancer, proto, count) = destination.usage();
-        let before = balance::span(&shared.usages, balancer, proto);
-        *shared.usages.entry((balancer, proto, count)).or_default() += 1;
-        if balance::respan(
-            table,
-            &shared.usages,
-            (balancer, proto),
-            before,
-            scope.as_deref_mut(),
-        ) {
+        let usage @ (balancer, proto, _) = destination.usage();
+        let uses = shared.usages.entry(usage).or_default();
+        *uses += 1;
+        if *uses == 1 {
+            balance::keep_map(
+                table,
+                &shared.usages,
+                (balancer, proto),
+                scope.as_deref_mut(),
+            );
             changed.insert((balancer, proto));
         }
         elements.extend(destination.elements());
@@ -151,8 +151,8 @@ fn put_objects(
 }
 
 /// Removes a service port's objects from `table` (shared elements only with their last
-/// holder; count sets, maps and balancer rules when the span shrinks), noting them in
-/// `scope`.
+/// holder; a balancer's rule with the last destination of its count, and its map with
+/// the last destination), noting them in `scope`.
 fn take(table: &mut Table, shared: &mut Shared, fragment: Fragment, scope: &mut Scope) {
     let mut elements = fragment.elements;
     for destination in &fragment.destinations {
@@ -168,8 +168,7 @@ fn take(table: &mut Table, shared: &mut Shared, fragment: Fragment, scope: &mut 
     );
     let mut changed = BTreeSet::new();
     for destination in &fragment.destinations {
-        let usage = destination.usage();
-        let (balancer, proto, _) = usage;
+        let usage @ (balancer, proto, _) = destination.usage();
         let Some(uses) = shared.usages.get_mut(&usage) else {
             continue;
         };
@@ -177,17 +176,9 @@ fn take(table: &mut Table, shared: &mut Shared, fragment: Fragment, scope: &mut 
         if *uses > 0 {
             continue;
         }
-        let before = balance::span(&shared.usages, balancer, proto);
         shared.usages.remove(&usage);
-        if balance::respan(
-            table,
-            &shared.usages,
-            (balancer, proto),
-            before,
-            Some(scope),
-        ) {
-            changed.insert((balancer, proto));
-        }
+        balance::keep_map(table, &shared.usages, (balancer, proto), Some(scope));
+        changed.insert((balancer, proto));
     }
     rebuild_balancers(table, &shared.usages, changed, Some(scope));
 }
