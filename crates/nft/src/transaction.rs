@@ -229,15 +229,10 @@ fn apply_op(t: &mut Table, op: &Op) -> Result<(), String> {
             for position in deleted.iter().rev() {
                 old.remove(*position);
             }
-            let mut added = added.iter().peekable();
-            let kept = rules.iter().enumerate().filter(|(at, _)| {
-                let is_added = added.peek() == Some(&at);
-                if is_added {
-                    added.next();
-                }
-                !is_added
-            });
-            if !kept.map(|(_, rule)| rule).eq(old.iter()) {
+            let kept = (0..rules.len())
+                .filter(|at| added.binary_search(at).is_err())
+                .map(|at| &rules[at]);
+            if !kept.eq(old.iter()) {
                 return Err(format!("edit rules of {chain}: other rules are kept"));
             }
             old.clone_from(rules);

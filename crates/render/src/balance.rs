@@ -1,6 +1,7 @@
 //! Load balancing by map elements: a destination's endpoints are elements of a map (one
 //! per balancer and protocol) keyed by the destination and an index, and one shared rule
-//! per endpoint count in use draws the index with `numgen random mod COUNT`.
+//! per endpoint count in use draws the index with `numgen random mod COUNT`;
+//! destinations enter the shared chains through sets named after them.
 //!
 //! Invariant: a balancer's chain sends each protocol to a chain of its own, which holds
 //! one rule for every endpoint count a destination of that protocol has, largest count
