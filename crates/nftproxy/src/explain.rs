@@ -15,12 +15,11 @@ use serde_json::json;
 
 use crate::cli::{ExplainArgs, OutputFormat};
 
-/// The Service a per-service chain belongs to: `service-HASH-ns/name/proto/port[__ep]`
+/// The Service a per-service chain belongs to: `service-HASH-ns/name/proto/port`
 /// → `ns/name:port (proto)`.
 fn service_of_chain(chain: &str) -> Option<String> {
     let mut parts = chain.splitn(3, '-');
     let (_, _, base) = (parts.next()?, parts.next()?, parts.next()?);
-    let base = base.split("__").next()?;
     let mut fields = base.split('/');
     let (namespace, name, proto, port) = (
         fields.next()?,
@@ -197,7 +196,7 @@ mod tests {
             Some("default/redis (tcp)")
         );
         assert_eq!(
-            service_of_chain("endpoint-5OJB2KTY-kube-system/dns/udp/dns__10.0.0.1/53").as_deref(),
+            service_of_chain("external-5OJB2KTY-kube-system/dns/udp/dns").as_deref(),
             Some("kube-system/dns:dns (udp)")
         );
         assert_eq!(service_of_chain("services"), None);

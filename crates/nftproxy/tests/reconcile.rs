@@ -46,7 +46,7 @@ fn a_refused_sync_keeps_the_old_rules_and_the_next_one_repairs() {
         return;
     }
     let before = tables_from_yaml(&service("a", "172.30.0.1"));
-    // b has ClientIP affinity, and so chains of its own: an endpoint chain DNATs.
+    // b has ClientIP affinity, and so chains of its own: its service chain DNATs.
     let after = tables_from_yaml(&format!(
         "{}---\n{}",
         service("a", "172.30.0.1"),
@@ -55,8 +55,8 @@ fn a_refused_sync_keeps_the_old_rules_and_the_next_one_repairs() {
     let new_chain = after[0]
         .chains
         .keys()
-        .find(|c| c.starts_with("endpoint-") && !before[0].chains.contains_key(*c))
-        .expect("b has an endpoint chain")
+        .find(|c| c.starts_with("service-") && !before[0].chains.contains_key(*c))
+        .expect("b has a service chain")
         .clone();
     in_new_netns(move || {
         let options = ReconcilerOptions::default();

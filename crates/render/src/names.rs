@@ -1,11 +1,9 @@
 //! Names of per-service chains and sets, in kube-proxy's hash-prefixed scheme
 //! (`service-ULMVA6XW-ns1/svc1/tcp/p80`), so that admins' knowledge carries over.
 //!
-//! Invariant: a name is a pure function of the service port (and endpoint), and never
+//! Invariant: a name is a pure function of the service port, and never
 //! longer than 256 bytes: the hashed part is cut to 240 bytes, leaving room for the
 //! longest prefix.
-
-use std::net::IpAddr;
 
 use data_encoding::BASE32;
 use nftproxy_model::{Endpoint, ServicePortName};
@@ -40,15 +38,6 @@ fn service_port_base(name: &ServicePortName) -> String {
     )
 }
 
-/// `ns/name/proto/port__ip/port`, with IPv6 colons as dots.
-fn endpoint_base(name: &ServicePortName, endpoint: &Endpoint) -> String {
-    let ip = match endpoint.ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => v6.to_string().replace(':', "."),
-    };
-    format!("{}__{ip}/{}", service_port_base(name), endpoint.port)
-}
-
 /// Chain for Cluster-policy endpoints.
 pub fn service_chain(name: &ServicePortName) -> String {
     format!("service-{}", hash_and_truncate(&service_port_base(name)))
@@ -67,14 +56,6 @@ pub fn external_chain(name: &ServicePortName) -> String {
 /// Chain enforcing loadBalancerSourceRanges.
 pub fn firewall_chain(name: &ServicePortName) -> String {
     format!("firewall-{}", hash_and_truncate(&service_port_base(name)))
-}
-
-/// Per-endpoint chain (ClientIP affinity only).
-pub fn endpoint_chain(name: &ServicePortName, endpoint: &Endpoint) -> String {
-    format!(
-        "endpoint-{}",
-        hash_and_truncate(&endpoint_base(name, endpoint))
-    )
 }
 
 /// A port's affinity set (ClientIP affinity only): its clients, each with the tag of an
@@ -132,11 +113,6 @@ pub(crate) mod tests {
             service_chain(&port("ns1", "svc1", "p80")),
             "service-ULMVA6XW-ns1/svc1/tcp/p80"
         );
-        let endpoint = endpoint("10.180.0.1");
-        assert_eq!(
-            endpoint_chain(&port("ns1", "svc1", "p80"), &endpoint),
-            "endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80"
-        );
     }
 
     #[test]
@@ -146,13 +122,5 @@ pub(crate) mod tests {
         assert_eq!(name.len(), 240);
         assert!(name.ends_with("..."));
         assert!(format!("affinity-{name}").len() < 256);
-    }
-
-    #[test]
-    fn ipv6_colons_become_dots() {
-        let endpoint = endpoint("fd00:10::1");
-        assert!(
-            endpoint_chain(&port("a", "b", ""), &endpoint).ends_with("-a/b/tcp/__fd00.10..1/80")
-        );
     }
 }

@@ -8,11 +8,14 @@
 //! Without affinity a service port has no chains of its own: its destinations go to the
 //! shared entry and load-balancing chains, and its endpoints are elements of the
 //! balancers' maps (`balance`). With ClientIP affinity it keeps upstream's per-port
-//! chains and endpoint chains, chosen among by a cascade: rule k of N matches with
-//! probability 1/(N−k), so each endpoint gets exactly 1/N of new connections. Its
-//! affinity set is one per port, not per endpoint: a client is kept with a tag naming
-//! its endpoint (the kernel looks sets up by name in a list, so thousands of sets make
-//! every set and rule added cost milliseconds).
+//! chains, whose rules DNAT to an endpoint themselves: first to the endpoint a client
+//! used within the timeout, else by a cascade where rule k of N matches with
+//! probability 1/(N−k), so each endpoint gets exactly 1/N of new connections. (No chain
+//! per endpoint: the kernel revalidates every chain reachable from the base chains
+//! whenever a transaction adds a rule, and endpoint chains, reached twice each, were
+//! two thirds of that.) Its affinity set is one per port, not per endpoint: a client is
+//! kept with a tag naming its endpoint (the kernel looks sets up by name in a list, so
+//! thousands of sets make every set and rule added cost milliseconds).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -194,7 +197,7 @@ fn port_key(key: &[Value]) -> Vec<Value> {
 }
 
 /// A port with ClientIP affinity: its Cluster, Local and external chains (those in use,
-/// in that order), its affinity set, and per endpoint an endpoint chain.
+/// in that order), and its affinity set.
 fn add_affinity_chains(
     fragment: &mut Fragment,
     state: &ProxyState,
@@ -208,16 +211,22 @@ fn add_affinity_chains(
     let set = names::affinity_set(name);
     let reachable = sp.endpoints.all_reachable();
     let tags = affinity_tags(&reachable, names::affinity_tag);
+    let affinity = Affinity {
+        state,
+        proto: l4proto(name.protocol),
+        set: &set,
+        tags: &tags,
+    };
     if cluster {
         fragment.add_chain(Chain::regular(
             cluster_chain.clone(),
-            affinity_rules(state, sp, &sp.endpoints.cluster, &set, &tags),
+            affinity.rules(&sp.endpoints.cluster),
         ));
     }
     if local {
         fragment.add_chain(Chain::regular(
             local_chain.clone(),
-            affinity_rules(state, sp, &sp.endpoints.local, &set, &tags),
+            affinity.rules(&sp.endpoints.local),
         ));
     }
     if external {
@@ -242,23 +251,6 @@ fn add_affinity_chains(
         size: None,
         ..declaration.with_comment("clients, by the tag of the endpoint they last used")
     });
-    for endpoint in reachable.iter() {
-        fragment.add_chain(Chain::regular(
-            names::endpoint_chain(name, endpoint),
-            vec![
-                Rule::new(vec![Stmt::Update {
-                    set: set.clone(),
-                    key: client_and_tag(state, tags[&(endpoint.ip, endpoint.port)]),
-                }]),
-                Rule::new(dnat(l4proto(name.protocol), endpoint)),
-            ],
-        ));
-    }
-}
-
-/// `ip saddr . numgen random mod 1 offset TAG`: a client with an endpoint's tag.
-fn client_and_tag(state: &ProxyState, tag: u32) -> Expr {
-    Expr::Concat(vec![Expr::saddr(family(state)), Expr::Tag(tag)])
 }
 
 /// The tags of a port's endpoints (by [`names::affinity_tag`]). Two endpoints whose
@@ -281,47 +273,61 @@ fn affinity_tags(
         .collect()
 }
 
-fn dnat(proto: L4Proto, endpoint: &Endpoint) -> Vec<Stmt> {
-    vec![
-        Stmt::eq(Expr::MetaL4proto, Rhs::Proto(proto)),
-        Stmt::Dnat {
-            addr: endpoint.ip,
-            port: endpoint.port,
-        },
-    ]
+/// What an affinity port's chains choose with: its affinity set, and its endpoints'
+/// tags in it.
+struct Affinity<'a> {
+    state: &'a ProxyState,
+    proto: L4Proto,
+    set: &'a str,
+    tags: &'a BTreeMap<(IpAddr, u16), u32>,
 }
 
-/// The rules of an affinity port's service or local chain: the lookups in the port's
-/// affinity `set` (with the tags of all its reachable endpoints), then the
-/// equal-probability cascade into the endpoint chains.
-fn affinity_rules(
-    state: &ProxyState,
-    sp: &ServicePortState,
-    endpoints: &[Endpoint],
-    set: &str,
-    tags: &BTreeMap<(IpAddr, u16), u32>,
-) -> Vec<Rule> {
-    let mut rules = Vec::with_capacity(endpoints.len() * 2);
-    for endpoint in endpoints {
-        // `all_reachable()` holds every Cluster and Local endpoint.
-        let tag = tags[&(endpoint.ip, endpoint.port)];
-        rules.push(Rule::new(vec![
-            Stmt::lookup(client_and_tag(state, tag), set),
-            Stmt::goto(names::endpoint_chain(&sp.name, endpoint)),
-        ]));
-    }
-    let count = endpoints.len();
-    for (index, endpoint) in endpoints.iter().enumerate() {
-        let mut stmts = Vec::with_capacity(2);
-        let remaining = count - index;
-        if remaining > 1 {
-            let modulus = u32::try_from(remaining).unwrap_or(u32::MAX);
-            stmts.push(Stmt::eq(Expr::NumgenRandom(modulus), Rhs::Number(0)));
+impl Affinity<'_> {
+    /// The rules of a service or local chain for `endpoints`: one per endpoint for a
+    /// client in the affinity set with its tag, then the equal-probability cascade.
+    fn rules(&self, endpoints: &[Endpoint]) -> Vec<Rule> {
+        let mut rules = Vec::with_capacity(endpoints.len() * 2);
+        for endpoint in endpoints {
+            let mut stmts = vec![Stmt::lookup(self.client_and_tag(endpoint), self.set)];
+            stmts.extend(self.use_endpoint(endpoint));
+            rules.push(Rule::new(stmts));
         }
-        stmts.push(Stmt::goto(names::endpoint_chain(&sp.name, endpoint)));
-        rules.push(Rule::new(stmts));
+        let count = endpoints.len();
+        for (index, endpoint) in endpoints.iter().enumerate() {
+            let mut stmts = Vec::with_capacity(4);
+            let remaining = count - index;
+            if remaining > 1 {
+                let modulus = u32::try_from(remaining).unwrap_or(u32::MAX);
+                stmts.push(Stmt::eq(Expr::NumgenRandom(modulus), Rhs::Number(0)));
+            }
+            stmts.extend(self.use_endpoint(endpoint));
+            rules.push(Rule::new(stmts));
+        }
+        rules
     }
-    rules
+
+    /// `ip saddr . numgen random mod 1 offset TAG`: the client with the endpoint's tag.
+    /// (`all_reachable()` holds every Cluster and Local endpoint, so every one has a
+    /// tag.)
+    fn client_and_tag(&self, endpoint: &Endpoint) -> Expr {
+        let tag = self.tags[&(endpoint.ip, endpoint.port)];
+        Expr::Concat(vec![Expr::saddr(family(self.state)), Expr::Tag(tag)])
+    }
+
+    /// Record (or refresh) the client with the endpoint's tag, and DNAT to it.
+    fn use_endpoint(&self, endpoint: &Endpoint) -> [Stmt; 3] {
+        [
+            Stmt::Update {
+                set: self.set.to_owned(),
+                key: self.client_and_tag(endpoint),
+            },
+            Stmt::eq(Expr::MetaL4proto, Rhs::Proto(self.proto)),
+            Stmt::Dnat {
+                addr: endpoint.ip,
+                port: endpoint.port,
+            },
+        ]
+    }
 }
 
 /// Accept sources inside the ranges (and the load balancer IPs themselves when a range
