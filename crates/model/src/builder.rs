@@ -135,8 +135,8 @@ pub struct Builder {
     /// The objects of the last snapshot, by address: an object that is still there is
     /// unchanged (the watch caches replace an object on every change). Holding them
     /// keeps their addresses from being reused.
-    services: ByAddress<ServiceInfo>,
-    slices: ByAddress<SliceInfo>,
+    services: Seen<ServiceInfo>,
+    slices: Seen<SliceInfo>,
     groups: BTreeMap<GroupKey, Group>,
     /// How many groups declare each claim.
     declared: HashMap<Claim, u32>,
@@ -156,8 +156,8 @@ impl Builder {
         Builder {
             config,
             context: None,
-            services: ByAddress::default(),
-            slices: ByAddress::default(),
+            services: Seen::default(),
+            slices: Seen::default(),
             groups: BTreeMap::new(),
             declared: HashMap::new(),
             build: Build {
@@ -347,6 +347,99 @@ impl Build {
 /// Objects by their address.
 type ByAddress<T> = HashMap<usize, Decoded<T>, BuildHasherDefault<AddressHasher>>;
 
+/// Addresses, hashed as [`ByAddress`] does.
+type Addresses = HashSet<usize, BuildHasherDefault<AddressHasher>>;
+
+/// The objects of one kind in the last snapshot: by address, and, when none was there
+/// twice, their addresses in snapshot order. The watch caches keep their order, so a
+/// snapshot after a change differs from the last one in a few places, and comparing
+/// place by place finds them without hashing every address.
+struct Seen<T> {
+    by_address: ByAddress<T>,
+    order: Option<Vec<usize>>,
+}
+
+impl<T> Default for Seen<T> {
+    fn default() -> Self {
+        Seen {
+            by_address: ByAddress::default(),
+            order: None,
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for Seen<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Seen")
+            .field("objects", &self.by_address.len())
+            .field("ordered", &self.order.is_some())
+            .finish()
+    }
+}
+
+/// What a snapshot changed of one kind: the addresses gone, the objects new.
+type Changes<T> = (Vec<usize>, Vec<Decoded<T>>);
+
+impl<T: Grouped> Seen<T> {
+    /// The changes of `current`, found place by place: `None` unless the last snapshot
+    /// had its order recorded and as many objects, and no object is now in two places.
+    fn changed_in_place(&mut self, current: &[Decoded<T>]) -> Option<Changes<T>> {
+        let order = self.order.as_mut().filter(|o| o.len() == current.len())?;
+        let mut places = Vec::new();
+        for (place, (was, object)) in order.iter().zip(current).enumerate() {
+            if *was != object.address() {
+                places.push(place);
+            }
+        }
+        let was: Addresses = places.iter().map(|p| order[*p]).collect();
+        let mut now = Addresses::default();
+        for place in &places {
+            let at = current[*place].address();
+            // Held before but not in a changed place: it is also in an unchanged one.
+            if !now.insert(at) || (self.by_address.contains_key(&at) && !was.contains(&at)) {
+                return None;
+            }
+        }
+        let gone = was.iter().filter(|at| !now.contains(at)).copied().collect();
+        let added = places
+            .iter()
+            .map(|p| &current[*p])
+            .filter(|object| !was.contains(&object.address()))
+            .cloned()
+            .collect();
+        for place in places {
+            order[place] = current[place].address();
+        }
+        Some((gone, added))
+    }
+
+    /// The changes of `current`, found by hashing every address; records the order for
+    /// the next snapshot when no object is in two places.
+    fn changed(&mut self, current: &[Decoded<T>]) -> Changes<T> {
+        let mut present = Addresses::with_capacity_and_hasher(current.len(), Default::default());
+        let mut added = Vec::new();
+        for object in current {
+            let at = object.address();
+            if present.insert(at) && !self.by_address.contains_key(&at) {
+                added.push(object.clone());
+            }
+        }
+        self.order = (present.len() == current.len())
+            .then(|| current.iter().map(Decoded::address).collect());
+        // Every present object was seen; when as many were seen, none is gone.
+        if added.is_empty() && present.len() == self.by_address.len() {
+            return (Vec::new(), added);
+        }
+        let gone = self
+            .by_address
+            .keys()
+            .filter(|at| !present.contains(*at))
+            .copied()
+            .collect();
+        (gone, added)
+    }
+}
+
 /// Hashes an object's address: addresses are distinct and aligned, so dropping the
 /// always-zero low bits and multiplying spreads them well, at a fraction of SipHash's
 /// cost (every sync hashes the address of every object in the snapshot, twice).
@@ -373,42 +466,28 @@ impl Hasher for AddressHasher {
 /// Finds the objects of `current` that `seen` does not hold and the ones it holds that
 /// are gone, and moves them into or out of `seen` and their group, which is dirty.
 fn track<T: GroupMember>(
-    seen: &mut ByAddress<T>,
+    seen: &mut Seen<T>,
     current: &[Decoded<T>],
     groups: &mut BTreeMap<GroupKey, Group>,
     dirty: &mut BTreeSet<GroupKey>,
 ) {
-    let mut present: HashSet<usize, BuildHasherDefault<AddressHasher>> =
-        HashSet::with_capacity_and_hasher(current.len(), BuildHasherDefault::default());
-    let mut added = Vec::new();
-    for object in current {
-        let at = object.address();
-        if present.insert(at) && !seen.contains_key(&at) {
-            added.push(object.clone());
-        }
-    }
-    // Every present object was seen; when as many were seen, none is gone.
-    if added.is_empty() && present.len() == seen.len() {
-        return;
-    }
-    let gone: Vec<usize> = seen
-        .keys()
-        .filter(|at| !present.contains(*at))
-        .copied()
-        .collect();
+    let (gone, added) = match seen.changed_in_place(current) {
+        Some(changes) => changes,
+        None => seen.changed(current),
+    };
     let key = |object: &Decoded<T>| {
         let (namespace, name) = object.group();
         (CompactString::from(namespace), CompactString::from(name))
     };
     for at in gone {
-        if let Some(object) = seen.remove(&at) {
+        if let Some(object) = seen.by_address.remove(&at) {
             let key = key(&object);
             T::members(groups.entry(key.clone()).or_default()).retain(|o| !o.same(&object));
             dirty.insert(key);
         }
     }
     for object in added {
-        seen.insert(object.address(), object.clone());
+        seen.by_address.insert(object.address(), object.clone());
         let key = key(&object);
         T::members(groups.entry(key.clone()).or_default()).push(object);
         dirty.insert(key);
@@ -809,4 +888,60 @@ fn service_ports(
         ports.push(state);
     }
     ports
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Services `a`, `b` and `c`, each with one endpoint.
+    fn objects() -> Snapshot {
+        let mut yaml = String::new();
+        for (index, name) in ["a", "b", "c"].iter().enumerate() {
+            yaml.push_str(&format!(
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: ns}}\n\
+                 spec: {{clusterIP: 172.30.0.{index}, ports: [{{port: 80}}]}}\n---\n\
+                 apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+                 metadata: {{name: {name}-1, namespace: ns, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+                 addressType: IPv4\nports: [{{port: 80}}]\nendpoints:\n- addresses: [10.180.0.{index}]\n"
+            ));
+        }
+        let mut snapshot = Snapshot::default();
+        let report = snapshot.add_manifest("objects.yaml", &yaml);
+        assert!(report.errors.is_empty(), "{report:?}");
+        snapshot
+    }
+
+    #[test]
+    fn objects_listed_twice_or_moved_are_tracked_as_a_whole_build_sees_them() {
+        let all = objects();
+        let config = ProxyConfig::new("node");
+        let mut builder = Builder::new(config.clone());
+        // Places of `all`'s objects, per step; the same length in a row compares place
+        // by place, and a repeated place lists one object twice.
+        let steps: [&[usize]; 8] = [
+            &[0, 1],
+            &[0, 0],
+            &[0, 2],
+            &[2, 0],
+            &[2, 2, 1],
+            &[2, 0, 1],
+            &[1, 1, 1],
+            &[0, 1, 2],
+        ];
+        for places in steps {
+            let snapshot = Snapshot {
+                services: places.iter().map(|p| all.services[*p].clone()).collect(),
+                endpoint_slices: places
+                    .iter()
+                    .map(|p| all.endpoint_slices[*p].clone())
+                    .collect(),
+                ..Snapshot::default()
+            };
+            builder.update(&snapshot);
+            let whole = build(&snapshot, &config);
+            assert_eq!(builder.build().ipv4, whole.ipv4, "after {places:?}");
+            assert_eq!(builder.build().ipv6, whole.ipv6, "after {places:?}");
+        }
+    }
 }

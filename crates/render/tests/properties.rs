@@ -339,7 +339,8 @@ fn objects(items: &[Value]) -> Snapshot {
 }
 
 /// A cluster drawn twice (`a` and `b`): each step takes, for every object position, a's
-/// object, b's, nothing, or a fresh copy of a's (as a re-read file gives).
+/// object, b's, nothing, a fresh copy of a's (as a re-read file gives), or a's object
+/// twice (nothing stops a source from listing one object twice).
 fn steps() -> impl Strategy<Value = (Vec<Value>, Vec<Value>, Vec<Value>, Vec<Vec<u8>>)> {
     // b's odd Services get names of their own, so that a step also adds Services beside
     // a's (and takes addresses a's still hold) instead of only replacing them.
@@ -363,21 +364,23 @@ fn steps() -> impl Strategy<Value = (Vec<Value>, Vec<Value>, Vec<Value>, Vec<Vec
         cluster(""),
         cluster("-b"),
         prop::collection::vec(node(), 0..2),
-        prop::collection::vec(prop::collection::vec(0u8..4, 20), 1..6),
+        prop::collection::vec(prop::collection::vec(0u8..5, 20), 1..6),
     )
 }
 
 fn pick<T: Clone>(a: &[T], b: &[T], fresh: &[T], choices: &[u8]) -> Vec<T> {
     let positions = a.len().max(b.len());
     (0..positions)
-        .filter_map(
-            |i| match choices.get(i % choices.len()).copied().unwrap_or(0) {
-                0 => a.get(i).cloned(),
-                1 => b.get(i).cloned(),
-                2 => None,
-                _ => fresh.get(i).cloned(),
-            },
-        )
+        .flat_map(|i| {
+            let one = |side: &[T]| side.get(i).cloned().into_iter().collect::<Vec<T>>();
+            match choices.get(i % choices.len()).copied().unwrap_or(0) {
+                0 => one(a),
+                1 => one(b),
+                2 => Vec::new(),
+                3 => one(fresh),
+                _ => [one(a), one(a)].concat(),
+            }
+        })
         .collect()
 }
 
