@@ -352,8 +352,8 @@ type Addresses = HashSet<usize, BuildHasherDefault<AddressHasher>>;
 
 /// The objects of one kind in the last snapshot: by address, and, when none was there
 /// twice, their addresses in snapshot order. The watch caches keep their order, so a
-/// snapshot after a change differs from the last one in a few places, and comparing
-/// place by place finds them without hashing every address.
+/// snapshot after a change differs from the last one in a few places, and comparing in
+/// order finds them without hashing every address.
 struct Seen<T> {
     by_address: ByAddress<T>,
     order: Option<Vec<usize>>,
@@ -381,35 +381,48 @@ impl<T> std::fmt::Debug for Seen<T> {
 type Changes<T> = (Vec<usize>, Vec<Decoded<T>>);
 
 impl<T: Grouped> Seen<T> {
-    /// The changes of `current`, found place by place: `None` unless the last snapshot
-    /// had its order recorded and as many objects, and no object is now in two places.
-    fn changed_in_place(&mut self, current: &[Decoded<T>]) -> Option<Changes<T>> {
-        let order = self.order.as_mut().filter(|o| o.len() == current.len())?;
-        let mut places = Vec::new();
-        for (place, (was, object)) in order.iter().zip(current).enumerate() {
-            if *was != object.address() {
-                places.push(place);
-            }
-        }
-        let was: Addresses = places.iter().map(|p| order[*p]).collect();
+    /// The changes of `current`, found by comparing it with the last snapshot in order:
+    /// after the places both begin and end with, place by place when as many objects
+    /// are left on both sides, else all that are left. `None` unless the last snapshot
+    /// had its order recorded, and when an object is now in two places.
+    fn changed_in_order(&mut self, current: &[Decoded<T>]) -> Option<Changes<T>> {
+        let order = self.order.as_mut()?;
+        let same = |(was, object): (&usize, &Decoded<T>)| *was == object.address();
+        let head = order.iter().zip(current).take_while(|p| same(*p)).count();
+        let tail = order[head..]
+            .iter()
+            .rev()
+            .zip(current[head..].iter().rev())
+            .take_while(|p| same(*p))
+            .count();
+        let between = head..order.len() - tail;
+        let new = &current[head..current.len() - tail];
+        let (olds, news): (Vec<usize>, Vec<&Decoded<T>>) = if between.len() == new.len() {
+            order[between.clone()]
+                .iter()
+                .zip(new)
+                .filter(|p| !same(*p))
+                .map(|(was, object)| (*was, object))
+                .unzip()
+        } else {
+            (order[between.clone()].to_vec(), new.iter().collect())
+        };
+        let was: Addresses = olds.into_iter().collect();
         let mut now = Addresses::default();
-        for place in &places {
-            let at = current[*place].address();
-            // Held before but not in a changed place: it is also in an unchanged one.
+        for object in &news {
+            let at = object.address();
+            // Held before but not among the places compared: it is also in another place.
             if !now.insert(at) || (self.by_address.contains_key(&at) && !was.contains(&at)) {
                 return None;
             }
         }
         let gone = was.iter().filter(|at| !now.contains(at)).copied().collect();
-        let added = places
-            .iter()
-            .map(|p| &current[*p])
+        let added = news
+            .into_iter()
             .filter(|object| !was.contains(&object.address()))
             .cloned()
             .collect();
-        for place in places {
-            order[place] = current[place].address();
-        }
+        order.splice(between, new.iter().map(Decoded::address));
         Some((gone, added))
     }
 
@@ -471,7 +484,7 @@ fn track<T: GroupMember>(
     groups: &mut BTreeMap<GroupKey, Group>,
     dirty: &mut BTreeSet<GroupKey>,
 ) {
-    let (gone, added) = match seen.changed_in_place(current) {
+    let (gone, added) = match seen.changed_in_order(current) {
         Some(changes) => changes,
         None => seen.changed(current),
     };
@@ -917,9 +930,9 @@ mod tests {
         let all = objects();
         let config = ProxyConfig::new("node");
         let mut builder = Builder::new(config.clone());
-        // Places of `all`'s objects, per step; the same length in a row compares place
-        // by place, and a repeated place lists one object twice.
-        let steps: [&[usize]; 8] = [
+        // Places of `all`'s objects, per step: objects replaced, inserted, removed and
+        // moved, and a repeated place lists one object twice.
+        let steps: [&[usize]; 12] = [
             &[0, 1],
             &[0, 0],
             &[0, 2],
@@ -928,6 +941,10 @@ mod tests {
             &[2, 0, 1],
             &[1, 1, 1],
             &[0, 1, 2],
+            &[0, 2],
+            &[0, 1, 2],
+            &[1, 2],
+            &[2, 1],
         ];
         for places in steps {
             let snapshot = Snapshot {
