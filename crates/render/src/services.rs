@@ -12,10 +12,11 @@
 //! used within the timeout, else by a cascade where rule k of N matches with
 //! probability 1/(N−k), so each endpoint gets exactly 1/N of new connections. (No chain
 //! per endpoint: the kernel revalidates every chain reachable from the base chains
-//! whenever a transaction adds a rule, and endpoint chains, reached twice each, were
-//! two thirds of that.) Its affinity set is one per port, not per endpoint: a client is
-//! kept with a tag naming its endpoint (the kernel looks sets up by name in a list, so
-//! thousands of sets make every set and rule added cost milliseconds).
+//! whenever a transaction adds a rule, and endpoint chains, each reached twice, held
+//! two thirds of the rules it walked.) Its affinity set is one per port, not per
+//! endpoint: a client is kept with a tag naming its endpoint (the kernel looks sets up
+//! by name in a list, so thousands of sets make every set and rule added cost
+//! milliseconds).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
