@@ -354,6 +354,7 @@ type Addresses = HashSet<usize, BuildHasherDefault<AddressHasher>>;
 /// twice, their addresses in snapshot order. The watch caches keep their order, so a
 /// snapshot after a change differs from the last one in a few places, and comparing in
 /// order finds them without hashing every address.
+#[derive(Debug)]
 struct Seen<T> {
     by_address: ByAddress<T>,
     order: Option<Vec<usize>>,
@@ -365,15 +366,6 @@ impl<T> Default for Seen<T> {
             by_address: ByAddress::default(),
             order: None,
         }
-    }
-}
-
-impl<T> std::fmt::Debug for Seen<T> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Seen")
-            .field("objects", &self.by_address.len())
-            .field("ordered", &self.order.is_some())
-            .finish()
     }
 }
 

@@ -201,6 +201,17 @@ pub(crate) type Usage = (Balancer, L4Proto, usize);
 /// How many destinations each rule serves.
 pub(crate) type Usages = BTreeMap<Usage, u32>;
 
+/// The endpoint counts `balancer`'s destinations of `proto` have, ascending.
+fn counts(
+    usages: &Usages,
+    balancer: Balancer,
+    proto: L4Proto,
+) -> impl DoubleEndedIterator<Item = usize> + '_ {
+    usages
+        .range((balancer, proto, 0)..=(balancer, proto, usize::MAX))
+        .map(|((_, _, count), _)| *count)
+}
+
 /// Creates or removes `balancer`'s map in `proto` to match `usages` (after a count came
 /// into use or fell out of it), naming it in `scope` when it does.
 pub(crate) fn keep_map(
@@ -209,10 +220,7 @@ pub(crate) fn keep_map(
     (balancer, proto): (Balancer, L4Proto),
     scope: Option<&mut Scope>,
 ) {
-    let used = usages
-        .range((balancer, proto, 0)..=(balancer, proto, usize::MAX))
-        .next()
-        .is_some();
+    let used = counts(usages, balancer, proto).next().is_some();
     let name = balancer.map(proto);
     if used == table.sets.contains_key(name) {
         return;
@@ -229,10 +237,9 @@ pub(crate) fn keep_map(
 
 /// A balancer's chain for one protocol: a rule for each count in use, largest first.
 pub(crate) fn chain(family: Family, balancer: Balancer, proto: L4Proto, usages: &Usages) -> Chain {
-    let rules = usages
-        .range((balancer, proto, 0)..=(balancer, proto, usize::MAX))
+    let rules = counts(usages, balancer, proto)
         .rev()
-        .map(|((_, _, count), _)| balancer.rule(family, proto, *count))
+        .map(|count| balancer.rule(family, proto, count))
         .collect();
     Chain::regular(balancer.proto_chain(proto), rules)
 }
