@@ -222,13 +222,19 @@ pub fn cold(services: u32, endpoints: u32) -> Result<ColdReport, String> {
     let rss_kb = status_kb("VmHWM");
     let mut syncs = vec![cold];
 
-    // Services 1 and 2 are plain ClusterIP Services (see synth::spec). Service 1 gets
-    // a count no destination had: its rule comes. Service 2 then joins that count,
-    // which is in use.
-    if specs.len() > 2 {
+    // Service 1 is a plain ClusterIP Service (see synth::spec), and so is its peer, the
+    // next one whose ClusterIP ends in the same four bits: they share a shard of the
+    // balancer. Service 1 gets a count no destination in the shard had: its rule comes.
+    // The peer then joins that count, which is in use.
+    let peer = specs.iter().skip(2).position(|s| {
+        s.kind == synth::Kind::ClusterIp
+            && !s.affinity
+            && s.cluster_ip.octets()[3] & 0x0f == specs[1].cluster_ip.octets()[3] & 0x0f
+    });
+    if let Some(peer) = peer.map(|p| p + 2) {
         for (changed, what) in [
             (1, "one endpoint added (a new count: its rule comes)"),
-            (2, "one endpoint added (a count in use)"),
+            (peer, "one endpoint added (a count in use)"),
         ] {
             syncs.push(add_endpoint(
                 &mut loaded,
@@ -238,12 +244,12 @@ pub fn cold(services: u32, endpoints: u32) -> Result<ColdReport, String> {
                 what,
             )?);
         }
-        // The first endpoint: the last one moves into its slot. Service 2 then leaves
+        // The first endpoint: the last one moves into its slot. The peer then leaves
         // the count it was the last to have: its rule goes too.
         for (changed, what) in [
             (1, "one endpoint removed (the first)"),
             (
-                2,
+                peer,
                 "one endpoint removed (the first, the last of its count: its rule goes)",
             ),
         ] {

@@ -203,7 +203,9 @@ fn addr_offset(field: PayloadField) -> Option<(u32, u32)> {
 fn load_len(expr: &Expr) -> Result<u32, LowerError> {
     Ok(match expr {
         Expr::Payload(PayloadField::ThDport | PayloadField::Dport(_)) => 2,
-        Expr::Payload(field) => addr_offset(*field).map_or(0, |(_, len)| len),
+        Expr::Payload(field) | Expr::PayloadAnd(field, _) => {
+            addr_offset(*field).map_or(0, |(_, len)| len)
+        }
         Expr::MetaL4proto => 1,
         Expr::NumgenRandom(_) | Expr::Tag(_) => 4,
         other => return err(format!("{other} cannot be part of a set key")),
@@ -212,6 +214,20 @@ fn load_len(expr: &Expr) -> Result<u32, LowerError> {
 
 /// Loads `expr` into `dreg`.
 fn load(expr: &Expr, dreg: u32, out: &mut Vec<RawExpr>) -> Result<(), LowerError> {
+    if let Expr::PayloadAnd(field, last) = expr {
+        let payload = Expr::Payload(*field);
+        load(&payload, dreg, out)?;
+        let len = load_len(&payload)? as usize;
+        let mut mask = vec![0; len];
+        mask[len - 1] = *last;
+        out.push(RawExpr::Bitwise {
+            sreg: dreg,
+            dreg,
+            mask,
+            xor: vec![0; len],
+        });
+        return Ok(());
+    }
     out.push(match expr {
         Expr::Payload(PayloadField::ThDport) => RawExpr::Payload {
             base: PayloadBase::Transport,
@@ -269,7 +285,7 @@ fn load(expr: &Expr, dreg: u32, out: &mut Vec<RawExpr>) -> Result<(), LowerError
             modulus: 1,
             offset: *tag,
         },
-        Expr::MetaMarkAnd(_) | Expr::Concat(_) => {
+        Expr::MetaMarkAnd(_) | Expr::PayloadAnd(..) | Expr::Concat(_) => {
             return err(format!("{expr} is not a single load"));
         }
     });
@@ -639,13 +655,23 @@ fn word_index(reg: u32) -> u32 {
 
 /// The key loaded at register 1 and onwards: one expression, or a concatenation.
 fn key_at(loaded: &[(u32, Loaded)]) -> Result<Expr, LowerError> {
-    let mut parts: Vec<(u32, Expr)> = loaded
-        .iter()
-        .filter_map(|(reg, value)| match value {
-            Loaded::Value { expr, .. } => Some((word_index(*reg), expr.clone())),
-            _ => None,
-        })
-        .collect();
+    let mut parts: Vec<(u32, Expr)> = Vec::with_capacity(loaded.len());
+    for (reg, value) in loaded {
+        let expr = match value {
+            Loaded::Value { expr, .. } => expr.clone(),
+            Loaded::Masked {
+                expr: Expr::Payload(field),
+                mask,
+            } => match mask.split_last() {
+                Some((last, rest)) if rest.iter().all(|b| *b == 0) => {
+                    Expr::PayloadAnd(*field, *last)
+                }
+                _ => return err(format!("a key field masked with {mask:02x?}")),
+            },
+            _ => continue,
+        };
+        parts.push((word_index(*reg), expr));
+    }
     parts.sort_by_key(|(word, _)| *word);
     match parts.len() {
         0 => err("lookup without a key"),

@@ -24,6 +24,16 @@ pub enum PayloadField {
     Dport(L4Proto),
 }
 
+impl PayloadField {
+    /// The type of the field's value.
+    pub fn data_type(self) -> DataType {
+        match self {
+            PayloadField::Saddr(family) | PayloadField::Daddr(family) => family.addr_type(),
+            PayloadField::ThDport | PayloadField::Dport(_) => DataType::InetService,
+        }
+    }
+}
+
 /// Which address `fib` looks up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FibInput {
@@ -44,6 +54,9 @@ pub enum Expr {
     MetaMark,
     /// `meta mark & MASK`
     MetaMarkAnd(u32),
+    /// `FIELD & MASK` with MASK covering the field's last byte only (`ip daddr &
+    /// 0.0.0.15`, `th dport & 15`): the low bits of an address or a port, as a set key.
+    PayloadAnd(PayloadField, u8),
     /// `iifname`
     Iifname,
     /// `ct state`
@@ -66,12 +79,7 @@ impl Expr {
     /// for expressions nftproxy never stores in a set.
     pub fn data_type(&self) -> Option<DataType> {
         match self {
-            Expr::Payload(PayloadField::Saddr(family) | PayloadField::Daddr(family)) => {
-                Some(family.addr_type())
-            }
-            Expr::Payload(PayloadField::ThDport | PayloadField::Dport(_)) => {
-                Some(DataType::InetService)
-            }
+            Expr::Payload(field) | Expr::PayloadAnd(field, _) => Some(field.data_type()),
             Expr::MetaL4proto => Some(DataType::InetProto),
             Expr::NumgenRandom(_) | Expr::Tag(_) => Some(DataType::Integer),
             _ => None,
@@ -81,7 +89,9 @@ impl Expr {
     /// Whether this expression loads `th dport`.
     pub fn loads_port(&self) -> bool {
         match self {
-            Expr::Payload(PayloadField::ThDport) => true,
+            Expr::Payload(PayloadField::ThDport) | Expr::PayloadAnd(PayloadField::ThDport, _) => {
+                true
+            }
             Expr::Concat(parts) => parts.iter().any(Expr::loads_port),
             _ => false,
         }

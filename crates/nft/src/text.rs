@@ -131,6 +131,14 @@ fn write_expr(f: &mut Formatter<'_>, expr: &Expr, proto: Option<L4Proto>) -> fmt
             Some(proto) => write!(f, "{} dport", proto.name()),
             None => f.write_str("th dport"),
         },
+        Expr::PayloadAnd(field, mask) => {
+            write_expr(f, &Expr::Payload(*field), proto)?;
+            match field.data_type() {
+                DataType::Ipv4Addr => write!(f, " & 0.0.0.{mask}"),
+                DataType::Ipv6Addr => write!(f, " & ::{mask:x}"),
+                _ => write!(f, " & {mask}"),
+            }
+        }
         Expr::MetaL4proto => f.write_str("meta l4proto"),
         Expr::MetaMark => f.write_str("meta mark"),
         Expr::MetaMarkAnd(mask) => write!(f, "meta mark & {mask:#010x}"),
@@ -454,6 +462,25 @@ mod tests {
         assert_eq!(
             lookup.to_string(),
             "ip saddr . ip daddr . meta l4proto . th dport @hairpin-connections masquerade fully-random comment \"x\""
+        );
+        let shards = |field| {
+            Rule::new(vec![Stmt::Vmap {
+                key: Expr::Concat(vec![Expr::MetaL4proto, Expr::PayloadAnd(field, 0x0f)]),
+                map: "shards".to_owned(),
+            }])
+            .to_string()
+        };
+        assert_eq!(
+            shards(PayloadField::Daddr(Family::Ip)),
+            "meta l4proto . ip daddr & 0.0.0.15 vmap @shards"
+        );
+        assert_eq!(
+            shards(PayloadField::Daddr(Family::Ip6)),
+            "meta l4proto . ip6 daddr & ::f vmap @shards"
+        );
+        assert_eq!(
+            shards(PayloadField::ThDport),
+            "meta l4proto . th dport & 15 vmap @shards"
         );
     }
 }

@@ -475,6 +475,12 @@ fn values(key: &Expr, state: &State, drawn: u32) -> Option<Vec<Value>> {
             Expr::Payload(PayloadField::Daddr(_)) => Value::Addr(p.daddr),
             Expr::Payload(PayloadField::ThDport) => Value::Port(p.dport),
             Expr::Payload(PayloadField::Dport(proto)) if p.proto == *proto => Value::Port(p.dport),
+            Expr::PayloadAnd(field, mask) => {
+                let [loaded] = values(&Expr::Payload(*field), state, drawn)?[..] else {
+                    return None;
+                };
+                loaded.last_byte_and(*mask)?
+            }
             Expr::MetaL4proto => Value::Proto(p.proto),
             Expr::NumgenRandom(_) => Value::Number(drawn),
             Expr::Tag(tag) => Value::Number(*tag),

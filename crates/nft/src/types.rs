@@ -174,6 +174,25 @@ const TAG_PORT: u8 = 3;
 const TAG_NUMBER: u8 = 4;
 
 impl Value {
+    /// The value with every byte but the last cleared and the last ANDed with `mask`:
+    /// what `FIELD & MASK` ([`crate::Expr::PayloadAnd`]) loads from a field holding it.
+    /// `None` for a protocol, which no payload field holds.
+    pub fn last_byte_and(self, mask: u8) -> Option<Value> {
+        Some(match self {
+            Value::Addr(IpAddr::V4(addr)) => {
+                Value::Addr(IpAddr::from([0, 0, 0, addr.octets()[3] & mask]))
+            }
+            Value::Addr(IpAddr::V6(addr)) => {
+                let mut octets = [0; 16];
+                octets[15] = addr.octets()[15] & mask;
+                Value::Addr(IpAddr::from(octets))
+            }
+            Value::Port(port) => Value::Port(port & u16::from(mask)),
+            Value::Number(number) => Value::Number(number & u32::from(mask)),
+            Value::Proto(_) => return None,
+        })
+    }
+
     /// Appends the field as a tag byte and its value in network order: comparing two
     /// encodings byte by byte orders them as comparing the values field by field.
     pub(crate) fn encode_into(self, out: &mut Vec<u8>) {
@@ -272,6 +291,17 @@ impl Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_last_byte_survives_a_last_byte_mask() {
+        let and = |value, mask| Value::last_byte_and(value, mask);
+        let addr = |text: &str| Value::Addr(text.parse().unwrap());
+        assert_eq!(and(addr("10.96.1.250"), 0x0f), Some(addr("0.0.0.10")));
+        assert_eq!(and(addr("fd00::12:3ff"), 0x0f), Some(addr("::f")));
+        assert_eq!(and(Value::Port(30_011), 0x0f), Some(Value::Port(11)));
+        assert_eq!(and(Value::Number(0x1234), 0xff), Some(Value::Number(0x34)));
+        assert_eq!(and(Value::Proto(L4Proto::Tcp), 0x0f), None);
+    }
 
     #[test]
     fn encoded_keys_decode_and_order_as_their_values() {

@@ -7,35 +7,54 @@ use nftproxy_testkit::tables_from_yaml;
 
 /// Service `web` with the given endpoint addresses, plus three unrelated services, `db`
 /// with two endpoints, `queue` with three and `cache` with five, so that the balancer
-/// has rules for those counts whatever `web` has.
+/// has rules for those counts whatever `web` has: all four ClusterIPs end in the same
+/// four bits, so they share a shard's chain.
 fn cluster(web_endpoints: &[u8], with_web: bool) -> String {
     let mut yaml = String::new();
-    let mut service = |name: &str, cluster_ip: &str, endpoints: &[String]| {
-        yaml.push_str(&format!(
-            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: ns}}\n\
-             spec: {{clusterIP: {cluster_ip}, ports: [{{name: p, port: 80}}]}}\n---\n\
-             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
-             metadata: {{name: {name}-1, namespace: ns, labels: {{kubernetes.io/service-name: {name}}}}}\n\
-             addressType: IPv4\nports: [{{name: p, port: 80}}]\nendpoints:\n"
-        ));
-        for address in endpoints {
-            yaml.push_str(&format!("- addresses: [{address}]\n"));
-        }
-    };
     let addresses = |prefix: &str, last: &[u8]| -> Vec<String> {
         last.iter().map(|e| format!("{prefix}{e}")).collect()
     };
-    service("db", "172.30.0.2", &addresses("10.180.9.", &[1, 2]));
-    service("queue", "172.30.0.4", &addresses("10.180.7.", &[1, 2, 3]));
     service(
+        &mut yaml,
+        "db",
+        "172.30.0.17",
+        &addresses("10.180.9.", &[1, 2]),
+    );
+    service(
+        &mut yaml,
+        "queue",
+        "172.30.0.33",
+        &addresses("10.180.7.", &[1, 2, 3]),
+    );
+    service(
+        &mut yaml,
         "cache",
-        "172.30.0.3",
+        "172.30.0.49",
         &addresses("10.180.8.", &[1, 2, 3, 4, 5]),
     );
     if with_web {
-        service("web", "172.30.0.1", &addresses("10.180.0.", web_endpoints));
+        service(
+            &mut yaml,
+            "web",
+            "172.30.0.1",
+            &addresses("10.180.0.", web_endpoints),
+        );
     }
     yaml
+}
+
+/// Appends a ClusterIP Service on port 80 and its EndpointSlice.
+fn service(yaml: &mut String, name: &str, cluster_ip: &str, endpoints: &[String]) {
+    yaml.push_str(&format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: ns}}\n\
+         spec: {{clusterIP: {cluster_ip}, ports: [{{name: p, port: 80}}]}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: {name}-1, namespace: ns, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+         addressType: IPv4\nports: [{{name: p, port: 80}}]\nendpoints:\n"
+    ));
+    for address in endpoints {
+        yaml.push_str(&format!("- addresses: [{address}]\n"));
+    }
 }
 
 fn reconciler_at(yaml: &str) -> Reconciler<FakeBackend> {
@@ -125,6 +144,26 @@ fn a_removed_service_leaves_nothing_behind() {
     let text = kernel.to_string();
     assert!(
         !text.contains("172.30.0.1 ") && !text.contains("10.180.0."),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_service_alone_in_its_shard_brings_and_takes_the_shard() {
+    let mut r = reconciler_at(&cluster(&[1, 2], true));
+    let mut with_solo = cluster(&[1, 2], true);
+    // 172.30.0.2 ends in other bits than the rest
+    service(&mut with_solo, "solo", "172.30.0.2", &["10.180.6.1".into()]);
+    // cluster-ips, load-balance, endpoint and hairpin elements (4); the shard's map,
+    // its chain, the rule for one endpoint, and the shard's element in the balancer's
+    // verdict map (4)
+    assert_eq!(operations(&mut r, &with_solo), 8);
+    // the same elements, but the endpoint goes with its map, and the rule with the
+    // chain's flush
+    assert_eq!(operations(&mut r, &cluster(&[1, 2], true)), 7);
+    let text = r.applied(nftproxy_nft::Family::Ip).unwrap().to_string();
+    assert!(
+        !text.contains("-2 ") && !text.contains("10.180.6."),
         "{text}"
     );
 }

@@ -1,31 +1,36 @@
-//! Load balancing by map elements: a destination's endpoints are elements of a map (one
-//! per balancer and protocol) keyed by the destination and an index, and one shared rule
-//! per endpoint count in use draws the index with `numgen random mod COUNT`;
-//! destinations enter the shared chains through sets named after them.
+//! Load balancing by map elements: a destination's endpoints are elements of a map keyed
+//! by the destination and an index, and one rule per endpoint count in use draws the
+//! index with `numgen random mod COUNT`; destinations enter the balancers through sets
+//! named after them, and each balancer sends a packet on by its protocol and the last
+//! bits of its destination address (or NodePort) to one of sixteen shards.
 //!
-//! Invariant: a balancer's chain sends each protocol to a chain of its own, which holds
-//! one rule for every endpoint count a destination of that protocol has, largest count
-//! first, and the protocol's map exists while a destination uses it. A rule's draw that
-//! names no endpoint of the destination (its count is smaller) finds no map element, so
-//! the rule does not match and the next, smaller count draws again; the first draw that
-//! names an endpoint picks each endpoint of the destination with the same probability,
-//! and the rule of the destination's own count always names one. So the split is equal,
-//! and no set says which destination has which count: adding or removing an endpoint
-//! changes the destination's map elements only, unless its old count falls out of use
-//! or its new count comes into use, and then one rule goes or comes. (The kernel
-//! revalidates the table, and walks the whole map, for every rule it adds, but not for
-//! map elements; it does neither for a rule deleted.) The rules are a pure function of
-//! the counts in use, so the output stays deterministic. Indices are given in endpoint
-//! order; the maps are slot maps ([`nftproxy_nft::Set::is_slot_map`]), so the diff may
-//! keep the kernel's endpoints in another order that means the same.
+//! Invariant: a shard (a balancer's destinations of one protocol whose address or
+//! NodePort ends in the same four bits) has a chain and a map while a destination uses
+//! it, and its chain holds one rule for every endpoint count its destinations have,
+//! largest count first. A rule's draw that names no endpoint of the destination (its
+//! count is smaller) finds no map element, so the rule does not match and the next,
+//! smaller count draws again; the first draw that names an endpoint picks each endpoint
+//! of the destination with the same probability, and the rule of the destination's own
+//! count always names one. So the split is equal, and no set says which destination
+//! has which count: adding or removing an endpoint changes the destination's map
+//! elements only, unless its old count falls out of use or its new count comes into use
+//! in its shard, and then one rule goes or comes. (The kernel revalidates the table for
+//! every rule it adds, and walks the whole map the rule reads: sharding divides that
+//! walk by sixteen. It does neither for map elements, nor for a rule deleted.) The rules
+//! are a pure function of the counts in use, so the output stays deterministic. Indices
+//! are given in endpoint order; the maps are slot maps
+//! ([`nftproxy_nft::Set::is_slot_map`]), so the diff may keep the kernel's endpoints in
+//! another order that means the same.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::LazyLock;
 
 use nftproxy_model::{Endpoint, ProxyState};
 use nftproxy_nft::{
     Chain, DataType, Element, Expr, Family, FibInput, L4Proto, PayloadField, Rhs, Rule, Scope, Set,
-    Stmt, Table, Value,
+    Stmt, Table, Value, Verdict,
 };
 
 use crate::skeleton::{local_traffic_match, mark_for_masquerade};
@@ -61,7 +66,7 @@ impl Balancer {
         }
     }
 
-    /// The chain destinations enter by: it sends each protocol to its own chain.
+    /// The chain destinations enter by: it sends each to its shard's chain.
     pub(crate) fn chain(self) -> &'static str {
         match self {
             Balancer::Cluster => "load-balance",
@@ -71,40 +76,62 @@ impl Balancer {
         }
     }
 
-    /// The chain that draws an endpoint for one protocol.
-    pub(crate) fn proto_chain(self, proto: L4Proto) -> String {
-        format!("{}-{}", self.chain(), proto.name())
+    /// The verdict map from protocol and shard bits to a shard's chain.
+    fn shards(self) -> &'static str {
+        match self {
+            Balancer::Cluster => "load-balance-shards",
+            Balancer::Local => "load-balance-local-shards",
+            Balancer::NodePort => "load-balance-nodeport-shards",
+            Balancer::NodePortLocal => "load-balance-nodeport-local-shards",
+        }
     }
 
-    /// The map from destination and index to endpoint, for one protocol. (One map per
-    /// protocol: nft 1.0.6 refuses to add a rule using a map already in the kernel
-    /// whose value is declared with `th dport`, and takes `udp dport` only in UDP rules.)
-    pub(crate) fn map(self, proto: L4Proto) -> &'static str {
-        use L4Proto::{Sctp, Tcp, Udp};
-        match (self, proto) {
-            (Balancer::Cluster, Tcp) => "tcp-endpoints",
-            (Balancer::Cluster, Udp) => "udp-endpoints",
-            (Balancer::Cluster, Sctp) => "sctp-endpoints",
-            (Balancer::Local, Tcp) => "tcp-local-endpoints",
-            (Balancer::Local, Udp) => "udp-local-endpoints",
-            (Balancer::Local, Sctp) => "sctp-local-endpoints",
-            (Balancer::NodePort, Tcp) => "tcp-nodeport-endpoints",
-            (Balancer::NodePort, Udp) => "udp-nodeport-endpoints",
-            (Balancer::NodePort, Sctp) => "sctp-nodeport-endpoints",
-            (Balancer::NodePortLocal, Tcp) => "tcp-nodeport-local-endpoints",
-            (Balancer::NodePortLocal, Udp) => "udp-nodeport-local-endpoints",
-            (Balancer::NodePortLocal, Sctp) => "sctp-nodeport-local-endpoints",
-        }
+    /// The start of the names of its maps in one protocol. (One map per protocol: nft
+    /// 1.0.6 refuses to add a rule using a map already in the kernel whose value is
+    /// declared with `th dport`, and takes `udp dport` only in UDP rules.)
+    fn map(self, proto: L4Proto) -> String {
+        let infix = match self {
+            Balancer::Cluster => "",
+            Balancer::Local => "-local",
+            Balancer::NodePort => "-nodeport",
+            Balancer::NodePortLocal => "-nodeport-local",
+        };
+        format!("{}{infix}-endpoints", proto.name())
+    }
+
+    fn by_node_port(self) -> bool {
+        matches!(self, Balancer::NodePort | Balancer::NodePortLocal)
     }
 
     /// `[ip daddr .] PORT`: what identifies a destination of one protocol.
     fn destination(self, family: Family, port: PayloadField) -> Vec<Expr> {
         let mut parts = Vec::with_capacity(2);
-        if !matches!(self, Balancer::NodePort | Balancer::NodePortLocal) {
+        if !self.by_node_port() {
             parts.push(Expr::daddr(family));
         }
         parts.push(Expr::Payload(port));
         parts
+    }
+
+    /// What picks a destination's shard: its address, or its NodePort.
+    fn sharded_field(self, family: Family) -> PayloadField {
+        if self.by_node_port() {
+            PayloadField::ThDport
+        } else {
+            PayloadField::Daddr(family)
+        }
+    }
+
+    /// `meta l4proto . FIELD & 15 vmap @SHARDS`
+    fn dispatch(self, family: Family) -> Rule {
+        let key = Expr::Concat(vec![
+            Expr::MetaL4proto,
+            Expr::PayloadAnd(self.sharded_field(family), SHARD_BITS),
+        ]);
+        Rule::new(vec![Stmt::Vmap {
+            key,
+            map: self.shards().to_owned(),
+        }])
     }
 
     fn what(self) -> &'static str {
@@ -115,33 +142,110 @@ impl Balancer {
             Balancer::NodePortLocal => "node-local endpoints by NodePort",
         }
     }
+}
 
-    fn map_declaration(self, family: Family, proto: L4Proto) -> Set {
+/// The bits of the last byte of a destination's address (or NodePort) that pick its
+/// shard: sixteen shards, so that ClusterIPs and NodePorts, allocated at random, spread
+/// evenly.
+const SHARD_BITS: u8 = 0x0f;
+
+/// The destinations of one balancer and protocol whose address (or NodePort) ends in
+/// the same bits: they share a chain and a map, and a rule added for one of them makes
+/// the kernel walk that map only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct Shard {
+    balancer: Balancer,
+    proto: L4Proto,
+    /// The last byte of the address (or NodePort) `& SHARD_BITS`.
+    bits: u8,
+}
+
+/// Every shard's chain and map names, made once: elements name their map for every
+/// endpoint rendered.
+static SHARD_NAMES: LazyLock<BTreeMap<Shard, (String, String)>> = LazyLock::new(|| {
+    let mut names = BTreeMap::new();
+    for balancer in Balancer::ALL {
+        for proto in L4Proto::ALL {
+            for bits in 0..=SHARD_BITS {
+                let chain = format!("{}-{}-{bits}", balancer.chain(), proto.name());
+                let map = format!("{}-{bits}", balancer.map(proto));
+                names.insert(
+                    Shard {
+                        balancer,
+                        proto,
+                        bits,
+                    },
+                    (chain, map),
+                );
+            }
+        }
+    }
+    names
+});
+
+impl Shard {
+    fn names(self) -> &'static (String, String) {
+        SHARD_NAMES
+            .get(&self)
+            .expect("every shard is named: its bits are masked with SHARD_BITS")
+    }
+
+    /// The chain that draws an endpoint for the shard's destinations.
+    pub(crate) fn chain(self) -> &'static str {
+        &self.names().0
+    }
+
+    /// The map from destination and index to endpoint.
+    fn map(self) -> &'static str {
+        &self.names().1
+    }
+
+    /// The shard's key in its balancer's verdict map: protocol and bits.
+    fn key(self, family: Family) -> Vec<Value> {
+        let bits = if self.balancer.by_node_port() {
+            Value::Port(u16::from(self.bits))
+        } else if family == Family::Ip6 {
+            Value::Addr(Ipv6Addr::from(u128::from(self.bits)).into())
+        } else {
+            Value::Addr(Ipv4Addr::from(u32::from(self.bits)).into())
+        };
+        vec![Value::Proto(self.proto), bits]
+    }
+
+    fn map_declaration(self, family: Family) -> Set {
+        let Shard {
+            balancer, proto, ..
+        } = self;
         let port = PayloadField::Dport(proto);
-        let mut key = self.destination(family, port);
+        let mut key = balancer.destination(family, port);
         key.push(Expr::NumgenRandom(1));
         Set::typeof_map(
-            self.map(proto),
+            self.map(),
             key,
             vec![Expr::daddr(family), Expr::Payload(port)],
         )
         .expect("addresses, ports and numgen results all have data types")
-        .with_comment(format!("{} {}, and index", proto.name(), self.what()))
+        .with_comment(format!(
+            "{} {} ending in {:#x}, and index",
+            proto.name(),
+            balancer.what(),
+            self.bits
+        ))
     }
 
     /// `meta l4proto PROTO dnat to DESTINATION . numgen random mod COUNT map @MAP`: an
     /// endpoint of a destination with `count` endpoints or more, or no match for one
-    /// whose endpoints the draw misses. (The protocol's chain sees only that protocol,
-    /// but nft takes a port mapping only after a protocol match in the same rule.)
-    fn rule(self, family: Family, proto: L4Proto, count: usize) -> Rule {
-        let mut drawn = self.destination(family, PayloadField::ThDport);
+    /// whose endpoints the draw misses. (The shard's chain sees only its protocol, but
+    /// nft takes a port mapping only after a protocol match in the same rule.)
+    fn rule(self, family: Family, count: usize) -> Rule {
+        let mut drawn = self.balancer.destination(family, PayloadField::ThDport);
         drawn.push(Expr::NumgenRandom(u32::try_from(count).unwrap_or(u32::MAX)));
         Rule::new(vec![
-            Stmt::eq(Expr::MetaL4proto, Rhs::Proto(proto)),
+            Stmt::eq(Expr::MetaL4proto, Rhs::Proto(self.proto)),
             Stmt::DnatMap {
                 family,
                 key: Expr::Concat(drawn),
-                map: self.map(proto).to_owned(),
+                map: self.map().to_owned(),
             },
         ])
     }
@@ -150,8 +254,7 @@ impl Balancer {
 /// One destination's endpoints in one balancer.
 #[derive(Debug)]
 pub(crate) struct Destination {
-    balancer: Balancer,
-    proto: L4Proto,
+    shard: Shard,
     /// `[address .] port`
     key: Vec<Value>,
     /// At least one.
@@ -166,9 +269,18 @@ impl Destination {
         key: Vec<Value>,
         endpoints: &[Endpoint],
     ) -> Destination {
+        let bits = match key.first().and_then(|v| v.last_byte_and(SHARD_BITS)) {
+            Some(Value::Addr(IpAddr::V4(addr))) => addr.octets()[3],
+            Some(Value::Addr(IpAddr::V6(addr))) => addr.octets()[15],
+            Some(Value::Port(port)) => port.to_be_bytes()[1],
+            _ => 0,
+        };
         Destination {
-            balancer,
-            proto,
+            shard: Shard {
+                balancer,
+                proto,
+                bits,
+            },
             key,
             endpoints: endpoints.iter().map(|e| (e.ip, e.port)).collect(),
         }
@@ -176,12 +288,12 @@ impl Destination {
 
     /// The rule this destination needs.
     pub(crate) fn usage(&self) -> Usage {
-        (self.balancer, self.proto, self.endpoints.len())
+        (self.shard, self.endpoints.len())
     }
 
     /// One map element per endpoint.
     pub(crate) fn elements(&self) -> impl Iterator<Item = (Cow<'static, str>, Element)> + '_ {
-        let map = self.balancer.map(self.proto);
+        let map = self.shard.map();
         (0u32..)
             .zip(&self.endpoints)
             .map(move |(index, (ip, port))| {
@@ -195,53 +307,68 @@ impl Destination {
     }
 }
 
-/// (balancer, protocol, endpoint count): one rule.
-pub(crate) type Usage = (Balancer, L4Proto, usize);
+/// (shard, endpoint count): one rule.
+pub(crate) type Usage = (Shard, usize);
 
 /// How many destinations each rule serves.
 pub(crate) type Usages = BTreeMap<Usage, u32>;
 
-/// The endpoint counts `balancer`'s destinations of `proto` have, ascending.
-fn counts(
-    usages: &Usages,
-    balancer: Balancer,
-    proto: L4Proto,
-) -> impl DoubleEndedIterator<Item = usize> + '_ {
+/// The endpoint counts `shard`'s destinations have, ascending.
+fn counts(usages: &Usages, shard: Shard) -> impl DoubleEndedIterator<Item = usize> + '_ {
     usages
-        .range((balancer, proto, 0)..=(balancer, proto, usize::MAX))
-        .map(|((_, _, count), _)| *count)
+        .range((shard, 0)..=(shard, usize::MAX))
+        .map(|((_, count), _)| *count)
 }
 
-/// Creates or removes `balancer`'s map in `proto` to match `usages` (after a count came
-/// into use or fell out of it), naming it in `scope` when it does.
-pub(crate) fn keep_map(
+/// Creates or removes `shard`'s map, its chain and its element in its balancer's
+/// verdict map to match `usages` (after a count came into use or fell out of it),
+/// naming them in `scope` when it does. The chain's rules are [`chain`]'s to write.
+pub(crate) fn keep_shard(
     table: &mut Table,
     usages: &Usages,
-    (balancer, proto): (Balancer, L4Proto),
+    shard: Shard,
     scope: Option<&mut Scope>,
 ) {
-    let used = counts(usages, balancer, proto).next().is_some();
-    let name = balancer.map(proto);
-    if used == table.sets.contains_key(name) {
+    let used = counts(usages, shard).next().is_some();
+    let map = shard.map();
+    if used == table.sets.contains_key(map) {
         return;
     }
+    let family = table.family;
+    let key = shard.key(family);
+    let shards = shard.balancer.shards();
     if used {
-        table.add_set(balancer.map_declaration(table.family, proto));
+        table.add_set(shard.map_declaration(family));
+        table.add_element(
+            shards,
+            Element::with_verdict(key.clone(), Verdict::Goto(shard.chain().to_owned())),
+        );
     } else {
-        table.sets.remove(name);
+        table.sets.remove(map);
+        table.chains.remove(shard.chain());
+        if let Some(set) = table.sets.get_mut(shards) {
+            set.elements.remove(&key);
+        }
     }
     if let Some(scope) = scope {
-        scope.sets.insert(name.to_owned());
+        scope.sets.insert(map.to_owned());
+        scope.chains.insert(shard.chain().to_owned());
+        scope
+            .elements
+            .entry(shards.to_owned())
+            .or_default()
+            .insert(key);
     }
 }
 
-/// A balancer's chain for one protocol: a rule for each count in use, largest first.
-pub(crate) fn chain(family: Family, balancer: Balancer, proto: L4Proto, usages: &Usages) -> Chain {
-    let rules = counts(usages, balancer, proto)
+/// A shard's chain: a rule for each count in use, largest first; `None` when no
+/// destination uses the shard.
+pub(crate) fn chain(family: Family, shard: Shard, usages: &Usages) -> Option<Chain> {
+    let rules: Vec<Rule> = counts(usages, shard)
         .rev()
-        .map(|count| balancer.rule(family, proto, count))
+        .map(|count| shard.rule(family, count))
         .collect();
-    Chain::regular(balancer.proto_chain(proto), rules)
+    (!rules.is_empty()).then(|| Chain::regular(shard.chain(), rules))
 }
 
 /// The entry chain of externally reached destinations without affinity, for each
@@ -315,8 +442,8 @@ pub(crate) fn entry_rules(key: &Expr, by_address: bool) -> Vec<Rule> {
         .collect()
 }
 
-/// The balancers' (still empty) chains, the shared external entry chains, and the
-/// (still empty) sets of destinations entering each.
+/// The balancers' chains and (still empty) shard maps, the shared external entry
+/// chains, and the (still empty) sets of destinations entering each.
 pub(crate) fn add_shared(table: &mut Table, state: &ProxyState) {
     let addr = table.family.addr_type();
     for (chain, by_address) in entries() {
@@ -327,16 +454,28 @@ pub(crate) fn add_shared(table: &mut Table, state: &ProxyState) {
         table.add_set(Set::new(chain, key).with_comment(format!("destinations going to {chain}")));
     }
     for balancer in Balancer::ALL {
-        let dispatch = L4Proto::ALL.map(|proto| {
-            Rule::new(vec![
-                Stmt::eq(Expr::MetaL4proto, Rhs::Proto(proto)),
-                Stmt::goto(balancer.proto_chain(proto)),
-            ])
-        });
-        table.add_chain(Chain::regular(balancer.chain(), dispatch.to_vec()));
-        for proto in L4Proto::ALL {
-            table.add_chain(Chain::regular(balancer.proto_chain(proto), Vec::new()));
-        }
+        let bits = if balancer.by_node_port() {
+            DataType::InetService
+        } else {
+            addr
+        };
+        table.add_set(
+            Set::verdict_map(balancer.shards(), vec![DataType::InetProto, bits]).with_comment(
+                format!(
+                    "{} chains by protocol and the last four bits of the {}",
+                    balancer.chain(),
+                    if balancer.by_node_port() {
+                        "NodePort"
+                    } else {
+                        "address"
+                    }
+                ),
+            ),
+        );
+        table.add_chain(Chain::regular(
+            balancer.chain(),
+            vec![balancer.dispatch(table.family)],
+        ));
     }
     for node_port in [false, true] {
         for local in [false, true] {

@@ -6,7 +6,7 @@
 //! updated with, and the [`Scope`] an update returns names every object that differs
 //! from the tables before. Two service ports may put the same element in a shared set
 //! (one ClusterIP for several ports, one endpoint behind several Services); the element
-//! stays until the last of them takes it out. A balancer's map and rules follow the
+//! stays until the last of them takes it out. A shard's map, chain and rules follow the
 //! endpoint counts in use (see [`crate::balance`]).
 
 use std::borrow::Cow;
@@ -14,9 +14,9 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use nftproxy_model::{Build, Delta, IpFamily, PortChanges, ProxyState, ServicePortState};
-use nftproxy_nft::{Chain, Element, Family, L4Proto, Scope, Scopes, Set, Table, Value};
+use nftproxy_nft::{Chain, Element, Family, Scope, Scopes, Set, Table, Value};
 
-use crate::balance::{self, Balancer, Destination, Usages};
+use crate::balance::{self, Destination, Shard, Usages};
 use crate::{nft_family, services, skeleton};
 
 /// What one service port adds to its family's table.
@@ -69,17 +69,12 @@ fn put(table: &mut Table, shared: &mut Shared, fragment: Fragment, mut scope: Op
     } = fragment;
     let mut changed = BTreeSet::new();
     for destination in &destinations {
-        let usage @ (balancer, proto, _) = destination.usage();
+        let usage @ (shard, _) = destination.usage();
         let uses = shared.usages.entry(usage).or_default();
         *uses += 1;
         if *uses == 1 {
-            balance::keep_map(
-                table,
-                &shared.usages,
-                (balancer, proto),
-                scope.as_deref_mut(),
-            );
-            changed.insert((balancer, proto));
+            balance::keep_shard(table, &shared.usages, shard, scope.as_deref_mut());
+            changed.insert(shard);
         }
         elements.extend(destination.elements());
     }
@@ -94,15 +89,17 @@ fn put(table: &mut Table, shared: &mut Shared, fragment: Fragment, mut scope: Op
     rebuild_balancers(table, &shared.usages, changed, scope);
 }
 
-/// A new chain for each balancer and protocol whose rules changed.
+/// A new chain for each shard in use whose rules changed.
 fn rebuild_balancers(
     table: &mut Table,
     usages: &Usages,
-    changed: BTreeSet<(Balancer, L4Proto)>,
+    changed: BTreeSet<Shard>,
     mut scope: Option<&mut Scope>,
 ) {
-    for (balancer, proto) in changed {
-        let chain = balance::chain(table.family, balancer, proto, usages);
+    for shard in changed {
+        let Some(chain) = balance::chain(table.family, shard, usages) else {
+            continue;
+        };
         if let Some(scope) = scope.as_deref_mut() {
             scope.chains.insert(chain.name.clone());
         }
@@ -151,8 +148,8 @@ fn put_objects(
 }
 
 /// Removes a service port's objects from `table` (shared elements only with their last
-/// holder; a balancer's rule with the last destination of its count, and its map with
-/// the last destination), noting them in `scope`.
+/// holder; a shard's rule with the last destination of its count, and its chain and
+/// map with the last destination), noting them in `scope`.
 fn take(table: &mut Table, shared: &mut Shared, fragment: Fragment, scope: &mut Scope) {
     let mut elements = fragment.elements;
     for destination in &fragment.destinations {
@@ -168,7 +165,7 @@ fn take(table: &mut Table, shared: &mut Shared, fragment: Fragment, scope: &mut 
     );
     let mut changed = BTreeSet::new();
     for destination in &fragment.destinations {
-        let usage @ (balancer, proto, _) = destination.usage();
+        let usage @ (shard, _) = destination.usage();
         let Some(uses) = shared.usages.get_mut(&usage) else {
             continue;
         };
@@ -177,8 +174,8 @@ fn take(table: &mut Table, shared: &mut Shared, fragment: Fragment, scope: &mut 
             continue;
         }
         shared.usages.remove(&usage);
-        balance::keep_map(table, &shared.usages, (balancer, proto), Some(scope));
-        changed.insert((balancer, proto));
+        balance::keep_shard(table, &shared.usages, shard, Some(scope));
+        changed.insert(shard);
     }
     rebuild_balancers(table, &shared.usages, changed, Some(scope));
 }
