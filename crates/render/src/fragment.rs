@@ -86,11 +86,11 @@ fn put(table: &mut Table, shared: &mut Shared, fragment: Fragment, mut scope: Op
         elements,
         scope.as_deref_mut(),
     );
-    rebuild_balancers(table, &shared.usages, changed, scope);
+    rebuild_shards(table, &shared.usages, changed, scope);
 }
 
 /// A new chain for each shard in use whose rules changed.
-fn rebuild_balancers(
+fn rebuild_shards(
     table: &mut Table,
     usages: &Usages,
     changed: BTreeSet<Shard>,
@@ -177,7 +177,7 @@ fn take(table: &mut Table, shared: &mut Shared, fragment: Fragment, scope: &mut 
         balance::keep_shard(table, &shared.usages, shard, Some(scope));
         changed.insert(shard);
     }
-    rebuild_balancers(table, &shared.usages, changed, Some(scope));
+    rebuild_shards(table, &shared.usages, changed, Some(scope));
 }
 
 fn take_objects(
