@@ -13,7 +13,7 @@ use nftproxy_model::{Builder, ProxyConfig, Snapshot, build};
 use nftproxy_netlink::NetlinkBackend;
 use nftproxy_nft::{Backend, Family, Table, Transaction};
 use nftproxy_proxier::{Reconciler, ReconcilerOptions};
-use nftproxy_render::{Renderer, TABLE_NAME, render_all};
+use nftproxy_render::{Renderer, SHARD_BITS, TABLE_NAME, render_all};
 use serde::{Deserialize, Serialize};
 
 use crate::synth::{self, CLUSTER_CIDR, NODE_IP, NODE_NAME, PORT, Spec, TARGET_PORT};
@@ -229,7 +229,7 @@ pub fn cold(services: u32, endpoints: u32) -> Result<ColdReport, String> {
     let peer = specs.iter().skip(2).position(|s| {
         s.kind == synth::Kind::ClusterIp
             && !s.affinity
-            && s.cluster_ip.octets()[3] & 0x0f == specs[1].cluster_ip.octets()[3] & 0x0f
+            && s.cluster_ip.octets()[3] & SHARD_BITS == specs[1].cluster_ip.octets()[3] & SHARD_BITS
     });
     if let Some(peer) = peer.map(|p| p + 2) {
         for (changed, what) in [

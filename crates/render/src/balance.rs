@@ -147,7 +147,7 @@ impl Balancer {
 /// The bits of the last byte of a destination's address (or NodePort) that pick its
 /// shard: sixteen shards, so that ClusterIPs and NodePorts, allocated at random, spread
 /// evenly.
-const SHARD_BITS: u8 = 0x0f;
+pub const SHARD_BITS: u8 = 0x0f;
 
 /// The destinations of one balancer and protocol whose address (or NodePort) ends in
 /// the same bits: they share a chain and a map, and a rule added for one of them makes

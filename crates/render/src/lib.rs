@@ -19,6 +19,7 @@ mod skeleton;
 use nftproxy_model::{Build, IpFamily, Protocol, ProxyState};
 use nftproxy_nft::{Family, L4Proto, Table, Value};
 
+pub use balance::SHARD_BITS;
 pub use fragment::{Renderer, render};
 pub use names::hash_and_truncate;
 
