@@ -4,14 +4,17 @@
 //! endpoint changes were triggered).
 //!
 //! Invariant: a [`Snapshot`] is only handed out once the initial lists of both Services and
-//! EndpointSlices are complete, so a half-listed cluster is never programmed; after that
-//! the caches keep their last contents while the API server is unreachable, and a relist
-//! replaces a cache only once it is complete.
+//! EndpointSlices are complete and this node's Node is known (or a bounded wait for it has
+//! passed), so a half-listed cluster is never programmed; after that the caches keep their
+//! last contents while the API server is unreachable, and a relist replaces a cache only
+//! once it is complete.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -22,6 +25,7 @@ use kube::{Api, Config, ResourceExt};
 use nftproxy_model::{CompactString, DecodedEndpointSlice, DecodedService, IpFamily, Snapshot};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 pub use kube::Client;
@@ -35,6 +39,29 @@ pub const LABEL_SELECTOR: &str =
 /// EndpointSlice annotation: when the change that produced this version of the slice
 /// happened (the start of network programming latency).
 pub const LAST_CHANGE_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// How long the first snapshot waits for this node's Node after the Services and
+/// EndpointSlices are listed. The Node carries the node's addresses, zone and pod CIDRs: a
+/// sync without it would program NodePorts on the wrong addresses and take them back a
+/// moment later. A node whose Node does not exist (yet) is still served after this wait.
+pub const NODE_WAIT: Duration = Duration::from_secs(30);
+
+/// An error and every error that caused it, `outer: inner: …`, so that a log line says
+/// why (an untrusted certificate, a refused connection), not only that a request failed.
+pub fn cause_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        // Some errors repeat their cause in their own message.
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
 
 /// The taint the cluster autoscaler puts on a node it is about to remove.
 const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
@@ -222,12 +249,17 @@ pub struct KubeSource {
     node_name: String,
     shared: Arc<Shared>,
     tasks: Vec<JoinHandle<()>>,
+    /// Until then the first snapshot waits for this node's Node.
+    node_deadline: Instant,
+    /// Whether going on without the Node was logged.
+    node_missing_logged: AtomicBool,
 }
 
 impl KubeSource {
     /// Starts watching (must be called inside a tokio runtime). `node_name` selects the one
-    /// Node object that is watched.
-    pub fn start(client: Client, node_name: &str) -> KubeSource {
+    /// Node object that is watched; the first snapshot waits up to `node_wait` from now
+    /// for it (see [`NODE_WAIT`]).
+    pub fn start(client: Client, node_name: &str, node_wait: Duration) -> KubeSource {
         let shared = Arc::new(Shared::default());
         let started = jiff::Timestamp::now();
         let selected = watcher::Config::default().labels(LABEL_SELECTOR);
@@ -263,12 +295,29 @@ impl KubeSource {
             node_name: node_name.to_owned(),
             shared,
             tasks,
+            node_deadline: Instant::now() + node_wait,
+            node_missing_logged: AtomicBool::new(false),
         }
     }
 
-    /// Resolves after the next change of any watched object (or completed list).
+    /// Resolves after the next change of any watched object (or completed list), or when
+    /// the wait for the Node ends.
     pub async fn changed(&self) {
-        self.shared.changed.notified().await;
+        let notified = self.shared.changed.notified();
+        let waiting =
+            !self.node_present(&self.shared.state()) && Instant::now() < self.node_deadline;
+        if waiting {
+            tokio::select! {
+                () = notified => {}
+                () = tokio::time::sleep_until(self.node_deadline) => {}
+            }
+        } else {
+            notified.await;
+        }
+    }
+
+    fn node_present(&self, state: &State) -> bool {
+        state.node_listed && state.nodes.values().any(|n| n.name_any() == self.node_name)
     }
 
     /// A number that changes whenever any cache changes.
@@ -282,15 +331,44 @@ impl KubeSource {
         state.services_listed && state.endpoint_slices_listed
     }
 
+    /// Whether the first snapshot may be taken: both lists are complete, and this node's
+    /// Node is known or the wait for it is over (said once, with the reason).
+    fn ready(&self, state: &State) -> bool {
+        if !(state.services_listed && state.endpoint_slices_listed) {
+            return false;
+        }
+        if self.node_present(state) {
+            return true;
+        }
+        if Instant::now() < self.node_deadline {
+            return false;
+        }
+        if !self.node_missing_logged.swap(true, Ordering::Relaxed) {
+            let why = if state.node_listed {
+                "does not exist"
+            } else {
+                "could not be listed"
+            };
+            warn!(
+                node = %self.node_name,
+                "Node {} {why}; going on without it: node addresses come from --node-ip (or \
+                 none), and zone and pod CIDRs are unknown until it appears",
+                self.node_name
+            );
+        }
+        true
+    }
+
     /// Whether the Node list (this node, or nothing when it does not exist) is complete.
     pub fn node_listed(&self) -> bool {
         self.shared.state().node_listed
     }
 
-    /// The objects as they are now, or `None` before the initial lists are complete.
+    /// The objects as they are now, or `None` before the initial lists are complete and
+    /// the Node is known (or waited for long enough).
     pub fn snapshot(&self) -> Option<Snapshot> {
         let state = self.shared.state();
-        if !(state.services_listed && state.endpoint_slices_listed) {
+        if !self.ready(&state) {
             return None;
         }
         Some(Snapshot {
@@ -364,22 +442,24 @@ async fn watch<K>(
 {
     let stream = watcher(api, config).default_backoff();
     futures_util::pin_mut!(stream);
-    let mut failing = false;
+    // The cause of the current outage, logged once (and again when it changes).
+    let mut failing: Option<String> = None;
     while let Some(event) = stream.next().await {
         let event = match event {
             Ok(event) => event,
             Err(error) => {
-                if !failing {
+                let error = cause_chain(&error);
+                if failing.as_ref() != Some(&error) {
                     warn!(%error, "watching {kind} failed; keeping the last known state and retrying");
+                    failing = Some(error);
                 }
-                failing = true;
                 continue;
             }
         };
         // `Init` comes before the list request, so only what follows it proves the API
         // server answers again.
-        if failing && !matches!(event, watcher::Event::Init) {
-            failing = false;
+        if failing.is_some() && !matches!(event, watcher::Event::Init) {
+            failing = None;
             info!("watching {kind} again");
         }
         let mut state = shared.state();

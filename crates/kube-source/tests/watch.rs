@@ -38,9 +38,14 @@ fn slice(
     })
 }
 
+/// A source that does not wait for the Node (these clusters have none).
 async fn start(api: &FakeApi) -> KubeSource {
+    start_waiting(api, Duration::ZERO).await
+}
+
+async fn start_waiting(api: &FakeApi, node_wait: Duration) -> KubeSource {
     let client = client(None, Some(&api.url())).await.expect("client");
-    KubeSource::start(client, NODE)
+    KubeSource::start(client, NODE, node_wait)
 }
 
 /// Polls `check` every 20 ms for up to 10 s.
@@ -100,6 +105,50 @@ async fn no_snapshot_until_both_initial_lists_are_complete() {
     let snapshot = source.snapshot().expect("synced");
     assert_eq!(names(&snapshot.services), ["web"]);
     assert_eq!(names(&snapshot.endpoint_slices), ["web-1"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_snapshot_waits_for_a_late_node_list() {
+    let api = FakeApi::start();
+    api.apply(service("web", "10.96.0.10", json!({})));
+    api.apply(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}}));
+    api.delay_lists(Resource::Nodes, Duration::from_millis(1_500));
+    let started = std::time::Instant::now();
+    let source = start_waiting(&api, Duration::from_secs(30)).await;
+    eventually("both lists", || source.is_synced()).await;
+    // Services and EndpointSlices are there, the Node is not yet: no snapshot, since
+    // it would program the node without its addresses.
+    assert!(source.snapshot().is_none());
+    // `changed` wakes the caller when the Node arrives.
+    while source.snapshot().is_none() {
+        tokio::time::timeout(Duration::from_secs(10), source.changed())
+            .await
+            .expect("the Node list arrives");
+    }
+    assert!(started.elapsed() >= Duration::from_millis(1_500));
+    let snapshot = source.snapshot().expect("ready");
+    assert_eq!(snapshot.nodes.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_its_node_the_first_snapshot_comes_after_a_bounded_wait() {
+    let api = FakeApi::start();
+    api.apply(service("web", "10.96.0.10", json!({})));
+    let started = std::time::Instant::now();
+    let source = start_waiting(&api, Duration::from_millis(800)).await;
+    eventually("both lists", || source.is_synced()).await;
+    assert!(source.node_listed());
+    assert!(source.snapshot().is_none(), "the wait is not over");
+    // Nothing changes in the cluster; `changed` still wakes the caller at the deadline.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while source.snapshot().is_none() {
+            source.changed().await;
+        }
+    })
+    .await
+    .expect("a snapshot after the wait");
+    assert!(started.elapsed() >= Duration::from_millis(800));
+    assert!(source.snapshot().expect("ready").nodes.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

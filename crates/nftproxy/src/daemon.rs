@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nftproxy_kube_source::KubeSource;
+use nftproxy_kube_source::{KubeSource, NODE_WAIT};
 use nftproxy_model::{
     Build, Builder, Delta, Diagnostic, HealthCheck, IpFamily, ProxyConfig, Snapshot,
 };
@@ -95,7 +95,8 @@ pub fn run(
 struct AfterSync {
     monitor: Arc<Monitor>,
     health_checks: HealthCheckServers,
-    /// Of the build handed to the sync loop last: where and what to serve.
+    /// Of the build handed to the sync loop last, not yet in the kernel: where and what
+    /// to serve.
     pending: Option<(Vec<std::net::IpAddr>, Vec<HealthCheck>)>,
     /// The UDP Services of the build last handed to the sync loop.
     serving_udp: ServingUdp,
@@ -157,11 +158,13 @@ impl AfterSync {
         self.serving_udp = ServingUdp::from_build(build);
     }
 
-    /// The last build is in the kernel.
-    fn synced(&mut self) {
+    /// The last build is in the kernel (said again after every periodic sync, which
+    /// retries the health checks that could not be served).
+    async fn synced(&mut self) {
         if let Some((addresses, checks)) = self.pending.take() {
-            self.health_checks.sync(&addresses, &checks);
+            self.health_checks.want(addresses, checks);
         }
+        self.health_checks.sync().await;
         self.clean_conntrack();
     }
 }
@@ -256,8 +259,8 @@ impl Source for Files {
         self.desired.renderer.tables()
     }
 
-    fn synced(&mut self, _report: &SyncReport) {
-        self.after.synced();
+    async fn synced(&mut self, _report: &SyncReport) {
+        self.after.synced().await;
     }
 }
 
@@ -316,7 +319,7 @@ impl Source for Api {
         }
         let Some(snapshot) = self.source.snapshot() else {
             if !std::mem::replace(&mut self.waiting_logged, true) {
-                info!("waiting for the initial lists of Services and EndpointSlices");
+                info!("waiting for the initial lists of Services, EndpointSlices and this Node");
             }
             return Input::Unchanged;
         };
@@ -336,8 +339,8 @@ impl Source for Api {
         self.desired.renderer.tables()
     }
 
-    fn synced(&mut self, _report: &SyncReport) {
-        self.after.synced();
+    async fn synced(&mut self, _report: &SyncReport) {
+        self.after.synced().await;
         self.observe_triggers();
     }
 }
@@ -350,19 +353,17 @@ fn log_new(seen: &mut BTreeSet<Diagnostic>, diagnostics: &[Diagnostic]) {
 }
 
 /// For the one-shot modes against the API server: the cluster once the initial lists
-/// (and this node's Node, if it exists) are complete; gives up after a minute.
+/// and this node's Node are complete (see [`NODE_WAIT`]); gives up after a minute.
 pub async fn initial_snapshot(
     client: nftproxy_kube_source::Client,
     node_name: &str,
 ) -> Result<Snapshot, String> {
     const PATIENCE: Duration = Duration::from_secs(60);
-    let source = KubeSource::start(client, node_name);
+    let source = KubeSource::start(client, node_name, NODE_WAIT);
     let ready = async {
         loop {
             let changed = source.changed();
-            if source.node_listed()
-                && let Some(snapshot) = source.snapshot()
-            {
+            if let Some(snapshot) = source.snapshot() {
                 return snapshot;
             }
             changed.await;

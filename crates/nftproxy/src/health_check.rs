@@ -3,9 +3,10 @@
 //! load balancers whether this node has ready endpoints of it (200) or not (503), with
 //! kube-proxy's body and headers.
 //!
-//! Invariant: after [`HealthCheckServers::sync`] exactly the given ports are served (except
-//! those that could not be bound, which are retried on the next sync), and each answers
-//! with the count of the last sync.
+//! Invariant: after [`HealthCheckServers::sync`] exactly the wanted ports are served,
+//! except those that could not be bound, which every later call (every sync, periodic
+//! ones included) tries again; a server that goes is closed, its port free, before any
+//! new one binds; each answers with the count of the last sync.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -16,7 +17,8 @@ use std::time::SystemTime;
 use hyper::StatusCode;
 use nftproxy_model::HealthCheck;
 use nftproxy_proxier::Monitor;
-use tracing::{error, info};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
 
 use crate::http::{self, Answer};
 
@@ -25,21 +27,34 @@ struct Served {
     port: u16,
     addresses: Vec<IpAddr>,
     local_endpoints: Arc<AtomicUsize>,
-    servers: Vec<tokio::task::AbortHandle>,
+    servers: Vec<JoinHandle<()>>,
 }
 
-impl Drop for Served {
-    fn drop(&mut self) {
+impl Served {
+    /// Stops every server and waits until their listeners are closed: aborting a task
+    /// only asks for it to be dropped, and its port stays taken until it is.
+    async fn close(self) {
         for server in &self.servers {
             server.abort();
+        }
+        for server in self.servers {
+            let _ = server.await;
         }
     }
 }
 
-/// The health-check servers, keyed by Service (namespace, name).
+/// (namespace, name) of a Service.
+type ServiceKey = (String, String);
+
+/// The health-check servers, keyed by Service.
 pub struct HealthCheckServers {
     monitor: Arc<Monitor>,
-    served: BTreeMap<(String, String), Served>,
+    served: BTreeMap<ServiceKey, Served>,
+    /// Where and what the last build wants served.
+    addresses: Vec<IpAddr>,
+    checks: Vec<HealthCheck>,
+    /// Why each wanted check is not served, as last logged (each cause is logged once).
+    failed: BTreeMap<ServiceKey, String>,
 }
 
 impl HealthCheckServers {
@@ -48,76 +63,71 @@ impl HealthCheckServers {
         HealthCheckServers {
             monitor,
             served: BTreeMap::new(),
+            addresses: Vec::new(),
+            checks: Vec::new(),
+            failed: BTreeMap::new(),
         }
     }
 
-    /// Serves exactly `checks` on `addresses` (the node addresses that accept NodePorts;
-    /// empty means every IPv4 address): closes the servers of Services that are gone or
-    /// moved, opens new ones, and updates every count. Must run inside the tokio runtime.
-    pub fn sync(&mut self, addresses: &[IpAddr], checks: &[HealthCheck]) {
-        self.served.retain(|(namespace, name), s| {
-            let keep = s.addresses == addresses
-                && checks
+    /// From now on, serves `checks` on `addresses` (the node addresses that accept
+    /// NodePorts; empty means every IPv4 address).
+    pub fn want(&mut self, addresses: Vec<IpAddr>, checks: Vec<HealthCheck>) {
+        self.addresses = addresses;
+        self.checks = checks;
+    }
+
+    /// Serves exactly what is wanted: closes the servers of Services that are gone or
+    /// moved, opens the missing ones (also those that failed before), and updates every
+    /// count. Must run inside the tokio runtime.
+    pub async fn sync(&mut self) {
+        let mut closing = Vec::new();
+        let served = std::mem::take(&mut self.served);
+        for ((namespace, name), s) in served {
+            let keep = s.addresses == self.addresses
+                && self
+                    .checks
                     .iter()
-                    .any(|c| &c.namespace == namespace && &c.name == name && c.port == s.port);
-            if !keep {
+                    .any(|c| c.namespace == namespace && c.name == name && c.port == s.port);
+            if keep {
+                self.served.insert((namespace, name), s);
+            } else {
                 info!(service = %format!("{namespace}/{name}"), port = s.port, "closing health check");
+                closing.push(s);
             }
-            keep
-        });
-        for check in checks {
+        }
+        for s in closing {
+            s.close().await;
+        }
+        let wanted: Vec<ServiceKey> = self
+            .checks
+            .iter()
+            .map(|c| (c.namespace.clone(), c.name.clone()))
+            .collect();
+        self.failed.retain(|key, _| wanted.contains(key));
+        for check in &self.checks {
             let key = (check.namespace.clone(), check.name.clone());
+            let service = format!("{}/{}", check.namespace, check.name);
             if let Some(existing) = self.served.get(&key) {
                 existing
                     .local_endpoints
                     .store(check.local_endpoints, Ordering::Relaxed);
                 continue;
             }
-            match self.open(addresses, check) {
+            match open(&self.monitor, &self.addresses, check).await {
                 Ok(opened) => {
-                    info!(service = %format!("{}/{}", check.namespace, check.name), port = check.port, "serving health check");
+                    info!(%service, port = check.port, "serving health check");
+                    self.failed.remove(&key);
                     self.served.insert(key, opened);
                 }
-                Err(e) => error!(
-                    service = %format!("{}/{}", check.namespace, check.name),
-                    port = check.port,
-                    error = %e,
-                    "cannot serve health check; retrying on the next sync"
-                ),
+                Err(e) => {
+                    let error = e.to_string();
+                    if self.failed.get(&key) != Some(&error) {
+                        warn!(%service, port = check.port, %error, "cannot serve health check; retrying on every sync");
+                        self.failed.insert(key, error);
+                    }
+                }
             }
         }
-    }
-
-    fn open(&self, addresses: &[IpAddr], check: &HealthCheck) -> std::io::Result<Served> {
-        // Built first, so that when a later address cannot be bound, dropping it stops
-        // the servers already started on the earlier ones.
-        let mut served = Served {
-            port: check.port,
-            addresses: addresses.to_vec(),
-            local_endpoints: Arc::new(AtomicUsize::new(check.local_endpoints)),
-            servers: Vec::new(),
-        };
-        let every = [IpAddr::V4(Ipv4Addr::UNSPECIFIED)];
-        for &address in if addresses.is_empty() {
-            &every[..]
-        } else {
-            addresses
-        } {
-            // Bound here, synchronously, so that a taken port is an error now.
-            let listener = std::net::TcpListener::bind(SocketAddr::new(address, check.port))?;
-            listener.set_nonblocking(true)?;
-            let listener = tokio::net::TcpListener::from_std(listener)?;
-            let handler = handler(
-                check.namespace.clone(),
-                check.name.clone(),
-                served.local_endpoints.clone(),
-                self.monitor.clone(),
-            );
-            served
-                .servers
-                .push(http::serve_on(listener, handler).abort_handle());
-        }
-        Ok(served)
     }
 
     /// The ports served now, by Service.
@@ -125,6 +135,53 @@ impl HealthCheckServers {
     fn ports(&self) -> Vec<u16> {
         self.served.values().map(|s| s.port).collect()
     }
+}
+
+/// Binds `check`'s port on every address (or on every IPv4 address when none are given)
+/// and serves it; binds nothing when one address cannot be bound.
+async fn open(
+    monitor: &Arc<Monitor>,
+    addresses: &[IpAddr],
+    check: &HealthCheck,
+) -> std::io::Result<Served> {
+    let mut served = Served {
+        port: check.port,
+        addresses: addresses.to_vec(),
+        local_endpoints: Arc::new(AtomicUsize::new(check.local_endpoints)),
+        servers: Vec::new(),
+    };
+    let every = [IpAddr::V4(Ipv4Addr::UNSPECIFIED)];
+    let bind_to = if addresses.is_empty() {
+        &every[..]
+    } else {
+        addresses
+    };
+    for &address in bind_to {
+        let listener = match bind(SocketAddr::new(address, check.port)) {
+            Ok(listener) => listener,
+            Err(e) => {
+                // The servers started on the earlier addresses go, so that the next try
+                // finds their ports free.
+                served.close().await;
+                return Err(e);
+            }
+        };
+        let handler = handler(
+            check.namespace.clone(),
+            check.name.clone(),
+            served.local_endpoints.clone(),
+            monitor.clone(),
+        );
+        served.servers.push(http::serve_on(listener, handler));
+    }
+    Ok(served)
+}
+
+/// Binds now, synchronously, so that a taken port is an error here.
+fn bind(address: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(address)?;
+    listener.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(listener)
 }
 
 /// kube-proxy's answer: 200 when the Service has a ready endpoint here and the proxy is
@@ -198,34 +255,48 @@ mod tests {
         assert_eq!(answer("/").status, StatusCode::SERVICE_UNAVAILABLE);
         // Endpoints, but a stalled proxy: 503 too.
         count.store(1, Ordering::Relaxed);
+        monitor.health.updated(SystemTime::now());
         monitor.health.queued(SystemTime::UNIX_EPOCH);
         let stalled = answer("/");
         assert_eq!(stalled.status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(stalled.body.contains("\"serviceProxyHealthy\": false"));
     }
 
+    /// Wants `checks` on `addresses`, then serves them.
+    async fn serve(servers: &mut HealthCheckServers, addresses: &[IpAddr], checks: &[HealthCheck]) {
+        servers.want(addresses.to_vec(), checks.to_vec());
+        servers.sync().await;
+    }
+
+    fn free_port() -> u16 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    }
+
+    fn servers() -> HealthCheckServers {
+        HealthCheckServers::new(Arc::new(Monitor::new(std::time::Duration::from_secs(30))))
+    }
+
     #[tokio::test]
     async fn sync_opens_moves_and_closes_servers() {
-        let monitor = Arc::new(Monitor::new(std::time::Duration::from_secs(30)));
-        let mut servers = HealthCheckServers::new(monitor);
+        let mut servers = servers();
         let loopback = [IpAddr::from([127, 0, 0, 1])];
-        let free = || {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            listener.local_addr().unwrap().port()
-        };
-        let (a, b) = (free(), free());
-        servers.sync(&loopback, &[check("a", a, 1), check("b", b, 0)]);
+        let (a, b) = (free_port(), free_port());
+        serve(
+            &mut servers,
+            &loopback,
+            &[check("a", a, 1), check("b", b, 0)],
+        )
+        .await;
         assert_eq!(servers.ports(), [a, b]);
         assert!(
             std::net::TcpListener::bind(("127.0.0.1", a)).is_err(),
             "a is served"
         );
-        // b moves to a new port; a goes away.
-        let c = free();
-        servers.sync(&loopback, &[check("b", c, 3)]);
+        // b moves to a new port; a goes away, and its port is free when sync returns.
+        let c = free_port();
+        serve(&mut servers, &loopback, &[check("b", c, 3)]).await;
         assert_eq!(servers.ports(), [c]);
-        tokio::task::yield_now().await;
-        std::thread::sleep(std::time::Duration::from_millis(50));
         assert!(
             std::net::TcpListener::bind(("127.0.0.1", a)).is_ok(),
             "a is closed"
@@ -233,21 +304,40 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_port_taken_on_one_address_leaves_none_open() {
-        let monitor = Arc::new(Monitor::new(std::time::Duration::from_secs(30)));
-        let mut servers = HealthCheckServers::new(monitor);
+    async fn a_server_moving_from_every_address_to_the_node_address_keeps_its_port() {
+        // Before the Node is known the port is served on every address; once it is, on
+        // the node's: the old listener must be closed before the new one binds.
+        let mut servers = servers();
+        let port = free_port();
+        for _ in 0..20 {
+            serve(&mut servers, &[], &[check("a", port, 1)]).await;
+            assert_eq!(servers.ports(), [port]);
+            serve(
+                &mut servers,
+                &[IpAddr::from([127, 0, 0, 1])],
+                &[check("a", port, 1)],
+            )
+            .await;
+            assert_eq!(servers.ports(), [port], "moved to 127.0.0.1");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_port_taken_on_one_address_leaves_none_open_and_is_retried_by_the_next_sync() {
+        let mut servers = servers();
         let taken = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
         let port = taken.local_addr().unwrap().port();
         let addresses = [IpAddr::from([127, 0, 0, 1]), IpAddr::from([127, 0, 0, 2])];
-        servers.sync(&addresses, &[check("a", port, 1)]);
+        serve(&mut servers, &addresses, &[check("a", port, 1)]).await;
         assert!(servers.ports().is_empty());
-        tokio::task::yield_now().await;
-        std::thread::sleep(std::time::Duration::from_millis(50));
         // The server started on the first address before the second failed is gone.
         assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_ok());
-        // Once the port is free, the next sync serves it on both.
+        // Still taken: the retry fails again (and logs nothing new).
+        servers.sync().await;
+        assert!(servers.ports().is_empty());
+        // Once the port is free, the next sync serves it on both, with nothing changed.
         drop(taken);
-        servers.sync(&addresses, &[check("a", port, 1)]);
+        servers.sync().await;
         assert_eq!(servers.ports(), [port]);
     }
 }

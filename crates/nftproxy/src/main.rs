@@ -166,7 +166,7 @@ fn run_api(args: &Args, config: ProxyConfig) -> Result<(), Failure> {
             config.kubeconfig.as_deref(),
             args.master.as_deref(),
         ))
-        .map_err(error)?;
+        .map_err(|e| Failure::Error(nftproxy_kube_source::cause_chain(&e)))?;
     if args.dry_run || args.once {
         let snapshot = runtime
             .block_on(daemon::initial_snapshot(client, &config.node_name))
@@ -179,7 +179,11 @@ fn run_api(args: &Args, config: ProxyConfig) -> Result<(), Failure> {
     }
     run_daemon(&runtime, &config, |monitor| {
         let _entered = runtime.enter();
-        let source = nftproxy_kube_source::KubeSource::start(client, &config.node_name);
+        let source = nftproxy_kube_source::KubeSource::start(
+            client,
+            &config.node_name,
+            nftproxy_kube_source::NODE_WAIT,
+        );
         daemon::Mode::Api(daemon::Api::new(source, config.clone(), monitor))
     })
 }

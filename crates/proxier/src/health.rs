@@ -3,7 +3,9 @@
 //! the node.
 //!
 //! Invariant: a queued update stays queued (and ages) until a sync succeeds; a failing
-//! or stalled sync loop therefore turns unhealthy, while an idle one never does.
+//! or stalled sync loop therefore turns unhealthy, while an idle one never does. The
+//! first sync counts as queued from the start, so a proxy that never manages to sync
+//! (the API server cannot be listed) turns unhealthy too.
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
@@ -39,13 +41,14 @@ impl Report {
 }
 
 impl Health {
-    /// Health with kube-proxy's timeout, twice the sync period.
-    pub fn new(sync_period: Duration) -> Health {
+    /// Health with kube-proxy's timeout, twice the sync period, for a proxy that started
+    /// at `started` and has not synced yet.
+    pub fn new(sync_period: Duration, started: SystemTime) -> Health {
         Health {
             timeout: sync_period * 2,
             state: Mutex::new(State {
                 last_updated: None,
-                oldest_queued: None,
+                oldest_queued: Some(started),
                 node_eligible: true,
             }),
         }
@@ -144,9 +147,16 @@ mod tests {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + seconds)
     }
 
+    /// A proxy that started at 0 and synced at 1.
+    fn synced() -> Health {
+        let health = Health::new(PERIOD, at(0));
+        health.updated(at(1));
+        health
+    }
+
     #[test]
     fn an_idle_proxy_is_healthy() {
-        let health = Health::new(PERIOD);
+        let health = synced();
         let report = health.healthz(at(1_000));
         assert!(report.healthy);
         assert_eq!(
@@ -156,8 +166,24 @@ mod tests {
     }
 
     #[test]
+    fn a_proxy_that_never_synced_is_unhealthy_after_two_sync_periods() {
+        let health = Health::new(PERIOD, at(0));
+        assert!(health.healthz(at(60)).healthy);
+        let never = health.healthz(at(61));
+        assert_eq!(never.code(), 503);
+        assert!(
+            never
+                .body
+                .starts_with(r#"{"lastUpdated": "0001-01-01 00:00:00 +0000 UTC","#)
+        );
+        assert_eq!(health.livez(at(61)).code(), 503);
+        health.updated(at(62));
+        assert!(health.livez(at(63)).healthy);
+    }
+
+    #[test]
     fn a_queued_update_older_than_two_sync_periods_is_unhealthy_until_a_sync() {
-        let health = Health::new(PERIOD);
+        let health = Health::new(PERIOD, at(0));
         health.queued(at(0));
         // Later changes do not reset the age of the oldest one.
         health.queued(at(50));
@@ -185,7 +211,7 @@ mod tests {
 
     #[test]
     fn a_node_leaving_the_cluster_fails_healthz_but_not_livez() {
-        let health = Health::new(PERIOD);
+        let health = synced();
         health.set_node_eligible(false);
         let healthz = health.healthz(at(0));
         assert_eq!(healthz.code(), 503);

@@ -22,10 +22,11 @@ pub struct Monitor {
 }
 
 impl Monitor {
-    /// Health with kube-proxy's timeout for `sync_period`, and fresh metrics.
+    /// Health with kube-proxy's timeout for `sync_period`, starting now, and fresh
+    /// metrics.
     pub fn new(sync_period: std::time::Duration) -> Monitor {
         Monitor {
-            health: health::Health::new(sync_period),
+            health: health::Health::new(sync_period, std::time::SystemTime::now()),
             metrics: metrics::Metrics::new(),
         }
     }

@@ -48,7 +48,7 @@ pub trait Source {
     /// empty report, when an answer changes nothing in tables the kernel holds); the work
     /// that follows a sync (health-check servers, conntrack cleanup, latency metrics) goes
     /// here.
-    fn synced(&mut self, _report: &SyncReport) {}
+    fn synced(&mut self, report: &SyncReport) -> impl Future<Output = ()>;
 }
 
 /// kube-proxy's burst: two syncs may follow each other immediately.
@@ -119,7 +119,7 @@ pub async fn run<B: Backend, S: Source>(
                 // tables, what follows a sync is still due for the new input.
                 Input::Changed(changed) if unsynced.is_some() && changed.is_nothing() => {
                     if !pending {
-                        source.synced(&SyncReport::default());
+                        source.synced(&SyncReport::default()).await;
                     }
                 }
                 Input::Changed(changed) => {
@@ -165,7 +165,7 @@ pub async fn run<B: Backend, S: Source>(
                     pending = false;
                     retry_at = None;
                     backoff = timing.min_sync_period;
-                    source.synced(&report);
+                    source.synced(&report).await;
                 }
                 Err(()) => {
                     retry_at = Some(now + backoff);
@@ -302,7 +302,7 @@ mod tests {
             &self.tables
         }
 
-        fn synced(&mut self, _report: &SyncReport) {
+        async fn synced(&mut self, _report: &SyncReport) {
             self.synced_at.push(Instant::now());
         }
     }
@@ -371,6 +371,8 @@ mod tests {
         fn tables(&self) -> &[Table] {
             &self.tables
         }
+
+        async fn synced(&mut self, _report: &SyncReport) {}
     }
 
     #[tokio::test(start_paused = true)]

@@ -119,6 +119,8 @@ struct State {
     authorizations: Vec<Option<String>>,
     /// Resources whose requests are answered `503` even while available.
     refused: Vec<Resource>,
+    /// Resources whose list requests are answered only after this long.
+    delays: HashMap<Resource, Duration>,
     requests: Vec<String>,
 }
 
@@ -269,6 +271,12 @@ impl FakeApi {
         if refused {
             state.refused.push(resource);
         }
+    }
+
+    /// Answers every later list request for `resource` only after `delay` (a slow API
+    /// server, or one that answers one resource late); zero answers at once again.
+    pub fn delay_lists(&self, resource: Resource, delay: Duration) {
+        self.shared.state().delays.insert(resource, delay);
     }
 
     /// How many list requests (pages included) were made for `resource`.
@@ -499,9 +507,22 @@ impl http_body::Body for ChannelBody {
 async fn accept(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
     while let Ok((stream, _)) = listener.accept().await {
         let server = shared.clone();
-        let service = hyper::service::service_fn(move |request| {
+        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
             let shared = server.clone();
-            async move { Ok::<_, Infallible>(handle(&shared, &request)) }
+            async move {
+                let is_list = !request
+                    .uri()
+                    .query()
+                    .unwrap_or_default()
+                    .contains("watch=true");
+                let delay = Resource::from_path(request.uri().path())
+                    .filter(|_| is_list)
+                    .and_then(|resource| shared.state().delays.get(&resource).copied());
+                if let Some(delay) = delay {
+                    tokio::time::sleep(delay).await;
+                }
+                Ok::<_, Infallible>(handle(&shared, &request))
+            }
         });
         let connection = tokio::spawn(async move {
             let io = hyper_util::rt::TokioIo::new(stream);
