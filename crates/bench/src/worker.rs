@@ -101,6 +101,10 @@ impl Backend for Timed {
         self.commits.push(started.elapsed());
         result
     }
+
+    fn generation(&mut self) -> Result<Option<u32>, Self::Error> {
+        self.inner.generation()
+    }
 }
 
 fn config() -> Result<ProxyConfig, String> {
@@ -275,7 +279,10 @@ pub fn cold(services: u32, endpoints: u32) -> Result<ColdReport, String> {
     // From nothing, as after a restart: the whole build, render and diff.
     let started = Instant::now();
     let tables = render_all(&build(&snapshot, &loaded.config));
-    let plans = loaded.reconciler.plans(&tables);
+    let plans = loaded
+        .reconciler
+        .plans(&tables)
+        .map_err(|e| e.to_string())?;
     let userspace_seconds = started.elapsed().as_secs_f64();
     if plans.iter().any(|tx| !tx.ops.is_empty()) || tables != loaded.renderer.tables() {
         return Err("the kernel does not hold the last sync's ruleset".to_owned());

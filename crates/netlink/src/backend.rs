@@ -34,29 +34,6 @@ enum Dump<'a> {
 /// Rule handles by chain, in rule order.
 type Handles = std::collections::HashMap<String, Vec<u64>>;
 
-fn describe(op: &Op) -> String {
-    match op {
-        Op::AddTable { .. } => "add table".to_owned(),
-        Op::DeleteTable => "delete table".to_owned(),
-        Op::AddChain { name, .. } => format!("add chain {name}"),
-        Op::FlushChain(name) => format!("flush chain {name}"),
-        Op::DeleteChain(name) => format!("delete chain {name}"),
-        Op::EditRules {
-            chain,
-            deleted,
-            added,
-            ..
-        } => format!("edit chain {chain}: delete rules {deleted:?}, add rules {added:?}"),
-        Op::AddRule { chain, rule } => format!("add rule in chain {chain} `{rule}`"),
-        Op::AddSet(set) => format!("add set {}", set.name),
-        Op::DeleteSet { name, .. } => format!("delete set {name}"),
-        Op::AddElements { set, elements } => format!("add {} elements to {set}", elements.len()),
-        Op::DeleteElements { set, keys, .. } => {
-            format!("delete {} elements from {set}", keys.len())
-        }
-    }
-}
-
 impl NetlinkBackend {
     /// Opens a netfilter netlink socket (needs CAP_NET_ADMIN in the network namespace).
     pub fn open() -> Result<NetlinkBackend, Error> {
@@ -106,7 +83,7 @@ impl NetlinkBackend {
             // planned against; a chain of another length was changed behind our back.
             let expected = (deleted.len() + rules.len()).saturating_sub(added.len());
             if found.len() != expected {
-                return Err(Error::Encode(format!(
+                return Err(Error::Conflict(format!(
                     "chain {chain} holds {} rules, the transaction expects {expected}",
                     found.len(),
                 )));
@@ -239,7 +216,7 @@ impl NetlinkBackend {
             Dump::Table => msgs.request(kind, seq)?,
         }
         self.socket.send(&msgs.bytes)?;
-        let single = kind == libc::NFT_MSG_GETTABLE;
+        let single = matches!(kind, libc::NFT_MSG_GETTABLE | libc::NFT_MSG_GETGEN);
         let mut interrupted = false;
         loop {
             let replies = self.socket.receive(false)?.unwrap_or_default();
@@ -350,6 +327,18 @@ impl Backend for NetlinkBackend {
         }
     }
 
+    /// The ruleset generation id, one round trip (about ten microseconds): the kernel
+    /// bumps it on every commit in this network namespace.
+    fn generation(&mut self) -> Result<Option<u32>, Error> {
+        let mut id = None;
+        self.request(libc::NFT_MSG_GETGEN, Family::Ip, "", Dump::Table, |nlh| {
+            id = Some(ffi::parse_generation(nlh)?);
+            Ok(())
+        })?;
+        id.map(Some)
+            .ok_or_else(|| Error::Decode("no generation in the reply".into()))
+    }
+
     /// Sends the transaction as one batch. The kernel processes a batch inside
     /// `sendmsg`, so every error reply is queued when it returns; no message asks for an
     /// acknowledgement, so an empty queue means the batch committed.
@@ -372,7 +361,7 @@ impl Backend for NetlinkBackend {
             return Ok(());
         };
         let op = match seqs.iter().find(|(s, _)| *s == seq) {
-            Some((_, index)) => describe(&tx.ops[*index]),
+            Some((_, index)) => tx.ops[*index].describe(),
             None => "begin transaction".to_owned(),
         };
         let mut error = Error::kernel(op, errno);

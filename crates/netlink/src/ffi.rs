@@ -78,6 +78,12 @@ owned!(
     sys::nftnl_rule_free
 );
 owned!(
+    GenObj,
+    sys::nftnl_gen,
+    sys::nftnl_gen_alloc,
+    sys::nftnl_gen_free
+);
+owned!(
     SetObj,
     sys::nftnl_set,
     sys::nftnl_set_alloc,
@@ -264,6 +270,8 @@ impl Messages {
                     sys::nftnl_set_nlmsg_build_payload(nlh, obj.ptr())
                 })
             }
+            // A request without payload: the kernel answers with the ruleset generation.
+            libc::NFT_MSG_GETGEN => self.object(kind, 0, seq, |_| {}),
             other => Err(Error::Encode(format!(
                 "no request for message type {other}"
             ))),
@@ -1047,6 +1055,17 @@ fn raw_expr(expr: *const sys::nftnl_expr) -> Result<RawExpr, Error> {
             )));
         }
     })
+}
+
+/// The generation id of a NEWGEN reply.
+pub(crate) fn parse_generation(nlh: *const nlmsghdr) -> Result<u32, Error> {
+    let generation = GenObj::new();
+    // SAFETY: `nlh` points at a complete message from the kernel; `generation` is live.
+    if unsafe { sys::nftnl_gen_nlmsg_parse(nlh, generation.ptr()) } < 0 {
+        return Err(Error::Decode("generation message".into()));
+    }
+    // SAFETY: `generation` is live; an unset attribute reads as 0.
+    Ok(unsafe { sys::nftnl_gen_get_u32(generation.ptr(), sys::NFTNL_GEN_ID as u16) })
 }
 
 /// A table header parsed from a GETTABLE reply: its comment.

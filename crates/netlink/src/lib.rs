@@ -53,6 +53,34 @@ pub enum Error {
     /// The ruleset changed while it was being read.
     #[error("the ruleset changed while it was being read")]
     Interrupted,
+    /// The table is not what the transaction was planned against.
+    #[error("the table changed behind our back: {0}")]
+    Conflict(String),
+}
+
+impl nftproxy_nft::BackendError for Error {
+    fn kind(&self) -> nftproxy_nft::ErrorKind {
+        use nftproxy_nft::ErrorKind;
+        match self {
+            Error::Io(error) => match error.raw_os_error() {
+                Some(libc::EPERM | libc::EACCES) => ErrorKind::Permission,
+                _ => ErrorKind::Io,
+            },
+            Error::Kernel { errno, .. } => match *errno {
+                libc::ENOENT => ErrorKind::NotFound,
+                libc::EEXIST => ErrorKind::Exists,
+                libc::EBUSY | libc::EAGAIN | libc::EINTR | libc::ERESTART => ErrorKind::Busy,
+                libc::EPERM | libc::EACCES => ErrorKind::Permission,
+                libc::ENOBUFS | libc::ENOMEM => ErrorKind::Io,
+                _ => ErrorKind::Refused,
+            },
+            Error::Encode(_) => ErrorKind::Refused,
+            Error::Decode(_) => ErrorKind::Foreign,
+            Error::Unknown => ErrorKind::Io,
+            Error::Interrupted => ErrorKind::Busy,
+            Error::Conflict(_) => ErrorKind::Conflict,
+        }
+    }
 }
 
 impl Error {

@@ -19,7 +19,7 @@ pub mod trace;
 mod transaction;
 mod types;
 
-pub use backend::{Backend, FakeBackend, FakeError};
+pub use backend::{Backend, BackendError, ErrorKind, FakeBackend, FakeError};
 pub use conntrack::{Conntrack, FakeConntrack, Flow, Tuple};
 pub use diff::diff;
 pub use expr::{CmpOp, CtState, CtStatus, Expr, FibInput, MarkOp, PayloadField, Rhs, Rule, Stmt};

@@ -96,6 +96,32 @@ impl Op {
             _ => 1,
         }
     }
+
+    /// One line for logs and errors, e.g. "add 3 elements to service-ips".
+    pub fn describe(&self) -> String {
+        match self {
+            Op::AddTable { .. } => "add table".to_owned(),
+            Op::DeleteTable => "delete table".to_owned(),
+            Op::AddChain { name, .. } => format!("add chain {name}"),
+            Op::FlushChain(name) => format!("flush chain {name}"),
+            Op::DeleteChain(name) => format!("delete chain {name}"),
+            Op::EditRules {
+                chain,
+                deleted,
+                added,
+                ..
+            } => format!("edit chain {chain}: delete rules {deleted:?}, add rules {added:?}"),
+            Op::AddRule { chain, rule } => format!("add rule in chain {chain} `{rule}`"),
+            Op::AddSet(set) => format!("add set {}", set.name),
+            Op::DeleteSet { name, .. } => format!("delete set {name}"),
+            Op::AddElements { set, elements } => {
+                format!("add {} elements to {set}", elements.len())
+            }
+            Op::DeleteElements { set, keys, .. } => {
+                format!("delete {} elements from {set}", keys.len())
+            }
+        }
+    }
 }
 
 /// Operations on one table, in order.

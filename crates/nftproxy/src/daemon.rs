@@ -195,6 +195,8 @@ impl Desired {
 /// `minSyncPeriod`.
 pub struct Files {
     paths: Vec<PathBuf>,
+    /// When the next poll is due (kept when the sync loop drops a wait for it).
+    next_poll: Option<tokio::time::Instant>,
     fingerprint: Option<u64>,
     desired: Desired,
     first: bool,
@@ -206,6 +208,7 @@ impl Files {
     /// are.
     pub fn new(paths: Vec<PathBuf>, builder: Builder, monitor: Arc<Monitor>) -> Files {
         Files {
+            next_poll: None,
             fingerprint: source::fingerprint(&paths).ok(),
             paths,
             desired: Desired::new(builder),
@@ -217,7 +220,12 @@ impl Files {
 
 impl Source for Files {
     async fn changed(&mut self) {
-        tokio::time::sleep(self.desired.builder.config().min_sync_period).await;
+        let period = self.desired.builder.config().min_sync_period;
+        let at = *self
+            .next_poll
+            .get_or_insert_with(|| tokio::time::Instant::now() + period);
+        tokio::time::sleep_until(at).await;
+        self.next_poll = None;
     }
 
     fn input(&mut self) -> Input {

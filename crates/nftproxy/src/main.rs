@@ -212,7 +212,7 @@ fn one_shot(args: &Args, loaded: &Built) -> Result<(), Failure> {
     let backend = NetlinkBackend::open().map_err(error)?;
     let mut reconciler = Reconciler::new(backend, TABLE_NAME, reconciler_options());
     if args.dry_run {
-        let plans = reconciler.plans(&desired);
+        let plans = reconciler.plans(&desired).map_err(error)?;
         let text: String = plans.iter().map(ToString::to_string).collect();
         emit(if text.is_empty() {
             "# the kernel already holds this ruleset: nothing to do\n"

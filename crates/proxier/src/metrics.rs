@@ -28,6 +28,7 @@ pub struct Metrics {
     conntrack_deleted: IntCounterVec,
     conntrack_duration: HistogramVec,
     operations: IntCounter,
+    repairs: IntCounter,
     service_changes: IntCounter,
     service_changes_pending: IntGauge,
     endpoint_changes: IntCounter,
@@ -201,6 +202,13 @@ impl Metrics {
                     "Cumulative nf_tables objects added, replaced or deleted by syncs",
                 ),
             ),
+            repairs: register(
+                &registry,
+                IntCounter::new(
+                    "nftproxy_sync_repairs_total",
+                    "Syncs that put back what another program changed in nftproxy's tables",
+                ),
+            ),
             service_changes: register(
                 &registry,
                 IntCounter::new(
@@ -265,6 +273,11 @@ impl Metrics {
                 .set(unix_seconds(now));
         }
         self.operations.inc_by(operations as u64);
+    }
+
+    /// A sync repaired changes another program made to our tables.
+    pub fn repaired(&self) {
+        self.repairs.inc();
     }
 
     /// A sync of these families failed.

@@ -4,15 +4,31 @@
 //! Invariant: `applied` is exactly what the kernel holds whenever `known` is set; it is
 //! read back from the kernel at start-up and after any failure, never assumed. A failed
 //! transaction changes nothing (the kernel guarantees it), so the old rules keep serving.
+//! `generation` is the ruleset generation at which `applied` was last proven equal to the
+//! kernel's tables: while the kernel reports the same number, nobody changed anything.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use nftproxy_nft::{Backend, Family, Op, Scope, Scopes, Table, Transaction, diff, diff_scoped};
+use nftproxy_nft::{
+    Backend, BackendError, ErrorKind, Family, Op, Scope, Scopes, Table, Transaction, diff,
+    diff_scoped,
+};
 use tracing::{debug, warn};
 
 /// Why a sync did not complete.
 #[derive(Debug, thiserror::Error)]
-pub enum SyncError<E: std::error::Error + 'static> {
+pub enum SyncError<E: BackendError> {
+    /// The kernel's table could not be read back (and is not known to hold anything
+    /// foreign); nothing was changed.
+    #[error("reading table {family} {table} back: {source}")]
+    Read {
+        /// Family.
+        family: Family,
+        /// Table.
+        table: String,
+        /// Cause.
+        source: E,
+    },
     /// The kernel refused the transaction; nothing changed.
     #[error("programming table {family} {table} ({operations} operations): {source}")]
     Apply {
@@ -34,9 +50,16 @@ pub struct SyncReport {
     pub operations: usize,
     /// Transactions sent.
     pub transactions: usize,
-    /// Whether the kernel's tables were read first (start-up or after a failure).
+    /// Whether the kernel's tables were read first (start-up, after a failure, or to
+    /// repair a change made by another program).
     pub read_back: bool,
+    /// After a read-back, what the sync changed: one line per operation, the first
+    /// [`DESCRIBED_OPERATIONS`] of them.
+    pub changed: Vec<String>,
 }
+
+/// How many operations a [`SyncReport`] after a read-back describes.
+pub const DESCRIBED_OPERATIONS: usize = 20;
 
 /// How the reconciler treats the kernel.
 #[derive(Debug, Clone, Copy)]
@@ -88,6 +111,8 @@ pub struct Reconciler<B: Backend> {
     /// [`ReconcilerOptions::defer_chain_deletes`]): still in the kernel, no longer wanted.
     held_back: BTreeMap<Family, BTreeSet<String>>,
     known: bool,
+    /// See the module's invariant; `None` when unknown.
+    generation: Option<u32>,
 }
 
 const FAMILIES: [Family; 2] = [Family::Ip, Family::Ip6];
@@ -103,6 +128,7 @@ impl<B: Backend> Reconciler<B> {
             unreadable: Vec::new(),
             held_back: BTreeMap::new(),
             known: false,
+            generation: None,
         }
     }
 
@@ -121,23 +147,58 @@ impl<B: Backend> Reconciler<B> {
         self.known = false;
     }
 
-    /// Reads the kernel's tables. A table that cannot be read is not fatal: it is ours,
-    /// so it is replaced as a whole by the next transaction.
-    fn read_back(&mut self) {
+    /// Whether another program may have changed the ruleset since this reconciler last
+    /// wrote or read it: one question to the kernel (its generation), no read-back. True
+    /// when the applied state is not known or the kernel cannot be asked; false when the
+    /// backend cannot tell.
+    pub fn drifted(&mut self) -> bool {
+        if !self.known {
+            return true;
+        }
+        match self.backend.generation() {
+            Ok(Some(now)) => self.generation != Some(now),
+            Ok(None) => false,
+            Err(_) => true,
+        }
+    }
+
+    /// The kernel's generation now, `None` when it cannot be had.
+    fn kernel_generation(&mut self) -> Option<u32> {
+        self.backend.generation().ok().flatten()
+    }
+
+    /// Reads the kernel's tables. A table holding what nftproxy cannot read is not fatal:
+    /// it is ours, so it is replaced as a whole by the next transaction. Any other failure
+    /// (a busy kernel, a lost reply) fails the sync, to be retried: replacing a whole table
+    /// for a transient error would rewrite every rule.
+    fn read_back(&mut self) -> Result<(), SyncError<B::Error>> {
+        let before = self.kernel_generation();
         self.unreadable.clear();
         for family in FAMILIES {
             match self.backend.list(family, &self.table) {
                 Ok(table) => {
                     self.applied.insert(family, table);
                 }
-                Err(error) => {
+                Err(error) if error.kind() == ErrorKind::Foreign => {
                     warn!(%family, %error, "cannot read table back; it will be replaced whole");
                     self.applied.insert(family, None);
                     self.unreadable.push(family);
                 }
+                Err(source) => {
+                    self.known = false;
+                    return Err(SyncError::Read {
+                        family,
+                        table: self.table.clone(),
+                        source,
+                    });
+                }
             }
         }
+        // What was read is one state of the kernel only if nothing committed meanwhile.
+        let after = self.kernel_generation();
+        self.generation = before.filter(|b| Some(*b) == after);
         self.known = true;
+        Ok(())
     }
 
     /// The transactions that bring one family from `current` to `desired`: the diff (of
@@ -200,14 +261,14 @@ impl<B: Backend> Reconciler<B> {
 
     /// The transactions a sync would send now, without sending them (reads the kernel
     /// first when the applied state is not known).
-    pub fn plans(&mut self, desired: &[Table]) -> Vec<Transaction> {
+    pub fn plans(&mut self, desired: &[Table]) -> Result<Vec<Transaction>, SyncError<B::Error>> {
         if !self.known {
-            self.read_back();
+            self.read_back()?;
         }
-        FAMILIES
+        Ok(FAMILIES
             .iter()
             .map(|family| self.plan(*family, desired.iter().find(|t| t.family == *family), None))
-            .collect()
+            .collect())
     }
 
     /// Brings the kernel to `desired` (at most one table per family; a family without a
@@ -228,7 +289,7 @@ impl<B: Backend> Reconciler<B> {
         let mut scopes = scopes;
         let everything = Scopes::everything();
         if !self.known {
-            self.read_back();
+            self.read_back()?;
             report.read_back = true;
             scopes = &everything;
         }
@@ -280,9 +341,11 @@ impl<B: Backend> Reconciler<B> {
             return Ok(());
         }
         let operations = tx.len();
+        let before = self.kernel_generation();
         if let Err(source) = self.backend.apply(tx) {
             // The kernel kept the old rules; re-read before trusting anything again.
             self.known = false;
+            self.generation = None;
             debug!(%family, operations, error = %source, "transaction refused; old rules stay");
             return Err(SyncError::Apply {
                 family,
@@ -290,6 +353,22 @@ impl<B: Backend> Reconciler<B> {
                 operations,
                 source,
             });
+        }
+        // Only when nobody else committed between the last proof and this commit is the
+        // kernel still exactly what the applied state says.
+        let after = self.kernel_generation();
+        self.generation = match (self.generation, before, after) {
+            (Some(known), Some(before), Some(after))
+                if known == before && after == before.wrapping_add(1) =>
+            {
+                Some(after)
+            }
+            _ => None,
+        };
+        if report.read_back {
+            let room = DESCRIBED_OPERATIONS.saturating_sub(report.changed.len());
+            let described = tx.ops.iter().take(room).map(Op::describe);
+            report.changed.extend(described);
         }
         self.unreadable.retain(|f| *f != family);
         // The transaction was checked against the same model the kernel follows.
@@ -313,7 +392,7 @@ impl<B: Backend> Reconciler<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nftproxy_nft::{Chain, Element, FakeBackend, Rule, Set, Stmt, Value, Verdict};
+    use nftproxy_nft::{Chain, Element, FakeBackend, FakeError, Rule, Set, Stmt, Value, Verdict};
 
     fn table(services: &[&str]) -> Table {
         let mut t = Table::new(Family::Ip, "nftproxy");
@@ -541,6 +620,77 @@ mod tests {
                 .list(Family::Ip6, "nftproxy")
                 .unwrap()
                 .is_none()
+        );
+    }
+
+    #[test]
+    fn a_transient_read_failure_fails_the_sync_and_rewrites_nothing() {
+        let mut backend = FakeBackend::default();
+        backend
+            .apply(&Transaction::create(&table(&["a", "b"])))
+            .unwrap();
+        backend.fail_list = Some(FakeError {
+            kind: ErrorKind::Busy,
+            message: "EBUSY".into(),
+        });
+        let mut r = Reconciler::new(backend, "nftproxy", ReconcilerOptions::default());
+        assert!(matches!(
+            r.sync(&[table(&["a", "b"])]),
+            Err(SyncError::Read { .. })
+        ));
+        // The retry reads the kernel and finds nothing to do.
+        assert_eq!(r.sync(&[table(&["a", "b"])]).unwrap().operations, 0);
+        assert_eq!(r.backend_mut().applied.len(), 1);
+    }
+
+    #[test]
+    fn a_table_holding_foreign_objects_is_replaced_whole() {
+        let mut backend = FakeBackend::default();
+        backend.apply(&Transaction::create(&table(&["a"]))).unwrap();
+        backend.fail_list = Some(FakeError {
+            kind: ErrorKind::Foreign,
+            message: "expression 'xt' is not one nftproxy writes".into(),
+        });
+        let mut r = Reconciler::new(backend, "nftproxy", ReconcilerOptions::default());
+        let report = r.sync(&[table(&["a", "b"])]).unwrap();
+        assert!(report.read_back);
+        let tx = r.backend_mut().applied.last().unwrap().clone();
+        assert_eq!(
+            tx.ops[..2],
+            [Op::AddTable { comment: None }, Op::DeleteTable]
+        );
+    }
+
+    #[test]
+    fn the_generation_tells_whether_anyone_else_committed() {
+        let mut r = Reconciler::new(
+            FakeBackend::default(),
+            "nftproxy",
+            ReconcilerOptions::default(),
+        );
+        assert!(r.drifted(), "nothing known yet");
+        r.sync(&[table(&["a", "b"])]).unwrap();
+        assert!(!r.drifted(), "only our own commits");
+        r.sync(&[table(&["a", "b", "c"])]).unwrap();
+        assert!(!r.drifted());
+        r.backend_mut().tamper(Family::Ip, "nftproxy", |t| {
+            t.as_mut()
+                .unwrap()
+                .chains
+                .get_mut("a")
+                .unwrap()
+                .rules
+                .clear();
+        });
+        assert!(r.drifted());
+        r.invalidate();
+        let repair = r.sync(&[table(&["a", "b", "c"])]).unwrap();
+        assert!(repair.read_back);
+        assert_eq!(repair.changed, ["add rule in chain a `accept`"]);
+        assert!(!r.drifted());
+        assert_eq!(
+            r.backend_mut().list(Family::Ip, "nftproxy").unwrap(),
+            Some(table(&["a", "b", "c"]))
         );
     }
 }

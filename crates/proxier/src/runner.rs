@@ -3,8 +3,14 @@
 //! so a lone change is programmed at once and a stream of changes at most once per
 //! period), at least every `sync_period`, and after a failure again after a back-off.
 //!
-//! Invariant: over any stretch of time T, at most 2 + T / `min_sync_period` syncs start,
-//! and a failed sync is always retried.
+//! Between syncs it asks the kernel every [`DRIFT_CHECK`] (or `sync_period`, when
+//! shorter) whether anyone committed to the ruleset since nftproxy last wrote or read it,
+//! and when someone did, reads its tables back and repairs them by the smallest
+//! transaction; kube-proxy rewrites its whole table every `sync_period` instead.
+//!
+//! Invariant: over any stretch of time T, at most 2 + T / `min_sync_period` syncs for
+//! input changes start, and a failed sync is always retried; a change another program
+//! makes to our tables is repaired within `sync_period`.
 
 use std::future::Future;
 use std::time::{Duration, SystemTime};
@@ -39,6 +45,8 @@ pub enum Input {
 /// Where the desired tables come from.
 pub trait Source {
     /// Resolves when the input may have changed (a watch event, or simply the next poll).
+    /// Must be cancel-safe: the loop drops it when a timer of its own fires first, and a
+    /// poll that is due must still come when it is called again.
     fn changed(&mut self) -> impl Future<Output = ()>;
     /// The input now.
     fn input(&mut self) -> Input;
@@ -50,6 +58,10 @@ pub trait Source {
     /// here.
     fn synced(&mut self, report: &SyncReport) -> impl Future<Output = ()>;
 }
+
+/// How often the loop asks the kernel whether the ruleset changed behind its back (one
+/// netlink round trip; a read-back only when the answer is yes).
+pub const DRIFT_CHECK: Duration = Duration::from_secs(1);
 
 /// kube-proxy's burst: two syncs may follow each other immediately.
 const BURST: f64 = 2.0;
@@ -110,6 +122,12 @@ pub async fn run<B: Backend, S: Source>(
     let mut retry_at: Option<Instant> = None;
     let mut syncs = 0;
     let mut ask = true;
+    let drift_check = DRIFT_CHECK.min(timing.sync_period);
+    let mut drift_at = Instant::now() + drift_check;
+    // After a read-back that found our tables intact (someone changed another table), the
+    // next one waits this long, so that a busy neighbour cannot make us read back every
+    // second; a change to ours is still repaired within `sync_period`.
+    let mut read_back_after: Option<Instant> = None;
     loop {
         if ask {
             match source.input() {
@@ -159,6 +177,7 @@ pub async fn run<B: Backend, S: Source>(
                 syncs,
                 monitor,
                 backoff,
+                false,
             ) {
                 Ok(report) => {
                     unsynced = Some(Scopes::nothing());
@@ -175,8 +194,40 @@ pub async fn run<B: Backend, S: Source>(
             ask = false;
             continue;
         }
+        let in_sync = unsynced.is_some() && !pending && retry_at.is_none();
+        if in_sync && now >= drift_at {
+            drift_at = now + drift_check;
+            if read_back_after.is_none_or(|t| now >= t) && reconciler.drifted() {
+                reconciler.invalidate();
+                syncs += 1;
+                let everything = Scopes::everything();
+                let outcome = sync_once(
+                    reconciler,
+                    source.tables(),
+                    &everything,
+                    syncs,
+                    monitor,
+                    backoff,
+                    true,
+                );
+                match outcome {
+                    Ok(report) => {
+                        read_back_after =
+                            (report.operations == 0).then(|| now + timing.sync_period / 2);
+                        source.synced(&report).await;
+                    }
+                    Err(()) => {
+                        retry_at = Some(now + backoff);
+                        backoff = (backoff * 2).min(timing.sync_period);
+                    }
+                }
+                ask = false;
+                continue;
+            }
+        }
         // Nothing is due before this; a change of the input may make something due sooner.
         let wake = due.unwrap_or(now + timing.sync_period);
+        let wake = if in_sync { wake.min(drift_at) } else { wake };
         tokio::select! {
             () = &mut shutdown => return syncs,
             () = source.changed() => ask = true,
@@ -189,7 +240,9 @@ fn families(tables: &[Table]) -> Vec<Family> {
     tables.iter().map(|t| t.family).collect()
 }
 
-/// One sync, inside its own span, with its outcome recorded in the monitor.
+/// One sync, inside its own span, with its outcome recorded in the monitor. A `repair`
+/// follows a change of the ruleset by someone else: what it changed is logged as
+/// repaired.
 fn sync_once<B: Backend>(
     reconciler: &mut Reconciler<B>,
     tables: &[Table],
@@ -197,6 +250,7 @@ fn sync_once<B: Backend>(
     n: usize,
     monitor: &Monitor,
     retry_in: Duration,
+    repair: bool,
 ) -> Result<SyncReport, ()> {
     let span = tracing::info_span!("sync", n);
     let _guard = span.enter();
@@ -210,7 +264,20 @@ fn sync_once<B: Backend>(
             monitor
                 .metrics
                 .synced(&families, took, report.operations, now);
-            if report.operations > 0 || report.read_back {
+            if repair && report.operations > 0 {
+                monitor.metrics.repaired();
+                warn!(
+                    operations = report.operations,
+                    took_ms = took.as_millis() as u64,
+                    repaired = %report.changed.join("; "),
+                    "another program changed nftproxy's tables; repaired"
+                );
+            } else if repair {
+                tracing::debug!(
+                    took_ms = took.as_millis() as u64,
+                    "the ruleset changed elsewhere; nftproxy's tables are intact"
+                );
+            } else if report.operations > 0 || report.read_back {
                 info!(
                     operations = report.operations,
                     transactions = report.transactions,
@@ -273,6 +340,7 @@ mod tests {
     /// It notes when each sync succeeded.
     struct Polled<F> {
         period: Duration,
+        next_poll: Option<Instant>,
         input: F,
         tables: Vec<Table>,
         synced_at: Vec<Instant>,
@@ -282,6 +350,7 @@ mod tests {
     fn polled<F: FnMut() -> Option<Vec<Table>>>(period: Duration, input: F) -> Polled<F> {
         Polled {
             period,
+            next_poll: None,
             input,
             tables: Vec::new(),
             synced_at: Vec::new(),
@@ -290,7 +359,9 @@ mod tests {
 
     impl<F: FnMut() -> Option<Vec<Table>>> Source for Polled<F> {
         async fn changed(&mut self) {
-            tokio::time::sleep(self.period).await;
+            let at = *self.next_poll.get_or_insert(Instant::now() + self.period);
+            tokio::time::sleep_until(at).await;
+            self.next_poll = None;
         }
 
         fn input(&mut self) -> Input {
@@ -444,5 +515,81 @@ mod tests {
         assert!(monitor.metrics.render().contains(
             r#"kubeproxy_sync_proxy_rules_nftables_sync_failures_total{ip_family="IPv4"} 1"#
         ));
+    }
+
+    /// A kernel shared between the loop and the test, which plays the other program.
+    #[derive(Clone, Default)]
+    struct Shared(Rc<RefCell<FakeBackend>>);
+
+    impl Backend for Shared {
+        type Error = nftproxy_nft::FakeError;
+
+        fn list(&mut self, family: Family, table: &str) -> Result<Option<Table>, Self::Error> {
+            self.0.borrow_mut().list(family, table)
+        }
+
+        fn apply(&mut self, tx: &nftproxy_nft::Transaction) -> Result<(), Self::Error> {
+            self.0.borrow_mut().apply(tx)
+        }
+
+        fn generation(&mut self) -> Result<Option<u32>, Self::Error> {
+            self.0.borrow_mut().generation()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn changes_by_another_program_are_repaired_within_a_drift_check() {
+        let kernel = Shared::default();
+        let mut r = Reconciler::new(kernel.clone(), "nftproxy", ReconcilerOptions::default());
+        let mut first = true;
+        let mut source = polled(Duration::from_secs(10), move || {
+            std::mem::take(&mut first).then(|| tables(3))
+        });
+        let monitor = Monitor::new(TIMING.sync_period);
+        let k = kernel.clone();
+        let script = async move {
+            tokio::time::sleep(Duration::from_millis(5_500)).await;
+            // Someone deletes a chain's rule and adds one of theirs elsewhere.
+            k.0.borrow_mut().tamper(Family::Ip, "nftproxy", |t| {
+                let t = t.as_mut().expect("our table");
+                t.chains.remove("c1");
+            });
+            tokio::time::sleep(Duration::from_millis(1_100)).await;
+            assert_eq!(
+                k.0.borrow().tables.values().next(),
+                Some(&tables(3)[0]),
+                "repaired"
+            );
+            let lists = k.0.borrow().lists;
+            // Another table changes: our tables are read back once, found intact...
+            k.0.borrow_mut().tamper(Family::Ip, "other", |t| {
+                *t = Some(Table::new(Family::Ip, "other"))
+            });
+            tokio::time::sleep(Duration::from_millis(1_100)).await;
+            assert_eq!(
+                k.0.borrow().lists,
+                lists + 2,
+                "one read-back of both families"
+            );
+            // ...and a busy neighbour does not make us read back every second.
+            for _ in 0..5 {
+                k.0.borrow_mut().tamper(Family::Ip, "other", |_| {});
+                tokio::time::sleep(Duration::from_millis(1_000)).await;
+            }
+            assert_eq!(k.0.borrow().lists, lists + 2);
+            // Our table deleted: within the quiet spell's end (sync_period / 2), it is back.
+            k.0.borrow_mut()
+                .tamper(Family::Ip, "nftproxy", |t| *t = None);
+            tokio::time::sleep(Duration::from_secs(15)).await;
+            assert_eq!(
+                k.0.borrow()
+                    .tables
+                    .get(&(Family::Ip, "nftproxy".to_owned())),
+                Some(&tables(3)[0])
+            );
+        };
+        run(&mut r, TIMING, &mut source, &monitor, script).await;
+        let text = monitor.metrics.render();
+        assert!(text.contains("nftproxy_sync_repairs_total 2"), "{text}");
     }
 }
