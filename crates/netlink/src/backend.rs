@@ -218,15 +218,18 @@ impl NetlinkBackend {
         self.socket.send(&msgs.bytes)?;
         let single = matches!(kind, libc::NFT_MSG_GETTABLE | libc::NFT_MSG_GETGEN);
         let mut interrupted = false;
+        // A reply `each` cannot take fails the request, but only after the rest of the
+        // dump is read: left on the socket, it would be taken for the next request's.
+        let mut failed = None;
         loop {
             let replies = self.socket.receive(false)?.unwrap_or_default();
             for reply in replies {
                 match reply {
                     Reply::Done => {
-                        return if interrupted {
-                            Err(Error::Interrupted)
-                        } else {
-                            Ok(())
+                        return match failed {
+                            Some(error) => Err(error),
+                            None if interrupted => Err(Error::Interrupted),
+                            None => Ok(()),
                         };
                     }
                     Reply::Error { errno, .. } => {
@@ -237,9 +240,13 @@ impl NetlinkBackend {
                         interrupted: flag,
                     } => {
                         interrupted |= flag;
-                        each(nlh)?;
+                        if failed.is_none()
+                            && let Err(error) = each(nlh)
+                        {
+                            failed = Some(error);
+                        }
                         if single {
-                            return Ok(());
+                            return failed.map_or(Ok(()), Err);
                         }
                     }
                     Reply::Ack => {}

@@ -401,3 +401,38 @@ fn maps_of_endpoints_round_trip_and_list_like_their_text() {
         assert_eq!(normalise_listing(&reference), normalise_listing(&listing));
     }
 }
+
+#[test]
+fn the_generation_moves_by_one_per_commit_and_with_other_programs_commits() {
+    if !kernel_available("the_generation_moves_by_one_per_commit_and_with_other_programs_commits") {
+        return;
+    }
+    in_new_netns(|| {
+        let mut backend = NetlinkBackend::open().expect("netlink socket");
+        let start = backend.generation().expect("generation").expect("a number");
+        let table = golden_tables()
+            .into_iter()
+            .next()
+            .expect("a golden table")
+            .1;
+        backend
+            .apply(&Transaction::create(&table))
+            .expect("program");
+        assert_eq!(backend.generation().unwrap(), Some(start.wrapping_add(1)));
+        // Reading changes nothing.
+        backend.list(table.family, &table.name).expect("read back");
+        assert_eq!(backend.generation().unwrap(), Some(start.wrapping_add(1)));
+        // Another program's commit, even to another table, moves it.
+        run_ok(
+            Command::new("nft").args(["add", "table", "inet", "other"]),
+            "",
+        );
+        assert_eq!(backend.generation().unwrap(), Some(start.wrapping_add(2)));
+        // A refused batch commits nothing.
+        let mut broken = Transaction::new(table.family, table.name.clone());
+        broken.ops.push(Op::DeleteChain("no-such-chain".into()));
+        assert!(backend.apply(&broken).is_err());
+        assert_eq!(backend.generation().unwrap(), Some(start.wrapping_add(2)));
+    })
+    .expect("new network namespace");
+}

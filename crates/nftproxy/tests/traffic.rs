@@ -1,6 +1,6 @@
 //! Real traffic through rules that `nftproxy --once` programs into a node namespace.
 //!
-//! Topology (all namespaces created here, deleted on exit; no host address is touched):
+//! The topology (`common`):
 //!
 //! ```text
 //!  client 192.168.50.100 ──┐            ┌── be1 10.244.1.10, 10.244.1.20 (node-a: local)
@@ -11,17 +11,15 @@
 //! Backends run echo servers that answer with their name and the client address they see.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, ErrorKind, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use nftproxy_netlink::netns;
-use nftproxy_testkit::{SEED_NODE_FLAGS, kernel_available};
+use nftproxy_testkit::kernel_available;
+
+mod common;
+use common::{Outcome, Topology, addr, from, serve, tcp, udp};
 
 /// Services beyond the seed examples, one per behaviour under test. (`triple` has three
 /// endpoints, and its ClusterIP ends in the same four bits as redis's (0x6), so they
@@ -124,243 +122,6 @@ endpoints:
 - {addresses: [10.244.2.20], nodeName: node-b}
 "#;
 
-const TIMEOUT: Duration = Duration::from_secs(2);
-
-fn ip(args: &[&str]) {
-    let output = Command::new("ip").args(args).output().expect("ip runs");
-    assert!(
-        output.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
-/// Named namespaces, deleted when dropped (also when a test fails).
-struct Topology {
-    prefix: String,
-    dir: PathBuf,
-}
-
-impl Topology {
-    fn ns(&self, name: &str) -> String {
-        format!("{}{name}", self.prefix)
-    }
-
-    /// Namespaces named after the process and `test`, so tests can run side by side.
-    fn new(test: &str) -> Topology {
-        let prefix = format!("nftp{}{test}-", std::process::id());
-        let dir = std::env::temp_dir().join(format!("{prefix}manifests"));
-        let topology = Topology { prefix, dir };
-        for name in ["node", "client", "pod", "be1", "be2"] {
-            ip(&["netns", "add", &topology.ns(name)]);
-            ip(&["-n", &topology.ns(name), "link", "set", "lo", "up"]);
-        }
-        let node = topology.ns("node");
-        let links: [(&str, &str, &[&str], &str); 4] = [
-            (
-                "client",
-                "192.168.50.10/24",
-                &["192.168.50.100/24"],
-                "192.168.50.10",
-            ),
-            ("pod", "10.244.3.1/24", &["10.244.3.10/24"], "10.244.3.1"),
-            (
-                "be1",
-                "10.244.1.1/24",
-                &["10.244.1.10/24", "10.244.1.20/24"],
-                "10.244.1.1",
-            ),
-            (
-                "be2",
-                "10.244.2.1/24",
-                &["10.244.2.10/24", "10.244.2.20/24"],
-                "10.244.2.1",
-            ),
-        ];
-        for (peer, node_addr, peer_addrs, gateway) in links {
-            let peer_ns = topology.ns(peer);
-            let (a, b) = (format!("n-{peer}"), format!("eth-{peer}"));
-            ip(&[
-                "-n", &node, "link", "add", &a, "type", "veth", "peer", "name", &b, "netns",
-                &peer_ns,
-            ]);
-            ip(&["-n", &node, "addr", "add", node_addr, "dev", &a]);
-            ip(&["-n", &node, "link", "set", &a, "up"]);
-            for addr in peer_addrs {
-                ip(&["-n", &peer_ns, "addr", "add", addr, "dev", &b]);
-            }
-            ip(&["-n", &peer_ns, "link", "set", &b, "up"]);
-            ip(&["-n", &peer_ns, "route", "add", "default", "via", gateway]);
-        }
-        // Like a real node, ours has a default route (the client namespace is its
-        // upstream), so traffic to addresses nothing serves reaches the filter hooks.
-        ip(&[
-            "-n",
-            &node,
-            "route",
-            "add",
-            "default",
-            "via",
-            "192.168.50.100",
-        ]);
-        // The load balancer delivers its VIPs to this node.
-        for vip in ["192.168.50.200/32", "192.168.50.201/32"] {
-            ip(&[
-                "-n",
-                &topology.ns("client"),
-                "route",
-                "add",
-                vip,
-                "via",
-                "192.168.50.10",
-            ]);
-        }
-        let forwarding = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &node,
-                "sysctl",
-                "-qw",
-                "net.ipv4.ip_forward=1",
-            ])
-            .status()
-            .expect("sysctl runs");
-        assert!(forwarding.success());
-        topology
-    }
-
-    /// Programs the node with `nftproxy --once` on the seed examples plus `extra`.
-    fn program(&self, extra: &str) {
-        std::fs::create_dir_all(&self.dir).expect("temp dir");
-        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        for entry in std::fs::read_dir(repo.join("hack/examples/seed")).expect("seed examples") {
-            let path = entry.expect("entry").path();
-            std::fs::copy(&path, self.dir.join(path.file_name().expect("file name")))
-                .expect("copy");
-        }
-        std::fs::write(self.dir.join("extra.yaml"), extra).expect("write");
-        let output = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.ns("node"),
-                env!("CARGO_BIN_EXE_nftproxy"),
-                "--once",
-            ])
-            .args(SEED_NODE_FLAGS)
-            .arg("--manifests")
-            .arg(&self.dir)
-            .output()
-            .expect("nftproxy runs");
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-}
-
-impl Drop for Topology {
-    fn drop(&mut self) {
-        for name in ["node", "client", "pod", "be1", "be2"] {
-            let _ = Command::new("ip")
-                .args(["netns", "del", &self.ns(name)])
-                .status();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// Echo servers in a backend namespace: TCP 6379 and 3000, UDP 5353. Each answers one
-/// line, "NAME CLIENT-IP".
-fn serve(ns: String, name: &'static str, stop: Arc<AtomicBool>) -> JoinHandle<()> {
-    std::thread::spawn(move || {
-        netns::enter(&ns).expect("enter backend namespace");
-        let listeners: Vec<TcpListener> = [6379, 3000]
-            .iter()
-            .map(|port| TcpListener::bind(("0.0.0.0", *port)).expect("bind"))
-            .collect();
-        let udp = UdpSocket::bind(("0.0.0.0", 5353)).expect("bind udp");
-        udp.set_nonblocking(true).expect("nonblocking");
-        for listener in &listeners {
-            listener.set_nonblocking(true).expect("nonblocking");
-        }
-        let mut buf = [0u8; 512];
-        while !stop.load(Ordering::Relaxed) {
-            let mut idle = true;
-            for listener in &listeners {
-                if let Ok((mut stream, peer)) = listener.accept() {
-                    idle = false;
-                    let _ = stream.set_nonblocking(false);
-                    let _ = writeln!(stream, "{name} {}", peer.ip());
-                }
-            }
-            if let Ok((_, peer)) = udp.recv_from(&mut buf) {
-                idle = false;
-                let _ = udp.send_to(format!("{name} {}\n", peer.ip()).as_bytes(), peer);
-            }
-            if idle {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        }
-    })
-}
-
-#[derive(Debug, PartialEq)]
-enum Outcome {
-    /// Backend name and the client address it saw.
-    Answered(String, String),
-    Refused,
-    TimedOut,
-}
-
-fn tcp(addr: SocketAddr) -> Outcome {
-    match TcpStream::connect_timeout(&addr, TIMEOUT) {
-        Ok(stream) => {
-            stream.set_read_timeout(Some(TIMEOUT)).expect("timeout");
-            let mut line = String::new();
-            match BufReader::new(stream).read_line(&mut line) {
-                Ok(_) => {
-                    let mut words = line.split_whitespace();
-                    let name = words.next().unwrap_or_default().to_owned();
-                    Outcome::Answered(name, words.next().unwrap_or_default().to_owned())
-                }
-                Err(_) => Outcome::TimedOut,
-            }
-        }
-        Err(e) if e.kind() == ErrorKind::ConnectionRefused => Outcome::Refused,
-        Err(_) => Outcome::TimedOut,
-    }
-}
-
-fn udp(addr: SocketAddr) -> Outcome {
-    let socket = UdpSocket::bind("0.0.0.0:0").expect("bind");
-    socket.set_read_timeout(Some(TIMEOUT)).expect("timeout");
-    socket.send_to(b"ping", addr).expect("send");
-    let mut buf = [0u8; 512];
-    match socket.recv_from(&mut buf) {
-        Ok((n, _)) => {
-            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-            let mut words = text.split_whitespace();
-            let name = words.next().unwrap_or_default().to_owned();
-            Outcome::Answered(name, words.next().unwrap_or_default().to_owned())
-        }
-        Err(_) => Outcome::TimedOut,
-    }
-}
-
-/// Runs `probe` `count` times from inside namespace `ns`.
-fn from(ns: String, count: usize, probe: impl Fn() -> Outcome + Send + 'static) -> Vec<Outcome> {
-    std::thread::spawn(move || {
-        netns::enter(&ns).expect("enter client namespace");
-        (0..count).map(|_| probe()).collect()
-    })
-    .join()
-    .expect("client thread")
-}
-
 fn split(outcomes: &[Outcome]) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();
     for outcome in outcomes {
@@ -413,10 +174,6 @@ fn explain_live(topology: &Topology, from: &str, to: &str) -> String {
         .find_map(|l| l.strip_prefix("result: "))
         .unwrap_or_default()
         .to_owned()
-}
-
-fn addr(text: &str) -> SocketAddr {
-    text.parse().expect("literal address")
 }
 
 #[test]
