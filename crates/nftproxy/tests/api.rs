@@ -504,3 +504,114 @@ fn stale_udp_flows_are_deleted_after_a_sync() {
     })
     .expect("netns");
 }
+
+#[test]
+fn an_unreachable_api_server_turns_healthz_503_after_two_sync_periods_and_says_why() {
+    if !kernel_available(
+        "an_unreachable_api_server_turns_healthz_503_after_two_sync_periods_and_says_why",
+    ) {
+        return;
+    }
+    in_new_netns(|| {
+        bring_up_loopback();
+        // Nothing listens on port 1 of this namespace's loopback.
+        let log =
+            std::env::temp_dir().join(format!("nftproxy-unreachable-{}.log", std::process::id()));
+        let child = nftproxy()
+            .args(["--master", "http://127.0.0.1:1"])
+            .args(SEED_NODE_FLAGS)
+            .args(["--sync-period", "1s", "--healthz-bind-address", HEALTHZ])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("nftproxy starts");
+        let daemon = Daemon(child, log.clone());
+        let started = Instant::now();
+        within(Duration::from_secs(5), "/healthz answers", || {
+            get(HEALTHZ, "/healthz").is_some()
+        });
+        let took = within(Duration::from_secs(10), "/healthz 503", || {
+            get(HEALTHZ, "/healthz").is_some_and(|(code, _)| code == 503)
+        });
+        assert!(
+            started.elapsed() >= Duration::from_secs(2),
+            "not before 2 x syncPeriod: {took:?}"
+        );
+        assert_eq!(get(HEALTHZ, "/livez").map(|(code, _)| code), Some(503));
+        assert!(listing().is_none(), "nothing programmed");
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(
+            text.contains("Connection refused"),
+            "the log names the cause, not only that the request failed:\n{text}"
+        );
+        drop(daemon);
+    })
+    .expect("netns");
+}
+
+#[test]
+fn the_health_check_port_is_served_after_every_start_with_or_without_a_late_node() {
+    if !kernel_available(
+        "the_health_check_port_is_served_after_every_start_with_or_without_a_late_node",
+    ) {
+        return;
+    }
+    in_new_netns(|| {
+        bring_up_loopback();
+        run_ok(
+            Command::new("ip").args(["addr", "add", "192.168.50.10/32", "dev", "lo"]),
+            "",
+        );
+        let api = FakeApi::start();
+        api.apply_yaml(&seed_yaml());
+        let mut service = seed_object("counter-lb");
+        service["spec"]["externalTrafficPolicy"] = serde_json::json!("Local");
+        service["spec"]["healthCheckNodePort"] = serde_json::json!(32100);
+        api.apply(service);
+        // The node's address comes from its Node alone (no --node-ip).
+        api.apply(serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": "node-a"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.168.50.10"}]},
+        }));
+        let probe = "192.168.50.10:32100";
+        let flags = [
+            "--master",
+            &api.url(),
+            "--node-name",
+            "node-a",
+            "--cluster-cidr",
+            "10.244.0.0/16",
+            "--healthz-bind-address",
+            HEALTHZ,
+            "--metrics-bind-address",
+            METRICS,
+        ];
+        for start in 0..20 {
+            let late = start % 2 == 0;
+            let delay = if late {
+                Duration::from_millis(1_000)
+            } else {
+                Duration::ZERO
+            };
+            api.delay_lists(Resource::Nodes, delay);
+            let log = std::env::temp_dir()
+                .join(format!("nftproxy-hc-{}-{start}.log", std::process::id()));
+            let child = nftproxy()
+                .args(flags)
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).expect("log file"))
+                .spawn()
+                .expect("nftproxy starts");
+            let daemon = Daemon(child, log);
+            within(
+                Duration::from_secs(15),
+                &format!("start {start} (late Node: {late})"),
+                || get(probe, "/").is_some_and(|(code, _)| code == 200),
+            );
+            drop(daemon);
+        }
+    })
+    .expect("netns");
+}
