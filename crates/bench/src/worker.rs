@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use nftproxy_model::config::parse_cidr_list;
 use nftproxy_model::{Builder, ProxyConfig, Snapshot, build};
 use nftproxy_netlink::NetlinkBackend;
-use nftproxy_nft::{Backend, Family, Table, Transaction};
+use nftproxy_nft::{Backend, Family, Op, Scopes, Table, Transaction};
 use nftproxy_proxier::{Reconciler, ReconcilerOptions};
 use nftproxy_render::{Renderer, SHARD_BITS, TABLE_NAME, render_all};
 use serde::{Deserialize, Serialize};
@@ -192,6 +192,47 @@ impl Loaded {
             operations: report.operations,
         })
     }
+
+    /// The daemon's drift check between syncs: the generation asked, and when another
+    /// program committed something (here, to a table of its own: `foreign`), our tables
+    /// read back and compared whole. Fails when it finds anything to repair.
+    fn drift_check(&mut self, what: &str, foreign: bool) -> Result<SyncTiming, String> {
+        if foreign {
+            let mut tx = Transaction::new(Family::Ip, "bench-neighbour");
+            tx.ops.push(Op::AddTable { comment: None });
+            tx.ops.push(Op::DeleteTable);
+            self.reconciler
+                .backend_mut()
+                .inner
+                .apply(&tx)
+                .map_err(|e| e.to_string())?;
+        }
+        self.reconciler.backend_mut().commits.clear();
+        let started = Instant::now();
+        let mut operations = 0;
+        if self.reconciler.drifted() {
+            self.reconciler.invalidate();
+            let report = self
+                .reconciler
+                .sync_changes(self.renderer.tables(), &Scopes::nothing())
+                .map_err(|e| e.to_string())?;
+            operations = report.operations;
+        } else if foreign {
+            return Err("another program's commit went unnoticed".to_owned());
+        }
+        if operations > 0 {
+            return Err(format!(
+                "the drift check found {operations} operations to repair"
+            ));
+        }
+        Ok(SyncTiming {
+            what: what.to_owned(),
+            wall_seconds: started.elapsed().as_secs_f64(),
+            commit_seconds: 0.0,
+            longest_commit_seconds: 0.0,
+            operations,
+        })
+    }
 }
 
 /// Adds the next endpoint to Service `changed` and syncs.
@@ -275,6 +316,11 @@ pub fn cold(services: u32, endpoints: u32) -> Result<ColdReport, String> {
         syncs.push(loaded.sync("one service removed", &snapshot)?);
     }
     syncs.push(loaded.sync("nothing changed", &snapshot)?);
+    syncs.push(loaded.drift_check("drift check, nothing changed (generation asked)", false)?);
+    syncs.push(loaded.drift_check(
+        "drift check after another program's commit (tables read back and compared)",
+        true,
+    )?);
 
     // From nothing, as after a restart: the whole build, render and diff.
     let started = Instant::now();

@@ -70,6 +70,15 @@ fn a_small_benchmark_runs_end_to_end() {
         );
     }
     assert_eq!(operations("nothing changed"), 0);
+    // The drift checks ran (each fails the run when it finds anything to repair).
+    assert_eq!(
+        operations("drift check, nothing changed (generation asked)"),
+        0
+    );
+    assert_eq!(
+        operations("drift check after another program's commit (tables read back and compared)"),
+        0
+    );
     assert_eq!(results["wide"]["services"], 50);
     assert_eq!(results["latency"][0]["connects"], 3_000);
 }

@@ -35,8 +35,17 @@ impl Drop for Daemon {
     }
 }
 
-/// The seed examples, as the API server would hold them.
+/// This node's Node, as the API server holds it (the daemon waits for it).
+const NODE_A: &str = "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\n\
+                      status: {addresses: [{type: InternalIP, address: 192.168.50.10}]}\n";
+
+/// The seed examples and this node's Node, as the API server would hold them.
 fn seed_yaml() -> String {
+    format!("{}\n---\n{NODE_A}", seed_manifests())
+}
+
+/// The seed examples alone.
+fn seed_manifests() -> String {
     let dir = repo_root().join("hack/examples/seed");
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .expect("seed examples")
@@ -349,24 +358,31 @@ fn seed_object(name: &str) -> serde_json::Value {
     serde_saphyr::from_str(document).expect("yaml")
 }
 
+/// In this namespace: the node's address on loopback (where NodePorts, and so health
+/// checks, are served), and an API server with the seed cluster whose counter-lb has
+/// `externalTrafficPolicy: Local` and health-check node port 32100 (returned).
+fn cluster_with_a_health_check() -> (FakeApi, serde_json::Value) {
+    bring_up_loopback();
+    run_ok(
+        Command::new("ip").args(["addr", "add", "192.168.50.10/32", "dev", "lo"]),
+        "",
+    );
+    let api = FakeApi::start();
+    api.apply_yaml(&seed_yaml());
+    let mut service = seed_object("counter-lb");
+    service["spec"]["externalTrafficPolicy"] = serde_json::json!("Local");
+    service["spec"]["healthCheckNodePort"] = serde_json::json!(32100);
+    api.apply(service.clone());
+    (api, service)
+}
+
 #[test]
 fn health_check_node_ports_follow_local_endpoints() {
     if !kernel_available("health_check_node_ports_follow_local_endpoints") {
         return;
     }
     in_new_netns(|| {
-        bring_up_loopback();
-        // The node's address, where NodePorts (and so health checks) are served.
-        run_ok(
-            Command::new("ip").args(["addr", "add", "192.168.50.10/32", "dev", "lo"]),
-            "",
-        );
-        let api = FakeApi::start();
-        api.apply_yaml(&seed_yaml());
-        let mut service = seed_object("counter-lb");
-        service["spec"]["externalTrafficPolicy"] = serde_json::json!("Local");
-        service["spec"]["healthCheckNodePort"] = serde_json::json!(32100);
-        api.apply(service.clone());
+        let (api, mut service) = cluster_with_a_health_check();
         let _daemon = start(&api, &["--min-sync-period", "100ms"]);
         let probe = "192.168.50.10:32100";
 
@@ -456,6 +472,7 @@ fn stale_udp_flows_are_deleted_after_a_sync() {
         let api = FakeApi::start();
         api.apply_yaml(&udp_service("dns", "10.96.0.10", "10.244.1.53"));
         api.apply_yaml(&udp_service("other", "10.96.0.11", "10.244.1.54"));
+        api.apply_yaml(NODE_A);
         let _daemon = start(&api, &["--min-sync-period", "100ms"]);
         within(Duration::from_secs(20), "the rules", || {
             listing().is_some_and(|l| l.contains("10.96.0.11"))
@@ -557,24 +574,8 @@ fn the_health_check_port_is_served_after_every_start_with_or_without_a_late_node
         return;
     }
     in_new_netns(|| {
-        bring_up_loopback();
-        run_ok(
-            Command::new("ip").args(["addr", "add", "192.168.50.10/32", "dev", "lo"]),
-            "",
-        );
-        let api = FakeApi::start();
-        api.apply_yaml(&seed_yaml());
-        let mut service = seed_object("counter-lb");
-        service["spec"]["externalTrafficPolicy"] = serde_json::json!("Local");
-        service["spec"]["healthCheckNodePort"] = serde_json::json!(32100);
-        api.apply(service);
-        // The node's address comes from its Node alone (no --node-ip).
-        api.apply(serde_json::json!({
-            "apiVersion": "v1",
-            "kind": "Node",
-            "metadata": {"name": "node-a"},
-            "status": {"addresses": [{"type": "InternalIP", "address": "192.168.50.10"}]},
-        }));
+        let (api, _) = cluster_with_a_health_check();
+        // The node's address comes from its Node (in the seed) alone: no --node-ip.
         let probe = "192.168.50.10:32100";
         let flags = [
             "--master",

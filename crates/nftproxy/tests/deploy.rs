@@ -122,6 +122,8 @@ fn the_configmap_points_nftproxy_at_the_api_server_with_its_token() {
             .expect("seed example");
         api.apply_yaml(&text);
     }
+    // This node's Node, which the first sync waits for.
+    api.apply_yaml("apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\n");
     let dir = std::env::temp_dir().join(format!("nftproxy-deploy-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let config = write_config(&dir, &api.url());

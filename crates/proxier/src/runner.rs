@@ -164,22 +164,39 @@ pub async fn run<B: Backend, S: Source>(
                 None => last_sync.map_or(now, |t| t + timing.sync_period),
             }
         });
-        if let (Some(due), Some(changed)) = (due, unsynced.as_ref())
-            && due <= now
-        {
+        let due_now = due.is_some_and(|due| due <= now);
+        let in_sync = unsynced.is_some() && !pending && retry_at.is_none();
+        // Between syncs: has anyone else committed since our last commit or read?
+        let repair = !due_now && in_sync && now >= drift_at && {
+            drift_at = now + drift_check;
+            read_back_after.is_none_or(|t| now >= t) && reconciler.drifted()
+        };
+        if let (true, Some(changed)) = (due_now || repair, unsynced.as_ref()) {
             syncs += 1;
             last_sync = Some(now);
-            bucket.take(now);
+            let everything = Scopes::everything();
+            let scopes = if repair {
+                // Read back and compare everything.
+                reconciler.invalidate();
+                &everything
+            } else {
+                bucket.take(now);
+                changed
+            };
             match sync_once(
                 reconciler,
                 source.tables(),
-                changed,
+                scopes,
                 syncs,
                 monitor,
                 backoff,
-                false,
+                repair,
             ) {
                 Ok(report) => {
+                    if repair {
+                        read_back_after =
+                            (report.operations == 0).then(|| now + timing.sync_period / 2);
+                    }
                     unsynced = Some(Scopes::nothing());
                     pending = false;
                     retry_at = None;
@@ -193,37 +210,6 @@ pub async fn run<B: Backend, S: Source>(
             }
             ask = false;
             continue;
-        }
-        let in_sync = unsynced.is_some() && !pending && retry_at.is_none();
-        if in_sync && now >= drift_at {
-            drift_at = now + drift_check;
-            if read_back_after.is_none_or(|t| now >= t) && reconciler.drifted() {
-                reconciler.invalidate();
-                syncs += 1;
-                let everything = Scopes::everything();
-                let outcome = sync_once(
-                    reconciler,
-                    source.tables(),
-                    &everything,
-                    syncs,
-                    monitor,
-                    backoff,
-                    true,
-                );
-                match outcome {
-                    Ok(report) => {
-                        read_back_after =
-                            (report.operations == 0).then(|| now + timing.sync_period / 2);
-                        source.synced(&report).await;
-                    }
-                    Err(()) => {
-                        retry_at = Some(now + backoff);
-                        backoff = (backoff * 2).min(timing.sync_period);
-                    }
-                }
-                ask = false;
-                continue;
-            }
         }
         // Nothing is due before this; a change of the input may make something due sooner.
         let wake = due.unwrap_or(now + timing.sync_period);
