@@ -890,6 +890,12 @@ fn service_ports(
             &config.node_name,
             node.zone.as_deref(),
         );
+        if port.protocol == Protocol::Udp {
+            state.endpoints.udp_serving = endpoints
+                .into_iter()
+                .filter(|e| e.serving || e.ready)
+                .collect();
+        }
         ports.push(state);
     }
     ports

@@ -18,6 +18,11 @@ pub struct CategorizedEndpoints {
     pub local: Vec<Endpoint>,
     /// Whether any usable endpoint exists anywhere in the cluster.
     pub has_any: bool,
+    /// UDP service ports only: every serving endpoint, wherever it runs and whatever the
+    /// traffic policy and topology hints make of it, in address order. A UDP flow whose
+    /// reply comes from one of these is still answered, so the conntrack cleanup keeps
+    /// it. Empty for other protocols (nothing asks), which is most of a large cluster.
+    pub udp_serving: Vec<Endpoint>,
 }
 
 impl CategorizedEndpoints {

@@ -130,6 +130,7 @@ impl AfterSync {
         let Ok(socket) = socket else {
             return;
         };
+        let mut cleaned = true;
         for &family in self.serving_udp.families() {
             let started = std::time::Instant::now();
             match conntrack::clean(socket, &self.serving_udp, family) {
@@ -141,8 +142,14 @@ impl AfterSync {
                         .metrics
                         .conntrack_reconciled(family, deleted, started.elapsed());
                 }
-                Err(e) => warn!(%family, error = %e, "conntrack cleanup failed"),
+                Err(e) => {
+                    cleaned = false;
+                    warn!(%family, error = %e, "conntrack cleanup failed");
+                }
             }
+        }
+        if cleaned {
+            self.serving_udp.cleaned();
         }
     }
 
@@ -155,7 +162,7 @@ impl AfterSync {
             metrics.set_no_local_endpoints(TrafficPolicy::External, family, external);
         }
         self.pending = Some((build.node_port_ips(), build.health_checks()));
-        self.serving_udp = ServingUdp::from_build(build);
+        self.serving_udp = ServingUdp::from_build(build, &self.serving_udp);
     }
 
     /// The last build is in the kernel (said again after every periodic sync, which

@@ -425,14 +425,44 @@ fn health_check_node_ports_follow_local_endpoints() {
     .expect("netns");
 }
 
+/// In this namespace: loopback, and the pod network behind one end of a veth pair whose
+/// other end nobody reads: datagrams DNATed to a pod leave through it, which is enough
+/// for conntrack to confirm their flows.
+fn pod_network() {
+    bring_up_loopback();
+    for args in [
+        &[
+            "link",
+            "add",
+            "pods",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "pods-peer",
+        ][..],
+        &["link", "set", "pods-peer", "up"],
+        &["link", "set", "pods", "up"],
+        &["addr", "add", "10.244.0.1/16", "dev", "pods"],
+        &["route", "add", "10.96.0.0/12", "dev", "pods"],
+    ] {
+        run_ok(Command::new("ip").args(args), "");
+    }
+}
+
 fn udp_service(name: &str, cluster_ip: &str, endpoint: &str) -> String {
+    udp_service_with(name, cluster_ip, endpoint, "{ready: true}")
+}
+
+/// A UDP Service on port 53 with one endpoint on node-b, whose conditions are given.
+fn udp_service_with(name: &str, cluster_ip: &str, endpoint: &str, conditions: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: kube-system}}\n\
          spec: {{clusterIP: {cluster_ip}, ports: [{{name: dns, port: 53, protocol: UDP}}]}}\n---\n\
          apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
          metadata: {{name: {name}-1, namespace: kube-system, labels: {{kubernetes.io/service-name: {name}}}}}\n\
          addressType: IPv4\nports: [{{name: dns, port: 53, protocol: UDP}}]\n\
-         endpoints: [{{addresses: [{endpoint}], nodeName: node-b, conditions: {{ready: true}}}}]\n"
+         endpoints: [{{addresses: [{endpoint}], nodeName: node-b, conditions: {conditions}}}]\n"
     )
 }
 
@@ -447,28 +477,7 @@ fn stale_udp_flows_are_deleted_after_a_sync() {
         return;
     }
     in_new_netns(|| {
-        bring_up_loopback();
-        // The pod network behind one end of a veth pair whose other end nobody reads:
-        // datagrams DNATed to a pod leave through it, which is enough for conntrack to
-        // confirm their flows.
-        for args in [
-            &[
-                "link",
-                "add",
-                "pods",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "pods-peer",
-            ][..],
-            &["link", "set", "pods-peer", "up"],
-            &["link", "set", "pods", "up"],
-            &["addr", "add", "10.244.0.1/16", "dev", "pods"],
-            &["route", "add", "10.96.0.0/12", "dev", "pods"],
-        ] {
-            run_ok(Command::new("ip").args(args), "");
-        }
+        pod_network();
         let api = FakeApi::start();
         api.apply_yaml(&udp_service("dns", "10.96.0.10", "10.244.1.53"));
         api.apply_yaml(&udp_service("other", "10.96.0.11", "10.244.1.54"));
@@ -613,6 +622,83 @@ fn the_health_check_port_is_served_after_every_start_with_or_without_a_late_node
             );
             drop(daemon);
         }
+    })
+    .expect("netns");
+}
+
+#[test]
+fn a_udp_flow_stays_with_a_serving_endpoint_and_goes_with_it_or_its_service() {
+    if !kernel_available("a_udp_flow_stays_with_a_serving_endpoint_and_goes_with_it_or_its_service")
+    {
+        return;
+    }
+    in_new_netns(|| {
+        pod_network();
+        let api = FakeApi::start();
+        api.apply_yaml(NODE_A);
+        api.apply_yaml(&udp_service("dns", "10.96.0.10", "10.244.1.53"));
+        let _daemon = start(&api, &["--min-sync-period", "100ms"]);
+        within(Duration::from_secs(20), "the rules", || {
+            listing().is_some_and(|l| l.contains("10.96.0.10"))
+        });
+        // A client with a fixed source port, as a resolver reusing its socket.
+        let client = std::net::UdpSocket::bind("0.0.0.0:40053").expect("udp socket");
+        let to_pod = |flows: &[String]| {
+            flows
+                .iter()
+                .any(|f| f.contains("dport=40053") && f.contains("src=10.244.1.53"))
+        };
+        let changes = || {
+            sample(
+                &metrics(),
+                "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+            )
+            .unwrap_or(0.0)
+        };
+        client.send_to(b"query", "10.96.0.10:53").expect("sent");
+        within(Duration::from_secs(5), "the flow", || to_pod(&udp_flows()));
+
+        // The endpoint terminates but still serves: its flow stays through the syncs
+        // that follow.
+        let seen = changes();
+        api.apply_yaml(&udp_service_with(
+            "dns",
+            "10.96.0.10",
+            "10.244.1.53",
+            "{ready: false, serving: true, terminating: true}",
+        ));
+        within(Duration::from_secs(10), "the change", || changes() > seen);
+        std::thread::sleep(Duration::from_millis(1_500));
+        assert!(
+            to_pod(&udp_flows()),
+            "kept while serving: {:?}",
+            udp_flows()
+        );
+
+        // It stops serving: the flow goes.
+        api.apply_yaml(&udp_service_with(
+            "dns",
+            "10.96.0.10",
+            "10.244.1.53",
+            "{ready: false, serving: false, terminating: true}",
+        ));
+        within(Duration::from_secs(10), "the flow to go", || {
+            !to_pod(&udp_flows())
+        });
+
+        // Served again, a new flow; then the Service is deleted: the flow goes too.
+        api.apply_yaml(&udp_service("dns", "10.96.0.10", "10.244.1.53"));
+        within(Duration::from_secs(10), "served again", || {
+            // Refused (EPERM) until the rules have the endpoint again.
+            let _ = client.send_to(b"query", "10.96.0.10:53");
+            to_pod(&udp_flows())
+        });
+        api.delete("Service", "kube-system", "dns");
+        within(
+            Duration::from_secs(10),
+            "the deleted Service's flow to go",
+            || !to_pod(&udp_flows()),
+        );
     })
     .expect("netns");
 }

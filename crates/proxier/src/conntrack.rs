@@ -1,11 +1,15 @@
-//! Stale UDP conntrack entries, kube-proxy's conntrack reconciler: after a sync, a UDP flow
-//! addressed to a Service (its ClusterIP, an external or load-balancer IP, or a NodePort)
-//! whose replies come from anything but a backend the rules now send to is deleted, so
-//! that the client's next datagram is load-balanced afresh instead of following the old
-//! entry into a black hole (or staying unanswered after a Service got its first endpoint).
+//! Stale UDP conntrack entries, kube-proxy's conntrack reconciler and one step further:
+//! after a sync, a UDP flow addressed to a Service (its ClusterIP, an external or
+//! load-balancer IP, or a NodePort) whose replies come from anything but a serving
+//! endpoint of that Service port is deleted, so that the client's next datagram is
+//! load-balanced afresh instead of following the old entry into a black hole (or staying
+//! unanswered after a Service got its first endpoint); and every UDP flow to a Service
+//! that was deleted goes too.
 //!
-//! Invariant: only UDP flows to a Service address or NodePort are ever deleted; a flow
-//! whose reply source is a current backend of that Service port is kept.
+//! Invariant: only UDP flows to a Service address or NodePort (now or in the build
+//! before) are ever deleted; a flow answered by a serving endpoint of its Service port is
+//! kept, whatever traffic policies and topology hints make of that endpoint (a
+//! terminating endpoint that still serves keeps its clients).
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -15,19 +19,24 @@ use nftproxy_nft::{Conntrack, Family, Flow, L4Proto};
 
 type Backend = (IpAddr, u16);
 
-/// Where each UDP Service port is reached and which backends may answer there.
+/// Where each UDP Service port is reached and which endpoints may answer there, and the
+/// destinations of UDP Services deleted since the last cleanup.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ServingUdp {
     by_address: HashMap<(IpAddr, u16), HashSet<Backend>>,
     by_node_port: HashMap<u16, HashSet<Backend>>,
     /// The node addresses that accept NodePorts; empty means every address.
     node_port_ips: Vec<IpAddr>,
+    /// Addresses and NodePorts of UDP Service ports that are gone, not yet cleaned up.
+    gone_addresses: HashSet<(IpAddr, u16)>,
+    gone_node_ports: HashSet<u16>,
     families: Vec<Family>,
 }
 
 impl ServingUdp {
-    /// The UDP Service ports of a build and their reachable endpoints.
-    pub fn from_build(build: &Build) -> ServingUdp {
+    /// The UDP Service ports of a build and their serving endpoints; what `before` served
+    /// and `build` no longer does is gone (with what was gone before and not yet cleaned).
+    pub fn from_build(build: &Build, before: &ServingUdp) -> ServingUdp {
         let mut serving = ServingUdp {
             node_port_ips: build.node_port_ips(),
             ..ServingUdp::default()
@@ -42,7 +51,7 @@ impl ServingUdp {
                 any = true;
                 let backends: HashSet<Backend> = service
                     .endpoints
-                    .all_reachable()
+                    .udp_serving
                     .iter()
                     .map(|e| (e.ip, e.port))
                     .collect();
@@ -68,10 +77,38 @@ impl ServingUdp {
                 serving.families.push(family);
             }
         }
+        let gone_addresses = before
+            .by_address
+            .keys()
+            .chain(&before.gone_addresses)
+            .filter(|destination| !serving.by_address.contains_key(destination))
+            .copied()
+            .collect();
+        let gone_node_ports = before
+            .by_node_port
+            .keys()
+            .chain(&before.gone_node_ports)
+            .filter(|port| !serving.by_node_port.contains_key(port))
+            .copied()
+            .collect();
+        serving.gone_addresses = gone_addresses;
+        serving.gone_node_ports = gone_node_ports;
+        if serving.has_gone() {
+            for family in &before.families {
+                if !serving.families.contains(family) {
+                    serving.families.push(*family);
+                }
+            }
+        }
         serving
     }
 
-    /// Whether a flow is addressed to a Service and answered by a non-backend.
+    fn has_gone(&self) -> bool {
+        !(self.gone_addresses.is_empty() && self.gone_node_ports.is_empty())
+    }
+
+    /// Whether a flow is addressed to a Service and answered by anything but a serving
+    /// endpoint, or addressed to a Service that is gone.
     pub fn is_stale(&self, flow: &Flow) -> bool {
         if flow.protocol != L4Proto::Udp {
             return false;
@@ -81,17 +118,29 @@ impl ServingUdp {
         if let Some(backends) = self.by_address.get(&destination) {
             return !backends.contains(&answering);
         }
+        if self.gone_addresses.contains(&destination) {
+            return true;
+        }
         let to_node =
             self.node_port_ips.is_empty() || self.node_port_ips.contains(&flow.original.dst);
+        if !to_node {
+            return false;
+        }
         match self.by_node_port.get(&flow.original.dst_port) {
-            Some(backends) if to_node => !backends.contains(&answering),
-            _ => false,
+            Some(backends) => !backends.contains(&answering),
+            None => self.gone_node_ports.contains(&flow.original.dst_port),
         }
     }
 
-    /// The families that have UDP Services.
+    /// The families to clean: those with UDP Services, and those of Services gone.
     pub fn families(&self) -> &[Family] {
         &self.families
+    }
+
+    /// The flows of the Services gone were deleted: they need not be looked for again.
+    pub fn cleaned(&mut self) {
+        self.gone_addresses.clear();
+        self.gone_node_ports.clear();
     }
 }
 
@@ -162,7 +211,7 @@ endpoints: [{addresses: [10.244.1.2], conditions: {ready: true}}]
         assert!(snapshot.add_manifest("c.yaml", CLUSTER).errors.is_empty());
         let mut config = ProxyConfig::new("me");
         config.node_ips = vec!["192.168.0.2".parse().unwrap()];
-        let serving = ServingUdp::from_build(&build(&snapshot, &config));
+        let serving = ServingUdp::from_build(&build(&snapshot, &config), &ServingUdp::default());
         assert_eq!(serving.families(), [Family::Ip]);
         let udp = L4Proto::Udp;
         let current = flow(udp, "10.96.0.10", 53, "10.244.1.2", 5353);
@@ -193,5 +242,80 @@ endpoints: [{addresses: [10.244.1.2], conditions: {ready: true}}]
             [current, node_port_current, elsewhere, tcp, unrelated]
         );
         assert_eq!(clean(&mut conntrack, &serving, Family::Ip), Ok(0));
+    }
+
+    /// The dns Service with endpoints `a` (ready, on this node), `b` (`b_conditions`, on
+    /// another node), both its traffic policies Local: b is in none of this node's rules.
+    fn dns(b_conditions: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: dns, namespace: ns}}\n\
+             spec: {{type: NodePort, clusterIP: 10.96.0.10, externalTrafficPolicy: Local,\n  \
+             internalTrafficPolicy: Local,\n  \
+             ports: [{{name: dns, port: 53, protocol: UDP, nodePort: 30053}}]}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: dns-1, namespace: ns, labels: {{kubernetes.io/service-name: dns}}}}\n\
+             addressType: IPv4\nports: [{{name: dns, port: 5353, protocol: UDP}}]\n\
+             endpoints:\n\
+             - {{addresses: [10.244.1.2], nodeName: me, conditions: {{ready: true}}}}\n\
+             - {{addresses: [10.244.2.2], nodeName: other, conditions: {b_conditions}}}\n"
+        )
+    }
+
+    fn serving(yaml: &str, before: &ServingUdp) -> ServingUdp {
+        let mut snapshot = Snapshot::default();
+        assert!(snapshot.add_manifest("c.yaml", yaml).errors.is_empty());
+        let mut config = ProxyConfig::new("me");
+        config.node_ips = vec!["192.168.0.2".parse().unwrap()];
+        ServingUdp::from_build(&build(&snapshot, &config), before)
+    }
+
+    #[test]
+    fn a_serving_endpoint_keeps_its_flows_whatever_policy_and_termination_make_of_it() {
+        let udp = L4Proto::Udp;
+        // b is remote: the Local policy leaves it out of the NodePort's rules, yet it
+        // serves, so a flow it answers (from before the policy changed) stays.
+        let to_b = flow(udp, "10.96.0.10", 53, "10.244.2.2", 5353);
+        let node_port_to_b = flow(udp, "192.168.0.2", 30053, "10.244.2.2", 5353);
+        let ready = serving(&dns("{ready: true}"), &ServingUdp::default());
+        assert!(!ready.is_stale(&to_b));
+        assert!(!ready.is_stale(&node_port_to_b));
+        // b terminates but still serves: its flows stay.
+        let terminating = serving(
+            &dns("{ready: false, serving: true, terminating: true}"),
+            &ready,
+        );
+        assert!(!terminating.is_stale(&to_b));
+        assert!(!terminating.is_stale(&node_port_to_b));
+        // b stops serving: its flows go; a's stay.
+        let gone = serving(
+            &dns("{ready: false, serving: false, terminating: true}"),
+            &terminating,
+        );
+        assert!(gone.is_stale(&to_b));
+        assert!(gone.is_stale(&node_port_to_b));
+        assert!(!gone.is_stale(&flow(udp, "10.96.0.10", 53, "10.244.1.2", 5353)));
+    }
+
+    #[test]
+    fn the_flows_of_a_deleted_service_go_once() {
+        let udp = L4Proto::Udp;
+        let before = serving(&dns("{ready: true}"), &ServingUdp::default());
+        let current = flow(udp, "10.96.0.10", 53, "10.244.1.2", 5353);
+        let node_port = flow(udp, "192.168.0.2", 30053, "10.244.1.2", 5353);
+        let unrelated = flow(udp, "10.96.0.99", 53, "10.96.0.99", 53);
+        let mut after = serving("", &before);
+        // No UDP Service is left, but the family of the one deleted is still cleaned.
+        assert_eq!(after.families(), [Family::Ip]);
+        let mut conntrack = FakeConntrack {
+            flows: vec![current, node_port, unrelated],
+        };
+        assert_eq!(clean(&mut conntrack, &after, Family::Ip), Ok(2));
+        assert_eq!(conntrack.flows, [unrelated]);
+        after.cleaned();
+        // A later build does not look for them again.
+        assert!(!serving("", &after).is_stale(&current));
+        // Gone before a sync could clean them: still gone after the next build.
+        let again = serving("", &serving("", &before));
+        assert!(again.is_stale(&current) && again.is_stale(&node_port));
     }
 }
