@@ -172,7 +172,7 @@ impl AfterSync {
             self.health_checks.want(addresses, checks);
         }
         self.health_checks.sync().await;
-        self.clean_conntrack();
+        runner::off_the_workers(|| self.clean_conntrack());
     }
 }
 

@@ -130,7 +130,7 @@ pub async fn run<B: Backend, S: Source>(
     let mut read_back_after: Option<Instant> = None;
     loop {
         if ask {
-            match source.input() {
+            match off_the_workers(|| source.input()) {
                 Input::Unchanged => {}
                 // An input change that changes no rule (a Node heartbeat, an edit of an
                 // unrelated field) is nothing to sync; if the kernel already holds these
@@ -183,15 +183,11 @@ pub async fn run<B: Backend, S: Source>(
                 bucket.take(now);
                 changed
             };
-            match sync_once(
-                reconciler,
-                source.tables(),
-                scopes,
-                syncs,
-                monitor,
-                backoff,
-                repair,
-            ) {
+            let tables = source.tables();
+            let outcome = off_the_workers(|| {
+                sync_once(reconciler, tables, scopes, syncs, monitor, backoff, repair)
+            });
+            match outcome {
                 Ok(report) => {
                     if repair {
                         read_back_after =
@@ -219,6 +215,19 @@ pub async fn run<B: Backend, S: Source>(
             () = source.changed() => ask = true,
             () = sleep_until(wake) => ask = false,
         }
+    }
+}
+
+/// Runs blocking work (building and rendering a large cluster, a kernel commit or
+/// read-back of seconds) so that it never holds up the runtime's other tasks: on a
+/// multi-threaded runtime the worker hands its queued tasks (the HTTP servers, the
+/// health-check ports, the watchers) to another thread first. A current-thread runtime
+/// (the tests) runs it in place.
+pub fn off_the_workers<T>(work: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
+        _ => work(),
     }
 }
 
