@@ -4,7 +4,7 @@
 //! Invariant: only the table a caller names is read or written; a batch that the kernel
 //! refuses changes nothing, and its error names the operation that failed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use nftproxy_nft::{Backend, Element, Family, Op, Set, Table, Transaction};
 
@@ -21,6 +21,13 @@ const ELEMENTS_PER_MESSAGE: usize = 128;
 pub struct NetlinkBackend {
     socket: Socket,
     seq: u32,
+    /// Subscribed to nf_tables notifications, to tell which tables other programs
+    /// changed; `None` when the subscription failed (then nothing can be told).
+    listener: Option<Socket>,
+    /// Tables other programs changed since they were last asked about.
+    foreign: BTreeSet<String>,
+    /// Notifications were lost since the last question: any table may have changed.
+    lost: bool,
 }
 
 /// What a GET request asks for: a table's objects of one kind, a set's elements, or a
@@ -41,7 +48,36 @@ impl NetlinkBackend {
         // Sequence numbers only need to be unique on this socket; starting from the port
         // id keeps them recognisable in traces.
         let seq = socket.portid();
-        Ok(NetlinkBackend { socket, seq })
+        Ok(NetlinkBackend {
+            socket,
+            seq,
+            listener: Socket::listener().ok(),
+            foreign: BTreeSet::new(),
+            lost: false,
+        })
+    }
+
+    /// Reads the queued notifications, noting the tables other programs changed (our
+    /// own commits come from this backend's socket).
+    fn drain_notifications(&mut self) -> Result<(), Error> {
+        let own = self.socket.portid();
+        let Some(listener) = self.listener.as_mut() else {
+            return Ok(());
+        };
+        match listener.notifications()? {
+            Some(notifications) => {
+                for notification in notifications.into_iter().filter(|n| n.portid != own) {
+                    // A notification without a table name cannot be attributed: count it
+                    // against every table.
+                    match notification.table {
+                        Some(table) => self.foreign.insert(table),
+                        None => std::mem::replace(&mut self.lost, true),
+                    };
+                }
+            }
+            None => self.lost = true,
+        }
+        Ok(())
     }
 
     fn next_seq(&mut self) -> u32 {
@@ -346,6 +382,17 @@ impl Backend for NetlinkBackend {
             .ok_or_else(|| Error::Decode("no generation in the reply".into()))
     }
 
+    /// From the notifications of every commit since the last question: whether one of
+    /// another program changed `table`.
+    fn changed_by_others(&mut self, table: &str) -> Result<Option<bool>, Error> {
+        if self.listener.is_none() {
+            return Ok(None);
+        }
+        self.drain_notifications()?;
+        let changed = self.foreign.remove(table) || std::mem::take(&mut self.lost);
+        Ok(Some(changed))
+    }
+
     /// Sends the transaction as one batch. The kernel processes a batch inside
     /// `sendmsg`, so every error reply is queued when it returns; no message asks for an
     /// acknowledgement, so an empty queue means the batch committed.
@@ -365,6 +412,9 @@ impl Backend for NetlinkBackend {
             }
         }
         let Some(&(seq, errno)) = errors.first() else {
+            // Read what the commit announced now, so that a large one cannot overflow
+            // the listener together with the next.
+            self.drain_notifications()?;
             return Ok(());
         };
         let op = match seqs.iter().find(|(s, _)| *s == seq) {

@@ -177,4 +177,104 @@ impl Socket {
     pub(crate) fn portid(&self) -> u32 {
         self.inner.portid()
     }
+
+    /// A socket subscribed to nf_tables notifications (every commit in this network
+    /// namespace announces each object it changed), with a large receive buffer.
+    pub(crate) fn listener() -> Result<Socket, Error> {
+        let socket = Socket::open()?;
+        let fd = socket.inner.as_raw_fd();
+        setsockopt(
+            fd,
+            libc::SOL_NETLINK,
+            libc::NETLINK_ADD_MEMBERSHIP,
+            libc::NFNLGRP_NFTABLES,
+        )?;
+        setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, LISTENER_BUFFER)?;
+        Ok(socket)
+    }
+
+    /// Reads every queued notification without blocking: for each, the table it names
+    /// and the netlink port of the program that committed it. `None` when the queue
+    /// overflowed, so some were lost.
+    pub(crate) fn notifications(&mut self) -> Result<Option<Vec<Notification>>, Error> {
+        let mut notifications = Vec::new();
+        loop {
+            let fd = self.inner.as_raw_fd();
+            let len = self.recv.len() * 8;
+            // SAFETY: the buffer is `len` writable bytes owned by `self`.
+            let got =
+                unsafe { libc::recv(fd, self.recv.as_mut_ptr().cast(), len, libc::MSG_DONTWAIT) };
+            if got < 0 {
+                let error = io::Error::last_os_error();
+                return match error.raw_os_error() {
+                    Some(libc::EAGAIN) => Ok(Some(notifications)),
+                    Some(libc::ENOBUFS) => Ok(None),
+                    _ => Err(error.into()),
+                };
+            }
+            // SAFETY: the kernel wrote `got` bytes into the buffer.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(self.recv.as_ptr().cast::<u8>(), got as usize)
+            };
+            parse_notifications(bytes, &mut notifications);
+        }
+    }
+}
+
+/// The receive buffer of the notification listener: room for the announcements of a
+/// commit of tens of thousands of objects between two reads.
+const LISTENER_BUFFER: i32 = 16 << 20;
+
+/// One nf_tables notification: the table of the object, and who committed it.
+pub(crate) struct Notification {
+    pub(crate) table: Option<String>,
+    pub(crate) portid: u32,
+}
+
+/// The nf_tables object notifications in a receive buffer (the generation announcement,
+/// which names no table, is skipped).
+fn parse_notifications(bytes: &[u8], out: &mut Vec<Notification>) {
+    let word = |at: usize| {
+        bytes
+            .get(at..at + 4)
+            .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let half = |at: usize| {
+        bytes
+            .get(at..at + 2)
+            .map(|b| u16::from_ne_bytes([b[0], b[1]]))
+    };
+    let mut offset = 0;
+    while let (Some(len), Some(kind), Some(portid)) =
+        (word(offset), half(offset + 4), word(offset + 12))
+    {
+        let len = len as usize;
+        if len < NLMSG_HDRLEN || offset + len > bytes.len() {
+            return;
+        }
+        let subsystem = i32::from(kind >> 8);
+        let message = i32::from(kind & 0xff);
+        if subsystem == libc::NFNL_SUBSYS_NFTABLES && message != libc::NFT_MSG_NEWGEN {
+            // After the header and the 4-byte nfgenmsg: attributes; the first kind of
+            // every object message (NFTA_*_TABLE, NFTA_TABLE_NAME) names the table.
+            let end = offset + len;
+            let mut at = offset + NLMSG_HDRLEN + 4;
+            let mut table = None;
+            while let (Some(attr_len), Some(attr_kind)) = (half(at), half(at + 2)) {
+                let attr_len = usize::from(attr_len);
+                if attr_len < 4 || at + attr_len > end {
+                    break;
+                }
+                if attr_kind & 0x3fff == 1 {
+                    let value = &bytes[at + 4..at + attr_len];
+                    let value = value.split(|b| *b == 0).next().unwrap_or_default();
+                    table = Some(String::from_utf8_lossy(value).into_owned());
+                    break;
+                }
+                at += attr_len.div_ceil(4) * 4;
+            }
+            out.push(Notification { table, portid });
+        }
+        offset += len.div_ceil(4) * 4;
+    }
 }

@@ -433,6 +433,18 @@ fn the_generation_moves_by_one_per_commit_and_with_other_programs_commits() {
         broken.ops.push(Op::DeleteChain("no-such-chain".into()));
         assert!(backend.apply(&broken).is_err());
         assert_eq!(backend.generation().unwrap(), Some(start.wrapping_add(2)));
+        // The notifications say whose commits touched which table: ours only by us,
+        // until another program flushes one of our chains.
+        assert_eq!(backend.changed_by_others(&table.name).unwrap(), Some(false));
+        assert_eq!(backend.changed_by_others("other").unwrap(), Some(true));
+        let family = table.family.to_string();
+        let chain = table.chains.keys().next().expect("a chain").clone();
+        run_ok(
+            Command::new("nft").args(["flush", "chain", &family, &table.name, &chain]),
+            "",
+        );
+        assert_eq!(backend.changed_by_others(&table.name).unwrap(), Some(true));
+        assert_eq!(backend.changed_by_others(&table.name).unwrap(), Some(false));
     })
     .expect("new network namespace");
 }

@@ -56,6 +56,13 @@ pub trait Backend {
     fn generation(&mut self) -> Result<Option<u32>, Self::Error> {
         Ok(None)
     }
+
+    /// Whether another program changed `table` since the last call (or since the backend
+    /// was opened); `None` when the backend cannot tell. Lets a moved generation that
+    /// concerns other tables pass without reading ours back.
+    fn changed_by_others(&mut self, _table: &str) -> Result<Option<bool>, Self::Error> {
+        Ok(None)
+    }
 }
 
 /// A failure in the [`FakeBackend`].
@@ -100,12 +107,18 @@ pub struct FakeBackend {
     /// The ruleset generation: bumped by every transaction applied, and by
     /// [`FakeBackend::tamper`].
     pub generation: u32,
+    /// Tables [`FakeBackend::tamper`] changed, when it reports them
+    /// ([`Backend::changed_by_others`]: `None` unless set).
+    pub tampered: Option<std::collections::BTreeSet<String>>,
 }
 
 impl FakeBackend {
     /// Another program changes a table (`change` gets `None` when it does not exist and
     /// leaves `None` to delete it), committing a transaction of its own.
     pub fn tamper(&mut self, family: Family, table: &str, change: impl FnOnce(&mut Option<Table>)) {
+        if let Some(tampered) = &mut self.tampered {
+            tampered.insert(table.to_owned());
+        }
         let key = (family, table.to_owned());
         let mut current = self.tables.remove(&key);
         change(&mut current);
@@ -146,5 +159,12 @@ impl Backend for FakeBackend {
 
     fn generation(&mut self) -> Result<Option<u32>, FakeError> {
         Ok(Some(self.generation))
+    }
+
+    fn changed_by_others(&mut self, table: &str) -> Result<Option<bool>, FakeError> {
+        Ok(self
+            .tampered
+            .as_mut()
+            .map(|tampered| tampered.remove(table)))
     }
 }

@@ -147,16 +147,26 @@ impl<B: Backend> Reconciler<B> {
         self.known = false;
     }
 
-    /// Whether another program may have changed the ruleset since this reconciler last
-    /// wrote or read it: one question to the kernel (its generation), no read-back. True
-    /// when the applied state is not known or the kernel cannot be asked; false when the
-    /// backend cannot tell.
+    /// Whether another program may have changed our tables since this reconciler last
+    /// wrote or read them: one question to the kernel (its generation), and when that
+    /// moved, the backend's record of whose commits touched which table; no read-back.
+    /// True when the applied state is not known or the kernel cannot be asked; false when
+    /// the backend cannot tell generations.
     pub fn drifted(&mut self) -> bool {
         if !self.known {
             return true;
         }
         match self.backend.generation() {
-            Ok(Some(now)) => self.generation != Some(now),
+            Ok(Some(now)) if self.generation == Some(now) => false,
+            // Someone committed: if the backend can tell that nobody touched our table,
+            // the applied state still holds at the new generation.
+            Ok(Some(now)) => match self.backend.changed_by_others(&self.table) {
+                Ok(Some(false)) => {
+                    self.generation = Some(now);
+                    false
+                }
+                _ => true,
+            },
             Ok(None) => false,
             Err(_) => true,
         }
@@ -172,6 +182,8 @@ impl<B: Backend> Reconciler<B> {
     /// (a busy kernel, a lost reply) fails the sync, to be retried: replacing a whole table
     /// for a transient error would rewrite every rule.
     fn read_back(&mut self) -> Result<(), SyncError<B::Error>> {
+        // What others changed before this read is in what it reads.
+        let _ = self.backend.changed_by_others(&self.table);
         let before = self.kernel_generation();
         self.unreadable.clear();
         for family in FAMILIES {
@@ -393,6 +405,7 @@ impl<B: Backend> Reconciler<B> {
 mod tests {
     use super::*;
     use nftproxy_nft::{Chain, Element, FakeBackend, FakeError, Rule, Set, Stmt, Value, Verdict};
+    use std::collections::BTreeSet;
 
     fn table(services: &[&str]) -> Table {
         let mut t = Table::new(Family::Ip, "nftproxy");
@@ -692,5 +705,26 @@ mod tests {
             r.backend_mut().list(Family::Ip, "nftproxy").unwrap(),
             Some(table(&["a", "b", "c"]))
         );
+    }
+
+    #[test]
+    fn a_commit_elsewhere_needs_no_read_back_when_the_backend_tells_whose_it_was() {
+        let backend = FakeBackend {
+            tampered: Some(BTreeSet::new()),
+            ..FakeBackend::default()
+        };
+        let mut r = Reconciler::new(backend, "nftproxy", ReconcilerOptions::default());
+        r.sync(&[table(&["a", "b"])]).unwrap();
+        r.backend_mut().tamper(Family::Ip, "other", |t| {
+            *t = Some(Table::new(Family::Ip, "other"))
+        });
+        let lists = r.backend_mut().lists;
+        assert!(!r.drifted(), "another table changed");
+        assert!(!r.drifted(), "and the new generation is ours to keep");
+        assert_eq!(r.backend_mut().lists, lists);
+        r.backend_mut().tamper(Family::Ip, "nftproxy", |t| {
+            t.as_mut().unwrap().chains.remove("b");
+        });
+        assert!(r.drifted(), "ours changed");
     }
 }
