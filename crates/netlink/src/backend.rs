@@ -16,6 +16,12 @@ use crate::socket::{Reply, Socket};
 /// even with the longest chain names as verdicts.
 const ELEMENTS_PER_MESSAGE: usize = 128;
 
+/// Above this many objects, a transaction of ours is sent with the notification listener
+/// out of the group: building an announcement per object doubled the kernel's part of a
+/// 10,000 × 5 cold load (270 to 740 ms). What others commit meanwhile is lost to the
+/// listener, which the generation tells the reconciler.
+const ANNOUNCED_OBJECTS: usize = 1_000;
+
 /// The kernel's nf_tables, over a netfilter netlink socket in the caller's network
 /// namespace.
 pub struct NetlinkBackend {
@@ -402,7 +408,19 @@ impl Backend for NetlinkBackend {
         }
         let handles = self.rule_handles(tx)?;
         let (msgs, seqs) = self.encode(tx, &handles)?;
-        self.socket.send(&msgs.bytes)?;
+        let quiet = tx.len() > ANNOUNCED_OBJECTS;
+        if quiet {
+            self.drain_notifications()?;
+            if let Some(listener) = &self.listener {
+                listener.listen(false)?;
+            }
+        }
+        let sent = self.socket.send(&msgs.bytes);
+        if quiet && let Some(listener) = &self.listener {
+            listener.listen(true)?;
+            self.lost = true;
+        }
+        sent?;
         let mut errors = Vec::new();
         while let Some(replies) = self.socket.receive(true)? {
             for reply in replies {

@@ -182,15 +182,27 @@ impl Socket {
     /// namespace announces each object it changed), with a large receive buffer.
     pub(crate) fn listener() -> Result<Socket, Error> {
         let socket = Socket::open()?;
+        socket.listen(true)?;
         let fd = socket.inner.as_raw_fd();
-        setsockopt(
-            fd,
-            libc::SOL_NETLINK,
-            libc::NETLINK_ADD_MEMBERSHIP,
-            libc::NFNLGRP_NFTABLES,
-        )?;
         setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, LISTENER_BUFFER)?;
         Ok(socket)
+    }
+
+    /// Joins or leaves the nf_tables notification group (a listener that left misses
+    /// what is committed meanwhile, and the kernel builds no notifications for nobody).
+    pub(crate) fn listen(&self, on: bool) -> Result<(), Error> {
+        let option = if on {
+            libc::NETLINK_ADD_MEMBERSHIP
+        } else {
+            libc::NETLINK_DROP_MEMBERSHIP
+        };
+        setsockopt(
+            self.inner.as_raw_fd(),
+            libc::SOL_NETLINK,
+            option,
+            libc::NFNLGRP_NFTABLES,
+        )?;
+        Ok(())
     }
 
     /// Reads every queued notification without blocking: for each, the table it names

@@ -288,3 +288,39 @@ fn a_table_with_foreign_rules_is_replaced_whole() {
     assert!(!listing.contains("counter packets"), "{listing}");
     assert_eq!(normalise_listing(&listing), normalise_listing(&clean));
 }
+
+#[test]
+fn after_a_large_load_only_a_change_to_our_tables_needs_a_read_back() {
+    if !kernel_available("after_a_large_load_only_a_change_to_our_tables_needs_a_read_back") {
+        return;
+    }
+    // 600 Services: thousands of objects, so the load is sent unannounced.
+    let yaml: Vec<String> = (0..600)
+        .map(|i| {
+            service(
+                &format!("s{i}"),
+                &format!("172.30.{}.{}", i / 250, i % 250 + 1),
+            )
+        })
+        .collect();
+    let tables = tables_from_yaml(&yaml.join("---\n"));
+    in_new_netns(move || {
+        let backend = NetlinkBackend::open().expect("netlink");
+        let mut r = Reconciler::new(backend, "nftproxy", ReconcilerOptions::default());
+        let report = r.sync(&tables).expect("cold load");
+        assert!(report.operations > 1_000, "{report:?}");
+        assert!(!r.drifted(), "only our own commits");
+        // Another program's table: the generation moves, the notifications say it was
+        // not ours.
+        nft(&["add", "table", "inet", "neighbour"]);
+        assert!(!r.drifted(), "a neighbour's commit");
+        // One of ours.
+        nft(&["flush", "chain", "ip", "nftproxy", "nat-prerouting"]);
+        assert!(r.drifted(), "our chain flushed");
+        r.invalidate();
+        let repair = r.sync(&tables).expect("repair");
+        assert!(repair.operations > 0 && repair.read_back, "{repair:?}");
+        assert!(!r.drifted());
+    })
+    .expect("netns");
+}

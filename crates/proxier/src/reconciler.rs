@@ -373,6 +373,9 @@ impl<B: Backend> Reconciler<B> {
             (Some(known), Some(before), Some(after))
                 if known == before && after == before.wrapping_add(1) =>
             {
+                // Every commit since the last proof is ours: what the backend recorded
+                // of others (or lost while it did not listen) concerns none of them.
+                let _ = self.backend.changed_by_others(&self.table);
                 Some(after)
             }
             _ => None,
