@@ -253,6 +253,9 @@ pub struct KubeSource {
     node_deadline: Instant,
     /// Whether going on without the Node was logged.
     node_missing_logged: AtomicBool,
+    /// Whether a snapshot was handed out: after that, every later state is complete
+    /// (a Node deleted meanwhile does not stop the updates).
+    handed_out: AtomicBool,
 }
 
 impl KubeSource {
@@ -297,6 +300,7 @@ impl KubeSource {
             tasks,
             node_deadline: Instant::now() + node_wait,
             node_missing_logged: AtomicBool::new(false),
+            handed_out: AtomicBool::new(false),
         }
     }
 
@@ -304,8 +308,9 @@ impl KubeSource {
     /// the wait for the Node ends.
     pub async fn changed(&self) {
         let notified = self.shared.changed.notified();
-        let waiting =
-            !self.node_present(&self.shared.state()) && Instant::now() < self.node_deadline;
+        let waiting = !self.handed_out.load(Ordering::Relaxed)
+            && !self.node_present(&self.shared.state())
+            && Instant::now() < self.node_deadline;
         if waiting {
             tokio::select! {
                 () = notified => {}
@@ -334,10 +339,14 @@ impl KubeSource {
     /// Whether the first snapshot may be taken: both lists are complete, and this node's
     /// Node is known or the wait for it is over (said once, with the reason).
     fn ready(&self, state: &State) -> bool {
+        if self.handed_out.load(Ordering::Relaxed) {
+            return true;
+        }
         if !(state.services_listed && state.endpoint_slices_listed) {
             return false;
         }
         if self.node_present(state) {
+            self.handed_out.store(true, Ordering::Relaxed);
             return true;
         }
         if Instant::now() < self.node_deadline {
@@ -356,6 +365,7 @@ impl KubeSource {
                 self.node_name
             );
         }
+        self.handed_out.store(true, Ordering::Relaxed);
         true
     }
 

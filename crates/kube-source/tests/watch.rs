@@ -128,6 +128,12 @@ async fn the_first_snapshot_waits_for_a_late_node_list() {
     assert!(started.elapsed() >= Duration::from_millis(1_500));
     let snapshot = source.snapshot().expect("ready");
     assert_eq!(snapshot.nodes.len(), 1);
+    // Once the first snapshot is out, the Node going away does not hold up updates.
+    api.delete("Node", "", NODE);
+    eventually("the Node's deletion", || {
+        source.snapshot().is_some_and(|s| s.nodes.is_empty())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

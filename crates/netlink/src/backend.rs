@@ -76,9 +76,11 @@ impl NetlinkBackend {
                     // A notification without a table name cannot be attributed: count it
                     // against every table.
                     match notification.table {
-                        Some(table) => self.foreign.insert(table),
-                        None => std::mem::replace(&mut self.lost, true),
-                    };
+                        Some(table) => {
+                            self.foreign.insert(table);
+                        }
+                        None => self.lost = true,
+                    }
                 }
             }
             None => self.lost = true,
