@@ -157,7 +157,7 @@ impl Loaded {
         };
         let config = config()?;
         Ok(Loaded {
-            reconciler: Reconciler::new(backend, TABLE_NAME, ReconcilerOptions::default()),
+            reconciler: Reconciler::new(backend, TABLE_NAME, ReconcilerOptions::for_this_kernel()),
             builder: Builder::new(config.clone()),
             renderer: Renderer::new(),
             config,

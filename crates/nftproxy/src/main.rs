@@ -195,7 +195,7 @@ fn run_daemon(
     mode: impl FnOnce(Arc<Monitor>) -> daemon::Mode,
 ) -> Result<(), Failure> {
     let backend = NetlinkBackend::open().map_err(error)?;
-    let reconciler = Reconciler::new(backend, TABLE_NAME, reconciler_options());
+    let reconciler = Reconciler::new(backend, TABLE_NAME, ReconcilerOptions::for_this_kernel());
     let monitor = Arc::new(Monitor::new(config.sync_period));
     let mode = mode(monitor.clone());
     daemon::run(runtime, reconciler, config, monitor, mode).map_err(Failure::Error)
@@ -210,7 +210,7 @@ fn one_shot(args: &Args, loaded: &Built) -> Result<(), Failure> {
         return loaded.outcome();
     }
     let backend = NetlinkBackend::open().map_err(error)?;
-    let mut reconciler = Reconciler::new(backend, TABLE_NAME, reconciler_options());
+    let mut reconciler = Reconciler::new(backend, TABLE_NAME, ReconcilerOptions::for_this_kernel());
     if args.dry_run {
         let plans = reconciler.plans(&desired).map_err(error)?;
         let text: String = plans.iter().map(ToString::to_string).collect();
@@ -302,20 +302,6 @@ fn log_diagnostic(diagnostic: &nftproxy_model::Diagnostic) {
     match diagnostic.severity {
         Severity::Invalid => warn!("skipping {diagnostic}"),
         Severity::Ignored => debug!("ignoring {diagnostic}"),
-    }
-}
-
-/// Before Linux 6.2 a chain cannot be deleted in the same transaction as the map
-/// elements that pointed at it.
-fn reconciler_options() -> ReconcilerOptions {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut numbers = release
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|n| n.parse::<u32>().ok());
-    let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
-    ReconcilerOptions {
-        defer_chain_deletes: version < (6, 2),
-        ..ReconcilerOptions::default()
     }
 }
 

@@ -9,31 +9,18 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nftproxy_netlink::netns::in_new_netns;
 use nftproxy_testkit::fake_api::{FakeApi, Resource};
 use nftproxy_testkit::{SEED_NODE_FLAGS, kernel_available, normalise_listing, repo_root, run_ok};
 
+mod common;
+use common::{Daemon, within};
+
 const HEALTHZ: &str = "127.0.0.1:10256";
 const METRICS: &str = "127.0.0.1:10249";
-
-/// A child process killed when dropped, so a failing test leaves nothing running; what
-/// it logged is shown when the test fails.
-struct Daemon(Child, std::path::PathBuf);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-        if std::thread::panicking() {
-            let log = std::fs::read_to_string(&self.1).unwrap_or_default();
-            eprintln!("--- nftproxy's log ---\n{log}");
-        }
-        let _ = std::fs::remove_file(&self.1);
-    }
-}
 
 /// This node's Node, as the API server holds it (the daemon waits for it).
 const NODE_A: &str = "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\n\
@@ -95,18 +82,6 @@ fn listing() -> Option<String> {
         .status
         .success()
         .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
-}
-
-/// Polls `check` every 20 ms until it holds or `limit` passes; returns how long it took.
-fn within(limit: Duration, what: &str, mut check: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if check() {
-            return start.elapsed();
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("{what}: not within {limit:?}");
 }
 
 /// A plain HTTP/1.0 GET: the status code and the body.

@@ -3,7 +3,7 @@
 //! repaired within one `syncPeriod`, with traffic working again. Real TCP through a node
 //! namespace (`common`), the daemon run as users run it.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -13,29 +13,9 @@ use nftproxy_testkit::fake_api::{FakeApi, Resource};
 use nftproxy_testkit::{SEED_NODE_FLAGS, kernel_available, repo_root};
 
 mod common;
-use common::{LongLived, Outcome, Topology, addr, serve, tcp};
+use common::{Daemon, LongLived, Outcome, Topology, addr, serve, tcp, within};
 
 const NODE_PORT: &str = "192.168.50.10:31000";
-
-/// The daemon, killed when dropped; its log is shown when the test fails.
-struct Daemon(Child, std::path::PathBuf);
-
-impl Daemon {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.1).unwrap_or_default()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-        if std::thread::panicking() {
-            eprintln!("--- nftproxy's log ---\n{}", self.log());
-        }
-        let _ = std::fs::remove_file(&self.1);
-    }
-}
 
 /// `nftproxy ARGS` in the node namespace.
 fn daemon(topology: &Topology, name: &str, args: &[&str]) -> Daemon {
@@ -77,18 +57,6 @@ fn metric(topology: &Topology, series: &'static str) -> Option<f64> {
         text.lines()
             .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
     })
-}
-
-/// Polls `check` every 20 ms until it holds or `limit` passes; how long it took.
-fn within(limit: Duration, what: &str, mut check: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if check() {
-            return start.elapsed();
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("{what}: not within {limit:?}");
 }
 
 /// A client in the client namespace connecting to the NodePort every 20 ms until

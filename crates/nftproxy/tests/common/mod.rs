@@ -1,5 +1,6 @@
-//! Shared by the traffic tests: a node namespace with client, pod and backend namespaces
-//! over veth, echo servers in the backends, and probes.
+//! Shared by the tests of the binary: a node namespace with client, pod and backend
+//! namespaces over veth, echo servers in the backends, probes, a guard for a running
+//! nftproxy, and polling.
 //!
 //! Topology (all namespaces created here, deleted on drop; no host address is touched):
 //!
@@ -13,11 +14,11 @@
 use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nftproxy_netlink::netns;
 use nftproxy_testkit::SEED_NODE_FLAGS;
@@ -308,4 +309,38 @@ impl LongLived {
 
 pub fn addr(text: &str) -> SocketAddr {
     text.parse().expect("literal address")
+}
+
+/// A running nftproxy and its log file: killed when dropped, so a failing test leaves
+/// nothing running, and its log shown when the test fails.
+pub struct Daemon(pub Child, pub PathBuf);
+
+impl Daemon {
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.1).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        if std::thread::panicking() {
+            eprintln!("--- nftproxy's log ---\n{}", self.log());
+        }
+        let _ = std::fs::remove_file(&self.1);
+    }
+}
+
+/// Polls `check` every 20 ms until it holds or `limit` passes; how long it took.
+pub fn within(limit: Duration, what: &str, mut check: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if check() {
+            return start.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("{what}: not within {limit:?}");
 }
