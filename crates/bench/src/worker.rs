@@ -33,6 +33,19 @@ pub struct SyncTiming {
     pub operations: usize,
 }
 
+impl SyncTiming {
+    /// A step that sent nothing to the kernel, begun at `started`.
+    fn without_commits(what: &str, started: Instant) -> SyncTiming {
+        SyncTiming {
+            what: what.to_owned(),
+            wall_seconds: started.elapsed().as_secs_f64(),
+            commit_seconds: 0.0,
+            longest_commit_seconds: 0.0,
+            operations: 0,
+        }
+    }
+}
+
 /// A cold load and the syncs after it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ColdReport {
@@ -215,13 +228,7 @@ impl Loaded {
                 "{what}: the drift check wants our tables read back"
             ));
         }
-        Ok(SyncTiming {
-            what: what.to_owned(),
-            wall_seconds: started.elapsed().as_secs_f64(),
-            commit_seconds: 0.0,
-            longest_commit_seconds: 0.0,
-            operations: 0,
-        })
+        Ok(SyncTiming::without_commits(what, started))
     }
 
     /// What a repair costs before it sends anything: our tables read back and compared
@@ -240,13 +247,7 @@ impl Loaded {
                 report.operations
             ));
         }
-        Ok(SyncTiming {
-            what: what.to_owned(),
-            wall_seconds: started.elapsed().as_secs_f64(),
-            commit_seconds: 0.0,
-            longest_commit_seconds: 0.0,
-            operations: 0,
-        })
+        Ok(SyncTiming::without_commits(what, started))
     }
 }
 

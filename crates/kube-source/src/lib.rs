@@ -251,8 +251,6 @@ pub struct KubeSource {
     tasks: Vec<JoinHandle<()>>,
     /// Until then the first snapshot waits for this node's Node.
     node_deadline: Instant,
-    /// Whether going on without the Node was logged.
-    node_missing_logged: AtomicBool,
     /// Whether a snapshot was handed out: after that, every later state is complete
     /// (a Node deleted meanwhile does not stop the updates).
     handed_out: AtomicBool,
@@ -299,7 +297,6 @@ impl KubeSource {
             shared,
             tasks,
             node_deadline: Instant::now() + node_wait,
-            node_missing_logged: AtomicBool::new(false),
             handed_out: AtomicBool::new(false),
         }
     }
@@ -352,19 +349,18 @@ impl KubeSource {
         if Instant::now() < self.node_deadline {
             return false;
         }
-        if !self.node_missing_logged.swap(true, Ordering::Relaxed) {
-            let why = if state.node_listed {
-                "does not exist"
-            } else {
-                "could not be listed"
-            };
-            warn!(
-                node = %self.node_name,
-                "Node {} {why}; going on without it: node addresses come from --node-ip (or \
-                 none), and zone and pod CIDRs are unknown until it appears",
-                self.node_name
-            );
-        }
+        // Said once: from now on `handed_out` answers first.
+        let why = if state.node_listed {
+            "does not exist"
+        } else {
+            "could not be listed"
+        };
+        warn!(
+            node = %self.node_name,
+            "Node {} {why}; going on without it: node addresses come from --node-ip (or \
+             none), and zone and pod CIDRs are unknown until it appears",
+            self.node_name
+        );
         self.handed_out.store(true, Ordering::Relaxed);
         true
     }

@@ -96,7 +96,7 @@ impl Error {
 
     /// The object does not exist.
     pub fn is_not_found(&self) -> bool {
-        matches!(self, Error::Kernel { errno, .. } if *errno == libc::ENOENT)
+        nftproxy_nft::BackendError::kind(self) == nftproxy_nft::ErrorKind::NotFound
     }
 
     /// The errno of a kernel error.

@@ -33,12 +33,22 @@ struct Served {
 impl Served {
     /// Stops every server and waits until their listeners are closed: aborting a task
     /// only asks for it to be dropped, and its port stays taken until it is.
-    async fn close(self) {
-        for server in &self.servers {
+    async fn close(mut self) {
+        let servers = std::mem::take(&mut self.servers);
+        for server in &servers {
             server.abort();
         }
-        for server in self.servers {
+        for server in servers {
             let _ = server.await;
+        }
+    }
+}
+
+impl Drop for Served {
+    /// A server dropped without [`Served::close`] (the daemon ending) still stops.
+    fn drop(&mut self) {
+        for server in &self.servers {
+            server.abort();
         }
     }
 }

@@ -77,22 +77,16 @@ impl ServingUdp {
                 serving.families.push(family);
             }
         }
-        let gone_addresses = before
-            .by_address
-            .keys()
-            .chain(&before.gone_addresses)
-            .filter(|destination| !serving.by_address.contains_key(destination))
-            .copied()
-            .collect();
-        let gone_node_ports = before
-            .by_node_port
-            .keys()
-            .chain(&before.gone_node_ports)
-            .filter(|port| !serving.by_node_port.contains_key(port))
-            .copied()
-            .collect();
-        serving.gone_addresses = gone_addresses;
-        serving.gone_node_ports = gone_node_ports;
+        serving.gone_addresses = gone(
+            &before.by_address,
+            &before.gone_addresses,
+            &serving.by_address,
+        );
+        serving.gone_node_ports = gone(
+            &before.by_node_port,
+            &before.gone_node_ports,
+            &serving.by_node_port,
+        );
         if serving.has_gone() {
             for family in &before.families {
                 if !serving.families.contains(family) {
@@ -142,6 +136,20 @@ impl ServingUdp {
         self.gone_addresses.clear();
         self.gone_node_ports.clear();
     }
+}
+
+/// The destinations served `before` or gone before, and not served `now`.
+fn gone<K: Copy + Eq + std::hash::Hash>(
+    before: &HashMap<K, HashSet<Backend>>,
+    gone_before: &HashSet<K>,
+    now: &HashMap<K, HashSet<Backend>>,
+) -> HashSet<K> {
+    before
+        .keys()
+        .chain(gone_before)
+        .filter(|destination| !now.contains_key(destination))
+        .copied()
+        .collect()
 }
 
 /// Deletes the stale UDP flows of one family; returns how many were deleted.
