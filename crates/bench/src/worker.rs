@@ -8,12 +8,14 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use nftproxy_model::config::parse_cidr_list;
-use nftproxy_model::{Builder, ProxyConfig, Snapshot, build};
-use nftproxy_netlink::NetlinkBackend;
+use nftproxy_model::{DaemonConfig, ProxyConfig, Snapshot};
+use nftproxy_netlink::{ConntrackSocket, NetlinkBackend};
 use nftproxy_nft::{Backend, Family, Op, Scopes, Table, Transaction};
-use nftproxy_proxier::{Reconciler, ReconcilerOptions};
-use nftproxy_render::{Renderer, SHARD_BITS, TABLE_NAME, render_all};
+use nftproxy_proxier::{Desired, Monitor, Proxier};
+use nftproxy_render::SHARD_BITS;
 use serde::{Deserialize, Serialize};
 
 use crate::synth::{self, CLUSTER_CIDR, NODE_IP, NODE_NAME, PORT, Spec, TARGET_PORT};
@@ -134,10 +136,12 @@ fn config() -> Result<ProxyConfig, String> {
 
 /// nftproxy's `--dry-run` text for `specs`.
 pub fn dry_run_text(specs: &[Spec]) -> String {
-    let tables = config()
-        .map(|c| render_all(&build(&synth::snapshot(specs), &c)))
-        .unwrap_or_default();
-    tables.iter().map(ToString::to_string).collect()
+    let Ok(config) = config() else {
+        return String::new();
+    };
+    let mut desired = Desired::new(config);
+    desired.update(&synth::snapshot(specs));
+    desired.tables().iter().map(ToString::to_string).collect()
 }
 
 /// A `/proc/self/status` figure in kB: `VmHWM` (peak) or `VmRSS` (now).
@@ -152,12 +156,10 @@ fn status_kb(field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// What the daemon keeps between syncs: the builder, the renderer and the reconciler.
+/// The daemon's pipeline, over a backend that times its commits (no conntrack cleanup:
+/// the synthetic cluster has no UDP Services).
 struct Loaded {
-    reconciler: Reconciler<Timed>,
-    config: ProxyConfig,
-    builder: Builder,
-    renderer: Renderer,
+    proxier: Proxier<Timed, ConntrackSocket>,
     /// When set, the next sync notes the memory after its build and its render.
     memory: Option<Memory>,
 }
@@ -168,34 +170,32 @@ impl Loaded {
             inner: NetlinkBackend::open().map_err(|e| e.to_string())?,
             commits: Vec::new(),
         };
-        let config = config()?;
+        let monitor = Arc::new(Monitor::new(DaemonConfig::default().sync_period));
         Ok(Loaded {
-            reconciler: Reconciler::new(backend, TABLE_NAME, ReconcilerOptions::for_this_kernel()),
-            builder: Builder::new(config.clone()),
-            renderer: Renderer::new(),
-            config,
+            proxier: Proxier::new(Desired::new(config()?), backend, monitor),
             memory: None,
         })
     }
 
+    fn commits(&mut self) -> &mut Vec<Duration> {
+        &mut self.proxier.reconciler_mut().backend_mut().commits
+    }
+
     /// One sync of `snapshot`, as the daemon does it, timed.
     fn sync(&mut self, what: &str, snapshot: &Snapshot) -> Result<SyncTiming, String> {
-        self.reconciler.backend_mut().commits.clear();
+        self.commits().clear();
         let started = Instant::now();
-        let delta = self.builder.update(snapshot);
+        let delta = self.proxier.build_from(snapshot);
         if let Some(memory) = &mut self.memory {
             memory.built_kb = status_kb("VmRSS");
         }
-        let scopes = self.renderer.update(self.builder.build(), &delta);
+        let scopes = self.proxier.render(&delta);
         if let Some(memory) = &mut self.memory {
             memory.rendered_kb = status_kb("VmRSS");
         }
-        let report = self
-            .reconciler
-            .sync_changes(self.renderer.tables(), &scopes)
-            .map_err(|e| e.to_string())?;
+        let report = self.proxier.sync(&scopes).map_err(|e| e.to_string())?;
         let wall_seconds = started.elapsed().as_secs_f64();
-        let commits = &self.reconciler.backend_mut().commits;
+        let commits = self.commits();
         Ok(SyncTiming {
             what: what.to_owned(),
             wall_seconds,
@@ -223,7 +223,7 @@ impl Loaded {
             other.apply(&tx).map_err(|e| e.to_string())?;
         }
         let started = Instant::now();
-        if self.reconciler.drifted() {
+        if self.proxier.reconciler_mut().drifted() {
             return Err(format!(
                 "{what}: the drift check wants our tables read back"
             ));
@@ -234,12 +234,12 @@ impl Loaded {
     /// What a repair costs before it sends anything: our tables read back and compared
     /// whole (here they are intact: 0 operations, or the run fails).
     fn read_back(&mut self, what: &str) -> Result<SyncTiming, String> {
-        self.reconciler.backend_mut().commits.clear();
+        self.commits().clear();
         let started = Instant::now();
-        self.reconciler.invalidate();
+        self.proxier.reconciler_mut().invalidate();
         let report = self
-            .reconciler
-            .sync_changes(self.renderer.tables(), &Scopes::nothing())
+            .proxier
+            .sync(&Scopes::nothing())
             .map_err(|e| e.to_string())?;
         if report.operations > 0 {
             return Err(format!(
@@ -341,13 +341,15 @@ pub fn cold(services: u32, endpoints: u32) -> Result<ColdReport, String> {
 
     // From nothing, as after a restart: the whole build, render and diff.
     let started = Instant::now();
-    let tables = render_all(&build(&snapshot, &loaded.config));
+    let mut restarted = Desired::new(loaded.proxier.desired().config().clone());
+    restarted.update(&snapshot);
     let plans = loaded
-        .reconciler
-        .plans(&tables)
+        .proxier
+        .reconciler_mut()
+        .plans(restarted.tables())
         .map_err(|e| e.to_string())?;
     let userspace_seconds = started.elapsed().as_secs_f64();
-    if plans.iter().any(|tx| !tx.ops.is_empty()) || tables != loaded.renderer.tables() {
+    if plans.iter().any(|tx| !tx.ops.is_empty()) || restarted.tables() != loaded.proxier.tables() {
         return Err("the kernel does not hold the last sync's ruleset".to_owned());
     }
     Ok(ColdReport {

@@ -173,7 +173,8 @@ pub enum DetectLocalMode {
     InterfaceNamePrefix(String),
 }
 
-/// Resolved settings for building the proxy state.
+/// Resolved settings that shape the rules: everything the proxy state is built from
+/// besides the cluster's objects.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProxyConfig {
     /// This node's name (matches `EndpointSlice` `nodeName` and the Node object).
@@ -192,6 +193,12 @@ pub struct ProxyConfig {
     pub masquerade_all: bool,
     /// The bit of the packet mark that requests masquerading (0–31).
     pub masquerade_bit: u8,
+}
+
+/// Resolved settings of the long-running process that shape no rule: when it syncs,
+/// where it serves health and metrics, how it reaches the API server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DaemonConfig {
     /// Longest time between syncs.
     pub sync_period: Duration,
     /// Shortest time between syncs.
@@ -221,11 +228,6 @@ impl ProxyConfig {
             detect_local: DetectLocalMode::ClusterCidr,
             masquerade_all: false,
             masquerade_bit: 14,
-            sync_period: Duration::from_secs(30),
-            min_sync_period: Duration::from_secs(1),
-            healthz_bind_address: Some(SocketAddr::from(([0, 0, 0, 0], HEALTHZ_PORT))),
-            metrics_bind_address: Some(SocketAddr::from(([127, 0, 0, 1], METRICS_PORT))),
-            kubeconfig: None,
         }
     }
 
@@ -277,6 +279,27 @@ impl ProxyConfig {
                 .filter(|b| *b <= 31)
                 .ok_or_else(|| invalid("masqueradeBit", format!("{bit} is not in 0..31")))?;
         }
+        Ok(())
+    }
+}
+
+impl Default for DaemonConfig {
+    /// kube-proxy's defaults.
+    fn default() -> DaemonConfig {
+        DaemonConfig {
+            sync_period: Duration::from_secs(30),
+            min_sync_period: Duration::from_secs(1),
+            healthz_bind_address: Some(SocketAddr::from(([0, 0, 0, 0], HEALTHZ_PORT))),
+            metrics_bind_address: Some(SocketAddr::from(([127, 0, 0, 1], METRICS_PORT))),
+            kubeconfig: None,
+        }
+    }
+}
+
+impl DaemonConfig {
+    /// Applies the fields of a configuration file on top of the current values.
+    pub fn apply_file(&mut self, file: &KubeProxyConfiguration) -> Result<(), ConfigError> {
+        let nft = file.nftables.clone().unwrap_or_default();
         if let Some(period) = nft.sync_period.as_ref().or(file.sync_period.as_ref()) {
             self.sync_period = parse_duration("syncPeriod", period)?;
         }
@@ -433,15 +456,17 @@ mod tests {
         assert_eq!(config.cluster_cidrs.len(), 2);
         assert_eq!(config.masquerade_mark(), 0x8000);
         assert!(config.masquerade_all);
-        assert_eq!(config.sync_period, Duration::from_secs(60));
-        assert_eq!(config.min_sync_period, Duration::from_secs(2));
+        let mut daemon = DaemonConfig::default();
+        daemon.apply_file(&file).unwrap();
+        assert_eq!(daemon.sync_period, Duration::from_secs(60));
+        assert_eq!(daemon.min_sync_period, Duration::from_secs(2));
         assert_eq!(config.node_port_addresses[0], NodePortAddress::Primary);
         assert_eq!(file.unused_fields(), vec!["conntrack"]);
     }
 
     #[test]
     fn bind_addresses_and_the_kubeconfig_come_from_the_file() {
-        let defaults = ProxyConfig::new("n");
+        let defaults = DaemonConfig::default();
         assert_eq!(
             defaults.healthz_bind_address,
             Some("0.0.0.0:10256".parse().unwrap())

@@ -21,7 +21,8 @@ pub use builder::{Builder, Delta, PortChanges, build};
 /// is one allocation fewer per name at 10,000 Services.
 pub use compact_str::CompactString;
 pub use config::{
-    ConfigError, DetectLocalMode, KubeProxyConfiguration, NodePortAddress, ProxyConfig,
+    ConfigError, DaemonConfig, DetectLocalMode, KubeProxyConfiguration, NodePortAddress,
+    ProxyConfig,
 };
 pub use diag::{Diagnostic, ObjectRef, Severity};
 pub use endpoint::{Endpoint, Hints, SliceInfo};

@@ -1,4 +1,5 @@
-//! The command line: kube-proxy-compatible flags, validated into a [`ProxyConfig`].
+//! The command line: kube-proxy-compatible flags, validated into a [`ProxyConfig`] (what
+//! shapes the rules) and a [`DaemonConfig`] (what only the long-running mode uses).
 //!
 //! Invariant: flags override the `--config` file, which overrides the defaults; every
 //! value is checked here, so a bad flag ends the process before anything runs.
@@ -13,7 +14,8 @@ use nftproxy_model::config::{
     parse_node_port_address,
 };
 use nftproxy_model::{
-    ConfigError, KubeProxyConfiguration, NodePortAddress, ProxyConfig, parse_cidr, parse_ip,
+    ConfigError, DaemonConfig, KubeProxyConfiguration, NodePortAddress, ProxyConfig, parse_cidr,
+    parse_ip,
 };
 
 /// nftproxy: a kube-proxy replacement that programs nf_tables over netlink.
@@ -193,15 +195,17 @@ fn node_port_arg(text: &str) -> Result<NodePortAddress, String> {
 }
 
 impl Args {
-    /// Resolves defaults, the config file and flags into a [`ProxyConfig`]. Returns the
-    /// config and the config-file fields nftproxy does not use.
-    pub fn proxy_config(
+    /// Resolves defaults, the config file and flags into what shapes the rules and what
+    /// only the daemon uses.
+    pub fn config(
         &self,
         file: Option<&KubeProxyConfiguration>,
-    ) -> Result<ProxyConfig, ConfigError> {
+    ) -> Result<(ProxyConfig, DaemonConfig), ConfigError> {
         let mut config = ProxyConfig::new(default_node_name());
+        let mut daemon = DaemonConfig::default();
         if let Some(file) = file {
             config.apply_file(file)?;
+            daemon.apply_file(file)?;
         }
         if let Some(name) = &self.node_name {
             config.node_name = name.clone();
@@ -232,23 +236,23 @@ impl Args {
             )?;
         }
         if let Some(period) = &self.sync_period {
-            config.sync_period = parse_duration("--sync-period", period)?;
+            daemon.sync_period = parse_duration("--sync-period", period)?;
         }
         if let Some(period) = &self.min_sync_period {
-            config.min_sync_period = parse_duration("--min-sync-period", period)?;
+            daemon.min_sync_period = parse_duration("--min-sync-period", period)?;
         }
         if let Some(address) = &self.healthz_bind_address {
-            config.healthz_bind_address =
+            daemon.healthz_bind_address =
                 parse_bind_address("--healthz-bind-address", address, HEALTHZ_PORT)?;
         }
         if let Some(address) = &self.metrics_bind_address {
-            config.metrics_bind_address =
+            daemon.metrics_bind_address =
                 parse_bind_address("--metrics-bind-address", address, METRICS_PORT)?;
         }
         if let Some(path) = &self.kubeconfig {
-            config.kubeconfig = Some(path.clone());
+            daemon.kubeconfig = Some(path.clone());
         }
-        Ok(config)
+        Ok((config, daemon))
     }
 }
 

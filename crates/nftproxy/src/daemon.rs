@@ -11,21 +11,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nftproxy_kube_source::{KubeSource, NODE_WAIT};
-use nftproxy_model::{
-    Build, Builder, Delta, Diagnostic, HealthCheck, IpFamily, ProxyConfig, Snapshot,
-};
+use nftproxy_model::{Build, DaemonConfig, Diagnostic, HealthCheck, IpFamily, Snapshot};
 use nftproxy_netlink::{ConntrackSocket, NetlinkBackend};
-use nftproxy_nft::{Family, Scopes, Table};
-use nftproxy_proxier::conntrack::{self, ServingUdp};
-use nftproxy_proxier::metrics::TrafficPolicy;
+use nftproxy_nft::Scopes;
 use nftproxy_proxier::runner::{self, Input, Source, Timing};
-use nftproxy_proxier::{Monitor, Reconciler, SyncReport};
-use tracing::{info, warn};
+use nftproxy_proxier::{Desired, Monitor, Proxier};
+use tracing::info;
 
 use crate::health_check::HealthCheckServers;
-use nftproxy_render::Renderer;
-
 use crate::{http, log_broken, log_diagnostic, log_diagnostics, source};
+
+/// The pipeline of the long-running modes, on this network namespace's kernel.
+pub type KernelProxier = Proxier<NetlinkBackend, ConntrackSocket>;
 
 /// Where the long-running mode reads the cluster from.
 pub enum Mode {
@@ -44,16 +41,15 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-/// Runs the daemon on `runtime` until SIGTERM or SIGINT; `monitor` is the one the
-/// source reports to.
+/// Runs the daemon on `runtime` until SIGTERM or SIGINT.
 pub fn run(
     runtime: &tokio::runtime::Runtime,
-    mut reconciler: Reconciler<NetlinkBackend>,
-    config: &ProxyConfig,
-    monitor: Arc<Monitor>,
+    mut proxier: KernelProxier,
+    config: &DaemonConfig,
     mode: Mode,
 ) -> Result<(), String> {
     runtime.block_on(async {
+        let monitor = proxier.monitor().clone();
         if let Some(address) = config.healthz_bind_address {
             http::serve(
                 "/healthz and /livez",
@@ -62,7 +58,7 @@ pub fn run(
             );
         }
         if let Some(address) = config.metrics_bind_address {
-            http::serve("/metrics", address, http::metrics_handler(monitor.clone()));
+            http::serve("/metrics", address, http::metrics_handler(monitor));
         }
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -79,30 +75,21 @@ pub fn run(
             sync_period: config.sync_period,
         };
         match mode {
-            Mode::Files(mut files) => {
-                runner::run(&mut reconciler, timing, &mut files, &monitor, shutdown).await
-            }
-            Mode::Api(mut api) => {
-                runner::run(&mut reconciler, timing, &mut api, &monitor, shutdown).await
-            }
+            Mode::Files(mut files) => runner::run(&mut proxier, timing, &mut files, shutdown).await,
+            Mode::Api(mut api) => runner::run(&mut proxier, timing, &mut api, shutdown).await,
         };
         Ok(())
     })
 }
 
-/// What follows a successful sync, for either source: the health-check servers, the
-/// stale UDP conntrack entries, and the metrics of the build that was programmed.
+/// What follows a successful sync, for either source: the health-check servers of the
+/// build that was programmed.
 struct AfterSync {
     monitor: Arc<Monitor>,
     health_checks: HealthCheckServers,
     /// Of the build handed to the sync loop last, not yet in the kernel: where and what
     /// to serve.
     pending: Option<(Vec<std::net::IpAddr>, Vec<HealthCheck>)>,
-    /// The UDP Services of the build last handed to the sync loop.
-    serving_udp: ServingUdp,
-    /// Opened at the first cleanup. An `Err` stays: opening fails only without
-    /// CAP_NET_ADMIN, which a running process does not regain.
-    conntrack: Option<Result<ConntrackSocket, ()>>,
 }
 
 impl AfterSync {
@@ -111,58 +98,12 @@ impl AfterSync {
             health_checks: HealthCheckServers::new(monitor.clone()),
             monitor,
             pending: None,
-            serving_udp: ServingUdp::default(),
-            conntrack: None,
-        }
-    }
-
-    /// Deletes UDP flows the new rules would not produce, as kube-proxy does after every
-    /// successful sync. Failures are logged; the next sync tries again.
-    fn clean_conntrack(&mut self) {
-        if self.serving_udp.families().is_empty() {
-            return;
-        }
-        let socket = self.conntrack.get_or_insert_with(|| {
-            ConntrackSocket::open().map_err(
-                |e| warn!(error = %e, "cannot open the conntrack socket; stale UDP flows stay"),
-            )
-        });
-        let Ok(socket) = socket else {
-            return;
-        };
-        let mut cleaned = true;
-        for &family in self.serving_udp.families() {
-            let started = std::time::Instant::now();
-            match conntrack::clean(socket, &self.serving_udp, family) {
-                Ok(deleted) => {
-                    if deleted > 0 {
-                        info!(%family, deleted, "deleted stale UDP conntrack entries");
-                    }
-                    self.monitor
-                        .metrics
-                        .conntrack_reconciled(family, deleted, started.elapsed());
-                }
-                Err(e) => {
-                    cleaned = false;
-                    warn!(%family, error = %e, "conntrack cleanup failed");
-                }
-            }
-        }
-        if cleaned {
-            self.serving_udp.cleaned();
         }
     }
 
     /// `build` is what the next sync programs.
     fn built(&mut self, build: &Build) {
-        for (state, family) in [(&build.ipv4, Family::Ip), (&build.ipv6, Family::Ip6)] {
-            let (internal, external) = state.no_local_endpoints();
-            let metrics = &self.monitor.metrics;
-            metrics.set_no_local_endpoints(TrafficPolicy::Internal, family, internal);
-            metrics.set_no_local_endpoints(TrafficPolicy::External, family, external);
-        }
         self.pending = Some((build.node_port_ips(), build.health_checks()));
-        self.serving_udp = ServingUdp::from_build(build, &self.serving_udp);
     }
 
     /// The last build is in the kernel (said again after every periodic sync, which
@@ -172,29 +113,6 @@ impl AfterSync {
             self.health_checks.want(addresses, checks);
         }
         self.health_checks.sync().await;
-        runner::off_the_workers(|| self.clean_conntrack());
-    }
-}
-
-/// The desired tables, kept up to date with the input: only the Services whose objects
-/// changed are built and rendered again.
-struct Desired {
-    builder: Builder,
-    renderer: Renderer,
-}
-
-impl Desired {
-    /// The tables of what `builder` has built.
-    fn new(builder: Builder) -> Desired {
-        let mut renderer = Renderer::new();
-        renderer.update(builder.build(), &Delta::All);
-        Desired { builder, renderer }
-    }
-
-    /// Takes in `snapshot`; says what changed in the tables.
-    fn update(&mut self, snapshot: &Snapshot) -> Scopes {
-        let delta = self.builder.update(snapshot);
-        self.renderer.update(self.builder.build(), &delta)
     }
 }
 
@@ -202,23 +120,23 @@ impl Desired {
 /// `minSyncPeriod`.
 pub struct Files {
     paths: Vec<PathBuf>,
+    period: Duration,
     /// When the next poll is due (kept when the sync loop drops a wait for it).
     next_poll: Option<tokio::time::Instant>,
     fingerprint: Option<u64>,
-    desired: Desired,
     first: bool,
     after: AfterSync,
 }
 
 impl Files {
-    /// A file source whose first answer is what `builder` built from the files as they
-    /// are.
-    pub fn new(paths: Vec<PathBuf>, builder: Builder, monitor: Arc<Monitor>) -> Files {
+    /// A file source polled every `period`, whose first answer is what the proxier was
+    /// built from: the files as they are.
+    pub fn new(paths: Vec<PathBuf>, period: Duration, monitor: Arc<Monitor>) -> Files {
         Files {
             next_poll: None,
             fingerprint: source::fingerprint(&paths).ok(),
             paths,
-            desired: Desired::new(builder),
+            period,
             first: true,
             after: AfterSync::new(monitor),
         }
@@ -227,17 +145,16 @@ impl Files {
 
 impl Source for Files {
     async fn changed(&mut self) {
-        let period = self.desired.builder.config().min_sync_period;
         let at = *self
             .next_poll
-            .get_or_insert_with(|| tokio::time::Instant::now() + period);
+            .get_or_insert_with(|| tokio::time::Instant::now() + self.period);
         tokio::time::sleep_until(at).await;
         self.next_poll = None;
     }
 
-    fn input(&mut self) -> Input {
+    fn input(&mut self, desired: &mut Desired) -> Input {
         if std::mem::take(&mut self.first) {
-            self.after.built(self.desired.builder.build());
+            self.after.built(desired.built());
             return Input::Changed(Scopes::everything());
         }
         let now = match source::fingerprint(&self.paths) {
@@ -253,10 +170,9 @@ impl Source for Files {
         // its Services, keep the rules as they are until it parses again.
         match source::load(&self.paths) {
             Ok(loaded) if loaded.errors.is_empty() => {
-                let scopes = self.desired.update(&loaded.snapshot);
-                let built = self.desired.builder.build();
-                log_diagnostics(loaded.diagnostics, built);
-                self.after.built(built);
+                let scopes = desired.update(&loaded.snapshot);
+                log_diagnostics(loaded.diagnostics, desired.built());
+                self.after.built(desired.built());
                 Input::Changed(scopes)
             }
             Ok(loaded) => {
@@ -270,11 +186,7 @@ impl Source for Files {
         }
     }
 
-    fn tables(&self) -> &[Table] {
-        self.desired.renderer.tables()
-    }
-
-    async fn synced(&mut self, _report: &SyncReport) {
+    async fn synced(&mut self) {
         self.after.synced().await;
     }
 }
@@ -283,7 +195,6 @@ impl Source for Files {
 /// complete.
 pub struct Api {
     source: KubeSource,
-    desired: Desired,
     after: AfterSync,
     /// The store generation the last answer was built from.
     seen: Option<u64>,
@@ -296,10 +207,9 @@ pub struct Api {
 
 impl Api {
     /// An API source over running watchers.
-    pub fn new(source: KubeSource, config: ProxyConfig, monitor: Arc<Monitor>) -> Api {
+    pub fn new(source: KubeSource, monitor: Arc<Monitor>) -> Api {
         Api {
             source,
-            desired: Desired::new(Builder::new(config)),
             after: AfterSync::new(monitor),
             seen: None,
             diagnostics: BTreeSet::new(),
@@ -325,7 +235,7 @@ impl Source for Api {
         self.source.changed().await;
     }
 
-    fn input(&mut self) -> Input {
+    fn input(&mut self, desired: &mut Desired) -> Input {
         let eligible = self.source.node_eligible();
         self.after.monitor.health.set_node_eligible(eligible);
         let generation = self.source.generation();
@@ -343,18 +253,14 @@ impl Source for Api {
         let changes = self.source.take_changes();
         let metrics = &self.after.monitor.metrics;
         metrics.changes_seen(changes.services, changes.endpoint_slices);
-        let scopes = self.desired.update(&snapshot);
-        let built = self.desired.builder.build();
+        let scopes = desired.update(&snapshot);
+        let built = desired.built();
         self.after.built(built);
         log_new(&mut self.diagnostics, &built.diagnostics);
         Input::Changed(scopes)
     }
 
-    fn tables(&self) -> &[Table] {
-        self.desired.renderer.tables()
-    }
-
-    async fn synced(&mut self, _report: &SyncReport) {
+    async fn synced(&mut self) {
         self.after.synced().await;
         self.observe_triggers();
     }

@@ -17,10 +17,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use nftproxy_model::{Build, Builder, KubeProxyConfiguration, ProxyConfig, Severity};
-use nftproxy_netlink::NetlinkBackend;
+use nftproxy_model::{Build, DaemonConfig, KubeProxyConfiguration, ProxyConfig, Severity};
+use nftproxy_netlink::{ConntrackSocket, NetlinkBackend};
 use nftproxy_nft::{Backend, Family, Op, Transaction};
-use nftproxy_proxier::{Monitor, Reconciler, ReconcilerOptions};
+use nftproxy_proxier::{Desired, Monitor, Proxier};
 use nftproxy_render::TABLE_NAME;
 use tracing::{debug, error, info, warn};
 
@@ -107,8 +107,8 @@ fn run(args: &Args) -> Result<(), Failure> {
         }
         None => None,
     };
-    let config = args
-        .proxy_config(file.as_ref())
+    let (config, daemon) = args
+        .config(file.as_ref())
         .map_err(|e| Failure::Usage(e.to_string()))?;
 
     if args.cleanup {
@@ -122,7 +122,7 @@ fn run(args: &Args) -> Result<(), Failure> {
         };
         let text = explain::run(
             explain,
-            built.as_ref().map(|l| l.builder.build()),
+            built.as_ref().map(|l| l.desired.built()),
             &config.node_ips,
         )
         .map_err(Failure::Error)?;
@@ -132,7 +132,7 @@ fn run(args: &Args) -> Result<(), Failure> {
         return Err(Failure::Usage("no node name: pass --node-name".to_owned()));
     }
     if args.manifests.is_empty() {
-        return run_api(args, config);
+        return run_api(args, config, &daemon);
     }
     if args.kubeconfig.is_some() || args.master.is_some() {
         return Err(Failure::Usage(
@@ -150,20 +150,21 @@ fn run(args: &Args) -> Result<(), Failure> {
     let loaded = load_build(&args.manifests, &config).map_err(Failure::Error)?;
     if !(args.dry_run || args.once) {
         let runtime = daemon::runtime().map_err(error)?;
-        return run_daemon(&runtime, &config, |monitor| {
+        return run_daemon(&runtime, loaded.desired, &daemon, |monitor| {
             let paths = args.manifests.clone();
-            daemon::Mode::Files(daemon::Files::new(paths, loaded.builder, monitor))
+            let files = daemon::Files::new(paths, daemon.min_sync_period, monitor);
+            daemon::Mode::Files(files)
         });
     }
-    one_shot(args, &loaded)
+    one_shot(args, loaded)
 }
 
 /// The API mode: the daemon, or `--dry-run` / `--once` of the cluster as it is now.
-fn run_api(args: &Args, config: ProxyConfig) -> Result<(), Failure> {
+fn run_api(args: &Args, config: ProxyConfig, daemon: &DaemonConfig) -> Result<(), Failure> {
     let runtime = daemon::runtime().map_err(error)?;
     let client = runtime
         .block_on(nftproxy_kube_source::client(
-            config.kubeconfig.as_deref(),
+            daemon.kubeconfig.as_deref(),
             args.master.as_deref(),
         ))
         .map_err(|e| Failure::Error(nftproxy_kube_source::cause_chain(&e)))?;
@@ -172,62 +173,92 @@ fn run_api(args: &Args, config: ProxyConfig) -> Result<(), Failure> {
             .block_on(daemon::initial_snapshot(client, &config.node_name))
             .map_err(Failure::Error)?;
         let built = Built {
-            builder: build_logged(&snapshot, Vec::new(), &config),
+            desired: build_logged(&snapshot, Vec::new(), config),
             broken: 0,
         };
-        return one_shot(args, &built);
+        return one_shot(args, built);
     }
-    run_daemon(&runtime, &config, |monitor| {
+    let node_name = config.node_name.clone();
+    run_daemon(&runtime, Desired::new(config), daemon, |monitor| {
         let _entered = runtime.enter();
         let source = nftproxy_kube_source::KubeSource::start(
             client,
-            &config.node_name,
+            &node_name,
             nftproxy_kube_source::NODE_WAIT,
         );
-        daemon::Mode::Api(daemon::Api::new(source, config.clone(), monitor))
+        daemon::Mode::Api(daemon::Api::new(source, monitor))
     })
 }
 
-/// The long-running mode over the source `mode` makes, reporting to a new monitor.
+/// The long-running mode over `desired` and the source `mode` makes, reporting to a new
+/// monitor.
 fn run_daemon(
     runtime: &tokio::runtime::Runtime,
-    config: &ProxyConfig,
+    desired: Desired,
+    config: &DaemonConfig,
     mode: impl FnOnce(Arc<Monitor>) -> daemon::Mode,
 ) -> Result<(), Failure> {
-    let backend = NetlinkBackend::open().map_err(error)?;
-    let reconciler = Reconciler::new(backend, TABLE_NAME, ReconcilerOptions::for_this_kernel());
     let monitor = Arc::new(Monitor::new(config.sync_period));
-    let mode = mode(monitor.clone());
-    daemon::run(runtime, reconciler, config, monitor, mode).map_err(Failure::Error)
+    let proxier = kernel_proxier(desired, monitor.clone())?;
+    let mode = mode(monitor);
+    daemon::run(runtime, proxier, config, mode).map_err(Failure::Error)
+}
+
+/// The pipeline over this network namespace's kernel. Without a conntrack socket (it
+/// needs the same capability as the rules, so this is rare) stale UDP flows stay.
+fn kernel_proxier(
+    desired: Desired,
+    monitor: Arc<Monitor>,
+) -> Result<daemon::KernelProxier, Failure> {
+    let backend = NetlinkBackend::open().map_err(error)?;
+    let proxier = Proxier::new(desired, backend, monitor);
+    Ok(match ConntrackSocket::open() {
+        Ok(conntrack) => proxier.with_conntrack(conntrack),
+        Err(e) => {
+            warn!(error = %e, "cannot open the conntrack socket; stale UDP flows stay");
+            proxier
+        }
+    })
 }
 
 /// `--dry-run` (with or without `--diff`) and `--once` of an already built state.
-fn one_shot(args: &Args, loaded: &Built) -> Result<(), Failure> {
-    let desired = nftproxy_render::render_all(loaded.builder.build());
+fn one_shot(args: &Args, loaded: Built) -> Result<(), Failure> {
+    let Built { desired, broken } = loaded;
     if args.dry_run && !args.diff {
-        let text: Vec<String> = desired.iter().map(ToString::to_string).collect();
+        let text: Vec<String> = desired.tables().iter().map(ToString::to_string).collect();
         emit(&text.join("\n"))?;
-        return loaded.outcome();
+        return skipped(broken);
     }
-    let backend = NetlinkBackend::open().map_err(error)?;
-    let mut reconciler = Reconciler::new(backend, TABLE_NAME, ReconcilerOptions::for_this_kernel());
+    let monitor = Arc::new(Monitor::new(DaemonConfig::default().sync_period));
+    let mut proxier = kernel_proxier(desired, monitor)?;
     if args.dry_run {
-        let plans = reconciler.plans(&desired).map_err(error)?;
+        let plans = proxier.plans().map_err(error)?;
         let text: String = plans.iter().map(ToString::to_string).collect();
         emit(if text.is_empty() {
             "# the kernel already holds this ruleset: nothing to do\n"
         } else {
             &text
         })?;
-        return loaded.outcome();
+        return skipped(broken);
     }
-    let report = reconciler.sync(&desired).map_err(error)?;
+    let report = proxier.sync_once().map_err(error)?;
     info!(
         operations = report.operations,
         transactions = report.transactions,
         "programmed this network namespace"
     );
-    loaded.outcome()
+    skipped(broken)
+}
+
+/// After the valid part was printed or programmed: `broken` skipped documents make the
+/// one-shot modes exit non-zero, so that scripts notice.
+fn skipped(broken: usize) -> Result<(), Failure> {
+    match broken {
+        0 => Ok(()),
+        n => Err(Failure::Error(format!(
+            "{n} manifest document(s) could not be parsed and were left out"
+        ))),
+    }
 }
 
 /// Writes to standard output; a reader that went away (`| head`) is not an error.
@@ -243,24 +274,11 @@ fn emit(text: &str) -> Result<(), Failure> {
     }
 }
 
-/// The proxy state built from the manifests, and how many documents were skipped
+/// The desired tables built from the manifests, and how many documents were skipped
 /// because they are not YAML.
 struct Built {
-    builder: Builder,
+    desired: Desired,
     broken: usize,
-}
-
-impl Built {
-    /// After the valid part was printed or programmed: a skipped document makes the
-    /// one-shot modes exit non-zero, so that scripts notice.
-    fn outcome(&self) -> Result<(), Failure> {
-        match self.broken {
-            0 => Ok(()),
-            n => Err(Failure::Error(format!(
-                "{n} manifest document(s) could not be parsed and were left out"
-            ))),
-        }
-    }
 }
 
 /// Loads the manifests and builds the proxy state, logging what was left out.
@@ -268,21 +286,22 @@ fn load_build(paths: &[PathBuf], config: &ProxyConfig) -> Result<Built, String> 
     let loaded = source::load(paths).map_err(|e| e.to_string())?;
     loaded.errors.iter().for_each(log_broken);
     Ok(Built {
-        builder: build_logged(&loaded.snapshot, loaded.diagnostics, config),
+        desired: build_logged(&loaded.snapshot, loaded.diagnostics, config.clone()),
         broken: loaded.errors.len(),
     })
 }
 
-/// Builds the proxy state and logs what was left out (with the source's own diagnostics).
+/// Builds the desired tables and logs what was left out (with the source's own
+/// diagnostics).
 fn build_logged(
     snapshot: &nftproxy_model::Snapshot,
     diagnostics: Vec<nftproxy_model::Diagnostic>,
-    config: &ProxyConfig,
-) -> Builder {
-    let mut builder = Builder::new(config.clone());
-    builder.update(snapshot);
-    log_diagnostics(diagnostics, builder.build());
-    builder
+    config: ProxyConfig,
+) -> Desired {
+    let mut desired = Desired::new(config);
+    desired.update(snapshot);
+    log_diagnostics(diagnostics, desired.built());
+    desired
 }
 
 /// A document that is not YAML.

@@ -1,5 +1,7 @@
-//! nftproxy's sync machinery: the [`Reconciler`] that turns desired tables into minimal
-//! kernel transactions, and the [`runner`] loop that decides when to sync, and the health and metrics it reports.
+//! nftproxy's sync machinery: the [`Proxier`] pipeline from the cluster's objects to the
+//! kernel, the [`Reconciler`] in it that turns desired tables into minimal kernel
+//! transactions, the [`runner`] loop that decides when to sync, and the health and
+//! metrics it reports.
 //!
 //! Invariant: nothing here talks to the kernel or the API directly; the kernel is a
 //! [`Backend`](nftproxy_nft::Backend), the input a caller-supplied source.
@@ -7,9 +9,11 @@
 pub mod conntrack;
 pub mod health;
 pub mod metrics;
+mod proxier;
 mod reconciler;
 pub mod runner;
 
+pub use proxier::{Desired, Proxier};
 pub use reconciler::{Reconciler, ReconcilerOptions, SyncError, SyncReport};
 
 /// What the sync loop reports to the HTTP endpoints: health and metrics.

@@ -153,6 +153,11 @@ impl<B: Backend> Reconciler<B> {
         }
     }
 
+    /// Plans with `options` from now on.
+    pub(crate) fn set_options(&mut self, options: ReconcilerOptions) {
+        self.options = options;
+    }
+
     /// The backend (for callers that also read or clean up).
     pub fn backend_mut(&mut self) -> &mut B {
         &mut self.backend

@@ -15,12 +15,13 @@
 use std::future::Future;
 use std::time::{Duration, SystemTime};
 
-use nftproxy_nft::{Backend, Family, Scopes, Table};
+use nftproxy_nft::{Backend, Conntrack, Family, Scopes, Table};
 use tokio::time::{Instant, sleep_until};
 use tracing::{error, info, warn};
 
 use crate::Monitor;
-use crate::reconciler::{Reconciler, SyncReport};
+use crate::proxier::{Desired, Proxier};
+use crate::reconciler::SyncReport;
 
 /// Timing of the loop.
 #[derive(Debug, Clone, Copy)]
@@ -35,28 +36,26 @@ pub struct Timing {
 pub enum Input {
     /// Nothing changed since the last answer.
     Unchanged,
-    /// The desired tables ([`Source::tables`]) changed; only what the scopes name
-    /// differs from the tables of the last answer.
+    /// The desired tables changed; only what the scopes name differs from the tables of
+    /// the last answer.
     Changed(Scopes),
     /// The input cannot be read right now; the rules stay as they are.
     Unavailable(String),
 }
 
-/// Where the desired tables come from.
+/// Where the cluster's objects come from.
 pub trait Source {
     /// Resolves when the input may have changed (a watch event, or simply the next poll).
     /// Must be cancel-safe: the loop drops it when a timer of its own fires first, and a
     /// poll that is due must still come when it is called again.
     fn changed(&mut self) -> impl Future<Output = ()>;
-    /// The input now.
-    fn input(&mut self) -> Input;
-    /// The desired tables as of the last [`Input::Changed`].
-    fn tables(&self) -> &[Table];
-    /// The tables of the last [`Input::Changed`] are now in the kernel (also said, with an
-    /// empty report, when an answer changes nothing in tables the kernel holds); the work
-    /// that follows a sync (health-check servers, conntrack cleanup, latency metrics) goes
-    /// here.
-    fn synced(&mut self, report: &SyncReport) -> impl Future<Output = ()>;
+    /// The input now; a change is taken into `desired` (see [`Desired::update`]).
+    fn input(&mut self, desired: &mut Desired) -> Input;
+    /// The tables of the last [`Input::Changed`] are now in the kernel (also said when an
+    /// answer changes nothing in tables the kernel holds, and after every periodic sync);
+    /// the source's own work that follows a sync (health-check servers, latency metrics)
+    /// goes here.
+    fn synced(&mut self) -> impl Future<Output = ()>;
 }
 
 /// How often the loop asks the kernel whether the ruleset changed behind its back (one
@@ -100,14 +99,14 @@ impl Bucket {
 /// bucket above), at least every `sync_period`, and after a failure again after a
 /// back-off doubling from `min_sync_period` up to `sync_period`. Returns the number of
 /// syncs done.
-pub async fn run<B: Backend, S: Source>(
-    reconciler: &mut Reconciler<B>,
+pub async fn run<B: Backend, C: Conntrack, S: Source>(
+    proxier: &mut Proxier<B, C>,
     timing: Timing,
     source: &mut S,
-    monitor: &Monitor,
     shutdown: impl Future<Output = ()>,
 ) -> usize {
     tokio::pin!(shutdown);
+    let monitor = proxier.monitor().clone();
     // What may differ between the source's tables and the kernel's (`None`: the source
     // has no tables yet).
     let mut unsynced: Option<Scopes> = None;
@@ -130,20 +129,24 @@ pub async fn run<B: Backend, S: Source>(
     let mut read_back_after: Option<Instant> = None;
     loop {
         if ask {
-            match off_the_workers(|| source.input()) {
+            let input = off_the_workers(|| source.input(proxier.desired_mut()));
+            if let Input::Changed(_) = input {
+                proxier.built();
+            }
+            match input {
                 Input::Unchanged => {}
                 // An input change that changes no rule (a Node heartbeat, an edit of an
                 // unrelated field) is nothing to sync; if the kernel already holds these
                 // tables, what follows a sync is still due for the new input.
                 Input::Changed(changed) if unsynced.is_some() && changed.is_nothing() => {
                     if !pending {
-                        source.synced(&SyncReport::default()).await;
+                        synced(proxier, source).await;
                     }
                 }
                 Input::Changed(changed) => {
                     let now = SystemTime::now();
                     monitor.health.queued(now);
-                    monitor.metrics.queued(&families(source.tables()), now);
+                    monitor.metrics.queued(&families(proxier.tables()), now);
                     unsynced = Some(match unsynced.take() {
                         Some(before) => before.then(changed),
                         None => changed,
@@ -169,7 +172,7 @@ pub async fn run<B: Backend, S: Source>(
         // Between syncs: has anyone else committed since our last commit or read?
         let repair = !due_now && in_sync && now >= drift_at && {
             drift_at = now + drift_check;
-            read_back_after.is_none_or(|t| now >= t) && reconciler.drifted()
+            read_back_after.is_none_or(|t| now >= t) && proxier.reconciler_mut().drifted()
         };
         if let (true, Some(changed)) = (due_now || repair, unsynced.as_ref()) {
             syncs += 1;
@@ -177,16 +180,14 @@ pub async fn run<B: Backend, S: Source>(
             let everything = Scopes::everything();
             let scopes = if repair {
                 // Read back and compare everything.
-                reconciler.invalidate();
+                proxier.reconciler_mut().invalidate();
                 &everything
             } else {
                 bucket.take(now);
                 changed
             };
-            let tables = source.tables();
-            let outcome = off_the_workers(|| {
-                sync_once(reconciler, tables, scopes, syncs, monitor, backoff, repair)
-            });
+            let outcome =
+                off_the_workers(|| sync_once(proxier, scopes, syncs, &monitor, backoff, repair));
             match outcome {
                 Ok(report) => {
                     if repair {
@@ -197,7 +198,7 @@ pub async fn run<B: Backend, S: Source>(
                     pending = false;
                     retry_at = None;
                     backoff = timing.min_sync_period;
-                    source.synced(&report).await;
+                    synced(proxier, source).await;
                 }
                 Err(()) => {
                     retry_at = Some(now + backoff);
@@ -235,12 +236,17 @@ fn families(tables: &[Table]) -> Vec<Family> {
     tables.iter().map(|t| t.family).collect()
 }
 
+/// What follows a sync: the proxier's kernel-side work, then the source's.
+async fn synced<B: Backend, C: Conntrack, S: Source>(proxier: &mut Proxier<B, C>, source: &mut S) {
+    off_the_workers(|| proxier.synced());
+    source.synced().await;
+}
+
 /// One sync, inside its own span, with its outcome recorded in the monitor. A `repair`
 /// follows a change of the ruleset by someone else: what it changed is logged as
 /// repaired.
-fn sync_once<B: Backend>(
-    reconciler: &mut Reconciler<B>,
-    tables: &[Table],
+fn sync_once<B: Backend, C: Conntrack>(
+    proxier: &mut Proxier<B, C>,
     scopes: &Scopes,
     n: usize,
     monitor: &Monitor,
@@ -250,8 +256,8 @@ fn sync_once<B: Backend>(
     let span = tracing::info_span!("sync", n);
     let _guard = span.enter();
     let started = std::time::Instant::now();
-    let families = families(tables);
-    match reconciler.sync_changes(tables, scopes) {
+    let families = families(proxier.tables());
+    match proxier.sync(scopes) {
         Ok(report) => {
             let took = started.elapsed();
             let now = SystemTime::now();
@@ -300,17 +306,47 @@ mod tests {
     use std::cell::RefCell;
     use std::rc::Rc;
 
-    use nftproxy_nft::{Chain, FakeBackend, Family};
+    use std::sync::Arc;
+
+    use nftproxy_model::{ProxyConfig, Snapshot};
+    use nftproxy_nft::{FakeBackend, FakeConntrack, Family};
 
     use super::*;
     use crate::reconciler::ReconcilerOptions;
 
-    fn tables(chains: usize) -> Vec<Table> {
-        let mut t = Table::new(Family::Ip, "nftproxy");
-        for i in 0..chains {
-            t.add_chain(Chain::regular(format!("c{i}"), vec![]));
+    /// A cluster of `services` ClusterIP Services without endpoints.
+    fn snapshot(services: usize) -> Snapshot {
+        let mut snapshot = Snapshot::default();
+        for i in 0..services {
+            let yaml = format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: default}}\n\
+                 spec: {{clusterIP: 10.96.0.{}, ports: [{{port: 80}}]}}\n",
+                i + 1
+            );
+            let report = snapshot.add_manifest("test", &yaml);
+            assert!(report.errors.is_empty() && report.diagnostics.is_empty());
         }
-        vec![t]
+        snapshot
+    }
+
+    /// The tables of [`snapshot`]`(services)`.
+    fn tables(services: usize) -> Vec<Table> {
+        let mut desired = Desired::new(ProxyConfig::new("node-a"));
+        desired.update(&snapshot(services));
+        desired.tables().to_vec()
+    }
+
+    type TestProxier<B> = Proxier<B, FakeConntrack>;
+
+    fn proxier<B: Backend>(backend: B) -> TestProxier<B> {
+        let monitor = Arc::new(Monitor::new(TIMING.sync_period));
+        Proxier::new(Desired::new(ProxyConfig::new("node-a")), backend, monitor)
+            .with_options(ReconcilerOptions::default())
+    }
+
+    /// What the kernel holds of family `ip`.
+    fn applied<B: Backend>(p: &mut TestProxier<B>) -> Option<Table> {
+        p.reconciler_mut().applied(Family::Ip).cloned()
     }
 
     const TIMING: Timing = Timing {
@@ -318,16 +354,11 @@ mod tests {
         sync_period: Duration::from_secs(30),
     };
 
-    /// Takes `new` tables (if any) as the source's: a change of everything, or of nothing
-    /// when they are the same.
-    fn answer(tables: &mut Vec<Table>, new: Option<Vec<Table>>) -> Input {
+    /// Takes the cluster `new` (if any) into `desired`.
+    fn answer(desired: &mut Desired, new: Option<Snapshot>) -> Input {
         match new {
             None => Input::Unchanged,
-            Some(new) if *tables == new => Input::Changed(Scopes::nothing()),
-            Some(new) => {
-                *tables = new;
-                Input::Changed(Scopes::everything())
-            }
+            Some(new) => Input::Changed(desired.update(&new)),
         }
     }
 
@@ -337,60 +368,48 @@ mod tests {
         period: Duration,
         next_poll: Option<Instant>,
         input: F,
-        tables: Vec<Table>,
         synced_at: Vec<Instant>,
     }
 
     /// A polled source asked every `period`, whose answers `input` gives (`None`: no change).
-    fn polled<F: FnMut() -> Option<Vec<Table>>>(period: Duration, input: F) -> Polled<F> {
+    fn polled<F: FnMut() -> Option<Snapshot>>(period: Duration, input: F) -> Polled<F> {
         Polled {
             period,
             next_poll: None,
             input,
-            tables: Vec::new(),
             synced_at: Vec::new(),
         }
     }
 
-    impl<F: FnMut() -> Option<Vec<Table>>> Source for Polled<F> {
+    impl<F: FnMut() -> Option<Snapshot>> Source for Polled<F> {
         async fn changed(&mut self) {
             let at = *self.next_poll.get_or_insert(Instant::now() + self.period);
             tokio::time::sleep_until(at).await;
             self.next_poll = None;
         }
 
-        fn input(&mut self) -> Input {
+        fn input(&mut self, desired: &mut Desired) -> Input {
             let new = (self.input)();
-            answer(&mut self.tables, new)
+            answer(desired, new)
         }
 
-        fn tables(&self) -> &[Table] {
-            &self.tables
-        }
-
-        async fn synced(&mut self, _report: &SyncReport) {
+        async fn synced(&mut self) {
             self.synced_at.push(Instant::now());
         }
     }
 
     /// Runs the loop over `source` for `duration`: the syncs done, and what was reported.
     async fn run_for<S: Source>(
-        r: &mut Reconciler<FakeBackend>,
+        p: &mut TestProxier<FakeBackend>,
         source: &mut S,
         duration: Duration,
-    ) -> (usize, Monitor) {
-        let monitor = Monitor::new(TIMING.sync_period);
-        let syncs = run(r, TIMING, source, &monitor, tokio::time::sleep(duration)).await;
-        (syncs, monitor)
-    }
-
-    fn reconciler(backend: FakeBackend) -> Reconciler<FakeBackend> {
-        Reconciler::new(backend, "nftproxy", ReconcilerOptions::default())
+    ) -> usize {
+        run(p, TIMING, source, tokio::time::sleep(duration)).await
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_stream_of_changes_is_synced_in_a_burst_of_two_then_once_per_min_sync_period() {
-        let mut r = reconciler(FakeBackend::default());
+        let mut p = proxier(FakeBackend::default());
         // The input changes on every poll (every 100 ms) for 3 s.
         let polls = Rc::new(RefCell::new(0usize));
         let counter = polls.clone();
@@ -398,9 +417,9 @@ mod tests {
         let mut source = polled(Duration::from_millis(100), move || {
             *counter.borrow_mut() += 1;
             let n = *counter.borrow();
-            (n <= 30).then(|| tables(n))
+            (n <= 30).then(|| snapshot(n))
         });
-        let (syncs, _) = run_for(&mut r, &mut source, Duration::from_millis(20_500)).await;
+        let syncs = run_for(&mut p, &mut source, Duration::from_millis(20_500)).await;
         // The first two changes spend the burst; after that at most one sync per second
         // until the last change is in; nothing more (the periodic sync is not due).
         let at: Vec<Duration> = source.synced_at.iter().map(|t| *t - start).collect();
@@ -413,15 +432,14 @@ mod tests {
         }
         // 30 polls take a little over 3 s: 2 + 3 or 4 syncs.
         assert!((5..=6).contains(&syncs), "{at:?}");
-        assert_eq!(r.backend_mut().applied.len(), syncs);
-        assert_eq!(r.applied(Family::Ip), Some(&tables(30)[0]));
+        assert_eq!(p.reconciler_mut().backend_mut().applied.len(), syncs);
+        assert_eq!(applied(&mut p).as_ref(), Some(&tables(30)[0]));
     }
 
     /// A source told about changes, like the API watch.
     struct Notified {
         changes: Rc<tokio::sync::Notify>,
-        next: Rc<RefCell<Option<Vec<Table>>>>,
-        tables: Vec<Table>,
+        next: Rc<RefCell<Option<Snapshot>>>,
     }
 
     impl Source for Notified {
@@ -429,63 +447,57 @@ mod tests {
             self.changes.notified().await;
         }
 
-        fn input(&mut self) -> Input {
+        fn input(&mut self, desired: &mut Desired) -> Input {
             let new = self.next.borrow_mut().take();
-            answer(&mut self.tables, new)
+            answer(desired, new)
         }
 
-        fn tables(&self) -> &[Table] {
-            &self.tables
-        }
-
-        async fn synced(&mut self, _report: &SyncReport) {}
+        async fn synced(&mut self) {}
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_change_after_a_quiet_spell_is_synced_at_once_and_periodic_syncs_follow() {
-        let mut r = reconciler(FakeBackend::default());
+        let mut p = proxier(FakeBackend::default());
         let changes = Rc::new(tokio::sync::Notify::new());
-        let next = Rc::new(RefCell::new(Some(tables(1))));
+        let next = Rc::new(RefCell::new(Some(snapshot(1))));
         let mut source = Notified {
             changes: changes.clone(),
             next: next.clone(),
-            tables: Vec::new(),
         };
-        let monitor = Monitor::new(TIMING.sync_period);
         let start = Instant::now();
         let synced_at = Rc::new(RefCell::new(Vec::new()));
         let (log, at) = (synced_at.clone(), next.clone());
         let script = async move {
             tokio::time::sleep(Duration::from_millis(5_000)).await;
-            *at.borrow_mut() = Some(tables(2));
+            *at.borrow_mut() = Some(snapshot(2));
             changes.notify_one();
             tokio::time::sleep(Duration::from_millis(1)).await;
             log.borrow_mut().push(start.elapsed());
             tokio::time::sleep(Duration::from_millis(60_000)).await;
         };
-        let syncs = run(&mut r, TIMING, &mut source, &monitor, script).await;
+        let syncs = run(&mut p, TIMING, &mut source, script).await;
         // t=0 the first input; t=5 s the change, applied within the same millisecond;
         // then periodic syncs at 35 s and 65 s that change nothing.
         assert_eq!(syncs, 4);
-        assert_eq!(r.backend_mut().applied.len(), 2);
-        assert_eq!(r.applied(Family::Ip), Some(&tables(2)[0]));
+        assert_eq!(p.reconciler_mut().backend_mut().applied.len(), 2);
+        assert_eq!(applied(&mut p).as_ref(), Some(&tables(2)[0]));
         assert!(synced_at.borrow()[0] < Duration::from_millis(5_002));
-        assert!(monitor.health.healthz(SystemTime::now()).healthy);
+        assert!(p.monitor().health.healthz(SystemTime::now()).healthy);
     }
 
     #[tokio::test(start_paused = true)]
     async fn the_same_tables_again_are_not_a_change() {
-        let mut r = reconciler(FakeBackend::default());
+        let mut p = proxier(FakeBackend::default());
         let mut polls = 0;
         let mut source = polled(Duration::from_secs(2), move || {
             polls += 1;
-            (polls <= 5).then(|| tables(1))
+            (polls <= 5).then(|| snapshot(1))
         });
-        let (syncs, monitor) = run_for(&mut r, &mut source, Duration::from_secs(11)).await;
+        let syncs = run_for(&mut p, &mut source, Duration::from_secs(11)).await;
         // One sync for the first answer; each repeat is told it is in the kernel.
         assert_eq!(syncs, 1);
         assert_eq!(source.synced_at.len(), 5);
-        let text = monitor.metrics.render();
+        let text = p.monitor().metrics.render();
         assert!(
             text.contains(
                 r#"kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family="IPv4"} 1"#
@@ -495,19 +507,19 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_failed_sync_is_retried_with_back_off() {
-        let mut r = reconciler(FakeBackend {
+        let mut p = proxier(FakeBackend {
             fail_next: Some("EBUSY".into()),
             ..FakeBackend::default()
         });
         let mut first = true;
         let mut source = polled(TIMING.min_sync_period, move || {
-            std::mem::take(&mut first).then(|| tables(1))
+            std::mem::take(&mut first).then(|| snapshot(1))
         });
-        let (syncs, monitor) = run_for(&mut r, &mut source, Duration::from_millis(3_500)).await;
+        let syncs = run_for(&mut p, &mut source, Duration::from_millis(3_500)).await;
         // t=0 fails, t=1 retries and succeeds; nothing after that.
         assert_eq!(syncs, 2);
-        assert_eq!(r.backend_mut().applied.len(), 1);
-        assert!(monitor.metrics.render().contains(
+        assert_eq!(p.reconciler_mut().backend_mut().applied.len(), 1);
+        assert!(p.monitor().metrics.render().contains(
             r#"kubeproxy_sync_proxy_rules_nftables_sync_failures_total{ip_family="IPv4"} 1"#
         ));
     }
@@ -535,19 +547,19 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn changes_by_another_program_are_repaired_within_a_drift_check() {
         let kernel = Shared::default();
-        let mut r = Reconciler::new(kernel.clone(), "nftproxy", ReconcilerOptions::default());
+        let mut p = proxier(kernel.clone());
         let mut first = true;
         let mut source = polled(Duration::from_secs(10), move || {
-            std::mem::take(&mut first).then(|| tables(3))
+            std::mem::take(&mut first).then(|| snapshot(3))
         });
-        let monitor = Monitor::new(TIMING.sync_period);
         let k = kernel.clone();
         let script = async move {
             tokio::time::sleep(Duration::from_millis(5_500)).await;
             // Someone deletes a chain's rule and adds one of theirs elsewhere.
             k.0.borrow_mut().tamper(Family::Ip, "nftproxy", |t| {
                 let t = t.as_mut().expect("our table");
-                t.chains.remove("c1");
+                let service = t.chains.keys().find(|n| n.starts_with("service-")).cloned();
+                t.chains.remove(&service.expect("a Service's chain"));
             });
             tokio::time::sleep(Duration::from_millis(1_100)).await;
             assert_eq!(
@@ -583,8 +595,8 @@ mod tests {
                 Some(&tables(3)[0])
             );
         };
-        run(&mut r, TIMING, &mut source, &monitor, script).await;
-        let text = monitor.metrics.render();
+        run(&mut p, TIMING, &mut source, script).await;
+        let text = p.monitor().metrics.render();
         assert!(text.contains("nftproxy_sync_repairs_total 2"), "{text}");
     }
 }
