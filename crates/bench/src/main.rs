@@ -6,6 +6,7 @@
 //! child process of its own, so one measurement's memory and kernel state never leak
 //! into another's, and the host's ruleset is never touched.
 
+mod daemon;
 mod synth;
 mod upstream;
 mod worker;
@@ -18,6 +19,7 @@ use clap::{Parser, Subcommand};
 use nftproxy_netlink::netns::in_new_netns;
 use serde::{Deserialize, Serialize};
 
+use crate::daemon::DaemonReport;
 use crate::worker::{ColdReport, LatencyReport};
 
 /// Latency runs per Service count.
@@ -41,6 +43,12 @@ struct Args {
     /// Service counts for the connect-latency comparison (empty: skip).
     #[arg(long, value_delimiter = ',', default_value = "10,10000")]
     latency: Vec<u32>,
+    /// Services in the API server the daemon is started against (0: skip).
+    #[arg(long, default_value_t = 30_000)]
+    daemon_services: u32,
+    /// Endpoints per Service in the API server.
+    #[arg(long, default_value_t = 10)]
+    daemon_endpoints: u32,
     /// Skip the upstream-shaped `nft -f` above this many Services (it is slow).
     #[arg(long, default_value_t = 30_000)]
     upstream_max: u32,
@@ -68,6 +76,14 @@ enum Worker {
         #[arg(long)]
         services: u32,
     },
+    /// The nftproxy daemon against an API server: cold start, restart, `/healthz`.
+    #[command(hide = true)]
+    Daemon {
+        #[arg(long)]
+        services: u32,
+        #[arg(long)]
+        endpoints: u32,
+    },
 }
 
 /// `nft -f` of a text file: wall time and the peak RSS of `nft`.
@@ -91,6 +107,7 @@ struct Results {
     rows: Vec<Row>,
     wide: Option<ColdReport>,
     latency: Vec<LatencyReport>,
+    daemon: Option<DaemonReport>,
 }
 
 fn main() -> ExitCode {
@@ -101,6 +118,10 @@ fn main() -> ExitCode {
             endpoints,
         }) => worker::cold(*services, *endpoints).map(|r| print_json(&r)),
         Some(Worker::Latency { services }) => worker::latency(*services).map(|r| print_json(&r)),
+        Some(Worker::Daemon {
+            services,
+            endpoints,
+        }) => daemon::run(*services, *endpoints).map(|r| print_json(&r)),
         None => run(&args),
     };
     match result {
@@ -176,6 +197,7 @@ fn run(args: &Args) -> Result<(), String> {
         rows: Vec::new(),
         wide: None,
         latency: Vec::new(),
+        daemon: None,
     };
     for &services in &args.services {
         eprintln!(
@@ -229,6 +251,19 @@ fn run(args: &Args) -> Result<(), String> {
                 None => results.latency.push(report),
             }
         }
+    }
+    if args.daemon_services > 0 {
+        eprintln!(
+            "measuring the daemon against an API server with {} services x {} endpoints",
+            args.daemon_services, args.daemon_endpoints
+        );
+        results.daemon = Some(in_worker(vec![
+            "daemon".to_owned(),
+            "--services".to_owned(),
+            args.daemon_services.to_string(),
+            "--endpoints".to_owned(),
+            args.daemon_endpoints.to_string(),
+        ])?);
     }
     print!("{}", table(&results));
     if let Some(path) = &args.json {
@@ -326,6 +361,33 @@ fn table(results: &Results) -> String {
                 latency.p90_seconds * 1e6
             );
         }
+    }
+    if let Some(daemon) = &results.daemon {
+        out += "\n| daemon against the API server | ready (first sync done) | operations | peak RSS |\n|---|---|---|---|\n";
+        for (what, start) in [
+            ("cold start", &daemon.cold),
+            ("restart, nothing changed", &daemon.restart),
+        ] {
+            out += &format!(
+                "| {} x {}, {what} | {:.2} s | {} | {} MB |\n",
+                daemon.services,
+                daemon.endpoints,
+                start.seconds,
+                start.operations,
+                start.rss_kb / 1024
+            );
+        }
+        let h = &daemon.healthz;
+        out += &format!(
+            "\n| /healthz every 10 ms during both | requests | unanswered | median | p99 | slowest (target 100 ms) |\n|---|---|---|---|---|---|\n| {} x {} | {} | {} | {:.2} ms | {:.2} ms | {:.1} ms |\n",
+            daemon.services,
+            daemon.endpoints,
+            h.requests,
+            h.unanswered,
+            h.median_seconds * 1e3,
+            h.p99_seconds * 1e3,
+            h.max_seconds * 1e3
+        );
     }
     out
 }

@@ -146,13 +146,18 @@ pub fn dry_run_text(specs: &[Spec]) -> String {
 
 /// A `/proc/self/status` figure in kB: `VmHWM` (peak) or `VmRSS` (now).
 fn status_kb(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
+    status_field(
+        &std::fs::read_to_string("/proc/self/status").unwrap_or_default(),
+        field,
+    )
+}
+
+/// A figure in kB of a `/proc/PID/status` text; 0 when it is not there.
+pub fn status_field(status: &str, field: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
 }
 
@@ -363,7 +368,7 @@ pub fn cold(services: u32, endpoints: u32) -> Result<ColdReport, String> {
     })
 }
 
-fn ip(args: &[&str]) -> Result<(), String> {
+pub fn ip(args: &[&str]) -> Result<(), String> {
     let status = Command::new("ip")
         .args(args)
         .status()

@@ -1,6 +1,8 @@
 //! The benchmark itself, small: every measurement runs and reports numbers that make
 //! sense (a sync with nothing changed sends nothing; the changes send something; every
-//! connection through the rules completes), so `hack/bench.sh` cannot rot unnoticed.
+//! connection through the rules completes; the daemon answers every `/healthz` request
+//! while it loads), so `hack/bench.sh` cannot rot unnoticed. It runs the `nftproxy`
+//! binary built beside the benchmark (`cargo test --workspace` builds both).
 
 use std::process::Command;
 
@@ -21,6 +23,10 @@ fn a_small_benchmark_runs_end_to_end() {
             "50",
             "--latency",
             "20",
+            "--daemon-services",
+            "300",
+            "--daemon-endpoints",
+            "5",
         ])
         .arg("--json")
         .arg(&json)
@@ -80,4 +86,18 @@ fn a_small_benchmark_runs_end_to_end() {
     }
     assert_eq!(results["wide"]["services"], 50);
     assert_eq!(results["latency"][0]["connects"], 3_000);
+    // The daemon against the API server: the cold start programs the cluster, the
+    // restart sends nothing, and /healthz answered every request in between.
+    let daemon = &results["daemon"];
+    assert!(
+        daemon["cold"]["operations"].as_u64() > Some(1_000),
+        "{daemon}"
+    );
+    assert_eq!(daemon["restart"]["operations"], 0, "{daemon}");
+    assert!(
+        daemon["healthz"]["requests"].as_u64() > Some(50),
+        "{daemon}"
+    );
+    assert_eq!(daemon["healthz"]["unanswered"], 0, "{daemon}");
+    assert!(table.contains("| /healthz every 10 ms"), "{table}");
 }

@@ -2,8 +2,8 @@
 //! balancer IPs, traffic policies, affinity, source ranges and no-endpoint verdicts.
 //!
 //! Invariant: a chain is only referenced (by an element or a rule) when it is written in
-//! the same table, and the decisions follow kube-proxy's element table exactly
-//! (`kube-proxy-nftables.md` §1.7).
+//! the same table, and the decisions follow the elements kube-proxy's nftables mode
+//! writes for each kind of destination exactly.
 //!
 //! Without affinity a service port has no chains of its own: its destinations go to the
 //! shared entry and load-balancing chains, and its endpoints are elements of the

@@ -51,7 +51,7 @@ fn first_difference(expected: &str, actual: &str) -> String {
 fn check_file(path: &Path, actual: Option<&str>, failures: &mut Vec<String>) {
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
         assert!(
-            std::env::var_os("CI").is_none(),
+            !nftproxy_testkit::under_ci(),
             "UPDATE_GOLDEN is refused under CI: regenerate locally and commit the diff"
         );
         match actual {
