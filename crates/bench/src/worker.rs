@@ -190,7 +190,7 @@ impl Loaded {
     fn sync(&mut self, what: &str, snapshot: &Snapshot) -> Result<SyncTiming, String> {
         self.commits().clear();
         let started = Instant::now();
-        let delta = self.proxier.build_from(snapshot);
+        let delta = self.proxier.build(snapshot);
         if let Some(memory) = &mut self.memory {
             memory.built_kb = status_kb("VmRSS");
         }

@@ -107,19 +107,13 @@ impl<B: Backend, C: Conntrack> Proxier<B, C> {
         self
     }
 
-    /// Takes in `snapshot`; says what changed in the tables.
-    pub fn update(&mut self, snapshot: &Snapshot) -> Scopes {
-        let delta = self.desired.build(snapshot);
-        self.render(&delta)
-    }
-
-    /// The first half of [`Proxier::update`] (see [`Desired::build`]); the tables stay as
+    /// Builds the proxy state of `snapshot` (see [`Desired::build`]); the tables stay as
     /// they were until [`Proxier::render`].
-    pub fn build_from(&mut self, snapshot: &Snapshot) -> Delta {
+    pub fn build(&mut self, snapshot: &Snapshot) -> Delta {
         self.desired.build(snapshot)
     }
 
-    /// The second half of [`Proxier::update`]: renders what `delta` names.
+    /// Renders what `delta` names: says what changed in the tables.
     pub fn render(&mut self, delta: &Delta) -> Scopes {
         let scopes = self.desired.render(delta);
         self.built();
@@ -134,11 +128,6 @@ impl<B: Backend, C: Conntrack> Proxier<B, C> {
     /// The desired tables.
     pub fn desired(&self) -> &Desired {
         &self.desired
-    }
-
-    /// The proxy state last built.
-    pub fn build(&self) -> &Build {
-        self.desired.built()
     }
 
     /// The desired tables.
