@@ -20,7 +20,7 @@ use nftproxy_model::{
 
 /// nftproxy: a kube-proxy replacement that programs nf_tables over netlink.
 #[derive(Debug, Parser)]
-#[command(name = "nftproxy", version, about)]
+#[command(name = "nftproxy", version, about, long_about = LONG_ABOUT, after_help = EXAMPLES)]
 pub struct Args {
     /// A subcommand instead of a proxy mode.
     #[command(subcommand)]
@@ -60,17 +60,18 @@ pub struct Args {
     /// Service CIDR(s): unallocated addresses inside them are dropped.
     #[arg(long, value_name = "CIDR", value_delimiter = ',', value_parser = cidr_arg, global = true)]
     pub service_cidr: Vec<IpNet>,
-    /// Where NodePorts are accepted: `primary` or CIDRs (`0.0.0.0/0` for all).
+    /// Where NodePorts are accepted: `primary` or CIDRs (`0.0.0.0/0` for all) (default
+    /// primary).
     #[arg(long, value_name = "ADDR", value_delimiter = ',', value_parser = node_port_arg, global = true)]
     pub nodeport_addresses: Vec<NodePortAddress>,
     /// Masquerade all traffic sent to ClusterIPs.
     #[arg(long, global = true)]
     pub masquerade_all: bool,
-    /// The packet mark bit that requests masquerading (0-31).
+    /// The packet mark bit that requests masquerading, 0-31 (default 14: mark 0x4000).
     #[arg(long, value_name = "BIT", value_parser = clap::value_parser!(u8).range(0..=31), global = true)]
     pub masquerade_bit: Option<u8>,
     /// How local pod traffic is recognised: ClusterCIDR, NodeCIDR, BridgeInterface,
-    /// InterfaceNamePrefix.
+    /// InterfaceNamePrefix (default ClusterCIDR).
     #[arg(long, value_name = "MODE", global = true)]
     pub detect_local_mode: Option<String>,
     /// Bridge interface for --detect-local-mode=BridgeInterface.
@@ -79,10 +80,10 @@ pub struct Args {
     /// Interface prefix for --detect-local-mode=InterfaceNamePrefix.
     #[arg(long, value_name = "PREFIX", global = true)]
     pub pod_interface_name_prefix: Option<String>,
-    /// Longest time between syncs (Go duration, e.g. 30s).
+    /// Longest time between syncs, a Go duration (default 30s).
     #[arg(long, value_name = "DURATION")]
     pub sync_period: Option<String>,
-    /// Shortest time between syncs (Go duration, e.g. 1s).
+    /// Shortest time between syncs, a Go duration (default 1s).
     #[arg(long, value_name = "DURATION")]
     pub min_sync_period: Option<String>,
     /// Kubeconfig file for the API server (in-cluster config by default).
@@ -106,6 +107,28 @@ pub struct Args {
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
 }
+
+const LONG_ABOUT: &str = "A kube-proxy replacement that programs nf_tables over netlink.
+
+Without --dry-run, --once or --cleanup it runs as the node's daemon: it watches the API \
+server (or, with --manifests, the files) and keeps the tables `ip nftproxy` and \
+`ip6 nftproxy` of this network namespace in sync, serving /healthz, /livez and /metrics, \
+until SIGTERM or SIGINT (the rules stay in place).";
+
+const EXAMPLES: &str = "Examples:
+  # Print the rules for the bundled example Services
+  nftproxy --dry-run --manifests hack/examples/seed/ --node-name node-a \\
+           --node-ip 192.168.50.10 --cluster-cidr 10.244.0.0/16
+  # What would change in this network namespace's kernel
+  nftproxy --dry-run --diff --manifests hack/examples/seed/ --node-ip 192.168.50.10
+  # Program it once, then remove it again
+  nftproxy --once --manifests hack/examples/seed/ --node-ip 192.168.50.10
+  nftproxy --cleanup
+  # Where does a packet go?
+  nftproxy explain --manifests hack/examples/seed/ --node-ip 192.168.50.10 \\
+           --from 203.0.113.9 --to 192.168.50.10:31000/tcp
+  # The daemon, as the DaemonSet runs it (in-cluster credentials)
+  nftproxy --config /var/lib/nftproxy/config.conf";
 
 /// Subcommands.
 #[derive(Debug, clap::Subcommand)]

@@ -301,3 +301,49 @@ fn without_manifests_or_a_cluster_the_error_says_what_to_pass() {
         "{stderr}"
     );
 }
+
+/// The examples `--help` ends with, one command each (continuation lines joined).
+fn help_examples() -> Vec<Vec<String>> {
+    let help = text(&nftproxy(&["--help"], None).stdout);
+    let examples = help
+        .split_once("Examples:")
+        .map(|(_, e)| e.to_owned())
+        .expect("--help has examples");
+    let joined = examples.replace("\\\n", " ");
+    joined
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("nftproxy "))
+        .map(|l| l.split_whitespace().skip(1).map(str::to_owned).collect())
+        .collect()
+}
+
+#[test]
+fn the_help_says_what_runs_as_the_daemon_and_its_examples_work() {
+    let help = text(&nftproxy(&["--help"], None).stdout);
+    assert!(help.contains("runs as the node's daemon"), "{help}");
+    for default in ["default 30s", "default 1s", "default 14", "0.0.0.0:10256"] {
+        assert!(help.contains(default), "--help does not show {default}");
+    }
+    let examples = help_examples();
+    assert!(examples.len() >= 5, "{examples:?}");
+    // Those that need neither a kernel nor a cluster run here, as printed.
+    let offline: Vec<&Vec<String>> = examples
+        .iter()
+        .filter(|e| {
+            (e.contains(&"--dry-run".to_owned()) && !e.contains(&"--diff".to_owned()))
+                || e.first().is_some_and(|c| c == "explain")
+        })
+        .collect();
+    assert_eq!(offline.len(), 2, "{examples:?}");
+    for example in offline {
+        let args: Vec<&str> = example.iter().map(String::as_str).collect();
+        let output = nftproxy(&args, None);
+        assert!(
+            output.status.success() && !output.stdout.is_empty(),
+            "nftproxy {}: {}",
+            args.join(" "),
+            text(&output.stderr)
+        );
+    }
+}
