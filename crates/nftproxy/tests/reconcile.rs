@@ -13,7 +13,8 @@ use nftproxy_netlink::netns::in_new_netns;
 use nftproxy_nft::{Backend, Family};
 use nftproxy_proxier::{Reconciler, ReconcilerOptions, SyncError};
 use nftproxy_testkit::{
-    SEED_NODE_FLAGS, kernel_available, normalise_listing, repo_root, run_ok, tables_from_yaml,
+    SEED_NODE_FLAGS, kernel_available, named_protocols, normalise_listing, repo_root, run_ok,
+    tables_from_yaml,
 };
 
 fn service(name: &str, ip: &str) -> String {
@@ -215,7 +216,7 @@ fn file_mode_follows_edits_and_leaves_the_rules_on_sigterm() {
             Command::new("nft")
                 .args(["list", "set", "ip", "nftproxy", "load-balance"])
                 .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .map(|o| named_protocols(&String::from_utf8_lossy(&o.stdout)))
                 .unwrap_or_default()
         };
         wait_for("the first sync", || {

@@ -21,6 +21,10 @@ use nftproxy_testkit::kernel_available;
 mod common;
 use common::{Outcome, Topology, addr, from, serve, tcp, udp};
 
+/// The endpoints of the seed's redis and of its two counter Services.
+const REDIS: &[&str] = &["10.244.1.10:6379", "10.244.2.10:6379"];
+const COUNTER: &[&str] = &["10.244.1.20:3000", "10.244.2.20:3000"];
+
 /// Services beyond the seed examples, one per behaviour under test. (`triple` has three
 /// endpoints, and its ClusterIP ends in the same four bits as redis's (0x6), so they
 /// share a shard and redis's draws pass the rule for three first.)
@@ -122,11 +126,12 @@ endpoints:
 - {addresses: [10.244.2.20], nodeName: node-b}
 "#;
 
+/// How many outcomes each backend namespace (or failure) had.
 fn split(outcomes: &[Outcome]) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();
     for outcome in outcomes {
         let key = match outcome {
-            Outcome::Answered(name, _) => name.clone(),
+            Outcome::Answered(name, ..) => name.clone(),
             other => format!("{other:?}"),
         };
         *counts.entry(key).or_insert(0) += 1;
@@ -134,24 +139,29 @@ fn split(outcomes: &[Outcome]) -> BTreeMap<String, usize> {
     counts
 }
 
-/// Every connection was answered, by one of the two backends, and the split between
-/// them is what a fair coin gives: within 4.5 standard deviations of half (a correct
-/// split fails this about once in 150,000 runs).
-fn assert_split(what: &str, outcomes: &[Outcome]) {
-    let counts = split(outcomes);
-    let total = outcomes.len();
-    let (be1, be2) = (
-        counts.get("be1").copied().unwrap_or(0),
-        counts.get("be2").copied().unwrap_or(0),
-    );
-    assert_eq!(
-        be1 + be2,
-        total,
-        "{what}: not every connection answered: {counts:?}"
-    );
-    let deviation = (be1 as f64 - total as f64 / 2.0).abs();
-    let sd = (total as f64 * 0.25).sqrt();
-    assert!(deviation <= 4.5 * sd, "{what}: uneven split {counts:?}");
+/// Every connection was answered, each by one of `endpoints` (`ip:port`), and each
+/// endpoint's share is what an even split gives: within 4.5 standard deviations of
+/// total / n (a correct split fails this about once in 150,000 runs per endpoint).
+fn assert_split(what: &str, outcomes: &[Outcome], endpoints: &[&str]) {
+    let mut counts: BTreeMap<&str, usize> = endpoints.iter().map(|e| (*e, 0)).collect();
+    for outcome in outcomes {
+        match outcome {
+            Outcome::Answered(_, _, endpoint) if counts.contains_key(endpoint.as_str()) => {
+                *counts.entry(endpoint.as_str()).or_default() += 1;
+            }
+            other => panic!("{what}: not every connection answered by an endpoint: {other:?}"),
+        }
+    }
+    let total = outcomes.len() as f64;
+    let p = 1.0 / endpoints.len() as f64;
+    let sd = (total * p * (1.0 - p)).sqrt();
+    for (endpoint, n) in &counts {
+        let deviation = (*n as f64 - total * p).abs();
+        assert!(
+            deviation <= 4.5 * sd,
+            "{what}: uneven split at {endpoint}: {counts:?}"
+        );
+    }
     eprintln!("{what}: {counts:?}");
 }
 
@@ -199,24 +209,37 @@ fn seed_services_carry_real_traffic() {
 
     // Three endpoints, two of them in be1.
     let triple = from(pod.clone(), 150, || tcp(addr("10.96.100.22:6379")));
-    assert_split("pod -> triple ClusterIP 10.96.100.22:6379", &triple);
+    assert_split(
+        "pod -> triple ClusterIP 10.96.100.22:6379",
+        &triple,
+        &["10.244.1.10:6379", "10.244.1.20:6379", "10.244.2.10:6379"],
+    );
 
     // ClusterIP (redis) from a pod, NodePort 31000 and the LB IP from outside.
     let clusterip = from(pod.clone(), 200, || tcp(addr("10.103.50.102:6379")));
-    assert_split("pod -> redis ClusterIP 10.103.50.102:6379", &clusterip);
+    assert_split(
+        "pod -> redis ClusterIP 10.103.50.102:6379",
+        &clusterip,
+        REDIS,
+    );
     assert!(
         clusterip
             .iter()
-            .all(|o| matches!(o, Outcome::Answered(_, ip) if ip == "10.244.3.10")),
+            .all(|o| matches!(o, Outcome::Answered(_, ip, _) if ip == "10.244.3.10")),
         "pod traffic is not masqueraded"
     );
     let nodeport = from(client.clone(), 200, || tcp(addr("192.168.50.10:31000")));
     assert_split(
         "client -> counter-np NodePort 192.168.50.10:31000",
         &nodeport,
+        COUNTER,
     );
     let lb = from(client.clone(), 200, || tcp(addr("192.168.50.200:30000")));
-    assert_split("client -> counter-lb LB IP 192.168.50.200:30000", &lb);
+    assert_split(
+        "client -> counter-lb LB IP 192.168.50.200:30000",
+        &lb,
+        COUNTER,
+    );
     let lb_nodeport = from(client.clone(), 50, || tcp(addr("192.168.50.10:31535")));
     assert_eq!(
         split(&lb_nodeport).values().sum::<usize>(),
@@ -229,13 +252,17 @@ fn seed_services_carry_real_traffic() {
     assert!(
         from_outside
             .iter()
-            .all(|o| matches!(o, Outcome::Answered(_, ip) if ip.starts_with("10.244."))),
+            .all(|o| matches!(o, Outcome::Answered(_, ip, _) if ip.starts_with("10.244."))),
         "ClusterIP traffic from outside the cluster CIDR is masqueraded: {from_outside:?}"
     );
 
     // UDP.
     let dns = from(pod.clone(), 100, || udp(addr("10.96.100.10:53")));
-    assert_split("pod -> udp-echo ClusterIP 10.96.100.10:53/udp", &dns);
+    assert_split(
+        "pod -> udp-echo ClusterIP 10.96.100.10:53/udp",
+        &dns,
+        &["10.244.1.10:5353", "10.244.2.10:5353"],
+    );
 
     // No endpoints: refused at once.
     let empty = from(pod.clone(), 5, || tcp(addr("10.96.100.11:80")));
@@ -261,7 +288,7 @@ fn seed_services_carry_real_traffic() {
     assert!(
         local
             .iter()
-            .all(|o| *o == Outcome::Answered("be1".into(), "192.168.50.100".into())),
+            .all(|o| matches!(o, Outcome::Answered(name, ip, _) if name == "be1" && ip == "192.168.50.100")),
         "{:?}",
         split(&local)
     );
@@ -419,7 +446,11 @@ fn a_removed_endpoints_slot_takes_the_last_one_and_traffic_follows() {
     ];
     std::thread::sleep(Duration::from_millis(200));
     let outcomes = from(topology.ns("pod"), 100, || tcp(addr("10.96.100.20:6379")));
-    assert_split("pod -> trio 10.96.100.20:6379 after the removal", &outcomes);
+    assert_split(
+        "pod -> trio 10.96.100.20:6379 after the removal",
+        &outcomes,
+        &["10.244.1.20:6379", "10.244.2.10:6379"],
+    );
     assert_eq!(
         explain_live(&topology, "10.244.3.10", "10.96.100.20:6379/tcp"),
         "dnat 10.244.1.20:6379 (50.0%), dnat 10.244.2.10:6379 (50.0%)"

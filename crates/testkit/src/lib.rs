@@ -135,12 +135,15 @@ pub fn golden_tables() -> Vec<(String, nftproxy_nft::Table)> {
 
 /// `nft list` output made comparable: the kernel lists chains and sets in creation order
 /// and elements in hash order, so blocks and elements are sorted; blank lines and
-/// indentation are dropped.
+/// indentation are dropped. nft names layer-4 protocols from `/etc/protocols`, and prints
+/// numbers on a host without it, so a number that stands alone where a protocol may
+/// (6, 17, 132) reads as its name on either side of a comparison.
 pub fn normalise_listing(listing: &str) -> String {
     let mut blocks: Vec<Vec<String>> = Vec::new();
     let mut current: Vec<String> = Vec::new();
     let mut elements: Option<String> = None;
-    let mut lines: Vec<&str> = listing
+    let named = named_protocols(listing);
+    let mut lines: Vec<&str> = named
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
@@ -178,6 +181,33 @@ pub fn normalise_listing(listing: &str) -> String {
         .collect();
     blocks.sort();
     blocks.join("\n")
+}
+
+/// `nft list` output with the protocol numbers nftproxy uses (a word of their own: 6, 17,
+/// 132) written as nft names them when `/etc/protocols` is there, so that what a test
+/// looks for does not depend on the host's naming files.
+pub fn named_protocols(listing: &str) -> String {
+    listing
+        .lines()
+        .map(named_in_line)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn named_in_line(line: &str) -> String {
+    line.split(' ')
+        .map(|token| {
+            let (word, rest) = token.split_at(token.trim_end_matches([',', '}']).len());
+            let name = match word {
+                "6" => "tcp",
+                "17" => "udp",
+                "132" => "sctp",
+                other => other,
+            };
+            format!("{name}{rest}")
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// The node the seed examples (`hack/examples/seed/`) are written for: its name, address and
@@ -279,5 +309,14 @@ mod tests {
         assert_eq!(normalise_listing(a), normalise_listing(b));
         let c = a.replace("drop", "accept");
         assert_ne!(normalise_listing(a), normalise_listing(&c));
+    }
+
+    #[test]
+    fn protocols_compare_the_same_named_or_numbered() {
+        let named = "\t\telements = { 10.0.0.1 . tcp . 6379 comment \"a\",\n\t\t\t     udp . 53 }\n\t\tmeta l4proto sctp drop\n";
+        let numbered = "\t\telements = { 10.0.0.1 . 6 . 6379 comment \"a\",\n\t\t\t     17 . 53 }\n\t\tmeta l4proto 132 drop\n";
+        assert_eq!(normalise_listing(named), normalise_listing(numbered));
+        let other = numbered.replace("6379", "6378");
+        assert_ne!(normalise_listing(named), normalise_listing(&other));
     }
 }

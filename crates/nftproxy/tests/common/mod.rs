@@ -173,7 +173,8 @@ impl Drop for Topology {
 }
 
 /// Echo servers in a backend namespace: TCP 6379 and 3000, UDP 5353. Each answers one
-/// line, "NAME CLIENT-IP".
+/// line, "NAME CLIENT-IP ENDPOINT-IP:PORT", the last being the address the connection
+/// reached (so that a split is judged per endpoint, not per namespace).
 pub fn serve(ns: String, name: &'static str, stop: Arc<AtomicBool>) -> JoinHandle<()> {
     std::thread::spawn(move || {
         netns::enter(&ns).expect("enter backend namespace");
@@ -181,8 +182,14 @@ pub fn serve(ns: String, name: &'static str, stop: Arc<AtomicBool>) -> JoinHandl
             .iter()
             .map(|port| TcpListener::bind(("0.0.0.0", *port)).expect("bind"))
             .collect();
-        let udp = UdpSocket::bind(("0.0.0.0", 5353)).expect("bind udp");
-        udp.set_nonblocking(true).expect("nonblocking");
+        // One UDP socket per address: a wildcard socket cannot tell where a datagram went.
+        let udp: Vec<UdpSocket> = local_addresses()
+            .into_iter()
+            .map(|ip| UdpSocket::bind((ip, 5353)).expect("bind udp"))
+            .collect();
+        for socket in &udp {
+            socket.set_nonblocking(true).expect("nonblocking");
+        }
         for listener in &listeners {
             listener.set_nonblocking(true).expect("nonblocking");
         }
@@ -193,15 +200,26 @@ pub fn serve(ns: String, name: &'static str, stop: Arc<AtomicBool>) -> JoinHandl
                 if let Ok((mut stream, peer)) = listener.accept() {
                     idle = false;
                     let _ = stream.set_nonblocking(false);
-                    let _ = writeln!(stream, "{name} {}", peer.ip());
+                    let local = stream
+                        .local_addr()
+                        .map(|a| a.to_string())
+                        .unwrap_or_default();
+                    let _ = writeln!(stream, "{name} {} {local}", peer.ip());
                     // Then it echoes whatever the client sends until it closes, so that
                     // a connection can stay open across a restart or a repair.
                     std::thread::spawn(move || echo(stream));
                 }
             }
-            if let Ok((_, peer)) = udp.recv_from(&mut buf) {
-                idle = false;
-                let _ = udp.send_to(format!("{name} {}\n", peer.ip()).as_bytes(), peer);
+            for socket in &udp {
+                if let Ok((_, peer)) = socket.recv_from(&mut buf) {
+                    idle = false;
+                    let local = socket
+                        .local_addr()
+                        .map(|a| a.to_string())
+                        .unwrap_or_default();
+                    let answer = format!("{name} {} {local}\n", peer.ip());
+                    let _ = socket.send_to(answer.as_bytes(), peer);
+                }
             }
             if idle {
                 std::thread::sleep(Duration::from_millis(1));
@@ -210,10 +228,25 @@ pub fn serve(ns: String, name: &'static str, stop: Arc<AtomicBool>) -> JoinHandl
     })
 }
 
+/// The IPv4 addresses of the calling thread's network namespace, loopback left out.
+fn local_addresses() -> Vec<std::net::Ipv4Addr> {
+    // A child forked from this thread lives in the namespace the thread entered.
+    let output = Command::new("ip")
+        .args(["-o", "-4", "addr", "show"])
+        .output()
+        .expect("ip runs");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().skip_while(|w| *w != "inet").nth(1))
+        .filter_map(|cidr| cidr.split('/').next()?.parse().ok())
+        .filter(|ip: &std::net::Ipv4Addr| !ip.is_loopback())
+        .collect()
+}
+
 #[derive(Debug, PartialEq)]
 pub enum Outcome {
-    /// Backend name and the client address it saw.
-    Answered(String, String),
+    /// Backend name, the client address it saw, and the endpoint (`ip:port`) reached.
+    Answered(String, String, String),
     Refused,
     TimedOut,
 }
@@ -224,11 +257,7 @@ pub fn tcp(addr: SocketAddr) -> Outcome {
             stream.set_read_timeout(Some(TIMEOUT)).expect("timeout");
             let mut line = String::new();
             match BufReader::new(stream).read_line(&mut line) {
-                Ok(_) => {
-                    let mut words = line.split_whitespace();
-                    let name = words.next().unwrap_or_default().to_owned();
-                    Outcome::Answered(name, words.next().unwrap_or_default().to_owned())
-                }
+                Ok(_) => answered(&line),
                 Err(_) => Outcome::TimedOut,
             }
         }
@@ -243,13 +272,18 @@ pub fn udp(addr: SocketAddr) -> Outcome {
     socket.send_to(b"ping", addr).expect("send");
     let mut buf = [0u8; 512];
     match socket.recv_from(&mut buf) {
-        Ok((n, _)) => {
-            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-            let mut words = text.split_whitespace();
-            let name = words.next().unwrap_or_default().to_owned();
-            Outcome::Answered(name, words.next().unwrap_or_default().to_owned())
-        }
+        Ok((n, _)) => answered(&String::from_utf8_lossy(&buf[..n])),
         Err(_) => Outcome::TimedOut,
+    }
+}
+
+/// A backend's answer line, "NAME CLIENT-IP ENDPOINT"; an empty line (a connection closed
+/// before the answer) is not an answer.
+fn answered(line: &str) -> Outcome {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    match words[..] {
+        [name, client, endpoint] => Outcome::Answered(name.into(), client.into(), endpoint.into()),
+        _ => Outcome::TimedOut,
     }
 }
 
