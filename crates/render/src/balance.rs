@@ -33,7 +33,7 @@ use nftproxy_nft::{
     Stmt, Table, Value, Verdict,
 };
 
-use crate::skeleton::{local_traffic_match, mark_for_masquerade};
+use crate::stmts::{local_traffic_match, mark_for_masquerade};
 
 /// Which endpoints of which destinations a balancer picks from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -16,37 +16,9 @@ use std::sync::Arc;
 use nftproxy_model::{Build, Delta, IpFamily, PortChanges, ProxyState, ServicePortState};
 use nftproxy_nft::{Chain, Element, Family, Scope, Scopes, Set, Table, Value};
 
-use crate::balance::{self, Destination, Shard, Usages};
-use crate::{nft_family, services, skeleton};
-
-/// What one service port adds to its family's table.
-#[derive(Debug, Default)]
-pub(crate) struct Fragment {
-    sets: Vec<Set>,
-    chains: Vec<Chain>,
-    elements: Vec<(Cow<'static, str>, Element)>,
-    destinations: Vec<Destination>,
-}
-
-impl Fragment {
-    pub(crate) fn add_set(&mut self, set: Set) {
-        self.sets.push(set);
-    }
-
-    pub(crate) fn add_chain(&mut self, chain: Chain) {
-        self.chains.push(chain);
-    }
-
-    /// An element of one of the skeleton's shared sets or maps.
-    pub(crate) fn add_element(&mut self, set: &'static str, element: Element) {
-        self.elements.push((Cow::Borrowed(set), element));
-    }
-
-    /// A destination's endpoints, for the shared load-balancing chains.
-    pub(crate) fn add_destination(&mut self, destination: Destination) {
-        self.destinations.push(destination);
-    }
-}
+use crate::balance::{self, Shard, Usages};
+use crate::services::{self, Fragment};
+use crate::{nft_family, skeleton};
 
 /// Elements put in by more than one service port, with how many holders beyond the
 /// first.

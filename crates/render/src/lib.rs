@@ -15,6 +15,7 @@ mod fragment;
 mod names;
 mod services;
 mod skeleton;
+mod stmts;
 
 use nftproxy_model::{Build, IpFamily, Protocol, ProxyState};
 use nftproxy_nft::{Family, L4Proto, Table, Value};

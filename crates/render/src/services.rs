@@ -1,5 +1,7 @@
 //! Per-service-port map elements and chains: ClusterIP, NodePort, externalIPs and load
-//! balancer IPs, traffic policies, affinity, source ranges and no-endpoint verdicts.
+//! balancer IPs, traffic policies, affinity, source ranges and no-endpoint verdicts,
+//! gathered as the port's [`Fragment`] (which the renderer puts into and takes out of a
+//! table).
 //!
 //! Invariant: a chain is only referenced (by an element or a rule) when it is written in
 //! the same table, and the decisions follow the elements kube-proxy's nftables mode
@@ -18,6 +20,7 @@
 //! by name in a list, so thousands of sets make every set and rule added cost
 //! milliseconds).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
@@ -25,12 +28,40 @@ use nftproxy_model::{Endpoint, ProxyState, ServicePortName, ServicePortState};
 use nftproxy_nft::{Chain, Element, Expr, L4Proto, Rhs, Rule, Set, Stmt, Value, Verdict};
 
 use crate::balance::{self, Balancer, Destination};
-use crate::fragment::Fragment;
 use crate::skeleton::{
     CLUSTER_IPS, FIREWALL_IPS, HAIRPIN_CONNECTIONS, NO_ENDPOINT_NODEPORTS, NO_ENDPOINT_SERVICES,
     REJECT_CHAIN, SERVICE_IPS, SERVICE_NODEPORTS,
 };
 use crate::{address_key, comment, family, l4proto, names};
+
+/// What one service port adds to its family's table.
+#[derive(Debug, Default)]
+pub(crate) struct Fragment {
+    pub(crate) sets: Vec<Set>,
+    pub(crate) chains: Vec<Chain>,
+    pub(crate) elements: Vec<(Cow<'static, str>, Element)>,
+    pub(crate) destinations: Vec<Destination>,
+}
+
+impl Fragment {
+    pub(crate) fn add_set(&mut self, set: Set) {
+        self.sets.push(set);
+    }
+
+    pub(crate) fn add_chain(&mut self, chain: Chain) {
+        self.chains.push(chain);
+    }
+
+    /// An element of one of the skeleton's shared sets or maps.
+    pub(crate) fn add_element(&mut self, set: &'static str, element: Element) {
+        self.elements.push((Cow::Borrowed(set), element));
+    }
+
+    /// A destination's endpoints, for the shared load-balancing chains.
+    pub(crate) fn add_destination(&mut self, destination: Destination) {
+        self.destinations.push(destination);
+    }
+}
 
 pub(crate) fn add_service_port(fragment: &mut Fragment, state: &ProxyState, sp: &ServicePortState) {
     let name = &sp.name;

@@ -4,13 +4,14 @@
 //! Invariant: nothing here depends on which Services exist, only on node-level settings;
 //! this is the only place base chain names, hooks and priorities appear.
 
-use nftproxy_model::{LocalTraffic, NodePortAddresses, ProxyState};
+use nftproxy_model::{NodePortAddresses, ProxyState};
 use nftproxy_nft::{
     BaseChain, Chain, ChainType, CtStatus, DataType, Element, Expr, FibInput, Hook, MarkOp,
     Priority, Rhs, Rule, Set, Stmt, Table, Value, Verdict,
 };
 
 use crate::family;
+use crate::stmts::{local_traffic_match, mark_for_masquerade};
 
 pub(crate) const SERVICES: &str = "services";
 pub(crate) const NODEPORTS: &str = "nodeports";
@@ -29,27 +30,6 @@ pub(crate) const NO_ENDPOINT_SERVICES: &str = "no-endpoint-services";
 pub(crate) const NO_ENDPOINT_NODEPORTS: &str = "no-endpoint-nodeports";
 pub(crate) const FIREWALL_IPS: &str = "firewall-ips";
 pub(crate) const HAIRPIN_CONNECTIONS: &str = "hairpin-connections";
-
-/// The statement that matches (or, negated, excludes) traffic from local pods; `None`
-/// when the state has no way to tell.
-pub(crate) fn local_traffic_match(state: &ProxyState, local: bool) -> Option<Stmt> {
-    let (left, right) = match &state.local_traffic {
-        LocalTraffic::Unknown => return None,
-        LocalTraffic::Cidr(cidr) => (Expr::saddr(family(state)), Rhs::Prefix(*cidr)),
-        LocalTraffic::Interface(name) => (Expr::Iifname, Rhs::Ifname(name.clone())),
-        LocalTraffic::InterfacePrefix(prefix) => (Expr::Iifname, Rhs::Ifname(format!("{prefix}*"))),
-    };
-    Some(if local {
-        Stmt::eq(left, right)
-    } else {
-        Stmt::neq(left, right)
-    })
-}
-
-/// `meta mark set meta mark | MARK`: ask `masquerading` to SNAT this connection.
-pub(crate) fn mark_for_masquerade(state: &ProxyState) -> Stmt {
-    Stmt::SetMark(MarkOp::Or(state.masquerade_mark))
-}
 
 fn base(name: &str, chain_type: ChainType, hook: Hook, priority: i32, rules: Vec<Rule>) -> Chain {
     Chain::base(

@@ -1,6 +1,7 @@
 //! The house rules that no compiler checks, as an ordinary test: the pure crates stay
-//! free of runtimes, API clients and sockets; nothing in the repository points at a
-//! document outside it; every golden case has its files.
+//! free of runtimes, API clients and sockets; the modules of a crate do not depend on
+//! each other in a cycle; nothing in the repository points at a document outside it;
+//! every golden case has its files.
 //!
 //! Invariant: each rule reads the repository as it is checked out (the crate graph
 //! through `cargo tree`, offline), so a violation fails `cargo test` wherever it runs.
@@ -51,6 +52,109 @@ fn the_pure_crates_depend_on_no_runtime_api_client_or_socket() {
         let bad: Vec<&&str> = FORBIDDEN.iter().filter(|f| names.contains(f)).collect();
         assert!(bad.is_empty(), "pure crate {krate} depends on {bad:?}");
     }
+}
+
+/// The modules of one crate (its `src/*.rs` files but the root) and, for each, the
+/// sibling modules its code names as `crate::module` (comments left out).
+fn module_graph(src: &Path) -> std::collections::BTreeMap<String, Vec<String>> {
+    let modules: Vec<String> = fs::read_dir(src)
+        .expect("src readable")
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().to_string_lossy().into_owned();
+            let module = name.strip_suffix(".rs")?.to_owned();
+            (module != "lib" && module != "main").then_some(module)
+        })
+        .collect();
+    let mut graph = std::collections::BTreeMap::new();
+    for module in &modules {
+        let text = fs::read_to_string(src.join(format!("{module}.rs"))).expect("readable");
+        let code: String = text
+            .lines()
+            .map(|l| l.split("//").next().unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n");
+        // `crate::a::b`, and `use crate::{a, b::c}` written on one or more lines.
+        let ident = |item: &str| -> String {
+            item.trim()
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect()
+        };
+        let named: Vec<String> = code
+            .match_indices("crate::")
+            .flat_map(|(at, _)| {
+                let rest = &code[at + "crate::".len()..];
+                match rest.strip_prefix('{') {
+                    Some(group) => group
+                        .split('}')
+                        .next()
+                        .unwrap_or_default()
+                        .split(',')
+                        .map(ident)
+                        .collect(),
+                    None => vec![ident(rest)],
+                }
+            })
+            .collect();
+        let mut uses: Vec<String> = modules
+            .iter()
+            .filter(|m| *m != module && named.contains(m))
+            .cloned()
+            .collect();
+        uses.sort();
+        graph.insert(module.clone(), uses);
+    }
+    graph
+}
+
+/// A cycle in `graph`, if any, as the modules along it.
+fn cycle(graph: &std::collections::BTreeMap<String, Vec<String>>) -> Option<Vec<String>> {
+    fn visit(
+        graph: &std::collections::BTreeMap<String, Vec<String>>,
+        module: &str,
+        path: &mut Vec<String>,
+        done: &mut Vec<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(at) = path.iter().position(|m| m == module) {
+            let mut found = path[at..].to_vec();
+            found.push(module.to_owned());
+            return Some(found);
+        }
+        if done.iter().any(|m| m == module) {
+            return None;
+        }
+        path.push(module.to_owned());
+        for next in graph.get(module).into_iter().flatten() {
+            if let Some(found) = visit(graph, next, path, done) {
+                return Some(found);
+            }
+        }
+        path.pop();
+        done.push(module.to_owned());
+        None
+    }
+    let mut done = Vec::new();
+    graph
+        .keys()
+        .find_map(|m| visit(graph, m, &mut Vec::new(), &mut done))
+}
+
+#[test]
+fn no_crate_has_a_cycle_between_its_modules() {
+    let crates = fs::read_dir(repo_root().join("crates")).expect("crates readable");
+    let mut cycles = Vec::new();
+    for krate in crates {
+        let src = krate.expect("readable entry").path().join("src");
+        if let Some(found) = src.is_dir().then(|| cycle(&module_graph(&src))).flatten() {
+            cycles.push(format!("{}: {}", src.display(), found.join(" -> ")));
+        }
+    }
+    assert!(cycles.is_empty(), "module cycles:\n{}", cycles.join("\n"));
+    // The check sees a cycle where there is one.
+    let mut graph = std::collections::BTreeMap::new();
+    graph.insert("a".to_owned(), vec!["b".to_owned()]);
+    graph.insert("b".to_owned(), vec!["a".to_owned()]);
+    assert!(cycle(&graph).is_some());
 }
 
 /// Every file git tracks, as paths below the repository root.
