@@ -31,10 +31,10 @@ pub enum ConfigError {
     },
 }
 
-fn invalid(field: &str, reason: impl Into<String>) -> ConfigError {
+fn invalid(field: &str, reason: impl std::fmt::Display) -> ConfigError {
     ConfigError::Invalid {
         field: field.to_owned(),
-        reason: reason.into(),
+        reason: reason.to_string(),
     }
 }
 

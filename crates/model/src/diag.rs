@@ -92,11 +92,11 @@ pub struct Diagnostic {
 }
 
 impl Diagnostic {
-    pub(crate) fn invalid(object: &ObjectRef, reason: impl Into<String>) -> Diagnostic {
+    pub(crate) fn invalid(object: &ObjectRef, reason: impl std::fmt::Display) -> Diagnostic {
         Diagnostic {
             object: object.clone(),
             severity: Severity::Invalid,
-            reason: reason.into(),
+            reason: reason.to_string(),
         }
     }
 
@@ -134,4 +134,46 @@ mod tests {
         let long = object(&"é".repeat(1_000)).to_string();
         assert!(long.ends_with("...") && long.len() < 120, "{long}");
     }
+}
+
+/// A value nftproxy cannot use, in an object or on the command line; the caller says
+/// where it was.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    /// Not an IP address.
+    #[error("invalid IP address {0:?}")]
+    Ip(String),
+    /// Not a CIDR.
+    #[error("invalid CIDR {0:?}")]
+    Cidr(String),
+    /// A protocol Kubernetes does not define.
+    #[error("unknown protocol {0:?} (want TCP, UDP or SCTP)")]
+    Protocol(String),
+    /// A port number out of range.
+    #[error("port {0} is not in 1..65535")]
+    Port(i32),
+    /// A name too short or too long for nftables' chain names and comments.
+    #[error("{what} is {len} characters long; 1 to {max} are allowed")]
+    NameLength {
+        /// Which name.
+        what: String,
+        /// Its length.
+        len: usize,
+        /// The longest allowed.
+        max: usize,
+    },
+    /// A name with characters a DNS name cannot have.
+    #[error("{what} {name:?} is not a valid DNS name")]
+    DnsName {
+        /// Which name.
+        what: String,
+        /// The name.
+        name: String,
+    },
+    /// A port name that is not an IANA service name (at most 15 of `a-z0-9-`).
+    #[error("port name {0:?} is not a valid IANA service name")]
+    PortName(String),
+    /// An object that does not decode as its kind.
+    #[error("cannot decode: {0}")]
+    Decode(String),
 }

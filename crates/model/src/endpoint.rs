@@ -108,13 +108,13 @@ pub(crate) fn decode_slice(slice: &EndpointSlice) -> Result<SliceInfo, Diagnosti
     if labels.contains_key(HEADLESS_LABEL) {
         return Err(Diagnostic::ignored(&object, "headless Service"));
     }
-    check_name("namespace", &object.namespace, 63).map_err(invalid)?;
-    check_name("name", &object.name, 253).map_err(invalid)?;
+    check_name("namespace", &object.namespace, 63).map_err(|e| invalid(e.to_string()))?;
+    check_name("name", &object.name, 253).map_err(|e| invalid(e.to_string()))?;
     let service_name = labels
         .get(SERVICE_NAME_LABEL)
         .cloned()
         .ok_or_else(|| invalid(format!("no {SERVICE_NAME_LABEL} label")))?;
-    check_name(SERVICE_NAME_LABEL, &service_name, 63).map_err(invalid)?;
+    check_name(SERVICE_NAME_LABEL, &service_name, 63).map_err(|e| invalid(e.to_string()))?;
     let family = match slice.address_type.as_str() {
         "IPv4" => IpFamily::V4,
         "IPv6" => IpFamily::V6,
@@ -140,7 +140,7 @@ pub(crate) fn decode_slice(slice: &EndpointSlice) -> Result<SliceInfo, Diagnosti
     let mut ports: Vec<SlicePort> = Vec::with_capacity(port_count);
     for port in slice.ports.iter().flatten() {
         let name = port.name.clone().unwrap_or_default();
-        check_port_name(&name).map_err(invalid)?;
+        check_port_name(&name).map_err(|e| invalid(e.to_string()))?;
         let protocol = Protocol::parse(port.protocol.as_deref())
             .map_err(|e| invalid(format!("port {name:?}: {e}")))?;
         // A port without a number serves "all ports": nothing a ClusterIP can map to.
@@ -166,7 +166,7 @@ pub(crate) fn decode_slice(slice: &EndpointSlice) -> Result<SliceInfo, Diagnosti
         let Some(address) = endpoint.addresses.first() else {
             continue;
         };
-        let ip = parse_ip(address).map_err(invalid)?;
+        let ip = parse_ip(address).map_err(|e| invalid(e.to_string()))?;
         if IpFamily::of(&ip) != family {
             return Err(invalid(format!(
                 "address {ip} does not belong to addressType {}",

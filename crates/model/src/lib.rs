@@ -24,7 +24,7 @@ pub use config::{
     ConfigError, DaemonConfig, DetectLocalMode, KubeProxyConfiguration, NodePortAddress,
     ProxyConfig,
 };
-pub use diag::{Diagnostic, ObjectRef, Severity};
+pub use diag::{Diagnostic, ObjectRef, Severity, ValueError};
 pub use endpoint::{Endpoint, Hints, SliceInfo};
 pub use manifest::{ManifestError, ManifestReport, Snapshot};
 pub use net::{parse_cidr, parse_ip};
@@ -69,14 +69,12 @@ pub enum Protocol {
 
 impl Protocol {
     /// Parses the Kubernetes spelling (`TCP`, `UDP`, `SCTP`); absent means TCP.
-    pub fn parse(value: Option<&str>) -> Result<Protocol, String> {
+    pub fn parse(value: Option<&str>) -> Result<Protocol, ValueError> {
         match value.unwrap_or("TCP") {
             "TCP" => Ok(Protocol::Tcp),
             "UDP" => Ok(Protocol::Udp),
             "SCTP" => Ok(Protocol::Sctp),
-            other => Err(format!(
-                "unknown protocol {other:?} (want TCP, UDP or SCTP)"
-            )),
+            other => Err(ValueError::Protocol(net::cut(other))),
         }
     }
 

@@ -11,7 +11,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::ServiceCIDR;
 use serde_json::Value;
 
-use crate::diag::{Diagnostic, ObjectRef};
+use crate::diag::{Diagnostic, ObjectRef, ValueError};
 use crate::object::{DecodedEndpointSlice, DecodedService};
 
 /// The input objects of one sync: everything nftproxy reads from the API (or files).
@@ -173,8 +173,8 @@ fn parser_options() -> serde_saphyr::Options {
     options
 }
 
-fn decode<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, String> {
-    serde_json::from_value(value).map_err(|e| format!("cannot decode: {e}"))
+fn decode<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, ValueError> {
+    serde_json::from_value(value).map_err(|e| ValueError::Decode(e.to_string()))
 }
 
 fn object_ref(kind: &str, map: &serde_json::Map<String, Value>) -> ObjectRef {

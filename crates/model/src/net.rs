@@ -6,8 +6,10 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::IpNet;
 
+use crate::ValueError;
+
 /// Parses an IP address; IPv4-mapped IPv6 addresses become IPv4.
-pub fn parse_ip(text: &str) -> Result<IpAddr, String> {
+pub fn parse_ip(text: &str) -> Result<IpAddr, ValueError> {
     let text = text.trim();
     if let Some(v4) = parse_ipv4_sloppy(text) {
         return Ok(IpAddr::V4(v4));
@@ -18,7 +20,7 @@ pub fn parse_ip(text: &str) -> Result<IpAddr, String> {
             .map(IpAddr::V4)
             .unwrap_or(IpAddr::V6(v6))),
         Ok(v4) => Ok(v4),
-        Err(_) => Err(format!("invalid IP address {text:?}")),
+        Err(_) => Err(ValueError::Ip(cut(text))),
     }
 }
 
@@ -37,9 +39,9 @@ fn parse_ipv4_sloppy(text: &str) -> Option<Ipv4Addr> {
 
 /// Parses a CIDR, tolerating surrounding whitespace and leading zeros, and returns it
 /// with host bits cleared (`203.0.113.000/025` → `203.0.113.0/25`).
-pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
+pub fn parse_cidr(text: &str) -> Result<IpNet, ValueError> {
     let trimmed = text.trim();
-    let invalid = || format!("invalid CIDR {trimmed:?}");
+    let invalid = || ValueError::Cidr(cut(trimmed));
     let (addr, len) = trimmed.split_once('/').ok_or_else(invalid)?;
     let addr = parse_ip(addr).map_err(|_| invalid())?;
     if len.is_empty() || len.len() > 3 || !len.bytes().all(|b| b.is_ascii_digit()) {
@@ -51,9 +53,28 @@ pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
         .map_err(|_| invalid())
 }
 
+/// At most 80 characters of a bad value, for a message that stays readable whatever
+/// the input.
+pub(crate) fn cut(text: &str) -> String {
+    match text.char_indices().nth(80) {
+        Some((at, _)) => format!("{}...", &text[..at]),
+        None => text.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bad_value_is_named_in_at_most_80_characters_whatever_it_holds() {
+        let huge = "ü".repeat(10_000);
+        let message = parse_ip(&huge).unwrap_err().to_string();
+        assert!(message.chars().count() < 120, "{message}");
+        assert!(message.contains("ü...") && message.starts_with("invalid IP address"));
+        let message = parse_cidr(&format!("{huge}/8")).unwrap_err().to_string();
+        assert!(message.chars().count() < 120, "{message}");
+    }
 
     #[test]
     fn leading_zeros_are_decimal_and_canonicalised() {

@@ -11,7 +11,7 @@ use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Service;
 
 use crate::Protocol;
-use crate::diag::{Diagnostic, ObjectRef, namespace_of};
+use crate::diag::{Diagnostic, ObjectRef, ValueError, namespace_of};
 use crate::net::{parse_cidr, parse_ip};
 
 /// Services with this label belong to another service proxy.
@@ -50,29 +50,33 @@ pub struct ServiceInfo {
 /// Checks a DNS-label-like name (lower-case alphanumerics and `-`, plus `.` for longer
 /// subdomain names), so that chain names and comments built from it stay within
 /// nftables' limits and never need quoting.
-pub(crate) fn check_name(what: &str, name: &str, max: usize) -> Result<(), String> {
+pub(crate) fn check_name(what: &str, name: &str, max: usize) -> Result<(), ValueError> {
     let allowed = |b: u8| {
         b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || (max > 63 && b == b'.')
     };
     let edge_ok = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
     if name.is_empty() || name.len() > max {
-        return Err(format!(
-            "{what} is {} characters long; 1 to {max} are allowed",
-            name.len()
-        ));
+        return Err(ValueError::NameLength {
+            what: what.to_owned(),
+            len: name.len(),
+            max,
+        });
     }
     if !name.bytes().all(allowed)
         || !edge_ok(name.as_bytes().first())
         || !edge_ok(name.as_bytes().last())
     {
-        return Err(format!("{what} {name:?} is not a valid DNS name"));
+        return Err(ValueError::DnsName {
+            what: what.to_owned(),
+            name: name.to_owned(),
+        });
     }
     Ok(())
 }
 
 /// Checks a port name (IANA service name: at most 15 characters, `a-z0-9-`); empty is
 /// allowed for a single unnamed port.
-pub(crate) fn check_port_name(name: &str) -> Result<(), String> {
+pub(crate) fn check_port_name(name: &str) -> Result<(), ValueError> {
     if name.is_empty() {
         return Ok(());
     }
@@ -82,19 +86,17 @@ pub(crate) fn check_port_name(name: &str) -> Result<(), String> {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         || !name.bytes().any(|b| b.is_ascii_lowercase())
     {
-        return Err(format!(
-            "port name {name:.80?} is not a valid IANA service name"
-        ));
+        return Err(ValueError::PortName(crate::net::cut(name)));
     }
     Ok(())
 }
 
 /// Checks a port number from the API (an `i32`).
-pub(crate) fn port_number(value: i32) -> Result<u16, String> {
+pub(crate) fn port_number(value: i32) -> Result<u16, ValueError> {
     u16::try_from(value)
         .ok()
         .filter(|p| *p != 0)
-        .ok_or_else(|| format!("port {value} is not in 1..65535"))
+        .ok_or(ValueError::Port(value))
 }
 
 pub(crate) fn object_ref(service: &Service) -> ObjectRef {
@@ -123,8 +125,8 @@ pub(crate) fn decode_service(service: &Service) -> Result<ServiceInfo, Diagnosti
             format!("labelled {SERVICE_PROXY_NAME_LABEL}"),
         ));
     }
-    check_name("namespace", &object.namespace, 63).map_err(invalid)?;
-    check_name("name", &object.name, 63).map_err(invalid)?;
+    check_name("namespace", &object.namespace, 63).map_err(|e| invalid(e.to_string()))?;
+    check_name("name", &object.name, 63).map_err(|e| invalid(e.to_string()))?;
     let spec = service
         .spec
         .clone()
@@ -147,7 +149,8 @@ pub(crate) fn decode_service(service: &Service) -> Result<ServiceInfo, Diagnosti
     if cluster_ip_texts.is_empty() {
         return Err(Diagnostic::ignored(&object, "no ClusterIP allocated"));
     }
-    let cluster_ips = parse_ips("clusterIPs", &cluster_ip_texts).map_err(invalid)?;
+    let cluster_ips =
+        parse_ips("clusterIPs", &cluster_ip_texts).map_err(|e| invalid(e.to_string()))?;
     if cluster_ips.len() > 2
         || (cluster_ips.len() == 2 && cluster_ips[0].is_ipv4() == cluster_ips[1].is_ipv4())
     {
@@ -159,7 +162,7 @@ pub(crate) fn decode_service(service: &Service) -> Result<ServiceInfo, Diagnosti
     let mut ports: Vec<PortInfo> = Vec::with_capacity(spec.ports.as_ref().map_or(0, Vec::len));
     for port in spec.ports.iter().flatten() {
         let name = port.name.clone().unwrap_or_default();
-        check_port_name(&name).map_err(invalid)?;
+        check_port_name(&name).map_err(|e| invalid(e.to_string()))?;
         let protocol = Protocol::parse(port.protocol.as_deref())
             .map_err(|e| invalid(format!("port {name:?}: {e}")))?;
         let number = port_number(port.port).map_err(|e| invalid(format!("port {name:?}: {e}")))?;
@@ -184,7 +187,7 @@ pub(crate) fn decode_service(service: &Service) -> Result<ServiceInfo, Diagnosti
         "externalIPs",
         spec.external_ips.as_deref().unwrap_or_default(),
     )
-    .map_err(invalid)?;
+    .map_err(|e| invalid(e.to_string()))?;
     let mut load_balancer_ips = Vec::new();
     let ingress = service
         .status

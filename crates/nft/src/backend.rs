@@ -147,7 +147,7 @@ impl Backend for FakeBackend {
         let key = (tx.family, tx.table.clone());
         let after = tx
             .apply_to(self.tables.get(&key).cloned())
-            .map_err(FakeError::refused)?;
+            .map_err(|e| FakeError::refused(e.to_string()))?;
         match after {
             Some(table) => self.tables.insert(key, table),
             None => self.tables.remove(&key),

@@ -26,5 +26,5 @@ pub use expr::{CmpOp, CtState, CtStatus, Expr, FibInput, MarkOp, PayloadField, R
 pub use scope::{Scope, Scopes, diff_scoped};
 pub use table::{Chain, Element, Elements, Set, Table, TypeOf};
 pub use text::format_duration;
-pub use transaction::{Op, Transaction};
+pub use transaction::{ApplyError, Op, Transaction};
 pub use types::{BaseChain, ChainType, DataType, Family, Hook, L4Proto, Priority, Value, Verdict};

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crate::diff::diff;
 use crate::expr::Rule;
 use crate::table::{Chain, Table};
-use crate::transaction::{Op, Transaction};
+use crate::transaction::{ApplyError, Op, Transaction};
 use crate::types::{Family, Value};
 
 /// Names of chains and sets, and keys of elements, that may differ between two versions
@@ -73,7 +73,7 @@ impl Scope {
     /// Applies `tx`, which touches nothing this scope does not name, to `table`: the
     /// named part is taken out, changed and put back, so the cost is the scope's, not the
     /// table's. Fails as [`Transaction::apply_to`] does, leaving `table` as it was.
-    pub fn apply(&self, table: &mut Table, tx: &Transaction) -> Result<(), String> {
+    pub fn apply(&self, table: &mut Table, tx: &Transaction) -> Result<(), ApplyError> {
         let mut part = self.restrict(table);
         // What the transaction's rules and elements refer to outside the scope must be
         // there to refer to; it is not written back.
@@ -115,9 +115,7 @@ impl Scope {
                 }
             }
         }
-        let mut part = tx
-            .apply_to(Some(part))?
-            .ok_or("the transaction deletes the table")?;
+        let mut part = tx.apply_to(Some(part))?.ok_or(ApplyError::DeletesTable)?;
         for name in &self.chains {
             match part.chains.remove(name) {
                 Some(chain) => table.chains.insert(name.clone(), chain),

@@ -199,7 +199,7 @@ impl Transaction {
 
     /// The table after this transaction, starting from `table` (`None`: no table). Fails
     /// like the kernel would on a missing or still-referenced object, naming it.
-    pub fn apply_to(&self, table: Option<Table>) -> Result<Option<Table>, String> {
+    pub fn apply_to(&self, table: Option<Table>) -> Result<Option<Table>, ApplyError> {
         let mut table = table;
         for op in &self.ops {
             if let Op::AddTable { comment } = op {
@@ -211,19 +211,61 @@ impl Transaction {
                 continue;
             }
             if matches!(op, Op::DeleteTable) {
-                table.take().ok_or("delete table: no such table")?;
+                table
+                    .take()
+                    .ok_or_else(|| ApplyError::NoTable(op.describe()))?;
                 continue;
             }
             let t = table
                 .as_mut()
-                .ok_or_else(|| format!("{op:?}: no such table"))?;
+                .ok_or_else(|| ApplyError::NoTable(op.describe()))?;
             apply_op(t, op)?;
         }
         Ok(table)
     }
 }
 
-fn apply_op(t: &mut Table, op: &Op) -> Result<(), String> {
+/// Why a transaction cannot be applied to a table: what the kernel would refuse, with
+/// the object named.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApplyError {
+    /// The operation needs the table, which does not exist.
+    #[error("{0}: no such table")]
+    NoTable(String),
+    /// A chain that is named does not exist.
+    #[error("no such chain {0}")]
+    NoChain(String),
+    /// A set or map that is named does not exist.
+    #[error("no such set {0}")]
+    NoSet(String),
+    /// An element to delete is not in its set.
+    #[error("delete element from {0}: no such element")]
+    NoElement(String),
+    /// A chain to delete still has rules.
+    #[error("delete chain {0}: chain is not empty")]
+    ChainNotEmpty(String),
+    /// A chain or set to delete is still referred to.
+    #[error("delete {object}: still used by {user}")]
+    InUse {
+        /// `chain NAME` or `set NAME`.
+        object: String,
+        /// What refers to it.
+        user: String,
+    },
+    /// An edit of a chain's rules does not fit the rules it holds.
+    #[error("edit rules of {chain}: {problem}")]
+    BadEdit {
+        /// The chain.
+        chain: String,
+        /// What does not fit.
+        problem: String,
+    },
+    /// A transaction limited to a scope deletes the whole table.
+    #[error("the transaction deletes the table")]
+    DeletesTable,
+}
+
+fn apply_op(t: &mut Table, op: &Op) -> Result<(), ApplyError> {
     match op {
         Op::AddTable { .. } | Op::DeleteTable => unreachable!("handled by apply_to"),
         Op::AddChain { name, base } => {
@@ -247,10 +289,10 @@ fn apply_op(t: &mut Table, op: &Op) -> Result<(), String> {
             }
             let old = &mut chain_mut(t, chain)?.rules;
             if !ascending_below(deleted, old.len()) || !ascending_below(added, rules.len()) {
-                return Err(format!(
-                    "edit rules of {chain}: no rules at {deleted:?} to delete, or at \
-                     {added:?} to add"
-                ));
+                return Err(ApplyError::BadEdit {
+                    chain: chain.clone(),
+                    problem: format!("no rules at {deleted:?} to delete, or at {added:?} to add"),
+                });
             }
             for position in deleted.iter().rev() {
                 old.remove(*position);
@@ -259,16 +301,22 @@ fn apply_op(t: &mut Table, op: &Op) -> Result<(), String> {
                 .filter(|at| added.binary_search(at).is_err())
                 .map(|at| &rules[at]);
             if !kept.eq(old.iter()) {
-                return Err(format!("edit rules of {chain}: other rules are kept"));
+                return Err(ApplyError::BadEdit {
+                    chain: chain.clone(),
+                    problem: "other rules are kept".to_owned(),
+                });
             }
             old.clone_from(rules);
         }
         Op::DeleteChain(name) => {
             if !chain_mut(t, name)?.rules.is_empty() {
-                return Err(format!("delete chain {name}: chain is not empty"));
+                return Err(ApplyError::ChainNotEmpty(name.clone()));
             }
             if let Some(user) = t.chain_users(name).first() {
-                return Err(format!("delete chain {name}: still used by {user}"));
+                return Err(ApplyError::InUse {
+                    object: format!("chain {name}"),
+                    user: user.to_string(),
+                });
             }
             t.chains.remove(name);
         }
@@ -284,7 +332,10 @@ fn apply_op(t: &mut Table, op: &Op) -> Result<(), String> {
         Op::DeleteSet { name, .. } => {
             set_mut(t, name)?;
             if let Some(user) = t.set_users(name).first() {
-                return Err(format!("delete set {name}: still used by chain {user}"));
+                return Err(ApplyError::InUse {
+                    object: format!("set {name}"),
+                    user: format!("chain {user}"),
+                });
             }
             t.sets.remove(name);
         }
@@ -304,7 +355,7 @@ fn apply_op(t: &mut Table, op: &Op) -> Result<(), String> {
             let s = set_mut(t, set)?;
             for key in keys {
                 if s.elements.remove(key).is_none() {
-                    return Err(format!("delete element from {set}: no such element"));
+                    return Err(ApplyError::NoElement(set.clone()));
                 }
             }
         }
@@ -318,7 +369,7 @@ fn ascending_below(positions: &[usize], len: usize) -> bool {
 }
 
 /// Fails unless the chains and sets `rule` refers to exist.
-fn check_references(t: &mut Table, rule: &Rule) -> Result<(), String> {
+fn check_references(t: &mut Table, rule: &Rule) -> Result<(), ApplyError> {
     for target in rule.referenced_chains() {
         chain_mut(t, target)?;
     }
@@ -328,16 +379,16 @@ fn check_references(t: &mut Table, rule: &Rule) -> Result<(), String> {
     Ok(())
 }
 
-fn chain_mut<'t>(t: &'t mut Table, name: &str) -> Result<&'t mut Chain, String> {
+fn chain_mut<'t>(t: &'t mut Table, name: &str) -> Result<&'t mut Chain, ApplyError> {
     t.chains
         .get_mut(name)
-        .ok_or_else(|| format!("no such chain {name}"))
+        .ok_or_else(|| ApplyError::NoChain(name.to_owned()))
 }
 
-fn set_mut<'t>(t: &'t mut Table, name: &str) -> Result<&'t mut Set, String> {
+fn set_mut<'t>(t: &'t mut Table, name: &str) -> Result<&'t mut Set, ApplyError> {
     t.sets
         .get_mut(name)
-        .ok_or_else(|| format!("no such set {name}"))
+        .ok_or_else(|| ApplyError::NoSet(name.to_owned()))
 }
 
 impl Display for Transaction {

@@ -52,13 +52,13 @@ pub struct Args {
     )]
     pub node_name: Option<String>,
     /// A node IP; repeat for more (default: from the Node object).
-    #[arg(long, value_name = "IP", value_parser = ip_arg, global = true)]
+    #[arg(long, value_name = "IP", value_parser = parse_ip, global = true)]
     pub node_ip: Vec<IpAddr>,
     /// The cluster's pod CIDR(s); repeat or comma-separate for dual-stack.
-    #[arg(long, value_name = "CIDR", value_delimiter = ',', value_parser = cidr_arg, global = true)]
+    #[arg(long, value_name = "CIDR", value_delimiter = ',', value_parser = parse_cidr, global = true)]
     pub cluster_cidr: Vec<IpNet>,
     /// Service CIDR(s): unallocated addresses inside them are dropped.
-    #[arg(long, value_name = "CIDR", value_delimiter = ',', value_parser = cidr_arg, global = true)]
+    #[arg(long, value_name = "CIDR", value_delimiter = ',', value_parser = parse_cidr, global = true)]
     pub service_cidr: Vec<IpNet>,
     /// Where NodePorts are accepted: `primary` or CIDRs (`0.0.0.0/0` for all) (default
     /// primary).
@@ -141,7 +141,7 @@ pub enum Command {
 #[derive(Debug, clap::Args)]
 pub struct ExplainArgs {
     /// The packet's source address.
-    #[arg(long, value_name = "IP", value_parser = ip_arg)]
+    #[arg(long, value_name = "IP", value_parser = parse_ip)]
     pub from: IpAddr,
     /// The destination: ADDR:PORT/PROTO (IPv6 as [ADDR]:PORT/PROTO; PROTO tcp, udp, sctp).
     #[arg(long, value_name = "ADDR:PORT/PROTO", value_parser = destination_arg)]
@@ -203,14 +203,6 @@ fn destination_arg(text: &str) -> Result<Destination, String> {
         .filter(|p| *p != 0)
         .ok_or_else(bad)?;
     Ok(Destination { addr, port, proto })
-}
-
-fn ip_arg(text: &str) -> Result<IpAddr, String> {
-    parse_ip(text)
-}
-
-fn cidr_arg(text: &str) -> Result<IpNet, String> {
-    parse_cidr(text)
 }
 
 fn node_port_arg(text: &str) -> Result<NodePortAddress, String> {

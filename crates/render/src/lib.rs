@@ -65,9 +65,37 @@ pub(crate) fn address_key(ip: std::net::IpAddr, protocol: Protocol, port: u16) -
     ]
 }
 
-/// Comments are capped at 128 bytes by nft's userdata handling. Names are ASCII.
+/// Comments are capped at 128 bytes by nft's userdata handling.
 pub(crate) fn comment(text: String) -> String {
     let mut text = text;
-    text.truncate(128);
+    cut(&mut text, 128);
     text
+}
+
+/// Cuts `text` to at most `max` bytes, at a character boundary (validated names are
+/// ASCII, but nothing here relies on it).
+pub(crate) fn cut(text: &mut String, max: usize) {
+    if text.len() > max {
+        let at = (0..=max)
+            .rev()
+            .find(|i| text.is_char_boundary(*i))
+            .unwrap_or(0);
+        text.truncate(at);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn comments_and_names_are_cut_at_a_character_boundary() {
+        // "é" is two bytes: byte 128 falls inside one.
+        let long = format!("a{}", "é".repeat(100));
+        let cut_comment = comment(long.clone());
+        assert!(cut_comment.len() <= 128 && long.starts_with(&cut_comment));
+        assert_eq!(cut_comment.len(), 127);
+        let name = hash_and_truncate(&"ü/".repeat(200));
+        assert!(name.len() <= 240 && name.ends_with("..."), "{name}");
+    }
 }

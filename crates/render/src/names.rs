@@ -19,9 +19,7 @@ pub fn hash_and_truncate(base: &str) -> String {
     let encoded = BASE32.encode(&digest);
     let mut name = format!("{}-{base}", &encoded[..8]);
     if name.len() > HASHED_MAX {
-        // Names are ASCII (validated DNS names, protocols, addresses), so any byte
-        // offset is a character boundary.
-        name.truncate(HASHED_MAX - 3);
+        crate::cut(&mut name, HASHED_MAX - 3);
         name.push_str("...");
     }
     name

@@ -420,13 +420,13 @@ proptest! {
                 };
                 let after = tx
                     .apply_to(old.cloned())
-                    .map_err(TestCaseError::fail)?
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?
                     .ok_or_else(|| TestCaseError::fail("the table was deleted"))?;
                 prop_assert_eq!(after.slots_in_order(), table.slots_in_order(), "{}", tx);
                 // And so does the reconciler's bookkeeping, which looks at the scope alone.
                 if let (Some(old), Some(scope)) = (old, scopes.get(table.family)) {
                     let mut applied = old.clone();
-                    scope.apply(&mut applied, &tx).map_err(TestCaseError::fail)?;
+                    scope.apply(&mut applied, &tx).map_err(|e| TestCaseError::fail(e.to_string()))?;
                     prop_assert_eq!(&applied, &after, "scoped: {}", tx);
                 }
                 next.push(after);
