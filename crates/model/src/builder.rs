@@ -11,7 +11,6 @@
 //! full build.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::hash::{BuildHasherDefault, Hasher};
 use std::net::IpAddr;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -25,6 +24,7 @@ use crate::endpoint::{Endpoint, SliceInfo};
 use crate::manifest::Snapshot;
 use crate::net::parse_cidr;
 use crate::object::{Decoded, Grouped};
+use crate::seen::Seen;
 use crate::service::ServiceInfo;
 use crate::state::{
     Build, CategorizedEndpoints, LocalTraffic, NodeFacts, NodePortAddresses, ProxyState,
@@ -344,130 +344,6 @@ impl Build {
     }
 }
 
-/// Objects by their address.
-type ByAddress<T> = HashMap<usize, Decoded<T>, BuildHasherDefault<AddressHasher>>;
-
-/// Addresses, hashed as [`ByAddress`] does.
-type Addresses = HashSet<usize, BuildHasherDefault<AddressHasher>>;
-
-/// The objects of one kind in the last snapshot: by address, and, when none was there
-/// twice, their addresses in snapshot order. The watch caches keep their order, so a
-/// snapshot after a change differs from the last one in a few places, and comparing in
-/// order finds them without hashing every address.
-#[derive(Debug)]
-struct Seen<T> {
-    by_address: ByAddress<T>,
-    order: Option<Vec<usize>>,
-}
-
-impl<T> Default for Seen<T> {
-    fn default() -> Self {
-        Seen {
-            by_address: ByAddress::default(),
-            order: None,
-        }
-    }
-}
-
-/// What a snapshot changed of one kind: the addresses gone, the objects new.
-type Changes<T> = (Vec<usize>, Vec<Decoded<T>>);
-
-impl<T: Grouped> Seen<T> {
-    /// The changes of `current`, found by comparing it with the last snapshot in order:
-    /// after the places both begin and end with, place by place when as many objects
-    /// are left on both sides, else all that are left. `None` unless the last snapshot
-    /// had its order recorded, and when an object is now in two places.
-    fn changed_in_order(&mut self, current: &[Decoded<T>]) -> Option<Changes<T>> {
-        let order = self.order.as_mut()?;
-        let same = |(was, object): (&usize, &Decoded<T>)| *was == object.address();
-        let head = order.iter().zip(current).take_while(|p| same(*p)).count();
-        let tail = order[head..]
-            .iter()
-            .rev()
-            .zip(current[head..].iter().rev())
-            .take_while(|p| same(*p))
-            .count();
-        let between = head..order.len() - tail;
-        let new = &current[head..current.len() - tail];
-        let (olds, news): (Vec<usize>, Vec<&Decoded<T>>) = if between.len() == new.len() {
-            order[between.clone()]
-                .iter()
-                .zip(new)
-                .filter(|p| !same(*p))
-                .map(|(was, object)| (*was, object))
-                .unzip()
-        } else {
-            (order[between.clone()].to_vec(), new.iter().collect())
-        };
-        let was: Addresses = olds.into_iter().collect();
-        let mut now = Addresses::default();
-        for object in &news {
-            let at = object.address();
-            // Held before but not among the places compared: it is also in another place.
-            if !now.insert(at) || (self.by_address.contains_key(&at) && !was.contains(&at)) {
-                return None;
-            }
-        }
-        let gone = was.iter().filter(|at| !now.contains(at)).copied().collect();
-        let added = news
-            .into_iter()
-            .filter(|object| !was.contains(&object.address()))
-            .cloned()
-            .collect();
-        order.splice(between, new.iter().map(Decoded::address));
-        Some((gone, added))
-    }
-
-    /// The changes of `current`, found by hashing every address; records the order for
-    /// the next snapshot when no object is in two places.
-    fn changed(&mut self, current: &[Decoded<T>]) -> Changes<T> {
-        let mut present = Addresses::with_capacity_and_hasher(current.len(), Default::default());
-        let mut added = Vec::new();
-        for object in current {
-            let at = object.address();
-            if present.insert(at) && !self.by_address.contains_key(&at) {
-                added.push(object.clone());
-            }
-        }
-        self.order = (present.len() == current.len())
-            .then(|| current.iter().map(Decoded::address).collect());
-        // Every present object was seen; when as many were seen, none is gone.
-        if added.is_empty() && present.len() == self.by_address.len() {
-            return (Vec::new(), added);
-        }
-        let gone = self
-            .by_address
-            .keys()
-            .filter(|at| !present.contains(*at))
-            .copied()
-            .collect();
-        (gone, added)
-    }
-}
-
-/// Hashes an object's address: addresses are distinct and aligned, so dropping the
-/// always-zero low bits and multiplying spreads them well, at a fraction of SipHash's
-/// cost (every sync hashes the address of every object in the snapshot, twice).
-#[derive(Default)]
-struct AddressHasher(u64);
-
-impl Hasher for AddressHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for byte in bytes {
-            self.0 = (self.0 << 8 | u64::from(*byte)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-
-    fn write_usize(&mut self, address: usize) {
-        let spread = (address as u64 >> 4).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        self.0 = spread ^ (spread >> 32);
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
 /// Finds the objects of `current` that `seen` does not hold and the ones it holds that
 /// are gone, and moves them into or out of `seen` and their group, which is dirty.
 fn track<T: GroupMember>(
@@ -476,23 +352,20 @@ fn track<T: GroupMember>(
     groups: &mut BTreeMap<GroupKey, Group>,
     dirty: &mut BTreeSet<GroupKey>,
 ) {
-    let (gone, added) = match seen.changed_in_order(current) {
-        Some(changes) => changes,
-        None => seen.changed(current),
-    };
+    let (gone, added) = seen.changes(current);
     let key = |object: &Decoded<T>| {
         let (namespace, name) = object.group();
         (CompactString::from(namespace), CompactString::from(name))
     };
     for at in gone {
-        if let Some(object) = seen.by_address.remove(&at) {
+        if let Some(object) = seen.forget(at) {
             let key = key(&object);
             T::members(groups.entry(key.clone()).or_default()).retain(|o| !o.same(&object));
             dirty.insert(key);
         }
     }
     for object in added {
-        seen.by_address.insert(object.address(), object.clone());
+        seen.hold(object.clone());
         let key = key(&object);
         T::members(groups.entry(key.clone()).or_default()).push(object);
         dirty.insert(key);

@@ -12,6 +12,7 @@ mod endpoint;
 pub mod manifest;
 mod net;
 mod object;
+mod seen;
 mod service;
 mod state;
 mod topology;

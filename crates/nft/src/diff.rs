@@ -15,7 +15,8 @@
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use crate::table::{Element, Elements, Payload, Table, slot_groups};
+use crate::elements::{Element, Elements, Payload, slot_groups};
+use crate::table::Table;
 use crate::transaction::{Op, Transaction};
 use crate::types::Value;
 

@@ -7,7 +7,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::table::{Element, Set, Table};
+use crate::elements::Element;
+use crate::table::{Set, Table};
 use crate::transaction::{Op, Transaction};
 use crate::types::DataType;
 

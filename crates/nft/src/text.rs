@@ -7,10 +7,11 @@
 use std::fmt::{self, Display, Formatter, Write};
 use std::net::IpAddr;
 
+use crate::elements::Element;
 use crate::expr::{
     CmpOp, CtState, CtStatus, Expr, FibInput, MarkOp, PayloadField, Rhs, Rule, Stmt,
 };
-use crate::table::{Chain, Element, Set, Table};
+use crate::table::{Chain, Set, Table};
 use crate::types::{BaseChain, ChainType, DataType, Hook, L4Proto, Value, Verdict};
 
 /// Formats seconds the way nft prints timeouts: `3h`, `1d1h1m1s`, `10s`.

@@ -393,7 +393,7 @@ impl Tracer<'_> {
         set: &str,
         key: &Expr,
         state: &State,
-    ) -> Option<&'s crate::table::Element> {
+    ) -> Option<&'s crate::elements::Element> {
         let set = self.table.sets.get(set)?;
         // Dynamic sets fill at run time; a first packet finds them empty.
         if set.dynamic {
@@ -549,7 +549,8 @@ pub fn describe(outcomes: &[Outcome]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::table::{Chain, Element, Set};
+    use crate::elements::Element;
+    use crate::table::{Chain, Set};
     use crate::types::{BaseChain, ChainType, DataType, Priority};
 
     /// A nat prerouting chain sending 10.96.0.1:80 to a three-endpoint cascade.

@@ -8,8 +8,9 @@
 
 use std::fmt::{self, Display, Formatter};
 
+use crate::elements::Element;
 use crate::expr::Rule;
-use crate::table::{Chain, Element, Set, Table};
+use crate::table::{Chain, Set, Table};
 use crate::text::{base_chain_spec, set_declaration};
 use crate::types::{BaseChain, Family, Value};
 
