@@ -17,6 +17,18 @@ trap 'rm -f "$log" "$NFTPROXY_SKIPPED"' EXIT
 status=0
 cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log" || status=$?
 
+# The README's other command, the main job on the example manifests, must run too.
+demo=$(mktemp)
+demo_status=0
+if hack/demo.sh >"$demo" 2>&1 && grep -q '^table ip nftproxy' "$demo" && grep -q -- '-> dnat' "$demo"; then
+  echo "demo: hack/demo.sh ran"
+else
+  cat "$demo"
+  echo "demo: hack/demo.sh FAILED"
+  demo_status=1
+fi
+rm -f "$demo"
+
 # cargo prints one result line per test binary, and counts a skipped test as passed;
 # close with the totals of all of them, so the last line says what ran in all.
 skipped=$(wc -l < "$NFTPROXY_SKIPPED")
@@ -31,4 +43,5 @@ fi
 awk -v skipped="$skipped" \
   '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }
    END { printf "tests: %d passed, %d failed, %d skipped\n", p - skipped, f, skipped }' "$log"
-exit "$status"
+[ "$status" -ne 0 ] && exit "$status"
+exit "$demo_status"
