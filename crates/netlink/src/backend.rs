@@ -10,7 +10,7 @@ use nftproxy_nft::{Backend, Element, Family, Op, Set, Table, Transaction};
 
 use crate::Error;
 use crate::ffi::{self, Messages};
-use crate::socket::{Reply, Socket};
+use crate::socket::{Message, Reply, Socket};
 
 /// Elements per NEWSETELEM/DELSETELEM message: well under the 64 KiB a message may hold,
 /// even with the longest chain names as verdicts.
@@ -115,8 +115,8 @@ impl NetlinkBackend {
                 tx.family,
                 table,
                 Dump::Chain(chain),
-                |nlh| {
-                    let (owner, of, handle) = ffi::parse_rule_handle(nlh)?;
+                |message| {
+                    let (owner, of, handle) = ffi::parse_rule_handle(message)?;
                     if owner == table && of == *chain {
                         found.push(handle);
                     }
@@ -250,7 +250,7 @@ impl NetlinkBackend {
         family: Family,
         table: &str,
         dump: Dump<'_>,
-        mut each: impl FnMut(*const libc::nlmsghdr) -> Result<(), Error>,
+        mut each: impl FnMut(Message<'_>) -> Result<(), Error>,
     ) -> Result<(), Error> {
         let mut msgs = Messages::new(family, table);
         let seq = self.next_seq();
@@ -280,12 +280,12 @@ impl NetlinkBackend {
                         return Err(Error::kernel(format!("list {table}"), errno));
                     }
                     Reply::Data {
-                        nlh,
+                        message,
                         interrupted: flag,
                     } => {
                         interrupted |= flag;
                         if failed.is_none()
-                            && let Err(error) = each(nlh)
+                            && let Err(error) = each(message)
                         {
                             failed = Some(error);
                         }
@@ -301,25 +301,37 @@ impl NetlinkBackend {
 
     fn try_list(&mut self, family: Family, name: &str) -> Result<Option<Table>, Error> {
         let mut table = Table::new(family, name);
-        let found = self.request(libc::NFT_MSG_GETTABLE, family, name, Dump::Table, |nlh| {
-            let (_, comment) = ffi::parse_table(nlh)?;
-            table.comment = comment;
-            Ok(())
-        });
+        let found = self.request(
+            libc::NFT_MSG_GETTABLE,
+            family,
+            name,
+            Dump::Table,
+            |message| {
+                let (_, comment) = ffi::parse_table(message)?;
+                table.comment = comment;
+                Ok(())
+            },
+        );
         match found {
             Err(error) if error.is_not_found() => return Ok(None),
             other => other?,
         }
-        self.request(libc::NFT_MSG_GETCHAIN, family, name, Dump::Table, |nlh| {
-            let (owner, chain) = ffi::parse_chain(nlh)?;
-            if owner == name {
-                table.add_chain(chain);
-            }
-            Ok(())
-        })?;
+        self.request(
+            libc::NFT_MSG_GETCHAIN,
+            family,
+            name,
+            Dump::Table,
+            |message| {
+                let (owner, chain) = ffi::parse_chain(message)?;
+                if owner == name {
+                    table.add_chain(chain);
+                }
+                Ok(())
+            },
+        )?;
         let mut sets = BTreeMap::new();
-        self.request(libc::NFT_MSG_GETSET, family, name, Dump::Table, |nlh| {
-            let (owner, set) = ffi::parse_set(nlh)?;
+        self.request(libc::NFT_MSG_GETSET, family, name, Dump::Table, |message| {
+            let (owner, set) = ffi::parse_set(message)?;
             if owner == name {
                 sets.insert(set.name.clone(), set);
             }
@@ -335,8 +347,8 @@ impl NetlinkBackend {
                 family,
                 name,
                 Dump::Set(&declaration),
-                |nlh| {
-                    for element in ffi::parse_elements(nlh, &declaration)? {
+                |message| {
+                    for element in ffi::parse_elements(message, &declaration)? {
                         set.elements.insert(element);
                     }
                     Ok(())
@@ -345,16 +357,22 @@ impl NetlinkBackend {
         }
         table.sets = sets;
         let mut missing_chain = false;
-        self.request(libc::NFT_MSG_GETRULE, family, name, Dump::Table, |nlh| {
-            let (owner, chain, rule) = ffi::parse_rule(nlh, family)?;
-            if owner == name {
-                match table.chains.get_mut(&chain) {
-                    Some(c) => c.rules.push(rule),
-                    None => missing_chain = true,
+        self.request(
+            libc::NFT_MSG_GETRULE,
+            family,
+            name,
+            Dump::Table,
+            |message| {
+                let (owner, chain, rule) = ffi::parse_rule(message, family)?;
+                if owner == name {
+                    match table.chains.get_mut(&chain) {
+                        Some(c) => c.rules.push(rule),
+                        None => missing_chain = true,
+                    }
                 }
-            }
-            Ok(())
-        })?;
+                Ok(())
+            },
+        )?;
         if missing_chain {
             // The table changed between the chain dump and the rule dump.
             return Err(Error::Interrupted);
@@ -382,10 +400,16 @@ impl Backend for NetlinkBackend {
     /// bumps it on every commit in this network namespace.
     fn generation(&mut self) -> Result<Option<u32>, Error> {
         let mut id = None;
-        self.request(libc::NFT_MSG_GETGEN, Family::Ip, "", Dump::Table, |nlh| {
-            id = Some(ffi::parse_generation(nlh)?);
-            Ok(())
-        })?;
+        self.request(
+            libc::NFT_MSG_GETGEN,
+            Family::Ip,
+            "",
+            Dump::Table,
+            |message| {
+                id = Some(ffi::parse_generation(message)?);
+                Ok(())
+            },
+        )?;
         id.map(Some)
             .ok_or_else(|| Error::Decode("no generation in the reply".into()))
     }

@@ -2,7 +2,6 @@
 //!
 //! Invariant: a delete request carries the entry's full original tuple and its zone, so
 //! the kernel removes exactly that entry; an entry already gone (ENOENT) is not an error.
-#![allow(unsafe_code)]
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -238,14 +237,8 @@ impl Conntrack for ConntrackSocket {
                         return Err(Error::kernel("list conntrack entries".to_owned(), errno));
                     }
                     Reply::Ack => {}
-                    Reply::Data { nlh, .. } => {
-                        // SAFETY: `nlh` points at a complete message of the buffer just
-                        // received (the socket checked its length fits), which stays
-                        // untouched until the next receive.
-                        let bytes = unsafe {
-                            std::slice::from_raw_parts(nlh.cast::<u8>(), (*nlh).nlmsg_len as usize)
-                        };
-                        flows.extend(decode_flow(bytes, protocol));
+                    Reply::Data { message, .. } => {
+                        flows.extend(decode_flow(message.bytes(), protocol));
                     }
                 }
             }

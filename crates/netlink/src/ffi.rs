@@ -1,5 +1,6 @@
 //! libnftnl objects built from nftproxy's types, encoded into netlink messages, and
-//! parsed back from dump replies. The only module with `unsafe`.
+//! parsed back from dump replies. One of the three modules that hold `unsafe` (with
+//! `socket` and `netns`); the others of this crate, like every other crate, have none.
 //!
 //! Invariant: every libnftnl object is owned by exactly one Rust value (freed on drop) or
 //! handed to a parent that frees it (expressions to rules, elements to sets); every
@@ -20,6 +21,7 @@ use nftproxy_nft::{
 
 use crate::Error;
 use crate::lower::{self, PayloadBase, RawExpr};
+use crate::socket::Message;
 
 /// libnftnl's userdata buffer limit (NFT_USERDATA_MAXLEN).
 const USERDATA_MAX: u32 = 256;
@@ -1058,10 +1060,10 @@ fn raw_expr(expr: *const sys::nftnl_expr) -> Result<RawExpr, Error> {
 }
 
 /// The generation id of a NEWGEN reply.
-pub(crate) fn parse_generation(nlh: *const nlmsghdr) -> Result<u32, Error> {
+pub(crate) fn parse_generation(message: Message<'_>) -> Result<u32, Error> {
     let generation = GenObj::new();
-    // SAFETY: `nlh` points at a complete message from the kernel; `generation` is live.
-    if unsafe { sys::nftnl_gen_nlmsg_parse(nlh, generation.ptr()) } < 0 {
+    // SAFETY: a `Message` is a whole message of `nlmsg_len` readable bytes, borrowed for the call; `generation` is live.
+    if unsafe { sys::nftnl_gen_nlmsg_parse(message.as_ptr(), generation.ptr()) } < 0 {
         return Err(Error::Decode("generation message".into()));
     }
     // SAFETY: `generation` is live; an unset attribute reads as 0.
@@ -1069,10 +1071,10 @@ pub(crate) fn parse_generation(nlh: *const nlmsghdr) -> Result<u32, Error> {
 }
 
 /// A table header parsed from a GETTABLE reply: its comment.
-pub(crate) fn parse_table(nlh: *const nlmsghdr) -> Result<(String, Option<String>), Error> {
+pub(crate) fn parse_table(message: Message<'_>) -> Result<(String, Option<String>), Error> {
     let table = TableObj::new();
-    // SAFETY: `nlh` points at a complete message from the kernel; `table` is live.
-    if unsafe { sys::nftnl_table_nlmsg_parse(nlh, table.ptr()) } < 0 {
+    // SAFETY: a `Message` is a whole message of `nlmsg_len` readable bytes, borrowed for the call; `table` is live.
+    if unsafe { sys::nftnl_table_nlmsg_parse(message.as_ptr(), table.ptr()) } < 0 {
         return Err(Error::Decode("table message".into()));
     }
     // SAFETY: `table` is live.
@@ -1095,10 +1097,10 @@ pub(crate) fn parse_table(nlh: *const nlmsghdr) -> Result<(String, Option<String
 }
 
 /// A chain parsed from a GETCHAIN reply, with the table it belongs to.
-pub(crate) fn parse_chain(nlh: *const nlmsghdr) -> Result<(String, Chain), Error> {
+pub(crate) fn parse_chain(message: Message<'_>) -> Result<(String, Chain), Error> {
     let chain = ChainObj::new();
-    // SAFETY: `nlh` points at a complete message; `chain` is live.
-    if unsafe { sys::nftnl_chain_nlmsg_parse(nlh, chain.ptr()) } < 0 {
+    // SAFETY: a `Message` is a whole message of `nlmsg_len` readable bytes, borrowed for the call; `chain` is live.
+    if unsafe { sys::nftnl_chain_nlmsg_parse(message.as_ptr(), chain.ptr()) } < 0 {
         return Err(Error::Decode("chain message".into()));
     }
     let p = chain.ptr();
@@ -1152,10 +1154,10 @@ pub(crate) fn parse_chain(nlh: *const nlmsghdr) -> Result<(String, Chain), Error
 }
 
 /// A GETRULE reply parsed, with the rule's table and chain.
-fn rule_message(nlh: *const nlmsghdr) -> Result<(RuleObj, String, String), Error> {
+fn rule_message(message: Message<'_>) -> Result<(RuleObj, String, String), Error> {
     let rule = RuleObj::new();
-    // SAFETY: `nlh` points at a complete message; `rule` is live.
-    if unsafe { sys::nftnl_rule_nlmsg_parse(nlh, rule.ptr()) } < 0 {
+    // SAFETY: a `Message` is a whole message of `nlmsg_len` readable bytes, borrowed for the call; `rule` is live.
+    if unsafe { sys::nftnl_rule_nlmsg_parse(message.as_ptr(), rule.ptr()) } < 0 {
         return Err(Error::Decode("rule message".into()));
     }
     let p = rule.ptr();
@@ -1170,8 +1172,8 @@ fn rule_message(nlh: *const nlmsghdr) -> Result<(RuleObj, String, String), Error
 }
 
 /// Table, chain and handle of a rule in a GETRULE reply (its expressions unread).
-pub(crate) fn parse_rule_handle(nlh: *const nlmsghdr) -> Result<(String, String, u64), Error> {
-    let (rule, table, chain) = rule_message(nlh)?;
+pub(crate) fn parse_rule_handle(message: Message<'_>) -> Result<(String, String, u64), Error> {
+    let (rule, table, chain) = rule_message(message)?;
     // SAFETY: `rule` is live.
     let handle = unsafe { sys::nftnl_rule_get_u64(rule.ptr(), sys::NFTNL_RULE_HANDLE as u16) };
     Ok((table, chain, handle))
@@ -1179,10 +1181,10 @@ pub(crate) fn parse_rule_handle(nlh: *const nlmsghdr) -> Result<(String, String,
 
 /// A rule parsed from a GETRULE reply: table, chain and the rule.
 pub(crate) fn parse_rule(
-    nlh: *const nlmsghdr,
+    message: Message<'_>,
     family: Family,
 ) -> Result<(String, String, Rule), Error> {
-    let (rule, table, chain) = rule_message(nlh)?;
+    let (rule, table, chain) = rule_message(message)?;
     let p = rule.ptr();
     let mut raw = Vec::new();
     // SAFETY: the iterator borrows the live rule and is destroyed below.
@@ -1232,10 +1234,10 @@ pub(crate) fn parse_rule(
 }
 
 /// A set declaration parsed from a GETSET reply, with its table.
-pub(crate) fn parse_set(nlh: *const nlmsghdr) -> Result<(String, Set), Error> {
+pub(crate) fn parse_set(message: Message<'_>) -> Result<(String, Set), Error> {
     let set = SetObj::new();
-    // SAFETY: `nlh` points at a complete message; `set` is live.
-    if unsafe { sys::nftnl_set_nlmsg_parse(nlh, set.ptr()) } < 0 {
+    // SAFETY: a `Message` is a whole message of `nlmsg_len` readable bytes, borrowed for the call; `set` is live.
+    if unsafe { sys::nftnl_set_nlmsg_parse(message.as_ptr(), set.ptr()) } < 0 {
         return Err(Error::Decode("set message".into()));
     }
     let p = set.ptr();
@@ -1294,10 +1296,10 @@ pub(crate) fn parse_set(nlh: *const nlmsghdr) -> Result<(String, Set), Error> {
 }
 
 /// The elements of a GETSETELEM reply, decoded with the set's key types.
-pub(crate) fn parse_elements(nlh: *const nlmsghdr, set: &Set) -> Result<Vec<Element>, Error> {
+pub(crate) fn parse_elements(message: Message<'_>, set: &Set) -> Result<Vec<Element>, Error> {
     let obj = SetObj::new();
-    // SAFETY: `nlh` points at a complete message; `obj` is live.
-    if unsafe { sys::nftnl_set_elems_nlmsg_parse(nlh, obj.ptr()) } < 0 {
+    // SAFETY: a `Message` is a whole message of `nlmsg_len` readable bytes, borrowed for the call; `obj` is live.
+    if unsafe { sys::nftnl_set_elems_nlmsg_parse(message.as_ptr(), obj.ptr()) } < 0 {
         return Err(Error::Decode(format!("elements of {}", set.name)));
     }
     let mut elements = Vec::new();

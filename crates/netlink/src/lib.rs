@@ -5,6 +5,12 @@
 //! Invariant: one transaction is one batch in one `sendmsg`, applied by the kernel all or
 //! nothing; only tables named by the caller are ever read or written.
 //!
+//! `unsafe` is allowed in three modules only: `ffi` (libnftnl), `socket` (the netlink
+//! socket and its receive buffer) and `netns` (`setns`/`unshare`); the crate denies it
+//! elsewhere, and every other crate forbids it. Replies are handed on as a `Message`,
+//! a whole message borrowed from the receive buffer, so a parser can neither read past
+//! a message nor keep it past the next receive.
+//!
 //! libnftnl (through `nftnl-sys`) encodes and parses every object, so the bytecode is the
 //! same that `nft` writes; the `nftnl` crate's own object layer is not used, because it
 //! hard-codes NLM_F_ACK on every message (an acknowledgement flood on large batches) and

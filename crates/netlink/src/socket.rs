@@ -21,15 +21,53 @@ pub(crate) struct Socket {
     recv: Vec<u64>,
 }
 
-/// One message received: its type, flags, sequence number and (for errors) the errno.
-pub(crate) enum Reply {
+/// One whole netlink message, borrowed from the buffer it was received into: at least a
+/// header long, exactly as long as its header says, and aligned for the header. The
+/// borrow keeps the buffer from being received into again while the message is read.
+#[derive(Clone, Copy)]
+pub(crate) struct Message<'buf>(&'buf [u8]);
+
+impl<'buf> Message<'buf> {
+    /// The first message of `bytes`, when `bytes` begins with a whole one.
+    fn first(bytes: &'buf [u8]) -> Option<Message<'buf>> {
+        let header = bytes.get(..NLMSG_HDRLEN)?;
+        let len = u32::from_ne_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let aligned = bytes.as_ptr().align_offset(align_of::<nlmsghdr>()) == 0;
+        (len >= NLMSG_HDRLEN && aligned)
+            .then(|| bytes.get(..len))
+            .flatten()
+            .map(Message)
+    }
+
+    /// The message's bytes, header included.
+    pub(crate) fn bytes(&self) -> &'buf [u8] {
+        self.0
+    }
+
+    fn kind(&self) -> u16 {
+        u16::from_ne_bytes([self.0[4], self.0[5]])
+    }
+
+    fn flags(&self) -> u16 {
+        u16::from_ne_bytes([self.0[6], self.0[7]])
+    }
+
+    /// The header, for libnftnl's parsers: it points at `nlmsg_len` readable bytes, as
+    /// long as `'buf` lasts.
+    pub(crate) fn as_ptr(&self) -> *const nlmsghdr {
+        self.0.as_ptr().cast()
+    }
+}
+
+/// One message received: what kind, and its contents where they matter.
+pub(crate) enum Reply<'buf> {
     /// `NLMSG_ERROR` with a non-zero error for the message with this sequence number.
     Error { seq: u32, errno: i32 },
     /// `NLMSG_DONE`.
     Done,
-    /// A data message (pointer valid until the next receive).
+    /// A data message.
     Data {
-        nlh: *const nlmsghdr,
+        message: Message<'buf>,
         interrupted: bool,
     },
     /// An acknowledgement.
@@ -120,7 +158,8 @@ impl Socket {
     }
 
     /// Receives one buffer of replies; `None` when `nonblocking` and nothing is queued.
-    pub(crate) fn receive(&mut self, nonblocking: bool) -> Result<Option<Vec<Reply>>, Error> {
+    /// The replies borrow the buffer until they are dropped.
+    pub(crate) fn receive(&mut self, nonblocking: bool) -> Result<Option<Vec<Reply<'_>>>, Error> {
         let fd = self.inner.as_raw_fd();
         let flags = if nonblocking { libc::MSG_DONTWAIT } else { 0 };
         let len = self.recv.len() * 8;
@@ -134,24 +173,19 @@ impl Socket {
                 _ => Err(error.into()),
             };
         }
-        let got = got as usize;
-        // SAFETY: the u64 buffer is at least `got` bytes and 8-aligned, so every message
-        // header inside it (at 4-byte aligned offsets) is aligned for nlmsghdr.
+        let got = (got as usize).min(len);
+        // SAFETY: the u64 buffer holds `len` >= `got` initialised bytes (a Vec of zeros,
+        // then what the kernel wrote), and `self` stays borrowed as long as the slice.
         let bytes = unsafe { std::slice::from_raw_parts(self.recv.as_ptr().cast::<u8>(), got) };
         let mut replies = Vec::new();
         let mut offset = 0;
         while offset + NLMSG_HDRLEN <= got {
-            let nlh = bytes[offset..].as_ptr().cast::<nlmsghdr>();
-            // SAFETY: at least a header's worth of bytes remains at an aligned offset.
-            let header = unsafe { *nlh };
-            let msg_len = header.nlmsg_len as usize;
-            if msg_len < NLMSG_HDRLEN || offset + msg_len > got {
-                return Err(Error::Decode("truncated netlink reply".into()));
-            }
-            replies.push(match i32::from(header.nlmsg_type) {
+            let message = Message::first(&bytes[offset..])
+                .ok_or_else(|| Error::Decode("truncated netlink reply".into()))?;
+            let body = &message.bytes()[NLMSG_HDRLEN..];
+            replies.push(match i32::from(message.kind()) {
                 libc::NLMSG_DONE => Reply::Done,
                 libc::NLMSG_ERROR => {
-                    let body = &bytes[offset + NLMSG_HDRLEN..offset + msg_len];
                     let errno = body
                         .get(..4)
                         .map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
@@ -165,11 +199,11 @@ impl Socket {
                     }
                 }
                 _ => Reply::Data {
-                    nlh,
-                    interrupted: header.nlmsg_flags & libc::NLM_F_DUMP_INTR as u16 != 0,
+                    message,
+                    interrupted: message.flags() & libc::NLM_F_DUMP_INTR as u16 != 0,
                 },
             });
-            offset += msg_len.div_ceil(4) * 4;
+            offset += message.bytes().len().div_ceil(4) * 4;
         }
         Ok(Some(replies))
     }
@@ -288,5 +322,46 @@ fn parse_notifications(bytes: &[u8], out: &mut Vec<Notification>) {
             out.push(Notification { table, portid });
         }
         offset += len.div_ceil(4) * 4;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `words` as native-endian bytes, in a buffer aligned for a header.
+    fn aligned(words: &[u32]) -> Vec<u32> {
+        words.to_vec()
+    }
+
+    fn bytes(buffer: &[u32]) -> &[u8] {
+        // SAFETY: a u32 slice is readable as four times as many bytes.
+        unsafe { std::slice::from_raw_parts(buffer.as_ptr().cast(), buffer.len() * 4) }
+    }
+
+    #[test]
+    fn a_message_is_whole_or_not_at_all() {
+        // nlmsg_len 20: a header and four bytes, followed by the next message.
+        let buffer = aligned(&[20, 0x0003_0000, 7, 0, 0xdead_beef, 16, 3, 8, 0]);
+        let message = Message::first(bytes(&buffer)).expect("a whole message");
+        assert_eq!(message.bytes().len(), 20);
+        assert_eq!(message.kind(), 0);
+        assert_eq!(message.flags(), 3);
+        // Claims more bytes than there are.
+        let long = aligned(&[64, 0, 0, 0, 0]);
+        assert!(Message::first(bytes(&long)).is_none());
+        // Claims less than a header.
+        let short = aligned(&[8, 0, 0, 0]);
+        assert!(Message::first(bytes(&short)).is_none());
+        // Fewer bytes than a header.
+        assert!(Message::first(&bytes(&buffer)[..12]).is_none());
+        // The same whole message, aligned for a header and not.
+        let mut raw = [0u8; 24];
+        let aligned_at = raw.as_ptr().align_offset(4);
+        for (at, whole) in [(aligned_at, true), (aligned_at + 2, false)] {
+            raw.fill(0);
+            raw[at..at + 4].copy_from_slice(&16u32.to_ne_bytes());
+            assert_eq!(Message::first(&raw[at..]).is_some(), whole, "at {at}");
+        }
     }
 }

@@ -1,8 +1,8 @@
 //! The nftproxy binary: parses the command line, reads its inputs and runs the
 //! requested mode.
 //!
-//! Invariant: no rule logic lives here; this file wires sources, `model`, `render`, the
-//! reconciler and the kernel backend together, and maps failures to exit codes (2 for
+//! Invariant: no rule logic lives here; this file wires the sources and the `proxier`
+//! pipeline over the kernel backend together, and maps failures to exit codes (2 for
 //! bad flags, 1 for errors).
 
 mod cli;

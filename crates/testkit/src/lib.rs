@@ -1,8 +1,9 @@
-//! Test support shared by nftproxy's test suites: the golden cases and how they are
-//! built, `nft list` normalisation, and the check for a usable kernel.
+//! Test support shared by nftproxy's test suites (and the benchmark's fake API server):
+//! the golden cases and how they are built, `nft list` normalisation, and the check for
+//! a usable kernel.
 //!
 //! Invariant: every suite builds a golden case the same way (the defaults documented in
-//! `rules-golden/README.md`), so a case means the same thing in every test. Dev-only.
+//! `rules-golden/README.md`), so a case means the same thing in every test.
 
 use std::fs;
 use std::path::{Path, PathBuf};
