@@ -34,6 +34,31 @@ const DYNSET_DEFAULT_SIZE: u32 = 0xffff;
 /// Scratch space for one message: libnftnl does not bound its writes, so this is far
 /// larger than any message we accept.
 const SCRATCH: usize = 4 * MESSAGE_MAX;
+/// The netlink and nfgenmsg headers of a message.
+const HEADERS: usize = 20;
+/// More than every fixed-size attribute of one object takes (at most a dozen of up to
+/// 12 bytes each, and the nests around them).
+const SCALARS: usize = 256;
+/// The same for one set element (flags, timeout, expiration, the verdict's nest).
+const ELEMENT_SCALARS: usize = 64;
+
+/// The bytes an attribute of `len` payload bytes takes: a 4-byte header, padded to 4.
+fn attr(len: usize) -> usize {
+    4 + len.div_ceil(4) * 4
+}
+
+/// The most bytes one expression takes in a rule message: its nest, its name and data
+/// nest, up to eight scalar attributes, and its variable-length data.
+fn expr_bound(raw: &RawExpr) -> usize {
+    let variable = match raw {
+        RawExpr::Bitwise { mask, xor, .. } => attr(mask.len()) + attr(xor.len()),
+        RawExpr::Cmp { data, .. } | RawExpr::Immediate { data, .. } => attr(data.len()),
+        RawExpr::Lookup { set, .. } | RawExpr::DynsetUpdate { set, .. } => attr(set.len() + 1),
+        RawExpr::Verdict(verdict) => attr(verdict.target().map_or(0, |c| c.len() + 1)),
+        _ => 0,
+    };
+    4 + attr(16) + 4 + 8 * 12 + variable
+}
 
 macro_rules! owned {
     ($name:ident, $ty:ty, $alloc:path, $free:path) => {
@@ -161,12 +186,30 @@ impl Messages {
         }
     }
 
-    /// Builds one message in the scratch area with `build` and appends it.
-    fn push(&mut self, build: impl FnOnce(*mut c_char) -> *mut nlmsghdr) -> Result<(), Error> {
+    /// Builds one message of at most `bound` bytes in the scratch area with `build`, and
+    /// appends it. libnftnl writes a message without a limit, so the bound is checked
+    /// against the scratch area before anything is written, and the message against the
+    /// bound after (a longer one is an error in the bound, which the tests would show).
+    fn push(
+        &mut self,
+        bound: usize,
+        build: impl FnOnce(*mut c_char) -> *mut nlmsghdr,
+    ) -> Result<(), Error> {
+        if bound > self.scratch.len() {
+            return Err(Error::Encode(format!(
+                "a message of up to {bound} bytes does not fit the {}-byte buffer",
+                self.scratch.len()
+            )));
+        }
         let nlh = build(self.scratch.as_mut_ptr().cast());
         // SAFETY: `build` returned the header it wrote at the start of the scratch area,
         // which libnftnl keeps updated with the message length.
         let len = unsafe { (*nlh).nlmsg_len } as usize;
+        if len > bound {
+            return Err(Error::Encode(format!(
+                "a message of {len} bytes exceeds its bound of {bound}"
+            )));
+        }
         if len > MESSAGE_MAX {
             return Err(Error::Encode(format!(
                 "a message of {len} bytes exceeds 64 KiB"
@@ -177,17 +220,19 @@ impl Messages {
         Ok(())
     }
 
-    /// A message with the nf_tables header and a payload from `payload`.
+    /// A message with the nf_tables header and a payload of at most `bound` bytes from
+    /// `payload`.
     fn object(
         &mut self,
         kind: i32,
         flags: u16,
         seq: u32,
+        bound: usize,
         payload: impl FnOnce(*mut nlmsghdr),
     ) -> Result<(), Error> {
         let family = self.family;
-        self.push(|buf| {
-            // SAFETY: `buf` points at SCRATCH writable bytes; the header needs 20.
+        self.push(HEADERS + bound, |buf| {
+            // SAFETY: `buf` points at more writable bytes than the headers' 20.
             let nlh = unsafe {
                 sys::nftnl_nlmsg_build_hdr(buf, kind as u16, nfproto(family), flags, seq)
             };
@@ -207,6 +252,7 @@ impl Messages {
             libc::NLM_F_DUMP as u16
         };
         let family_attr = u32::from(nfproto(family));
+        let request = SCALARS + attr(table.len() + 1);
         match kind {
             libc::NFT_MSG_GETTABLE => {
                 let obj = TableObj::new();
@@ -224,7 +270,7 @@ impl Messages {
                     );
                 }
                 // SAFETY: `nlh` is the header just written; `obj` is live.
-                self.object(kind, flags, seq, |nlh| unsafe {
+                self.object(kind, flags, seq, request, |nlh| unsafe {
                     sys::nftnl_table_nlmsg_build_payload(nlh, obj.ptr())
                 })
             }
@@ -244,7 +290,7 @@ impl Messages {
                     );
                 }
                 // SAFETY: as above.
-                self.object(kind, flags, seq, |nlh| unsafe {
+                self.object(kind, flags, seq, request, |nlh| unsafe {
                     sys::nftnl_chain_nlmsg_build_payload(nlh, obj.ptr())
                 })
             }
@@ -256,7 +302,7 @@ impl Messages {
                     sys::nftnl_rule_set_str(obj.ptr(), sys::NFTNL_RULE_TABLE as u16, name.as_ptr());
                 }
                 // SAFETY: as above.
-                self.object(kind, flags, seq, |nlh| unsafe {
+                self.object(kind, flags, seq, request, |nlh| unsafe {
                     sys::nftnl_rule_nlmsg_build_payload(nlh, obj.ptr())
                 })
             }
@@ -268,12 +314,12 @@ impl Messages {
                     sys::nftnl_set_set_str(obj.ptr(), sys::NFTNL_SET_TABLE as u16, name.as_ptr());
                 }
                 // SAFETY: as above.
-                self.object(kind, flags, seq, |nlh| unsafe {
+                self.object(kind, flags, seq, request, |nlh| unsafe {
                     sys::nftnl_set_nlmsg_build_payload(nlh, obj.ptr())
                 })
             }
             // A request without payload: the kernel answers with the ruleset generation.
-            libc::NFT_MSG_GETGEN => self.object(kind, 0, seq, |_| {}),
+            libc::NFT_MSG_GETGEN => self.object(kind, 0, seq, 0, |_| {}),
             other => Err(Error::Encode(format!(
                 "no request for message type {other}"
             ))),
@@ -282,12 +328,12 @@ impl Messages {
 
     pub(crate) fn batch_begin(&mut self, seq: u32) -> Result<(), Error> {
         // SAFETY: `buf` points at SCRATCH writable bytes; the message is 20 bytes.
-        self.push(|buf| unsafe { sys::nftnl_batch_begin(buf, seq) })
+        self.push(HEADERS, |buf| unsafe { sys::nftnl_batch_begin(buf, seq) })
     }
 
     pub(crate) fn batch_end(&mut self, seq: u32) -> Result<(), Error> {
         // SAFETY: as for `batch_begin`.
-        self.push(|buf| unsafe { sys::nftnl_batch_end(buf, seq) })
+        self.push(HEADERS, |buf| unsafe { sys::nftnl_batch_end(buf, seq) })
     }
 
     pub(crate) fn table(
@@ -302,6 +348,8 @@ impl Messages {
         let name = cstring(&name)?;
         let data =
             comment.map(|c| userdata(&[(sys::NFTNL_UDATA_TABLE_COMMENT as u8, &comment_bytes(c))]));
+        let bound =
+            SCALARS + attr(name.as_bytes().len() + 1) + attr(data.as_ref().map_or(0, Vec::len));
         // SAFETY: `table` is a live object; `name` and `data` outlive the calls (libnftnl
         // copies them).
         unsafe {
@@ -321,7 +369,7 @@ impl Messages {
             }
         }
         // SAFETY: `nlh` is the header just written; `table` is live.
-        self.object(kind, flags, seq, |nlh| unsafe {
+        self.object(kind, flags, seq, bound, |nlh| unsafe {
             sys::nftnl_table_nlmsg_build_payload(nlh, table.ptr())
         })
     }
@@ -341,6 +389,10 @@ impl Messages {
         let chain_type = base
             .map(|b| cstring(&b.chain_type.to_string()))
             .transpose()?;
+        let bound = SCALARS
+            + attr(table.as_bytes().len() + 1)
+            + attr(name.as_bytes().len() + 1)
+            + attr(chain_type.as_ref().map_or(0, |t| t.as_bytes().len() + 1));
         // SAFETY: `chain` is live; the strings outlive the calls and are copied.
         unsafe {
             sys::nftnl_chain_set_u32(
@@ -374,7 +426,7 @@ impl Messages {
             }
         }
         // SAFETY: `nlh` is the header just written; `chain` is live.
-        self.object(kind, flags, seq, |nlh| unsafe {
+        self.object(kind, flags, seq, bound, |nlh| unsafe {
             sys::nftnl_chain_nlmsg_build_payload(nlh, chain.ptr())
         })
     }
@@ -390,9 +442,9 @@ impl Messages {
     ) -> Result<(), Error> {
         let (family, table) = (self.family, self.table.clone());
         let table = table.as_str();
-        let obj = rule_obj(family, table, chain, rule)?;
+        let (obj, bound) = rule_obj(family, table, chain, rule)?;
         // SAFETY: `nlh` is the header just written; `obj` is live.
-        self.object(kind, flags, seq, |nlh| unsafe {
+        self.object(kind, flags, seq, bound, |nlh| unsafe {
             sys::nftnl_rule_nlmsg_build_payload(nlh, obj.ptr())
         })
     }
@@ -406,22 +458,22 @@ impl Messages {
         flags: u16,
         seq: u32,
     ) -> Result<(), Error> {
-        let obj = rule_obj(self.family, &self.table.clone(), chain, Some(rule))?;
+        let (obj, bound) = rule_obj(self.family, &self.table.clone(), chain, Some(rule))?;
         // SAFETY: `obj` is live.
         unsafe { sys::nftnl_rule_set_u64(obj.ptr(), sys::NFTNL_RULE_POSITION as u16, before) };
         // SAFETY: `nlh` is the header just written; `obj` is live.
-        self.object(libc::NFT_MSG_NEWRULE, flags, seq, |nlh| unsafe {
+        self.object(libc::NFT_MSG_NEWRULE, flags, seq, bound, |nlh| unsafe {
             sys::nftnl_rule_nlmsg_build_payload(nlh, obj.ptr())
         })
     }
 
     /// DELRULE of the rule with this handle.
     pub(crate) fn delete_rule(&mut self, chain: &str, handle: u64, seq: u32) -> Result<(), Error> {
-        let obj = rule_obj(self.family, &self.table.clone(), chain, None)?;
+        let (obj, bound) = rule_obj(self.family, &self.table.clone(), chain, None)?;
         // SAFETY: `obj` is live.
         unsafe { sys::nftnl_rule_set_u64(obj.ptr(), sys::NFTNL_RULE_HANDLE as u16, handle) };
         // SAFETY: `nlh` is the header just written; `obj` is live.
-        self.object(libc::NFT_MSG_DELRULE, 0, seq, |nlh| unsafe {
+        self.object(libc::NFT_MSG_DELRULE, 0, seq, bound, |nlh| unsafe {
             sys::nftnl_rule_nlmsg_build_payload(nlh, obj.ptr())
         })
     }
@@ -454,6 +506,7 @@ impl Messages {
         let (family, table) = (self.family, self.table.clone());
         let table = table.as_str();
         let obj = Self::set_obj(family, table, &set.name)?;
+        let mut bound = SCALARS + attr(table.len() + 1) + attr(set.name.len() + 1);
         if kind == libc::NFT_MSG_NEWSET {
             let mut set_flags = 0;
             if set.is_map() {
@@ -506,6 +559,7 @@ impl Messages {
             let borrowed: Vec<(u8, &[u8])> =
                 entries.iter().map(|(k, v)| (*k, v.as_slice())).collect();
             let data = userdata(&borrowed);
+            bound += attr(data.len());
             let data_type_and_len = if set.data == [DataType::Verdict] {
                 Some((libc::NFT_DATA_VERDICT, 0))
             } else {
@@ -549,7 +603,7 @@ impl Messages {
             }
         }
         let elements = kind == libc::NFT_MSG_GETSETELEM;
-        self.object(kind, flags, seq, |nlh| {
+        self.object(kind, flags, seq, bound, |nlh| {
             // SAFETY: `nlh` is the header just written; `obj` is live.
             unsafe {
                 if elements {
@@ -573,6 +627,7 @@ impl Messages {
         let (family, table) = (self.family, self.table.clone());
         let table = table.as_str();
         let obj = Self::set_obj(family, table, set)?;
+        let mut bound = SCALARS + attr(table.len() + 1) + attr(set.len() + 1);
         for element in elements {
             let key = lower::key_bytes(&element.key());
             let data = element.data();
@@ -590,6 +645,11 @@ impl Messages {
                 .comment()
                 .filter(|_| kind == libc::NFT_MSG_NEWSETELEM)
                 .map(|c| userdata(&[(sys::NFTNL_UDATA_SET_ELEM_COMMENT as u8, &comment_bytes(c))]));
+            bound += ELEMENT_SCALARS
+                + attr(key.len())
+                + attr(value.as_ref().map_or(0, Vec::len))
+                + attr(chain.as_ref().map_or(0, |c| c.as_bytes().len() + 1))
+                + attr(comment.as_ref().map_or(0, Vec::len));
             // SAFETY: `elem` is live until handed to the set, which then owns it; every
             // buffer outlives its call and is copied.
             unsafe {
@@ -636,21 +696,23 @@ impl Messages {
             }
         }
         // SAFETY: `nlh` is the header just written; `obj` is live.
-        self.object(kind, flags, seq, |nlh| unsafe {
+        self.object(kind, flags, seq, bound, |nlh| unsafe {
             sys::nftnl_set_elems_nlmsg_build_payload(nlh, obj.ptr())
         })
     }
 }
 
 /// A libnftnl rule for `chain`; without `rule`, one that names only the chain (a flush).
+/// With it, the most bytes its message payload can take.
 fn rule_obj(
     family: Family,
     table: &str,
     chain: &str,
     rule: Option<&Rule>,
-) -> Result<RuleObj, Error> {
+) -> Result<(RuleObj, usize), Error> {
     let obj = RuleObj::new();
     let (table, chain) = (cstring(table)?, cstring(chain)?);
+    let mut bound = SCALARS + attr(table.as_bytes().len() + 1) + attr(chain.as_bytes().len() + 1);
     // SAFETY: `obj` is live; the strings outlive the calls and are copied.
     unsafe {
         sys::nftnl_rule_set_u32(
@@ -662,17 +724,19 @@ fn rule_obj(
         sys::nftnl_rule_set_str(obj.ptr(), sys::NFTNL_RULE_CHAIN as u16, chain.as_ptr());
     }
     let Some(rule) = rule else {
-        return Ok(obj);
+        return Ok((obj, bound));
     };
     let exprs = lower::lower(family, &rule.stmts)
         .map_err(|e| Error::Encode(format!("rule `{rule}`: {e}")))?;
     for raw in &exprs {
+        bound += expr_bound(raw);
         let expr = build_expr(raw)?;
         // SAFETY: `expr` is a fresh expression; the rule takes ownership of it.
         unsafe { sys::nftnl_rule_add_expr(obj.ptr(), expr.into_raw()) };
     }
     if let Some(comment) = &rule.comment {
         let data = userdata(&[(sys::NFTNL_UDATA_RULE_COMMENT as u8, &comment_bytes(comment))]);
+        bound += attr(data.len());
         // SAFETY: `obj` is live; `data` outlives the call and is copied.
         unsafe {
             sys::nftnl_rule_set_data(
@@ -683,13 +747,13 @@ fn rule_obj(
             )
         };
     }
-    Ok(obj)
+    Ok((obj, bound))
 }
 
 /// A rule's bytecode as libnftnl prints it, one `[ … ]` expression per line: the format
 /// of `nft --debug=netlink`, so nftproxy's encoding can be compared with nft's.
 pub fn rule_bytecode(family: Family, rule: &Rule) -> Result<Vec<String>, Error> {
-    let obj = rule_obj(family, "t", "c", Some(rule))?;
+    let (obj, _) = rule_obj(family, "t", "c", Some(rule))?;
     let mut buf = vec![0u8; 1 << 16];
     // SAFETY: `buf` is writable for its length, which is passed; `obj` is live.
     let written = unsafe {
@@ -1385,5 +1449,53 @@ mod tests {
         assert_eq!(comment_of(&data, 0).as_deref(), Some("hello"));
         assert_eq!(userdata_entry(&data, 7), Some(&[1u8, 2][..]));
         assert_eq!(userdata_entry(&data, 3), None);
+    }
+
+    /// Every object of every golden table written as nftproxy sends it: each message
+    /// within its bound (or `push` fails), and a message whose bound cannot fit the
+    /// buffer refused before anything is written.
+    #[test]
+    fn messages_stay_within_their_bounds() {
+        for (case, table) in nftproxy_testkit::golden_tables() {
+            let mut msgs = Messages::new(table.family, &table.name);
+            msgs.table(libc::NFT_MSG_NEWTABLE, table.comment.as_deref(), 0, 1)
+                .unwrap_or_else(|e| panic!("{case}: {e}"));
+            for chain in table.chains.values() {
+                msgs.chain(
+                    libc::NFT_MSG_NEWCHAIN,
+                    &chain.name,
+                    chain.base.as_ref(),
+                    0,
+                    1,
+                )
+                .unwrap_or_else(|e| panic!("{case}: {e}"));
+                for rule in &chain.rules {
+                    msgs.rule(libc::NFT_MSG_NEWRULE, &chain.name, Some(rule), 0, 1)
+                        .unwrap_or_else(|e| panic!("{case}: {e}"));
+                }
+            }
+            for set in table.sets.values() {
+                msgs.set(libc::NFT_MSG_NEWSET, set, 1, 0, 1)
+                    .unwrap_or_else(|e| panic!("{case}: {e}"));
+                let elements: Vec<Element> = set.elements.values().cloned().collect();
+                for chunk in elements.chunks(128) {
+                    msgs.elements(libc::NFT_MSG_NEWSETELEM, &set.name, chunk, 0, 1)
+                        .unwrap_or_else(|e| panic!("{case}: {e}"));
+                }
+            }
+        }
+        let long = "x".repeat(200);
+        let many: Vec<Element> = (0..20_000u32)
+            .map(|i| {
+                Element::new(vec![nftproxy_nft::Value::Port((i % 60_000) as u16 + 1)])
+                    .with_comment(long.clone())
+            })
+            .collect();
+        let mut msgs = Messages::new(Family::Ip, "t");
+        let error = msgs
+            .elements(libc::NFT_MSG_NEWSETELEM, "s", &many, 0, 1)
+            .expect_err("too large for the buffer");
+        assert!(error.to_string().contains("does not fit"), "{error}");
+        assert!(msgs.bytes.is_empty());
     }
 }
