@@ -1,0 +1,308 @@
+//! nf_tables expressions as libnftnl objects: built from [`RawExpr`]s for a rule, and
+//! read back into them from a rule the kernel returned.
+//!
+//! Invariant: an expression object is owned by one [`ExprObj`] until a rule takes it.
+
+use super::*;
+
+/// An expression owned until it is added to a rule.
+pub(super) struct ExprObj(NonNull<sys::nftnl_expr>);
+
+impl ExprObj {
+    /// Hands the expression over (to a rule, which frees it).
+    pub(super) fn into_raw(self) -> *mut sys::nftnl_expr {
+        let ptr = self.0.as_ptr();
+        std::mem::forget(self);
+        ptr
+    }
+
+    fn u32(&self, attr: u32, value: u32) {
+        // SAFETY: the expression is live; libnftnl validates the attribute id.
+        unsafe { sys::nftnl_expr_set_u32(self.0.as_ptr(), attr as u16, value) }
+    }
+
+    fn data(&self, attr: u32, value: &[u8]) {
+        // SAFETY: the expression is live; `value` outlives the call and is copied.
+        unsafe {
+            sys::nftnl_expr_set(
+                self.0.as_ptr(),
+                attr as u16,
+                value.as_ptr().cast(),
+                value.len() as u32,
+            )
+        };
+    }
+
+    fn str(&self, attr: u32, value: &str) -> Result<(), Error> {
+        let value = cstring(value)?;
+        // SAFETY: the expression is live; `value` outlives the call and is copied.
+        unsafe { sys::nftnl_expr_set_str(self.0.as_ptr(), attr as u16, value.as_ptr()) };
+        Ok(())
+    }
+}
+
+impl Drop for ExprObj {
+    fn drop(&mut self) {
+        // SAFETY: an expression not handed to a rule is still owned here.
+        unsafe { sys::nftnl_expr_free(self.0.as_ptr()) }
+    }
+}
+
+pub(super) fn build_expr(raw: &RawExpr) -> Result<ExprObj, Error> {
+    let name = match raw {
+        RawExpr::Payload { .. } => "payload",
+        RawExpr::MetaLoad { .. } | RawExpr::MetaSet { .. } => "meta",
+        RawExpr::Ct { .. } => "ct",
+        RawExpr::Bitwise { .. } => "bitwise",
+        RawExpr::Cmp { .. } => "cmp",
+        RawExpr::Lookup { .. } => "lookup",
+        RawExpr::Immediate { .. } | RawExpr::Verdict(_) => "immediate",
+        RawExpr::Numgen { .. } => "numgen",
+        RawExpr::Fib { .. } => "fib",
+        RawExpr::DynsetUpdate { .. } => "dynset",
+        RawExpr::Dnat { .. } => "nat",
+        RawExpr::Masq { .. } => "masq",
+        RawExpr::Reject { .. } => "reject",
+    };
+    let cname = cstring(name)?;
+    // SAFETY: `cname` is a valid NUL-terminated expression name.
+    let ptr = unsafe { sys::nftnl_expr_alloc(cname.as_ptr()) };
+    let expr = ExprObj(
+        NonNull::new(ptr)
+            .ok_or_else(|| Error::Encode(format!("libnftnl has no expression {name}")))?,
+    );
+    match raw {
+        RawExpr::Payload {
+            base,
+            offset,
+            len,
+            dreg,
+        } => {
+            expr.u32(sys::NFTNL_EXPR_PAYLOAD_DREG, *dreg);
+            expr.u32(sys::NFTNL_EXPR_PAYLOAD_BASE, *base as u32);
+            expr.u32(sys::NFTNL_EXPR_PAYLOAD_OFFSET, *offset);
+            expr.u32(sys::NFTNL_EXPR_PAYLOAD_LEN, *len);
+        }
+        RawExpr::MetaLoad { key, dreg } => {
+            expr.u32(sys::NFTNL_EXPR_META_KEY, *key);
+            expr.u32(sys::NFTNL_EXPR_META_DREG, *dreg);
+        }
+        RawExpr::MetaSet { key, sreg } => {
+            expr.u32(sys::NFTNL_EXPR_META_KEY, *key);
+            expr.u32(sys::NFTNL_EXPR_META_SREG, *sreg);
+        }
+        RawExpr::Ct { key, dreg } => {
+            expr.u32(sys::NFTNL_EXPR_CT_KEY, *key);
+            expr.u32(sys::NFTNL_EXPR_CT_DREG, *dreg);
+        }
+        RawExpr::Bitwise {
+            sreg,
+            dreg,
+            mask,
+            xor,
+        } => {
+            expr.u32(sys::NFTNL_EXPR_BITWISE_SREG, *sreg);
+            expr.u32(sys::NFTNL_EXPR_BITWISE_DREG, *dreg);
+            expr.u32(sys::NFTNL_EXPR_BITWISE_LEN, mask.len() as u32);
+            expr.data(sys::NFTNL_EXPR_BITWISE_MASK, mask);
+            expr.data(sys::NFTNL_EXPR_BITWISE_XOR, xor);
+        }
+        RawExpr::Cmp { sreg, neq, data } => {
+            expr.u32(sys::NFTNL_EXPR_CMP_SREG, *sreg);
+            expr.u32(
+                sys::NFTNL_EXPR_CMP_OP,
+                if *neq {
+                    libc::NFT_CMP_NEQ
+                } else {
+                    libc::NFT_CMP_EQ
+                } as u32,
+            );
+            expr.data(sys::NFTNL_EXPR_CMP_DATA, data);
+        }
+        RawExpr::Lookup { sreg, set, dreg } => {
+            expr.u32(sys::NFTNL_EXPR_LOOKUP_SREG, *sreg);
+            expr.str(sys::NFTNL_EXPR_LOOKUP_SET, set)?;
+            if let Some(dreg) = dreg {
+                expr.u32(sys::NFTNL_EXPR_LOOKUP_DREG, *dreg);
+            }
+        }
+        RawExpr::Immediate { dreg, data } => {
+            expr.u32(sys::NFTNL_EXPR_IMM_DREG, *dreg);
+            expr.data(sys::NFTNL_EXPR_IMM_DATA, data);
+        }
+        RawExpr::Verdict(verdict) => {
+            expr.u32(sys::NFTNL_EXPR_IMM_DREG, lower::REG_VERDICT);
+            expr.u32(sys::NFTNL_EXPR_IMM_VERDICT, verdict_code(verdict) as u32);
+            if let Some(chain) = verdict.target() {
+                expr.str(sys::NFTNL_EXPR_IMM_CHAIN, chain)?;
+            }
+        }
+        RawExpr::Numgen {
+            dreg,
+            modulus,
+            offset,
+        } => {
+            expr.u32(sys::NFTNL_EXPR_NG_DREG, *dreg);
+            expr.u32(sys::NFTNL_EXPR_NG_MODULUS, *modulus);
+            if *offset != 0 {
+                expr.u32(sys::NFTNL_EXPR_NG_OFFSET, *offset);
+            }
+            expr.u32(sys::NFTNL_EXPR_NG_TYPE, libc::NFT_NG_RANDOM as u32);
+        }
+        RawExpr::Fib {
+            flags,
+            result,
+            dreg,
+        } => {
+            expr.u32(sys::NFTNL_EXPR_FIB_DREG, *dreg);
+            expr.u32(sys::NFTNL_EXPR_FIB_RESULT, *result);
+            expr.u32(sys::NFTNL_EXPR_FIB_FLAGS, *flags);
+        }
+        RawExpr::DynsetUpdate { sreg_key, set } => {
+            expr.u32(sys::NFTNL_EXPR_DYNSET_SREG_KEY, *sreg_key);
+            expr.u32(sys::NFTNL_EXPR_DYNSET_OP, libc::NFT_DYNSET_OP_UPDATE as u32);
+            expr.str(sys::NFTNL_EXPR_DYNSET_SET_NAME, set)?;
+        }
+        RawExpr::Dnat {
+            family,
+            reg_addr,
+            reg_proto,
+            flags,
+        } => {
+            expr.u32(sys::NFTNL_EXPR_NAT_TYPE, libc::NFT_NAT_DNAT as u32);
+            expr.u32(sys::NFTNL_EXPR_NAT_FAMILY, *family);
+            expr.u32(sys::NFTNL_EXPR_NAT_REG_ADDR_MIN, *reg_addr);
+            expr.u32(sys::NFTNL_EXPR_NAT_REG_PROTO_MIN, *reg_proto);
+            // nft leaves the attribute out when there are no flags.
+            if *flags != 0 {
+                expr.u32(sys::NFTNL_EXPR_NAT_FLAGS, *flags);
+            }
+        }
+        RawExpr::Masq { flags } => expr.u32(sys::NFTNL_EXPR_MASQ_FLAGS, *flags),
+        RawExpr::Reject { kind, code } => {
+            expr.u32(sys::NFTNL_EXPR_REJECT_TYPE, *kind);
+            // SAFETY: the expression is live.
+            unsafe {
+                sys::nftnl_expr_set_u8(expr.0.as_ptr(), sys::NFTNL_EXPR_REJECT_CODE as u16, *code)
+            };
+        }
+    }
+    Ok(expr)
+}
+
+// === decoding dump replies ===
+
+fn expr_u32(expr: *const sys::nftnl_expr, attr: u32) -> u32 {
+    // SAFETY: `expr` is a live expression of a live rule; absent attributes read as 0.
+    unsafe { sys::nftnl_expr_get_u32(expr, attr as u16) }
+}
+
+fn expr_is_set(expr: *const sys::nftnl_expr, attr: u32) -> bool {
+    // SAFETY: as above.
+    unsafe { sys::nftnl_expr_is_set(expr, attr as u16) }
+}
+
+fn expr_data(expr: *const sys::nftnl_expr, attr: u32) -> Vec<u8> {
+    let mut len = 0u32;
+    // SAFETY: as above; the returned buffer holds `len` bytes owned by the expression.
+    let ptr = unsafe { sys::nftnl_expr_get(expr, attr as u16, &mut len) };
+    if ptr.is_null() {
+        return Vec::new();
+    }
+    // SAFETY: `ptr` is valid for `len` bytes while the rule lives; copied out here.
+    unsafe { std::slice::from_raw_parts(ptr.cast::<u8>(), len as usize) }.to_vec()
+}
+
+fn expr_str(expr: *const sys::nftnl_expr, attr: u32) -> Option<String> {
+    // SAFETY: as above.
+    owned_str(unsafe { sys::nftnl_expr_get_str(expr, attr as u16) })
+}
+
+pub(super) fn raw_expr(expr: *const sys::nftnl_expr) -> Result<RawExpr, Error> {
+    let name = expr_str(expr, sys::NFTNL_EXPR_NAME).unwrap_or_default();
+    let u = |attr| expr_u32(expr, attr);
+    Ok(match name.as_str() {
+        "payload" => RawExpr::Payload {
+            base: match u(sys::NFTNL_EXPR_PAYLOAD_BASE) {
+                1 => PayloadBase::Network,
+                2 => PayloadBase::Transport,
+                other => return Err(Error::Decode(format!("payload base {other}"))),
+            },
+            offset: u(sys::NFTNL_EXPR_PAYLOAD_OFFSET),
+            len: u(sys::NFTNL_EXPR_PAYLOAD_LEN),
+            dreg: u(sys::NFTNL_EXPR_PAYLOAD_DREG),
+        },
+        "meta" if expr_is_set(expr, sys::NFTNL_EXPR_META_SREG) => RawExpr::MetaSet {
+            key: u(sys::NFTNL_EXPR_META_KEY),
+            sreg: u(sys::NFTNL_EXPR_META_SREG),
+        },
+        "meta" => RawExpr::MetaLoad {
+            key: u(sys::NFTNL_EXPR_META_KEY),
+            dreg: u(sys::NFTNL_EXPR_META_DREG),
+        },
+        "ct" => RawExpr::Ct {
+            key: u(sys::NFTNL_EXPR_CT_KEY),
+            dreg: u(sys::NFTNL_EXPR_CT_DREG),
+        },
+        "bitwise" => RawExpr::Bitwise {
+            sreg: u(sys::NFTNL_EXPR_BITWISE_SREG),
+            dreg: u(sys::NFTNL_EXPR_BITWISE_DREG),
+            mask: expr_data(expr, sys::NFTNL_EXPR_BITWISE_MASK),
+            xor: expr_data(expr, sys::NFTNL_EXPR_BITWISE_XOR),
+        },
+        "cmp" => RawExpr::Cmp {
+            sreg: u(sys::NFTNL_EXPR_CMP_SREG),
+            neq: u(sys::NFTNL_EXPR_CMP_OP) == libc::NFT_CMP_NEQ as u32,
+            data: expr_data(expr, sys::NFTNL_EXPR_CMP_DATA),
+        },
+        "lookup" => RawExpr::Lookup {
+            sreg: u(sys::NFTNL_EXPR_LOOKUP_SREG),
+            set: expr_str(expr, sys::NFTNL_EXPR_LOOKUP_SET).unwrap_or_default(),
+            dreg: expr_is_set(expr, sys::NFTNL_EXPR_LOOKUP_DREG)
+                .then(|| u(sys::NFTNL_EXPR_LOOKUP_DREG)),
+        },
+        "immediate" if u(sys::NFTNL_EXPR_IMM_DREG) == lower::REG_VERDICT => {
+            let chain = expr_str(expr, sys::NFTNL_EXPR_IMM_CHAIN);
+            RawExpr::Verdict(verdict_of(u(sys::NFTNL_EXPR_IMM_VERDICT) as i32, chain)?)
+        }
+        "immediate" => RawExpr::Immediate {
+            dreg: u(sys::NFTNL_EXPR_IMM_DREG),
+            data: expr_data(expr, sys::NFTNL_EXPR_IMM_DATA),
+        },
+        "numgen" if u(sys::NFTNL_EXPR_NG_TYPE) == libc::NFT_NG_RANDOM as u32 => RawExpr::Numgen {
+            dreg: u(sys::NFTNL_EXPR_NG_DREG),
+            modulus: u(sys::NFTNL_EXPR_NG_MODULUS),
+            offset: u(sys::NFTNL_EXPR_NG_OFFSET),
+        },
+        "fib" => RawExpr::Fib {
+            flags: u(sys::NFTNL_EXPR_FIB_FLAGS),
+            result: u(sys::NFTNL_EXPR_FIB_RESULT),
+            dreg: u(sys::NFTNL_EXPR_FIB_DREG),
+        },
+        "dynset" if u(sys::NFTNL_EXPR_DYNSET_OP) == libc::NFT_DYNSET_OP_UPDATE as u32 => {
+            RawExpr::DynsetUpdate {
+                sreg_key: u(sys::NFTNL_EXPR_DYNSET_SREG_KEY),
+                set: expr_str(expr, sys::NFTNL_EXPR_DYNSET_SET_NAME).unwrap_or_default(),
+            }
+        }
+        "nat" if u(sys::NFTNL_EXPR_NAT_TYPE) == libc::NFT_NAT_DNAT as u32 => RawExpr::Dnat {
+            family: u(sys::NFTNL_EXPR_NAT_FAMILY),
+            reg_addr: u(sys::NFTNL_EXPR_NAT_REG_ADDR_MIN),
+            reg_proto: u(sys::NFTNL_EXPR_NAT_REG_PROTO_MIN),
+            flags: u(sys::NFTNL_EXPR_NAT_FLAGS),
+        },
+        "masq" => RawExpr::Masq {
+            flags: u(sys::NFTNL_EXPR_MASQ_FLAGS),
+        },
+        "reject" => RawExpr::Reject {
+            kind: u(sys::NFTNL_EXPR_REJECT_TYPE),
+            // SAFETY: the expression is live.
+            code: unsafe { sys::nftnl_expr_get_u8(expr, sys::NFTNL_EXPR_REJECT_CODE as u16) },
+        },
+        other => {
+            return Err(Error::Decode(format!(
+                "expression {other:?} is not one nftproxy writes"
+            )));
+        }
+    })
+}
