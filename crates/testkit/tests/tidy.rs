@@ -54,20 +54,37 @@ fn the_pure_crates_depend_on_no_runtime_api_client_or_socket() {
     }
 }
 
-/// The modules of one crate (its `src/*.rs` files but the root) and, for each, the
-/// sibling modules its code names as `crate::module` (comments left out).
+/// The modules of one crate (its `src/*.rs` files and `src/*/` directories, but the
+/// root) and, for each, the sibling modules its code (a directory's files together) names
+/// as `crate::module`, comments left out.
 fn module_graph(src: &Path) -> std::collections::BTreeMap<String, Vec<String>> {
-    let modules: Vec<String> = fs::read_dir(src)
-        .expect("src readable")
-        .filter_map(|e| {
-            let name = e.ok()?.file_name().to_string_lossy().into_owned();
-            let module = name.strip_suffix(".rs")?.to_owned();
-            (module != "lib" && module != "main").then_some(module)
-        })
-        .collect();
+    let mut modules: Vec<(String, Vec<PathBuf>)> = Vec::new();
+    for entry in fs::read_dir(src).expect("src readable") {
+        let path = entry.expect("readable entry").path();
+        let name = path
+            .file_stem()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        if path.is_dir() {
+            let files = fs::read_dir(&path)
+                .expect("module directory readable")
+                .map(|e| e.expect("readable entry").path())
+                .filter(|p| p.extension().is_some_and(|e| e == "rs"))
+                .collect();
+            modules.push((name, files));
+        } else if path.extension().is_some_and(|e| e == "rs") && name != "lib" && name != "main" {
+            modules.push((name, vec![path]));
+        }
+    }
+    let names: Vec<&String> = modules.iter().map(|(name, _)| name).collect();
     let mut graph = std::collections::BTreeMap::new();
-    for module in &modules {
-        let text = fs::read_to_string(src.join(format!("{module}.rs"))).expect("readable");
+    for (module, files) in &modules {
+        let text: String = files
+            .iter()
+            .map(|f| fs::read_to_string(f).expect("readable"))
+            .collect::<Vec<_>>()
+            .join("\n");
         let code: String = text
             .lines()
             .map(|l| l.split("//").next().unwrap_or_default())
@@ -96,10 +113,10 @@ fn module_graph(src: &Path) -> std::collections::BTreeMap<String, Vec<String>> {
                 }
             })
             .collect();
-        let mut uses: Vec<String> = modules
+        let mut uses: Vec<String> = names
             .iter()
-            .filter(|m| *m != module && named.contains(m))
-            .cloned()
+            .filter(|m| **m != module && named.contains(m))
+            .map(|m| (*m).clone())
             .collect();
         uses.sort();
         graph.insert(module.clone(), uses);
