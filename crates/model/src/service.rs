@@ -150,7 +150,7 @@ pub(crate) fn decode_service(service: &Service) -> Result<ServiceInfo, Diagnosti
         return Err(Diagnostic::ignored(&object, "no ClusterIP allocated"));
     }
     let cluster_ips =
-        parse_ips("clusterIPs", &cluster_ip_texts).map_err(|e| invalid(e.to_string()))?;
+        parse_ips(&cluster_ip_texts).map_err(|e| invalid(format!("clusterIPs: {e}")))?;
     if cluster_ips.len() > 2
         || (cluster_ips.len() == 2 && cluster_ips[0].is_ipv4() == cluster_ips[1].is_ipv4())
     {
@@ -183,11 +183,8 @@ pub(crate) fn decode_service(service: &Service) -> Result<ServiceInfo, Diagnosti
         });
     }
 
-    let external_ips = parse_ips(
-        "externalIPs",
-        spec.external_ips.as_deref().unwrap_or_default(),
-    )
-    .map_err(|e| invalid(e.to_string()))?;
+    let external_ips = parse_ips(spec.external_ips.as_deref().unwrap_or_default())
+        .map_err(|e| invalid(format!("externalIPs: {e}")))?;
     let mut load_balancer_ips = Vec::new();
     let ingress = service
         .status
@@ -289,10 +286,11 @@ pub(crate) fn decode_service(service: &Service) -> Result<ServiceInfo, Diagnosti
     })
 }
 
-fn parse_ips(field: &str, texts: &[String]) -> Result<Vec<IpAddr>, String> {
+/// The addresses of `texts`, each once, in order.
+fn parse_ips(texts: &[String]) -> Result<Vec<IpAddr>, ValueError> {
     let mut ips = Vec::with_capacity(texts.len());
     for text in texts {
-        let ip = parse_ip(text).map_err(|e| format!("{field}: {e}"))?;
+        let ip = parse_ip(text)?;
         if !ips.contains(&ip) {
             ips.push(ip);
         }
