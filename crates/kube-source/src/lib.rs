@@ -387,6 +387,7 @@ impl KubeSource {
                 .cloned()
                 .collect(),
             service_cidrs: Vec::new(),
+            local_addresses: None,
         })
     }
 

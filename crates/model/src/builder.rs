@@ -27,8 +27,9 @@ use crate::object::{Decoded, Grouped};
 use crate::seen::Seen;
 use crate::service::ServiceInfo;
 use crate::state::{
-    Build, CategorizedEndpoints, LocalTraffic, NodeFacts, NodePortAddresses, ProxyState,
-    ServicePortName, ServicePortState, claim, in_family, net_in_family, node_facts, unique,
+    Build, CategorizedEndpoints, LocalTraffic, NodeFacts, NodePortAddresses, NodePortChoice,
+    ProxyState, ServicePortName, ServicePortState, claim, in_family, net_in_family, node_facts,
+    unique,
 };
 use crate::topology::categorize_endpoints;
 use crate::{IpFamily, Protocol};
@@ -479,6 +480,7 @@ fn empty_state(family: IpFamily) -> ProxyState {
         family,
         node_ips: Vec::new(),
         node_port_addresses: NodePortAddresses::Addresses(Vec::new()),
+        node_port_choices: Vec::new(),
         local_traffic: LocalTraffic::Unknown,
         masquerade_all: false,
         masquerade_mark: 0,
@@ -576,34 +578,82 @@ fn declared_claims(service: Option<&ServiceInfo>) -> Vec<Claim> {
     claims
 }
 
-/// The node-level part of one family's state (everything but the service ports).
-fn family_state(family: IpFamily, config: &ProxyConfig, context: &Context) -> ProxyState {
-    let node = &context.node;
-    let node_ips: Vec<IpAddr> = node.ips.iter().copied().filter(in_family(family)).collect();
-
-    let mut node_port_addresses = Vec::new();
-    let mut all = false;
+/// Where NodePorts are accepted in `family`, as kube-proxy's nftables mode decides it:
+/// `primary` (the default) is the node's primary IP; a CIDR takes every address of the
+/// namespace's interfaces inside it (the node IPs when those are not known), and a
+/// CIDR of length 0 every local address. With the candidates and what became of each.
+fn node_port_addresses(
+    family: IpFamily,
+    config: &ProxyConfig,
+    node_ips: &[IpAddr],
+    local_addresses: Option<&[IpAddr]>,
+) -> (NodePortAddresses, Vec<NodePortChoice>) {
     let entries = if config.node_port_addresses.is_empty() {
         &[NodePortAddress::Primary][..]
     } else {
         &config.node_port_addresses[..]
     };
-    for entry in entries {
-        match entry {
-            NodePortAddress::Primary => node_port_addresses.extend(node_ips.first().copied()),
-            NodePortAddress::Cidr(cidr) if net_in_family(family)(cidr) => {
-                if cidr.prefix_len() == 0 {
-                    all = true;
-                }
-                node_port_addresses.extend(node_ips.iter().copied().filter(|ip| cidr.contains(ip)));
-            }
-            NodePortAddress::Cidr(_) => {}
-        }
+    let cidrs: Vec<IpNet> = entries
+        .iter()
+        .filter_map(|e| match e {
+            NodePortAddress::Cidr(cidr) if net_in_family(family)(cidr) => Some(*cidr),
+            _ => None,
+        })
+        .collect();
+    if cidrs.iter().any(|c| c.prefix_len() == 0) {
+        return (NodePortAddresses::All, Vec::new());
     }
-    // NodePorts on loopback need route_localnet tricks that nftables mode does not do.
-    node_port_addresses.retain(|ip| !ip.is_loopback());
-    node_port_addresses.sort();
-    node_port_addresses.dedup();
+    let primary = entries
+        .contains(&NodePortAddress::Primary)
+        .then(|| node_ips.first().copied())
+        .flatten();
+    let mut candidates: Vec<IpAddr> = if cidrs.is_empty() {
+        Vec::new()
+    } else {
+        local_addresses
+            .unwrap_or(node_ips)
+            .iter()
+            .copied()
+            .filter(in_family(family))
+            .collect()
+    };
+    candidates.extend(primary);
+    candidates.sort();
+    candidates.dedup();
+    let mut taken = Vec::new();
+    let mut choices = Vec::new();
+    for address in candidates {
+        let inside = cidrs.iter().find(|c| c.contains(&address));
+        let (ok, reason) = if address.is_loopback() {
+            // NodePorts on loopback need route_localnet tricks that nftables mode does
+            // not do.
+            (false, "loopback".to_owned())
+        } else if Some(address) == primary {
+            (true, "the node's primary IP (primary)".to_owned())
+        } else if let Some(cidr) = inside {
+            (true, format!("inside {cidr}"))
+        } else {
+            (false, "outside every nodePortAddresses CIDR".to_owned())
+        };
+        if ok {
+            taken.push(address);
+        }
+        choices.push(NodePortChoice {
+            address,
+            taken: ok,
+            reason,
+        });
+    }
+    (NodePortAddresses::Addresses(taken), choices)
+}
+
+/// The node-level part of one family's state (everything but the service ports).
+fn family_state(family: IpFamily, config: &ProxyConfig, context: &Context) -> ProxyState {
+    let node = &context.node;
+    let node_ips: Vec<IpAddr> = node.ips.iter().copied().filter(in_family(family)).collect();
+
+    let (node_port_addresses, node_port_choices) =
+        node_port_addresses(family, config, &node_ips, node.local_addresses.as_deref());
 
     let first_cidr = |cidrs: &[IpNet]| {
         cidrs
@@ -632,11 +682,8 @@ fn family_state(family: IpFamily, config: &ProxyConfig, context: &Context) -> Pr
     ProxyState {
         family,
         node_ips,
-        node_port_addresses: if all {
-            NodePortAddresses::All
-        } else {
-            NodePortAddresses::Addresses(node_port_addresses)
-        },
+        node_port_addresses,
+        node_port_choices,
         local_traffic,
         masquerade_all: config.masquerade_all,
         masquerade_mark: config.masquerade_mark(),

@@ -32,8 +32,8 @@ pub use net::{parse_cidr, parse_ip};
 pub use object::{Decoded, DecodedEndpointSlice, DecodedService, Grouped, Rejected};
 pub use service::ServiceInfo;
 pub use state::{
-    Build, CategorizedEndpoints, HealthCheck, LocalTraffic, NodePortAddresses, ProxyState,
-    ServicePortName, ServicePortState,
+    Build, CategorizedEndpoints, HealthCheck, LocalTraffic, NodePortAddresses, NodePortChoice,
+    ProxyState, ServicePortName, ServicePortState,
 };
 pub use topology::categorize_endpoints;
 

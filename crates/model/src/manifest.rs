@@ -10,6 +10,7 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::ServiceCIDR;
 use serde_json::Value;
+use std::net::IpAddr;
 
 use crate::diag::{Diagnostic, ObjectRef, ValueError};
 use crate::object::{DecodedEndpointSlice, DecodedService};
@@ -30,6 +31,10 @@ pub struct Snapshot {
     pub nodes: Vec<Node>,
     /// ServiceCIDRs: the ranges ClusterIPs are allocated from.
     pub service_cidrs: Vec<ServiceCIDR>,
+    /// The addresses of the interfaces of the network namespace being programmed: with
+    /// CIDRs in `nodePortAddresses`, NodePorts are accepted on those inside a CIDR, as
+    /// kube-proxy does. `None` when not known; the node IPs stand in.
+    pub local_addresses: Option<Vec<IpAddr>>,
 }
 
 /// A YAML document that could not be parsed; it was skipped.

@@ -189,6 +189,17 @@ pub enum NodePortAddresses {
     Addresses(Vec<IpAddr>),
 }
 
+/// One candidate NodePort address and whether it was taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodePortChoice {
+    /// The address.
+    pub address: IpAddr,
+    /// Whether NodePorts are accepted on it.
+    pub taken: bool,
+    /// Why (e.g. "inside 192.168.0.0/16", "outside every nodePortAddresses CIDR").
+    pub reason: String,
+}
+
 /// How this family recognises traffic from local pods.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LocalTraffic {
@@ -211,6 +222,8 @@ pub struct ProxyState {
     pub node_ips: Vec<IpAddr>,
     /// Where NodePorts are accepted.
     pub node_port_addresses: NodePortAddresses,
+    /// The candidates for NodePort addresses and what became of each, for the logs.
+    pub node_port_choices: Vec<NodePortChoice>,
     /// Local pod traffic detection.
     pub local_traffic: LocalTraffic,
     /// Masquerade all ClusterIP traffic.
@@ -267,6 +280,8 @@ pub(crate) struct NodeFacts {
     pub(crate) ips: Vec<IpAddr>,
     pub(crate) zone: Option<String>,
     pub(crate) pod_cidrs: Vec<IpNet>,
+    /// The namespace's interface addresses, sorted (see [`Snapshot::local_addresses`]).
+    pub(crate) local_addresses: Option<Vec<IpAddr>>,
 }
 
 pub(crate) fn node_facts(
@@ -322,10 +337,16 @@ pub(crate) fn node_facts(
             }
         }
     }
+    let local_addresses = snapshot.local_addresses.clone().map(|mut addresses| {
+        addresses.sort();
+        addresses.dedup();
+        addresses
+    });
     NodeFacts {
         ips,
         zone,
         pod_cidrs,
+        local_addresses,
     }
 }
 

@@ -68,6 +68,16 @@ pub fn build_case(case: &Path, reverse_input: bool) -> BuiltCase {
         snapshot.nodes.reverse();
         snapshot.service_cidrs.reverse();
     }
+    // The namespace's interface addresses, when the case gives them: one per line.
+    if let Ok(text) = fs::read_to_string(case.join("local-addresses.txt")) {
+        let addresses = text
+            .lines()
+            .map(|l| l.split('#').next().unwrap_or_default().trim())
+            .filter(|l| !l.is_empty())
+            .map(|l| l.parse().unwrap_or_else(|e| panic!("{}: {l}: {e}", case.display())))
+            .collect();
+        snapshot.local_addresses = Some(addresses);
+    }
     let mut config = default_config();
     if let Ok(text) = fs::read_to_string(case.join("config.yaml")) {
         let file = KubeProxyConfiguration::parse(&text)

@@ -229,7 +229,12 @@ fn nothing_points_at_documents_outside_the_repository() {
 #[test]
 fn every_golden_case_has_its_files() {
     const REQUIRED: [&str; 3] = ["input.yaml", "expect.txt", "ip.nft"];
-    const OPTIONAL: [&str; 3] = ["config.yaml", "ip6.nft", "warnings.txt"];
+    const OPTIONAL: [&str; 4] = [
+        "config.yaml",
+        "ip6.nft",
+        "warnings.txt",
+        "local-addresses.txt",
+    ];
     let golden = repo_root().join("rules-golden");
     let mut problems = Vec::new();
     let mut cases = 0;
