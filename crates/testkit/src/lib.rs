@@ -74,7 +74,10 @@ pub fn build_case(case: &Path, reverse_input: bool) -> BuiltCase {
             .lines()
             .map(|l| l.split('#').next().unwrap_or_default().trim())
             .filter(|l| !l.is_empty())
-            .map(|l| l.parse().unwrap_or_else(|e| panic!("{}: {l}: {e}", case.display())))
+            .map(|l| {
+                l.parse()
+                    .unwrap_or_else(|e| panic!("{}: {l}: {e}", case.display()))
+            })
             .collect();
         snapshot.local_addresses = Some(addresses);
     }
