@@ -16,6 +16,7 @@
 //! hard-codes NLM_F_ACK on every message (an acknowledgement flood on large batches) and
 //! has no maps or concatenations.
 
+mod addresses;
 mod backend;
 mod conntrack;
 mod ffi;
@@ -23,6 +24,7 @@ pub mod lower;
 pub mod netns;
 mod socket;
 
+pub use addresses::{AddressWatch, InterfaceAddress, interface_addresses};
 pub use backend::NetlinkBackend;
 pub use conntrack::ConntrackSocket;
 pub use ffi::rule_bytecode;

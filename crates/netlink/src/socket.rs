@@ -93,8 +93,14 @@ fn setsockopt(fd: RawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
 }
 
 impl Socket {
+    /// A netfilter netlink socket.
     pub(crate) fn open() -> Result<Socket, Error> {
-        let inner = mnl::Socket::new(mnl::Bus::Netfilter)?;
+        Socket::open_on(mnl::Bus::Netfilter)
+    }
+
+    /// A netlink socket on `bus`.
+    pub(crate) fn open_on(bus: mnl::Bus) -> Result<Socket, Error> {
+        let inner = mnl::Socket::new(bus)?;
         let fd = inner.as_raw_fd();
         // Error replies carry only the header of the failed message, not all of it, and
         // may say which attribute was wrong.
@@ -206,6 +212,18 @@ impl Socket {
             offset += message.bytes().len().div_ceil(4) * 4;
         }
         Ok(Some(replies))
+    }
+
+    /// Joins the multicast group `group` of the socket's bus.
+    pub(crate) fn join(&self, group: u32) -> Result<(), Error> {
+        let group = i32::try_from(group).map_err(|_| Error::Encode("group".into()))?;
+        setsockopt(
+            self.inner.as_raw_fd(),
+            libc::SOL_NETLINK,
+            libc::NETLINK_ADD_MEMBERSHIP,
+            group,
+        )?;
+        Ok(())
     }
 
     pub(crate) fn portid(&self) -> u32 {

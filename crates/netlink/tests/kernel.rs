@@ -448,3 +448,50 @@ fn the_generation_moves_by_one_per_commit_and_with_other_programs_commits() {
     })
     .expect("new network namespace");
 }
+
+/// The interface addresses of a namespace, as NodePorts with CIDR `nodePortAddresses`
+/// need them, and the listener told when one comes or goes.
+#[test]
+fn interface_addresses_are_read_and_their_changes_announced() {
+    if !kernel_available("interface_addresses_are_read_and_their_changes_announced") {
+        return;
+    }
+    in_new_netns(|| {
+        let ip = |args: &[&str]| run_ok(Command::new("ip").args(args), "");
+        ip(&["link", "set", "lo", "up"]);
+        ip(&[
+            "link", "add", "eth1", "type", "veth", "peer", "name", "peer1",
+        ]);
+        ip(&["link", "set", "eth1", "up"]);
+        ip(&["addr", "add", "10.20.1.5/24", "dev", "eth1"]);
+        ip(&["addr", "add", "fd00:20::5/64", "dev", "eth1", "nodad"]);
+        let mut watch = nftproxy_netlink::AddressWatch::open().expect("listener");
+        assert!(!watch.changed().expect("nothing queued"));
+        let found = nftproxy_netlink::interface_addresses().expect("addresses");
+        let on = |text: &str| {
+            let address: IpAddr = text.parse().expect("literal");
+            found
+                .iter()
+                .find(|a| a.address == address)
+                .map(|a| a.interface.clone())
+        };
+        assert_eq!(on("10.20.1.5").as_deref(), Some("eth1"), "{found:?}");
+        assert_eq!(on("fd00:20::5").as_deref(), Some("eth1"), "{found:?}");
+        assert_eq!(on("127.0.0.1").as_deref(), Some("lo"), "{found:?}");
+        // An address added, then removed: each announced.
+        ip(&["addr", "add", "10.20.7.7/32", "dev", "eth1"]);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(watch.changed().expect("read"));
+        assert!(
+            nftproxy_netlink::interface_addresses()
+                .expect("addresses")
+                .iter()
+                .any(|a| a.address == IpAddr::from([10, 20, 7, 7]))
+        );
+        ip(&["addr", "del", "10.20.7.7/32", "dev", "eth1"]);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(watch.changed().expect("read"));
+        assert!(!watch.changed().expect("read"));
+    })
+    .expect("new network namespace");
+}

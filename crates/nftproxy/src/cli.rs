@@ -60,10 +60,16 @@ pub struct Args {
     /// Service CIDR(s): unallocated addresses inside them are dropped.
     #[arg(long, value_name = "CIDR", value_delimiter = ',', value_parser = parse_cidr, global = true)]
     pub service_cidr: Vec<IpNet>,
-    /// Where NodePorts are accepted: `primary` or CIDRs (`0.0.0.0/0` for all) (default
-    /// primary).
+    /// Where NodePorts are accepted: `primary` (the node's primary IP) or CIDRs (every
+    /// address of this network namespace's interfaces inside one; `0.0.0.0/0` for all)
+    /// (default primary). Every mode, --dry-run, --once and explain included, reads the
+    /// interface addresses of the namespace it runs in; the daemon follows their changes.
     #[arg(long, value_name = "ADDR", value_delimiter = ',', value_parser = node_port_arg, global = true)]
     pub nodeport_addresses: Vec<NodePortAddress>,
+    /// An address of this node's interfaces, for CIDRs in --nodeport-addresses, instead
+    /// of reading the network namespace's; repeat for more.
+    #[arg(long, value_name = "IP", value_parser = parse_ip, global = true)]
+    pub local_address: Vec<IpAddr>,
     /// Masquerade all traffic sent to ClusterIPs.
     #[arg(long, global = true)]
     pub masquerade_all: bool,

@@ -18,6 +18,7 @@ use nftproxy_proxier::runner::{self, Input, Source, Timing};
 use nftproxy_proxier::{Desired, Monitor, Proxier};
 use tracing::info;
 
+use crate::addresses::LocalAddresses;
 use crate::health_check::HealthCheckServers;
 use crate::{http, log_broken, log_diagnostic, log_diagnostics, source};
 
@@ -117,29 +118,49 @@ impl AfterSync {
 }
 
 /// The file source: re-reads the manifests when their fingerprint changes, checked every
-/// `minSyncPeriod`.
+/// `minSyncPeriod`, and rebuilds when the interface addresses change.
 pub struct Files {
     paths: Vec<PathBuf>,
     period: Duration,
     /// When the next poll is due (kept when the sync loop drops a wait for it).
     next_poll: Option<tokio::time::Instant>,
     fingerprint: Option<u64>,
+    /// The objects of the last answer.
+    last: Snapshot,
+    addresses: LocalAddresses,
     first: bool,
     after: AfterSync,
 }
 
 impl Files {
     /// A file source polled every `period`, whose first answer is what the proxier was
-    /// built from: the files as they are.
-    pub fn new(paths: Vec<PathBuf>, period: Duration, monitor: Arc<Monitor>) -> Files {
+    /// built from: `last`, the files as they are.
+    pub fn new(
+        paths: Vec<PathBuf>,
+        period: Duration,
+        monitor: Arc<Monitor>,
+        last: Snapshot,
+        addresses: LocalAddresses,
+    ) -> Files {
         Files {
             next_poll: None,
             fingerprint: source::fingerprint(&paths).ok(),
             paths,
             period,
+            last,
+            addresses,
             first: true,
             after: AfterSync::new(monitor),
         }
+    }
+
+    /// `last` built again over the current interface addresses.
+    fn rebuild(&mut self, desired: &mut Desired) -> Scopes {
+        self.last.local_addresses = self.addresses.addresses();
+        let scopes = desired.update(&self.last);
+        self.addresses.log_choices(desired.built());
+        self.after.built(desired.built());
+        scopes
     }
 }
 
@@ -148,13 +169,21 @@ impl Source for Files {
         let at = *self
             .next_poll
             .get_or_insert_with(|| tokio::time::Instant::now() + self.period);
-        tokio::time::sleep_until(at).await;
-        self.next_poll = None;
+        tokio::select! {
+            () = tokio::time::sleep_until(at) => self.next_poll = None,
+            () = self.addresses.changed() => {}
+        }
     }
 
     fn input(&mut self, desired: &mut Desired) -> Input {
+        let moved = self.addresses.refresh();
         if std::mem::take(&mut self.first) {
-            self.after.built(desired.built());
+            // The addresses may have moved since the first build read them.
+            if moved || self.last.local_addresses != self.addresses.addresses() {
+                self.rebuild(desired);
+            } else {
+                self.after.built(desired.built());
+            }
             return Input::Changed(Scopes::everything());
         }
         let now = match source::fingerprint(&self.paths) {
@@ -162,7 +191,11 @@ impl Source for Files {
             Err(e) => return Input::Unavailable(e.to_string()),
         };
         if self.fingerprint == Some(now) {
-            return Input::Unchanged;
+            return if moved {
+                Input::Changed(self.rebuild(desired))
+            } else {
+                Input::Unchanged
+            };
         }
         self.fingerprint = Some(now);
         info!("manifests changed");
@@ -170,18 +203,22 @@ impl Source for Files {
         // its Services, keep the rules as they are until it parses again.
         match source::load(&self.paths) {
             Ok(loaded) if loaded.errors.is_empty() => {
-                let scopes = desired.update(&loaded.snapshot);
+                self.last = loaded.snapshot;
+                let scopes = self.rebuild(desired);
                 log_diagnostics(loaded.diagnostics, desired.built());
-                self.after.built(desired.built());
                 Input::Changed(scopes)
             }
             Ok(loaded) => {
                 loaded.errors.iter().for_each(log_broken);
+                if moved {
+                    return Input::Changed(self.rebuild(desired));
+                }
                 Input::Unavailable(format!(
                     "{} manifest document(s) could not be parsed",
                     loaded.errors.len()
                 ))
             }
+            Err(_) if moved => Input::Changed(self.rebuild(desired)),
             Err(e) => Input::Unavailable(e.to_string()),
         }
     }
@@ -195,6 +232,7 @@ impl Source for Files {
 /// complete.
 pub struct Api {
     source: KubeSource,
+    addresses: LocalAddresses,
     after: AfterSync,
     /// The store generation the last answer was built from.
     seen: Option<u64>,
@@ -207,9 +245,10 @@ pub struct Api {
 
 impl Api {
     /// An API source over running watchers.
-    pub fn new(source: KubeSource, monitor: Arc<Monitor>) -> Api {
+    pub fn new(source: KubeSource, monitor: Arc<Monitor>, addresses: LocalAddresses) -> Api {
         Api {
             source,
+            addresses,
             after: AfterSync::new(monitor),
             seen: None,
             diagnostics: BTreeSet::new(),
@@ -232,17 +271,21 @@ impl Api {
 
 impl Source for Api {
     async fn changed(&mut self) {
-        self.source.changed().await;
+        tokio::select! {
+            () = self.source.changed() => {}
+            () = self.addresses.changed() => {}
+        }
     }
 
     fn input(&mut self, desired: &mut Desired) -> Input {
         let eligible = self.source.node_eligible();
         self.after.monitor.health.set_node_eligible(eligible);
+        let moved = self.addresses.refresh();
         let generation = self.source.generation();
-        if self.seen == Some(generation) {
+        if self.seen == Some(generation) && !moved {
             return Input::Unchanged;
         }
-        let Some(snapshot) = self.source.snapshot() else {
+        let Some(mut snapshot) = self.source.snapshot() else {
             if !std::mem::replace(&mut self.waiting_logged, true) {
                 info!("waiting for the initial lists of Services, EndpointSlices and this Node");
             }
@@ -253,8 +296,10 @@ impl Source for Api {
         let changes = self.source.take_changes();
         let metrics = &self.after.monitor.metrics;
         metrics.changes_seen(changes.services, changes.endpoint_slices);
+        snapshot.local_addresses = self.addresses.addresses();
         let scopes = desired.update(&snapshot);
         let built = desired.built();
+        self.addresses.log_choices(built);
         self.after.built(built);
         log_new(&mut self.diagnostics, &built.diagnostics);
         Input::Changed(scopes)

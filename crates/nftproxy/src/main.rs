@@ -5,6 +5,7 @@
 //! pipeline over the kernel backend together, and maps failures to exit codes (2 for
 //! bad flags, 1 for errors).
 
+mod addresses;
 mod cli;
 mod daemon;
 mod explain;
@@ -24,6 +25,7 @@ use nftproxy_proxier::{Desired, Monitor, Proxier};
 use nftproxy_render::TABLE_NAME;
 use tracing::{debug, error, info, warn};
 
+use crate::addresses::LocalAddresses;
 use crate::cli::{Args, Command, LogFormat};
 
 fn main() -> ExitCode {
@@ -118,7 +120,8 @@ fn run(args: &Args) -> Result<(), Failure> {
         let built = if args.manifests.is_empty() || explain.live {
             None
         } else {
-            Some(load_build(&args.manifests, &config).map_err(Failure::Error)?)
+            let local = LocalAddresses::once(&args.local_address);
+            Some(load_build(&args.manifests, &config, &local).map_err(Failure::Error)?)
         };
         let text = explain::run(
             explain,
@@ -147,12 +150,22 @@ fn run(args: &Args) -> Result<(), Failure> {
         ));
     }
 
-    let loaded = load_build(&args.manifests, &config).map_err(Failure::Error)?;
+    let local = LocalAddresses::once(&args.local_address);
+    let loaded = load_build(&args.manifests, &config, &local).map_err(Failure::Error)?;
     if !(args.dry_run || args.once) {
         let runtime = daemon::runtime().map_err(error)?;
-        return run_daemon(&runtime, loaded.desired, &daemon, |monitor| {
-            let paths = args.manifests.clone();
-            let files = daemon::Files::new(paths, daemon.min_sync_period, monitor);
+        let Built {
+            desired, snapshot, ..
+        } = loaded;
+        return run_daemon(&runtime, desired, &daemon, |monitor| {
+            let _entered = runtime.enter();
+            let files = daemon::Files::new(
+                args.manifests.clone(),
+                daemon.min_sync_period,
+                monitor,
+                snapshot,
+                LocalAddresses::followed(&args.local_address),
+            );
             daemon::Mode::Files(files)
         });
     }
@@ -169,12 +182,17 @@ fn run_api(args: &Args, config: ProxyConfig, daemon: &DaemonConfig) -> Result<()
         ))
         .map_err(|e| Failure::Error(nftproxy_kube_source::cause_chain(&e)))?;
     if args.dry_run || args.once {
-        let snapshot = runtime
+        let mut snapshot = runtime
             .block_on(daemon::initial_snapshot(client, &config.node_name))
             .map_err(Failure::Error)?;
+        let local = LocalAddresses::once(&args.local_address);
+        snapshot.local_addresses = local.addresses();
+        let desired = build_logged(&snapshot, Vec::new(), config);
+        local.log_choices(desired.built());
         let built = Built {
-            desired: build_logged(&snapshot, Vec::new(), config),
+            desired,
             broken: 0,
+            snapshot,
         };
         return one_shot(args, built);
     }
@@ -186,7 +204,8 @@ fn run_api(args: &Args, config: ProxyConfig, daemon: &DaemonConfig) -> Result<()
             &node_name,
             nftproxy_kube_source::NODE_WAIT,
         );
-        daemon::Mode::Api(daemon::Api::new(source, monitor))
+        let local = LocalAddresses::followed(&args.local_address);
+        daemon::Mode::Api(daemon::Api::new(source, monitor, local))
     })
 }
 
@@ -223,7 +242,9 @@ fn kernel_proxier(
 
 /// `--dry-run` (with or without `--diff`) and `--once` of an already built state.
 fn one_shot(args: &Args, loaded: Built) -> Result<(), Failure> {
-    let Built { desired, broken } = loaded;
+    let Built {
+        desired, broken, ..
+    } = loaded;
     if args.dry_run && !args.diff {
         let text: Vec<String> = desired.tables().iter().map(ToString::to_string).collect();
         emit(&text.join("\n"))?;
@@ -274,20 +295,30 @@ fn emit(text: &str) -> Result<(), Failure> {
     }
 }
 
-/// The desired tables built from the manifests, and how many documents were skipped
-/// because they are not YAML.
+/// The desired tables built from the manifests, how many documents were skipped
+/// because they are not YAML, and the objects they were built from.
 struct Built {
     desired: Desired,
     broken: usize,
+    snapshot: nftproxy_model::Snapshot,
 }
 
-/// Loads the manifests and builds the proxy state, logging what was left out.
-fn load_build(paths: &[PathBuf], config: &ProxyConfig) -> Result<Built, String> {
-    let loaded = source::load(paths).map_err(|e| e.to_string())?;
+/// Loads the manifests and builds the proxy state over the `local` interface addresses,
+/// logging what was left out and where NodePorts are accepted.
+fn load_build(
+    paths: &[PathBuf],
+    config: &ProxyConfig,
+    local: &LocalAddresses,
+) -> Result<Built, String> {
+    let mut loaded = source::load(paths).map_err(|e| e.to_string())?;
     loaded.errors.iter().for_each(log_broken);
+    loaded.snapshot.local_addresses = local.addresses();
+    let desired = build_logged(&loaded.snapshot, loaded.diagnostics, config.clone());
+    local.log_choices(desired.built());
     Ok(Built {
-        desired: build_logged(&loaded.snapshot, loaded.diagnostics, config.clone()),
+        desired,
         broken: loaded.errors.len(),
+        snapshot: loaded.snapshot,
     })
 }
 

@@ -10,7 +10,6 @@
 //!
 //! Backends run echo servers that answer with their name and the client address they see.
 
-use std::collections::BTreeMap;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,7 +18,7 @@ use std::time::{Duration, Instant};
 use nftproxy_testkit::kernel_available;
 
 mod common;
-use common::{Outcome, Topology, addr, from, serve, tcp, udp};
+use common::{Outcome, Topology, addr, assert_split, from, serve, split, tcp, udp};
 
 /// The endpoints of the seed's redis and of its two counter Services.
 const REDIS: &[&str] = &["10.244.1.10:6379", "10.244.2.10:6379"];
@@ -125,45 +124,6 @@ endpoints:
 - {addresses: [10.244.1.20], nodeName: node-a}
 - {addresses: [10.244.2.20], nodeName: node-b}
 "#;
-
-/// How many outcomes each backend namespace (or failure) had.
-fn split(outcomes: &[Outcome]) -> BTreeMap<String, usize> {
-    let mut counts = BTreeMap::new();
-    for outcome in outcomes {
-        let key = match outcome {
-            Outcome::Answered(name, ..) => name.clone(),
-            other => format!("{other:?}"),
-        };
-        *counts.entry(key).or_insert(0) += 1;
-    }
-    counts
-}
-
-/// Every connection was answered, each by one of `endpoints` (`ip:port`), and each
-/// endpoint's share is what an even split gives: within 4.5 standard deviations of
-/// total / n (a correct split fails this about once in 150,000 runs per endpoint).
-fn assert_split(what: &str, outcomes: &[Outcome], endpoints: &[&str]) {
-    let mut counts: BTreeMap<&str, usize> = endpoints.iter().map(|e| (*e, 0)).collect();
-    for outcome in outcomes {
-        match outcome {
-            Outcome::Answered(_, _, endpoint) if counts.contains_key(endpoint.as_str()) => {
-                *counts.entry(endpoint.as_str()).or_default() += 1;
-            }
-            other => panic!("{what}: not every connection answered by an endpoint: {other:?}"),
-        }
-    }
-    let total = outcomes.len() as f64;
-    let p = 1.0 / endpoints.len() as f64;
-    let sd = (total * p * (1.0 - p)).sqrt();
-    for (endpoint, n) in &counts {
-        let deviation = (*n as f64 - total * p).abs();
-        assert!(
-            deviation <= 4.5 * sd,
-            "{what}: uneven split at {endpoint}: {counts:?}"
-        );
-    }
-    eprintln!("{what}: {counts:?}");
-}
 
 /// What `nftproxy explain --live` says, in the node namespace, about a packet.
 fn explain_live(topology: &Topology, from: &str, to: &str) -> String {

@@ -11,6 +11,7 @@
 //! ```
 #![allow(dead_code, reason = "each test binary uses part of it")]
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -178,9 +179,10 @@ impl Drop for Topology {
 pub fn serve(ns: String, name: &'static str, stop: Arc<AtomicBool>) -> JoinHandle<()> {
     std::thread::spawn(move || {
         netns::enter(&ns).expect("enter backend namespace");
+        // `::` takes IPv4 connections too (as IPv4-mapped addresses, written back plain).
         let listeners: Vec<TcpListener> = [6379, 3000]
             .iter()
-            .map(|port| TcpListener::bind(("0.0.0.0", *port)).expect("bind"))
+            .map(|port| TcpListener::bind(("::", *port)).expect("bind"))
             .collect();
         // One UDP socket per address: a wildcard socket cannot tell where a datagram went.
         let udp: Vec<UdpSocket> = local_addresses()
@@ -202,9 +204,9 @@ pub fn serve(ns: String, name: &'static str, stop: Arc<AtomicBool>) -> JoinHandl
                     let _ = stream.set_nonblocking(false);
                     let local = stream
                         .local_addr()
-                        .map(|a| a.to_string())
+                        .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()).to_string())
                         .unwrap_or_default();
-                    let _ = writeln!(stream, "{name} {} {local}", peer.ip());
+                    let _ = writeln!(stream, "{name} {} {local}", peer.ip().to_canonical());
                     // Then it echoes whatever the client sends until it closes, so that
                     // a connection can stay open across a restart or a repair.
                     std::thread::spawn(move || echo(stream));
@@ -339,6 +341,45 @@ impl LongLived {
             && self.reader.read_line(&mut line).is_ok()
             && line == "ping\n"
     }
+}
+
+/// How many outcomes each backend namespace (or failure) had.
+pub fn split(outcomes: &[Outcome]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for outcome in outcomes {
+        let key = match outcome {
+            Outcome::Answered(name, ..) => name.clone(),
+            other => format!("{other:?}"),
+        };
+        *counts.entry(key).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// Every connection was answered, each by one of `endpoints` (`ip:port`), and each
+/// endpoint's share is what an even split gives: within 4.5 standard deviations of
+/// total / n (a correct split fails this about once in 150,000 runs per endpoint).
+pub fn assert_split(what: &str, outcomes: &[Outcome], endpoints: &[&str]) {
+    let mut counts: BTreeMap<&str, usize> = endpoints.iter().map(|e| (*e, 0)).collect();
+    for outcome in outcomes {
+        match outcome {
+            Outcome::Answered(_, _, endpoint) if counts.contains_key(endpoint.as_str()) => {
+                *counts.entry(endpoint.as_str()).or_default() += 1;
+            }
+            other => panic!("{what}: not every connection answered by an endpoint: {other:?}"),
+        }
+    }
+    let total = outcomes.len() as f64;
+    let p = 1.0 / endpoints.len() as f64;
+    let sd = (total * p * (1.0 - p)).sqrt();
+    for (endpoint, n) in &counts {
+        let deviation = (*n as f64 - total * p).abs();
+        assert!(
+            deviation <= 4.5 * sd,
+            "{what}: uneven split at {endpoint}: {counts:?}"
+        );
+    }
+    eprintln!("{what}: {counts:?}");
 }
 
 pub fn addr(text: &str) -> SocketAddr {
