@@ -20,6 +20,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use common::{Daemon, Outcome, addr, assert_split, from, ip, serve, tcp, within};
+use nftproxy_testkit::fake_api::FakeApi;
 use nftproxy_testkit::kernel_available;
 
 /// A NodePort Service of both families, its endpoints on `be` (port 3000).
@@ -168,8 +169,16 @@ impl Node {
         format!("{}{name}", self.prefix)
     }
 
-    /// `nftproxy` in the node namespace with the test's flags and `extra`.
+    /// `nftproxy` in the node namespace with the test's flags and `extra`, reading the
+    /// manifest file.
     fn nftproxy(&self, extra: &[&str]) -> Command {
+        let mut command = self.nftproxy_from(extra);
+        command.arg("--manifests").arg(&self.manifest);
+        command
+    }
+
+    /// `nftproxy` in the node namespace with the test's flags and `extra`.
+    fn nftproxy_from(&self, extra: &[&str]) -> Command {
         let mut command = Command::new("ip");
         command
             .args([
@@ -179,8 +188,6 @@ impl Node {
                 env!("CARGO_BIN_EXE_nftproxy"),
             ])
             .args(FLAGS)
-            .arg("--manifests")
-            .arg(&self.manifest)
             .args(extra);
         command
     }
@@ -262,24 +269,60 @@ fn addresses_added_and_removed_are_followed_within_a_second() {
     if !kernel_available("addresses_added_and_removed_are_followed_within_a_second") {
         return;
     }
-    let node = Node::new("live");
+    let node = Node::new("files");
+    follows_addresses(&node, node.nftproxy(&DAEMON_FLAGS));
+}
+
+#[test]
+fn addresses_are_followed_against_the_api_server_too() {
+    if !kernel_available("addresses_are_followed_against_the_api_server_too") {
+        return;
+    }
+    let node = Node::new("api");
+    // The API server listens on the node's loopback; the test's objects and the Node.
+    let api = in_namespace(&node.ns("node"), FakeApi::start);
+    api.apply_yaml(WEB);
+    api.apply_yaml(
+        "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\nstatus:\n  \
+         addresses: [{type: InternalIP, address: 192.168.50.10}]\n",
+    );
+    let mut command = node.nftproxy_from(&DAEMON_FLAGS);
+    command.args(["--master", &api.url()]);
+    follows_addresses(&node, command);
+}
+
+/// Four changes in a row: with the default minSyncPeriod (1 s) the rate limit, not the
+/// address listener, would set the pace after the first two.
+const DAEMON_FLAGS: [&str; 6] = [
+    "--healthz-bind-address",
+    "",
+    "--metrics-bind-address",
+    "",
+    "--min-sync-period",
+    "100ms",
+];
+
+/// Runs `f` on a thread that entered namespace `ns` (a server started there stays there).
+fn in_namespace<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let ns = ns.to_owned();
+    std::thread::spawn(move || {
+        nftproxy_netlink::netns::enter(&ns).expect("enter namespace");
+        f()
+    })
+    .join()
+    .expect("thread")
+}
+
+/// Starts the daemon with `command` and adds and removes addresses under it.
+fn follows_addresses(node: &Node, mut command: Command) {
     let log_path = std::env::temp_dir().join(format!("{}daemon.log", node.prefix));
     let log = std::fs::File::create(&log_path).expect("log file");
-    // Four changes in a row: with the default minSyncPeriod (1 s) the rate limit, not the
-    // address listener, would set the pace after the first two.
     let daemon = Daemon(
-        node.nftproxy(&[
-            "--healthz-bind-address",
-            "",
-            "--metrics-bind-address",
-            "",
-            "--min-sync-period",
-            "100ms",
-        ])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("daemon starts"),
+        command
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("daemon starts"),
         log_path,
     );
     let stop = Arc::new(AtomicBool::new(false));
