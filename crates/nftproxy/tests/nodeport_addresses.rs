@@ -313,6 +313,13 @@ fn in_namespace<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'sta
     .expect("thread")
 }
 
+/// The addresses added on the node's second interface (inside the CIDRs), and a NodePort
+/// on each.
+const ADDED: [(&str, &str); 2] = [
+    ("10.20.9.9/32", "10.20.9.9:31080"),
+    ("fd00:20::99/128", "[fd00:20::99]:31080"),
+];
+
 /// Starts the daemon with `command` and adds and removes addresses under it.
 fn follows_addresses(node: &Node, mut command: Command) {
     let log_path = std::env::temp_dir().join(format!("{}daemon.log", node.prefix));
@@ -358,10 +365,7 @@ fn follows_addresses(node: &Node, mut command: Command) {
         }
     };
     let syncs_before = daemon.log().matches("synced").count();
-    for (address, to) in [
-        ("10.20.9.9/32", "10.20.9.9:31080"),
-        ("fd00:20::99/128", "[fd00:20::99]:31080"),
-    ] {
+    for (address, to) in ADDED {
         ip(&[
             "-n",
             &node.ns("node"),
@@ -387,10 +391,7 @@ fn follows_addresses(node: &Node, mut command: Command) {
         .all(|l| l.contains("operations=1 ") || l.contains("operations=2 "));
     assert!(small, "{text}");
     assert!(text.contains("interface address added"), "{text}");
-    for (address, to) in [
-        ("10.20.9.9/32", "10.20.9.9:31080"),
-        ("fd00:20::99/128", "[fd00:20::99]:31080"),
-    ] {
+    for (address, to) in ADDED {
         ip(&[
             "-n",
             &node.ns("node"),
