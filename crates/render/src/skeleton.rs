@@ -80,6 +80,12 @@ pub(crate) fn table(state: &ProxyState) -> Table {
 
     let dstnat = Priority::DSTNAT.0;
     let pre_dnat = dstnat - 10;
+    // One before `dstnat`, where kube-proxy (its nftables table, and iptables-nft's
+    // `nat` chains) and every other DNAT user registers: the kernel runs a hook's nat
+    // chains by priority, and the first that maps a new connection decides it, the later
+    // ones being skipped. So while kube-proxy's rules are still on the node, nftproxy's
+    // decide every new connection to a Service, whichever of the two registered last.
+    let service_dnat = dstnat - 1;
     for chain in [
         base(
             "filter-prerouting-pre-dnat",
@@ -129,14 +135,14 @@ pub(crate) fn table(state: &ProxyState) -> Table {
             "nat-prerouting",
             ChainType::Nat,
             Hook::Prerouting,
-            dstnat,
+            service_dnat,
             vec![jump(SERVICES)],
         ),
         base(
             "nat-output",
             ChainType::Nat,
             Hook::Output,
-            dstnat,
+            service_dnat,
             vec![jump(SERVICES)],
         ),
         base(
