@@ -63,6 +63,8 @@ pub struct KubeProxyConfiguration {
     pub nftables: Option<ModeConfiguration>,
     pub linux: Option<LinuxConfiguration>,
     pub client_connection: Option<ClientConnectionConfiguration>,
+    /// nftproxy's own: remove what kube-proxy left on the node once synced.
+    pub cleanup_kube_proxy: Option<bool>,
     /// Everything else (iptables, ipvs, conntrack, …): accepted and reported as unused.
     #[serde(flatten)]
     pub other: BTreeMap<String, serde_json::Value>,
@@ -209,6 +211,9 @@ pub struct DaemonConfig {
     pub metrics_bind_address: Option<SocketAddr>,
     /// The kubeconfig file for the API client (`clientConnection.kubeconfig`).
     pub kubeconfig: Option<PathBuf>,
+    /// Remove kube-proxy's rules from the node after the first successful sync
+    /// (`cleanupKubeProxy`, nftproxy's own field).
+    pub cleanup_kube_proxy: bool,
 }
 
 /// kube-proxy's default `healthzBindAddress` port.
@@ -292,6 +297,7 @@ impl Default for DaemonConfig {
             healthz_bind_address: Some(SocketAddr::from(([0, 0, 0, 0], HEALTHZ_PORT))),
             metrics_bind_address: Some(SocketAddr::from(([127, 0, 0, 1], METRICS_PORT))),
             kubeconfig: None,
+            cleanup_kube_proxy: false,
         }
     }
 }
@@ -325,6 +331,9 @@ impl DaemonConfig {
             .filter(|p| !p.is_empty())
         {
             self.kubeconfig = Some(PathBuf::from(path));
+        }
+        if let Some(cleanup) = file.cleanup_kube_proxy {
+            self.cleanup_kube_proxy = cleanup;
         }
         Ok(())
     }

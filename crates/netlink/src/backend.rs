@@ -22,6 +22,40 @@ const ELEMENTS_PER_MESSAGE: usize = 128;
 /// listener, which the generation tells the reconciler.
 const ANNOUNCED_OBJECTS: usize = 1_000;
 
+/// A chain of another program's table, read only as far as cleaning up needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForeignChain {
+    /// Its name.
+    pub name: String,
+    /// Whether it is a base chain (hooked; iptables' built-in chains).
+    pub base: bool,
+    /// Its rules, in order.
+    pub rules: Vec<ForeignRule>,
+}
+
+/// A rule of another program's chain: its handle and the chains it jumps or goes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForeignRule {
+    /// The kernel's handle of the rule.
+    pub handle: u64,
+    /// The chains its `jump`/`goto` verdicts name.
+    pub jumps: Vec<String>,
+}
+
+/// What to remove from another program's table, all in one transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ForeignRemoval {
+    /// The whole table.
+    Table,
+    /// These rules (chain, handle), then these chains (each flushed, then deleted).
+    Objects {
+        /// Rules by chain and handle.
+        rules: Vec<(String, u64)>,
+        /// Chains.
+        chains: Vec<String>,
+    },
+}
+
 /// The kernel's nf_tables, over a netfilter netlink socket in the caller's network
 /// namespace.
 pub struct NetlinkBackend {
@@ -48,6 +82,128 @@ enum Dump<'a> {
 type Handles = std::collections::HashMap<String, Vec<u64>>;
 
 impl NetlinkBackend {
+    /// Whether `family`'s table `name` exists (whoever wrote it).
+    pub fn table_exists(&mut self, family: Family, name: &str) -> Result<bool, Error> {
+        let found = self.request(
+            libc::NFT_MSG_GETTABLE,
+            family,
+            name,
+            Dump::Table,
+            |_| Ok(()),
+        );
+        match found {
+            Err(error) if error.is_not_found() => Ok(false),
+            Err(error) => Err(error),
+            Ok(()) => Ok(true),
+        }
+    }
+
+    /// The chains of another program's table and, for each rule, the chains it jumps
+    /// to (nothing else of the rules is read: they may hold expressions nftproxy does not
+    /// write, such as iptables-nft's `xt` matches).
+    pub fn foreign_chains(
+        &mut self,
+        family: Family,
+        table: &str,
+    ) -> Result<Vec<ForeignChain>, Error> {
+        let mut chains: Vec<ForeignChain> = Vec::new();
+        self.request(
+            libc::NFT_MSG_GETCHAIN,
+            family,
+            table,
+            Dump::Table,
+            |message| {
+                let (owner, chain) = ffi::parse_chain(message)?;
+                if owner == table {
+                    chains.push(ForeignChain {
+                        name: chain.name,
+                        base: chain.base.is_some(),
+                        rules: Vec::new(),
+                    });
+                }
+                Ok(())
+            },
+        )?;
+        for chain in &mut chains {
+            let name = chain.name.clone();
+            self.request(
+                libc::NFT_MSG_GETRULE,
+                family,
+                table,
+                Dump::Chain(&name),
+                |message| {
+                    let (owner, of, handle, jumps) = ffi::parse_rule_jumps(message)?;
+                    if owner == table && of == name {
+                        chain.rules.push(ForeignRule { handle, jumps });
+                    }
+                    Ok(())
+                },
+            )?;
+        }
+        Ok(chains)
+    }
+
+    /// Removes `removal` from another program's table in one transaction: all of it, or
+    /// nothing when the kernel refuses any part.
+    pub fn remove_foreign(
+        &mut self,
+        family: Family,
+        table: &str,
+        removal: &ForeignRemoval,
+    ) -> Result<(), Error> {
+        let mut msgs = Messages::new(family, table);
+        let mut described: Vec<(u32, String)> = Vec::new();
+        let begin = self.next_seq();
+        msgs.batch_begin(begin)?;
+        match removal {
+            ForeignRemoval::Table => {
+                let seq = self.next_seq();
+                msgs.table(libc::NFT_MSG_DELTABLE, None, 0, seq)?;
+                described.push((seq, format!("delete table {family} {table}")));
+            }
+            ForeignRemoval::Objects { rules, chains } => {
+                for (chain, handle) in rules {
+                    let seq = self.next_seq();
+                    msgs.delete_rule(chain, *handle, seq)?;
+                    described.push((
+                        seq,
+                        format!("delete rule in chain {chain} (handle {handle})"),
+                    ));
+                }
+                for chain in chains {
+                    let seq = self.next_seq();
+                    msgs.rule(libc::NFT_MSG_DELRULE, chain, None, 0, seq)?;
+                    described.push((seq, format!("flush chain {chain}")));
+                }
+                for chain in chains {
+                    let seq = self.next_seq();
+                    msgs.chain(libc::NFT_MSG_DELCHAIN, chain, None, 0, seq)?;
+                    described.push((seq, format!("delete chain {chain}")));
+                }
+            }
+        }
+        let end = self.next_seq();
+        msgs.batch_end(end)?;
+        self.socket.send(&msgs.bytes)?;
+        let mut errors = Vec::new();
+        while let Some(replies) = self.socket.receive(true)? {
+            for reply in replies {
+                if let Reply::Error { seq, errno } = reply {
+                    errors.push((seq, errno));
+                }
+            }
+        }
+        self.drain_notifications()?;
+        let Some(&(seq, errno)) = errors.first() else {
+            return Ok(());
+        };
+        let op = described
+            .iter()
+            .find(|(s, _)| *s == seq)
+            .map_or_else(|| "begin transaction".to_owned(), |(_, d)| d.clone());
+        Err(Error::kernel(op, errno))
+    }
+
     /// Opens a netfilter netlink socket (needs CAP_NET_ADMIN in the network namespace).
     pub fn open() -> Result<NetlinkBackend, Error> {
         let socket = Socket::open()?;

@@ -25,7 +25,7 @@ pub mod netns;
 mod socket;
 
 pub use addresses::{AddressWatch, InterfaceAddress, interface_addresses};
-pub use backend::NetlinkBackend;
+pub use backend::{ForeignChain, ForeignRemoval, ForeignRule, NetlinkBackend};
 pub use conntrack::ConntrackSocket;
 pub use ffi::rule_bytecode;
 

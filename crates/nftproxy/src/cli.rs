@@ -34,6 +34,11 @@ pub struct Args {
     /// Remove everything nftproxy wrote and exit.
     #[arg(long, conflicts_with_all = ["dry_run", "once"])]
     pub cleanup: bool,
+    /// After the first successful sync (and on every start), remove what kube-proxy left
+    /// on the node: its nftables tables, and the KUBE-* chains and the jumps to them in
+    /// the tables iptables-nft manages. With --dry-run: print what would be removed.
+    #[arg(long)]
+    pub cleanup_kube_proxy: bool,
     /// With --dry-run: print the transaction against the kernel's current tables.
     #[arg(long, requires = "dry_run")]
     pub diff: bool,
@@ -272,6 +277,9 @@ impl Args {
         }
         if let Some(path) = &self.kubeconfig {
             daemon.kubeconfig = Some(path.clone());
+        }
+        if self.cleanup_kube_proxy {
+            daemon.cleanup_kube_proxy = true;
         }
         Ok((config, daemon))
     }

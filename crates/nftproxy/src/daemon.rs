@@ -16,7 +16,7 @@ use nftproxy_netlink::{ConntrackSocket, NetlinkBackend};
 use nftproxy_nft::Scopes;
 use nftproxy_proxier::runner::{self, Input, Source, Timing};
 use nftproxy_proxier::{Desired, Monitor, Proxier};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::addresses::LocalAddresses;
 use crate::health_check::HealthCheckServers;
@@ -84,21 +84,26 @@ pub fn run(
 }
 
 /// What follows a successful sync, for either source: the health-check servers of the
-/// build that was programmed.
-struct AfterSync {
+/// build that was programmed, and after the first, the clean-up of what kube-proxy left.
+pub struct AfterSync {
     monitor: Arc<Monitor>,
     health_checks: HealthCheckServers,
     /// Of the build handed to the sync loop last, not yet in the kernel: where and what
     /// to serve.
     pending: Option<(Vec<std::net::IpAddr>, Vec<HealthCheck>)>,
+    /// kube-proxy's leftovers are still to be removed (once per start, once synced).
+    cleanup_kube_proxy: bool,
 }
 
 impl AfterSync {
-    fn new(monitor: Arc<Monitor>) -> AfterSync {
+    /// Reporting to `monitor`; removing kube-proxy's leftovers after the first sync when
+    /// `cleanup_kube_proxy`.
+    pub fn new(monitor: Arc<Monitor>, cleanup_kube_proxy: bool) -> AfterSync {
         AfterSync {
             health_checks: HealthCheckServers::new(monitor.clone()),
             monitor,
             pending: None,
+            cleanup_kube_proxy,
         }
     }
 
@@ -114,6 +119,16 @@ impl AfterSync {
             self.health_checks.want(addresses, checks);
         }
         self.health_checks.sync().await;
+        if std::mem::take(&mut self.cleanup_kube_proxy) {
+            let removed = runner::off_the_workers(|| match NetlinkBackend::open() {
+                Ok(mut backend) => crate::kube_proxy::clean(&mut backend),
+                Err(e) => {
+                    warn!(error = %e, "cannot open netlink to remove kube-proxy's rules");
+                    0
+                }
+            });
+            self.monitor.metrics.kube_proxy_cleaned(removed);
+        }
     }
 }
 
@@ -138,7 +153,7 @@ impl Files {
     pub fn new(
         paths: Vec<PathBuf>,
         period: Duration,
-        monitor: Arc<Monitor>,
+        after: AfterSync,
         last: Snapshot,
         addresses: LocalAddresses,
     ) -> Files {
@@ -150,7 +165,7 @@ impl Files {
             last,
             addresses,
             first: true,
-            after: AfterSync::new(monitor),
+            after,
         }
     }
 
@@ -245,11 +260,11 @@ pub struct Api {
 
 impl Api {
     /// An API source over running watchers.
-    pub fn new(source: KubeSource, monitor: Arc<Monitor>, addresses: LocalAddresses) -> Api {
+    pub fn new(source: KubeSource, after: AfterSync, addresses: LocalAddresses) -> Api {
         Api {
             source,
             addresses,
-            after: AfterSync::new(monitor),
+            after,
             seen: None,
             diagnostics: BTreeSet::new(),
             waiting_logged: false,

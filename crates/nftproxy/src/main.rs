@@ -11,6 +11,7 @@ mod daemon;
 mod explain;
 mod health_check;
 mod http;
+mod kube_proxy;
 mod source;
 
 use std::path::PathBuf;
@@ -116,6 +117,11 @@ fn run(args: &Args) -> Result<(), Failure> {
     if args.cleanup {
         return cleanup();
     }
+    if args.dry_run && args.cleanup_kube_proxy {
+        let mut backend = NetlinkBackend::open().map_err(error)?;
+        let removals = kube_proxy::plan(&mut backend).map_err(error)?;
+        return emit(&kube_proxy::describe(&removals));
+    }
     if let Some(Command::Explain(explain)) = &args.command {
         let built = if args.manifests.is_empty() || explain.live {
             None
@@ -162,14 +168,14 @@ fn run(args: &Args) -> Result<(), Failure> {
             let files = daemon::Files::new(
                 args.manifests.clone(),
                 daemon.min_sync_period,
-                monitor,
+                daemon::AfterSync::new(monitor, daemon.cleanup_kube_proxy),
                 snapshot,
                 LocalAddresses::followed(&args.local_address),
             );
             daemon::Mode::Files(files)
         });
     }
-    one_shot(args, loaded)
+    one_shot(args, loaded, daemon.cleanup_kube_proxy)
 }
 
 /// The API mode: the daemon, or `--dry-run` / `--once` of the cluster as it is now.
@@ -194,7 +200,7 @@ fn run_api(args: &Args, config: ProxyConfig, daemon: &DaemonConfig) -> Result<()
             broken: 0,
             snapshot,
         };
-        return one_shot(args, built);
+        return one_shot(args, built, daemon.cleanup_kube_proxy);
     }
     let node_name = config.node_name.clone();
     run_daemon(&runtime, Desired::new(config), daemon, |monitor| {
@@ -205,7 +211,8 @@ fn run_api(args: &Args, config: ProxyConfig, daemon: &DaemonConfig) -> Result<()
             nftproxy_kube_source::NODE_WAIT,
         );
         let local = LocalAddresses::followed(&args.local_address);
-        daemon::Mode::Api(daemon::Api::new(source, monitor, local))
+        let after = daemon::AfterSync::new(monitor, daemon.cleanup_kube_proxy);
+        daemon::Mode::Api(daemon::Api::new(source, after, local))
     })
 }
 
@@ -240,8 +247,9 @@ fn kernel_proxier(
     })
 }
 
-/// `--dry-run` (with or without `--diff`) and `--once` of an already built state.
-fn one_shot(args: &Args, loaded: Built) -> Result<(), Failure> {
+/// `--dry-run` (with or without `--diff`) and `--once` of an already built state; after
+/// `--once`, what kube-proxy left is removed when `cleanup_kube_proxy`.
+fn one_shot(args: &Args, loaded: Built, cleanup_kube_proxy: bool) -> Result<(), Failure> {
     let Built {
         desired, broken, ..
     } = loaded;
@@ -251,7 +259,7 @@ fn one_shot(args: &Args, loaded: Built) -> Result<(), Failure> {
         return skipped(broken);
     }
     let monitor = Arc::new(Monitor::new(DaemonConfig::default().sync_period));
-    let mut proxier = kernel_proxier(desired, monitor)?;
+    let mut proxier = kernel_proxier(desired, monitor.clone())?;
     if args.dry_run {
         let plans = proxier.plans().map_err(error)?;
         let text: String = plans.iter().map(ToString::to_string).collect();
@@ -268,6 +276,12 @@ fn one_shot(args: &Args, loaded: Built) -> Result<(), Failure> {
         transactions = report.transactions,
         "programmed this network namespace"
     );
+    if cleanup_kube_proxy {
+        let mut backend = NetlinkBackend::open().map_err(error)?;
+        monitor
+            .metrics
+            .kube_proxy_cleaned(kube_proxy::clean(&mut backend));
+    }
     skipped(broken)
 }
 

@@ -86,6 +86,17 @@ fn the_manifests_decode_and_hang_together() {
     assert_eq!(capabilities.drop.as_deref(), Some(&["ALL".to_owned()][..]));
     let data = config.data.expect("data");
     assert!(data.contains_key("config.conf") && data.contains_key("kubeconfig.conf"));
+    // The takeover is one step: kube-proxy's leftovers go once nftproxy has synced.
+    let file = nftproxy_model::KubeProxyConfiguration::parse(&data["config.conf"])
+        .expect("config.conf parses");
+    let mut daemon = nftproxy_model::DaemonConfig::default();
+    daemon.apply_file(&file).expect("config.conf applies");
+    assert!(daemon.cleanup_kube_proxy);
+    assert!(
+        file.unused_fields().is_empty(),
+        "{:?}",
+        file.unused_fields()
+    );
 }
 
 /// The ConfigMap's files, with the placeholders filled in for the fake API server and

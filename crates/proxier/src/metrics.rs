@@ -29,6 +29,7 @@ pub struct Metrics {
     conntrack_duration: HistogramVec,
     operations: IntCounter,
     repairs: IntCounter,
+    kube_proxy_cleanup: IntCounter,
     service_changes: IntCounter,
     service_changes_pending: IntGauge,
     endpoint_changes: IntCounter,
@@ -209,6 +210,13 @@ impl Metrics {
                     "Syncs that put back what another program changed in nftproxy's tables",
                 ),
             ),
+            kube_proxy_cleanup: register(
+                &registry,
+                IntCounter::new(
+                    "nftproxy_kube_proxy_cleanup_objects_total",
+                    "Tables, chains and rules kube-proxy left on the node that nftproxy removed",
+                ),
+            ),
             service_changes: register(
                 &registry,
                 IntCounter::new(
@@ -278,6 +286,11 @@ impl Metrics {
     /// A sync repaired changes another program made to our tables.
     pub fn repaired(&self) {
         self.repairs.inc();
+    }
+
+    /// `objects` of what kube-proxy left were removed.
+    pub fn kube_proxy_cleaned(&self, objects: usize) {
+        self.kube_proxy_cleanup.inc_by(objects as u64);
     }
 
     /// A sync of these families failed.

@@ -306,3 +306,13 @@ pub(super) fn raw_expr(expr: *const sys::nftnl_expr) -> Result<RawExpr, Error> {
         }
     })
 }
+
+/// The chain an expression jumps or goes to, when it is an `immediate` verdict naming
+/// one (how nft and iptables-nft both write `jump` and `goto`); any other expression,
+/// whatever it is, names none.
+pub(super) fn jump_target(expr: *const sys::nftnl_expr) -> Option<String> {
+    let name = expr_str(expr, sys::NFTNL_EXPR_NAME)?;
+    (name == "immediate" && expr_is_set(expr, sys::NFTNL_EXPR_IMM_CHAIN))
+        .then(|| expr_str(expr, sys::NFTNL_EXPR_IMM_CHAIN))
+        .flatten()
+}

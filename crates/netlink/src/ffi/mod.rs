@@ -197,8 +197,8 @@ mod parse;
 pub(crate) use encode::Messages;
 pub use encode::rule_bytecode;
 pub(crate) use parse::{
-    parse_chain, parse_elements, parse_generation, parse_rule, parse_rule_handle, parse_set,
-    parse_table,
+    parse_chain, parse_elements, parse_generation, parse_rule, parse_rule_handle, parse_rule_jumps,
+    parse_set, parse_table,
 };
 
 #[cfg(test)]

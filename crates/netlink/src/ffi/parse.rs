@@ -4,7 +4,7 @@
 //! Invariant: a parser reads only the [`Message`] it is given, one whole message
 //! borrowed from the receive buffer, and copies out everything it keeps.
 
-use super::expr::raw_expr;
+use super::expr::{jump_target, raw_expr};
 use super::*;
 
 /// The generation id of a NEWGEN reply.
@@ -320,4 +320,32 @@ fn parse_element(elem: *mut sys::nftnl_set_elem, set: &Set) -> Result<Element, E
     };
     element.set_comment(comment);
     Ok(element)
+}
+
+/// A rule of any program's table, read only as far as cleaning up needs: its table,
+/// chain and handle, and the chains it jumps or goes to.
+pub(crate) fn parse_rule_jumps(
+    message: Message<'_>,
+) -> Result<(String, String, u64, Vec<String>), Error> {
+    let (rule, table, chain) = rule_message(message)?;
+    let p = rule.ptr();
+    // SAFETY: `rule` is live.
+    let handle = unsafe { sys::nftnl_rule_get_u64(p, sys::NFTNL_RULE_HANDLE as u16) };
+    let mut jumps = Vec::new();
+    // SAFETY: the iterator borrows the live rule and is destroyed below.
+    let iter = unsafe { sys::nftnl_expr_iter_create(p) };
+    if iter.is_null() {
+        return Err(Error::Decode("rule expression iterator".into()));
+    }
+    loop {
+        // SAFETY: `iter` is live; it returns null at the end.
+        let expr = unsafe { sys::nftnl_expr_iter_next(iter) };
+        if expr.is_null() {
+            break;
+        }
+        jumps.extend(jump_target(expr));
+    }
+    // SAFETY: `iter` is live and destroyed once.
+    unsafe { sys::nftnl_expr_iter_destroy(iter) };
+    Ok((table, chain, handle, jumps))
 }

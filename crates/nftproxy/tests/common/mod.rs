@@ -133,6 +133,11 @@ impl Topology {
 
     /// Programs the node with `nftproxy --once` on the seed examples plus `extra`.
     pub fn program(&self, extra: &str) {
+        self.program_with(extra, &[]);
+    }
+
+    /// [`Topology::program`] with more flags; what nftproxy logged.
+    pub fn program_with(&self, extra: &str, flags: &[&str]) -> String {
         std::fs::create_dir_all(&self.dir).expect("temp dir");
         let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
         for entry in std::fs::read_dir(repo.join("hack/examples/seed")).expect("seed examples") {
@@ -150,15 +155,14 @@ impl Topology {
                 "--once",
             ])
             .args(SEED_NODE_FLAGS)
+            .args(flags)
             .arg("--manifests")
             .arg(&self.dir)
             .output()
             .expect("nftproxy runs");
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        let log = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(output.status.success(), "{log}");
+        log
     }
 }
 
