@@ -119,6 +119,33 @@ fn rule_message(message: Message<'_>) -> Result<(RuleObj, String, String), Error
     Ok((rule, table, chain))
 }
 
+/// Calls `each` on every expression of `rule`, in order, until one fails.
+fn each_expr(
+    rule: &RuleObj,
+    mut each: impl FnMut(*const sys::nftnl_expr) -> Result<(), Error>,
+) -> Result<(), Error> {
+    // SAFETY: the iterator borrows the live rule and is destroyed below.
+    let iter = unsafe { sys::nftnl_expr_iter_create(rule.ptr()) };
+    if iter.is_null() {
+        return Err(Error::Decode("rule expression iterator".into()));
+    }
+    let mut result = Ok(());
+    loop {
+        // SAFETY: `iter` is live; it returns null at the end.
+        let expr = unsafe { sys::nftnl_expr_iter_next(iter) };
+        if expr.is_null() {
+            break;
+        }
+        result = each(expr);
+        if result.is_err() {
+            break;
+        }
+    }
+    // SAFETY: `iter` is live and destroyed once.
+    unsafe { sys::nftnl_expr_iter_destroy(iter) };
+    result
+}
+
 /// Table, chain and handle of a rule in a GETRULE reply (its expressions unread).
 pub(crate) fn parse_rule_handle(message: Message<'_>) -> Result<(String, String, u64), Error> {
     let (rule, table, chain) = rule_message(message)?;
@@ -135,28 +162,10 @@ pub(crate) fn parse_rule(
     let (rule, table, chain) = rule_message(message)?;
     let p = rule.ptr();
     let mut raw = Vec::new();
-    // SAFETY: the iterator borrows the live rule and is destroyed below.
-    let iter = unsafe { sys::nftnl_expr_iter_create(p) };
-    if iter.is_null() {
-        return Err(Error::Decode("rule expression iterator".into()));
-    }
-    loop {
-        // SAFETY: `iter` is live; it returns null at the end.
-        let expr = unsafe { sys::nftnl_expr_iter_next(iter) };
-        if expr.is_null() {
-            break;
-        }
-        match raw_expr(expr) {
-            Ok(e) => raw.push(e),
-            Err(e) => {
-                // SAFETY: `iter` is live and destroyed once.
-                unsafe { sys::nftnl_expr_iter_destroy(iter) };
-                return Err(e);
-            }
-        }
-    }
-    // SAFETY: `iter` is live and destroyed once.
-    unsafe { sys::nftnl_expr_iter_destroy(iter) };
+    each_expr(&rule, |expr| {
+        raw.push(raw_expr(expr)?);
+        Ok(())
+    })?;
     let stmts = lower::raise(family, &raw)
         .map_err(|e| Error::Decode(format!("a rule in chain {chain}: {e}")))?;
     let mut len = 0u32;
@@ -332,20 +341,9 @@ pub(crate) fn parse_rule_jumps(
     // SAFETY: `rule` is live.
     let handle = unsafe { sys::nftnl_rule_get_u64(p, sys::NFTNL_RULE_HANDLE as u16) };
     let mut jumps = Vec::new();
-    // SAFETY: the iterator borrows the live rule and is destroyed below.
-    let iter = unsafe { sys::nftnl_expr_iter_create(p) };
-    if iter.is_null() {
-        return Err(Error::Decode("rule expression iterator".into()));
-    }
-    loop {
-        // SAFETY: `iter` is live; it returns null at the end.
-        let expr = unsafe { sys::nftnl_expr_iter_next(iter) };
-        if expr.is_null() {
-            break;
-        }
+    each_expr(&rule, |expr| {
         jumps.extend(jump_target(expr));
-    }
-    // SAFETY: `iter` is live and destroyed once.
-    unsafe { sys::nftnl_expr_iter_destroy(iter) };
+        Ok(())
+    })?;
     Ok((table, chain, handle, jumps))
 }
