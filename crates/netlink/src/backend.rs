@@ -82,6 +82,20 @@ enum Dump<'a> {
 type Handles = std::collections::HashMap<String, Vec<u64>>;
 
 impl NetlinkBackend {
+    /// The error replies (sequence number, errno) to the batch just sent: the kernel
+    /// processes a batch inside `sendmsg`, so they are all queued already.
+    fn batch_errors(&mut self) -> Result<Vec<(u32, i32)>, Error> {
+        let mut errors = Vec::new();
+        while let Some(replies) = self.socket.receive(true)? {
+            for reply in replies {
+                if let Reply::Error { seq, errno } = reply {
+                    errors.push((seq, errno));
+                }
+            }
+        }
+        Ok(errors)
+    }
+
     /// Whether `family`'s table `name` exists (whoever wrote it).
     pub fn table_exists(&mut self, family: Family, name: &str) -> Result<bool, Error> {
         let found = self.request(
@@ -185,14 +199,7 @@ impl NetlinkBackend {
         let end = self.next_seq();
         msgs.batch_end(end)?;
         self.socket.send(&msgs.bytes)?;
-        let mut errors = Vec::new();
-        while let Some(replies) = self.socket.receive(true)? {
-            for reply in replies {
-                if let Reply::Error { seq, errno } = reply {
-                    errors.push((seq, errno));
-                }
-            }
-        }
+        let errors = self.batch_errors()?;
         self.drain_notifications()?;
         let Some(&(seq, errno)) = errors.first() else {
             return Ok(());
@@ -603,14 +610,7 @@ impl Backend for NetlinkBackend {
             self.lost = true;
         }
         sent?;
-        let mut errors = Vec::new();
-        while let Some(replies) = self.socket.receive(true)? {
-            for reply in replies {
-                if let Reply::Error { seq, errno } = reply {
-                    errors.push((seq, errno));
-                }
-            }
-        }
+        let errors = self.batch_errors()?;
         let Some(&(seq, errno)) = errors.first() else {
             // Read what the commit announced now, so that a large one cannot overflow
             // the listener together with the next.
