@@ -225,26 +225,31 @@ fn run_daemon(
     mode: impl FnOnce(Arc<Monitor>) -> daemon::Mode,
 ) -> Result<(), Failure> {
     let monitor = Arc::new(Monitor::new(config.sync_period));
-    let proxier = kernel_proxier(desired, monitor.clone())?;
+    let proxier = with_conntrack(kernel_proxier(desired, monitor.clone())?);
     let mode = mode(monitor);
     daemon::run(runtime, proxier, config, mode).map_err(Failure::Error)
 }
 
-/// The pipeline over this network namespace's kernel. Without a conntrack socket (it
-/// needs the same capability as the rules, so this is rare) stale UDP flows stay.
+/// The pipeline over this network namespace's kernel.
 fn kernel_proxier(
     desired: Desired,
     monitor: Arc<Monitor>,
 ) -> Result<daemon::KernelProxier, Failure> {
     let backend = NetlinkBackend::open().map_err(error)?;
-    let proxier = Proxier::new(desired, backend, monitor);
-    Ok(match ConntrackSocket::open() {
+    Ok(Proxier::new(desired, backend, monitor))
+}
+
+/// `proxier`, deleting stale UDP flows after each sync (the modes that write; `--dry-run
+/// --diff` needs no conntrack socket). Without one (it needs the same capability as the
+/// rules, so this is rare) stale UDP flows stay.
+fn with_conntrack(proxier: daemon::KernelProxier) -> daemon::KernelProxier {
+    match ConntrackSocket::open() {
         Ok(conntrack) => proxier.with_conntrack(conntrack),
         Err(e) => {
             warn!(error = %e, "cannot open the conntrack socket; stale UDP flows stay");
             proxier
         }
-    })
+    }
 }
 
 /// `--dry-run` (with or without `--diff`) and `--once` of an already built state; after
@@ -270,7 +275,7 @@ fn one_shot(args: &Args, loaded: Built, cleanup_kube_proxy: bool) -> Result<(), 
         })?;
         return skipped(broken);
     }
-    let report = proxier.sync_once().map_err(error)?;
+    let report = with_conntrack(proxier).sync_once().map_err(error)?;
     info!(
         operations = report.operations,
         transactions = report.transactions,
