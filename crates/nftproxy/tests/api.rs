@@ -56,17 +56,15 @@ fn start(api: &FakeApi, extra: &[&str]) -> Daemon {
         std::process::id(),
         std::thread::current().id()
     ));
-    let child = nftproxy()
-        .args(["--master", &api.url()])
-        .args(SEED_NODE_FLAGS)
-        .args(["--healthz-bind-address", HEALTHZ])
-        .args(["--metrics-bind-address", METRICS])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log file"))
-        .spawn()
-        .expect("nftproxy starts");
-    Daemon(child, log)
+    Daemon::spawn(
+        nftproxy()
+            .args(["--master", &api.url()])
+            .args(SEED_NODE_FLAGS)
+            .args(["--healthz-bind-address", HEALTHZ])
+            .args(["--metrics-bind-address", METRICS])
+            .args(extra),
+        log,
+    )
 }
 
 fn bring_up_loopback() {
@@ -518,15 +516,13 @@ fn an_unreachable_api_server_turns_healthz_503_after_two_sync_periods_and_says_w
         // Nothing listens on port 1 of this namespace's loopback.
         let log =
             std::env::temp_dir().join(format!("nftproxy-unreachable-{}.log", std::process::id()));
-        let child = nftproxy()
-            .args(["--master", "http://127.0.0.1:1"])
-            .args(SEED_NODE_FLAGS)
-            .args(["--sync-period", "1s", "--healthz-bind-address", HEALTHZ])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("nftproxy starts");
-        let daemon = Daemon(child, log.clone());
+        let daemon = Daemon::spawn(
+            nftproxy()
+                .args(["--master", "http://127.0.0.1:1"])
+                .args(SEED_NODE_FLAGS)
+                .args(["--sync-period", "1s", "--healthz-bind-address", HEALTHZ]),
+            log.clone(),
+        );
         let started = Instant::now();
         within(Duration::from_secs(5), "/healthz answers", || {
             get(HEALTHZ, "/healthz").is_some()
@@ -583,13 +579,7 @@ fn the_health_check_port_is_served_after_every_start_with_or_without_a_late_node
             api.delay_lists(Resource::Nodes, delay);
             let log = std::env::temp_dir()
                 .join(format!("nftproxy-hc-{}-{start}.log", std::process::id()));
-            let child = nftproxy()
-                .args(flags)
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log).expect("log file"))
-                .spawn()
-                .expect("nftproxy starts");
-            let daemon = Daemon(child, log);
+            let daemon = Daemon::spawn(nftproxy().args(flags), log);
             within(
                 Duration::from_secs(15),
                 &format!("start {start} (late Node: {late})"),

@@ -14,7 +14,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
@@ -323,15 +323,7 @@ const ADDED: [(&str, &str); 2] = [
 /// Starts the daemon with `command` and adds and removes addresses under it.
 fn follows_addresses(node: &Node, mut command: Command) {
     let log_path = std::env::temp_dir().join(format!("{}daemon.log", node.prefix));
-    let log = std::fs::File::create(&log_path).expect("log file");
-    let daemon = Daemon(
-        command
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("daemon starts"),
-        log_path,
-    );
+    let daemon = Daemon::spawn(&mut command, log_path);
     let stop = Arc::new(AtomicBool::new(false));
     let server = serve(node.ns("be"), "be", stop.clone());
     let client2 = node.ns("client2");

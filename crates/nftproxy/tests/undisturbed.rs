@@ -3,7 +3,7 @@
 //! repaired within one `syncPeriod`, with traffic working again. Real TCP through a node
 //! namespace (`common`), the daemon run as users run it.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -20,19 +20,17 @@ const NODE_PORT: &str = "192.168.50.10:31000";
 /// `nftproxy ARGS` in the node namespace.
 fn daemon(topology: &Topology, name: &str, args: &[&str]) -> Daemon {
     let log = std::env::temp_dir().join(format!("nftproxy-{}-{name}.log", std::process::id()));
-    let child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &topology.ns("node"),
-            env!("CARGO_BIN_EXE_nftproxy"),
-        ])
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log file"))
-        .spawn()
-        .expect("nftproxy starts");
-    Daemon(child, log)
+    Daemon::spawn(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &topology.ns("node"),
+                env!("CARGO_BIN_EXE_nftproxy"),
+            ])
+            .args(args),
+        log,
+    )
 }
 
 /// Runs `work` in namespace `ns`.

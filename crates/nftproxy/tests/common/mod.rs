@@ -395,6 +395,16 @@ pub fn addr(text: &str) -> SocketAddr {
 pub struct Daemon(pub Child, pub PathBuf);
 
 impl Daemon {
+    /// Starts `command`, its standard error going to the file `log`.
+    pub fn spawn(command: &mut Command, log: PathBuf) -> Daemon {
+        let child = command
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("nftproxy starts");
+        Daemon(child, log)
+    }
+
     /// What it logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.1).unwrap_or_default()
