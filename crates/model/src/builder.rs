@@ -484,6 +484,7 @@ fn empty_state(family: IpFamily) -> ProxyState {
         local_traffic: LocalTraffic::Unknown,
         masquerade_all: false,
         masquerade_mark: 0,
+        service_counters: false,
         service_cidrs: Vec::new(),
         services: Vec::new(),
     }
@@ -687,6 +688,7 @@ fn family_state(family: IpFamily, config: &ProxyConfig, context: &Context) -> Pr
         local_traffic,
         masquerade_all: config.masquerade_all,
         masquerade_mark: config.masquerade_mark(),
+        service_counters: config.service_counters,
         service_cidrs: cidrs,
         services: Vec::new(),
     }

@@ -65,6 +65,8 @@ pub struct KubeProxyConfiguration {
     pub client_connection: Option<ClientConnectionConfiguration>,
     /// nftproxy's own: remove what kube-proxy left on the node once synced.
     pub cleanup_kube_proxy: Option<bool>,
+    /// nftproxy's own: count connections per Service port and endpoint in the kernel.
+    pub service_counters: Option<bool>,
     /// Everything else (iptables, ipvs, conntrack, …): accepted and reported as unused.
     #[serde(flatten)]
     pub other: BTreeMap<String, serde_json::Value>,
@@ -195,6 +197,9 @@ pub struct ProxyConfig {
     pub masquerade_all: bool,
     /// The bit of the packet mark that requests masquerading (0–31).
     pub masquerade_bit: u8,
+    /// Count new connections per Service port, outcome and endpoint in the kernel
+    /// (`serviceCounters`, nftproxy's own field; on by default).
+    pub service_counters: bool,
 }
 
 /// Resolved settings of the long-running process that shape no rule: when it syncs,
@@ -233,6 +238,7 @@ impl ProxyConfig {
             detect_local: DetectLocalMode::ClusterCidr,
             masquerade_all: false,
             masquerade_bit: 14,
+            service_counters: true,
         }
     }
 
@@ -277,6 +283,9 @@ impl ProxyConfig {
             .or(file.linux.as_ref().and_then(|l| l.masquerade_all))
         {
             self.masquerade_all = all;
+        }
+        if let Some(counters) = file.service_counters {
+            self.service_counters = counters;
         }
         if let Some(bit) = nft.masquerade_bit.or(file.masquerade_bit) {
             self.masquerade_bit = u8::try_from(bit)

@@ -230,6 +230,8 @@ pub struct ProxyState {
     pub masquerade_all: bool,
     /// The mark bit that requests masquerading.
     pub masquerade_mark: u32,
+    /// Count connections per Service port, outcome and endpoint in the kernel.
+    pub service_counters: bool,
     /// Service CIDRs of this family.
     pub service_cidrs: Vec<IpNet>,
     /// Service ports, sorted by name.

@@ -6,7 +6,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use nftproxy_nft::{Backend, Element, Family, Op, Set, Table, Transaction};
+use nftproxy_nft::{
+    Backend, CountedElement, CounterReading, Element, Family, Op, Set, Table, Transaction,
+};
 
 use crate::Error;
 use crate::ffi::{self, Messages};
@@ -462,6 +464,73 @@ impl NetlinkBackend {
         }
     }
 
+    /// Every counter of our table `name`: the elements of its counted sets and maps,
+    /// and its rules with a `counter` statement; `None` when the table does not exist.
+    /// Reads no uncounted set and no chain, so it costs a fraction of a [`list`]
+    /// (`Backend::list`). Retried when the ruleset changes during the read.
+    pub fn counters(
+        &mut self,
+        family: Family,
+        name: &str,
+    ) -> Result<Option<CounterReading>, Error> {
+        let mut attempts = 0;
+        loop {
+            match self.try_counters(family, name) {
+                Err(Error::Interrupted) if attempts < 3 => attempts += 1,
+                Err(error) if error.is_not_found() => return Ok(None),
+                other => return other.map(Some),
+            }
+        }
+    }
+
+    fn try_counters(&mut self, family: Family, name: &str) -> Result<CounterReading, Error> {
+        let mut counted = Vec::new();
+        self.request(libc::NFT_MSG_GETSET, family, name, Dump::Table, |message| {
+            let (owner, set) = ffi::parse_set(message)?;
+            if owner == name && set.counter {
+                counted.push(set);
+            }
+            Ok(())
+        })?;
+        let mut reading = CounterReading {
+            family: Some(family),
+            ..CounterReading::default()
+        };
+        for set in &counted {
+            self.request(
+                libc::NFT_MSG_GETSETELEM,
+                family,
+                name,
+                Dump::Set(set),
+                |message| {
+                    for (element, count) in ffi::parse_elements(message, set)? {
+                        reading.elements.push(CountedElement {
+                            set: set.name.clone(),
+                            element,
+                            count: count.unwrap_or_default(),
+                        });
+                    }
+                    Ok(())
+                },
+            )?;
+        }
+        self.request(
+            libc::NFT_MSG_GETRULE,
+            family,
+            name,
+            Dump::Table,
+            |message| {
+                if let Some((owner, rule)) = ffi::parse_counted_rule(message, family)?
+                    && owner == name
+                {
+                    reading.rules.push(rule);
+                }
+                Ok(())
+            },
+        )?;
+        Ok(reading)
+    }
+
     fn try_list(&mut self, family: Family, name: &str) -> Result<Option<Table>, Error> {
         let mut table = Table::new(family, name);
         let found = self.request(
@@ -511,7 +580,7 @@ impl NetlinkBackend {
                 name,
                 Dump::Set(&declaration),
                 |message| {
-                    for element in ffi::parse_elements(message, &declaration)? {
+                    for (element, _) in ffi::parse_elements(message, &declaration)? {
                         set.elements.insert(element);
                     }
                     Ok(())

@@ -229,6 +229,9 @@ pub enum Stmt {
     MasqueradeFullyRandom,
     /// `reject` (ICMP port unreachable for this family).
     Reject,
+    /// `counter`: counts the packets (and bytes) that reach it. Its numbers are the
+    /// kernel's alone: a rule is the same rule whatever its counter holds.
+    Counter,
     /// A verdict.
     Verdict(Verdict),
 }

@@ -9,6 +9,7 @@
 
 mod backend;
 pub mod conntrack;
+mod counters;
 mod diff;
 mod elements;
 mod expr;
@@ -22,6 +23,7 @@ mod types;
 
 pub use backend::{Backend, BackendError, ErrorKind, FakeBackend, FakeError};
 pub use conntrack::{Conntrack, FakeConntrack, Flow, Tuple};
+pub use counters::{Count, CountedElement, CountedRule, CounterReading};
 pub use diff::diff;
 pub use elements::{Element, Elements};
 pub use expr::{CmpOp, CtState, CtStatus, Expr, FibInput, MarkOp, PayloadField, Rhs, Rule, Stmt};

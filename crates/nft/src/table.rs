@@ -175,6 +175,10 @@ pub struct Set {
     pub timeout: Option<u32>,
     /// Maximum number of elements.
     pub size: Option<u32>,
+    /// `counter`: every element carries a counter of the packets its lookups matched.
+    /// A lookup in a NAT chain sees only a connection's first packet, so there it counts
+    /// connections.
+    pub counter: bool,
     /// Comment.
     pub comment: Option<String>,
     /// Elements by key.
@@ -192,6 +196,7 @@ impl Set {
             dynamic: false,
             timeout: None,
             size: None,
+            counter: false,
             comment: None,
             elements: Elements::default(),
         }
@@ -233,6 +238,12 @@ impl Set {
     /// The same set with a comment.
     pub fn with_comment(mut self, comment: impl Into<String>) -> Set {
         self.comment = Some(comment.into());
+        self
+    }
+
+    /// The same set with (`true`) or without a counter on every element.
+    pub fn with_counter(mut self, counter: bool) -> Set {
+        self.counter = counter;
         self
     }
 
@@ -285,6 +296,7 @@ impl Set {
             dynamic,
             timeout,
             size,
+            counter,
             comment,
             elements: _,
         } = self;
@@ -296,6 +308,7 @@ impl Set {
             dynamic: *dynamic,
             timeout: *timeout,
             size: *size,
+            counter: *counter,
             comment: comment.clone(),
             elements: Elements::default(),
         }

@@ -224,6 +224,7 @@ fn write_stmt(f: &mut Formatter<'_>, stmt: &Stmt, proto: Option<L4Proto>) -> fmt
         }
         Stmt::MasqueradeFullyRandom => f.write_str("masquerade fully-random"),
         Stmt::Reject => f.write_str("reject"),
+        Stmt::Counter => f.write_str("counter"),
         Stmt::Verdict(verdict) => verdict.fmt(f),
     }
 }
@@ -284,8 +285,8 @@ impl Display for Element {
     }
 }
 
-/// The declaration lines of a set (`type …`, `size …`, `flags …`, `timeout …`,
-/// `comment …`), in the order nft lists them.
+/// The declaration lines of a set (`type …`, `size …`, `flags …`, `counter`,
+/// `timeout …`, `comment …`), in the order nft lists them.
 pub(crate) fn set_declaration(set: &Set) -> Vec<String> {
     let mut lines = Vec::with_capacity(5);
     lines.push(match &set.type_of {
@@ -319,6 +320,9 @@ pub(crate) fn set_declaration(set: &Set) -> Vec<String> {
         (true, false) => lines.push("flags dynamic".to_owned()),
         (false, true) => lines.push("flags timeout".to_owned()),
         (false, false) => {}
+    }
+    if set.counter {
+        lines.push("counter".to_owned());
     }
     if let Some(timeout) = set.timeout {
         lines.push(format!("timeout {}", format_duration(timeout)));

@@ -357,7 +357,7 @@ impl Tracer<'_> {
                 state.mark ^= bits;
                 Step_::Next
             }
-            Stmt::Update { .. } => Step_::Next,
+            Stmt::Update { .. } | Stmt::Counter => Step_::Next,
             Stmt::Dnat { addr, port } => {
                 dnat(state, *addr, *port);
                 Step_::End(End::Fate(Fate::Accepted))

@@ -23,7 +23,7 @@
 //! another order that means the same.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::LazyLock;
 
@@ -212,7 +212,7 @@ impl Shard {
         vec![Value::Proto(self.proto), bits]
     }
 
-    fn map_declaration(self, family: Family) -> Set {
+    fn map_declaration(self, family: Family, counted: bool) -> Set {
         let Shard {
             balancer, proto, ..
         } = self;
@@ -231,6 +231,7 @@ impl Shard {
             balancer.what(),
             self.bits
         ))
+        .with_counter(counted)
     }
 
     /// `meta l4proto PROTO dnat to DESTINATION . numgen random mod COUNT map @MAP`: an
@@ -259,6 +260,8 @@ pub(crate) struct Destination {
     key: Vec<Value>,
     /// At least one.
     endpoints: Vec<(std::net::IpAddr, u16)>,
+    /// Whether its map counts connections per element.
+    counted: bool,
 }
 
 impl Destination {
@@ -268,6 +271,7 @@ impl Destination {
         proto: L4Proto,
         key: Vec<Value>,
         endpoints: &[Endpoint],
+        counted: bool,
     ) -> Destination {
         let bits = match key.first().and_then(|v| v.last_byte_and(SHARD_BITS)) {
             Some(Value::Addr(IpAddr::V4(addr))) => addr.octets()[3],
@@ -283,7 +287,13 @@ impl Destination {
             },
             key,
             endpoints: endpoints.iter().map(|e| (e.ip, e.port)).collect(),
+            counted,
         }
+    }
+
+    /// Whether its shard's map counts connections per element.
+    pub(crate) fn counted(&self) -> bool {
+        self.counted
     }
 
     /// The rule this destination needs.
@@ -326,7 +336,7 @@ fn counts(usages: &Usages, shard: Shard) -> impl DoubleEndedIterator<Item = usiz
 pub(crate) fn keep_shard(
     table: &mut Table,
     usages: &Usages,
-    shard: Shard,
+    (shard, counted): (Shard, bool),
     scope: Option<&mut Scope>,
 ) {
     let used = counts(usages, shard).next().is_some();
@@ -338,7 +348,7 @@ pub(crate) fn keep_shard(
     let key = shard.key(family);
     let shards = shard.balancer.shards();
     if used {
-        table.add_set(shard.map_declaration(family));
+        table.add_set(shard.map_declaration(family, counted));
         table.add_element(
             shards,
             Element::with_verdict(key.clone(), Verdict::Goto(shard.chain().to_owned())),
@@ -433,6 +443,22 @@ fn entries() -> [(&'static str, bool); 6] {
     ]
 }
 
+/// Whether `set` is the set of a shared entry (whose elements are destinations).
+pub(crate) fn is_entry_set(set: &str) -> bool {
+    entries().iter().any(|(chain, _)| *chain == set)
+}
+
+/// The protocol of the endpoints of a shard's map named `map`; `None` for any other set.
+pub(crate) fn endpoint_map_protocol(map: &str) -> Option<L4Proto> {
+    static PROTOCOLS: LazyLock<HashMap<&'static str, L4Proto>> = LazyLock::new(|| {
+        SHARD_NAMES
+            .iter()
+            .map(|(shard, (_, map))| (map.as_str(), shard.proto))
+            .collect()
+    });
+    PROTOCOLS.get(map).copied()
+}
+
 /// `KEY @CHAIN goto CHAIN` for each shared entry by address (or by NodePort).
 pub(crate) fn entry_rules(key: &Expr, by_address: bool) -> Vec<Rule> {
     entries()
@@ -451,7 +477,11 @@ pub(crate) fn add_shared(table: &mut Table, state: &ProxyState) {
         if by_address {
             key.insert(0, addr);
         }
-        table.add_set(Set::new(chain, key).with_comment(format!("destinations going to {chain}")));
+        table.add_set(
+            Set::new(chain, key)
+                .with_comment(format!("destinations going to {chain}"))
+                .with_counter(state.service_counters),
+        );
     }
     for balancer in Balancer::ALL {
         let bits = if balancer.by_node_port() {

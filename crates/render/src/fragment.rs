@@ -45,7 +45,13 @@ fn put(table: &mut Table, shared: &mut Shared, fragment: Fragment, mut scope: Op
         let uses = shared.usages.entry(usage).or_default();
         *uses += 1;
         if *uses == 1 {
-            balance::keep_shard(table, &shared.usages, shard, scope.as_deref_mut());
+            let counted = destination.counted();
+            balance::keep_shard(
+                table,
+                &shared.usages,
+                (shard, counted),
+                scope.as_deref_mut(),
+            );
             changed.insert(shard);
         }
         elements.extend(destination.elements());
@@ -146,7 +152,8 @@ fn take(table: &mut Table, shared: &mut Shared, fragment: Fragment, scope: &mut 
             continue;
         }
         shared.usages.remove(&usage);
-        balance::keep_shard(table, &shared.usages, shard, Some(scope));
+        let counted = destination.counted();
+        balance::keep_shard(table, &shared.usages, (shard, counted), Some(scope));
         changed.insert(shard);
     }
     rebuild_shards(table, &shared.usages, changed, Some(scope));

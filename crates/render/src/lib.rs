@@ -11,6 +11,7 @@
 //! each departure.
 
 mod balance;
+pub mod counters;
 mod fragment;
 mod names;
 mod services;

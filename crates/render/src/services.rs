@@ -29,10 +29,14 @@ use nftproxy_nft::{Chain, Element, Expr, L4Proto, Rhs, Rule, Set, Stmt, Value, V
 
 use crate::balance::{self, Balancer, Destination};
 use crate::skeleton::{
-    CLUSTER_IPS, FIREWALL_IPS, HAIRPIN_CONNECTIONS, NO_ENDPOINT_NODEPORTS, NO_ENDPOINT_SERVICES,
-    REJECT_CHAIN, SERVICE_IPS, SERVICE_NODEPORTS,
+    CLUSTER_IPS, FIREWALL_IPS, HAIRPIN_CONNECTIONS, MASQUERADE_CLUSTER_IPS, NO_ENDPOINT_NODEPORTS,
+    NO_ENDPOINT_SERVICES, REJECT_CHAIN, SERVICE_IPS, SERVICE_NODEPORTS,
 };
+use crate::stmts::{counter, masquerades_cluster_ips};
 use crate::{address_key, comment, family, l4proto, names};
+
+/// How the comment of a firewall chain's drop rule ends, after the Service port's name.
+pub(crate) const FIREWALL_SUFFIX: &str = " loadBalancerSourceRanges";
 
 /// What one service port adds to its family's table.
 #[derive(Debug, Default)]
@@ -94,7 +98,13 @@ pub(crate) fn add_service_port(fragment: &mut Fragment, state: &ProxyState, sp: 
                 &endpoints.cluster
             };
             let balancer = Balancer::of(node_port, local);
-            fragment.add_destination(Destination::new(balancer, proto, port_key(key), endpoints));
+            fragment.add_destination(Destination::new(
+                balancer,
+                proto,
+                port_key(key),
+                endpoints,
+                state.service_counters,
+            ));
         }
     };
     // Where a destination enters: with affinity a verdict-map element going to the port's
@@ -119,8 +129,15 @@ pub(crate) fn add_service_port(fragment: &mut Fragment, state: &ProxyState, sp: 
         }
     };
 
-    // ClusterIP.
+    // ClusterIP: its element in `cluster-ips` counts connections to ports it does not
+    // define.
     fragment.add_element(CLUSTER_IPS, Element::new(vec![Value::Addr(sp.cluster_ip)]));
+    if masquerades_cluster_ips(state) {
+        fragment.add_element(
+            MASQUERADE_CLUSTER_IPS,
+            Element::new(vec![Value::Addr(sp.cluster_ip)]),
+        );
+    }
     let cluster_key = address_key(sp.cluster_ip, name.protocol, sp.port);
     let internal_chain_used = if sp.internal_policy_local {
         uses_local_chain
@@ -326,7 +343,7 @@ impl Affinity<'_> {
         }
         let count = endpoints.len();
         for (index, endpoint) in endpoints.iter().enumerate() {
-            let mut stmts = Vec::with_capacity(4);
+            let mut stmts = Vec::with_capacity(5);
             let remaining = count - index;
             if remaining > 1 {
                 let modulus = u32::try_from(remaining).unwrap_or(u32::MAX);
@@ -346,19 +363,23 @@ impl Affinity<'_> {
         Expr::Concat(vec![Expr::saddr(family(self.state)), Expr::Tag(tag)])
     }
 
-    /// Record (or refresh) the client with the endpoint's tag, and DNAT to it.
-    fn use_endpoint(&self, endpoint: &Endpoint) -> [Stmt; 3] {
-        [
-            Stmt::Update {
-                set: self.set.to_owned(),
-                key: self.client_and_tag(endpoint),
-            },
+    /// Record (or refresh) the client with the endpoint's tag, count the connection,
+    /// and DNAT to the endpoint.
+    fn use_endpoint(&self, endpoint: &Endpoint) -> impl Iterator<Item = Stmt> {
+        let update = Stmt::Update {
+            set: self.set.to_owned(),
+            key: self.client_and_tag(endpoint),
+        };
+        let dnat = [
             Stmt::eq(Expr::MetaL4proto, Rhs::Proto(self.proto)),
             Stmt::Dnat {
                 addr: endpoint.ip,
                 port: endpoint.port,
             },
-        ]
+        ];
+        std::iter::once(update)
+            .chain(counter(self.state))
+            .chain(dnat)
     }
 }
 
@@ -390,10 +411,9 @@ fn firewall_rules(state: &ProxyState, sp: &ServicePortState) -> Vec<Rule> {
             ]));
         }
     }
-    rules.push(
-        Rule::new(vec![Stmt::Verdict(Verdict::Drop)])
-            .with_comment(comment(format!("{} loadBalancerSourceRanges", sp.name))),
-    );
+    let mut drop: Vec<Stmt> = counter(state).into_iter().collect();
+    drop.push(Stmt::Verdict(Verdict::Drop));
+    rules.push(Rule::new(drop).with_comment(comment(format!("{}{FIREWALL_SUFFIX}", sp.name))));
     rules
 }
 

@@ -11,7 +11,7 @@ use nftproxy_nft::{
 };
 
 use crate::family;
-use crate::stmts::{local_traffic_match, mark_for_masquerade};
+use crate::stmts::{counter, local_traffic_match, mark_for_masquerade, masquerades_cluster_ips};
 
 pub(crate) const SERVICES: &str = "services";
 pub(crate) const NODEPORTS: &str = "nodeports";
@@ -23,6 +23,7 @@ pub(crate) const CLUSTER_IPS_CHECK: &str = "cluster-ips-check";
 pub(crate) const REJECT_CHAIN: &str = "reject-chain";
 
 pub(crate) const CLUSTER_IPS: &str = "cluster-ips";
+pub(crate) const MASQUERADE_CLUSTER_IPS: &str = "masquerade-cluster-ips";
 pub(crate) const NODEPORT_IPS: &str = "nodeport-ips";
 pub(crate) const SERVICE_IPS: &str = "service-ips";
 pub(crate) const SERVICE_NODEPORTS: &str = "service-nodeports";
@@ -30,6 +31,10 @@ pub(crate) const NO_ENDPOINT_SERVICES: &str = "no-endpoint-services";
 pub(crate) const NO_ENDPOINT_NODEPORTS: &str = "no-endpoint-nodeports";
 pub(crate) const FIREWALL_IPS: &str = "firewall-ips";
 pub(crate) const HAIRPIN_CONNECTIONS: &str = "hairpin-connections";
+
+/// The comment of the rules that drop traffic to addresses of a Service CIDR no Service
+/// holds (their counters count it).
+pub(crate) const UNALLOCATED_COMMENT: &str = "Drop traffic to unallocated ClusterIPs";
 
 fn base(name: &str, chain_type: ChainType, hook: Hook, priority: i32, rules: Vec<Rule>) -> Chain {
     Chain::base(
@@ -156,9 +161,12 @@ pub(crate) fn table(state: &ProxyState) -> Table {
         table.add_chain(chain);
     }
 
-    // services: mark ClusterIP traffic that must be masqueraded, then dispatch.
+    // services: mark ClusterIP traffic that must be masqueraded, then dispatch. The
+    // masquerade rule looks ClusterIPs up in a set of its own: a lookup in `cluster-ips`
+    // would count every new connection to a ClusterIP in that set's element counters,
+    // which count only those rejected for a port the ClusterIP does not define.
     let mut services = Vec::new();
-    let cluster_ip = Stmt::lookup(daddr(), CLUSTER_IPS);
+    let cluster_ip = Stmt::lookup(daddr(), MASQUERADE_CLUSTER_IPS);
     if state.masquerade_all {
         services.push(
             Rule::new(vec![cluster_ip, mark_for_masquerade(state)])
@@ -244,13 +252,10 @@ pub(crate) fn table(state: &ProxyState) -> Table {
             .with_comment("Reject traffic to invalid ports of ClusterIPs"),
     ];
     for cidr in &state.service_cidrs {
-        cluster_ips_check.push(
-            Rule::new(vec![
-                Stmt::eq(daddr(), Rhs::Prefix(*cidr)),
-                Stmt::Verdict(Verdict::Drop),
-            ])
-            .with_comment("Drop traffic to unallocated ClusterIPs"),
-        );
+        let mut stmts = vec![Stmt::eq(daddr(), Rhs::Prefix(*cidr))];
+        stmts.extend(counter(state));
+        stmts.push(Stmt::Verdict(Verdict::Drop));
+        cluster_ips_check.push(Rule::new(stmts).with_comment(UNALLOCATED_COMMENT));
     }
     table.add_chain(Chain::regular(CLUSTER_IPS_CHECK, cluster_ips_check));
     table.add_chain(Chain::regular(
@@ -263,7 +268,18 @@ pub(crate) fn table(state: &ProxyState) -> Table {
 
     let address_key = vec![addr, DataType::InetProto, DataType::InetService];
     let port_key_type = vec![DataType::InetProto, DataType::InetService];
-    table.add_set(Set::new(CLUSTER_IPS, vec![addr]).with_comment("Active ClusterIPs"));
+    let counted = state.service_counters;
+    table.add_set(
+        Set::new(CLUSTER_IPS, vec![addr])
+            .with_comment("Active ClusterIPs")
+            .with_counter(counted),
+    );
+    if masquerades_cluster_ips(state) {
+        table.add_set(
+            Set::new(MASQUERADE_CLUSTER_IPS, vec![addr])
+                .with_comment("ClusterIPs, for the masquerade rule"),
+        );
+    }
     if let NodePortAddresses::Addresses(addresses) = &state.node_port_addresses {
         table.add_set(
             Set::new(NODEPORT_IPS, vec![addr]).with_comment("IPs that accept NodePort traffic"),
@@ -274,18 +290,23 @@ pub(crate) fn table(state: &ProxyState) -> Table {
     }
     table.add_set(
         Set::verdict_map(SERVICE_IPS, address_key.clone())
-            .with_comment("ClusterIP, ExternalIP and LoadBalancer IP traffic"),
+            .with_comment("ClusterIP, ExternalIP and LoadBalancer IP traffic")
+            .with_counter(counted),
     );
     table.add_set(
-        Set::verdict_map(SERVICE_NODEPORTS, port_key_type.clone()).with_comment("NodePort traffic"),
+        Set::verdict_map(SERVICE_NODEPORTS, port_key_type.clone())
+            .with_comment("NodePort traffic")
+            .with_counter(counted),
     );
     table.add_set(
         Set::verdict_map(NO_ENDPOINT_SERVICES, address_key.clone())
-            .with_comment("vmap to drop or reject packets to services with no endpoints"),
+            .with_comment("vmap to drop or reject packets to services with no endpoints")
+            .with_counter(counted),
     );
     table.add_set(
         Set::verdict_map(NO_ENDPOINT_NODEPORTS, port_key_type)
-            .with_comment("vmap to drop or reject packets to service nodeports with no endpoints"),
+            .with_comment("vmap to drop or reject packets to service nodeports with no endpoints")
+            .with_counter(counted),
     );
     table.add_set(
         Set::verdict_map(FIREWALL_IPS, address_key)

@@ -1,5 +1,5 @@
 //! Statements more than one part of the layout writes: how local pod traffic is told
-//! apart, and the request to masquerade.
+//! apart, the request to masquerade, and counters.
 //!
 //! Invariant: a leaf of the crate (it uses no other module of it but the root's helpers),
 //! so the skeleton and the balancers can both use it without depending on each other.
@@ -28,4 +28,16 @@ pub(crate) fn local_traffic_match(state: &ProxyState, local: bool) -> Option<Stm
 /// `meta mark set meta mark | MARK`: ask `masquerading` to SNAT this connection.
 pub(crate) fn mark_for_masquerade(state: &ProxyState) -> Stmt {
     Stmt::SetMark(MarkOp::Or(state.masquerade_mark))
+}
+
+/// Whether the `services` chain marks ClusterIP traffic for masquerading (all of it, or
+/// what does not come from local pods), and so needs its set of ClusterIPs.
+pub(crate) fn masquerades_cluster_ips(state: &ProxyState) -> bool {
+    state.masquerade_all || local_traffic_match(state, false).is_some()
+}
+
+/// `counter`, in a rule whose matches decide an outcome nftproxy reports, when the
+/// state counts connections.
+pub(crate) fn counter(state: &ProxyState) -> Option<Stmt> {
+    state.service_counters.then_some(Stmt::Counter)
 }

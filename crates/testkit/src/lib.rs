@@ -149,14 +149,15 @@ pub fn golden_tables() -> Vec<(String, nftproxy_nft::Table)> {
 
 /// `nft list` output made comparable: the kernel lists chains and sets in creation order
 /// and elements in hash order, so blocks and elements are sorted; blank lines and
-/// indentation are dropped. nft names layer-4 protocols from `/etc/protocols`, and prints
+/// indentation are dropped, and so are the numbers of counters (`counter packets 3
+/// bytes 180` reads `counter`, as nftproxy writes it). nft names layer-4 protocols from `/etc/protocols`, and prints
 /// numbers on a host without it, so a number that stands alone where a protocol may
 /// (6, 17, 132) reads as its name on either side of a comparison.
 pub fn normalise_listing(listing: &str) -> String {
     let mut blocks: Vec<Vec<String>> = Vec::new();
     let mut current: Vec<String> = Vec::new();
     let mut elements: Option<String> = None;
-    let named = named_protocols(listing);
+    let named = without_counts(&named_protocols(listing));
     let mut lines: Vec<&str> = named
         .lines()
         .map(str::trim)
@@ -195,6 +196,30 @@ pub fn normalise_listing(listing: &str) -> String {
         .collect();
     blocks.sort();
     blocks.join("\n")
+}
+
+/// `text` with every `counter packets N bytes M` cut to `counter`.
+fn without_counts(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        if !line.contains("counter packets ") {
+            out.push_str(line);
+            out.push('\n');
+            continue;
+        }
+        let mut words = line.split(' ').peekable();
+        let mut kept = Vec::new();
+        while let Some(word) = words.next() {
+            kept.push(word);
+            if word == "counter" && words.peek() == Some(&"packets") {
+                // `packets N bytes M`
+                words.by_ref().take(4).for_each(drop);
+            }
+        }
+        out.push_str(&kept.join(" "));
+        out.push('\n');
+    }
+    out
 }
 
 /// `nft list` output with the protocol numbers nftproxy uses (a word of their own: 6, 17,
@@ -323,6 +348,15 @@ mod tests {
         assert_eq!(normalise_listing(a), normalise_listing(b));
         let c = a.replace("drop", "accept");
         assert_ne!(normalise_listing(a), normalise_listing(&c));
+    }
+
+    #[test]
+    fn counters_compare_without_their_numbers() {
+        let listed = "\t\telements = { 10.0.0.1 counter packets 3 bytes 180 comment \"a\" }\n\t\tip daddr 10.0.0.0/8 counter packets 0 bytes 0 drop\n";
+        let written = "\t\telements = { 10.0.0.1 counter comment \"a\" }\n\t\tip daddr 10.0.0.0/8 counter drop\n";
+        assert_eq!(normalise_listing(listed), normalise_listing(written));
+        let other = written.replace("counter drop", "drop");
+        assert_ne!(normalise_listing(listed), normalise_listing(&other));
     }
 
     #[test]

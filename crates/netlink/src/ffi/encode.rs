@@ -425,7 +425,8 @@ impl Messages {
             let borrowed: Vec<(u8, &[u8])> =
                 entries.iter().map(|(k, v)| (*k, v.as_slice())).collect();
             let data = userdata(&borrowed);
-            bound += attr(data.len());
+            // The counter's nest: its name and two 64-bit numbers.
+            bound += attr(data.len()) + if set.counter { 64 } else { 0 };
             let data_type_and_len = if set.data == [DataType::Verdict] {
                 Some((libc::NFT_DATA_VERDICT, 0))
             } else {
@@ -460,6 +461,14 @@ impl Messages {
                     sys::nftnl_set_set_u32(obj.ptr(), sys::NFTNL_SET_DESC_SIZE as u16, size);
                 }
                 sys::nftnl_set_set_u32(obj.ptr(), sys::NFTNL_SET_ID as u16, id);
+                if set.counter {
+                    let counter = super::expr::build_expr(&RawExpr::Counter {
+                        packets: 0,
+                        bytes: 0,
+                    })?;
+                    // The set takes the expression over (and frees it with itself).
+                    sys::nftnl_set_add_expr(obj.ptr(), counter.into_raw());
+                }
                 sys::nftnl_set_set_data(
                     obj.ptr(),
                     sys::NFTNL_SET_USERDATA as u16,

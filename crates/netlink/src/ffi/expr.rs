@@ -21,6 +21,11 @@ impl ExprObj {
         unsafe { sys::nftnl_expr_set_u32(self.0.as_ptr(), attr as u16, value) }
     }
 
+    fn u64(&self, attr: u32, value: u64) {
+        // SAFETY: the expression is live; libnftnl validates the attribute id.
+        unsafe { sys::nftnl_expr_set_u64(self.0.as_ptr(), attr as u16, value) }
+    }
+
     fn data(&self, attr: u32, value: &[u8]) {
         // SAFETY: the expression is live; `value` outlives the call and is copied.
         unsafe {
@@ -63,6 +68,7 @@ pub(super) fn build_expr(raw: &RawExpr) -> Result<ExprObj, Error> {
         RawExpr::Dnat { .. } => "nat",
         RawExpr::Masq { .. } => "masq",
         RawExpr::Reject { .. } => "reject",
+        RawExpr::Counter { .. } => "counter",
     };
     let cname = cstring(name)?;
     // SAFETY: `cname` is a valid NUL-terminated expression name.
@@ -186,6 +192,10 @@ pub(super) fn build_expr(raw: &RawExpr) -> Result<ExprObj, Error> {
                 sys::nftnl_expr_set_u8(expr.0.as_ptr(), sys::NFTNL_EXPR_REJECT_CODE as u16, *code)
             };
         }
+        RawExpr::Counter { packets, bytes } => {
+            expr.u64(sys::NFTNL_EXPR_CTR_PACKETS, *packets);
+            expr.u64(sys::NFTNL_EXPR_CTR_BYTES, *bytes);
+        }
     }
     Ok(expr)
 }
@@ -195,6 +205,11 @@ pub(super) fn build_expr(raw: &RawExpr) -> Result<ExprObj, Error> {
 fn expr_u32(expr: *const sys::nftnl_expr, attr: u32) -> u32 {
     // SAFETY: `expr` is a live expression of a live rule; absent attributes read as 0.
     unsafe { sys::nftnl_expr_get_u32(expr, attr as u16) }
+}
+
+fn expr_u64(expr: *const sys::nftnl_expr, attr: u32) -> u64 {
+    // SAFETY: as above.
+    unsafe { sys::nftnl_expr_get_u64(expr, attr as u16) }
 }
 
 fn expr_is_set(expr: *const sys::nftnl_expr, attr: u32) -> bool {
@@ -298,6 +313,10 @@ pub(super) fn raw_expr(expr: *const sys::nftnl_expr) -> Result<RawExpr, Error> {
             kind: u(sys::NFTNL_EXPR_REJECT_TYPE),
             // SAFETY: the expression is live.
             code: unsafe { sys::nftnl_expr_get_u8(expr, sys::NFTNL_EXPR_REJECT_CODE as u16) },
+        },
+        "counter" => RawExpr::Counter {
+            packets: expr_u64(expr, sys::NFTNL_EXPR_CTR_PACKETS),
+            bytes: expr_u64(expr, sys::NFTNL_EXPR_CTR_BYTES),
         },
         other => {
             return Err(Error::Decode(format!(

@@ -17,8 +17,8 @@ use std::ptr::NonNull;
 use libc::nlmsghdr;
 use nftnl_sys as sys;
 use nftproxy_nft::{
-    BaseChain, Chain, ChainType, DataType, Element, Family, Hook, Priority, Rule, Set, TypeOf,
-    Verdict,
+    BaseChain, Chain, ChainType, Count, CountedRule, DataType, Element, Family, Hook, Priority,
+    Rule, Set, TypeOf, Verdict,
 };
 
 use crate::Error;
@@ -197,8 +197,8 @@ mod parse;
 pub(crate) use encode::Messages;
 pub use encode::rule_bytecode;
 pub(crate) use parse::{
-    parse_chain, parse_elements, parse_generation, parse_rule, parse_rule_handle, parse_rule_jumps,
-    parse_set, parse_table,
+    parse_chain, parse_counted_rule, parse_elements, parse_generation, parse_rule,
+    parse_rule_handle, parse_rule_jumps, parse_set, parse_table,
 };
 
 #[cfg(test)]

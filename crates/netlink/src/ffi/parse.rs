@@ -160,17 +160,59 @@ pub(crate) fn parse_rule(
     family: Family,
 ) -> Result<(String, String, Rule), Error> {
     let (rule, table, chain) = rule_message(message)?;
-    let p = rule.ptr();
+    let (raw, _) = raw_of(&rule)?;
+    let rule = rule_of(&rule, &chain, family, &raw)?;
+    Ok((table, chain, rule))
+}
+
+/// A rule with a `counter` statement, from a GETRULE reply: its table, chain, handle,
+/// the rule and its counter; `None` for a rule without one.
+pub(crate) fn parse_counted_rule(
+    message: Message<'_>,
+    family: Family,
+) -> Result<Option<(String, CountedRule)>, Error> {
+    let (rule, table, chain) = rule_message(message)?;
+    let (raw, count) = raw_of(&rule)?;
+    let Some(count) = count else {
+        return Ok(None);
+    };
+    let parsed = rule_of(&rule, &chain, family, &raw)?;
+    // SAFETY: `rule` is live.
+    let handle = unsafe { sys::nftnl_rule_get_u64(rule.ptr(), sys::NFTNL_RULE_HANDLE as u16) };
+    Ok(Some((
+        table,
+        CountedRule {
+            chain,
+            handle,
+            rule: parsed,
+            count,
+        },
+    )))
+}
+
+/// A parsed rule object's expressions, with the numbers of its first counter.
+fn raw_of(rule: &RuleObj) -> Result<(Vec<RawExpr>, Option<Count>), Error> {
     let mut raw = Vec::new();
-    each_expr(&rule, |expr| {
-        raw.push(raw_expr(expr)?);
+    let mut count = None;
+    each_expr(rule, |expr| {
+        let expr = raw_expr(expr)?;
+        if let RawExpr::Counter { packets, bytes } = expr {
+            count.get_or_insert(Count { packets, bytes });
+        }
+        raw.push(expr);
         Ok(())
     })?;
-    let stmts = lower::raise(family, &raw)
+    Ok((raw, count))
+}
+
+/// A parsed rule object, whose expressions are `raw`, raised to a rule.
+fn rule_of(rule: &RuleObj, chain: &str, family: Family, raw: &[RawExpr]) -> Result<Rule, Error> {
+    let stmts = lower::raise(family, raw)
         .map_err(|e| Error::Decode(format!("a rule in chain {chain}: {e}")))?;
     let mut len = 0u32;
     // SAFETY: `rule` is live; the buffer holds `len` bytes while it lives.
-    let ptr = unsafe { sys::nftnl_rule_get_data(p, sys::NFTNL_RULE_USERDATA as u16, &mut len) };
+    let ptr =
+        unsafe { sys::nftnl_rule_get_data(rule.ptr(), sys::NFTNL_RULE_USERDATA as u16, &mut len) };
     let comment = if ptr.is_null() {
         None
     } else {
@@ -180,14 +222,27 @@ pub(crate) fn parse_rule(
             sys::NFTNL_UDATA_RULE_COMMENT as u8,
         )
     };
-    Ok((
-        table,
-        chain,
-        Rule {
-            stmts: stmts.into(),
-            comment,
-        },
-    ))
+    Ok(Rule {
+        stmts: stmts.into(),
+        comment,
+    })
+}
+
+/// Keeps the numbers of the first `counter` among the expressions of a set or an
+/// element (`nftnl_*_expr_foreach` calls it once per expression).
+unsafe extern "C" fn first_counter(
+    expr: *mut sys::nftnl_expr,
+    found: *mut std::ffi::c_void,
+) -> std::ffi::c_int {
+    // SAFETY: `found` is the `Option<Count>` the caller lent for this walk, which nothing
+    // else touches while it runs.
+    let found = unsafe { &mut *found.cast::<Option<Count>>() };
+    if found.is_none()
+        && let Ok(RawExpr::Counter { packets, bytes }) = raw_expr(expr)
+    {
+        *found = Some(Count { packets, bytes });
+    }
+    0
 }
 
 /// A set declaration parsed from a GETSET reply, with its table.
@@ -248,12 +303,21 @@ pub(crate) fn parse_set(message: Message<'_>) -> Result<(String, Set), Error> {
         // kernel's default, not something the set was created with.
         decoded.size = size.filter(|s| *s != 0 && !(decoded.dynamic && *s == DYNSET_DEFAULT_SIZE));
         decoded.comment = comment;
+        let mut counter: Option<Count> = None;
+        let found = (&raw mut counter).cast();
+        // SAFETY: `set` is live; `found` points at `counter`, alive for the walk.
+        sys::nftnl_set_expr_foreach(p, Some(first_counter), found);
+        decoded.counter = counter.is_some();
         Ok((table, decoded))
     }
 }
 
-/// The elements of a GETSETELEM reply, decoded with the set's key types.
-pub(crate) fn parse_elements(message: Message<'_>, set: &Set) -> Result<Vec<Element>, Error> {
+/// The elements of a GETSETELEM reply, decoded with the set's key types, each with its
+/// counter's numbers when the set counts.
+pub(crate) fn parse_elements(
+    message: Message<'_>,
+    set: &Set,
+) -> Result<Vec<(Element, Option<Count>)>, Error> {
     let obj = SetObj::new();
     // SAFETY: a `Message` is a whole message of `nlmsg_len` readable bytes, borrowed for the call; `obj` is live.
     if unsafe { sys::nftnl_set_elems_nlmsg_parse(message.as_ptr(), obj.ptr()) } < 0 {
@@ -285,7 +349,10 @@ pub(crate) fn parse_elements(message: Message<'_>, set: &Set) -> Result<Vec<Elem
     result.map(|()| elements)
 }
 
-fn parse_element(elem: *mut sys::nftnl_set_elem, set: &Set) -> Result<Element, Error> {
+fn parse_element(
+    elem: *mut sys::nftnl_set_elem,
+    set: &Set,
+) -> Result<(Element, Option<Count>), Error> {
     let data = |attr: u32| {
         let mut len = 0u32;
         // SAFETY: `elem` is live (owned by the set being iterated); copied out.
@@ -328,7 +395,14 @@ fn parse_element(elem: *mut sys::nftnl_set_elem, set: &Set) -> Result<Element, E
         None => Element::mapped(key, value),
     };
     element.set_comment(comment);
-    Ok(element)
+    let mut count: Option<Count> = None;
+    if set.counter {
+        let found = (&raw mut count).cast();
+        // SAFETY: `elem` is live (owned by the set being iterated); `found` points at
+        // `count`, alive for the walk.
+        unsafe { sys::nftnl_set_elem_expr_foreach(elem, Some(first_counter), found) };
+    }
+    Ok((element, count))
 }
 
 /// A rule of any program's table, read only as far as cleaning up needs: its table,

@@ -311,6 +311,10 @@ pub fn lower(family: Family, stmts: &[Stmt]) -> Result<Vec<RawExpr>, LowerError>
                     Family::Ip6 => ICMPV6_PORT_UNREACH,
                 },
             }),
+            Stmt::Counter => out.push(RawExpr::Counter {
+                packets: 0,
+                bytes: 0,
+            }),
             Stmt::Verdict(verdict) => out.push(RawExpr::Verdict(verdict.clone())),
         }
     }

@@ -173,6 +173,14 @@ pub enum RawExpr {
         /// ICMP code.
         code: u8,
     },
+    /// `counter pkts PACKETS bytes BYTES` (written with zeros; read with the kernel's
+    /// numbers, which the rule's statements leave out).
+    Counter {
+        /// Packets counted.
+        packets: u64,
+        /// Bytes counted.
+        bytes: u64,
+    },
 }
 
 /// A rule that nftproxy cannot put into (or read out of) bytecode.

@@ -328,6 +328,7 @@ pub fn raise(family: Family, exprs: &[RawExpr]) -> Result<Vec<Stmt>, LowerError>
             } if *code == ICMP_PORT_UNREACH || *code == ICMPV6_PORT_UNREACH => {
                 stmts.push(Stmt::Reject)
             }
+            RawExpr::Counter { .. } => stmts.push(Stmt::Counter),
             RawExpr::Verdict(verdict) => stmts.push(Stmt::Verdict(verdict.clone())),
             other => return err(format!("unexpected expression {other:?}")),
         }
