@@ -78,6 +78,12 @@ pub struct Args {
     /// Masquerade all traffic sent to ClusterIPs.
     #[arg(long, global = true)]
     pub masquerade_all: bool,
+    /// Count new connections per Service port, outcome and endpoint in the kernel
+    /// (element counters; on by default): /metrics, `explain --live` and `top` show them.
+    /// `--service-counters=false` turns them off.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", action = clap::ArgAction::Set, global = true)]
+    pub service_counters: Option<bool>,
     /// The packet mark bit that requests masquerading, 0-31 (default 14: mark 0x4000).
     #[arg(long, value_name = "BIT", value_parser = clap::value_parser!(u8).range(0..=31), global = true)]
     pub masquerade_bit: Option<u8>,
@@ -138,6 +144,8 @@ const EXAMPLES: &str = "Examples:
   # Where does a packet go?
   nftproxy explain --manifests hack/examples/seed/ --node-ip 192.168.50.10 \\
            --from 203.0.113.9 --to 192.168.50.10:31000/tcp
+  # The busiest Services on this node, and those refusing connections
+  nftproxy top
   # The daemon, as the DaemonSet runs it (in-cluster credentials)
   nftproxy --config /var/lib/nftproxy/config.conf";
 
@@ -146,6 +154,17 @@ const EXAMPLES: &str = "Examples:
 pub enum Command {
     /// Show which rules the first packet of a connection passes and where it ends up.
     Explain(ExplainArgs),
+    /// List the Service ports with the most new connections, and those rejecting or
+    /// dropping them, from this network namespace's kernel counters.
+    Top(TopArgs),
+}
+
+/// `nftproxy top`.
+#[derive(Debug, clap::Args)]
+pub struct TopArgs {
+    /// Rows per list.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    pub limit: usize,
 }
 
 /// `nftproxy explain`.
@@ -160,7 +179,8 @@ pub struct ExplainArgs {
     /// The interface the packet arrives on (matters with interface-based detectLocalMode).
     #[arg(long, value_name = "NAME", default_value = "eth0")]
     pub iif: String,
-    /// Trace the rules in this network namespace's kernel instead of the manifests.
+    /// Trace the rules in this network namespace's kernel instead of the manifests, and
+    /// print the connection counters of the Services the packet reaches.
     #[arg(long)]
     pub live: bool,
     /// Output format.
@@ -253,6 +273,9 @@ impl Args {
         }
         if let Some(bit) = self.masquerade_bit {
             config.masquerade_bit = bit;
+        }
+        if let Some(counters) = self.service_counters {
+            config.service_counters = counters;
         }
         if let Some(mode) = &self.detect_local_mode {
             config.detect_local = parse_detect_local(

@@ -16,6 +16,8 @@ use nftproxy_netlink::{ConntrackSocket, NetlinkBackend};
 use nftproxy_nft::Scopes;
 use nftproxy_proxier::runner::{self, Input, Source, Timing};
 use nftproxy_proxier::{Desired, Monitor, Proxier};
+
+use crate::counters::Counters;
 use tracing::{info, warn};
 
 use crate::addresses::LocalAddresses;
@@ -47,6 +49,7 @@ pub fn run(
     runtime: &tokio::runtime::Runtime,
     mut proxier: KernelProxier,
     config: &DaemonConfig,
+    counters: Option<Arc<Counters>>,
     mode: Mode,
 ) -> Result<(), String> {
     runtime.block_on(async {
@@ -59,7 +62,11 @@ pub fn run(
             );
         }
         if let Some(address) = config.metrics_bind_address {
-            http::serve("/metrics", address, http::metrics_handler(monitor));
+            http::serve(
+                "/metrics",
+                address,
+                http::metrics_handler(monitor, counters),
+            );
         }
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

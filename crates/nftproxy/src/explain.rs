@@ -3,6 +3,7 @@
 //!
 //! Invariant: explain never changes the kernel; `--live` only reads nftproxy's own table.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -14,6 +15,7 @@ use nftproxy_render::TABLE_NAME;
 use serde_json::json;
 
 use crate::cli::{ExplainArgs, OutputFormat};
+use crate::counters::{self, Counters};
 
 /// The Service a per-service chain belongs to: `service-HASH-ns/name/proto/port`
 /// → `ns/name:port (proto)`.
@@ -134,6 +136,26 @@ pub fn run(
         Origin::Local => "sent by the node",
         Origin::Arriving => "arriving on an interface",
     };
+    // With --live, the kernel's counters of every Service an outcome reached.
+    let counted = if explain.live {
+        let mut named: Vec<String> = outcomes
+            .iter()
+            .flat_map(|o| services(&table, &packet, o))
+            .filter_map(|s| {
+                let end = s.find([':', ' ']).unwrap_or(s.len());
+                Some(s.get(..end)?.to_owned())
+            })
+            .collect();
+        named.sort();
+        named.dedup();
+        let connections = Counters::default().read()?;
+        counters::rows(&connections)
+            .into_iter()
+            .filter(|(label, _)| named.contains(&label.service_name()))
+            .collect()
+    } else {
+        Vec::new()
+    };
     let mut out = String::new();
     match explain.output {
         OutputFormat::Json => {
@@ -153,6 +175,16 @@ pub fn run(
                     "masquerade": o.masquerade,
                     "services": services(&table, &packet, o),
                     "rules": o.steps.iter().map(|s| json!({"hook": s.hook, "chain": s.chain, "index": s.index, "rule": s.rule})).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>(),
+                "counters": counted.iter().map(|(label, row)| json!({
+                    "namespace": label.namespace,
+                    "service": label.service,
+                    "port": label.port,
+                    "protocol": label.protocol,
+                    "forwarded": row.forwarded,
+                    "rejected": row.rejected,
+                    "dropped": row.dropped,
+                    "endpoints": row.endpoints.iter().map(|(e, n)| (e.to_string(), *n)).collect::<BTreeMap<_, _>>(),
                 })).collect::<Vec<_>>(),
             });
             let _ = writeln!(out, "{value:#}");
@@ -178,6 +210,18 @@ pub fn run(
                         "        {} > {} #{}: {}",
                         step.hook, step.chain, step.index, step.rule
                     );
+                }
+            }
+            if explain.live {
+                let _ = writeln!(out, "\nnew connections counted in the kernel:");
+                if counted.is_empty() {
+                    let _ = writeln!(
+                        out,
+                        "        none (no Service reached, or --service-counters=false)"
+                    );
+                }
+                for (label, row) in &counted {
+                    out.push_str(&counters::row_text(label, row));
                 }
             }
         }

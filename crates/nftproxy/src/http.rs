@@ -18,6 +18,8 @@ use nftproxy_proxier::health::Report;
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
+use crate::counters::{self, Counters};
+
 /// A response: status, content type, body, extra headers.
 pub struct Answer {
     pub status: StatusCode,
@@ -154,14 +156,28 @@ pub fn health_handler(monitor: Arc<Monitor>) -> impl Fn(&str) -> Answer + Send +
 }
 
 /// kube-proxy's metrics port: `/metrics`, plus its `/healthz` ("ok") and `/proxyMode`.
-pub fn metrics_handler(monitor: Arc<Monitor>) -> impl Fn(&str) -> Answer + Send + Sync {
+/// With `counters`, `/metrics` also reads the kernel's connection counters, on a thread
+/// that may block (the read is a few netlink dumps).
+pub fn metrics_handler(
+    monitor: Arc<Monitor>,
+    counters: Option<Arc<Counters>>,
+) -> impl Fn(&str) -> Answer + Send + Sync {
     move |path| match path {
-        "/metrics" => Answer {
-            status: StatusCode::OK,
-            content_type: "text/plain; version=0.0.4; charset=utf-8",
-            body: monitor.metrics.render(),
-            headers: Vec::new(),
-        },
+        "/metrics" => {
+            let mut body = monitor.metrics.render();
+            if let Some(counters) = &counters {
+                match tokio::task::block_in_place(|| counters.read()) {
+                    Ok(connections) => body.push_str(&counters::metrics_text(&connections)),
+                    Err(error) => warn!(%error, "cannot read the connection counters"),
+                }
+            }
+            Answer {
+                status: StatusCode::OK,
+                content_type: "text/plain; version=0.0.4; charset=utf-8",
+                body,
+                headers: Vec::new(),
+            }
+        }
         "/healthz" => Answer::text(StatusCode::OK, "ok"),
         "/proxyMode" => Answer::text(StatusCode::OK, "nftables"),
         other => not_found(other),

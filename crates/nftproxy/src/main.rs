@@ -7,6 +7,7 @@
 
 mod addresses;
 mod cli;
+mod counters;
 mod daemon;
 mod explain;
 mod health_check;
@@ -122,6 +123,10 @@ fn run(args: &Args) -> Result<(), Failure> {
         let removals = kube_proxy::plan(&mut backend).map_err(error)?;
         return emit(&kube_proxy::describe(&removals));
     }
+    if let Some(Command::Top(top)) = &args.command {
+        let connections = counters::Counters::default().read().map_err(error)?;
+        return emit(&counters::top_text(&connections, top.limit));
+    }
     if let Some(Command::Explain(explain)) = &args.command {
         let built = if args.manifests.is_empty() || explain.live {
             None
@@ -225,9 +230,13 @@ fn run_daemon(
     mode: impl FnOnce(Arc<Monitor>) -> daemon::Mode,
 ) -> Result<(), Failure> {
     let monitor = Arc::new(Monitor::new(config.sync_period));
+    let counters = desired
+        .config()
+        .service_counters
+        .then(|| Arc::new(counters::Counters::default()));
     let proxier = with_conntrack(kernel_proxier(desired, monitor.clone())?);
     let mode = mode(monitor);
-    daemon::run(runtime, proxier, config, mode).map_err(Failure::Error)
+    daemon::run(runtime, proxier, config, counters, mode).map_err(Failure::Error)
 }
 
 /// The pipeline over this network namespace's kernel.

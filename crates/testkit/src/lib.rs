@@ -182,7 +182,15 @@ pub fn normalise_listing(listing: &str) -> String {
         }
         if let Some(done) = elements.as_ref().filter(|e| e.ends_with('}')) {
             let inner = done.trim_end_matches('}').trim();
-            let mut items: Vec<&str> = inner.split(',').map(str::trim).collect();
+            // An element's counter is the set's doing (its `counter` line), which nft
+            // lists on every element and nftproxy writes once.
+            let mut items: Vec<String> = inner
+                .split(',')
+                .map(|item| {
+                    let words = item.split_whitespace().filter(|w| *w != "counter");
+                    words.collect::<Vec<_>>().join(" ")
+                })
+                .collect();
             items.sort_unstable();
             current.push(format!("elements = {{ {} }}", items.join(", ")));
             elements = None;
@@ -200,25 +208,18 @@ pub fn normalise_listing(listing: &str) -> String {
 
 /// `text` with every `counter packets N bytes M` cut to `counter`.
 fn without_counts(text: &str) -> String {
+    let digits = |t: &str| t.trim_start_matches(|c: char| c.is_ascii_digit()).len();
     let mut out = String::with_capacity(text.len());
-    for line in text.lines() {
-        if !line.contains("counter packets ") {
-            out.push_str(line);
-            out.push('\n');
-            continue;
-        }
-        let mut words = line.split(' ').peekable();
-        let mut kept = Vec::new();
-        while let Some(word) = words.next() {
-            kept.push(word);
-            if word == "counter" && words.peek() == Some(&"packets") {
-                // `packets N bytes M`
-                words.by_ref().take(4).for_each(drop);
-            }
-        }
-        out.push_str(&kept.join(" "));
-        out.push('\n');
+    let mut rest = text;
+    while let Some(at) = rest.find("counter packets ") {
+        let (before, after) = rest.split_at(at + "counter".len());
+        out.push_str(before);
+        let after = &after[" packets ".len()..];
+        let after = &after[after.len() - digits(after)..];
+        let after = after.strip_prefix(" bytes ").unwrap_or(after);
+        rest = &after[after.len() - digits(after)..];
     }
+    out.push_str(rest);
     out
 }
 

@@ -1,0 +1,296 @@
+//! Connection counters from the kernel: read from nftproxy's tables of this network
+//! namespace, totalled per Service port, outcome and endpoint, and shown as Prometheus
+//! metrics, in `explain --live` and by `nftproxy top`.
+//!
+//! Invariant: reading only lists nftproxy's own counted sets and rules; a total never
+//! goes down while its Service port exists ([`Totals`] carries deleted counters).
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+
+use nftproxy_netlink::NetlinkBackend;
+use nftproxy_nft::Family;
+use nftproxy_render::TABLE_NAME;
+use nftproxy_render::counters::{Counted, Outcome, ServicePortLabel, Totals};
+
+/// Totals by what they count, both families added up.
+pub type Connections = BTreeMap<Counted, u64>;
+
+/// The totals of both families' tables, kept across readings.
+#[derive(Debug, Default)]
+pub struct Counters {
+    totals: Mutex<[Totals; 2]>,
+}
+
+impl Counters {
+    /// Reads both tables' counters now and returns the totals.
+    pub fn read(&self) -> Result<Connections, String> {
+        let mut backend = NetlinkBackend::open().map_err(|e| e.to_string())?;
+        let mut totals = self
+            .totals
+            .lock()
+            .map_err(|_| "the counter totals were poisoned by a panic".to_owned())?;
+        let mut all = Connections::new();
+        for (family, family_totals) in [Family::Ip, Family::Ip6].into_iter().zip(totals.iter_mut())
+        {
+            let reading = backend
+                .counters(family, TABLE_NAME)
+                .map_err(|e| format!("reading the counters of {family} {TABLE_NAME}: {e}"))?
+                .unwrap_or_default();
+            for (counted, n) in family_totals.update(&reading) {
+                *all.entry(counted).or_default() += n;
+            }
+        }
+        Ok(all)
+    }
+}
+
+/// One Service port's connections by outcome, and per endpoint.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Row {
+    pub forwarded: u64,
+    pub rejected: u64,
+    pub dropped: u64,
+    pub endpoints: BTreeMap<SocketAddr, u64>,
+}
+
+impl Row {
+    fn total(&self) -> u64 {
+        self.forwarded + self.rejected + self.dropped
+    }
+}
+
+/// The totals gathered by Service port.
+pub fn rows(connections: &Connections) -> BTreeMap<ServicePortLabel, Row> {
+    let mut rows: BTreeMap<ServicePortLabel, Row> = BTreeMap::new();
+    for (counted, n) in connections {
+        match counted {
+            Counted::Service(label, outcome) => {
+                let row = rows.entry(label.clone()).or_default();
+                match outcome {
+                    Outcome::Forwarded => row.forwarded += n,
+                    Outcome::Rejected => row.rejected += n,
+                    Outcome::Dropped => row.dropped += n,
+                }
+            }
+            Counted::Endpoint(label, endpoint) => {
+                *rows
+                    .entry(label.clone())
+                    .or_default()
+                    .endpoints
+                    .entry(*endpoint)
+                    .or_default() += n;
+            }
+            Counted::Unallocated => {}
+        }
+    }
+    rows
+}
+
+/// A label value in the Prometheus text format.
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// `namespace="…",service="…",port="…",protocol="…"`
+fn port_labels(label: &ServicePortLabel) -> String {
+    format!(
+        "namespace=\"{}\",service=\"{}\",port=\"{}\",protocol=\"{}\"",
+        escape(&label.namespace),
+        escape(&label.service),
+        escape(&label.port),
+        escape(&label.protocol)
+    )
+}
+
+/// `ip:port`, IPv6 in brackets.
+fn endpoint_label(endpoint: &SocketAddr) -> String {
+    endpoint.to_string()
+}
+
+/// The totals as Prometheus text: `nftproxy_service_connections_total`,
+/// `nftproxy_endpoint_connections_total` and
+/// `nftproxy_unallocated_service_address_connections_total`.
+pub fn metrics_text(connections: &Connections) -> String {
+    let mut services = String::new();
+    let mut endpoints = String::new();
+    let mut unallocated = 0;
+    for (counted, n) in connections {
+        match counted {
+            Counted::Service(label, outcome) => {
+                let _ = writeln!(
+                    services,
+                    "nftproxy_service_connections_total{{{},outcome=\"{}\"}} {n}",
+                    port_labels(label),
+                    outcome.as_str()
+                );
+            }
+            Counted::Endpoint(label, endpoint) => {
+                let _ = writeln!(
+                    endpoints,
+                    "nftproxy_endpoint_connections_total{{{},endpoint=\"{}\"}} {n}",
+                    port_labels(label),
+                    endpoint_label(endpoint)
+                );
+            }
+            Counted::Unallocated => unallocated += n,
+        }
+    }
+    let mut out = String::new();
+    let mut family = |name: &str, help: &str, body: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} counter");
+        out.push_str(body);
+    };
+    family(
+        "nftproxy_service_connections_total",
+        "New connections to a Service port, by what became of them, counted in the kernel",
+        &services,
+    );
+    family(
+        "nftproxy_endpoint_connections_total",
+        "New connections a Service port sent to an endpoint, counted in the kernel",
+        &endpoints,
+    );
+    family(
+        "nftproxy_unallocated_service_address_connections_total",
+        "New connections to addresses of the Service CIDRs that no Service holds (dropped)",
+        &format!("nftproxy_unallocated_service_address_connections_total {unallocated}\n"),
+    );
+    out
+}
+
+/// A terminal table of the busiest Service ports (by all their connections), then of
+/// those rejecting or dropping, at most `limit` rows each.
+pub fn top_text(connections: &Connections, limit: usize) -> String {
+    let rows = rows(connections);
+    let mut busiest: Vec<(&ServicePortLabel, &Row)> =
+        rows.iter().filter(|(_, r)| r.total() > 0).collect();
+    busiest.sort_by(|a, b| b.1.total().cmp(&a.1.total()).then_with(|| a.0.cmp(b.0)));
+    let mut refusing: Vec<(&ServicePortLabel, &Row)> = rows
+        .iter()
+        .filter(|(_, r)| r.rejected + r.dropped > 0)
+        .collect();
+    refusing.sort_by(|a, b| {
+        (b.1.rejected + b.1.dropped)
+            .cmp(&(a.1.rejected + a.1.dropped))
+            .then_with(|| a.0.cmp(b.0))
+    });
+    let mut out = String::new();
+    let table = |out: &mut String, title: &str, list: &[(&ServicePortLabel, &Row)]| {
+        let _ = writeln!(out, "{title}");
+        if list.is_empty() {
+            let _ = writeln!(out, "  (none)");
+            return;
+        }
+        let names: Vec<String> = list.iter().map(|(l, _)| service_port_text(l)).collect();
+        let width = names.iter().map(String::len).max().unwrap_or(0).max(12);
+        let _ = writeln!(
+            out,
+            "  {:<width$}  {:>10}  {:>10}  {:>10}  {:>9}",
+            "SERVICE PORT", "FORWARDED", "REJECTED", "DROPPED", "ENDPOINTS"
+        );
+        for (name, (_, row)) in names.iter().zip(list.iter().take(limit)) {
+            let _ = writeln!(
+                out,
+                "  {name:<width$}  {:>10}  {:>10}  {:>10}  {:>9}",
+                row.forwarded,
+                row.rejected,
+                row.dropped,
+                row.endpoints.len()
+            );
+        }
+    };
+    table(
+        &mut out,
+        "Busiest Service ports (new connections):",
+        &busiest,
+    );
+    let _ = writeln!(out);
+    table(&mut out, "Rejecting or dropping:", &refusing);
+    let unallocated = connections.get(&Counted::Unallocated).copied().unwrap_or(0);
+    if unallocated > 0 {
+        let _ = writeln!(
+            out,
+            "\n{unallocated} connections to unallocated Service addresses were dropped."
+        );
+    }
+    out
+}
+
+/// `ns/name:port/PROTO`, or `ns/name (ports it does not define)`.
+pub fn service_port_text(label: &ServicePortLabel) -> String {
+    if label.port.is_empty() {
+        format!("{} (ports it does not define)", label.service_name())
+    } else {
+        format!("{}:{}/{}", label.service_name(), label.port, label.protocol)
+    }
+}
+
+/// A Service port's counters, for `explain --live`: its outcomes, then its endpoints.
+pub fn row_text(label: &ServicePortLabel, row: &Row) -> String {
+    let mut out = format!(
+        "        {}: {} forwarded, {} rejected, {} dropped\n",
+        service_port_text(label),
+        row.forwarded,
+        row.rejected,
+        row.dropped
+    );
+    for (endpoint, n) in &row.endpoints {
+        let _ = writeln!(out, "          endpoint {}: {n}", endpoint_label(endpoint));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn label(port: &str) -> ServicePortLabel {
+        ServicePortLabel {
+            namespace: "ns".into(),
+            service: "web".into(),
+            port: port.into(),
+            protocol: "TCP".into(),
+        }
+    }
+
+    #[test]
+    fn metrics_name_every_series_with_its_labels() {
+        let endpoint: SocketAddr = "[fd00::1]:8080".parse().expect("test address");
+        let connections = Connections::from([
+            (Counted::Service(label("http"), Outcome::Forwarded), 7),
+            (Counted::Endpoint(label("http"), endpoint), 7),
+            (Counted::Unallocated, 2),
+        ]);
+        let text = metrics_text(&connections);
+        assert!(text.contains("nftproxy_service_connections_total{namespace=\"ns\",service=\"web\",port=\"http\",protocol=\"TCP\",outcome=\"forwarded\"} 7\n"), "{text}");
+        assert!(text.contains("nftproxy_endpoint_connections_total{namespace=\"ns\",service=\"web\",port=\"http\",protocol=\"TCP\",endpoint=\"[fd00::1]:8080\"} 7\n"), "{text}");
+        assert!(text.contains("nftproxy_unallocated_service_address_connections_total 2\n"));
+        assert_eq!(escape("a\"b\\c"), "a\\\"b\\\\c");
+    }
+
+    #[test]
+    fn top_lists_the_busiest_and_the_refusing() {
+        let connections = Connections::from([
+            (Counted::Service(label("http"), Outcome::Forwarded), 7),
+            (Counted::Service(label("admin"), Outcome::Rejected), 3),
+        ]);
+        let text = top_text(&connections, 10);
+        let busiest = text.split("Rejecting").next().unwrap_or_default();
+        assert!(
+            busiest.find("ns/web:http/TCP") < busiest.find("ns/web:admin/TCP"),
+            "{text}"
+        );
+        let refusing = text.split("Rejecting").nth(1).unwrap_or_default();
+        assert!(
+            refusing.contains("ns/web:admin/TCP") && !refusing.contains("http"),
+            "{text}"
+        );
+    }
+}
