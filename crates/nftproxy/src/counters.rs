@@ -1,6 +1,7 @@
 //! Connection counters from the kernel: read from nftproxy's tables of this network
-//! namespace, totalled per Service port, outcome and endpoint, and shown as Prometheus
-//! metrics, in `explain --live` and by `nftproxy top`.
+//! namespace, totalled per Service port, outcome and endpoint, for `/metrics`
+//! ([`nftproxy_proxier::metrics::connections_text`]), `explain --live` and `nftproxy
+//! top`.
 //!
 //! Invariant: reading only lists nftproxy's own counted sets and rules; a total never
 //! goes down while its Service port exists ([`Totals`] carries deleted counters).
@@ -89,82 +90,6 @@ pub fn rows(connections: &Connections) -> BTreeMap<ServicePortLabel, Row> {
     rows
 }
 
-/// A label value in the Prometheus text format.
-fn escape(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-/// `namespace="…",service="…",port="…",protocol="…"`
-fn port_labels(label: &ServicePortLabel) -> String {
-    format!(
-        "namespace=\"{}\",service=\"{}\",port=\"{}\",protocol=\"{}\"",
-        escape(&label.namespace),
-        escape(&label.service),
-        escape(&label.port),
-        escape(&label.protocol)
-    )
-}
-
-/// `ip:port`, IPv6 in brackets.
-fn endpoint_label(endpoint: &SocketAddr) -> String {
-    endpoint.to_string()
-}
-
-/// The totals as Prometheus text: `nftproxy_service_connections_total`,
-/// `nftproxy_endpoint_connections_total` and
-/// `nftproxy_unallocated_service_address_connections_total`.
-pub fn metrics_text(connections: &Connections) -> String {
-    let mut services = String::new();
-    let mut endpoints = String::new();
-    let mut unallocated = 0;
-    for (counted, n) in connections {
-        match counted {
-            Counted::Service(label, outcome) => {
-                let _ = writeln!(
-                    services,
-                    "nftproxy_service_connections_total{{{},outcome=\"{}\"}} {n}",
-                    port_labels(label),
-                    outcome.as_str()
-                );
-            }
-            Counted::Endpoint(label, endpoint) => {
-                let _ = writeln!(
-                    endpoints,
-                    "nftproxy_endpoint_connections_total{{{},endpoint=\"{}\"}} {n}",
-                    port_labels(label),
-                    endpoint_label(endpoint)
-                );
-            }
-            Counted::Unallocated => unallocated += n,
-        }
-    }
-    let mut out = String::new();
-    let mut family = |name: &str, help: &str, body: &str| {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} counter");
-        out.push_str(body);
-    };
-    family(
-        "nftproxy_service_connections_total",
-        "New connections to a Service port, by what became of them, counted in the kernel",
-        &services,
-    );
-    family(
-        "nftproxy_endpoint_connections_total",
-        "New connections a Service port sent to an endpoint, counted in the kernel",
-        &endpoints,
-    );
-    family(
-        "nftproxy_unallocated_service_address_connections_total",
-        "New connections to addresses of the Service CIDRs that no Service holds (dropped)",
-        &format!("nftproxy_unallocated_service_address_connections_total {unallocated}\n"),
-    );
-    out
-}
-
 /// A terminal table of the busiest Service ports (by all their connections), then of
 /// those rejecting or dropping, at most `limit` rows each.
 pub fn top_text(connections: &Connections, limit: usize) -> String {
@@ -242,7 +167,7 @@ pub fn row_text(label: &ServicePortLabel, row: &Row) -> String {
         row.dropped
     );
     for (endpoint, n) in &row.endpoints {
-        let _ = writeln!(out, "          endpoint {}: {n}", endpoint_label(endpoint));
+        let _ = writeln!(out, "          endpoint {}: {n}", endpoint);
     }
     out
 }
@@ -258,21 +183,6 @@ mod tests {
             port: port.into(),
             protocol: "TCP".into(),
         }
-    }
-
-    #[test]
-    fn metrics_name_every_series_with_its_labels() {
-        let endpoint: SocketAddr = "[fd00::1]:8080".parse().expect("test address");
-        let connections = Connections::from([
-            (Counted::Service(label("http"), Outcome::Forwarded), 7),
-            (Counted::Endpoint(label("http"), endpoint), 7),
-            (Counted::Unallocated, 2),
-        ]);
-        let text = metrics_text(&connections);
-        assert!(text.contains("nftproxy_service_connections_total{namespace=\"ns\",service=\"web\",port=\"http\",protocol=\"TCP\",outcome=\"forwarded\"} 7\n"), "{text}");
-        assert!(text.contains("nftproxy_endpoint_connections_total{namespace=\"ns\",service=\"web\",port=\"http\",protocol=\"TCP\",endpoint=\"[fd00::1]:8080\"} 7\n"), "{text}");
-        assert!(text.contains("nftproxy_unallocated_service_address_connections_total 2\n"));
-        assert_eq!(escape("a\"b\\c"), "a\\\"b\\\\c");
     }
 
     #[test]

@@ -14,11 +14,12 @@ use http_body_util::Full;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use nftproxy_proxier::Monitor;
+use nftproxy_proxier::metrics::connections_text;
 use nftproxy_proxier::health::Report;
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
-use crate::counters::{self, Counters};
+use crate::counters::Counters;
 
 /// A response: status, content type, body, extra headers.
 pub struct Answer {
@@ -167,7 +168,7 @@ pub fn metrics_handler(
             let mut body = monitor.metrics.render();
             if let Some(counters) = &counters {
                 match tokio::task::block_in_place(|| counters.read()) {
-                    Ok(connections) => body.push_str(&counters::metrics_text(&connections)),
+                    Ok(connections) => body.push_str(&connections_text(&connections)),
                     Err(error) => warn!(%error, "cannot read the connection counters"),
                 }
             }

@@ -169,3 +169,75 @@ fn the_configmap_points_nftproxy_at_the_api_server_with_its_token() {
         "{authorizations:?}"
     );
 }
+
+/// Every string under an `expr` key, wherever it sits in the dashboard.
+fn queries(value: &Value, out: &mut Vec<String>) {
+    match value {
+        Value::Object(fields) => {
+            for (key, field) in fields {
+                match (key.as_str(), field) {
+                    ("expr", Value::String(expr)) => out.push(expr.clone()),
+                    _ => queries(field, out),
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|item| queries(item, out)),
+        _ => {}
+    }
+}
+
+/// The metric names a PromQL query reads: its words that start like ours or upstream's,
+/// a histogram's `_bucket`/`_count`/`_sum` series taken as the histogram.
+fn metrics_read(query: &str, known: &[String]) -> Vec<String> {
+    query
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        .filter(|word| word.starts_with("kubeproxy_") || word.starts_with("nftproxy_"))
+        .map(|word| {
+            ["_bucket", "_count", "_sum"]
+                .iter()
+                .filter_map(|suffix| word.strip_suffix(suffix))
+                .find(|base| known.iter().any(|k| k == base))
+                .unwrap_or(word)
+                .to_owned()
+        })
+        .collect()
+}
+
+#[test]
+fn every_dashboard_query_reads_metrics_nftproxy_exports() {
+    let text = std::fs::read_to_string(repo_root().join("hack/deploy/grafana-dashboard.json"))
+        .expect("hack/deploy/grafana-dashboard.json");
+    let dashboard: Value = serde_json::from_str(&text).expect("valid JSON");
+    assert_eq!(dashboard["uid"], "nftproxy");
+    let known = nftproxy_proxier::metrics::Metrics::new().names();
+    let mut all = Vec::new();
+    queries(&dashboard, &mut all);
+    let panels = dashboard["panels"].as_array().expect("panels");
+    assert!(!panels.is_empty());
+    for panel in panels {
+        let targets = panel["targets"].as_array().expect("every panel has queries");
+        assert!(!targets.is_empty(), "{}", panel["title"]);
+    }
+    let mut read = Vec::new();
+    for query in &all {
+        let names = metrics_read(query, &known);
+        assert!(!names.is_empty(), "a query that reads no metric: {query}");
+        for name in names {
+            assert!(known.contains(&name), "{name} is not exported (in {query})");
+            read.push(name);
+        }
+    }
+    // What the dashboard is for: syncs, their rate, programming latency, failures, and
+    // connections by Service, outcome and endpoint.
+    for wanted in [
+        "kubeproxy_sync_proxy_rules_duration_seconds",
+        "kubeproxy_network_programming_duration_seconds",
+        "kubeproxy_sync_proxy_rules_nftables_sync_failures_total",
+        "nftproxy_service_connections_total",
+        "nftproxy_endpoint_connections_total",
+    ] {
+        assert!(read.iter().any(|r| r == wanted), "no panel reads {wanted}");
+    }
+    // A misspelt name is caught: the check is not vacuous.
+    assert!(!known.contains(&"kubeproxy_sync_proxy_rules_duration".to_owned()));
+}

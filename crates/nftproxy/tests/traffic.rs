@@ -365,12 +365,14 @@ fn trio(endpoints: &[&str]) -> String {
 fn endpoint_map(topology: &Topology) -> String {
     let output = Command::new("ip")
         .args(["netns", "exec", &topology.ns("node")])
-        .args(["nft", "list", "map", "ip", "nftproxy", "tcp-endpoints-4"])
+        .args(["nft", "-s", "list", "map", "ip", "nftproxy", "tcp-endpoints-4"])
         .output()
         .expect("nft runs");
     assert!(output.status.success());
+    // Without the elements' counters (`-s` lists each as `counter`).
     String::from_utf8_lossy(&output.stdout)
         .split_whitespace()
+        .filter(|word| *word != "counter")
         .collect::<Vec<_>>()
         .join(" ")
 }

@@ -5,9 +5,12 @@
 //! Invariant: every metric is registered once, in one registry that `/metrics` renders;
 //! `ip_family` is always `IPv4` or `IPv6`, as upstream spells it.
 
+use std::collections::BTreeMap;
+use std::fmt::Write;
 use std::time::{Duration, SystemTime};
 
 use nftproxy_nft::Family;
+use nftproxy_render::counters::{Counted, ServicePortLabel};
 use prometheus::{
     Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -17,6 +20,8 @@ use prometheus::{
 #[derive(Debug, Clone)]
 pub struct Metrics {
     registry: Registry,
+    /// Every registered metric's name.
+    names: Vec<String>,
     sync_duration: HistogramVec,
     last_sync: GaugeVec,
     last_queued: GaugeVec,
@@ -85,12 +90,15 @@ impl Metrics {
         let registry = Registry::new();
         // The names and label sets are constants; registering them into a new registry
         // cannot clash, so a failure here is a programming error caught by the tests.
+        let names = std::cell::RefCell::new(Vec::new());
         fn register<C: prometheus::core::Collector + Clone + 'static>(
-            registry: &Registry,
+            (registry, names): (&Registry, &std::cell::RefCell<Vec<String>>),
             collector: Result<C, prometheus::Error>,
         ) -> C {
             #[allow(clippy::expect_used, reason = "constant metric definitions")]
             let collector = collector.expect("valid metric definition");
+            let mut names = names.borrow_mut();
+            names.extend(collector.desc().iter().map(|d| d.fq_name.clone()));
             #[allow(clippy::expect_used, reason = "each name is registered once")]
             registry
                 .register(Box::new(collector.clone()))
@@ -99,7 +107,7 @@ impl Metrics {
         }
         let histogram = |name: &str, help: &str, buckets: Vec<f64>, labels: &[&str]| {
             register(
-                &registry,
+                (&registry, &names),
                 HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels),
             )
         };
@@ -127,7 +135,7 @@ impl Metrics {
                 family,
             ),
             last_sync: register(
-                &registry,
+                (&registry, &names),
                 GaugeVec::new(
                     Opts::new(
                         "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
@@ -137,7 +145,7 @@ impl Metrics {
                 ),
             ),
             last_queued: register(
-                &registry,
+                (&registry, &names),
                 GaugeVec::new(
                     Opts::new(
                         "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
@@ -147,7 +155,7 @@ impl Metrics {
                 ),
             ),
             sync_failures: register(
-                &registry,
+                (&registry, &names),
                 IntCounterVec::new(
                     Opts::new(
                         "kubeproxy_sync_proxy_rules_nftables_sync_failures_total",
@@ -157,7 +165,7 @@ impl Metrics {
                 ),
             ),
             no_local_endpoints: register(
-                &registry,
+                (&registry, &names),
                 IntGaugeVec::new(
                     Opts::new(
                         "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
@@ -167,7 +175,7 @@ impl Metrics {
                 ),
             ),
             healthz: register(
-                &registry,
+                (&registry, &names),
                 IntCounterVec::new(
                     Opts::new(
                         "kubeproxy_proxy_healthz_total",
@@ -177,7 +185,7 @@ impl Metrics {
                 ),
             ),
             livez: register(
-                &registry,
+                (&registry, &names),
                 IntCounterVec::new(
                     Opts::new(
                         "kubeproxy_proxy_livez_total",
@@ -187,7 +195,7 @@ impl Metrics {
                 ),
             ),
             conntrack_deleted: register(
-                &registry,
+                (&registry, &names),
                 IntCounterVec::new(
                     Opts::new(
                         "kubeproxy_conntrack_reconciler_deleted_entries_total",
@@ -197,54 +205,55 @@ impl Metrics {
                 ),
             ),
             operations: register(
-                &registry,
+                (&registry, &names),
                 IntCounter::new(
                     "nftproxy_sync_operations_total",
                     "Cumulative nf_tables objects added, replaced or deleted by syncs",
                 ),
             ),
             repairs: register(
-                &registry,
+                (&registry, &names),
                 IntCounter::new(
                     "nftproxy_sync_repairs_total",
                     "Syncs that put back what another program changed in nftproxy's tables",
                 ),
             ),
             kube_proxy_cleanup: register(
-                &registry,
+                (&registry, &names),
                 IntCounter::new(
                     "nftproxy_kube_proxy_cleanup_objects_total",
                     "Tables, chains and rules kube-proxy left on the node that nftproxy removed",
                 ),
             ),
             service_changes: register(
-                &registry,
+                (&registry, &names),
                 IntCounter::new(
                     "kubeproxy_sync_proxy_rules_service_changes_total",
                     "Cumulative proxy rules Service changes",
                 ),
             ),
             service_changes_pending: register(
-                &registry,
+                (&registry, &names),
                 IntGauge::new(
                     "kubeproxy_sync_proxy_rules_service_changes_pending",
                     "Pending proxy rules Service changes",
                 ),
             ),
             endpoint_changes: register(
-                &registry,
+                (&registry, &names),
                 IntCounter::new(
                     "kubeproxy_sync_proxy_rules_endpoint_changes_total",
                     "Cumulative proxy rules Endpoint changes",
                 ),
             ),
             endpoint_changes_pending: register(
-                &registry,
+                (&registry, &names),
                 IntGauge::new(
                     "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
                     "Pending proxy rules Endpoint changes",
                 ),
             ),
+            names: names.into_inner(),
             registry,
         }
     }
@@ -341,6 +350,14 @@ impl Metrics {
             .observe(seconds(took));
     }
 
+    /// The name of every metric `/metrics` can show: the registered ones and the
+    /// connection counters ([`connections_text`]).
+    pub fn names(&self) -> Vec<String> {
+        let mut names = self.names.clone();
+        names.extend(CONNECTION_METRICS.map(str::to_owned));
+        names
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buffer = Vec::new();
@@ -356,9 +373,122 @@ impl Metrics {
     }
 }
 
+/// The connection counters' metrics, read from the kernel at each scrape.
+pub const CONNECTION_METRICS: [&str; 3] = [
+    "nftproxy_service_connections_total",
+    "nftproxy_endpoint_connections_total",
+    "nftproxy_unallocated_service_address_connections_total",
+];
+
+/// A label value in the Prometheus text format.
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// `namespace="…",service="…",port="…",protocol="…"`
+fn port_labels(label: &ServicePortLabel) -> String {
+    format!(
+        "namespace=\"{}\",service=\"{}\",port=\"{}\",protocol=\"{}\"",
+        escape(&label.namespace),
+        escape(&label.service),
+        escape(&label.port),
+        escape(&label.protocol)
+    )
+}
+
+/// The connection totals (from [`nftproxy_render::counters::Totals`]) as Prometheus
+/// text: per Service port and outcome, per endpoint (`ip:port`, IPv6 in brackets), and
+/// to unallocated Service addresses. Every family is announced, with or without
+/// samples.
+pub fn connections_text(connections: &BTreeMap<Counted, u64>) -> String {
+    let [services_name, endpoints_name, unallocated_name] = CONNECTION_METRICS;
+    let mut services = String::new();
+    let mut endpoints = String::new();
+    let mut unallocated = 0;
+    for (counted, n) in connections {
+        match counted {
+            Counted::Service(label, outcome) => {
+                let _ = writeln!(
+                    services,
+                    "{services_name}{{{},outcome=\"{}\"}} {n}",
+                    port_labels(label),
+                    outcome.as_str()
+                );
+            }
+            Counted::Endpoint(label, endpoint) => {
+                let _ = writeln!(
+                    endpoints,
+                    "{endpoints_name}{{{},endpoint=\"{endpoint}\"}} {n}",
+                    port_labels(label),
+                );
+            }
+            Counted::Unallocated => unallocated += n,
+        }
+    }
+    let mut out = String::new();
+    for (name, help, body) in [
+        (
+            services_name,
+            "New connections to a Service port by what became of them, counted in the kernel (a refused or dropped attempt retried counts again)",
+            services,
+        ),
+        (
+            endpoints_name,
+            "New connections a Service port sent to an endpoint, counted in the kernel",
+            endpoints,
+        ),
+        (
+            unallocated_name,
+            "New connections to addresses of the Service CIDRs that no Service holds (dropped)",
+            format!("{unallocated_name} {unallocated}\n"),
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} counter");
+        out.push_str(&body);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nftproxy_render::counters::Outcome;
+
+    #[test]
+    fn connections_are_named_with_their_labels() {
+        let label = ServicePortLabel {
+            namespace: "ns".into(),
+            service: "web".into(),
+            port: "http".into(),
+            protocol: "TCP".into(),
+        };
+        let endpoint = "[fd00::1]:8080".parse().expect("test address");
+        let connections = BTreeMap::from([
+            (Counted::Service(label.clone(), Outcome::Forwarded), 7),
+            (Counted::Endpoint(label, endpoint), 7),
+            (Counted::Unallocated, 2),
+        ]);
+        let text = connections_text(&connections);
+        for line in [
+            r#"nftproxy_service_connections_total{namespace="ns",service="web",port="http",protocol="TCP",outcome="forwarded"} 7"#,
+            r#"nftproxy_endpoint_connections_total{namespace="ns",service="web",port="http",protocol="TCP",endpoint="[fd00::1]:8080"} 7"#,
+            "nftproxy_unallocated_service_address_connections_total 2",
+            "# TYPE nftproxy_endpoint_connections_total counter",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing from\n{text}");
+        }
+        assert_eq!(escape("a\"b\\c"), "a\\\"b\\\\c");
+        // Every family the text announces is one of the names.
+        let names = Metrics::new().names();
+        for family in text.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+            let name = family.split(' ').next().unwrap_or_default();
+            assert!(names.iter().any(|n| n == name), "{name}");
+        }
+    }
 
     #[test]
     fn every_metric_is_exposed_under_upstreams_name_once_touched() {
