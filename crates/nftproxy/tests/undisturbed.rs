@@ -292,3 +292,37 @@ fn what_another_program_changes_is_repaired_within_the_sync_period() {
         "{log}"
     );
 }
+
+/// Whether the table declares counters (a line `counter` of its own, in `nft -s` text).
+fn counts(topology: &Topology) -> bool {
+    nft(topology, "-s list table ip nftproxy")
+        .lines()
+        .any(|l| l.trim() == "counter")
+}
+
+#[test]
+fn turning_the_counters_off_and_on_drops_no_connection() {
+    if !kernel_available("turning_the_counters_off_and_on_drops_no_connection") {
+        return;
+    }
+    let topology = Topology::new("toggle");
+    topology.program("");
+    assert!(counts(&topology));
+    let _backends = Backends::start(&topology);
+    let mut held = long_lived(&topology, 3);
+    let client = Client::start(&topology);
+    std::thread::sleep(Duration::from_millis(300));
+    // Every counted set is declared anew, with the rules that read it, in one
+    // transaction each way.
+    topology.program_with("", &["--service-counters=false"]);
+    assert!(!counts(&topology));
+    std::thread::sleep(Duration::from_millis(300));
+    topology.program("");
+    assert!(counts(&topology));
+    std::thread::sleep(Duration::from_millis(300));
+    let (answered, failed) = client.stop();
+    eprintln!("counters off and on: {answered} connections answered, {failed} failed");
+    assert_eq!(failed, 0);
+    assert!(answered >= 20, "{answered}");
+    assert!(held.iter_mut().all(LongLived::alive));
+}
