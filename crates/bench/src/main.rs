@@ -49,6 +49,11 @@ struct Args {
     /// Endpoints per Service in the API server.
     #[arg(long, default_value_t = 10)]
     daemon_endpoints: u32,
+    /// Services (x --endpoints) of the connection counters' cost: cold loads with and
+    /// without them, alternating, best of three each (0: skip). The connect latency
+    /// rounds measure both too.
+    #[arg(long, default_value_t = 10_000)]
+    counters_cost: u32,
     /// Skip the upstream-shaped `nft -f` above this many Services (it is slow).
     #[arg(long, default_value_t = 30_000)]
     upstream_max: u32,
@@ -69,12 +74,16 @@ enum Worker {
         services: u32,
         #[arg(long)]
         endpoints: u32,
+        #[arg(long, action = clap::ArgAction::Set, default_value_t = true)]
+        counters: bool,
     },
     /// Connect latency through the rules of a loaded cluster.
     #[command(hide = true)]
     Latency {
         #[arg(long)]
         services: u32,
+        #[arg(long, action = clap::ArgAction::Set, default_value_t = true)]
+        counters: bool,
     },
     /// The nftproxy daemon against an API server: cold start, restart, `/healthz`.
     #[command(hide = true)]
@@ -102,10 +111,20 @@ struct Row {
     nft_upstream_shape: Option<NftLoad>,
 }
 
+/// Cold loads of one cluster with and without the connection counters.
+#[derive(Debug, Serialize)]
+struct CountersCost {
+    services: u32,
+    endpoints: u32,
+    cold_with: f64,
+    cold_without: f64,
+}
+
 #[derive(Debug, Serialize)]
 struct Results {
     rows: Vec<Row>,
     wide: Option<ColdReport>,
+    counters_cost: Option<CountersCost>,
     latency: Vec<LatencyReport>,
     daemon: Option<DaemonReport>,
 }
@@ -116,8 +135,11 @@ fn main() -> ExitCode {
         Some(Worker::Cold {
             services,
             endpoints,
-        }) => worker::cold(*services, *endpoints).map(|r| print_json(&r)),
-        Some(Worker::Latency { services }) => worker::latency(*services).map(|r| print_json(&r)),
+            counters,
+        }) => worker::cold(*services, *endpoints, *counters).map(|r| print_json(&r)),
+        Some(Worker::Latency { services, counters }) => {
+            worker::latency(*services, *counters).map(|r| print_json(&r))
+        }
         Some(Worker::Daemon {
             services,
             endpoints,
@@ -182,13 +204,15 @@ fn nft_load(text: &str) -> Result<NftLoad, String> {
     Ok(NftLoad { seconds, rss_kb })
 }
 
-fn cold_args(services: u32, endpoints: u32) -> Vec<String> {
+fn cold_args(services: u32, endpoints: u32, counters: bool) -> Vec<String> {
     vec![
         "cold".to_owned(),
         "--services".to_owned(),
         services.to_string(),
         "--endpoints".to_owned(),
         endpoints.to_string(),
+        "--counters".to_owned(),
+        counters.to_string(),
     ]
 }
 
@@ -196,6 +220,7 @@ fn run(args: &Args) -> Result<(), String> {
     let mut results = Results {
         rows: Vec::new(),
         wide: None,
+        counters_cost: None,
         latency: Vec::new(),
         daemon: None,
     };
@@ -204,7 +229,7 @@ fn run(args: &Args) -> Result<(), String> {
             "measuring {services} services x {} endpoints",
             args.endpoints
         );
-        let nftproxy: ColdReport = in_worker(cold_args(services, args.endpoints))?;
+        let nftproxy: ColdReport = in_worker(cold_args(services, args.endpoints, true))?;
         let specs = synth::specs(services, args.endpoints);
         let text = worker::dry_run_text(&specs);
         let nft_same_text = Some(nft_load(&text)?);
@@ -230,22 +255,47 @@ fn run(args: &Args) -> Result<(), String> {
         results.wide = Some(in_worker(cold_args(
             args.wide_services,
             args.wide_endpoints,
+            true,
         ))?);
+    }
+    if args.counters_cost > 0 {
+        let mut best = [f64::MAX; 2];
+        for round in 0..3 {
+            for (slot, counters) in [(0, true), (1, false)] {
+                eprintln!(
+                    "measuring the counters' cost: {} services, counters {counters} ({})",
+                    args.counters_cost,
+                    round + 1
+                );
+                let report: ColdReport =
+                    in_worker(cold_args(args.counters_cost, args.endpoints, counters))?;
+                best[slot] = best[slot].min(report.cold_seconds);
+            }
+        }
+        results.counters_cost = Some(CountersCost {
+            services: args.counters_cost,
+            endpoints: args.endpoints,
+            cold_with: best[0],
+            cold_without: best[1],
+        });
     }
     // Rounds alternate between the sizes and the best median of each is kept, so that a
     // noisy moment of the machine does not decide the comparison.
     for round in 0..LATENCY_ROUNDS {
-        for &services in &args.latency {
+        for (&services, counters) in args.latency.iter().flat_map(|s| [(s, true), (s, false)]) {
             eprintln!(
-                "measuring connect latency with {services} services ({})",
+                "measuring connect latency with {services} services, counters {counters} ({})",
                 round + 1
             );
             let report: LatencyReport = in_worker(vec![
                 "latency".to_owned(),
                 "--services".to_owned(),
                 services.to_string(),
+                "--counters".to_owned(),
+                counters.to_string(),
             ])?;
-            match results.latency.iter_mut().find(|r| r.services == services) {
+            let same = |r: &&mut LatencyReport| r.services == services && r.counters == counters;
+            match results.latency.iter_mut().find(same) {
                 Some(best) if best.median_seconds <= report.median_seconds => {}
                 Some(best) => *best = report,
                 None => results.latency.push(report),
@@ -350,15 +400,65 @@ fn table(results: &Results) -> String {
     }
     if !results.latency.is_empty() {
         out += &format!(
-            "\n| services | connects | median connect (best of {LATENCY_ROUNDS}) | p90 connect |\n|---|---|---|---|\n"
+            "\n| services | counters | connects | median connect (best of {LATENCY_ROUNDS}) | p90 connect | median with / without counters |\n|---|---|---|---|---|---|\n"
         );
         for latency in &results.latency {
+            let without = results
+                .latency
+                .iter()
+                .find(|l| l.services == latency.services && !l.counters);
+            let vs = match without {
+                Some(w) if latency.counters => {
+                    format!(
+                        "{:.2}",
+                        latency.median_seconds / w.median_seconds.max(1e-12)
+                    )
+                }
+                _ => "-".to_owned(),
+            };
             out += &format!(
-                "| {} | {} | {:.1} µs | {:.1} µs |\n",
+                "| {} | {} | {} | {:.1} µs | {:.1} µs | {vs} |\n",
                 latency.services,
+                if latency.counters { "on" } else { "off" },
                 latency.connects,
                 latency.median_seconds * 1e6,
                 latency.p90_seconds * 1e6
+            );
+        }
+    }
+    if let Some(cost) = &results.counters_cost {
+        out += &format!(
+            "\n| connection counters, {} x {} cold load (best of 3) | with | without | with / without |\n|---|---|---|---|\n| | {:.3} s | {:.3} s | {:.2} |\n",
+            cost.services,
+            cost.endpoints,
+            cost.cold_with,
+            cost.cold_without,
+            cost.cold_with / cost.cold_without.max(1e-9)
+        );
+    }
+    let reads: Vec<&ColdReport> = results
+        .rows
+        .iter()
+        .map(|r| &r.nftproxy)
+        .chain(&results.wide)
+        .filter(|r| r.counter_read.is_some())
+        .collect();
+    if !reads.is_empty() {
+        out += "\n| a /metrics scrape's counter read | counted elements / rules | series | netlink read | attribution | whole-table read-back, for comparison |\n|---|---|---|---|---|---|\n";
+        for report in reads {
+            let Some(read) = &report.counter_read else {
+                continue;
+            };
+            out += &format!(
+                "| {} x {} | {} / {} | {} | {:.1} ms | {:.1} ms | {:.1} ms |\n",
+                report.services,
+                report.endpoints,
+                read.elements,
+                read.rules,
+                read.series,
+                read.read_seconds * 1e3,
+                read.attribute_seconds * 1e3,
+                read.list_seconds * 1e3
             );
         }
     }

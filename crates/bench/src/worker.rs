@@ -15,7 +15,8 @@ use nftproxy_model::{DaemonConfig, ProxyConfig, Snapshot};
 use nftproxy_netlink::{ConntrackSocket, NetlinkBackend};
 use nftproxy_nft::{Backend, Family, Op, Scopes, Table, Transaction};
 use nftproxy_proxier::{Desired, Monitor, Proxier};
-use nftproxy_render::SHARD_BITS;
+use nftproxy_render::counters::Totals;
+use nftproxy_render::{SHARD_BITS, TABLE_NAME};
 use serde::{Deserialize, Serialize};
 
 use crate::synth::{self, CLUSTER_CIDR, NODE_IP, NODE_NAME, PORT, Spec, TARGET_PORT};
@@ -67,6 +68,25 @@ pub struct ColdReport {
     /// Build + render + plan of the whole cluster from nothing (as after a restart),
     /// without the kernel.
     pub userspace_seconds: f64,
+    /// With counters: what reading them costs.
+    pub counter_read: Option<CounterRead>,
+}
+
+/// Reading the counters of a loaded table, as a `/metrics` scrape does.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CounterRead {
+    /// Counted elements read.
+    pub elements: usize,
+    /// Rules with a counter read.
+    pub rules: usize,
+    /// Series they make.
+    pub series: usize,
+    /// The netlink read (best of three).
+    pub read_seconds: f64,
+    /// Attributing and totalling them.
+    pub attribute_seconds: f64,
+    /// A read-back of the whole table, for comparison.
+    pub list_seconds: f64,
 }
 
 /// The process's resident set (VmRSS) after each step of the cold load, in kB: what
@@ -89,6 +109,8 @@ pub struct Memory {
 pub struct LatencyReport {
     /// Services loaded.
     pub services: u32,
+    /// Whether the rules counted connections.
+    pub counters: bool,
     /// Connections measured.
     pub connects: usize,
     /// Median time of `connect()` to the ClusterIP.
@@ -126,8 +148,9 @@ impl Backend for Timed {
     }
 }
 
-fn config() -> Result<ProxyConfig, String> {
+fn config(counters: bool) -> Result<ProxyConfig, String> {
     let mut config = ProxyConfig::new(NODE_NAME);
+    config.service_counters = counters;
     config.node_ips = vec![NODE_IP.into()];
     config.cluster_cidrs =
         parse_cidr_list("clusterCIDR", CLUSTER_CIDR).map_err(|e| e.to_string())?;
@@ -136,7 +159,7 @@ fn config() -> Result<ProxyConfig, String> {
 
 /// nftproxy's `--dry-run` text for `specs`.
 pub fn dry_run_text(specs: &[Spec]) -> String {
-    let Ok(config) = config() else {
+    let Ok(config) = config(true) else {
         return String::new();
     };
     let mut desired = Desired::new(config);
@@ -170,14 +193,14 @@ struct Loaded {
 }
 
 impl Loaded {
-    fn new() -> Result<Loaded, String> {
+    fn new(counters: bool) -> Result<Loaded, String> {
         let backend = Timed {
             inner: NetlinkBackend::open().map_err(|e| e.to_string())?,
             commits: Vec::new(),
         };
         let monitor = Arc::new(Monitor::new(DaemonConfig::default().sync_period));
         Ok(Loaded {
-            proxier: Proxier::new(Desired::new(config()?), backend, monitor),
+            proxier: Proxier::new(Desired::new(config(counters)?), backend, monitor),
             memory: None,
         })
     }
@@ -273,10 +296,10 @@ fn add_endpoint(
 
 /// Cold load of `services` × `endpoints`, then one endpoint added, one removed, one
 /// Service added, one removed, and a sync with nothing changed.
-pub fn cold(services: u32, endpoints: u32) -> Result<ColdReport, String> {
+pub fn cold(services: u32, endpoints: u32, counters: bool) -> Result<ColdReport, String> {
     let mut specs = synth::specs(services, endpoints);
     let mut snapshot = synth::snapshot(&specs);
-    let mut loaded = Loaded::new()?;
+    let mut loaded = Loaded::new(counters)?;
     loaded.memory = Some(Memory {
         objects_kb: status_kb("VmRSS"),
         ..Memory::default()
@@ -343,6 +366,7 @@ pub fn cold(services: u32, endpoints: u32) -> Result<ColdReport, String> {
         true,
     )?);
     syncs.push(loaded.read_back("read-back and compare, as when our tables were touched")?);
+    let counter_read = counters.then(counter_read).transpose()?;
 
     // From nothing, as after a restart: the whole build, render and diff.
     let started = Instant::now();
@@ -365,7 +389,42 @@ pub fn cold(services: u32, endpoints: u32) -> Result<ColdReport, String> {
         memory,
         syncs,
         userspace_seconds,
+        counter_read,
     })
+}
+
+/// What a `/metrics` scrape costs with the loaded table's counters: the read (the
+/// counted sets' elements and the rules with a counter, no other object) and the
+/// attribution, best of three, against a read-back of the whole table.
+fn counter_read() -> Result<CounterRead, String> {
+    let mut backend = NetlinkBackend::open().map_err(|e| e.to_string())?;
+    let mut best = CounterRead {
+        read_seconds: f64::MAX,
+        attribute_seconds: f64::MAX,
+        list_seconds: f64::MAX,
+        ..CounterRead::default()
+    };
+    let mut totals = Totals::default();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let reading = backend
+            .counters(Family::Ip, TABLE_NAME)
+            .map_err(|e| e.to_string())?
+            .ok_or("no table to read counters from")?;
+        best.read_seconds = best.read_seconds.min(started.elapsed().as_secs_f64());
+        let started = Instant::now();
+        let attributed = totals.update(&reading);
+        best.attribute_seconds = best.attribute_seconds.min(started.elapsed().as_secs_f64());
+        best.elements = reading.elements.len();
+        best.rules = reading.rules.len();
+        best.series = attributed.len();
+        let started = Instant::now();
+        backend
+            .list(Family::Ip, TABLE_NAME)
+            .map_err(|e| e.to_string())?;
+        best.list_seconds = best.list_seconds.min(started.elapsed().as_secs_f64());
+    }
+    Ok(best)
 }
 
 pub fn ip(args: &[&str]) -> Result<(), String> {
@@ -383,7 +442,7 @@ pub fn ip(args: &[&str]) -> Result<(), String> {
 /// Median and p90 `connect()` time to Service 0's ClusterIP with `services` Services
 /// loaded. Service 0's endpoints are addresses of this namespace, so every connection
 /// passes the real DNAT path and completes locally.
-pub fn latency(services: u32) -> Result<LatencyReport, String> {
+pub fn latency(services: u32, counters: bool) -> Result<LatencyReport, String> {
     const WARM_UP: usize = 200;
     const CONNECTS: usize = 3_000;
     let specs = synth::specs(services.max(1), 5);
@@ -408,7 +467,7 @@ pub fn latency(services: u32) -> Result<LatencyReport, String> {
         "src",
         &client.to_string(),
     ])?;
-    let mut loaded = Loaded::new()?;
+    let mut loaded = Loaded::new(counters)?;
     loaded.sync("cold load", &synth::snapshot(&specs))?;
 
     let listener =
@@ -435,6 +494,7 @@ pub fn latency(services: u32) -> Result<LatencyReport, String> {
     times.sort_unstable();
     Ok(LatencyReport {
         services,
+        counters,
         connects: times.len(),
         median_seconds: times[times.len() / 2].as_secs_f64(),
         p90_seconds: times[times.len() * 9 / 10].as_secs_f64(),

@@ -27,6 +27,8 @@ fn a_small_benchmark_runs_end_to_end() {
             "300",
             "--daemon-endpoints",
             "5",
+            "--counters-cost",
+            "200",
         ])
         .arg("--json")
         .arg(&json)
@@ -85,7 +87,21 @@ fn a_small_benchmark_runs_end_to_end() {
         assert_eq!(operations(check), 0, "{check}");
     }
     assert_eq!(results["wide"]["services"], 50);
-    assert_eq!(results["latency"][0]["connects"], 3_000);
+    let latency = results["latency"].as_array().expect("latency");
+    for counters in [true, false] {
+        let report = latency.iter().find(|l| l["counters"] == counters);
+        assert_eq!(report.expect("both ways")["connects"], 3_000);
+    }
+    // The counters' cost, and what a scrape reads: every counted element attributed.
+    let cost = &results["counters_cost"];
+    assert!(cost["cold_with"].as_f64() > Some(0.0) && cost["cold_without"].as_f64() > Some(0.0));
+    let read = &row["nftproxy"]["counter_read"];
+    assert!(read["elements"].as_u64() > Some(200), "{read}");
+    assert!(read["series"].as_u64() > Some(200), "{read}");
+    assert!(
+        table.contains("| a /metrics scrape's counter read"),
+        "{table}"
+    );
     // The daemon against the API server: the cold start programs the cluster, the
     // restart sends nothing, and /healthz answered every request in between.
     let daemon = &results["daemon"];

@@ -467,10 +467,12 @@ mod tests {
                     mode: nftables\nclusterCIDR: 10.244.0.0/16,fd00:10::/64\n\
                     nodePortAddresses: [primary, 192.168.0.0/16]\n\
                     nftables: {masqueradeBit: 15, syncPeriod: 1m, minSyncPeriod: 2s}\n\
-                    masqueradeAll: true\nconntrack: {maxPerCore: 0}\n";
+                    masqueradeAll: true\nconntrack: {maxPerCore: 0}\nserviceCounters: false\n";
         let file = KubeProxyConfiguration::parse(text).unwrap();
         let mut config = ProxyConfig::new("n");
+        assert!(config.service_counters, "on by default");
         config.apply_file(&file).unwrap();
+        assert!(!config.service_counters);
         assert_eq!(config.cluster_cidrs.len(), 2);
         assert_eq!(config.masquerade_mark(), 0x8000);
         assert!(config.masquerade_all);

@@ -14,8 +14,8 @@ use http_body_util::Full;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use nftproxy_proxier::Monitor;
-use nftproxy_proxier::metrics::connections_text;
 use nftproxy_proxier::health::Report;
+use nftproxy_proxier::metrics::connections_text;
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 

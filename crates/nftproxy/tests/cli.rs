@@ -347,3 +347,28 @@ fn the_help_says_what_runs_as_the_daemon_and_its_examples_work() {
         );
     }
 }
+
+#[test]
+fn service_counters_can_be_turned_off() {
+    let counted = |output: &Output| {
+        text(&output.stdout)
+            .lines()
+            .filter(|l| l.trim() == "counter" || l.contains(" counter "))
+            .count()
+    };
+    let on = nftproxy(&seed_flags(), None);
+    assert!(counted(&on) > 10, "{}", text(&on.stdout));
+    let bare = nftproxy(&[&seed_flags()[..], &["--service-counters"]].concat(), None);
+    assert_eq!(text(&bare.stdout), text(&on.stdout));
+    let off = nftproxy(
+        &[&seed_flags()[..], &["--service-counters=false"]].concat(),
+        None,
+    );
+    assert!(off.status.success(), "{}", text(&off.stderr));
+    assert_eq!(counted(&off), 0, "{}", text(&off.stdout));
+    let bad = nftproxy(
+        &[&seed_flags()[..], &["--service-counters=maybe"]].concat(),
+        None,
+    );
+    assert_eq!(bad.status.code(), Some(2));
+}

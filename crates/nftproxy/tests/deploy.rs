@@ -92,6 +92,7 @@ fn the_manifests_decode_and_hang_together() {
     let mut daemon = nftproxy_model::DaemonConfig::default();
     daemon.apply_file(&file).expect("config.conf applies");
     assert!(daemon.cleanup_kube_proxy);
+    assert_eq!(file.service_counters, Some(true));
     assert!(
         file.unused_fields().is_empty(),
         "{:?}",
@@ -215,7 +216,9 @@ fn every_dashboard_query_reads_metrics_nftproxy_exports() {
     let panels = dashboard["panels"].as_array().expect("panels");
     assert!(!panels.is_empty());
     for panel in panels {
-        let targets = panel["targets"].as_array().expect("every panel has queries");
+        let targets = panel["targets"]
+            .as_array()
+            .expect("every panel has queries");
         assert!(!targets.is_empty(), "{}", panel["title"]);
     }
     let mut read = Vec::new();

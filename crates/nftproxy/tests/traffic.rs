@@ -365,7 +365,15 @@ fn trio(endpoints: &[&str]) -> String {
 fn endpoint_map(topology: &Topology) -> String {
     let output = Command::new("ip")
         .args(["netns", "exec", &topology.ns("node")])
-        .args(["nft", "-s", "list", "map", "ip", "nftproxy", "tcp-endpoints-4"])
+        .args([
+            "nft",
+            "-s",
+            "list",
+            "map",
+            "ip",
+            "nftproxy",
+            "tcp-endpoints-4",
+        ])
         .output()
         .expect("nft runs");
     assert!(output.status.success());

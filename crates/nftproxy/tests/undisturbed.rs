@@ -267,7 +267,11 @@ fn what_another_program_changes_is_repaired_within_the_sync_period() {
     ];
     for (n, tamper) in tampers.iter().enumerate() {
         nft(&topology, tamper);
-        assert_ne!(nft(&topology, "-s list table ip nftproxy"), intact, "{tamper}");
+        assert_ne!(
+            nft(&topology, "-s list table ip nftproxy"),
+            intact,
+            "{tamper}"
+        );
         let took = within(Duration::from_secs(5), tamper, || {
             nft(&topology, "-s list table ip nftproxy") == intact
         });

@@ -479,7 +479,10 @@ mod tests {
             "nftproxy_unallocated_service_address_connections_total 2",
             "# TYPE nftproxy_endpoint_connections_total counter",
         ] {
-            assert!(text.lines().any(|l| l == line), "{line} missing from\n{text}");
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from\n{text}"
+            );
         }
         assert_eq!(escape("a\"b\\c"), "a\\\"b\\\\c");
         // Every family the text announces is one of the names.
