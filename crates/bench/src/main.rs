@@ -20,7 +20,7 @@ use nftproxy_netlink::netns::in_new_netns;
 use serde::{Deserialize, Serialize};
 
 use crate::daemon::DaemonReport;
-use crate::worker::{ColdReport, LatencyReport};
+use crate::worker::{ColdReport, CounterRead, LatencyReport};
 
 /// Latency runs per Service count.
 const LATENCY_ROUNDS: usize = 7;
@@ -118,6 +118,8 @@ struct CountersCost {
     endpoints: u32,
     cold_with: f64,
     cold_without: f64,
+    /// What reading the counters cost after the first load with them.
+    read: Option<CounterRead>,
 }
 
 #[derive(Debug, Serialize)]
@@ -229,7 +231,7 @@ fn run(args: &Args) -> Result<(), String> {
             "measuring {services} services x {} endpoints",
             args.endpoints
         );
-        let nftproxy: ColdReport = in_worker(cold_args(services, args.endpoints, true))?;
+        let nftproxy: ColdReport = in_worker(cold_args(services, args.endpoints, false))?;
         let specs = synth::specs(services, args.endpoints);
         let text = worker::dry_run_text(&specs);
         let nft_same_text = Some(nft_load(&text)?);
@@ -252,6 +254,7 @@ fn run(args: &Args) -> Result<(), String> {
             "measuring {} services x {} endpoints",
             args.wide_services, args.wide_endpoints
         );
+        // With the connection counters, to measure what reading them costs at this size.
         results.wide = Some(in_worker(cold_args(
             args.wide_services,
             args.wide_endpoints,
@@ -260,6 +263,7 @@ fn run(args: &Args) -> Result<(), String> {
     }
     if args.counters_cost > 0 {
         let mut best = [f64::MAX; 2];
+        let mut read = None;
         for round in 0..3 {
             for (slot, counters) in [(0, true), (1, false)] {
                 eprintln!(
@@ -270,6 +274,7 @@ fn run(args: &Args) -> Result<(), String> {
                 let report: ColdReport =
                     in_worker(cold_args(args.counters_cost, args.endpoints, counters))?;
                 best[slot] = best[slot].min(report.cold_seconds);
+                read = read.or(report.counter_read);
             }
         }
         results.counters_cost = Some(CountersCost {
@@ -277,6 +282,7 @@ fn run(args: &Args) -> Result<(), String> {
             endpoints: args.endpoints,
             cold_with: best[0],
             cold_without: best[1],
+            read,
         });
     }
     // Rounds alternate between the sizes and the best median of each is kept, so that a
@@ -436,23 +442,22 @@ fn table(results: &Results) -> String {
             cost.cold_with / cost.cold_without.max(1e-9)
         );
     }
-    let reads: Vec<&ColdReport> = results
-        .rows
+    let cost = results
+        .counters_cost
         .iter()
-        .map(|r| &r.nftproxy)
-        .chain(&results.wide)
-        .filter(|r| r.counter_read.is_some())
-        .collect();
+        .filter_map(|c| Some((c.services, c.endpoints, c.read.as_ref()?)));
+    let wide = results
+        .wide
+        .iter()
+        .filter_map(|w| Some((w.services, w.endpoints, w.counter_read.as_ref()?)));
+    let reads: Vec<(u32, u32, &CounterRead)> = cost.chain(wide).collect();
     if !reads.is_empty() {
         out += "\n| a /metrics scrape's counter read | counted elements / rules | series | netlink read | attribution | whole-table read-back, for comparison |\n|---|---|---|---|---|---|\n";
-        for report in reads {
-            let Some(read) = &report.counter_read else {
-                continue;
-            };
+        for (services, endpoints, read) in reads {
             out += &format!(
                 "| {} x {} | {} / {} | {} | {:.1} ms | {:.1} ms | {:.1} ms |\n",
-                report.services,
-                report.endpoints,
+                services,
+                endpoints,
                 read.elements,
                 read.rules,
                 read.series,

@@ -15,7 +15,7 @@ use nftproxy_model::{DaemonConfig, ProxyConfig, Snapshot};
 use nftproxy_netlink::{ConntrackSocket, NetlinkBackend};
 use nftproxy_nft::{Backend, Family, Op, Scopes, Table, Transaction};
 use nftproxy_proxier::{Desired, Monitor, Proxier};
-use nftproxy_render::counters::Totals;
+use nftproxy_render::counters::{Totals, naming_sets};
 use nftproxy_render::{SHARD_BITS, TABLE_NAME};
 use serde::{Deserialize, Serialize};
 
@@ -408,7 +408,7 @@ fn counter_read() -> Result<CounterRead, String> {
     for _ in 0..3 {
         let started = Instant::now();
         let reading = backend
-            .counters(Family::Ip, TABLE_NAME)
+            .counters(Family::Ip, TABLE_NAME, &naming_sets())
             .map_err(|e| e.to_string())?
             .ok_or("no table to read counters from")?;
         best.read_seconds = best.read_seconds.min(started.elapsed().as_secs_f64());

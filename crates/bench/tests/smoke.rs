@@ -95,8 +95,12 @@ fn a_small_benchmark_runs_end_to_end() {
     // The counters' cost, and what a scrape reads: every counted element attributed.
     let cost = &results["counters_cost"];
     assert!(cost["cold_with"].as_f64() > Some(0.0) && cost["cold_without"].as_f64() > Some(0.0));
-    let read = &row["nftproxy"]["counter_read"];
+    let read = &cost["read"];
     assert!(read["elements"].as_u64() > Some(200), "{read}");
+    assert!(
+        row["nftproxy"]["counter_read"].is_null(),
+        "rows load the default: no counters"
+    );
     assert!(read["series"].as_u64() > Some(200), "{read}");
     assert!(
         table.contains("| a /metrics scrape's counter read"),

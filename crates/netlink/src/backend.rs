@@ -465,17 +465,19 @@ impl NetlinkBackend {
     }
 
     /// Every counter of our table `name`: the elements of its counted sets and maps,
-    /// and its rules with a `counter` statement; `None` when the table does not exist.
-    /// Reads no uncounted set and no chain, so it costs a fraction of a [`list`]
-    /// (`Backend::list`). Retried when the ruleset changes during the read.
+    /// and its rules with a `counter` statement, with the elements of the uncounted
+    /// sets `named`; `None` when the table does not exist. Reads no other set and no
+    /// chain, so it costs a fraction of a [`list`](Backend::list). Retried when the
+    /// ruleset changes during the read.
     pub fn counters(
         &mut self,
         family: Family,
         name: &str,
+        named: &[&str],
     ) -> Result<Option<CounterReading>, Error> {
         let mut attempts = 0;
         loop {
-            match self.try_counters(family, name) {
+            match self.try_counters(family, name, named) {
                 Err(Error::Interrupted) if attempts < 3 => attempts += 1,
                 Err(error) if error.is_not_found() => return Ok(None),
                 other => return other.map(Some),
@@ -483,11 +485,16 @@ impl NetlinkBackend {
         }
     }
 
-    fn try_counters(&mut self, family: Family, name: &str) -> Result<CounterReading, Error> {
+    fn try_counters(
+        &mut self,
+        family: Family,
+        name: &str,
+        named: &[&str],
+    ) -> Result<CounterReading, Error> {
         let mut counted = Vec::new();
         self.request(libc::NFT_MSG_GETSET, family, name, Dump::Table, |message| {
             let (owner, set) = ffi::parse_set(message)?;
-            if owner == name && set.counter {
+            if owner == name && (set.counter || named.contains(&set.name.as_str())) {
                 counted.push(set);
             }
             Ok(())
@@ -504,11 +511,14 @@ impl NetlinkBackend {
                 Dump::Set(set),
                 |message| {
                     for (element, count) in ffi::parse_elements(message, set)? {
-                        reading.elements.push(CountedElement {
-                            set: set.name.clone(),
-                            element,
-                            count: count.unwrap_or_default(),
-                        });
+                        match count {
+                            Some(count) => reading.elements.push(CountedElement {
+                                set: set.name.clone(),
+                                element,
+                                count,
+                            }),
+                            None => reading.named.push((set.name.clone(), element)),
+                        }
                     }
                     Ok(())
                 },

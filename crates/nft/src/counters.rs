@@ -48,6 +48,9 @@ pub struct CounterReading {
     pub family: Option<Family>,
     /// Elements of counted sets and maps.
     pub elements: Vec<CountedElement>,
+    /// Elements of uncounted sets read for what they say (their comments name the
+    /// destinations the counted elements are about), by set.
+    pub named: Vec<(String, Element)>,
     /// Rules with a counter.
     pub rules: Vec<CountedRule>,
 }

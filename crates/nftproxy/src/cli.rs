@@ -79,8 +79,8 @@ pub struct Args {
     #[arg(long, global = true)]
     pub masquerade_all: bool,
     /// Count new connections per Service port, outcome and endpoint in the kernel
-    /// (element counters; on by default): /metrics, `explain --live` and `top` show them.
-    /// `--service-counters=false` turns them off.
+    /// (element counters), for /metrics, `explain --live` and `top` (default off: they
+    /// make a cold load about a fifth slower; `hack/deploy` turns them on).
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true,
           default_missing_value = "true", action = clap::ArgAction::Set, global = true)]
     pub service_counters: Option<bool>,

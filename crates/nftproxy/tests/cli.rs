@@ -349,23 +349,28 @@ fn the_help_says_what_runs_as_the_daemon_and_its_examples_work() {
 }
 
 #[test]
-fn service_counters_can_be_turned_off() {
+fn service_counters_are_off_unless_asked_for() {
     let counted = |output: &Output| {
         text(&output.stdout)
             .lines()
             .filter(|l| l.trim() == "counter" || l.contains(" counter "))
             .count()
     };
-    let on = nftproxy(&seed_flags(), None);
-    assert!(counted(&on) > 10, "{}", text(&on.stdout));
-    let bare = nftproxy(&[&seed_flags()[..], &["--service-counters"]].concat(), None);
-    assert_eq!(text(&bare.stdout), text(&on.stdout));
+    let default = nftproxy(&seed_flags(), None);
+    assert_eq!(counted(&default), 0, "off by default");
+    let on = nftproxy(&[&seed_flags()[..], &["--service-counters"]].concat(), None);
+    assert!(counted(&on) > 5, "{}", text(&on.stdout));
+    let explicit = nftproxy(
+        &[&seed_flags()[..], &["--service-counters=true"]].concat(),
+        None,
+    );
+    assert_eq!(text(&explicit.stdout), text(&on.stdout));
     let off = nftproxy(
         &[&seed_flags()[..], &["--service-counters=false"]].concat(),
         None,
     );
     assert!(off.status.success(), "{}", text(&off.stderr));
-    assert_eq!(counted(&off), 0, "{}", text(&off.stdout));
+    assert_eq!(text(&off.stdout), text(&default.stdout));
     let bad = nftproxy(
         &[&seed_flags()[..], &["--service-counters=maybe"]].concat(),
         None,

@@ -157,7 +157,8 @@ fn counters_count_every_connection_by_outcome_and_endpoint_and_survive_a_restart
         return;
     }
     let topology = Topology::new("ctr");
-    topology.program_with(EXTRA, &["--service-cidr", SERVICE_CIDR]);
+    let counted = ["--service-cidr", SERVICE_CIDR, "--service-counters"];
+    topology.program_with(EXTRA, &counted);
     let node = topology.ns("node");
     // The node answers every refused attempt (by default the kernel sends a peer about
     // six ICMP errors at once, then one a second): an unanswered attempt would be
@@ -179,7 +180,7 @@ fn counters_count_every_connection_by_outcome_and_endpoint_and_survive_a_restart
         command
             .args(["netns", "exec", &node, env!("CARGO_BIN_EXE_nftproxy")])
             .args(SEED_NODE_FLAGS)
-            .args(["--service-cidr", SERVICE_CIDR])
+            .args(counted)
             .args([
                 "--metrics-bind-address",
                 METRICS,

@@ -310,7 +310,7 @@ fn turning_the_counters_off_and_on_drops_no_connection() {
         return;
     }
     let topology = Topology::new("toggle");
-    topology.program("");
+    topology.program_with("", &["--service-counters"]);
     assert!(counts(&topology));
     let _backends = Backends::start(&topology);
     let mut held = long_lived(&topology, 3);
@@ -321,7 +321,7 @@ fn turning_the_counters_off_and_on_drops_no_connection() {
     topology.program_with("", &["--service-counters=false"]);
     assert!(!counts(&topology));
     std::thread::sleep(Duration::from_millis(300));
-    topology.program("");
+    topology.program_with("", &["--service-counters=true"]);
     assert!(counts(&topology));
     std::thread::sleep(Duration::from_millis(300));
     let (answered, failed) = client.stop();

@@ -460,12 +460,12 @@ mod tests {
 
     #[test]
     fn connections_are_named_with_their_labels() {
-        let label = ServicePortLabel {
+        let label = std::sync::Arc::new(ServicePortLabel {
             namespace: "ns".into(),
             service: "web".into(),
             port: "http".into(),
             protocol: "TCP".into(),
-        };
+        });
         let endpoint = "[fd00::1]:8080".parse().expect("test address");
         let connections = BTreeMap::from([
             (Counted::Service(label.clone(), Outcome::Forwarded), 7),

@@ -131,15 +131,15 @@ fn no_one_endpoint_change_is_above_six_operations() {
 #[test]
 fn an_added_service_is_its_elements() {
     let mut r = reconciler_at(&cluster(&[], false));
-    // cluster-ips, masquerade-cluster-ips and load-balance elements, two endpoint
-    // elements, two hairpin elements; db has two endpoints too, so the rule is there
-    assert_eq!(operations(&mut r, &cluster(&[1, 2], true)), 7);
+    // cluster-ips and load-balance elements, two endpoint elements, two hairpin
+    // elements; db has two endpoints too, so the rule is there
+    assert_eq!(operations(&mut r, &cluster(&[1, 2], true)), 6);
 }
 
 #[test]
 fn a_removed_service_leaves_nothing_behind() {
     let mut r = reconciler_at(&cluster(&[1, 2], true));
-    assert_eq!(operations(&mut r, &cluster(&[], false)), 7);
+    assert_eq!(operations(&mut r, &cluster(&[], false)), 6);
     let kernel = r.applied(nftproxy_nft::Family::Ip).unwrap();
     let text = kernel.to_string();
     assert!(
@@ -154,13 +154,13 @@ fn a_service_alone_in_its_shard_brings_and_takes_the_shard() {
     let mut with_solo = cluster(&[1, 2], true);
     // 172.30.0.2 ends in other bits than the rest
     service(&mut with_solo, "solo", "172.30.0.2", &["10.180.6.1".into()]);
-    // cluster-ips, masquerade-cluster-ips, load-balance, endpoint and hairpin elements
-    // (5); the shard's map, its chain, the rule for one endpoint, and the shard's
-    // element in the balancer's verdict map (4)
-    assert_eq!(operations(&mut r, &with_solo), 9);
+    // cluster-ips, load-balance, endpoint and hairpin elements (4); the shard's map,
+    // its chain, the rule for one endpoint, and the shard's element in the balancer's
+    // verdict map (4)
+    assert_eq!(operations(&mut r, &with_solo), 8);
     // the same elements, but the endpoint goes with its map, and the rule with the
     // chain's flush
-    assert_eq!(operations(&mut r, &cluster(&[1, 2], true)), 8);
+    assert_eq!(operations(&mut r, &cluster(&[1, 2], true)), 7);
     let text = r.applied(nftproxy_nft::Family::Ip).unwrap().to_string();
     assert!(
         !text.contains("-2 ") && !text.contains("10.180.6."),

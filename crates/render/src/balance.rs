@@ -443,9 +443,14 @@ fn entries() -> [(&'static str, bool); 6] {
     ]
 }
 
-/// Whether `set` is the set of a shared entry (whose elements are destinations).
+/// The sets of the shared entries (whose elements are destinations).
+pub(crate) fn entry_sets() -> impl Iterator<Item = &'static str> {
+    entries().into_iter().map(|(chain, _)| chain)
+}
+
+/// Whether `set` is the set of a shared entry.
 pub(crate) fn is_entry_set(set: &str) -> bool {
-    entries().iter().any(|(chain, _)| *chain == set)
+    entry_sets().any(|entry| entry == set)
 }
 
 /// The protocol of the endpoints of a shard's map named `map`; `None` for any other set.
@@ -477,11 +482,7 @@ pub(crate) fn add_shared(table: &mut Table, state: &ProxyState) {
         if by_address {
             key.insert(0, addr);
         }
-        table.add_set(
-            Set::new(chain, key)
-                .with_comment(format!("destinations going to {chain}"))
-                .with_counter(state.service_counters),
-        );
+        table.add_set(Set::new(chain, key).with_comment(format!("destinations going to {chain}")));
     }
     for balancer in Balancer::ALL {
         let bits = if balancer.by_node_port() {

@@ -10,8 +10,9 @@
 //! Only first packets pass the NAT hooks and the `ct state new` checks, so every count
 //! is a count of connections.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use nftproxy_nft::{CounterReading, L4Proto, Stmt, Value, Verdict};
 
@@ -72,9 +73,9 @@ impl ServicePortLabel {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Counted {
     /// Connections to a Service port with one outcome.
-    Service(ServicePortLabel, Outcome),
+    Service(Arc<ServicePortLabel>, Outcome),
     /// Connections a Service port sent to one endpoint.
-    Endpoint(ServicePortLabel, SocketAddr),
+    Endpoint(Arc<ServicePortLabel>, SocketAddr),
     /// Connections to an address of a Service CIDR that no Service holds (dropped).
     Unallocated,
 }
@@ -84,26 +85,30 @@ pub enum Counted {
 /// (another endpoint in a balancer's slot) is another counter.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum CounterId {
-    Element(String, Vec<Value>),
-    Rule(String, u64),
+    Element(Arc<str>, Vec<Value>),
+    Rule(Arc<str>, u64),
+    /// An endpoint's counter (element or rule) read as its Service port's forwarded
+    /// connections.
+    Forwarded(Box<CounterId>),
 }
 
-/// Every counter of a reading with what it counts and its packets (connections).
-/// Counters this layout does not know (none today) are left out.
-pub fn attribute(reading: &CounterReading) -> Vec<(Counted, u64)> {
-    attributed(reading)
-        .into_iter()
-        .map(|(_, counted, n)| (counted, n))
-        .collect()
-}
-
+/// Every counter of a reading with what it counts and its packets (connections);
+/// counters this layout does not know are left out.
 fn attributed(reading: &CounterReading) -> Vec<(CounterId, Counted, u64)> {
     let names = Names::of(reading);
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(reading.elements.len() + reading.rules.len());
+    // Elements come set by set: the set's name and kind are worked out once per set.
+    let mut set: (Arc<str>, Option<L4Proto>) = (Arc::from(""), None);
     for counted in &reading.elements {
+        if *set.0 != *counted.set {
+            set = (
+                Arc::from(counted.set.as_str()),
+                balance::endpoint_map_protocol(&counted.set),
+            );
+        }
         let element = &counted.element;
-        let key = element.key();
-        let what = if let Some(proto) = balance::endpoint_map_protocol(&counted.set) {
+        let mut key = element.key();
+        let what = if let Some(proto) = set.1 {
             endpoint_of(&names, proto, &key, &element.data())
         } else if counted.set == CLUSTER_IPS {
             let service = match key.as_slice() {
@@ -117,12 +122,11 @@ fn attributed(reading: &CounterReading) -> Vec<(CounterId, Counted, u64)> {
                     port: String::new(),
                     protocol: String::new(),
                 };
-                Counted::Service(label, Outcome::Rejected)
+                Counted::Service(Arc::new(label), Outcome::Rejected)
             })
         } else {
             let no_endpoints = [NO_ENDPOINT_SERVICES, NO_ENDPOINT_NODEPORTS];
             let outcome = match element.verdict() {
-                _ if forwards(&counted.set) => Some(Outcome::Forwarded),
                 _ if !no_endpoints.contains(&counted.set.as_str()) => None,
                 Some(Verdict::Drop) => Some(Outcome::Dropped),
                 Some(Verdict::Goto(_)) => Some(Outcome::Rejected),
@@ -131,11 +135,14 @@ fn attributed(reading: &CounterReading) -> Vec<(CounterId, Counted, u64)> {
             let label = element
                 .comment()
                 .and_then(|comment| names.label(comment, &key));
-            outcome.zip(label).map(|(o, l)| Counted::Service(l, o))
+            outcome
+                .zip(label)
+                .map(|(o, l)| Counted::Service(Arc::new(l), o))
         };
         if let Some(what) = what {
-            let id = CounterId::Element(counted.set.clone(), key_and_data(element));
-            out.push((id, what, counted.count.packets));
+            key.extend(element.data());
+            let id = CounterId::Element(Arc::clone(&set.0), key);
+            push(&mut out, id, what, counted.count.packets);
         }
     }
     for counted in &reading.rules {
@@ -149,6 +156,7 @@ fn attributed(reading: &CounterReading) -> Vec<(CounterId, Counted, u64)> {
                 Stmt::Dnat { addr, port } => Some(SocketAddr::new(*addr, *port)),
                 _ => None,
             });
+            let label = Arc::new(label);
             match endpoint {
                 Some(endpoint) => Some(Counted::Endpoint(label, endpoint)),
                 None if rule
@@ -164,24 +172,36 @@ fn attributed(reading: &CounterReading) -> Vec<(CounterId, Counted, u64)> {
             None
         };
         if let Some(what) = what {
-            let id = CounterId::Rule(counted.chain.clone(), counted.handle);
-            out.push((id, what, counted.count.packets));
+            let id = CounterId::Rule(Arc::from(counted.chain.as_str()), counted.handle);
+            push(&mut out, id, what, counted.count.packets);
         }
     }
     out
 }
 
-/// Whether a set's elements send a destination on to its endpoints: the shared
-/// entries' sets, and the verdict maps of ports with affinity.
-fn forwards(set: &str) -> bool {
-    set == SERVICE_IPS || set == SERVICE_NODEPORTS || balance::is_entry_set(set)
+/// Adds a counter to `out`; an endpoint's also counts as its Service port's forwarded
+/// connections: a connection is forwarded exactly when it finds an endpoint (a
+/// destination entering a balancer that has none for it, as with a Local policy and no
+/// local endpoint, falls through to a `drop`, counted there).
+fn push(out: &mut Vec<(CounterId, Counted, u64)>, id: CounterId, what: Counted, packets: u64) {
+    if let Counted::Endpoint(label, _) = &what {
+        let forwarded = Counted::Service(Arc::clone(label), Outcome::Forwarded);
+        out.push((
+            CounterId::Forwarded(Box::new(id.clone())),
+            forwarded,
+            packets,
+        ));
+    }
+    out.push((id, what, packets));
 }
 
-/// An element's key, then its data (a balancer's endpoint), as one identity.
-fn key_and_data(element: &nftproxy_nft::Element) -> Vec<Value> {
-    let mut values = element.key();
-    values.extend(element.data());
-    values
+/// The uncounted sets whose elements send a destination on to its endpoints (the
+/// shared entries' sets, and the verdict maps of ports with affinity): their comments
+/// name the destinations, so a reading needs them besides the counted elements.
+pub fn naming_sets() -> Vec<&'static str> {
+    let mut sets: Vec<&'static str> = balance::entry_sets().collect();
+    sets.extend([SERVICE_IPS, SERVICE_NODEPORTS]);
+    sets
 }
 
 /// `ns/name` of a comment `ns/name[:port]`.
@@ -214,7 +234,7 @@ fn destination(key: &[Value]) -> Option<Destination> {
 /// name.
 #[derive(Default)]
 struct Names {
-    destinations: HashMap<Destination, ServicePortLabel>,
+    destinations: HashMap<Destination, Arc<ServicePortLabel>>,
     /// The Service of each address that some Service port's ClusterIP-keyed element
     /// names (Kubernetes gives each Service its own ClusterIP; were one shared, the
     /// first Service in name order would be named).
@@ -237,11 +257,23 @@ impl Names {
                 _ => None,
             })
             .collect();
-        for counted in &reading.elements {
-            let (Some(comment), Some((Some(addr), proto, port))) = (
-                counted.element.comment(),
-                destination(&counted.element.key()),
-            ) else {
+        // Only named elements are decoded (the balancers' maps, most of a reading, have
+        // no comments).
+        let all = reading
+            .elements
+            .iter()
+            .map(|c| (c.set.as_str(), &c.element))
+            .chain(
+                reading
+                    .named
+                    .iter()
+                    .map(|(set, element)| (set.as_str(), element)),
+            );
+        for (_, element) in all.clone() {
+            let Some(comment) = element.comment() else {
+                continue;
+            };
+            let Some((Some(addr), proto, port)) = destination(&element.key()) else {
                 continue;
             };
             let Some((namespace, service)) = service_of(comment) else {
@@ -262,17 +294,17 @@ impl Names {
                     .insert((namespace, service, protocol_label(proto)), port);
             }
         }
-        for counted in &reading.elements {
-            if !forwards(&counted.set) {
+        // The destinations entering the balancers, by the sets they enter through.
+        for (set, element) in &reading.named {
+            let Some(comment) = element.comment().filter(|_| balance::is_entry_set(set)) else {
                 continue;
-            }
-            let key = counted.element.key();
-            let (Some(comment), Some(destination)) = (counted.element.comment(), destination(&key))
-            else {
+            };
+            let key = element.key();
+            let Some(destination) = destination(&key) else {
                 continue;
             };
             if let Some(label) = names.label(comment, &key) {
-                names.destinations.insert(destination, label);
+                names.destinations.insert(destination, Arc::new(label));
             }
         }
         names
@@ -336,7 +368,7 @@ fn endpoint_of(names: &Names, proto: L4Proto, key: &[Value], data: &[Value]) -> 
     let [Value::Addr(addr), Value::Port(port)] = data else {
         return None;
     };
-    let label = names.destinations.get(&destination)?.clone();
+    let label = Arc::clone(names.destinations.get(&destination)?);
     Some(Counted::Endpoint(label, SocketAddr::new(*addr, *port)))
 }
 
@@ -355,9 +387,10 @@ pub struct Totals {
 impl Totals {
     /// The totals after `reading`, by what they count.
     pub fn update(&mut self, reading: &CounterReading) -> BTreeMap<Counted, u64> {
-        let mut totals: BTreeMap<Counted, u64> = BTreeMap::new();
-        let mut seen = HashMap::with_capacity(self.last.len());
-        for (id, counted, packets) in attributed(reading) {
+        let attributed = attributed(reading);
+        let mut totals: HashMap<Counted, u64> = HashMap::with_capacity(attributed.len());
+        let mut seen = HashMap::with_capacity(attributed.len());
+        for (id, counted, packets) in attributed {
             *totals.entry(counted.clone()).or_default() += packets;
             seen.insert(id, (counted, packets));
         }
@@ -366,15 +399,25 @@ impl Totals {
                 *self.carried.entry(counted).or_default() += packets;
             }
         }
-        self.carried
-            .retain(|counted, _| totals.contains_key(counted));
+        // A Service port exists while anything counts for it: its endpoints, or the
+        // element that rejects or drops its connections when it has none. An endpoint
+        // exists while its own counter does.
+        let ports: HashSet<Arc<ServicePortLabel>> = totals
+            .keys()
+            .filter_map(|counted| match counted {
+                Counted::Service(label, _) | Counted::Endpoint(label, _) => Some(Arc::clone(label)),
+                Counted::Unallocated => None,
+            })
+            .collect();
+        self.carried.retain(|counted, _| match counted {
+            Counted::Service(label, _) => ports.contains(label),
+            Counted::Endpoint(..) | Counted::Unallocated => totals.contains_key(counted),
+        });
         for (counted, carried) in &self.carried {
-            if let Some(total) = totals.get_mut(counted) {
-                *total += carried;
-            }
+            *totals.entry(counted.clone()).or_default() += carried;
         }
         self.last = seen;
-        totals
+        totals.into_iter().collect()
     }
 }
 
@@ -395,13 +438,13 @@ mod tests {
         Value::Addr(s.parse().expect("test address"))
     }
 
-    fn label(port: &str) -> ServicePortLabel {
-        ServicePortLabel {
+    fn label(port: &str) -> Arc<ServicePortLabel> {
+        Arc::new(ServicePortLabel {
             namespace: "ns".into(),
             service: "web".into(),
             port: port.into(),
             protocol: "TCP".into(),
-        }
+        })
     }
 
     /// A ClusterIP with two endpoints in a balancer slot map, a NodePort without
@@ -421,12 +464,11 @@ mod tests {
         };
         CounterReading {
             family: Some(Family::Ip),
+            named: vec![(
+                "load-balance".to_owned(),
+                Element::new(cluster).with_comment("ns/web:http"),
+            )],
             elements: vec![
-                element(
-                    "load-balance",
-                    Element::new(cluster).with_comment("ns/web:http"),
-                    7,
-                ),
                 slot(0, slot0),
                 slot(1, slot1),
                 element(
@@ -462,11 +504,11 @@ mod tests {
             totals[&Counted::Service(label("http"), Outcome::Rejected)],
             2
         );
-        let undefined_port = ServicePortLabel {
+        let undefined_port = Arc::new(ServicePortLabel {
             port: String::new(),
             protocol: String::new(),
-            ..label("")
-        };
+            ..(*label("")).clone()
+        });
         assert_eq!(
             totals[&Counted::Service(undefined_port, Outcome::Rejected)],
             1
@@ -485,6 +527,9 @@ mod tests {
         assert_eq!(after[&endpoint("10.0.0.2")], 5, "4 carried + 1 new");
         assert_eq!(after[&endpoint("10.0.0.3")], 0);
         assert!(!after.contains_key(&endpoint("10.0.0.1")));
+        // The Service port's forwarded connections keep what the gone endpoint had.
+        let forwarded = Counted::Service(label("http"), Outcome::Forwarded);
+        assert_eq!(after[&forwarded], 3 + 4 + 1);
         // Back again later, 10.0.0.1 starts from zero.
         let back = totals.update(&reading(("10.0.0.1", 0), ("10.0.0.2", 1)));
         assert_eq!(back[&endpoint("10.0.0.1")], 0);
@@ -500,14 +545,14 @@ mod tests {
         dnat.comment = None;
         let reading = CounterReading {
             family: Some(Family::Ip),
-            elements: vec![element(
-                SERVICE_IPS,
+            elements: Vec::new(),
+            named: vec![(
+                SERVICE_IPS.to_owned(),
                 Element::with_verdict(
                     vec![addr("10.96.0.2"), tcp, Value::Port(443)],
                     Verdict::Goto("service-ABCDEFGH-ns/web/tcp/".into()),
                 )
                 .with_comment("ns/web"),
-                5,
             )],
             rules: vec![
                 CountedRule {

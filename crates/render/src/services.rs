@@ -29,10 +29,10 @@ use nftproxy_nft::{Chain, Element, Expr, L4Proto, Rhs, Rule, Set, Stmt, Value, V
 
 use crate::balance::{self, Balancer, Destination};
 use crate::skeleton::{
-    CLUSTER_IPS, FIREWALL_IPS, HAIRPIN_CONNECTIONS, MASQUERADE_CLUSTER_IPS, NO_ENDPOINT_NODEPORTS,
-    NO_ENDPOINT_SERVICES, REJECT_CHAIN, SERVICE_IPS, SERVICE_NODEPORTS,
+    CLUSTER_IPS, FIREWALL_IPS, HAIRPIN_CONNECTIONS, NO_ENDPOINT_NODEPORTS, NO_ENDPOINT_SERVICES,
+    REJECT_CHAIN, SERVICE_IPS, SERVICE_NODEPORTS, masquerade_cluster_ips,
 };
-use crate::stmts::{counter, masquerades_cluster_ips};
+use crate::stmts::counter;
 use crate::{address_key, comment, family, l4proto, names};
 
 /// How the comment of a firewall chain's drop rule ends, after the Service port's name.
@@ -132,11 +132,8 @@ pub(crate) fn add_service_port(fragment: &mut Fragment, state: &ProxyState, sp: 
     // ClusterIP: its element in `cluster-ips` counts connections to ports it does not
     // define.
     fragment.add_element(CLUSTER_IPS, Element::new(vec![Value::Addr(sp.cluster_ip)]));
-    if masquerades_cluster_ips(state) {
-        fragment.add_element(
-            MASQUERADE_CLUSTER_IPS,
-            Element::new(vec![Value::Addr(sp.cluster_ip)]),
-        );
+    if let Some(set) = masquerade_cluster_ips(state).filter(|set| *set != CLUSTER_IPS) {
+        fragment.add_element(set, Element::new(vec![Value::Addr(sp.cluster_ip)]));
     }
     let cluster_key = address_key(sp.cluster_ip, name.protocol, sp.port);
     let internal_chain_used = if sp.internal_policy_local {

@@ -11,7 +11,7 @@ use nftproxy_nft::{
 };
 
 use crate::family;
-use crate::stmts::{counter, local_traffic_match, mark_for_masquerade, masquerades_cluster_ips};
+use crate::stmts::{counter, local_traffic_match, mark_for_masquerade};
 
 pub(crate) const SERVICES: &str = "services";
 pub(crate) const NODEPORTS: &str = "nodeports";
@@ -23,7 +23,21 @@ pub(crate) const CLUSTER_IPS_CHECK: &str = "cluster-ips-check";
 pub(crate) const REJECT_CHAIN: &str = "reject-chain";
 
 pub(crate) const CLUSTER_IPS: &str = "cluster-ips";
-pub(crate) const MASQUERADE_CLUSTER_IPS: &str = "masquerade-cluster-ips";
+const MASQUERADE_CLUSTER_IPS: &str = "masquerade-cluster-ips";
+
+/// The set of ClusterIPs the masquerade rule of `services` looks up: `cluster-ips`, or,
+/// when that set counts connections to ports its addresses do not define, a set of its
+/// own (a lookup in `cluster-ips` would count every connection to a ClusterIP); `None`
+/// when `services` marks no ClusterIP traffic.
+pub(crate) fn masquerade_cluster_ips(state: &ProxyState) -> Option<&'static str> {
+    if !state.masquerade_all && local_traffic_match(state, false).is_none() {
+        None
+    } else if state.service_counters {
+        Some(MASQUERADE_CLUSTER_IPS)
+    } else {
+        Some(CLUSTER_IPS)
+    }
+}
 pub(crate) const NODEPORT_IPS: &str = "nodeport-ips";
 pub(crate) const SERVICE_IPS: &str = "service-ips";
 pub(crate) const SERVICE_NODEPORTS: &str = "service-nodeports";
@@ -161,12 +175,12 @@ pub(crate) fn table(state: &ProxyState) -> Table {
         table.add_chain(chain);
     }
 
-    // services: mark ClusterIP traffic that must be masqueraded, then dispatch. The
-    // masquerade rule looks ClusterIPs up in a set of its own: a lookup in `cluster-ips`
-    // would count every new connection to a ClusterIP in that set's element counters,
-    // which count only those rejected for a port the ClusterIP does not define.
+    // services: mark ClusterIP traffic that must be masqueraded, then dispatch.
     let mut services = Vec::new();
-    let cluster_ip = Stmt::lookup(daddr(), MASQUERADE_CLUSTER_IPS);
+    let cluster_ip = Stmt::lookup(
+        daddr(),
+        masquerade_cluster_ips(state).unwrap_or(CLUSTER_IPS),
+    );
     if state.masquerade_all {
         services.push(
             Rule::new(vec![cluster_ip, mark_for_masquerade(state)])
@@ -274,7 +288,7 @@ pub(crate) fn table(state: &ProxyState) -> Table {
             .with_comment("Active ClusterIPs")
             .with_counter(counted),
     );
-    if masquerades_cluster_ips(state) {
+    if masquerade_cluster_ips(state) == Some(MASQUERADE_CLUSTER_IPS) {
         table.add_set(
             Set::new(MASQUERADE_CLUSTER_IPS, vec![addr])
                 .with_comment("ClusterIPs, for the masquerade rule"),
@@ -290,13 +304,10 @@ pub(crate) fn table(state: &ProxyState) -> Table {
     }
     table.add_set(
         Set::verdict_map(SERVICE_IPS, address_key.clone())
-            .with_comment("ClusterIP, ExternalIP and LoadBalancer IP traffic")
-            .with_counter(counted),
+            .with_comment("ClusterIP, ExternalIP and LoadBalancer IP traffic"),
     );
     table.add_set(
-        Set::verdict_map(SERVICE_NODEPORTS, port_key_type.clone())
-            .with_comment("NodePort traffic")
-            .with_counter(counted),
+        Set::verdict_map(SERVICE_NODEPORTS, port_key_type.clone()).with_comment("NodePort traffic"),
     );
     table.add_set(
         Set::verdict_map(NO_ENDPOINT_SERVICES, address_key.clone())

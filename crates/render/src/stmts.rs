@@ -30,12 +30,6 @@ pub(crate) fn mark_for_masquerade(state: &ProxyState) -> Stmt {
     Stmt::SetMark(MarkOp::Or(state.masquerade_mark))
 }
 
-/// Whether the `services` chain marks ClusterIP traffic for masquerading (all of it, or
-/// what does not come from local pods), and so needs its set of ClusterIPs.
-pub(crate) fn masquerades_cluster_ips(state: &ProxyState) -> bool {
-    state.masquerade_all || local_traffic_match(state, false).is_some()
-}
-
 /// `counter`, in a rule whose matches decide an outcome nftproxy reports, when the
 /// state counts connections.
 pub(crate) fn counter(state: &ProxyState) -> Option<Stmt> {
