@@ -119,6 +119,11 @@ pub fn rows(connections: &Connections) -> BTreeMap<ServicePortLabel, Row> {
 /// A terminal table of the busiest Service ports (by all their connections), then of
 /// those rejecting or dropping, at most `limit` rows each.
 pub fn top_text(connections: &Connections, limit: usize) -> String {
+    if connections.is_empty() {
+        return "No connection counters in this network namespace's nftproxy tables: they \
+                are counted only with --service-counters (serviceCounters: true).\n"
+            .to_owned();
+    }
     let rows = rows(connections);
     let mut busiest: Vec<(&ServicePortLabel, &Row)> =
         rows.iter().filter(|(_, r)| r.total() > 0).collect();
@@ -139,14 +144,15 @@ pub fn top_text(connections: &Connections, limit: usize) -> String {
             let _ = writeln!(out, "  (none)");
             return;
         }
-        let names: Vec<String> = list.iter().map(|(l, _)| service_port_text(l)).collect();
+        let shown = &list[..list.len().min(limit)];
+        let names: Vec<String> = shown.iter().map(|(l, _)| service_port_text(l)).collect();
         let width = names.iter().map(String::len).max().unwrap_or(0).max(12);
         let _ = writeln!(
             out,
             "  {:<width$}  {:>10}  {:>10}  {:>10}  {:>9}",
             "SERVICE PORT", "FORWARDED", "REJECTED", "DROPPED", "ENDPOINTS"
         );
-        for (name, (_, row)) in names.iter().zip(list.iter().take(limit)) {
+        for (name, (_, row)) in names.iter().zip(shown) {
             let _ = writeln!(
                 out,
                 "  {name:<width$}  {:>10}  {:>10}  {:>10}  {:>9}",
@@ -218,6 +224,8 @@ mod tests {
             (Counted::Service(label("admin"), Outcome::Rejected), 3),
         ]);
         let text = top_text(&connections, 10);
+        assert!(top_text(&Connections::new(), 10).contains("--service-counters"));
+        assert_eq!(top_text(&connections, 1).matches("ns/web:http/TCP").count(), 1);
         let busiest = text.split("Rejecting").next().unwrap_or_default();
         assert!(
             busiest.find("ns/web:http/TCP") < busiest.find("ns/web:admin/TCP"),
