@@ -225,7 +225,10 @@ mod tests {
         ]);
         let text = top_text(&connections, 10);
         assert!(top_text(&Connections::new(), 10).contains("--service-counters"));
-        assert_eq!(top_text(&connections, 1).matches("ns/web:http/TCP").count(), 1);
+        assert_eq!(
+            top_text(&connections, 1).matches("ns/web:http/TCP").count(),
+            1
+        );
         let busiest = text.split("Rejecting").next().unwrap_or_default();
         assert!(
             busiest.find("ns/web:http/TCP") < busiest.find("ns/web:admin/TCP"),

@@ -217,7 +217,7 @@ pub fn run(
                 if counted.is_empty() {
                     let _ = writeln!(
                         out,
-                        "        none (no Service reached, or --service-counters=false)"
+                        "        none (no Service reached, or nftproxy runs without --service-counters)"
                     );
                 }
                 for (label, row) in &counted {

@@ -15,7 +15,7 @@ use nftproxy_netlink::netns;
 use nftproxy_testkit::{SEED_NODE_FLAGS, kernel_available};
 
 mod common;
-use common::{Daemon, Outcome, Topology, addr, from, serve, tcp, within};
+use common::{Daemon, Outcome, Topology, addr, from, serve, sysctl, tcp, within};
 
 const METRICS: &str = "127.0.0.1:10249";
 
@@ -163,18 +163,7 @@ fn counters_count_every_connection_by_outcome_and_endpoint_and_survive_a_restart
     // The node answers every refused attempt (by default the kernel sends a peer about
     // six ICMP errors at once, then one a second): an unanswered attempt would be
     // retried by the client, and each retry is an attempt of its own.
-    let unlimited = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &node,
-            "sysctl",
-            "-qw",
-            "net.ipv4.icmp_ratelimit=0",
-        ])
-        .status()
-        .expect("sysctl runs");
-    assert!(unlimited.success());
+    sysctl(&node, "net.ipv4.icmp_ratelimit=0");
     let daemon_command = || {
         let mut command = Command::new("ip");
         command

@@ -36,6 +36,15 @@ pub fn ip(args: &[&str]) {
     );
 }
 
+/// Sets a sysctl (`name=value`) of network namespace `ns`.
+pub fn sysctl(ns: &str, setting: &str) {
+    let status = Command::new("ip")
+        .args(["netns", "exec", ns, "sysctl", "-qw", setting])
+        .status()
+        .expect("sysctl runs");
+    assert!(status.success(), "sysctl {setting} in {ns}");
+}
+
 /// Named namespaces, deleted when dropped (also when a test fails).
 pub struct Topology {
     prefix: String,
@@ -116,18 +125,7 @@ impl Topology {
                 "192.168.50.10",
             ]);
         }
-        let forwarding = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &node,
-                "sysctl",
-                "-qw",
-                "net.ipv4.ip_forward=1",
-            ])
-            .status()
-            .expect("sysctl runs");
-        assert!(forwarding.success());
+        sysctl(&node, "net.ipv4.ip_forward=1");
         topology
     }
 
