@@ -215,6 +215,16 @@ impl NetlinkBackend {
 
     /// Opens a netfilter netlink socket (needs CAP_NET_ADMIN in the network namespace).
     pub fn open() -> Result<NetlinkBackend, Error> {
+        NetlinkBackend::new(true)
+    }
+
+    /// A backend that only reads (tables, counters): no notification listener, whose
+    /// queue nothing would drain.
+    pub fn reader() -> Result<NetlinkBackend, Error> {
+        NetlinkBackend::new(false)
+    }
+
+    fn new(listen: bool) -> Result<NetlinkBackend, Error> {
         let socket = Socket::open()?;
         // Sequence numbers only need to be unique on this socket; starting from the port
         // id keeps them recognisable in traces.
@@ -222,7 +232,7 @@ impl NetlinkBackend {
         Ok(NetlinkBackend {
             socket,
             seq,
-            listener: Socket::listener().ok(),
+            listener: listen.then(Socket::listener).and_then(Result::ok),
             foreign: BTreeSet::new(),
             lost: false,
         })

@@ -60,7 +60,7 @@ impl Counters {
 
 /// Reads both tables' counters and adds them to `totals`, per family.
 fn read_totals(totals: &mut [Totals; 2]) -> Result<Connections, String> {
-    let mut backend = NetlinkBackend::open().map_err(|e| e.to_string())?;
+    let mut backend = NetlinkBackend::reader().map_err(|e| e.to_string())?;
     let mut all = Connections::new();
     for (family, family_totals) in [Family::Ip, Family::Ip6].into_iter().zip(totals.iter_mut()) {
         let reading = backend

@@ -79,7 +79,7 @@ pub fn run(
 ) -> Result<String, String> {
     let family = Family::of(&explain.to.addr);
     let (table, mut local) = if explain.live {
-        let mut backend = NetlinkBackend::open().map_err(|e| e.to_string())?;
+        let mut backend = NetlinkBackend::reader().map_err(|e| e.to_string())?;
         let table = backend
             .list(family, TABLE_NAME)
             .map_err(|e| e.to_string())?

@@ -119,7 +119,7 @@ fn run(args: &Args) -> Result<(), Failure> {
         return cleanup();
     }
     if args.dry_run && args.cleanup_kube_proxy {
-        let mut backend = NetlinkBackend::open().map_err(error)?;
+        let mut backend = NetlinkBackend::reader().map_err(error)?;
         let removals = kube_proxy::plan(&mut backend).map_err(error)?;
         return emit(&kube_proxy::describe(&removals));
     }
