@@ -74,7 +74,7 @@ pub struct DaemonReport {
 }
 
 /// The `nftproxy` binary built beside this one.
-fn nftproxy_binary() -> Result<PathBuf, String> {
+pub(crate) fn nftproxy_binary() -> Result<PathBuf, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let binary = exe.with_file_name("nftproxy");
     if binary.exists() {

@@ -7,6 +7,7 @@
 //! into another's, and the host's ruleset is never touched.
 
 mod daemon;
+mod manifests;
 mod synth;
 mod upstream;
 mod worker;
@@ -20,6 +21,7 @@ use nftproxy_netlink::netns::in_new_netns;
 use serde::{Deserialize, Serialize};
 
 use crate::daemon::DaemonReport;
+use crate::manifests::ManifestReport;
 use crate::worker::{ColdReport, CounterRead, LatencyReport};
 
 /// Latency runs per Service count.
@@ -49,6 +51,10 @@ struct Args {
     /// Endpoints per Service in the API server.
     #[arg(long, default_value_t = 10)]
     daemon_endpoints: u32,
+    /// Services (x --endpoints) written to a manifest file for `nftproxy --dry-run` and
+    /// `--once` as users run them (0: skip).
+    #[arg(long, default_value_t = 10_000)]
+    manifest_services: u32,
     /// Services (x --endpoints) of the connection counters' cost: cold loads with and
     /// without them, alternating, best of three each (0: skip). The connect latency
     /// rounds measure both too.
@@ -84,6 +90,14 @@ enum Worker {
         services: u32,
         #[arg(long, action = clap::ArgAction::Set, default_value_t = true)]
         counters: bool,
+    },
+    /// `nftproxy --dry-run` and `--once` from a manifest file.
+    #[command(hide = true)]
+    Manifests {
+        #[arg(long)]
+        services: u32,
+        #[arg(long)]
+        endpoints: u32,
     },
     /// The nftproxy daemon against an API server: cold start, restart, `/healthz`.
     #[command(hide = true)]
@@ -126,6 +140,7 @@ struct CountersCost {
 struct Results {
     rows: Vec<Row>,
     wide: Option<ColdReport>,
+    manifests: Option<ManifestReport>,
     counters_cost: Option<CountersCost>,
     latency: Vec<LatencyReport>,
     daemon: Option<DaemonReport>,
@@ -146,6 +161,10 @@ fn main() -> ExitCode {
             services,
             endpoints,
         }) => daemon::run(*services, *endpoints).map(|r| print_json(&r)),
+        Some(Worker::Manifests {
+            services,
+            endpoints,
+        }) => manifests::run(*services, *endpoints).map(|r| print_json(&r)),
         None => run(&args),
     };
     match result {
@@ -222,6 +241,7 @@ fn run(args: &Args) -> Result<(), String> {
     let mut results = Results {
         rows: Vec::new(),
         wide: None,
+        manifests: None,
         counters_cost: None,
         latency: Vec::new(),
         daemon: None,
@@ -260,6 +280,19 @@ fn run(args: &Args) -> Result<(), String> {
             args.wide_endpoints,
             true,
         ))?);
+    }
+    if args.manifest_services > 0 {
+        eprintln!(
+            "measuring nftproxy --dry-run and --once of {} services x {} endpoints from a manifest",
+            args.manifest_services, args.endpoints
+        );
+        results.manifests = Some(in_worker(vec![
+            "manifests".to_owned(),
+            "--services".to_owned(),
+            args.manifest_services.to_string(),
+            "--endpoints".to_owned(),
+            args.endpoints.to_string(),
+        ])?);
     }
     if args.counters_cost > 0 {
         let mut best = [f64::MAX; 2];
@@ -431,6 +464,18 @@ fn table(results: &Results) -> String {
                 latency.p90_seconds * 1e6
             );
         }
+    }
+    if let Some(m) = &results.manifests {
+        out += &format!(
+            "\n| the manifest path ({} x {}, a {} MB List) | wall | peak RSS |\n|---|---|---|\n| `nftproxy --dry-run` | {:.2} s | {} MB |\n| `nftproxy --once` | {:.2} s | {} MB |\n",
+            m.services,
+            m.endpoints,
+            m.bytes / (1024 * 1024),
+            m.dry_run.seconds,
+            m.dry_run.rss_kb / 1024,
+            m.once.seconds,
+            m.once.rss_kb / 1024
+        );
     }
     if let Some(cost) = &results.counters_cost {
         out += &format!(

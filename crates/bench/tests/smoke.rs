@@ -29,6 +29,8 @@ fn a_small_benchmark_runs_end_to_end() {
             "5",
             "--counters-cost",
             "200",
+            "--manifest-services",
+            "300",
         ])
         .arg("--json")
         .arg(&json)
