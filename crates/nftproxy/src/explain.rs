@@ -11,7 +11,7 @@ use nftproxy_model::Build;
 use nftproxy_netlink::{NetlinkBackend, netns};
 use nftproxy_nft::trace::{Fate, Origin, Outcome, Packet, describe, summarise, trace};
 use nftproxy_nft::{Backend, Family, Table, Value};
-use nftproxy_render::TABLE_NAME;
+use nftproxy_render::{TABLE_NAME, parse_port_name};
 use serde_json::json;
 
 use crate::cli::{ExplainArgs, OutputFormat};
@@ -20,19 +20,12 @@ use crate::counters::{self, Counters};
 /// The Service a per-service chain belongs to: `service-HASH-ns/name/proto/port`
 /// → `ns/name:port (proto)`.
 fn service_of_chain(chain: &str) -> Option<String> {
-    let mut parts = chain.splitn(3, '-');
-    let (_, _, base) = (parts.next()?, parts.next()?, parts.next()?);
-    let mut fields = base.split('/');
-    let (namespace, name, proto, port) = (
-        fields.next()?,
-        fields.next()?,
-        fields.next()?,
-        fields.next()?,
-    );
-    Some(if port.is_empty() {
-        format!("{namespace}/{name} ({proto})")
+    let parsed = parse_port_name(chain)?;
+    let service = format!("{}/{}", parsed.namespace, parsed.name);
+    Some(if parsed.port.is_empty() {
+        format!("{service} ({})", parsed.protocol)
     } else {
-        format!("{namespace}/{name}:{port} ({proto})")
+        format!("{service}:{} ({})", parsed.port, parsed.protocol)
     })
 }
 

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use nftproxy_nft::{CounterReading, L4Proto, Stmt, Value, Verdict};
 
 use crate::balance;
+use crate::names::{PortName, parse_port_name};
 use crate::services::FIREWALL_SUFFIX;
 use crate::skeleton::{
     CLUSTER_IPS, CLUSTER_IPS_CHECK, NO_ENDPOINT_NODEPORTS, NO_ENDPOINT_SERVICES, SERVICE_IPS,
@@ -333,14 +334,17 @@ impl Names {
     /// The Service port of a per-port chain, from its name `KIND-HASH-ns/name/proto/port`
     /// (never cut: the longest valid Kubernetes names leave it under the limit).
     fn chain_label(&self, chain: &str) -> Option<ServicePortLabel> {
-        let hashed = ["service-", "local-", "firewall-"]
-            .iter()
-            .find_map(|kind| chain.strip_prefix(kind))?;
-        let (_, base) = hashed.split_once('-')?;
-        let [namespace, service, proto, port] = base.split('/').collect::<Vec<_>>()[..] else {
+        let PortName {
+            kind,
+            namespace,
+            name: service,
+            protocol,
+            port,
+        } = parse_port_name(chain)?;
+        if !["service", "local", "firewall"].contains(&kind) {
             return None;
-        };
-        let protocol = proto.to_ascii_uppercase();
+        }
+        let protocol = protocol.to_ascii_uppercase();
         let port = if port.is_empty() {
             self.unnamed
                 .get(&(namespace.to_owned(), service.to_owned(), protocol.clone()))?

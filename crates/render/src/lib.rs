@@ -23,7 +23,7 @@ use nftproxy_nft::{Family, L4Proto, Table, Value};
 
 pub use balance::SHARD_BITS;
 pub use fragment::{Renderer, render};
-pub use names::hash_and_truncate;
+pub use names::{PortName, hash_and_truncate, parse_port_name};
 
 /// The name of nftproxy's tables (one per family).
 pub const TABLE_NAME: &str = "nftproxy";

@@ -36,6 +36,38 @@ fn service_port_base(name: &ServicePortName) -> String {
     )
 }
 
+/// The parts of a per-port chain or set name, `KIND-HASH-ns/name/proto/port`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortName<'a> {
+    /// `service`, `local`, `external`, `firewall` or `affinity`.
+    pub kind: &'a str,
+    /// The Service's namespace.
+    pub namespace: &'a str,
+    /// The Service's name.
+    pub name: &'a str,
+    /// The protocol, in lower case.
+    pub protocol: &'a str,
+    /// The port's name; empty for an unnamed port.
+    pub port: &'a str,
+}
+
+/// A per-port chain or set name read back into its parts; `None` for any other name.
+/// (The longest valid Kubernetes names stay under the 240 bytes where a name is cut.)
+pub fn parse_port_name(name: &str) -> Option<PortName<'_>> {
+    let (kind, hashed) = name.split_once('-')?;
+    let (_, base) = hashed.split_once('-')?;
+    let [namespace, name, protocol, port] = base.split('/').collect::<Vec<_>>()[..] else {
+        return None;
+    };
+    Some(PortName {
+        kind,
+        namespace,
+        name,
+        protocol,
+        port,
+    })
+}
+
 /// Chain for Cluster-policy endpoints.
 pub fn service_chain(name: &ServicePortName) -> String {
     format!("service-{}", hash_and_truncate(&service_port_base(name)))
@@ -111,6 +143,25 @@ pub(crate) mod tests {
             service_chain(&port("ns1", "svc1", "p80")),
             "service-ULMVA6XW-ns1/svc1/tcp/p80"
         );
+    }
+
+    #[test]
+    fn port_names_read_back_into_their_parts() {
+        let name = port("ns1", "svc1", "p80");
+        let chain = service_chain(&name);
+        let parsed = parse_port_name(&chain).expect("a port chain");
+        assert_eq!(
+            (parsed.kind, parsed.namespace, parsed.name),
+            ("service", "ns1", "svc1")
+        );
+        assert_eq!((parsed.protocol, parsed.port), ("tcp", "p80"));
+        let unnamed = port("ns1", "svc1", "");
+        assert_eq!(
+            parse_port_name(&firewall_chain(&unnamed)).map(|p| p.port),
+            Some("")
+        );
+        assert_eq!(parse_port_name("services"), None);
+        assert_eq!(parse_port_name("load-balance-tcp-9"), None);
     }
 
     #[test]
