@@ -109,8 +109,9 @@ fn attributed(reading: &CounterReading) -> Vec<(CounterId, Counted, u64)> {
         }
         let element = &counted.element;
         let mut key = element.key();
+        let data = element.data();
         let what = if let Some(proto) = set.1 {
-            endpoint_of(&names, proto, &key, &element.data())
+            endpoint_of(&names, proto, &key, &data)
         } else if counted.set == CLUSTER_IPS {
             let service = match key.as_slice() {
                 [Value::Addr(addr)] => names.cluster_ips.get(addr),
@@ -141,7 +142,7 @@ fn attributed(reading: &CounterReading) -> Vec<(CounterId, Counted, u64)> {
                 .map(|(o, l)| Counted::Service(Arc::new(l), o))
         };
         if let Some(what) = what {
-            key.extend(element.data());
+            key.extend(data);
             let id = CounterId::Element(Arc::clone(&set.0), key);
             push(&mut out, id, what, counted.count.packets);
         }
