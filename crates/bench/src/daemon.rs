@@ -235,6 +235,19 @@ fn populate(api: &FakeApi, services: u32, endpoints: u32) -> Result<(), String> 
     Ok(())
 }
 
+/// The daemon's first sync with `services` × `endpoints` in the API server, then a
+/// SIGTERM: the yardstick of the manifest path's runs (its tables stay, as always).
+pub(crate) fn cold_start(services: u32, endpoints: u32) -> Result<Start, String> {
+    let binary = nftproxy_binary()?;
+    crate::worker::ip(&["link", "set", "lo", "up"])?;
+    let api = FakeApi::start();
+    populate(&api, services, endpoints)?;
+    let mut daemon = Daemon::start(&binary, &api)?;
+    let cold = daemon.first_sync()?;
+    daemon.stop()?;
+    Ok(cold)
+}
+
 /// The daemon's cold start and restart with `services` × `endpoints` in the API server.
 pub fn run(services: u32, endpoints: u32) -> Result<DaemonReport, String> {
     let binary = nftproxy_binary()?;

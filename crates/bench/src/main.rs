@@ -467,15 +467,24 @@ fn table(results: &Results) -> String {
     }
     if let Some(m) = &results.manifests {
         out += &format!(
-            "\n| the manifest path ({} x {}, a {} MB List) | wall | peak RSS |\n|---|---|---|\n| `nftproxy --dry-run` | {:.2} s | {} MB |\n| `nftproxy --once` | {:.2} s | {} MB |\n",
+            "\n| the manifest path, {} x {} | file | wall (start to exit) | peak RSS | wall - daemon's first sync |\n|---|---|---|---|---|\n| the daemon against the API server (start to first sync) | - | {:.2} s | {} MB | - |\n",
             m.services,
             m.endpoints,
-            m.bytes / (1024 * 1024),
-            m.dry_run.seconds,
-            m.dry_run.rss_kb / 1024,
-            m.once.seconds,
-            m.once.rss_kb / 1024
+            m.daemon.seconds,
+            m.daemon.rss_kb / 1024
         );
+        for file in &m.files {
+            for (mode, run) in [("--dry-run", &file.dry_run), ("--once", &file.once)] {
+                out += &format!(
+                    "| `nftproxy {mode}` | {} MB {} | {:.2} s | {} MB | {:+.2} s |\n",
+                    file.bytes / (1024 * 1024),
+                    file.format.to_uppercase(),
+                    run.seconds,
+                    run.rss_kb / 1024,
+                    run.seconds - m.daemon.seconds
+                );
+            }
+        }
     }
     if let Some(cost) = &results.counters_cost {
         out += &format!(

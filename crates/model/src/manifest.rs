@@ -9,7 +9,9 @@
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::ServiceCIDR;
+use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
+use serde_json::value::RawValue;
 use std::net::IpAddr;
 
 use crate::diag::{Diagnostic, ObjectRef, ValueError};
@@ -93,20 +95,30 @@ impl Snapshot {
 
     /// Decodes every document of `text` and adds the objects nftproxy reads. Objects of
     /// other kinds (Deployments, ConfigMaps, …) are skipped silently.
+    ///
+    /// No document is held whole as a tree: a List's items are decoded one by one, each
+    /// into its typed object and then into the compact form the snapshot keeps, so the
+    /// peak is one object however large the file.
     pub fn add_manifest(&mut self, source_name: &str, text: &str) -> ManifestReport {
         let mut report = ManifestReport::default();
+        // `kubectl get -o json` and the API's own lists: one JSON value, which the JSON
+        // parser reads many times faster than a YAML parser, straight into typed objects.
+        if let Ok(raw) = serde_json::from_str::<&RawValue>(text) {
+            self.add_json(raw, &mut report.diagnostics);
+            return report;
+        }
         if let Ok(documents) = parse(text) {
             for document in documents {
-                self.add_value(document, &mut report.diagnostics);
+                self.append(document, &mut report.diagnostics);
             }
             return report;
         }
         // Something is broken: parse document by document to keep the rest.
         for (first_line, document) in split_documents(text) {
             match parse(document) {
-                Ok(values) => {
-                    for value in values {
-                        self.add_value(value, &mut report.diagnostics);
+                Ok(documents) => {
+                    for document in documents {
+                        self.append(document, &mut report.diagnostics);
                     }
                 }
                 Err(error) => {
@@ -124,6 +136,62 @@ impl Snapshot {
         report
     }
 
+    fn append(&mut self, document: Document, diagnostics: &mut Vec<Diagnostic>) {
+        let Document(snapshot, found) = document;
+        self.services.extend(snapshot.services);
+        self.endpoint_slices.extend(snapshot.endpoint_slices);
+        self.nodes.extend(snapshot.nodes);
+        self.service_cidrs.extend(snapshot.service_cidrs);
+        diagnostics.extend(found);
+    }
+
+    /// One JSON value: an object of a kind nftproxy reads, a List of them, or anything
+    /// else (skipped). Each object's text is scanned for its `kind` first, then decoded
+    /// once, typed.
+    fn add_json(&mut self, raw: &RawValue, diagnostics: &mut Vec<Diagnostic>) {
+        if !raw.get().starts_with('{') {
+            return;
+        }
+        let Ok(probe) = serde_json::from_str::<Probe<'_>>(raw.get()) else {
+            // An object only a tree reads (a key twice: the last one counts).
+            if let Ok(value) = serde_json::from_str(raw.get()) {
+                self.add_value(value, diagnostics);
+            }
+            return;
+        };
+        let kind = match probe.kind.map(|k| serde_json::from_str::<String>(k.get())) {
+            None => String::new(),
+            Some(Ok(kind)) => kind,
+            Some(Err(_)) => {
+                let object = json_object_ref("object", raw);
+                diagnostics.push(Diagnostic::invalid(&object, "kind is not a string"));
+                return;
+            }
+        };
+        if is_list(&kind, probe.items.is_some()) {
+            let items = probe
+                .items
+                .and_then(|i| serde_json::from_str::<Vec<&RawValue>>(i.get()).ok());
+            for item in items.unwrap_or_default() {
+                self.add_json(item, diagnostics);
+            }
+            return;
+        }
+        let text = raw.get();
+        let decoded = match kind.as_str() {
+            "Service" => from_json::<Service>(text).map(|s| self.services.push((&s).into())),
+            "EndpointSlice" => {
+                from_json::<EndpointSlice>(text).map(|s| self.endpoint_slices.push((&s).into()))
+            }
+            "Node" => from_json(text).map(|n| self.nodes.push(n)),
+            "ServiceCIDR" => from_json(text).map(|c| self.service_cidrs.push(c)),
+            _ => Ok(()),
+        };
+        if let Err(reason) = decoded {
+            diagnostics.push(Diagnostic::invalid(&json_object_ref(&kind, raw), reason));
+        }
+    }
+
     fn add_value(&mut self, value: Value, diagnostics: &mut Vec<Diagnostic>) {
         let Value::Object(mut map) = value else {
             // An empty document (`---` at the end of a file) or a scalar: nothing to read.
@@ -138,7 +206,7 @@ impl Snapshot {
                 return;
             }
         };
-        if kind == "List" || (kind.ends_with("List") && map.contains_key("items")) {
+        if is_list(&kind, map.contains_key("items")) {
             if let Some(Value::Array(items)) = map.remove("items") {
                 for item in items {
                     self.add_value(item, diagnostics);
@@ -160,6 +228,160 @@ impl Snapshot {
         if let Err(reason) = decoded {
             diagnostics.push(Diagnostic::invalid(&object, reason));
         }
+    }
+}
+
+/// Whether an object of `kind` is a list whose `items` are objects to read.
+fn is_list(kind: &str, has_items: bool) -> bool {
+    kind == "List" || (kind.ends_with("List") && has_items)
+}
+
+/// The fields of a JSON object that say what it is, each left as text.
+#[derive(serde::Deserialize)]
+struct Probe<'a> {
+    #[serde(default, borrow)]
+    kind: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    items: Option<&'a RawValue>,
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, ValueError> {
+    serde_json::from_str(text).map_err(|error| {
+        // The position is inside the object's own text, which names nothing to a reader.
+        let message = error.to_string();
+        let position = format!(" at line {} column {}", error.line(), error.column());
+        ValueError::Decode(
+            message
+                .strip_suffix(&position)
+                .unwrap_or(&message)
+                .to_owned(),
+        )
+    })
+}
+
+/// The object a JSON object names, read only when there is something to report.
+fn json_object_ref(kind: &str, raw: &RawValue) -> ObjectRef {
+    match serde_json::from_str(raw.get()) {
+        Ok(Value::Object(map)) => object_ref(kind, &map),
+        _ => object_ref(kind, &serde_json::Map::new()),
+    }
+}
+
+/// What one YAML document holds: read like a tree, except that a List's `items` are
+/// decoded one at a time and only their compact forms kept.
+#[derive(Default)]
+struct Document(Snapshot, Vec<Diagnostic>);
+
+impl Document {
+    fn add(&mut self, value: Value) {
+        self.0.add_value(value, &mut self.1);
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Document {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(Streamed { items: false })
+    }
+}
+
+/// Visits a document (`items: false`: a map is an object) or a List's `items` (`true`:
+/// a sequence of objects). Anything else holds nothing nftproxy reads.
+struct Streamed {
+    items: bool,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Streamed {
+    type Value = Document;
+
+    fn deserialize<D: serde::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<Document, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Streamed {
+    type Value = Document;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("a Kubernetes object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Document, A::Error> {
+        if self.items {
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            return Ok(Document::default());
+        }
+        let mut fields = serde_json::Map::new();
+        let mut items = None;
+        while let Some(key) = map.next_key::<String>()? {
+            if key == "items" {
+                items = Some(map.next_value_seed(Streamed { items: true })?);
+            } else {
+                fields.insert(key, map.next_value()?);
+            }
+        }
+        let list = match fields.get("kind") {
+            Some(Value::String(kind)) => is_list(kind, items.is_some()),
+            _ => false,
+        };
+        match items {
+            // Items read before the `kind` said they are items are kept only now.
+            Some(items) if list => Ok(items),
+            _ => {
+                let mut document = Document::default();
+                document.add(Value::Object(fields));
+                Ok(document)
+            }
+        }
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Document, A::Error> {
+        let mut document = Document::default();
+        if self.items {
+            while let Some(item) = seq.next_element()? {
+                document.add(item);
+            }
+        } else {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+        }
+        Ok(document)
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<Document, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+
+    fn visit_none<E>(self) -> Result<Document, E> {
+        Ok(Document::default())
+    }
+
+    fn visit_unit<E>(self) -> Result<Document, E> {
+        Ok(Document::default())
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Document, E> {
+        Ok(Document::default())
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Document, E> {
+        Ok(Document::default())
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Document, E> {
+        Ok(Document::default())
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Document, E> {
+        Ok(Document::default())
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Document, E> {
+        Ok(Document::default())
     }
 }
 
@@ -211,7 +433,7 @@ fn parser_message(message: &str) -> String {
     }
 }
 
-fn parse(text: &str) -> Result<Vec<Value>, serde_saphyr::Error> {
+fn parse(text: &str) -> Result<Vec<Document>, serde_saphyr::Error> {
     serde_saphyr::from_multiple_with_options(text, parser_options())
 }
 
@@ -331,6 +553,67 @@ mod tests {
             report.diagnostics[0]
                 .to_string()
                 .starts_with("Service ns/bad: cannot decode")
+        );
+    }
+
+    #[test]
+    fn items_count_only_in_a_list_whatever_comes_first() {
+        let item = "{kind: Service, metadata: {name: item}}";
+        for (text, items) in [
+            // `kubectl get -o yaml` sorts the keys: `items` before `kind`.
+            (format!("apiVersion: v1\nitems: [{item}]\nkind: List\n"), 1),
+            (format!("kind: ServiceList\nitems: [{item}, {item}]\n"), 2),
+            (
+                format!("items: [{item}]\nkind: Service\nmetadata: {{name: s}}\n"),
+                0,
+            ),
+            (format!("items: [{item}]\nkind: ConfigMap\n"), 0),
+            ("kind: List\nitems: {kind: Service}\n".to_owned(), 0),
+        ] {
+            let (snapshot, report) = read(&text);
+            assert!(report.diagnostics.is_empty() && report.errors.is_empty());
+            let listed = snapshot
+                .services
+                .iter()
+                .filter(|s| s.name() == "item")
+                .count();
+            assert_eq!(listed, items, "{text}");
+            // The same as one JSON value.
+            let value: Value = serde_saphyr::from_str(&text).expect("YAML");
+            let (snapshot, report) = read(&value.to_string());
+            assert!(report.diagnostics.is_empty() && report.errors.is_empty());
+            let listed = snapshot
+                .services
+                .iter()
+                .filter(|s| s.name() == "item")
+                .count();
+            assert_eq!(listed, items, "{value}");
+        }
+    }
+
+    #[test]
+    fn a_json_list_is_read_and_its_bad_items_named_without_positions() {
+        let text = r#"{"apiVersion": "v1", "items": [
+            {"kind": "Service", "metadata": {"name": "a"}, "spec": {"clusterIP": "10.0.0.1"}},
+            {"kind": "Service", "metadata": {"name": "bad", "namespace": "ns"}, "spec": {"ports": 7}},
+            {"kind": 7, "metadata": {"name": "odd"}},
+            {"kind": "EndpointSlice", "metadata": {"name": "a-1"}, "addressType": "IPv4", "endpoints": []},
+            {"kind": "Service", "kind": "Service", "metadata": {"name": "twice"}},
+            [1], null, "x"
+        ], "kind": "List"}"#;
+        let (snapshot, report) = read(text);
+        assert!(report.errors.is_empty());
+        let names: Vec<_> = snapshot.services.iter().map(|s| s.name()).collect();
+        assert_eq!(names, ["a", "twice"]);
+        assert_eq!(snapshot.endpoint_slices.len(), 1);
+        let said: Vec<_> = report.diagnostics.iter().map(ToString::to_string).collect();
+        assert_eq!(said.len(), 2, "{said:?}");
+        assert!(said[0].starts_with("Service ns/bad: cannot decode: invalid type: integer `7`"));
+        assert!(!said[0].contains(" at line "), "{}", said[0]);
+        assert!(
+            said[1].contains("default/odd: kind is not a string"),
+            "{}",
+            said[1]
         );
     }
 

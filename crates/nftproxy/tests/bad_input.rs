@@ -224,3 +224,65 @@ fn every_hostile_input_is_named_and_the_valid_rest_programmed() {
     let _ = std::fs::remove_dir_all(&temp);
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// `kubectl get -o json` takes another decoder than YAML: every corpus file that is
+/// well-formed YAML, written as one JSON List of its documents, must be named and
+/// rendered exactly as the YAML is.
+#[test]
+fn the_corpus_as_json_is_read_as_its_yaml() {
+    let corpus = repo_root().join("crates/nftproxy/tests/bad-input");
+    let temp = std::env::temp_dir().join(format!("nftproxy-bad-json-{}", std::process::id()));
+    std::fs::create_dir_all(&temp).expect("temp dir");
+    let without_times = |output: &Output| -> Vec<String> {
+        String::from_utf8_lossy(&output.stderr)
+            .lines()
+            .map(|l| l.split_once(' ').map_or(l, |(_, rest)| rest).to_owned())
+            .collect()
+    };
+    let mut compared = Vec::new();
+    let mut failures = Vec::new();
+    for entry in std::fs::read_dir(&corpus).expect("corpus") {
+        let yaml = entry.expect("entry").path();
+        if yaml.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
+        // Broken YAML, what the parser refuses (alias bombs, deep nesting) and what is
+        // not text have no JSON twin.
+        let Ok(text) = String::from_utf8(std::fs::read(&yaml).expect("readable")) else {
+            continue;
+        };
+        let Ok(documents) = serde_saphyr::from_multiple::<serde_json::Value>(&text) else {
+            continue;
+        };
+        let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": documents});
+        let json = temp.join("case.json");
+        std::fs::write(&json, list.to_string()).expect("temp file");
+        let (from_yaml, from_json) = (
+            nftproxy(&["--dry-run"], &[&yaml]),
+            nftproxy(&["--dry-run"], &[&json]),
+        );
+        let name = yaml
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
+        if from_yaml.stdout != from_json.stdout {
+            failures.push(format!("{name}: the rendered rules differ"));
+        }
+        if without_times(&from_yaml) != without_times(&from_json) {
+            failures.push(format!(
+                "{name}: YAML says\n{}\nJSON says\n{}",
+                String::from_utf8_lossy(&from_yaml.stderr),
+                String::from_utf8_lossy(&from_json.stderr)
+            ));
+        }
+        compared.push(name);
+    }
+    let _ = std::fs::remove_dir_all(&temp);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(
+        compared.len() >= 30,
+        "only {} files compared",
+        compared.len()
+    );
+}
