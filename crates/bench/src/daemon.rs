@@ -88,17 +88,18 @@ pub(crate) fn nftproxy_binary() -> Result<PathBuf, String> {
 }
 
 /// A running daemon and the "synced" lines of its log.
-struct Daemon {
+pub(crate) struct Daemon {
     child: Child,
     synced: Receiver<u64>,
     started: Instant,
 }
 
 impl Daemon {
-    fn start(binary: &Path, api: &FakeApi) -> Result<Daemon, String> {
+    pub(crate) fn start(binary: &Path, api: &FakeApi, extra: &[&str]) -> Result<Daemon, String> {
         let started = Instant::now();
         let mut child = Command::new(binary)
             .args(["--master", &api.url(), "--node-name", NODE_NAME])
+            .args(extra)
             .args(["--cluster-cidr", CLUSTER_CIDR])
             .args(["--healthz-bind-address", &HEALTHZ.to_string()])
             .args(["--metrics-bind-address", "127.0.0.1:10249"])
@@ -131,7 +132,7 @@ impl Daemon {
     }
 
     /// Waits for the end of the first sync.
-    fn first_sync(&mut self) -> Result<Start, String> {
+    pub(crate) fn first_sync(&mut self) -> Result<Start, String> {
         let operations = self
             .synced
             .recv_timeout(PATIENCE)
@@ -147,7 +148,7 @@ impl Daemon {
     }
 
     /// SIGTERM, as the kubelet stops a pod, and waits for the process to end.
-    fn stop(mut self) -> Result<(), String> {
+    pub(crate) fn stop(mut self) -> Result<(), String> {
         let pid = self.child.id().to_string();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
         self.child.wait().map_err(|e| e.to_string())?;
@@ -162,17 +163,22 @@ impl Drop for Daemon {
     }
 }
 
+/// `GET path` from the daemon: the whole answer, status line and headers included.
+pub(crate) fn get(address: SocketAddr, path: &str) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&address, PROBE_TIMEOUT)?;
+    stream.set_read_timeout(Some(PROBE_TIMEOUT))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    Ok(text)
+}
+
 /// One `GET /healthz`: whether an HTTP answer came back.
 fn ask(address: SocketAddr) -> bool {
-    let answer = || -> std::io::Result<bool> {
-        let mut stream = TcpStream::connect_timeout(&address, PROBE_TIMEOUT)?;
-        stream.set_read_timeout(Some(PROBE_TIMEOUT))?;
-        stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")?;
-        let mut text = String::new();
-        stream.read_to_string(&mut text)?;
-        Ok(text.starts_with("HTTP/1.1 "))
-    };
-    answer().unwrap_or(false)
+    get(address, "/healthz").is_ok_and(|text| text.starts_with("HTTP/1.1 "))
 }
 
 /// What the client is told by the run.
@@ -218,7 +224,7 @@ fn probe(control: Arc<Control>) -> JoinHandle<(Vec<Duration>, usize)> {
 }
 
 /// The synthetic cluster as API objects, with this node's Node.
-fn populate(api: &FakeApi, services: u32, endpoints: u32) -> Result<(), String> {
+pub(crate) fn populate(api: &FakeApi, services: u32, endpoints: u32) -> Result<(), String> {
     api.apply(json!({
         "apiVersion": "v1",
         "kind": "Node",
@@ -242,7 +248,7 @@ pub(crate) fn cold_start(services: u32, endpoints: u32) -> Result<Start, String>
     crate::worker::ip(&["link", "set", "lo", "up"])?;
     let api = FakeApi::start();
     populate(&api, services, endpoints)?;
-    let mut daemon = Daemon::start(&binary, &api)?;
+    let mut daemon = Daemon::start(&binary, &api, &[])?;
     let cold = daemon.first_sync()?;
     daemon.stop()?;
     Ok(cold)
@@ -257,11 +263,11 @@ pub fn run(services: u32, endpoints: u32) -> Result<DaemonReport, String> {
     let control = Arc::new(Control::default());
     let prober = probe(control.clone());
     let measured = (|| {
-        let mut daemon = Daemon::start(&binary, &api)?;
+        let mut daemon = Daemon::start(&binary, &api, &[])?;
         let cold = daemon.first_sync()?;
         control.next();
         daemon.stop()?;
-        let mut daemon = Daemon::start(&binary, &api)?;
+        let mut daemon = Daemon::start(&binary, &api, &[])?;
         control.next();
         let restart = daemon.first_sync()?;
         // Periodic work after the first sync (drift checks) is served too.

@@ -6,6 +6,7 @@
 //! child process of its own, so one measurement's memory and kernel state never leak
 //! into another's, and the host's ruleset is never touched.
 
+mod churn;
 mod daemon;
 mod manifests;
 mod synth;
@@ -20,6 +21,7 @@ use clap::{Parser, Subcommand};
 use nftproxy_netlink::netns::in_new_netns;
 use serde::{Deserialize, Serialize};
 
+use crate::churn::ChurnReport;
 use crate::daemon::DaemonReport;
 use crate::manifests::ManifestReport;
 use crate::worker::{ColdReport, CounterRead, LatencyReport};
@@ -36,21 +38,27 @@ struct Args {
     /// Endpoints per Service.
     #[arg(long, default_value_t = 5)]
     endpoints: u32,
-    /// Also load this many Services with `--wide-endpoints` endpoints each (0: skip).
-    #[arg(long, default_value_t = 30_000)]
-    wide_services: u32,
-    /// Endpoints per Service of the wide load.
-    #[arg(long, default_value_t = 10)]
-    wide_endpoints: u32,
+    /// Large loads, `SERVICESxENDPOINTS` each, measured like the rows (empty: skip).
+    #[arg(long, value_delimiter = ',', value_parser = parse_load, default_value = "44000x6,5000x50")]
+    wide_loads: Vec<Load>,
     /// Service counts for the connect-latency comparison (empty: skip).
     #[arg(long, value_delimiter = ',', default_value = "10,10000")]
     latency: Vec<u32>,
-    /// Services in the API server the daemon is started against (0: skip).
-    #[arg(long, default_value_t = 30_000)]
-    daemon_services: u32,
-    /// Endpoints per Service in the API server.
+    /// The clusters in the API server the daemon is started against, `SERVICESxENDPOINTS`
+    /// each (empty: skip).
+    #[arg(long, value_delimiter = ',', value_parser = parse_load, default_value = "44000x6,5000x50")]
+    daemon_loads: Vec<Load>,
+    /// Services (x --endpoints) in the API server for the churn run: EndpointSlice
+    /// changes at --churn-rate a second for --churn-seconds, with `--min-sync-period` 0
+    /// and 1 s (0: skip).
+    #[arg(long, default_value_t = 10_000)]
+    churn_services: u32,
+    /// EndpointSlice changes per second in the churn run.
     #[arg(long, default_value_t = 10)]
-    daemon_endpoints: u32,
+    churn_rate: u32,
+    /// Seconds of churn per run.
+    #[arg(long, default_value_t = 60)]
+    churn_seconds: u32,
     /// Services (x --endpoints) written to a manifest file for `nftproxy --dry-run` and
     /// `--once` as users run them (0: skip).
     #[arg(long, default_value_t = 10_000)]
@@ -107,6 +115,37 @@ enum Worker {
         #[arg(long)]
         endpoints: u32,
     },
+    /// Network programming latency of the daemon under EndpointSlice churn.
+    #[command(hide = true)]
+    Churn {
+        #[arg(long)]
+        services: u32,
+        #[arg(long)]
+        endpoints: u32,
+        #[arg(long)]
+        rate: u32,
+        #[arg(long)]
+        seconds: u32,
+    },
+}
+
+/// A cluster's size.
+#[derive(Debug, Clone, Copy)]
+struct Load {
+    services: u32,
+    endpoints: u32,
+}
+
+/// `SERVICESxENDPOINTS`, e.g. `44000x6`.
+fn parse_load(text: &str) -> Result<Load, String> {
+    let (services, endpoints) = text
+        .split_once('x')
+        .ok_or_else(|| format!("{text:?}: want SERVICESxENDPOINTS, e.g. 44000x6"))?;
+    let number = |n: &str| n.parse::<u32>().map_err(|e| format!("{text:?}: {e}"));
+    Ok(Load {
+        services: number(services)?,
+        endpoints: number(endpoints)?,
+    })
 }
 
 /// `nft -f` of a text file: wall time and the peak RSS of `nft`.
@@ -139,11 +178,12 @@ struct CountersCost {
 #[derive(Debug, Serialize)]
 struct Results {
     rows: Vec<Row>,
-    wide: Option<ColdReport>,
+    wide: Vec<ColdReport>,
     manifests: Option<ManifestReport>,
     counters_cost: Option<CountersCost>,
     latency: Vec<LatencyReport>,
-    daemon: Option<DaemonReport>,
+    daemon: Vec<DaemonReport>,
+    churn: Option<ChurnReport>,
 }
 
 fn main() -> ExitCode {
@@ -161,6 +201,12 @@ fn main() -> ExitCode {
             services,
             endpoints,
         }) => daemon::run(*services, *endpoints).map(|r| print_json(&r)),
+        Some(Worker::Churn {
+            services,
+            endpoints,
+            rate,
+            seconds,
+        }) => churn::run(*services, *endpoints, *rate, *seconds).map(|r| print_json(&r)),
         Some(Worker::Manifests {
             services,
             endpoints,
@@ -240,11 +286,12 @@ fn cold_args(services: u32, endpoints: u32, counters: bool) -> Vec<String> {
 fn run(args: &Args) -> Result<(), String> {
     let mut results = Results {
         rows: Vec::new(),
-        wide: None,
+        wide: Vec::new(),
         manifests: None,
         counters_cost: None,
         latency: Vec::new(),
-        daemon: None,
+        daemon: Vec::new(),
+        churn: None,
     };
     for &services in &args.services {
         eprintln!(
@@ -269,17 +316,14 @@ fn run(args: &Args) -> Result<(), String> {
             nft_upstream_shape,
         });
     }
-    if args.wide_services > 0 {
+    for load in &args.wide_loads {
         eprintln!(
             "measuring {} services x {} endpoints",
-            args.wide_services, args.wide_endpoints
+            load.services, load.endpoints
         );
-        // With the connection counters, to measure what reading them costs at this size.
-        results.wide = Some(in_worker(cold_args(
-            args.wide_services,
-            args.wide_endpoints,
-            true,
-        ))?);
+        results
+            .wide
+            .push(in_worker(cold_args(load.services, load.endpoints, false))?);
     }
     if args.manifest_services > 0 {
         eprintln!(
@@ -341,17 +385,34 @@ fn run(args: &Args) -> Result<(), String> {
             }
         }
     }
-    if args.daemon_services > 0 {
+    for load in &args.daemon_loads {
         eprintln!(
             "measuring the daemon against an API server with {} services x {} endpoints",
-            args.daemon_services, args.daemon_endpoints
+            load.services, load.endpoints
         );
-        results.daemon = Some(in_worker(vec![
+        results.daemon.push(in_worker(vec![
             "daemon".to_owned(),
             "--services".to_owned(),
-            args.daemon_services.to_string(),
+            load.services.to_string(),
             "--endpoints".to_owned(),
-            args.daemon_endpoints.to_string(),
+            load.endpoints.to_string(),
+        ])?);
+    }
+    if args.churn_services > 0 {
+        eprintln!(
+            "measuring network programming latency: {} services x {} endpoints, {} EndpointSlice changes a second for {} s",
+            args.churn_services, args.endpoints, args.churn_rate, args.churn_seconds
+        );
+        results.churn = Some(in_worker(vec![
+            "churn".to_owned(),
+            "--services".to_owned(),
+            args.churn_services.to_string(),
+            "--endpoints".to_owned(),
+            args.endpoints.to_string(),
+            "--rate".to_owned(),
+            args.churn_rate.to_string(),
+            "--seconds".to_owned(),
+            args.churn_seconds.to_string(),
         ])?);
     }
     print!("{}", table(&results));
@@ -521,31 +582,107 @@ fn table(results: &Results) -> String {
             );
         }
     }
-    if let Some(daemon) = &results.daemon {
+    if !results.daemon.is_empty() {
         out += "\n| daemon against the API server | ready (first sync done) | operations | peak RSS |\n|---|---|---|---|\n";
-        for (what, start) in [
-            ("cold start", &daemon.cold),
-            ("restart, nothing changed", &daemon.restart),
-        ] {
+        for daemon in &results.daemon {
+            for (what, start) in [
+                ("cold start", &daemon.cold),
+                ("restart, nothing changed", &daemon.restart),
+            ] {
+                out += &format!(
+                    "| {} x {}, {what} | {:.2} s | {} | {} MB |\n",
+                    daemon.services,
+                    daemon.endpoints,
+                    start.seconds,
+                    start.operations,
+                    start.rss_kb / 1024
+                );
+            }
+        }
+        out += "\n| /healthz every 10 ms during both | requests | unanswered | median | p99 | slowest (target 100 ms) |\n|---|---|---|---|---|---|\n";
+        for daemon in &results.daemon {
+            let h = &daemon.healthz;
             out += &format!(
-                "| {} x {}, {what} | {:.2} s | {} | {} MB |\n",
+                "| {} x {} | {} | {} | {:.2} ms | {:.2} ms | {:.1} ms |\n",
                 daemon.services,
                 daemon.endpoints,
-                start.seconds,
-                start.operations,
-                start.rss_kb / 1024
+                h.requests,
+                h.unanswered,
+                h.median_seconds * 1e3,
+                h.p99_seconds * 1e3,
+                h.max_seconds * 1e3
             );
         }
-        let h = &daemon.healthz;
+    }
+    if let Some(churn) = &results.churn {
         out += &format!(
-            "\n| /healthz every 10 ms during both | requests | unanswered | median | p99 | slowest (target 100 ms) |\n|---|---|---|---|---|---|\n| {} x {} | {} | {} | {:.2} ms | {:.2} ms | {:.1} ms |\n",
+            "\n| network programming latency, {} x {}, {} EndpointSlice changes a second for {} s | changes | p50 | p90 | p99 | within 50 ms | within 1 s |\n|---|---|---|---|---|---|---|\n",
+            churn.services, churn.endpoints, churn.rate, churn.seconds
+        );
+        for run in &churn.runs {
+            out += &format!(
+                "| `--min-sync-period {}` | {} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} % | {:.1} % |\n",
+                run.min_sync_period,
+                run.changes,
+                run.p50_seconds * 1e3,
+                run.p90_seconds * 1e3,
+                run.p99_seconds * 1e3,
+                run.within_50ms * 100.0,
+                run.within_1s * 100.0
+            );
+        }
+    }
+    out += &targets(results);
+    out
+}
+
+/// The large loads against issue 22's targets, each as measured / target (below 1 meets
+/// it): the daemon's cold start and restart, one endpoint change, peak RSS and the
+/// longest single commit.
+fn targets(results: &Results) -> String {
+    let mut out = String::new();
+    for daemon in &results.daemon {
+        let Some(cold) = results
+            .wide
+            .iter()
+            .find(|w| w.services == daemon.services && w.endpoints == daemon.endpoints)
+        else {
+            continue;
+        };
+        if out.is_empty() {
+            out += "\n| against the targets | daemon cold start (5 s) | daemon restart, 0 operations (2 s) | one endpoint change (30 ms) | peak RSS (256 MB) | longest commit (1 s) |\n|---|---|---|---|---|---|\n";
+        }
+        let change = cold
+            .syncs
+            .iter()
+            .filter(|s| s.what.starts_with("one endpoint"))
+            .map(|s| s.wall_seconds)
+            .fold(0.0, f64::max);
+        let longest = cold
+            .syncs
+            .iter()
+            .map(|s| s.longest_commit_seconds)
+            .fold(0.0, f64::max);
+        let peak = daemon.cold.rss_kb.max(daemon.restart.rss_kb) / 1024;
+        let cell = |value: String, ratio: f64| format!("{value} ({ratio:.2})");
+        out += &format!(
+            "| {} x {} | {} | {} | {} | {} | {} |\n",
             daemon.services,
             daemon.endpoints,
-            h.requests,
-            h.unanswered,
-            h.median_seconds * 1e3,
-            h.p99_seconds * 1e3,
-            h.max_seconds * 1e3
+            cell(
+                format!("{:.2} s", daemon.cold.seconds),
+                daemon.cold.seconds / 5.0
+            ),
+            cell(
+                format!(
+                    "{:.2} s, {} ops",
+                    daemon.restart.seconds, daemon.restart.operations
+                ),
+                daemon.restart.seconds / 2.0
+            ),
+            cell(format!("{:.1} ms", change * 1e3), change / 0.030),
+            cell(format!("{peak} MB"), peak as f64 / 256.0),
+            cell(format!("{:.0} ms", longest * 1e3), longest),
         );
     }
     out

@@ -19,14 +19,18 @@ fn a_small_benchmark_runs_end_to_end() {
         .args([
             "--services",
             "200",
-            "--wide-services",
-            "50",
+            "--wide-loads",
+            "50x5",
             "--latency",
             "20",
-            "--daemon-services",
-            "300",
-            "--daemon-endpoints",
-            "5",
+            "--daemon-loads",
+            "300x5",
+            "--churn-services",
+            "200",
+            "--churn-rate",
+            "20",
+            "--churn-seconds",
+            "2",
             "--counters-cost",
             "200",
             "--manifest-services",
@@ -88,7 +92,7 @@ fn a_small_benchmark_runs_end_to_end() {
     ] {
         assert_eq!(operations(check), 0, "{check}");
     }
-    assert_eq!(results["wide"]["services"], 50);
+    assert_eq!(results["wide"][0]["services"], 50);
     let latency = results["latency"].as_array().expect("latency");
     for counters in [true, false] {
         let report = latency.iter().find(|l| l["counters"] == counters);
@@ -110,7 +114,7 @@ fn a_small_benchmark_runs_end_to_end() {
     );
     // The daemon against the API server: the cold start programs the cluster, the
     // restart sends nothing, and /healthz answered every request in between.
-    let daemon = &results["daemon"];
+    let daemon = &results["daemon"][0];
     assert!(
         daemon["cold"]["operations"].as_u64() > Some(1_000),
         "{daemon}"
@@ -122,4 +126,11 @@ fn a_small_benchmark_runs_end_to_end() {
     );
     assert_eq!(daemon["healthz"]["unanswered"], 0, "{daemon}");
     assert!(table.contains("| /healthz every 10 ms"), "{table}");
+    // Churn: every change was programmed (the run fails otherwise), under both periods.
+    let runs = results["churn"]["runs"].as_array().expect("churn runs");
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    for run in runs {
+        assert_eq!(run["changes"], 40, "{run}");
+        assert!(run["p99_seconds"].as_f64() > Some(0.0), "{run}");
+    }
 }

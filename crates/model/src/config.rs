@@ -324,7 +324,7 @@ impl DaemonConfig {
             .as_ref()
             .or(file.min_sync_period.as_ref())
         {
-            self.min_sync_period = parse_duration("minSyncPeriod", period)?;
+            self.min_sync_period = parse_duration_or_zero("minSyncPeriod", period)?;
         }
         if let Some(address) = &file.healthz_bind_address {
             self.healthz_bind_address =
@@ -425,9 +425,22 @@ pub fn parse_detect_local(
     }
 }
 
-/// Parses a Go-style duration (`30s`, `1m30s`, `500ms`, `1h`).
+/// Parses a Go-style duration (`30s`, `1m30s`, `500ms`, `1h`) greater than zero.
 pub fn parse_duration(field: &str, text: &str) -> Result<Duration, ConfigError> {
+    let duration = parse_duration_or_zero(field, text)?;
+    if duration.is_zero() {
+        return Err(invalid(field, "must be greater than zero"));
+    }
+    Ok(duration)
+}
+
+/// Like [`parse_duration`], zero (`0`, `0s`) included: a `minSyncPeriod` of zero syncs
+/// on every change, as kube-proxy allows.
+pub fn parse_duration_or_zero(field: &str, text: &str) -> Result<Duration, ConfigError> {
     let bad = || invalid(field, format!("{text:?} is not a duration like 30s or 1m"));
+    if text.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
     let mut rest = text.trim();
     if rest.is_empty() {
         return Err(bad());
@@ -451,9 +464,6 @@ pub fn parse_duration(field: &str, text: &str) -> Result<Duration, ConfigError> 
         };
         total += Duration::from_secs_f64(number * seconds);
         rest = &rest[unit_len..];
-    }
-    if total.is_zero() {
-        return Err(invalid(field, "must be greater than zero"));
     }
     Ok(total)
 }
@@ -551,5 +561,8 @@ mod tests {
         );
         assert!(parse_duration("f", "5 minutes").is_err());
         assert!(parse_duration("f", "0s").is_err());
+        assert_eq!(parse_duration_or_zero("f", "0").unwrap(), Duration::ZERO);
+        assert_eq!(parse_duration_or_zero("f", "0s").unwrap(), Duration::ZERO);
+        assert!(parse_duration_or_zero("f", "-1s").is_err());
     }
 }

@@ -11,7 +11,7 @@ use clap::Parser;
 use ipnet::IpNet;
 use nftproxy_model::config::{
     HEALTHZ_PORT, METRICS_PORT, parse_bind_address, parse_detect_local, parse_duration,
-    parse_node_port_address,
+    parse_duration_or_zero, parse_node_port_address,
 };
 use nftproxy_model::{
     ConfigError, DaemonConfig, KubeProxyConfiguration, NodePortAddress, ProxyConfig, parse_cidr,
@@ -288,7 +288,7 @@ impl Args {
             daemon.sync_period = parse_duration("--sync-period", period)?;
         }
         if let Some(period) = &self.min_sync_period {
-            daemon.min_sync_period = parse_duration("--min-sync-period", period)?;
+            daemon.min_sync_period = parse_duration_or_zero("--min-sync-period", period)?;
         }
         if let Some(address) = &self.healthz_bind_address {
             daemon.healthz_bind_address =

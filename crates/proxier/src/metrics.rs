@@ -68,10 +68,12 @@ fn unix_seconds(time: SystemTime) -> f64 {
         .unwrap_or_default()
 }
 
-/// `kubeproxy_network_programming_duration_seconds` buckets (pkg/proxy/metrics): 0.25 s,
-/// 0.5 s, then 1–59 s by 1 s, 60–115 s by 5 s, 120–300 s by 30 s.
+/// `kubeproxy_network_programming_duration_seconds` buckets: upstream's (pkg/proxy/metrics:
+/// 0.25 s, 0.5 s, then 1–59 s by 1 s, 60–115 s by 5 s, 120–300 s by 30 s), below which
+/// nftproxy adds 1 ms to 100 ms: its changes reach the kernel in milliseconds, which
+/// upstream's first bucket cannot tell apart. A bucket more changes no existing series.
 fn network_programming_buckets() -> Vec<f64> {
-    let mut buckets = vec![0.25, 0.5];
+    let mut buckets = vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5];
     buckets.extend((1..60).map(f64::from));
     buckets.extend((60..120).step_by(5).map(f64::from));
     buckets.extend((120..=300).step_by(30).map(f64::from));
@@ -514,6 +516,7 @@ mod tests {
             r#"kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family="IPv4"} 1700000000"#,
             r#"kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds{ip_family="IPv4"} 1700000000"#,
             r#"kubeproxy_sync_proxy_rules_nftables_sync_failures_total{ip_family="IPv6"} 1"#,
+            r#"kubeproxy_network_programming_duration_seconds_bucket{ip_family="IPv4",le="0.001"} 0"#,
             r#"kubeproxy_network_programming_duration_seconds_bucket{ip_family="IPv4",le="0.5"} 0"#,
             r#"kubeproxy_network_programming_duration_seconds_bucket{ip_family="IPv4",le="1"} 1"#,
             r#"kubeproxy_network_programming_duration_seconds_bucket{ip_family="IPv4",le="300"} 1"#,

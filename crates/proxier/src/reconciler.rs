@@ -134,6 +134,9 @@ pub struct Reconciler<B: Backend> {
     known: bool,
     /// See the module's invariant; `None` when unknown.
     generation: Option<u32>,
+    /// `applied` was read ahead of the first sync ([`Reconciler::read_ahead`]): that sync
+    /// compares everything, once it has made sure nobody changed our tables since.
+    read_ahead: bool,
 }
 
 const FAMILIES: [Family; 2] = [Family::Ip, Family::Ip6];
@@ -150,6 +153,7 @@ impl<B: Backend> Reconciler<B> {
             held_back: BTreeMap::new(),
             known: false,
             generation: None,
+            read_ahead: false,
         }
     }
 
@@ -239,6 +243,20 @@ impl<B: Backend> Reconciler<B> {
         Ok(())
     }
 
+    /// Reads the kernel's tables now, ahead of the first sync, so that the read (seconds
+    /// for a large cluster after a restart) can overlap the wait for the API server's
+    /// lists. A failure is left for the first sync to meet again.
+    pub fn read_ahead(&mut self) {
+        if self.known {
+            return;
+        }
+        if let Err(error) = self.read_back() {
+            debug!(%error, "reading the tables ahead failed; the first sync reads them");
+            return;
+        }
+        self.read_ahead = true;
+    }
+
     /// The transactions that bring one family from `current` to `desired`: the diff (of
     /// the objects in `scope` alone, when given), with deletes of still-referenced chains
     /// held back when the kernel needs that.
@@ -326,6 +344,15 @@ impl<B: Backend> Reconciler<B> {
         let mut report = SyncReport::default();
         let mut scopes = scopes;
         let everything = Scopes::everything();
+        if std::mem::take(&mut self.read_ahead) && self.known {
+            // What was read ahead stands only if no commit since touched our tables.
+            if self.drifted() {
+                self.known = false;
+            } else {
+                report.read_back = true;
+                scopes = &everything;
+            }
+        }
         if !self.known {
             self.read_back()?;
             report.read_back = true;
@@ -733,6 +760,42 @@ mod tests {
         assert_eq!(
             r.backend_mut().list(Family::Ip, "nftproxy").unwrap(),
             Some(table(&["a", "b", "c"]))
+        );
+    }
+
+    #[test]
+    fn tables_read_ahead_stand_unless_someone_changed_them_before_the_first_sync() {
+        let mut backend = FakeBackend::default();
+        backend
+            .apply(&Transaction::create(&table(&["a", "b"])))
+            .unwrap();
+        let mut r = Reconciler::new(backend, "nftproxy", ReconcilerOptions::default());
+        r.read_ahead();
+        assert_eq!(r.backend_mut().lists, 2, "both families read ahead");
+        let report = r.sync(&[table(&["a", "b"])]).unwrap();
+        assert!(report.read_back, "the first sync compares everything");
+        assert_eq!(report.operations, 0);
+        assert_eq!(r.backend_mut().lists, 2, "and does not read again");
+
+        // Read ahead, then changed by someone else before the first sync.
+        let mut r = Reconciler::new(
+            std::mem::take(r.backend_mut()),
+            "nftproxy",
+            ReconcilerOptions::default(),
+        );
+        r.read_ahead();
+        r.backend_mut().tamper(Family::Ip, "nftproxy", |t| {
+            t.as_mut().unwrap().chains.remove("b");
+        });
+        let report = r.sync(&[table(&["a", "b"])]).unwrap();
+        assert!(report.read_back);
+        assert_eq!(
+            report.changed,
+            ["add chain b", "add rule in chain b `accept`"]
+        );
+        assert_eq!(
+            r.backend_mut().list(Family::Ip, "nftproxy").unwrap(),
+            Some(table(&["a", "b"]))
         );
     }
 

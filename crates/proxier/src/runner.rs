@@ -66,6 +66,11 @@ pub const DRIFT_CHECK: Duration = Duration::from_secs(1);
 const BURST: f64 = 2.0;
 
 /// A token bucket: `BURST` tokens, one more every `period`; a sync takes one.
+/// The first retry after a failed sync waits at least this long, even with a
+/// `min_sync_period` of zero, so that a kernel refusing every transaction is not asked
+/// again in a busy loop.
+const RETRY_FLOOR: Duration = Duration::from_millis(100);
+
 struct Bucket {
     tokens: f64,
     period: Duration,
@@ -117,7 +122,7 @@ pub async fn run<B: Backend, C: Conntrack, S: Source>(
         period: timing.min_sync_period,
         at: Instant::now(),
     };
-    let mut backoff = timing.min_sync_period;
+    let mut backoff = timing.min_sync_period.max(RETRY_FLOOR);
     let mut retry_at: Option<Instant> = None;
     let mut syncs = 0;
     let mut ask = true;
@@ -127,6 +132,8 @@ pub async fn run<B: Backend, C: Conntrack, S: Source>(
     // next one waits this long, so that a busy neighbour cannot make us read back every
     // second; a change to ours is still repaired within `sync_period`.
     let mut read_back_after: Option<Instant> = None;
+    // The watchers list on other threads meanwhile.
+    off_the_workers(|| proxier.reconciler_mut().read_ahead());
     loop {
         if ask {
             let input = off_the_workers(|| source.input(proxier.desired_mut()));
@@ -197,7 +204,7 @@ pub async fn run<B: Backend, C: Conntrack, S: Source>(
                     unsynced = Some(Scopes::nothing());
                     pending = false;
                     retry_at = None;
-                    backoff = timing.min_sync_period;
+                    backoff = timing.min_sync_period.max(RETRY_FLOOR);
                     synced(proxier, source).await;
                 }
                 Err(()) => {

@@ -105,13 +105,14 @@ struct Watch {
 #[derive(Default)]
 struct State {
     resource_version: u64,
-    objects: BTreeMap<Key, Value>,
+    /// Shared, so that listing a large cluster copies no object.
+    objects: BTreeMap<Key, Arc<Value>>,
     history: Vec<Change>,
     /// Watches from a resourceVersion below this get `410 Gone`.
     compacted: u64,
     watches: Vec<Watch>,
     /// Unread pages of paginated lists, by continue token.
-    pages: HashMap<String, (u64, Vec<Value>)>,
+    pages: HashMap<String, (u64, Vec<Arc<Value>>)>,
     next_token: u64,
     connections: Vec<AbortHandle>,
     available: bool,
@@ -218,8 +219,8 @@ impl FakeApi {
             metadata["uid"] = json!(format!("uid-{version}"));
         }
         let key = key_of(resource, &object);
-        let old = state.objects.insert(key, object.clone());
-        state.record(resource, old, Some(object));
+        let old = state.objects.insert(key, Arc::new(object.clone()));
+        state.record(resource, old.map(Arc::unwrap_or_clone), Some(object));
     }
 
     /// Deletes an object; `namespace` is empty for Nodes.
@@ -229,7 +230,8 @@ impl FakeApi {
         };
         let mut state = self.shared.state();
         let key = (resource, namespace.to_owned(), name.to_owned());
-        if let Some(mut old) = state.objects.remove(&key) {
+        if let Some(old) = state.objects.remove(&key) {
+            let mut old = Arc::unwrap_or_clone(old);
             state.resource_version += 1;
             // A DELETED event carries the object's last state at the deletion's version.
             old["metadata"]["resourceVersion"] = json!(state.resource_version.to_string());
@@ -618,7 +620,7 @@ fn list(
                 .objects
                 .iter()
                 .filter(|((r, _, _), object)| *r == resource && filter.matches(object))
-                .map(|(_, object)| object.clone())
+                .map(|(_, object)| Arc::clone(object))
                 .collect(),
         ),
     };
@@ -636,6 +638,7 @@ fn list(
         state.pages.insert(token.clone(), (version, rest));
         metadata["continue"] = json!(token);
     }
+    let items: Vec<&Value> = items.iter().map(|item| &**item).collect();
     let body = json!({
         "apiVersion": resource.api_version(),
         "kind": format!("{}List", resource.kind()),
