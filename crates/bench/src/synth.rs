@@ -60,9 +60,11 @@ fn offset(base: Ipv4Addr, by: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(base).wrapping_add(by))
 }
 
-/// The address of endpoint `k` of Service `index` (room for 64 per Service).
+/// The address of endpoint `k` of Service `index` (room for 64 per Service). Rotated
+/// by the index inside the Service's 64, so that the last bits of endpoint addresses
+/// vary across Services as pod IPs do (hairpin sets are sharded by them).
 pub fn endpoint_ip(index: u32, k: u32) -> Ipv4Addr {
-    offset(Ipv4Addr::new(10, 128, 0, 1), index * 64 + k)
+    offset(Ipv4Addr::new(10, 128, 0, 0), index * 64 + (index + k) % 64)
 }
 
 /// Service `index` with `endpoints` endpoints.

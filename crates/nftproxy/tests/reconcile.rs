@@ -160,7 +160,7 @@ fn once_matches_the_dry_run_restarts_send_nothing_and_other_tables_are_untouched
     .expect("new network namespace");
     let stderr = |o: &Output| String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(
-        first.status.success() && stderr(&first).contains("operations=133"),
+        first.status.success() && stderr(&first).contains("operations=141"),
         "{}",
         stderr(&first)
     );

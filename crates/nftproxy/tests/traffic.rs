@@ -188,6 +188,20 @@ fn seed_services_carry_real_traffic() {
             .all(|o| matches!(o, Outcome::Answered(_, ip, _) if ip == "10.244.3.10")),
         "pod traffic is not masqueraded"
     );
+    // Hairpin: be1 (10.244.1.10) reaching redis gets itself half of the time, and only
+    // answers that its reply can travel: masqueraded, it sees the node's address; be2
+    // sees be1's own.
+    let hairpin = from(topology.ns("be1"), 60, || tcp(addr("10.103.50.102:6379")));
+    assert_split("be1 -> redis ClusterIP (hairpin)", &hairpin, REDIS);
+    for outcome in &hairpin {
+        match outcome {
+            Outcome::Answered(name, seen, _) if name == "be1" => {
+                assert_ne!(seen, "10.244.1.10", "hairpin not masqueraded")
+            }
+            Outcome::Answered(_, seen, _) => assert_eq!(seen, "10.244.1.10"),
+            other => panic!("hairpin connection not answered: {other:?}"),
+        }
+    }
     let nodeport = from(client.clone(), 200, || tcp(addr("192.168.50.10:31000")));
     assert_split(
         "client -> counter-np NodePort 192.168.50.10:31000",

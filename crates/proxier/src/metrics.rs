@@ -534,7 +534,7 @@ mod tests {
                 "{line} missing from\n{text}"
             );
         }
-        // 2 + 59 + 12 + 7 upstream boundaries, plus +Inf.
+        // 7 below upstream's, its 2 + 59 + 12 + 7 boundaries, plus +Inf.
         let buckets = text
             .lines()
             .filter(|l| {
@@ -543,6 +543,6 @@ mod tests {
                 )
             })
             .count();
-        assert_eq!(buckets, 2 + 59 + 12 + 7 + 1);
+        assert_eq!(buckets, 7 + 2 + 59 + 12 + 7 + 1);
     }
 }

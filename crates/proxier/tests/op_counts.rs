@@ -8,12 +8,22 @@ use nftproxy_testkit::tables_from_yaml;
 /// Service `web` with the given endpoint addresses, plus three unrelated services, `db`
 /// with two endpoints, `queue` with three and `cache` with five, so that the balancer
 /// has rules for those counts whatever `web` has: all four ClusterIPs end in the same
-/// four bits, so they share a shard's chain.
+/// four bits, so they share a shard's chain. And `spread`, in a shard of its own, with
+/// sixteen endpoints whose addresses end in every four bits: every hairpin shard is in
+/// use, as in any cluster of some size, so that a change's count does not depend on
+/// whether its endpoint is the first of its hairpin shard.
 fn cluster(web_endpoints: &[u8], with_web: bool) -> String {
     let mut yaml = String::new();
     let addresses = |prefix: &str, last: &[u8]| -> Vec<String> {
         last.iter().map(|e| format!("{prefix}{e}")).collect()
     };
+    let every_shard: Vec<u8> = (0..16).collect();
+    service(
+        &mut yaml,
+        "spread",
+        "172.30.0.3",
+        &addresses("10.180.5.", &every_shard),
+    );
     service(
         &mut yaml,
         "db",
@@ -163,7 +173,9 @@ fn a_service_alone_in_its_shard_brings_and_takes_the_shard() {
     assert_eq!(operations(&mut r, &cluster(&[1, 2], true)), 7);
     let text = r.applied(nftproxy_nft::Family::Ip).unwrap().to_string();
     assert!(
-        !text.contains("-2 ") && !text.contains("10.180.6."),
+        !text.contains("load-balance-tcp-2 ")
+            && !text.contains("tcp-endpoints-2 ")
+            && !text.contains("10.180.6."),
         "{text}"
     );
 }

@@ -18,7 +18,7 @@ use nftproxy_nft::{Chain, Element, Family, Scope, Scopes, Set, Table, Value};
 
 use crate::balance::{self, Shard, Usages};
 use crate::services::{self, Fragment};
-use crate::{nft_family, skeleton};
+use crate::{hairpin, nft_family, skeleton};
 
 /// Elements put in by more than one service port, with how many holders beyond the
 /// first.
@@ -29,6 +29,8 @@ type ExtraHolders = HashMap<(Cow<'static, str>, Vec<Value>), u32>;
 struct Shared {
     extra: ExtraHolders,
     usages: Usages,
+    /// Hairpin elements rendered, holders counted, by shard.
+    hairpin: [u32; crate::balance::SHARD_BITS as usize + 1],
 }
 
 /// Adds a service port's objects to `table`, noting them in `scope` if given.
@@ -38,7 +40,16 @@ fn put(table: &mut Table, shared: &mut Shared, fragment: Fragment, mut scope: Op
         chains,
         mut elements,
         destinations,
+        hairpin,
     } = fragment;
+    for (bits, element) in hairpin {
+        let holders = &mut shared.hairpin[usize::from(bits)];
+        *holders += 1;
+        if *holders == 1 {
+            hairpin::keep(table, bits, true, scope.as_deref_mut());
+        }
+        elements.push((Cow::Borrowed(hairpin::set(bits)), element));
+    }
     let mut changed = BTreeSet::new();
     for destination in &destinations {
         let usage @ (shard, _) = destination.usage();
@@ -133,6 +144,13 @@ fn take(table: &mut Table, shared: &mut Shared, fragment: Fragment, scope: &mut 
     for destination in &fragment.destinations {
         elements.extend(destination.elements());
     }
+    let shards: Vec<u8> = fragment.hairpin.iter().map(|(bits, _)| *bits).collect();
+    elements.extend(
+        fragment
+            .hairpin
+            .into_iter()
+            .map(|(bits, element)| (Cow::Borrowed(hairpin::set(bits)), element)),
+    );
     take_objects(
         table,
         &mut shared.extra,
@@ -141,6 +159,13 @@ fn take(table: &mut Table, shared: &mut Shared, fragment: Fragment, scope: &mut 
         elements,
         scope,
     );
+    for bits in shards {
+        let holders = &mut shared.hairpin[usize::from(bits)];
+        *holders -= 1;
+        if *holders == 0 {
+            hairpin::keep(table, bits, false, Some(scope));
+        }
+    }
     let mut changed = BTreeSet::new();
     for destination in &fragment.destinations {
         let usage @ (shard, _) = destination.usage();

@@ -6,13 +6,14 @@
 //! same table. Bad input never reaches here; `model` filtered it.
 //!
 //! The layout follows upstream kube-proxy's nftables mode (1.36 shape: inline
-//! masquerade mark, `hairpin-connections` set, no endpoint chains without affinity) and
+//! masquerade mark, a set of hairpin connections, no endpoint chains without affinity) and
 //! departs from it where the kernel's costs say so; `rules-golden/README.md` explains
 //! each departure.
 
 mod balance;
 pub mod counters;
 mod fragment;
+mod hairpin;
 mod names;
 mod services;
 mod skeleton;

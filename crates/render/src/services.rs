@@ -29,8 +29,8 @@ use nftproxy_nft::{Chain, Element, Expr, L4Proto, Rhs, Rule, Set, Stmt, Value, V
 
 use crate::balance::{self, Balancer, Destination};
 use crate::skeleton::{
-    CLUSTER_IPS, FIREWALL_IPS, HAIRPIN_CONNECTIONS, NO_ENDPOINT_NODEPORTS, NO_ENDPOINT_SERVICES,
-    REJECT_CHAIN, SERVICE_IPS, SERVICE_NODEPORTS, masquerade_cluster_ips,
+    CLUSTER_IPS, FIREWALL_IPS, NO_ENDPOINT_NODEPORTS, NO_ENDPOINT_SERVICES, REJECT_CHAIN,
+    SERVICE_IPS, SERVICE_NODEPORTS, masquerade_cluster_ips,
 };
 use crate::stmts::counter;
 use crate::{address_key, comment, family, l4proto, names};
@@ -45,6 +45,8 @@ pub(crate) struct Fragment {
     pub(crate) chains: Vec<Chain>,
     pub(crate) elements: Vec<(Cow<'static, str>, Element)>,
     pub(crate) destinations: Vec<Destination>,
+    /// Hairpin elements, by shard (see [`crate::hairpin`]).
+    pub(crate) hairpin: Vec<(u8, Element)>,
 }
 
 impl Fragment {
@@ -59,6 +61,12 @@ impl Fragment {
     /// An element of one of the skeleton's shared sets or maps.
     pub(crate) fn add_element(&mut self, set: &'static str, element: Element) {
         self.elements.push((Cow::Borrowed(set), element));
+    }
+
+    /// An endpoint that may reach itself through the Service.
+    pub(crate) fn add_hairpin(&mut self, ip: IpAddr, proto: L4Proto, port: u16) {
+        let element = crate::hairpin::element(ip, proto, port);
+        self.hairpin.push((crate::hairpin::shard(ip), element));
     }
 
     /// A destination's endpoints, for the shared load-balancing chains.
@@ -212,15 +220,7 @@ pub(crate) fn add_service_port(fragment: &mut Fragment, state: &ProxyState, sp: 
     }
 
     for endpoint in endpoints.all_reachable().iter() {
-        fragment.add_element(
-            HAIRPIN_CONNECTIONS,
-            Element::new(vec![
-                Value::Addr(endpoint.ip),
-                Value::Addr(endpoint.ip),
-                Value::Proto(proto),
-                Value::Port(endpoint.port),
-            ]),
-        );
+        fragment.add_hairpin(endpoint.ip, proto, endpoint.port);
     }
     if let Some(timeout) = sp.affinity_timeout {
         add_affinity_chains(

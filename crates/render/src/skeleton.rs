@@ -6,8 +6,8 @@
 
 use nftproxy_model::{NodePortAddresses, ProxyState};
 use nftproxy_nft::{
-    BaseChain, Chain, ChainType, CtStatus, DataType, Element, Expr, FibInput, Hook, MarkOp,
-    Priority, Rhs, Rule, Set, Stmt, Table, Value, Verdict,
+    BaseChain, Chain, ChainType, DataType, Element, Expr, FibInput, Hook, MarkOp, Priority, Rhs,
+    Rule, Set, Stmt, Table, Value, Verdict,
 };
 
 use crate::family;
@@ -44,7 +44,6 @@ pub(crate) const SERVICE_NODEPORTS: &str = "service-nodeports";
 pub(crate) const NO_ENDPOINT_SERVICES: &str = "no-endpoint-services";
 pub(crate) const NO_ENDPOINT_NODEPORTS: &str = "no-endpoint-nodeports";
 pub(crate) const FIREWALL_IPS: &str = "firewall-ips";
-pub(crate) const HAIRPIN_CONNECTIONS: &str = "hairpin-connections";
 
 /// The comment of the rules that drop traffic to addresses of a Service CIDR no Service
 /// holds (their counters count it).
@@ -231,19 +230,7 @@ pub(crate) fn table(state: &ProxyState) -> Table {
                 Stmt::SetMark(MarkOp::Xor(mark)),
                 Stmt::MasqueradeFullyRandom,
             ]),
-            Rule::new(vec![
-                Stmt::eq(Expr::CtStatus, Rhs::CtStatus(CtStatus::Dnat)),
-                Stmt::lookup(
-                    Expr::Concat(vec![
-                        Expr::saddr(family),
-                        daddr(),
-                        Expr::MetaL4proto,
-                        Expr::th_dport(),
-                    ]),
-                    HAIRPIN_CONNECTIONS,
-                ),
-                Stmt::MasqueradeFullyRandom,
-            ]),
+            crate::hairpin::dispatch(family),
         ],
     ));
     table.add_chain(Chain::regular(
@@ -323,13 +310,7 @@ pub(crate) fn table(state: &ProxyState) -> Table {
         Set::verdict_map(FIREWALL_IPS, address_key)
             .with_comment("destinations that are subject to LoadBalancerSourceRanges"),
     );
-    table.add_set(
-        Set::new(
-            HAIRPIN_CONNECTIONS,
-            vec![addr, addr, DataType::InetProto, DataType::InetService],
-        )
-        .with_comment("service hairpin connections"),
-    );
+    table.add_set(crate::hairpin::shards_map(family));
     crate::balance::add_shared(&mut table, state);
     table
 }
