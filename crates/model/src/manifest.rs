@@ -177,18 +177,23 @@ impl Snapshot {
             }
             return;
         }
-        let text = raw.get();
-        let decoded = match kind.as_str() {
-            "Service" => from_json::<Service>(text).map(|s| self.services.push((&s).into())),
-            "EndpointSlice" => {
-                from_json::<EndpointSlice>(text).map(|s| self.endpoint_slices.push((&s).into()))
-            }
-            "Node" => from_json(text).map(|n| self.nodes.push(n)),
-            "ServiceCIDR" => from_json(text).map(|c| self.service_cidrs.push(c)),
-            _ => Ok(()),
-        };
-        if let Err(reason) = decoded {
+        if let Err(reason) = self.add_object(&kind, raw.get()) {
             diagnostics.push(Diagnostic::invalid(&json_object_ref(&kind, raw), reason));
+        }
+    }
+
+    /// Decodes an object of `kind` from `source` and keeps it, if nftproxy reads it.
+    fn add_object(&mut self, kind: &str, source: impl Decode) -> Result<(), ValueError> {
+        match kind {
+            "Service" => source
+                .decode::<Service>()
+                .map(|s| self.services.push((&s).into())),
+            "EndpointSlice" => source
+                .decode::<EndpointSlice>()
+                .map(|s| self.endpoint_slices.push((&s).into())),
+            "Node" => source.decode().map(|n| self.nodes.push(n)),
+            "ServiceCIDR" => source.decode().map(|c| self.service_cidrs.push(c)),
+            _ => Ok(()),
         }
     }
 
@@ -215,17 +220,7 @@ impl Snapshot {
             return;
         }
         let object = object_ref(&kind, &map);
-        let value = Value::Object(map);
-        let decoded = match kind.as_str() {
-            "Service" => decode::<Service>(value).map(|s| self.services.push((&s).into())),
-            "EndpointSlice" => {
-                decode::<EndpointSlice>(value).map(|s| self.endpoint_slices.push((&s).into()))
-            }
-            "Node" => decode(value).map(|n| self.nodes.push(n)),
-            "ServiceCIDR" => decode(value).map(|c| self.service_cidrs.push(c)),
-            _ => Ok(()),
-        };
-        if let Err(reason) = decoded {
+        if let Err(reason) = self.add_object(&kind, Value::Object(map)) {
             diagnostics.push(Diagnostic::invalid(&object, reason));
         }
     }
@@ -245,18 +240,28 @@ struct Probe<'a> {
     items: Option<&'a RawValue>,
 }
 
-fn from_json<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, ValueError> {
-    serde_json::from_str(text).map_err(|error| {
-        // The position is inside the object's own text, which names nothing to a reader.
-        let message = error.to_string();
-        let position = format!(" at line {} column {}", error.line(), error.column());
-        ValueError::Decode(
-            message
-                .strip_suffix(&position)
-                .unwrap_or(&message)
-                .to_owned(),
-        )
-    })
+/// Where an object is decoded from: its JSON text, or a tree (YAML).
+trait Decode {
+    fn decode<T: serde::de::DeserializeOwned>(self) -> Result<T, ValueError>;
+}
+
+impl Decode for &str {
+    fn decode<T: serde::de::DeserializeOwned>(self) -> Result<T, ValueError> {
+        serde_json::from_str(self).map_err(|error| {
+            // The position is inside the object's own text, which names nothing to a
+            // reader.
+            let message = error.to_string();
+            let position = format!(" at line {} column {}", error.line(), error.column());
+            let message = message.strip_suffix(&position).unwrap_or(&message);
+            ValueError::Decode(message.to_owned())
+        })
+    }
+}
+
+impl Decode for Value {
+    fn decode<T: serde::de::DeserializeOwned>(self) -> Result<T, ValueError> {
+        serde_json::from_value(self).map_err(|e| ValueError::Decode(e.to_string()))
+    }
 }
 
 /// The object a JSON object names, read only when there is something to report.
@@ -398,10 +403,6 @@ fn parser_options() -> serde_saphyr::Options {
     let mut options = serde_saphyr::Options::default();
     options.budget = Some(budget);
     options
-}
-
-fn decode<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, ValueError> {
-    serde_json::from_value(value).map_err(|e| ValueError::Decode(e.to_string()))
 }
 
 fn object_ref(kind: &str, map: &serde_json::Map<String, Value>) -> ObjectRef {
