@@ -4,7 +4,9 @@
 //! Invariant: one bad document never costs another. A document that is not YAML is
 //! reported with its file, line and (where it can be read) the object it was meant to
 //! be; a document that is YAML but not a valid object is left out with a diagnostic
-//! naming it; every other document is still decoded.
+//! naming it; every other document is still decoded. No file is held as a tree: one JSON
+//! value is decoded object by object straight into typed objects, and a YAML List's
+//! items one at a time.
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
