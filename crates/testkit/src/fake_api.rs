@@ -102,17 +102,35 @@ struct Watch {
     events: mpsc::UnboundedSender<Bytes>,
 }
 
+/// An object and its JSON text.
+struct Stored {
+    value: Value,
+    json: String,
+}
+
+impl Stored {
+    fn new(value: Value) -> Arc<Stored> {
+        let json = value.to_string();
+        Arc::new(Stored { value, json })
+    }
+
+    fn into_value(stored: Arc<Stored>) -> Value {
+        Arc::try_unwrap(stored).map_or_else(|shared| shared.value.clone(), |s| s.value)
+    }
+}
+
 #[derive(Default)]
 struct State {
     resource_version: u64,
-    /// Shared, so that listing a large cluster copies no object.
-    objects: BTreeMap<Key, Arc<Value>>,
+    /// Shared, so that listing a large cluster copies no object, and serialized once,
+    /// as the API server's watch cache keeps them.
+    objects: BTreeMap<Key, Arc<Stored>>,
     history: Vec<Change>,
     /// Watches from a resourceVersion below this get `410 Gone`.
     compacted: u64,
     watches: Vec<Watch>,
     /// Unread pages of paginated lists, by continue token.
-    pages: HashMap<String, (u64, Vec<Arc<Value>>)>,
+    pages: HashMap<String, (u64, Vec<Arc<Stored>>)>,
     next_token: u64,
     connections: Vec<AbortHandle>,
     available: bool,
@@ -219,8 +237,8 @@ impl FakeApi {
             metadata["uid"] = json!(format!("uid-{version}"));
         }
         let key = key_of(resource, &object);
-        let old = state.objects.insert(key, Arc::new(object.clone()));
-        state.record(resource, old.map(Arc::unwrap_or_clone), Some(object));
+        let old = state.objects.insert(key, Stored::new(object.clone()));
+        state.record(resource, old.map(Stored::into_value), Some(object));
     }
 
     /// Deletes an object; `namespace` is empty for Nodes.
@@ -231,7 +249,7 @@ impl FakeApi {
         let mut state = self.shared.state();
         let key = (resource, namespace.to_owned(), name.to_owned());
         if let Some(old) = state.objects.remove(&key) {
-            let mut old = Arc::unwrap_or_clone(old);
+            let mut old = Stored::into_value(old);
             state.resource_version += 1;
             // A DELETED event carries the object's last state at the deletion's version.
             old["metadata"]["resourceVersion"] = json!(state.resource_version.to_string());
@@ -619,7 +637,7 @@ fn list(
             state
                 .objects
                 .iter()
-                .filter(|((r, _, _), object)| *r == resource && filter.matches(object))
+                .filter(|((r, _, _), object)| *r == resource && filter.matches(&object.value))
                 .map(|(_, object)| Arc::clone(object))
                 .collect(),
         ),
@@ -638,14 +656,23 @@ fn list(
         state.pages.insert(token.clone(), (version, rest));
         metadata["continue"] = json!(token);
     }
-    let items: Vec<&Value> = items.iter().map(|item| &**item).collect();
-    let body = json!({
+    // Written from the objects' stored text, as the API server writes a list.
+    let mut body = json!({
         "apiVersion": resource.api_version(),
         "kind": format!("{}List", resource.kind()),
         "metadata": metadata,
-        "items": items,
-    });
-    json_response(StatusCode::OK, &body)
+    })
+    .to_string();
+    body.pop();
+    body.push_str(",\"items\":[");
+    for (n, item) in items.iter().enumerate() {
+        if n > 0 {
+            body.push(',');
+        }
+        body.push_str(&item.json);
+    }
+    body.push_str("]}");
+    json_text(StatusCode::OK, body)
 }
 
 fn watch(
@@ -671,8 +698,8 @@ fn watch(
         // "" and "0": start with the current objects, as synthetic ADDED events.
         _ if from.is_empty() || from == "0" => {
             for ((r, _, _), object) in &state.objects {
-                if *r == resource && watch.filter.matches(object) {
-                    let _ = watch.events.send(event_line("ADDED", object));
+                if *r == resource && watch.filter.matches(&object.value) {
+                    let _ = watch.events.send(event_line("ADDED", &object.value));
                 }
             }
         }
@@ -726,7 +753,11 @@ fn streaming(receiver: mpsc::UnboundedReceiver<Bytes>) -> Response<Body> {
 }
 
 fn json_response(code: StatusCode, body: &Value) -> Response<Body> {
-    let mut response = Response::new(Full::new(Bytes::from(body.to_string())).boxed());
+    json_text(code, body.to_string())
+}
+
+fn json_text(code: StatusCode, body: String) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from(body)).boxed());
     *response.status_mut() = code;
     response.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
