@@ -65,12 +65,12 @@ pub const DRIFT_CHECK: Duration = Duration::from_secs(1);
 /// kube-proxy's burst: two syncs may follow each other immediately.
 const BURST: f64 = 2.0;
 
-/// A token bucket: `BURST` tokens, one more every `period`; a sync takes one.
 /// The first retry after a failed sync waits at least this long, even with a
 /// `min_sync_period` of zero, so that a kernel refusing every transaction is not asked
 /// again in a busy loop.
 const RETRY_FLOOR: Duration = Duration::from_millis(100);
 
+/// A token bucket: `BURST` tokens, one more every `period`; a sync takes one.
 struct Bucket {
     tokens: f64,
     period: Duration,
