@@ -149,6 +149,16 @@ impl Balancer {
 /// evenly.
 pub const SHARD_BITS: u8 = 0x0f;
 
+/// The address of `family` that is all zeros but for its last byte, `bits`: what
+/// `ADDR & SHARD_BITS` reads for an address in shard `bits`, so a shard's key in a
+/// verdict map.
+pub(crate) fn shard_address(family: Family, bits: u8) -> Value {
+    match family {
+        Family::Ip6 => Value::Addr(Ipv6Addr::from(u128::from(bits)).into()),
+        _ => Value::Addr(Ipv4Addr::from(u32::from(bits)).into()),
+    }
+}
+
 /// The destinations of one balancer and protocol whose address (or NodePort) ends in
 /// the same bits: they share a chain and a map, and a rule added for one of them makes
 /// the kernel walk that map only.
@@ -204,10 +214,8 @@ impl Shard {
     fn key(self, family: Family) -> Vec<Value> {
         let bits = if self.balancer.by_node_port() {
             Value::Port(u16::from(self.bits))
-        } else if family == Family::Ip6 {
-            Value::Addr(Ipv6Addr::from(u128::from(self.bits)).into())
         } else {
-            Value::Addr(Ipv4Addr::from(u32::from(self.bits)).into())
+            shard_address(family, self.bits)
         };
         vec![Value::Proto(self.proto), bits]
     }

@@ -8,7 +8,7 @@
 //! Invariant: a shard's set, its chain and its element in `hairpin-shards` exist exactly
 //! while at least one of its elements is rendered.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 use std::sync::LazyLock;
 
 use nftproxy_nft::{
@@ -16,7 +16,7 @@ use nftproxy_nft::{
     Stmt, Table, Value, Verdict,
 };
 
-use crate::balance::SHARD_BITS;
+use crate::balance::{SHARD_BITS, shard_address};
 
 /// The verdict map from the endpoint address's last bits to a shard's chain.
 pub(crate) const HAIRPIN_SHARDS: &str = "hairpin-shards";
@@ -78,18 +78,12 @@ pub(crate) fn shards_map(family: Family) -> Set {
         .with_comment("hairpin chains by the last four bits of the endpoint address")
 }
 
-fn key(family: Family, bits: u8) -> Vec<Value> {
-    vec![match family {
-        Family::Ip6 => Value::Addr(Ipv6Addr::from(u128::from(bits)).into()),
-        _ => Value::Addr(Ipv4Addr::from(u32::from(bits)).into()),
-    }]
-}
-
 /// Creates (`used`) or removes shard `bits`'s set, chain and verdict-map element,
 /// naming them in `scope` when given.
 pub(crate) fn keep(table: &mut Table, bits: u8, used: bool, scope: Option<&mut Scope>) {
     let family = table.family;
-    let (set_name, chain_name, key) = (set(bits), chain(bits), key(family, bits));
+    let (set_name, chain_name) = (set(bits), chain(bits));
+    let key = vec![shard_address(family, bits)];
     if used {
         let addr = family.addr_type();
         table.add_set(
