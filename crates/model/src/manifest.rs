@@ -573,24 +573,18 @@ mod tests {
             (format!("items: [{item}]\nkind: ConfigMap\n"), 0),
             ("kind: List\nitems: {kind: Service}\n".to_owned(), 0),
         ] {
-            let (snapshot, report) = read(&text);
-            assert!(report.diagnostics.is_empty() && report.errors.is_empty());
-            let listed = snapshot
-                .services
-                .iter()
-                .filter(|s| s.name() == "item")
-                .count();
-            assert_eq!(listed, items, "{text}");
             // The same as one JSON value.
             let value: Value = serde_saphyr::from_str(&text).expect("YAML");
-            let (snapshot, report) = read(&value.to_string());
-            assert!(report.diagnostics.is_empty() && report.errors.is_empty());
-            let listed = snapshot
-                .services
-                .iter()
-                .filter(|s| s.name() == "item")
-                .count();
-            assert_eq!(listed, items, "{value}");
+            for text in [text, value.to_string()] {
+                let (snapshot, report) = read(&text);
+                assert!(report.diagnostics.is_empty() && report.errors.is_empty());
+                let listed = snapshot
+                    .services
+                    .iter()
+                    .filter(|s| s.name() == "item")
+                    .count();
+                assert_eq!(listed, items, "{text}");
+            }
         }
     }
 
