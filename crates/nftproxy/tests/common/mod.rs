@@ -177,9 +177,11 @@ impl Drop for Topology {
 
 /// Echo servers in a backend namespace: TCP 6379 and 3000, UDP 5353. Each answers one
 /// line, "NAME CLIENT-IP ENDPOINT-IP:PORT", the last being the address the connection
-/// reached (so that a split is judged per endpoint, not per namespace).
+/// reached (so that a split is judged per endpoint, not per namespace). Returns once
+/// every socket is bound: a connection made right after is answered, not refused.
 pub fn serve(ns: String, name: &'static str, stop: Arc<AtomicBool>) -> JoinHandle<()> {
-    std::thread::spawn(move || {
+    let (bound, listening) = std::sync::mpsc::channel();
+    let server = std::thread::spawn(move || {
         netns::enter(&ns).expect("enter backend namespace");
         // `::` takes IPv4 connections too (as IPv4-mapped addresses, written back plain).
         let listeners: Vec<TcpListener> = [6379, 3000]
@@ -197,6 +199,7 @@ pub fn serve(ns: String, name: &'static str, stop: Arc<AtomicBool>) -> JoinHandl
         for listener in &listeners {
             listener.set_nonblocking(true).expect("nonblocking");
         }
+        let _ = bound.send(());
         let mut buf = [0u8; 512];
         while !stop.load(Ordering::Relaxed) {
             let mut idle = true;
@@ -229,7 +232,11 @@ pub fn serve(ns: String, name: &'static str, stop: Arc<AtomicBool>) -> JoinHandl
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
-    })
+    });
+    // A server that failed to bind drops its sender without a word: its panic shows
+    // when the caller joins it.
+    let _ = listening.recv();
+    server
 }
 
 /// The IPv4 addresses of the calling thread's network namespace, loopback left out.
