@@ -594,18 +594,20 @@ impl NetlinkBackend {
         // keeps them, as upstream does.
         for set in sets.values_mut().filter(|s| !s.dynamic) {
             let declaration = set.clone();
+            // The kernel dumps in hash order: gathered, then added in one pass.
+            let mut elements = Vec::new();
             self.request(
                 libc::NFT_MSG_GETSETELEM,
                 family,
                 name,
                 Dump::Set(&declaration),
                 |message| {
-                    for (element, _) in ffi::parse_elements(message, &declaration)? {
-                        set.elements.insert(element);
-                    }
+                    let parsed = ffi::parse_elements(message, &declaration)?;
+                    elements.extend(parsed.into_iter().map(|(element, _)| element));
                     Ok(())
                 },
             )?;
+            set.elements.extend(elements);
         }
         table.sets = sets;
         let mut missing_chain = false;

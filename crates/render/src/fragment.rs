@@ -33,8 +33,20 @@ struct Shared {
     hairpin: [u32; crate::balance::SHARD_BITS as usize + 1],
 }
 
+/// A whole table's elements by set, in render order, added per set in one pass
+/// ([`nftproxy_nft::Elements::extend_new`]): hundreds of thousands of inserts, each a
+/// walk of a large tree, were most of rendering a large cluster.
+type Gathered = HashMap<Cow<'static, str>, Vec<Arc<Element>>>;
+
 /// Adds a service port's objects to `table`, noting them in `scope` if given.
-fn put(table: &mut Table, shared: &mut Shared, fragment: Fragment, mut scope: Option<&mut Scope>) {
+/// With `gathered`, the elements go there instead of into the table.
+fn put(
+    table: &mut Table,
+    shared: &mut Shared,
+    fragment: Fragment,
+    mut scope: Option<&mut Scope>,
+    gathered: Option<&mut Gathered>,
+) {
     let Fragment {
         sets,
         chains,
@@ -74,6 +86,7 @@ fn put(table: &mut Table, shared: &mut Shared, fragment: Fragment, mut scope: Op
         chains,
         elements,
         scope.as_deref_mut(),
+        gathered,
     );
     rebuild_shards(table, &shared.usages, changed, scope);
 }
@@ -103,6 +116,7 @@ fn put_objects(
     chains: Vec<Chain>,
     elements: Vec<(Cow<'static, str>, Element)>,
     mut scope: Option<&mut Scope>,
+    mut gathered: Option<&mut Gathered>,
 ) {
     for set in sets {
         if let Some(scope) = scope.as_deref_mut() {
@@ -121,10 +135,14 @@ fn put_objects(
             let keys = scope.elements.entry(set.to_string()).or_default();
             keys.insert(element.key());
         }
+        let element = Arc::new(element);
+        if let Some(gathered) = gathered.as_deref_mut() {
+            gathered.entry(set).or_default().push(element);
+            continue;
+        }
         let Some(elements) = table.sets.get_mut(set.as_ref()).map(|s| &mut s.elements) else {
             continue;
         };
-        let element = Arc::new(element);
         if !elements.insert_new(Arc::clone(&element)) {
             debug_assert_eq!(
                 elements.get(&element.key()),
@@ -225,8 +243,26 @@ fn take_objects(
 fn render_counted(state: &ProxyState) -> (Table, Shared) {
     let mut table = skeleton::table(state);
     let mut shared = Shared::default();
+    let mut gathered = Gathered::new();
     for service_port in &state.services {
-        put(&mut table, &mut shared, fragment(state, service_port), None);
+        let fragment = fragment(state, service_port);
+        put(&mut table, &mut shared, fragment, None, Some(&mut gathered));
+    }
+    for (set, elements) in gathered {
+        let Some(held) = table.sets.get_mut(set.as_ref()).map(|s| &mut s.elements) else {
+            continue;
+        };
+        for element in held.extend_new(elements) {
+            debug_assert_eq!(
+                held.get(&element.key()),
+                Some(&*element),
+                "one key, two meanings in {set}"
+            );
+            *shared
+                .extra
+                .entry((set.clone(), element.key()))
+                .or_default() += 1;
+        }
     }
     (table, shared)
 }
@@ -314,6 +350,7 @@ impl Renderer {
                     shared,
                     fragment(state, &state.services[found]),
                     Some(&mut scope),
+                    None,
                 );
             }
         }
