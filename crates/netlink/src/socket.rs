@@ -21,6 +21,12 @@ pub(crate) struct Socket {
     recv: Vec<u64>,
 }
 
+// SAFETY: an `mnl_socket` is a file descriptor and its bound address, owned by this
+// value alone; libmnl keeps no per-thread state, so the owner may move to another thread
+// (the sync loop reads the kernel on one while it builds on another). Not `Sync`: one
+// owner sends and receives at a time.
+unsafe impl Send for Socket {}
+
 /// One whole netlink message, borrowed from the buffer it was received into: at least a
 /// header long, exactly as long as its header says, and aligned for the header. The
 /// borrow keeps the buffer from being received into again while the message is read.

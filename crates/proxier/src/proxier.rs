@@ -8,11 +8,12 @@
 //! computed from.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use nftproxy_model::{Build, Builder, Delta, ProxyConfig, Snapshot};
 use nftproxy_nft::{Backend, Conntrack, Family, Scopes, Table, Transaction};
 use nftproxy_render::{Renderer, TABLE_NAME};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::conntrack::{self, ServingUdp};
 use crate::metrics::TrafficPolicy;
@@ -36,8 +37,16 @@ impl Desired {
 
     /// Takes in `snapshot`; says what changed in the tables.
     pub fn update(&mut self, snapshot: &Snapshot) -> Scopes {
+        let started = Instant::now();
         let delta = self.build(snapshot);
-        self.render(&delta)
+        let built = started.elapsed();
+        let scopes = self.render(&delta);
+        debug!(
+            build_ms = built.as_millis() as u64,
+            render_ms = (started.elapsed() - built).as_millis() as u64,
+            "desired tables updated"
+        );
+        scopes
     }
 
     /// The first half of [`Desired::update`]: the proxy state of `snapshot`, and what
@@ -123,6 +132,11 @@ impl<B: Backend, C: Conntrack> Proxier<B, C> {
     /// For a source that builds incrementally; [`Proxier::built`] follows a change.
     pub(crate) fn desired_mut(&mut self) -> &mut Desired {
         &mut self.desired
+    }
+
+    /// The desired tables and the reconciler apart, to work on both at once.
+    pub(crate) fn parts_mut(&mut self) -> (&mut Desired, &mut Reconciler<B>) {
+        (&mut self.desired, &mut self.reconciler)
     }
 
     /// The desired tables.

@@ -250,7 +250,13 @@ impl<B: Backend> Reconciler<B> {
         if self.known {
             return;
         }
-        if let Err(error) = self.read_back() {
+        let started = std::time::Instant::now();
+        let read = self.read_back();
+        debug!(
+            took_ms = started.elapsed().as_millis() as u64,
+            "tables read ahead"
+        );
+        if let Err(error) = read {
             debug!(%error, "reading the tables ahead failed; the first sync reads them");
             return;
         }

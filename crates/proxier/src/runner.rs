@@ -104,7 +104,7 @@ impl Bucket {
 /// bucket above), at least every `sync_period`, and after a failure again after a
 /// back-off doubling from `min_sync_period` up to `sync_period`. Returns the number of
 /// syncs done.
-pub async fn run<B: Backend, C: Conntrack, S: Source>(
+pub async fn run<B: Backend + Send, C: Conntrack, S: Source>(
     proxier: &mut Proxier<B, C>,
     timing: Timing,
     source: &mut S,
@@ -132,11 +132,15 @@ pub async fn run<B: Backend, C: Conntrack, S: Source>(
     // next one waits this long, so that a busy neighbour cannot make us read back every
     // second; a change to ours is still repaired within `sync_period`.
     let mut read_back_after: Option<Instant> = None;
-    // The watchers list on other threads meanwhile.
-    off_the_workers(|| proxier.reconciler_mut().read_ahead());
+    let Some(mut first) = read_ahead(proxier, source, shutdown.as_mut()) else {
+        return syncs;
+    };
     loop {
         if ask {
-            let input = off_the_workers(|| source.input(proxier.desired_mut()));
+            let input = match first.take() {
+                Some(input) => input,
+                None => off_the_workers(|| source.input(proxier.desired_mut())),
+            };
             if let Input::Changed(_) = input {
                 proxier.built();
             }
@@ -226,6 +230,46 @@ pub async fn run<B: Backend, C: Conntrack, S: Source>(
     }
 }
 
+/// Reads the kernel's tables ahead of the first sync (seconds for a large cluster after
+/// a restart), while the watchers list and, on a multi-threaded runtime, while the first
+/// input is waited for and built on this thread: the read goes on on a thread of its own.
+/// Returns that first input (`Some(None)` when it was not waited for here), or `None`
+/// when `shutdown` came first.
+fn read_ahead<B: Backend + Send, C: Conntrack, S: Source>(
+    proxier: &mut Proxier<B, C>,
+    source: &mut S,
+    mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Option<Option<Input>> {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    let handle = Handle::current();
+    if handle.runtime_flavor() != RuntimeFlavor::MultiThread {
+        proxier.reconciler_mut().read_ahead();
+        return Some(None);
+    }
+    let (desired, reconciler) = proxier.parts_mut();
+    tokio::task::block_in_place(|| {
+        std::thread::scope(|scope| {
+            let reading = scope.spawn(|| reconciler.read_ahead());
+            let first = handle.block_on(async {
+                loop {
+                    match source.input(desired) {
+                        Input::Unchanged => {}
+                        input => return Some(Some(input)),
+                    }
+                    tokio::select! {
+                        () = &mut shutdown => return None,
+                        () = source.changed() => {}
+                    }
+                }
+            });
+            if let Err(panic) = reading.join() {
+                std::panic::resume_unwind(panic);
+            }
+            first
+        })
+    })
+}
+
 /// Runs blocking work (building and rendering a large cluster, a kernel commit or
 /// read-back of seconds) so that it never holds up the runtime's other tasks: on a
 /// multi-threaded runtime the worker hands its queued tasks (the HTTP servers, the
@@ -312,8 +356,7 @@ fn sync_once<B: Backend, C: Conntrack>(
 mod tests {
     use std::cell::RefCell;
     use std::rc::Rc;
-
-    use std::sync::Arc;
+    use std::sync::{Arc, Mutex};
 
     use nftproxy_model::{ProxyConfig, Snapshot};
     use nftproxy_nft::{FakeBackend, FakeConntrack, Family};
@@ -533,21 +576,27 @@ mod tests {
 
     /// A kernel shared between the loop and the test, which plays the other program.
     #[derive(Clone, Default)]
-    struct Shared(Rc<RefCell<FakeBackend>>);
+    struct Shared(Arc<Mutex<FakeBackend>>);
+
+    impl Shared {
+        fn kernel(&self) -> std::sync::MutexGuard<'_, FakeBackend> {
+            self.0.lock().expect("kernel")
+        }
+    }
 
     impl Backend for Shared {
         type Error = nftproxy_nft::FakeError;
 
         fn list(&mut self, family: Family, table: &str) -> Result<Option<Table>, Self::Error> {
-            self.0.borrow_mut().list(family, table)
+            self.kernel().list(family, table)
         }
 
         fn apply(&mut self, tx: &nftproxy_nft::Transaction) -> Result<(), Self::Error> {
-            self.0.borrow_mut().apply(tx)
+            self.kernel().apply(tx)
         }
 
         fn generation(&mut self) -> Result<Option<u32>, Self::Error> {
-            self.0.borrow_mut().generation()
+            self.kernel().generation()
         }
     }
 
@@ -563,47 +612,116 @@ mod tests {
         let script = async move {
             tokio::time::sleep(Duration::from_millis(5_500)).await;
             // Someone deletes a chain's rule and adds one of theirs elsewhere.
-            k.0.borrow_mut().tamper(Family::Ip, "nftproxy", |t| {
+            k.kernel().tamper(Family::Ip, "nftproxy", |t| {
                 let t = t.as_mut().expect("our table");
                 let service = t.chains.keys().find(|n| n.starts_with("service-")).cloned();
                 t.chains.remove(&service.expect("a Service's chain"));
             });
             tokio::time::sleep(Duration::from_millis(1_100)).await;
             assert_eq!(
-                k.0.borrow().tables.values().next(),
+                k.kernel().tables.values().next(),
                 Some(&tables(3)[0]),
                 "repaired"
             );
-            let lists = k.0.borrow().lists;
+            let lists = k.kernel().lists;
             // Another table changes: our tables are read back once, found intact...
-            k.0.borrow_mut().tamper(Family::Ip, "other", |t| {
+            k.kernel().tamper(Family::Ip, "other", |t| {
                 *t = Some(Table::new(Family::Ip, "other"))
             });
             tokio::time::sleep(Duration::from_millis(1_100)).await;
             assert_eq!(
-                k.0.borrow().lists,
+                k.kernel().lists,
                 lists + 2,
                 "one read-back of both families"
             );
             // ...and a busy neighbour does not make us read back every second.
             for _ in 0..5 {
-                k.0.borrow_mut().tamper(Family::Ip, "other", |_| {});
+                k.kernel().tamper(Family::Ip, "other", |_| {});
                 tokio::time::sleep(Duration::from_millis(1_000)).await;
             }
-            assert_eq!(k.0.borrow().lists, lists + 2);
+            assert_eq!(k.kernel().lists, lists + 2);
             // Our table deleted: within the quiet spell's end (sync_period / 2), it is back.
-            k.0.borrow_mut()
-                .tamper(Family::Ip, "nftproxy", |t| *t = None);
+            k.kernel().tamper(Family::Ip, "nftproxy", |t| *t = None);
             tokio::time::sleep(Duration::from_secs(15)).await;
             assert_eq!(
-                k.0.borrow()
-                    .tables
-                    .get(&(Family::Ip, "nftproxy".to_owned())),
+                k.kernel().tables.get(&(Family::Ip, "nftproxy".to_owned())),
                 Some(&tables(3)[0])
             );
         };
         run(&mut p, TIMING, &mut source, script).await;
         let text = p.monitor().metrics.render();
         assert!(text.contains("nftproxy_sync_repairs_total 2"), "{text}");
+    }
+
+    /// A kernel whose read takes `delay`; it notes when the last read ended.
+    struct Slow {
+        kernel: FakeBackend,
+        delay: Duration,
+        read: Arc<Mutex<Option<std::time::Instant>>>,
+    }
+
+    impl Backend for Slow {
+        type Error = nftproxy_nft::FakeError;
+
+        fn list(&mut self, family: Family, table: &str) -> Result<Option<Table>, Self::Error> {
+            std::thread::sleep(self.delay);
+            let listed = self.kernel.list(family, table);
+            *self.read.lock().expect("read") = Some(std::time::Instant::now());
+            listed
+        }
+
+        fn apply(&mut self, tx: &nftproxy_nft::Transaction) -> Result<(), Self::Error> {
+            self.kernel.apply(tx)
+        }
+
+        fn generation(&mut self) -> Result<Option<u32>, Self::Error> {
+            self.kernel.generation()
+        }
+    }
+
+    /// On the daemon's runtime the kernel is read on a thread of its own while the first
+    /// input is built: after a restart, the build is done before the read, and the first
+    /// sync changes nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_restart_builds_while_it_reads_the_kernel_and_changes_nothing() {
+        let mut kernel = FakeBackend::default();
+        for table in tables(3) {
+            kernel.tamper(Family::Ip, "nftproxy", |t| *t = Some(table.clone()));
+        }
+        let read = Arc::new(Mutex::new(None));
+        let mut p = proxier(Slow {
+            kernel,
+            delay: Duration::from_millis(200),
+            read: read.clone(),
+        });
+        let built = Arc::new(Mutex::new(None));
+        let noted = built.clone();
+        let mut source = polled(Duration::from_millis(10), move || {
+            let mut built = noted.lock().expect("built");
+            built.is_none().then(|| {
+                *built = Some(std::time::Instant::now());
+                snapshot(3)
+            })
+        });
+        run(
+            &mut p,
+            TIMING,
+            &mut source,
+            tokio::time::sleep(Duration::from_secs(1)),
+        )
+        .await;
+        let (built, read) = (*built.lock().expect("built"), *read.lock().expect("read"));
+        assert!(
+            built.expect("built") < read.expect("read"),
+            "built before the read ended"
+        );
+        assert_eq!(source.synced_at.len(), 1);
+        let backend = p.reconciler_mut().backend_mut();
+        assert_eq!(backend.kernel.lists, 2, "one read of each family");
+        assert!(
+            backend.kernel.applied.is_empty(),
+            "{:?}",
+            backend.kernel.applied
+        );
     }
 }
