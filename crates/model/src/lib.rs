@@ -16,6 +16,7 @@ mod seen;
 mod service;
 mod state;
 mod topology;
+mod yaml;
 
 pub use builder::{Builder, Delta, PortChanges, build};
 /// The string type of Kubernetes names here: names are short, and one kept inline

@@ -18,6 +18,7 @@ use std::net::IpAddr;
 
 use crate::diag::{Diagnostic, ObjectRef, ValueError};
 use crate::object::{DecodedEndpointSlice, DecodedService};
+use crate::yaml;
 
 /// The input objects of one sync: everything nftproxy reads from the API (or files).
 ///
@@ -107,6 +108,12 @@ impl Snapshot {
         // parser reads many times faster than a YAML parser, straight into typed objects.
         if let Ok(raw) = serde_json::from_str::<&RawValue>(text) {
             self.add_json(raw, &mut report.diagnostics);
+            return report;
+        }
+        // YAML that reads the same as JSON text (nearly all of it) is decoded as JSON.
+        let mut transcoded = Transcoded::default();
+        if yaml::transcode(text, &mut transcoded).is_ok() {
+            self.append(transcoded.documents, &mut report.diagnostics);
             return report;
         }
         if let Ok(documents) = parse(text) {
@@ -271,6 +278,34 @@ fn json_object_ref(kind: &str, raw: &RawValue) -> ObjectRef {
     match serde_json::from_str(raw.get()) {
         Ok(Value::Object(map)) => object_ref(kind, &map),
         _ => object_ref(kind, &serde_json::Map::new()),
+    }
+}
+
+/// The documents of a YAML text transcoded to JSON ([`yaml::transcode`]), decoded as
+/// [`Streamed`] decodes the parsed ones: a List's items one by one, kept once its `kind`
+/// says List.
+#[derive(Default)]
+struct Transcoded {
+    /// Every document so far.
+    documents: Document,
+    /// The items of the document being read.
+    items: Document,
+}
+
+impl yaml::Sink for Transcoded {
+    fn item(&mut self, json: &str) {
+        if let Ok(raw) = serde_json::from_str::<&RawValue>(json) {
+            self.items.0.add_json(raw, &mut self.items.1);
+        }
+    }
+
+    fn document(&mut self, fields: &str, kind: Option<&str>, items: bool) {
+        let read = std::mem::take(&mut self.items);
+        if kind.is_some_and(|kind| is_list(kind, items)) {
+            self.documents.0.append(read, &mut self.documents.1);
+        } else if let Ok(raw) = serde_json::from_str::<&RawValue>(fields) {
+            self.documents.0.add_json(raw, &mut self.documents.1);
+        }
     }
 }
 
@@ -666,6 +701,104 @@ mod tests {
         assert_eq!(report.errors.len(), 1);
         assert_eq!(report.errors[0].to_string(), "t.yaml:2:19: not UTF-8 text");
         assert_eq!(snapshot.services.len(), 2);
+    }
+
+    /// A YAML text read through [`yaml::transcode`] and through the parser, each as
+    /// `Debug` text of the snapshot and diagnostics; `None` for the first when declined.
+    fn both_ways(text: &str) -> (Option<String>, Result<String, serde_saphyr::Error>) {
+        let mut transcoded = Transcoded::default();
+        let fast = yaml::transcode(text, &mut transcoded).ok().map(|()| {
+            let Document(snapshot, diagnostics) = transcoded.documents;
+            format!("{snapshot:?}\n{diagnostics:?}")
+        });
+        let slow = parse(text).map(|documents| {
+            let (mut snapshot, mut diagnostics) = (Snapshot::default(), Vec::new());
+            for document in documents {
+                snapshot.append(document, &mut diagnostics);
+            }
+            format!("{snapshot:?}\n{diagnostics:?}")
+        });
+        (fast, slow)
+    }
+
+    #[test]
+    fn yaml_transcoded_reads_as_parsed_or_is_declined() {
+        let service = "kind: Service\nmetadata: {name: s, namespace: ns}\nspec:\n";
+        let cases = [
+            // Taken: strings, YAML 1.1 booleans, nulls, unsigned decimals, addresses.
+            (format!("{service}  clusterIP: 10.0.0.1\n  ports:\n  - port: 80\n    targetPort: http\n"), true),
+            (format!("{service}  clusterIPs: [fd00::1, 2001:db8::2]\n  ipFamilies: [IPv6]\n"), true),
+            (format!("{service}  publishNotReadyAddresses: yes\n  allocateLoadBalancerNodePorts: Off\n"), true),
+            (format!("{service}  publishNotReadyAddresses: y\n  externalName: ~\n  type: null\n"), true),
+            (format!("{service}  sessionAffinity: \"yes\"\n  externalName: 'x\n    y'\n"), true),
+            (format!("{service}  loadBalancerClass: |\n    two\n    lines\n  type: >-\n    folded\n"), true),
+            (format!("{service}  ports:\n  - port: 8080\n    nodePort: 99999999999999\n"), true),
+            (format!("{service}  ports:\n  - port: 10Gi\n    name: \"a\\tb\\u0001\\\"\"\n"), true),
+            (format!("{service}  ports:\n  - port: 80\n    port: 81\n"), false),
+            ("kind: Node\nmetadata: {name: n, labels: {a: b}}\nspec: {podCIDRs: [10.1.0.0/24]}\n".to_owned(), true),
+            ("- a\n- b\n---\nplain\n---\n".to_owned(), true),
+            ("apiVersion: v1\nitems:\n- kind: Service\n  metadata: {name: a}\n- 7\nkind: List\n".to_owned(), true),
+            ("items:\n- kind: Service\n  metadata: {name: a}\nkind: Service\nmetadata: {name: b}\n".to_owned(), true),
+            ("kind: List\nitems: {a: 1}\n".to_owned(), true),
+            // Declined: what only the deserializer's finer rules decide.
+            (format!("{service}  ports:\n  - port: -80\n"), false),
+            (format!("{service}  ports:\n  - port: 0x50\n"), false),
+            (format!("{service}  ports:\n  - port: 080\n"), false),
+            (format!("{service}  ports:\n  - port: 8_0\n"), false),
+            (format!("{service}  ports:\n  - port: 1.5\n"), false),
+            (format!("{service}  ports:\n  - port: .inf\n"), false),
+            (format!("{service}  ports:\n  - port: -.NaN\n"), false),
+            (format!("{service}  ports:\n  - port: !!str 80\n"), false),
+            (format!("{service}  ports:\n  - &p {{port: 80}}\n  - *p\n"), false),
+            (format!("{service}  ports:\n  - <<: {{port: 80}}\n"), false),
+            (format!("{service}  ports:\n  - {{? [a]: 1}}\n"), false),
+            ("%YAML 1.1\n---\nkind: Service\nmetadata: {name: s}\n".to_owned(), false),
+            ("kind: Service\nkind: Service\n".to_owned(), false),
+            (format!("{}1{}", "[".repeat(70), "]".repeat(70)), false),
+            ("kind: Service\nspec: [unclosed\n".to_owned(), false),
+        ];
+        for (text, taken) in cases {
+            let (fast, slow) = both_ways(&text);
+            assert_eq!(fast.is_some(), taken, "{text}");
+            if let Some(fast) = fast {
+                assert_eq!(Ok(fast), slow.map_err(|e| e.to_string()), "{text}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_manifest_of_the_repository_transcoded_reads_as_parsed() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let mut files = Vec::new();
+        for dir in ["rules-golden", "crates/nftproxy/tests/bad-input", "hack"] {
+            for entry in std::fs::read_dir(root.join(dir)).expect("directory") {
+                let path = entry.expect("entry").path();
+                let input = path.join("input.yaml");
+                if input.is_file() {
+                    files.push(input);
+                } else if path.extension().is_some_and(|e| e == "yaml") {
+                    files.push(path);
+                }
+            }
+        }
+        let (mut documents, mut taken) = (0, 0);
+        for file in &files {
+            let text = std::fs::read_to_string(file).unwrap_or_default();
+            for (_, document) in split_documents(&text) {
+                let (fast, slow) = both_ways(document);
+                documents += 1;
+                let Some(fast) = fast else { continue };
+                taken += 1;
+                let slow = slow.map_err(|e| e.to_string());
+                assert_eq!(Ok(fast), slow, "{}:\n{document}", file.display());
+            }
+        }
+        // The golden cases are written as users write manifests: nearly all are taken.
+        assert!(
+            files.len() > 60 && taken * 10 > documents * 8,
+            "{taken}/{documents} of {} files",
+            files.len()
+        );
     }
 
     #[test]

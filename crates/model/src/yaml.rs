@@ -1,0 +1,317 @@
+//! YAML documents as JSON text, so that the YAML of a cluster's manifests (`kubectl get
+//! -o yaml`) decodes at the speed of JSON: the parser's events are written out as JSON,
+//! and [`crate::manifest`] decodes that text straight into typed objects.
+//!
+//! Invariant: a text is either transcoded whole into exactly the values the YAML
+//! deserializer (serde-saphyr, as [`crate::manifest`] configures it) would give, or
+//! declined whole, and then parsed the slow way. What only the deserializer's finer rules
+//! decide is declined, never guessed: tags, anchors and aliases, merge keys, duplicate
+//! keys, a `%YAML` directive, floats, numbers with a sign, leading zeros or another base,
+//! nesting near its depth limit, and anything the parser refuses.
+
+use std::borrow::Cow;
+use std::fmt::Write;
+
+// The deserializer's own parser, so that both read the same events.
+use serde_saphyr::granit_parser::{Event, Parser, ScalarStyle, StrInput};
+
+/// The text holds something only the full deserializer reads as it means.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Declined;
+
+/// Where a stream's documents go, in order.
+pub(crate) trait Sink {
+    /// An element of the top-level mapping's `items` sequence, as JSON.
+    fn item(&mut self, json: &str);
+    /// The end of a document whose root is a mapping: its fields but `items`, as a JSON
+    /// object; its `kind`, when that is a string; whether it had `items` (each handed to
+    /// [`Sink::item`] before).
+    fn document(&mut self, fields: &str, kind: Option<&str>, items: bool);
+}
+
+/// The deserializer refuses deeper nesting (its budget's `max_depth`, 64); declined
+/// before that.
+const MAX_DEPTH: usize = 60;
+
+/// Transcodes every document of `text` into `sink`. On `Err`, what `sink` received is
+/// to be thrown away.
+pub(crate) fn transcode(text: &str, sink: &mut impl Sink) -> Result<(), Declined> {
+    let mut transcoder = Transcoder {
+        events: Parser::new_from_str(text),
+        keys: Vec::new(),
+    };
+    transcoder.stream(sink)
+}
+
+struct Transcoder<'a> {
+    events: Parser<'a, StrInput<'a>>,
+    /// The keys of the mappings open now, outermost first: duplicates are declined (the
+    /// deserializer refuses them).
+    keys: Vec<Cow<'a, str>>,
+}
+
+impl<'a> Transcoder<'a> {
+    fn next(&mut self) -> Result<Event<'a>, Declined> {
+        match self.events.next() {
+            Some(Ok((event, _))) => Ok(event),
+            _ => Err(Declined),
+        }
+    }
+
+    fn stream(&mut self, sink: &mut impl Sink) -> Result<(), Declined> {
+        let mut fields = String::new();
+        let mut item = String::new();
+        if self.next()? != Event::StreamStart {
+            return Err(Declined);
+        }
+        loop {
+            match self.next()? {
+                Event::StreamEnd => return Ok(()),
+                Event::DocumentStart(_, None) => {}
+                _ => return Err(Declined),
+            }
+            match self.next()? {
+                Event::MappingStart(_, 0, None) => {
+                    self.root(&mut fields, &mut item, sink)?;
+                }
+                // A scalar or a sequence holds no object; it is still read through, so
+                // that whatever would make the deserializer refuse it is declined.
+                other => {
+                    item.clear();
+                    self.node(other, &mut item, 0)?;
+                }
+            }
+            if self.next()? != Event::DocumentEnd {
+                return Err(Declined);
+            }
+        }
+    }
+
+    /// A document's root mapping, its `MappingStart` read.
+    fn root(
+        &mut self,
+        fields: &mut String,
+        item: &mut String,
+        sink: &mut impl Sink,
+    ) -> Result<(), Declined> {
+        fields.clear();
+        fields.push('{');
+        let mut kind = None;
+        let mut items = false;
+        let base = self.keys.len();
+        loop {
+            let key = match self.next()? {
+                Event::MappingEnd => break,
+                event => self.key(event, base)?,
+            };
+            let value = self.next()?;
+            if key == "items" {
+                items = true;
+                self.items(value, item, sink)?;
+                continue;
+            }
+            if key == "kind"
+                && let Event::Scalar(text, style, 0, None) = &value
+                && matches!(scalar(text, *style)?, Scalar::String)
+            {
+                kind = Some(text.clone());
+            }
+            if fields.len() > 1 {
+                fields.push(',');
+            }
+            string(fields, &key);
+            fields.push(':');
+            self.node(value, fields, 1)?;
+        }
+        self.keys.truncate(base);
+        fields.push('}');
+        sink.document(fields, kind.as_deref(), items);
+        Ok(())
+    }
+
+    /// The value of the root's `items`: each element of a sequence goes to the sink;
+    /// anything else holds no items.
+    fn items(
+        &mut self,
+        value: Event<'a>,
+        item: &mut String,
+        sink: &mut impl Sink,
+    ) -> Result<(), Declined> {
+        let Event::SequenceStart(_, 0, None) = value else {
+            item.clear();
+            return self.node(value, item, 1);
+        };
+        loop {
+            match self.next()? {
+                Event::SequenceEnd => return Ok(()),
+                event => {
+                    item.clear();
+                    self.node(event, item, 2)?;
+                    sink.item(item);
+                }
+            }
+        }
+    }
+
+    /// A mapping key: a scalar that reads as a string.
+    fn key(&mut self, event: Event<'a>, base: usize) -> Result<Cow<'a, str>, Declined> {
+        let Event::Scalar(text, style, 0, None) = event else {
+            return Err(Declined);
+        };
+        if !matches!(scalar(&text, style)?, Scalar::String) || text == "<<" {
+            return Err(Declined);
+        }
+        if self.keys[base..].contains(&text) {
+            return Err(Declined);
+        }
+        self.keys.push(text.clone());
+        Ok(text)
+    }
+
+    /// The node that starts with `event`, as JSON appended to `out`.
+    fn node(&mut self, event: Event<'a>, out: &mut String, depth: usize) -> Result<(), Declined> {
+        if depth > MAX_DEPTH {
+            return Err(Declined);
+        }
+        match event {
+            Event::Scalar(text, style, 0, None) => {
+                match scalar(&text, style)? {
+                    Scalar::Null => out.push_str("null"),
+                    Scalar::Bool(b) => out.push_str(if b { "true" } else { "false" }),
+                    Scalar::Number => out.push_str(&text),
+                    Scalar::String => string(out, &text),
+                }
+                Ok(())
+            }
+            Event::SequenceStart(_, 0, None) => {
+                out.push('[');
+                let mut first = true;
+                loop {
+                    match self.next()? {
+                        Event::SequenceEnd => break,
+                        event => {
+                            if !std::mem::take(&mut first) {
+                                out.push(',');
+                            }
+                            self.node(event, out, depth + 1)?;
+                        }
+                    }
+                }
+                out.push(']');
+                Ok(())
+            }
+            Event::MappingStart(_, 0, None) => {
+                out.push('{');
+                let base = self.keys.len();
+                loop {
+                    let key = match self.next()? {
+                        Event::MappingEnd => break,
+                        event => self.key(event, base)?,
+                    };
+                    if self.keys.len() > base + 1 {
+                        out.push(',');
+                    }
+                    string(out, &key);
+                    out.push(':');
+                    let value = self.next()?;
+                    self.node(value, out, depth + 1)?;
+                }
+                self.keys.truncate(base);
+                out.push('}');
+                Ok(())
+            }
+            // Anchored or tagged nodes, aliases.
+            _ => Err(Declined),
+        }
+    }
+}
+
+/// What an untagged scalar is to the deserializer.
+#[derive(Debug, PartialEq, Eq)]
+enum Scalar {
+    Null,
+    Bool(bool),
+    /// A decimal integer that fits in 64 bits, written as it is.
+    Number,
+    String,
+}
+
+/// Resolves a scalar as the deserializer does with its default options: quoted and
+/// block scalars are strings; a plain one is null (`~`, `null`, empty), a YAML 1.1
+/// boolean (`yes`, `off`, `y`, any case), an integer, a float, or else a string. Only
+/// unsigned decimals without a leading zero and strings that no number rule can match
+/// (a letter first, an address, a digit followed by a letter no number holds, as in
+/// `10Gi`) are taken; anything else number-like is declined.
+fn scalar(text: &str, style: ScalarStyle) -> Result<Scalar, Declined> {
+    if style != ScalarStyle::Plain {
+        return Ok(Scalar::String);
+    }
+    if matches!(text, "" | "~" | "null" | "Null" | "NULL") {
+        return Ok(Scalar::Null);
+    }
+    let is = |words: [&str; 4]| words.iter().any(|w| text.eq_ignore_ascii_case(w));
+    if is(["true", "yes", "y", "on"]) {
+        return Ok(Scalar::Bool(true));
+    }
+    if is(["false", "no", "n", "off"]) {
+        return Ok(Scalar::Bool(false));
+    }
+    let bytes = text.as_bytes();
+    let first = bytes[0];
+    if first.is_ascii_digit() {
+        if bytes.iter().all(u8::is_ascii_digit) {
+            return if (first != b'0' || bytes.len() == 1) && text.parse::<u64>().is_ok() {
+                Ok(Scalar::Number)
+            } else {
+                Err(Declined)
+            };
+        }
+        // An IPv4 address: no number has two dots.
+        let dots = bytes.iter().filter(|b| **b == b'.').count();
+        if dots >= 2 && bytes.iter().all(|b| b.is_ascii_digit() || *b == b'.') {
+            return Ok(Scalar::String);
+        }
+        // An IPv6 address: no number has a colon.
+        if text.parse::<std::net::Ipv6Addr>().is_ok() {
+            return Ok(Scalar::String);
+        }
+    }
+    let unsigned = text.trim_start_matches(['+', '-']);
+    let unsigned = unsigned.strip_prefix('.').unwrap_or(unsigned);
+    let non_finite = ["inf", "infinity", "nan"]
+        .iter()
+        .any(|w| unsigned.eq_ignore_ascii_case(w));
+    let numeric = |b: &u8| b.is_ascii_hexdigit() || b"xXoO._+-".contains(b);
+    let number_like =
+        matches!(first, b'0'..=b'9' | b'+' | b'-' | b'.') && bytes.iter().all(numeric);
+    if non_finite || number_like {
+        return Err(Declined);
+    }
+    Ok(Scalar::String)
+}
+
+/// `text` as a JSON string.
+fn string(out: &mut String, text: &str) {
+    out.push('"');
+    let mut plain = 0;
+    for (at, c) in text.char_indices() {
+        let escape = match c {
+            '"' => "\\\"",
+            '\\' => "\\\\",
+            '\n' => "\\n",
+            '\r' => "\\r",
+            '\t' => "\\t",
+            c if c < ' ' => "",
+            _ => continue,
+        };
+        out.push_str(&text[plain..at]);
+        if escape.is_empty() {
+            let _ = write!(out, "\\u{:04x}", u32::from(c));
+        } else {
+            out.push_str(escape);
+        }
+        plain = at + c.len_utf8();
+    }
+    out.push_str(&text[plain..]);
+    out.push('"');
+}
