@@ -734,7 +734,6 @@ mod tests {
             (format!("{service}  loadBalancerClass: |\n    two\n    lines\n  type: >-\n    folded\n"), true),
             (format!("{service}  ports:\n  - port: 8080\n    nodePort: 99999999999999\n"), true),
             (format!("{service}  ports:\n  - port: 10Gi\n    name: \"a\\tb\\u0001\\\"\"\n"), true),
-            (format!("{service}  ports:\n  - port: 80\n    port: 81\n"), false),
             ("kind: Node\nmetadata: {name: n, labels: {a: b}}\nspec: {podCIDRs: [10.1.0.0/24]}\n".to_owned(), true),
             ("- a\n- b\n---\nplain\n---\n".to_owned(), true),
             ("apiVersion: v1\nitems:\n- kind: Service\n  metadata: {name: a}\n- 7\nkind: List\n".to_owned(), true),
@@ -754,6 +753,7 @@ mod tests {
             (format!("{service}  ports:\n  - {{? [a]: 1}}\n"), false),
             ("%YAML 1.1\n---\nkind: Service\nmetadata: {name: s}\n".to_owned(), false),
             ("kind: Service\nkind: Service\n".to_owned(), false),
+            (format!("{service}  ports:\n  - port: 80\n    port: 81\n"), false),
             (format!("{}1{}", "[".repeat(70), "]".repeat(70)), false),
             ("kind: Service\nspec: [unclosed\n".to_owned(), false),
         ];
