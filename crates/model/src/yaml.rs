@@ -13,7 +13,7 @@ use std::borrow::Cow;
 use std::fmt::Write;
 
 // The deserializer's own parser, so that both read the same events.
-use serde_saphyr::granit_parser::{Event, Parser, ScalarStyle, StrInput};
+use serde_saphyr::granit_parser::{Event, Options, Parser, ScalarStyle, StrInput};
 
 /// The text holds something only the full deserializer reads as it means.
 #[derive(Debug, PartialEq, Eq)]
@@ -36,8 +36,12 @@ const MAX_DEPTH: usize = 60;
 /// Transcodes every document of `text` into `sink`. On `Err`, what `sink` received is
 /// to be thrown away.
 pub(crate) fn transcode(text: &str, sink: &mut impl Sink) -> Result<(), Declined> {
+    // Comments are still checked, but not handed out as events: another crate of the
+    // build (kube's client) turns on the parser's `comments` feature.
+    let mut options = Options::default();
+    options.set_emit_comments(false);
     let mut transcoder = Transcoder {
-        events: Parser::new_from_str(text),
+        events: Parser::new_from_str_with_options(text, options),
         keys: Vec::new(),
     };
     transcoder.stream(sink)
