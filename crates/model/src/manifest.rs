@@ -110,7 +110,17 @@ impl Snapshot {
             self.add_json(raw, &mut report.diagnostics);
             return report;
         }
-        // YAML that reads the same as JSON text (nearly all of it) is decoded as JSON.
+        // YAML that reads the same as JSON text (nearly all of it) is decoded as JSON; a
+        // large List on every core.
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        if text.len() >= PARALLEL_FROM
+            && cores > 1
+            && self
+                .add_list_in_parallel(text, cores.min(8), &mut report.diagnostics)
+                .is_ok()
+        {
+            return report;
+        }
         let mut transcoded = Transcoded::default();
         if yaml::transcode(text, &mut transcoded).is_ok() {
             self.append(transcoded.documents, &mut report.diagnostics);
@@ -143,6 +153,49 @@ impl Snapshot {
             }
         }
         report
+    }
+
+    /// A YAML List (`kubectl get -o yaml`) read on `parts` threads: runs of its items
+    /// are transcoded and decoded on threads of their own ([`yaml::cut_list`]) and kept
+    /// in order, so that the objects and diagnostics are those of one thread.
+    fn add_list_in_parallel(
+        &mut self,
+        text: &str,
+        parts: usize,
+        diagnostics: &mut Vec<Diagnostic>,
+    ) -> Result<(), yaml::Declined> {
+        let cut = yaml::cut_list(text, parts).ok_or(yaml::Declined)?;
+        let read = |run: &str| {
+            let mut transcoded = Transcoded::default();
+            yaml::transcode_items(run, &mut transcoded).map(|()| transcoded.items)
+        };
+        let (root, runs) = std::thread::scope(|scope| {
+            let others: Vec<_> = cut.runs[1..]
+                .iter()
+                .map(|run| scope.spawn(move || read(run)))
+                .collect();
+            let mut runs = vec![read(cut.runs[0])];
+            let mut root = Root::default();
+            let root = yaml::transcode(&cut.root, &mut root).map(|()| root);
+            for other in others {
+                runs.push(
+                    other
+                        .join()
+                        .unwrap_or_else(|p| std::panic::resume_unwind(p)),
+                );
+            }
+            (root, runs)
+        });
+        let root = root?;
+        let runs = runs.into_iter().collect::<Result<Vec<_>, _>>()?;
+        if root.list {
+            for run in runs {
+                self.append(run, diagnostics);
+            }
+        } else {
+            self.append(root.object, diagnostics);
+        }
+        Ok(())
     }
 
     fn append(&mut self, document: Document, diagnostics: &mut Vec<Diagnostic>) {
@@ -294,17 +347,38 @@ struct Transcoded {
 
 impl yaml::Sink for Transcoded {
     fn item(&mut self, json: &str) {
-        if let Ok(raw) = serde_json::from_str::<&RawValue>(json) {
-            self.items.0.add_json(raw, &mut self.items.1);
-        }
+        self.items.add_json_text(json);
     }
 
     fn document(&mut self, fields: &str, kind: Option<&str>, items: bool) {
         let read = std::mem::take(&mut self.items);
         if kind.is_some_and(|kind| is_list(kind, items)) {
             self.documents.0.append(read, &mut self.documents.1);
-        } else if let Ok(raw) = serde_json::from_str::<&RawValue>(fields) {
-            self.documents.0.add_json(raw, &mut self.documents.1);
+        } else {
+            self.documents.add_json_text(fields);
+        }
+    }
+}
+
+/// Lists smaller than this are read on one thread: the threads would cost more than they
+/// save.
+const PARALLEL_FROM: usize = 1 << 20;
+
+/// The root of a List cut by [`yaml::cut_list`], its items left out: whether it is a List
+/// (then its items are the runs'), or else the object its fields make.
+#[derive(Default)]
+struct Root {
+    list: bool,
+    object: Document,
+}
+
+impl yaml::Sink for Root {
+    fn item(&mut self, _: &str) {}
+
+    fn document(&mut self, fields: &str, kind: Option<&str>, items: bool) {
+        self.list = kind.is_some_and(|kind| is_list(kind, items));
+        if !self.list {
+            self.object.add_json_text(fields);
         }
     }
 }
@@ -317,6 +391,13 @@ struct Document(Snapshot, Vec<Diagnostic>);
 impl Document {
     fn add(&mut self, value: Value) {
         self.0.add_value(value, &mut self.1);
+    }
+
+    /// Adds what a JSON text (written by [`yaml`], so well-formed) holds.
+    fn add_json_text(&mut self, json: &str) {
+        if let Ok(raw) = serde_json::from_str::<&RawValue>(json) {
+            self.0.add_json(raw, &mut self.1);
+        }
     }
 }
 
@@ -799,6 +880,84 @@ mod tests {
             "{taken}/{documents} of {} files",
             files.len()
         );
+    }
+
+    /// `text` read as a List cut in `parts`, as `Debug` text like [`both_ways`]; `None`
+    /// when declined.
+    fn in_parallel(text: &str, parts: usize) -> Option<String> {
+        let (mut snapshot, mut diagnostics) = (Snapshot::default(), Vec::new());
+        snapshot
+            .add_list_in_parallel(text, parts, &mut diagnostics)
+            .ok()
+            .map(|()| format!("{snapshot:?}\n{diagnostics:?}"))
+    }
+
+    #[test]
+    fn a_list_read_in_parallel_reads_as_parsed_whole() {
+        let item = |i: usize| {
+            format!(
+                "- apiVersion: v1\n  kind: Service\n  metadata:\n    name: s{i}\n    \
+                 namespace: ns\n  spec:\n    clusterIP: 10.0.{}.{}\n    ports:\n    - port: {}\n",
+                i / 250,
+                i % 250 + 1,
+                // Every seventh is invalid: its diagnostic must keep its place.
+                if i % 7 == 3 { 0 } else { 80 }
+            )
+        };
+        let items: String = (0..200).map(item).collect();
+        let list =
+            format!("apiVersion: v1\nitems:\n{items}# a comment\n\nkind: List\nmetadata: {{}}\n");
+        let (_, whole) = both_ways(&list);
+        let whole = whole.map_err(|e| e.to_string());
+        for parts in [2, 3, 8] {
+            assert_eq!(
+                in_parallel(&list, parts).ok_or("declined"),
+                whole.as_deref().map(str::to_owned).map_err(|_| "parse"),
+                "{parts} parts"
+            );
+        }
+        assert!(
+            whole.expect("parsed").contains("port 0"),
+            "a diagnostic is compared"
+        );
+        // Not a List: the items are not kept, whatever thread read them.
+        let service = list.replace("kind: List", "kind: Service");
+        assert_eq!(
+            in_parallel(&service, 2).ok_or(()),
+            both_ways(&service).1.map_err(|_| ())
+        );
+        // Not cut: several documents, items indented, no items, one item.
+        for text in [
+            format!("{list}---\n{list}"),
+            list.replace("\n- ", "\n  - ").replace("\n  ", "\n    "),
+            "kind: List\nmetadata: {}\n".to_owned(),
+            format!("items:\n{}kind: List\n", item(1)),
+        ] {
+            assert_eq!(in_parallel(&text, 2), None, "{text}");
+        }
+    }
+
+    #[test]
+    fn a_cut_inside_a_scalar_at_the_margin_is_declined() {
+        let service = |name: &str| {
+            format!("- kind: Service\n  metadata:\n    name: {name}\n    namespace: ns\n")
+        };
+        // The parser takes a scalar continued at the margin, `- ` and all, as one item's.
+        for scalar in ["\"a\n- b\"", "'a\n- b'", "a\n- b", "[a,\n- b]"] {
+            let text = format!(
+                "items:\n{}- kind: Service\n  metadata:\n    labels: {{x: {scalar}}}\n{}kind: List\n",
+                service("one"),
+                service("three")
+            );
+            let whole = both_ways(&text).1.map_err(|e| e.to_string());
+            // Cut at every `- `: the run that ends inside the scalar does not parse.
+            assert_eq!(in_parallel(&text, 100), None, "{text}");
+            for parts in [2, 3] {
+                if let Some(parallel) = in_parallel(&text, parts) {
+                    assert_eq!(Ok(parallel), whole, "{text}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! YAML documents as JSON text, so that the YAML of a cluster's manifests (`kubectl get
 //! -o yaml`) decodes at the speed of JSON: the parser's events are written out as JSON,
-//! and [`crate::manifest`] decodes that text straight into typed objects.
+//! and [`crate::manifest`] decodes that text straight into typed objects. A large List
+//! is cut into runs of whole items ([`cut_list`]) that threads read side by side.
 //!
 //! Invariant: a text is either transcoded whole into exactly the values the YAML
 //! deserializer (serde-saphyr, as [`crate::manifest`] configures it) would give, or
@@ -38,13 +39,103 @@ const MAX_DEPTH: usize = 60;
 pub(crate) fn transcode(text: &str, sink: &mut impl Sink) -> Result<(), Declined> {
     // Comments are still checked, but not handed out as events: another crate of the
     // build (kube's client) turns on the parser's `comments` feature.
-    let mut options = Options::default();
-    options.set_emit_comments(false);
-    let mut transcoder = Transcoder {
-        events: Parser::new_from_str_with_options(text, options),
-        keys: Vec::new(),
+    Transcoder::new(text).stream(sink)
+}
+
+/// Transcodes `run`, a block sequence at the margin (a run of a List's items, cut by
+/// [`cut_list`]), handing each element to [`Sink::item`].
+pub(crate) fn transcode_items(run: &str, sink: &mut impl Sink) -> Result<(), Declined> {
+    let mut transcoder = Transcoder::new(run);
+    let mut item = String::new();
+    let start = [Event::StreamStart, Event::DocumentStart(false, None)];
+    for expected in start {
+        if transcoder.next()? != expected {
+            return Err(Declined);
+        }
+    }
+    let Event::SequenceStart(_, 0, None) = transcoder.next()? else {
+        return Err(Declined);
     };
-    transcoder.stream(sink)
+    loop {
+        match transcoder.next()? {
+            Event::SequenceEnd => break,
+            event => {
+                item.clear();
+                transcoder.node(event, &mut item, 2)?;
+                sink.item(&item);
+            }
+        }
+    }
+    for expected in [Event::DocumentEnd, Event::StreamEnd] {
+        if transcoder.next()? != expected {
+            return Err(Declined);
+        }
+    }
+    Ok(())
+}
+
+/// A one-document List as `kubectl get -o yaml` writes it, cut for reading on several
+/// threads: the root without its items' text, and runs of whole items.
+pub(crate) struct Cut<'a> {
+    /// The text with `items:` left empty.
+    pub(crate) root: String,
+    /// The items' text, cut before an item's `- ` at the margin; in order.
+    pub(crate) runs: Vec<&'a str>,
+}
+
+/// Cuts `text` into its root and up to `parts` runs of items of about one size, when it
+/// is one document whose root has an `items:` line at the margin followed by items
+/// each starting with `- ` there. A cut only ever falls before such a line; should one
+/// of them not start an item (a quoted scalar spread over lines at the margin), the run
+/// before it ends inside that scalar and fails to parse, and the caller reads the text
+/// whole.
+pub(crate) fn cut_list(text: &str, parts: usize) -> Option<Cut<'_>> {
+    let mut offset = 0;
+    // Where the items' text begins (after `items:`) and ends (at the root's next key).
+    let mut begin = None;
+    let mut end = text.len();
+    let mut starts = Vec::new();
+    for line in text.split_inclusive('\n') {
+        let at = offset;
+        offset += line.len();
+        if line.starts_with("---") || line.starts_with("...") || line.starts_with('%') {
+            return None;
+        }
+        let content = line.trim_end_matches(['\n', '\r']);
+        if begin.is_none() {
+            if content == "items:" {
+                begin = Some(offset);
+            }
+            continue;
+        }
+        if end < text.len() {
+            continue;
+        }
+        let blank = content.trim().is_empty() || content.starts_with('#');
+        if content == "-" || content.starts_with("- ") {
+            starts.push(at);
+        } else if starts.is_empty() && !blank {
+            return None;
+        } else if !(blank || content.starts_with(' ')) {
+            end = at;
+        }
+    }
+    let begin = begin?;
+    let share = (end - begin) / parts.max(1) + 1;
+    let mut runs = Vec::new();
+    let mut run_start = *starts.first()?;
+    for &start in &starts[1..] {
+        if start - run_start >= share {
+            runs.push(&text[run_start..start]);
+            run_start = start;
+        }
+    }
+    runs.push(&text[run_start..end]);
+    if runs.len() < 2 {
+        return None;
+    }
+    let root = format!("{}{}", &text[..begin], &text[end..]);
+    Some(Cut { root, runs })
 }
 
 struct Transcoder<'a> {
@@ -55,6 +146,17 @@ struct Transcoder<'a> {
 }
 
 impl<'a> Transcoder<'a> {
+    fn new(text: &'a str) -> Transcoder<'a> {
+        // Comments are still checked, but not handed out as events: another crate of the
+        // build (kube's client) turns on the parser's `comments` feature.
+        let mut options = Options::default();
+        options.set_emit_comments(false);
+        Transcoder {
+            events: Parser::new_from_str_with_options(text, options),
+            keys: Vec::new(),
+        }
+    }
+
     fn next(&mut self) -> Result<Event<'a>, Declined> {
         match self.events.next() {
             Some(Ok((event, _))) => Ok(event),
