@@ -469,6 +469,15 @@ mod tests {
     use nftproxy_nft::{Chain, Element, FakeBackend, FakeError, Rule, Set, Stmt, Value, Verdict};
     use std::collections::BTreeSet;
 
+    /// A kernel that already holds [`table`]`(services)`, as after a restart.
+    fn kernel_holding(services: &[&str]) -> FakeBackend {
+        let mut backend = FakeBackend::default();
+        backend
+            .apply(&Transaction::create(&table(services)))
+            .unwrap();
+        backend
+    }
+
     fn table(services: &[&str]) -> Table {
         let mut t = Table::new(Family::Ip, "nftproxy");
         t.add_set(Set::verdict_map(
@@ -629,10 +638,7 @@ mod tests {
 
     #[test]
     fn a_restart_applies_only_the_difference() {
-        let mut backend = FakeBackend::default();
-        backend
-            .apply(&Transaction::create(&table(&["a", "b"])))
-            .unwrap();
+        let backend = kernel_holding(&["a", "b"]);
         let mut r = Reconciler::new(backend, "nftproxy", ReconcilerOptions::default());
         assert_eq!(r.sync(&[table(&["a", "b"])]).unwrap().operations, 0);
         // One service removed: its map element, flushed rule and chain.
@@ -700,10 +706,7 @@ mod tests {
 
     #[test]
     fn a_transient_read_failure_fails_the_sync_and_rewrites_nothing() {
-        let mut backend = FakeBackend::default();
-        backend
-            .apply(&Transaction::create(&table(&["a", "b"])))
-            .unwrap();
+        let mut backend = kernel_holding(&["a", "b"]);
         backend.fail_list = Some(FakeError {
             kind: ErrorKind::Busy,
             message: "EBUSY".into(),
@@ -720,8 +723,7 @@ mod tests {
 
     #[test]
     fn a_table_holding_foreign_objects_is_replaced_whole() {
-        let mut backend = FakeBackend::default();
-        backend.apply(&Transaction::create(&table(&["a"]))).unwrap();
+        let mut backend = kernel_holding(&["a"]);
         backend.fail_list = Some(FakeError {
             kind: ErrorKind::Foreign,
             message: "expression 'xt' is not one nftproxy writes".into(),
@@ -771,10 +773,7 @@ mod tests {
 
     #[test]
     fn tables_read_ahead_stand_unless_someone_changed_them_before_the_first_sync() {
-        let mut backend = FakeBackend::default();
-        backend
-            .apply(&Transaction::create(&table(&["a", "b"])))
-            .unwrap();
+        let backend = kernel_holding(&["a", "b"]);
         let mut r = Reconciler::new(backend, "nftproxy", ReconcilerOptions::default());
         r.read_ahead();
         assert_eq!(r.backend_mut().lists, 2, "both families read ahead");
