@@ -47,12 +47,8 @@ pub(crate) fn transcode(text: &str, sink: &mut impl Sink) -> Result<(), Declined
 pub(crate) fn transcode_items(run: &str, sink: &mut impl Sink) -> Result<(), Declined> {
     let mut transcoder = Transcoder::new(run);
     let mut item = String::new();
-    let start = [Event::StreamStart, Event::DocumentStart(false, None)];
-    for expected in start {
-        if transcoder.next()? != expected {
-            return Err(Declined);
-        }
-    }
+    transcoder.expect(Event::StreamStart)?;
+    transcoder.expect(Event::DocumentStart(false, None))?;
     let Event::SequenceStart(_, 0, None) = transcoder.next()? else {
         return Err(Declined);
     };
@@ -66,12 +62,8 @@ pub(crate) fn transcode_items(run: &str, sink: &mut impl Sink) -> Result<(), Dec
             }
         }
     }
-    for expected in [Event::DocumentEnd, Event::StreamEnd] {
-        if transcoder.next()? != expected {
-            return Err(Declined);
-        }
-    }
-    Ok(())
+    transcoder.expect(Event::DocumentEnd)?;
+    transcoder.expect(Event::StreamEnd)
 }
 
 /// A one-document List as `kubectl get -o yaml` writes it, cut for reading on several
@@ -164,12 +156,19 @@ impl<'a> Transcoder<'a> {
         }
     }
 
+    /// The next event, which must be `event`.
+    fn expect(&mut self, event: Event<'a>) -> Result<(), Declined> {
+        if self.next()? == event {
+            Ok(())
+        } else {
+            Err(Declined)
+        }
+    }
+
     fn stream(&mut self, sink: &mut impl Sink) -> Result<(), Declined> {
         let mut fields = String::new();
         let mut item = String::new();
-        if self.next()? != Event::StreamStart {
-            return Err(Declined);
-        }
+        self.expect(Event::StreamStart)?;
         loop {
             match self.next()? {
                 Event::StreamEnd => return Ok(()),
@@ -187,9 +186,7 @@ impl<'a> Transcoder<'a> {
                     self.node(other, &mut item, 0)?;
                 }
             }
-            if self.next()? != Event::DocumentEnd {
-                return Err(Declined);
-            }
+            self.expect(Event::DocumentEnd)?;
         }
     }
 
