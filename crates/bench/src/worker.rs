@@ -194,13 +194,17 @@ struct Loaded {
 
 impl Loaded {
     fn new(counters: bool) -> Result<Loaded, String> {
+        let mut inner = NetlinkBackend::open().map_err(|e| e.to_string())?;
+        // As the daemon does: the kernel's behaviour probed, not assumed.
+        let options = nftproxy_proxier::probe::chain_deletes(&mut inner).options();
         let backend = Timed {
-            inner: NetlinkBackend::open().map_err(|e| e.to_string())?,
+            inner,
             commits: Vec::new(),
         };
         let monitor = Arc::new(Monitor::new(DaemonConfig::default().sync_period));
+        let desired = Desired::new(config(counters)?);
         Ok(Loaded {
-            proxier: Proxier::new(Desired::new(config(counters)?), backend, monitor),
+            proxier: Proxier::new(desired, backend, monitor).with_options(options),
             memory: None,
         })
     }

@@ -14,6 +14,7 @@ use k8s_openapi::api::networking::v1::ServiceCIDR;
 use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 use serde_json::value::RawValue;
+use std::fmt::Write;
 use std::net::IpAddr;
 
 use crate::diag::{Diagnostic, ObjectRef, ValueError};
@@ -175,8 +176,8 @@ impl Snapshot {
                 .map(|run| scope.spawn(move || read(run)))
                 .collect();
             let mut runs = vec![read(cut.runs[0])];
-            let mut root = Root::default();
-            let root = yaml::transcode(&cut.root, &mut root).map(|()| root);
+            let mut root = CutRoot::default();
+            let root = yaml::transcode_root(&cut, &mut root).map(|()| root);
             for other in others {
                 runs.push(
                     other
@@ -187,19 +188,21 @@ impl Snapshot {
             (root, runs)
         });
         let root = root?;
-        let runs = runs.into_iter().collect::<Result<Vec<_>, _>>()?;
-        if root.list {
-            for run in runs {
-                self.append(run, diagnostics);
-            }
-        } else {
-            self.append(root.object, diagnostics);
+        let mut items = Document::default();
+        for run in runs {
+            items.append(run?);
         }
+        let mut document = Document::default();
+        document.root(&root.fields, root.kind.as_deref(), Some(items));
+        self.append(document, diagnostics);
         Ok(())
     }
 
     fn append(&mut self, document: Document, diagnostics: &mut Vec<Diagnostic>) {
-        let Document(snapshot, found) = document;
+        let Document {
+            snapshot,
+            diagnostics: found,
+        } = document;
         self.services.extend(snapshot.services);
         self.endpoint_slices.extend(snapshot.endpoint_slices);
         self.nodes.extend(snapshot.nodes);
@@ -215,20 +218,31 @@ impl Snapshot {
             return;
         }
         let Ok(probe) = serde_json::from_str::<Probe<'_>>(raw.get()) else {
-            // An object only a tree reads (a key twice: the last one counts).
-            if let Ok(value) = serde_json::from_str(raw.get()) {
-                self.add_value(value, diagnostics);
+            // An object only a tree reads (a key twice: the last one counts): read as
+            // the tree writes it.
+            if let Ok(value) = serde_json::from_str::<Value>(raw.get())
+                && let Ok(text) = RawValue::from_string(value.to_string())
+            {
+                self.add_json(&text, diagnostics);
             }
             return;
         };
-        let kind = match probe.kind.map(|k| serde_json::from_str::<String>(k.get())) {
+        let kind = match probe.kind.map(RawValue::get) {
             None => String::new(),
-            Some(Ok(kind)) => kind,
-            Some(Err(_)) => {
-                let object = json_object_ref("object", raw);
-                diagnostics.push(Diagnostic::invalid(&object, "kind is not a string"));
-                return;
-            }
+            Some(text) => match serde_json::from_str::<Option<String>>(text) {
+                Ok(Some(kind)) => kind,
+                // `kind:` written without a value.
+                Ok(None) => {
+                    let object = json_object_ref("object", raw);
+                    diagnostics.push(Diagnostic::invalid(&object, "kind is empty"));
+                    return;
+                }
+                Err(_) => {
+                    let object = json_object_ref("object", raw);
+                    diagnostics.push(Diagnostic::invalid(&object, "kind is not a string"));
+                    return;
+                }
+            },
         };
         if is_list(&kind, probe.items.is_some()) {
             let items = probe
@@ -244,46 +258,17 @@ impl Snapshot {
         }
     }
 
-    /// Decodes an object of `kind` from `source` and keeps it, if nftproxy reads it.
-    fn add_object(&mut self, kind: &str, source: impl Decode) -> Result<(), ValueError> {
+    /// Decodes an object of `kind` from its JSON `text` and keeps it, if nftproxy reads
+    /// it.
+    fn add_object(&mut self, kind: &str, text: &str) -> Result<(), ValueError> {
         match kind {
-            "Service" => source
-                .decode::<Service>()
-                .map(|s| self.services.push((&s).into())),
-            "EndpointSlice" => source
-                .decode::<EndpointSlice>()
-                .map(|s| self.endpoint_slices.push((&s).into())),
-            "Node" => source.decode().map(|n| self.nodes.push(n)),
-            "ServiceCIDR" => source.decode().map(|c| self.service_cidrs.push(c)),
+            "Service" => decode::<Service>(text).map(|s| self.services.push((&s).into())),
+            "EndpointSlice" => {
+                decode::<EndpointSlice>(text).map(|s| self.endpoint_slices.push((&s).into()))
+            }
+            "Node" => decode(text).map(|n| self.nodes.push(n)),
+            "ServiceCIDR" => decode(text).map(|c| self.service_cidrs.push(c)),
             _ => Ok(()),
-        }
-    }
-
-    fn add_value(&mut self, value: Value, diagnostics: &mut Vec<Diagnostic>) {
-        let Value::Object(mut map) = value else {
-            // An empty document (`---` at the end of a file) or a scalar: nothing to read.
-            return;
-        };
-        let kind = match map.get("kind") {
-            None => String::new(),
-            Some(Value::String(kind)) => kind.clone(),
-            Some(_) => {
-                let object = object_ref("object", &map);
-                diagnostics.push(Diagnostic::invalid(&object, "kind is not a string"));
-                return;
-            }
-        };
-        if is_list(&kind, map.contains_key("items")) {
-            if let Some(Value::Array(items)) = map.remove("items") {
-                for item in items {
-                    self.add_value(item, diagnostics);
-                }
-            }
-            return;
-        }
-        let object = object_ref(&kind, &map);
-        if let Err(reason) = self.add_object(&kind, Value::Object(map)) {
-            diagnostics.push(Diagnostic::invalid(&object, reason));
         }
     }
 }
@@ -296,34 +281,29 @@ fn is_list(kind: &str, has_items: bool) -> bool {
 /// The fields of a JSON object that say what it is, each left as text.
 #[derive(serde::Deserialize)]
 struct Probe<'a> {
-    #[serde(default, borrow)]
+    /// Also when `null`, which an `Option` alone reads as absent.
+    #[serde(default, borrow, deserialize_with = "present")]
     kind: Option<&'a RawValue>,
     #[serde(default, borrow)]
     items: Option<&'a RawValue>,
 }
 
-/// Where an object is decoded from: its JSON text, or a tree (YAML).
-trait Decode {
-    fn decode<T: serde::de::DeserializeOwned>(self) -> Result<T, ValueError>;
+/// A field that is there, whatever its value.
+fn present<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<&'de RawValue>, D::Error> {
+    serde::Deserialize::deserialize(deserializer).map(Some)
 }
 
-impl Decode for &str {
-    fn decode<T: serde::de::DeserializeOwned>(self) -> Result<T, ValueError> {
-        serde_json::from_str(self).map_err(|error| {
-            // The position is inside the object's own text, which names nothing to a
-            // reader.
-            let message = error.to_string();
-            let position = format!(" at line {} column {}", error.line(), error.column());
-            let message = message.strip_suffix(&position).unwrap_or(&message);
-            ValueError::Decode(message.to_owned())
-        })
-    }
-}
-
-impl Decode for Value {
-    fn decode<T: serde::de::DeserializeOwned>(self) -> Result<T, ValueError> {
-        serde_json::from_value(self).map_err(|e| ValueError::Decode(e.to_string()))
-    }
+/// An object decoded from its JSON text, with the decoder's message without its position.
+fn decode<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, ValueError> {
+    serde_json::from_str(text).map_err(|error| {
+        // The position is inside the object's own text, which names nothing to a reader.
+        let message = error.to_string();
+        let position = format!(" at line {} column {}", error.line(), error.column());
+        let message = message.strip_suffix(&position).unwrap_or(&message);
+        ValueError::Decode(message.to_owned())
+    })
 }
 
 /// The object a JSON object names, read only when there is something to report.
@@ -352,11 +332,7 @@ impl yaml::Sink for Transcoded {
 
     fn document(&mut self, fields: &str, kind: Option<&str>, items: bool) {
         let read = std::mem::take(&mut self.items);
-        if kind.is_some_and(|kind| is_list(kind, items)) {
-            self.documents.0.append(read, &mut self.documents.1);
-        } else {
-            self.documents.add_json_text(fields);
-        }
+        self.documents.root(fields, kind, items.then_some(read));
     }
 }
 
@@ -364,67 +340,69 @@ impl yaml::Sink for Transcoded {
 /// save.
 const PARALLEL_FROM: usize = 1 << 20;
 
-/// The root of a List cut by [`yaml::cut_list`], its items left out: whether it is a List
-/// (then its items are the runs'), or else the object its fields make.
+/// The root of a List cut by [`yaml::cut_list`], its items left out: its fields and kind.
 #[derive(Default)]
-struct Root {
-    list: bool,
-    object: Document,
+struct CutRoot {
+    fields: String,
+    kind: Option<String>,
 }
 
-impl yaml::Sink for Root {
+impl yaml::Sink for CutRoot {
     fn item(&mut self, _: &str) {}
 
-    fn document(&mut self, fields: &str, kind: Option<&str>, items: bool) {
-        self.list = kind.is_some_and(|kind| is_list(kind, items));
-        if !self.list {
-            self.object.add_json_text(fields);
-        }
+    fn document(&mut self, fields: &str, kind: Option<&str>, _: bool) {
+        self.fields = fields.to_owned();
+        self.kind = kind.map(str::to_owned);
     }
 }
 
-/// What one YAML document holds: read like a tree, except that a List's `items` are
-/// decoded one at a time and only their compact forms kept.
+/// What one YAML document (or several) holds, decoded as it was read.
 #[derive(Default)]
-struct Document(Snapshot, Vec<Diagnostic>);
+struct Document {
+    snapshot: Snapshot,
+    diagnostics: Vec<Diagnostic>,
+}
 
 impl Document {
-    fn add(&mut self, value: Value) {
-        self.0.add_value(value, &mut self.1);
-    }
-
-    /// Adds what a JSON text (written by [`yaml`], so well-formed) holds.
+    /// Adds what a JSON text (written by [`yaml`] or by [`JsonText`], so well-formed)
+    /// holds.
     fn add_json_text(&mut self, json: &str) {
         if let Ok(raw) = serde_json::from_str::<&RawValue>(json) {
-            self.0.add_json(raw, &mut self.1);
+            self.snapshot.add_json(raw, &mut self.diagnostics);
+        }
+    }
+
+    /// Adds everything `other` holds, after what this holds.
+    fn append(&mut self, other: Document) {
+        self.snapshot.append(other, &mut self.diagnostics);
+    }
+
+    /// The end of a document's root mapping, whichever way it was read: its fields but
+    /// `items` (as a JSON object), its `kind` when that is a string, and its `items`'
+    /// contents when it had them (each decoded as it came). A List keeps its items, any
+    /// other object is its fields.
+    fn root(&mut self, fields: &str, kind: Option<&str>, items: Option<Document>) {
+        match items {
+            Some(items) if kind.is_some_and(|kind| is_list(kind, true)) => self.append(items),
+            _ => self.add_json_text(fields),
         }
     }
 }
 
 impl<'de> serde::Deserialize<'de> for Document {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(Streamed { items: false })
+        deserializer.deserialize_any(Parsed)
     }
 }
 
-/// Visits a document (`items: false`: a map is an object) or a List's `items` (`true`:
-/// a sequence of objects). Anything else holds nothing nftproxy reads.
-struct Streamed {
-    items: bool,
-}
+/// Visits a document parsed by the YAML deserializer: a mapping is read as the
+/// transcoder reads one ([`yaml::transcode`]), each value written out as JSON text
+/// ([`JsonText`]) and decoded by the same code, so that both ways give the same objects
+/// and the same diagnostics; a List's `items` are decoded one at a time. Anything else
+/// holds nothing nftproxy reads.
+struct Parsed;
 
-impl<'de> serde::de::DeserializeSeed<'de> for Streamed {
-    type Value = Document;
-
-    fn deserialize<D: serde::Deserializer<'de>>(
-        self,
-        deserializer: D,
-    ) -> Result<Document, D::Error> {
-        deserializer.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Streamed {
+impl<'de> Visitor<'de> for Parsed {
     type Value = Document;
 
     fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -432,44 +410,36 @@ impl<'de> Visitor<'de> for Streamed {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Document, A::Error> {
-        if self.items {
-            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-            return Ok(Document::default());
-        }
-        let mut fields = serde_json::Map::new();
+        let mut fields = String::from("{");
+        let mut kind = None;
         let mut items = None;
+        let mut value = String::new();
         while let Some(key) = map.next_key::<String>()? {
             if key == "items" {
-                items = Some(map.next_value_seed(Streamed { items: true })?);
-            } else {
-                fields.insert(key, map.next_value()?);
+                items = Some(map.next_value_seed(Items)?);
+                continue;
             }
-        }
-        let list = match fields.get("kind") {
-            Some(Value::String(kind)) => is_list(kind, items.is_some()),
-            _ => false,
-        };
-        match items {
-            // Items read before the `kind` said they are items are kept only now.
-            Some(items) if list => Ok(items),
-            _ => {
-                let mut document = Document::default();
-                document.add(Value::Object(fields));
-                Ok(document)
+            value.clear();
+            map.next_value_seed(JsonText(&mut value))?;
+            if key == "kind" && value.starts_with('"') {
+                kind = serde_json::from_str::<String>(&value).ok();
             }
+            if fields.len() > 1 {
+                fields.push(',');
+            }
+            yaml::string(&mut fields, &key);
+            fields.push(':');
+            fields.push_str(&value);
         }
+        fields.push('}');
+        let mut document = Document::default();
+        document.root(&fields, kind.as_deref(), items);
+        Ok(document)
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Document, A::Error> {
-        let mut document = Document::default();
-        if self.items {
-            while let Some(item) = seq.next_element()? {
-                document.add(item);
-            }
-        } else {
-            while seq.next_element::<IgnoredAny>()?.is_some() {}
-        }
-        Ok(document)
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Document::default())
     }
 
     fn visit_some<D: serde::Deserializer<'de>>(
@@ -505,6 +475,207 @@ impl<'de> Visitor<'de> for Streamed {
 
     fn visit_str<E>(self, _: &str) -> Result<Document, E> {
         Ok(Document::default())
+    }
+}
+
+/// The value of a root's `items`: each element of a sequence decoded as it is read
+/// (kept only if the root turns out to be a List); anything else holds no items.
+struct Items;
+
+impl<'de> serde::de::DeserializeSeed<'de> for Items {
+    type Value = Document;
+
+    fn deserialize<D: serde::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<Document, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Items {
+    type Value = Document;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("a List's items")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Document, A::Error> {
+        let mut document = Document::default();
+        let mut item = String::new();
+        while seq.next_element_seed(JsonText(&mut item))?.is_some() {
+            document.add_json_text(&item);
+            item.clear();
+        }
+        Ok(document)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Document, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Document::default())
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<Document, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+
+    fn visit_none<E>(self) -> Result<Document, E> {
+        Ok(Document::default())
+    }
+
+    fn visit_unit<E>(self) -> Result<Document, E> {
+        Ok(Document::default())
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Document, E> {
+        Ok(Document::default())
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Document, E> {
+        Ok(Document::default())
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Document, E> {
+        Ok(Document::default())
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Document, E> {
+        Ok(Document::default())
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Document, E> {
+        Ok(Document::default())
+    }
+}
+
+/// Writes the value it is handed as JSON text, keys in the order they came: what a
+/// `serde_json::Value` would hold (a float that is not finite is `null`), in the
+/// transcoder's form.
+struct JsonText<'out>(&'out mut String);
+
+impl<'de> serde::de::DeserializeSeed<'de> for JsonText<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for JsonText<'_> {
+    type Value = ();
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("any value")
+    }
+
+    fn visit_bool<E>(self, value: bool) -> Result<(), E> {
+        self.0.push_str(if value { "true" } else { "false" });
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, value: i64) -> Result<(), E> {
+        let _ = write!(self.0, "{value}");
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, value: u64) -> Result<(), E> {
+        let _ = write!(self.0, "{value}");
+        Ok(())
+    }
+
+    fn visit_i128<E>(self, value: i128) -> Result<(), E> {
+        let _ = write!(self.0, "{value}");
+        Ok(())
+    }
+
+    fn visit_u128<E>(self, value: u128) -> Result<(), E> {
+        let _ = write!(self.0, "{value}");
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, value: f64) -> Result<(), E> {
+        match serde_json::Number::from_f64(value) {
+            Some(number) => {
+                let _ = write!(self.0, "{number}");
+            }
+            None => self.0.push_str("null"),
+        }
+        Ok(())
+    }
+
+    fn visit_str<E>(self, value: &str) -> Result<(), E> {
+        yaml::string(self.0, value);
+        Ok(())
+    }
+
+    fn visit_bytes<E>(self, value: &[u8]) -> Result<(), E> {
+        self.0.push('[');
+        for (at, byte) in value.iter().enumerate() {
+            if at > 0 {
+                self.0.push(',');
+            }
+            let _ = write!(self.0, "{byte}");
+        }
+        self.0.push(']');
+        Ok(())
+    }
+
+    fn visit_none<E>(self) -> Result<(), E> {
+        self.0.push_str("null");
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        self.0.push_str("null");
+        Ok(())
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+
+    fn visit_newtype_struct<D: serde::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let out = self.0;
+        out.push('[');
+        let mut first = true;
+        loop {
+            let mark = out.len();
+            if !std::mem::take(&mut first) {
+                out.push(',');
+            }
+            if seq.next_element_seed(JsonText(out))?.is_none() {
+                out.truncate(mark);
+                break;
+            }
+        }
+        out.push(']');
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let out = self.0;
+        out.push('{');
+        let mut first = true;
+        while let Some(key) = map.next_key::<String>()? {
+            if !std::mem::take(&mut first) {
+                out.push(',');
+            }
+            yaml::string(out, &key);
+            out.push(':');
+            map.next_value_seed(JsonText(out))?;
+        }
+        out.push('}');
+        Ok(())
     }
 }
 
@@ -640,6 +811,9 @@ fn guess_object(document: &str) -> Option<ObjectRef> {
     map.insert("metadata".to_owned(), Value::Object(metadata));
     Some(object_ref(&kind, &map))
 }
+
+#[cfg(test)]
+mod differential;
 
 #[cfg(test)]
 mod tests {
@@ -789,7 +963,10 @@ mod tests {
     fn both_ways(text: &str) -> (Option<String>, Result<String, serde_saphyr::Error>) {
         let mut transcoded = Transcoded::default();
         let fast = yaml::transcode(text, &mut transcoded).ok().map(|()| {
-            let Document(snapshot, diagnostics) = transcoded.documents;
+            let Document {
+                snapshot,
+                diagnostics,
+            } = transcoded.documents;
             format!("{snapshot:?}\n{diagnostics:?}")
         });
         let slow = parse(text).map(|documents| {
@@ -958,6 +1135,59 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn both_paths_say_the_same_of_an_empty_kind_and_of_two_wrongly_typed_fields() {
+        for (text, said) in [
+            (
+                "kind:\nmetadata: {name: a, namespace: ns}\n",
+                "object ns/a: kind is empty",
+            ),
+            (
+                "kind: Service\nmetadata: {name: b, namespace: ns}\nspec: {type: [x], ports: 7}\n",
+                "Service ns/b: cannot decode: invalid type: sequence, expected a string",
+            ),
+        ] {
+            let (fast, slow) = both_ways(text);
+            let slow = slow.expect("parses");
+            assert_eq!(fast.as_ref(), Some(&slow), "{text}");
+            let (_, report) = read(text);
+            let diagnostics: Vec<String> =
+                report.diagnostics.iter().map(ToString::to_string).collect();
+            assert_eq!(diagnostics, [said], "{text}");
+        }
+    }
+
+    #[test]
+    fn a_string_holding_an_items_line_is_not_taken_for_the_lists_items() {
+        // The List's own metadata comes first, with a double-quoted annotation continued
+        // at the margin that holds `items:` and items; the real items follow it.
+        let item =
+            |name: &str| format!("- kind: Service\n  metadata: {{name: {name}, namespace: ns}}\n");
+        let fake: String = (0..3).map(|i| item(&format!("fake{i}"))).collect();
+        let real: String = (0..20).map(|i| item(&format!("real{i}"))).collect();
+        let text = format!(
+            "apiVersion: v1\nkind: List\nmetadata:\n  annotations:\n    note: \"look\nitems:\n{fake}\"\nitems:\n{real}"
+        );
+        let (_, whole) = both_ways(&text);
+        let whole = whole.expect("parses");
+        assert!(
+            whole.contains("real19") && !whole.contains("fake"),
+            "{whole}"
+        );
+        for parts in [2, 3, 5, 50] {
+            assert_eq!(in_parallel(&text, parts), None, "{parts} parts");
+        }
+        let (snapshot, report) = read(&text);
+        assert!(report.diagnostics.is_empty() && report.errors.is_empty());
+        let names: Vec<_> = snapshot
+            .services
+            .iter()
+            .map(|s| s.name().to_owned())
+            .collect();
+        assert_eq!(names.len(), 20);
+        assert!(names.iter().all(|n| n.starts_with("real")), "{names:?}");
     }
 
     #[test]

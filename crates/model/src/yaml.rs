@@ -49,9 +49,13 @@ pub(crate) fn transcode_items(run: &str, sink: &mut impl Sink) -> Result<(), Dec
     let mut item = String::new();
     transcoder.expect(Event::StreamStart)?;
     transcoder.expect(Event::DocumentStart(false, None))?;
+    // The parser puts the sequence, and so its first item, at the run's first byte.
     let Event::SequenceStart(_, 0, None) = transcoder.next()? else {
         return Err(Declined);
     };
+    if transcoder.at != Some(0) {
+        return Err(Declined);
+    }
     loop {
         match transcoder.next()? {
             Event::SequenceEnd => break,
@@ -70,20 +74,27 @@ pub(crate) fn transcode_items(run: &str, sink: &mut impl Sink) -> Result<(), Dec
 /// threads: the root without its items' text, and runs of whole items.
 pub(crate) struct Cut<'a> {
     /// The text with `items:` left empty.
-    pub(crate) root: String,
+    root: String,
     /// The items' text, cut before an item's `- ` at the margin; in order.
     pub(crate) runs: Vec<&'a str>,
+    /// Where the `items:` line starts, in the text and in `root`.
+    items_key: usize,
+    /// Where the text after the items resumes in `root`.
+    resume: usize,
 }
 
 /// Cuts `text` into its root and up to `parts` runs of items of about one size, when it
-/// is one document whose root has an `items:` line at the margin followed by items
-/// each starting with `- ` there. A cut only ever falls before such a line; should one
-/// of them not start an item (a quoted scalar spread over lines at the margin), the run
-/// before it ends inside that scalar and fails to parse, and the caller reads the text
-/// whole.
+/// is one document with an `items:` line at the margin followed by lines starting with
+/// `- ` there. The lines only suggest the cut: [`transcode_root`] and
+/// [`transcode_items`] accept it only where the parser itself puts the root's `items`
+/// key, the end of its value, and each run's first item; should a cut fall inside a
+/// scalar spread over lines at the margin, one of them declines, and the caller reads the
+/// text whole.
 pub(crate) fn cut_list(text: &str, parts: usize) -> Option<Cut<'_>> {
     let mut offset = 0;
-    // Where the items' text begins (after `items:`) and ends (at the root's next key).
+    // Where the `items:` line starts, where the items' text begins (after that line)
+    // and where it ends (at the root's next key).
+    let mut items_key = 0;
     let mut begin = None;
     let mut end = text.len();
     let mut starts = Vec::new();
@@ -96,6 +107,7 @@ pub(crate) fn cut_list(text: &str, parts: usize) -> Option<Cut<'_>> {
         let content = line.trim_end_matches(['\n', '\r']);
         if begin.is_none() {
             if content == "items:" {
+                items_key = at;
                 begin = Some(offset);
             }
             continue;
@@ -127,7 +139,27 @@ pub(crate) fn cut_list(text: &str, parts: usize) -> Option<Cut<'_>> {
         return None;
     }
     let root = format!("{}{}", &text[..begin], &text[end..]);
-    Some(Cut { root, runs })
+    Some(Cut {
+        root,
+        runs,
+        items_key,
+        resume: begin,
+    })
+}
+
+/// Transcodes the root of a [`Cut`], checking that the parser reads it as the cut
+/// assumed: the root's `items` key where the `items:` line starts, an empty value, and
+/// the root's next key (if any) where the text after the items resumes. The root meets
+/// no items of its own; [`Sink::document`] is told whether it had the key.
+pub(crate) fn transcode_root(cut: &Cut<'_>, sink: &mut impl Sink) -> Result<(), Declined> {
+    let mut transcoder = Transcoder::new(&cut.root);
+    transcoder.cut = Some((cut.items_key, cut.resume));
+    transcoder.stream(sink)?;
+    // The check ran: the root had its `items` key where the cut put it.
+    if transcoder.cut.is_some() {
+        return Err(Declined);
+    }
+    Ok(())
 }
 
 struct Transcoder<'a> {
@@ -135,6 +167,11 @@ struct Transcoder<'a> {
     /// The keys of the mappings open now, outermost first: duplicates are declined (the
     /// deserializer refuses them).
     keys: Vec<Cow<'a, str>>,
+    /// The byte offset where the last event starts, when the parser tells it.
+    at: Option<usize>,
+    /// For the root of a [`Cut`]: where its `items` key must start, and where the key
+    /// after it (if any). Taken once checked.
+    cut: Option<(usize, usize)>,
 }
 
 impl<'a> Transcoder<'a> {
@@ -146,12 +183,17 @@ impl<'a> Transcoder<'a> {
         Transcoder {
             events: Parser::new_from_str_with_options(text, options),
             keys: Vec::new(),
+            at: None,
+            cut: None,
         }
     }
 
     fn next(&mut self) -> Result<Event<'a>, Declined> {
         match self.events.next() {
-            Some(Ok((event, _))) => Ok(event),
+            Some(Ok((event, span))) => {
+                self.at = span.start.byte_offset();
+                Ok(event)
+            }
             _ => Err(Declined),
         }
     }
@@ -202,13 +244,31 @@ impl<'a> Transcoder<'a> {
         let mut kind = None;
         let mut items = false;
         let base = self.keys.len();
+        // Set once a cut's `items` key is checked: where the next key must start.
+        let mut resume = None;
         loop {
-            let key = match self.next()? {
+            let event = self.next()?;
+            if let Some(resume) = resume.take()
+                && !(event == Event::MappingEnd || self.at == Some(resume))
+            {
+                return Err(Declined);
+            }
+            let key = match event {
                 Event::MappingEnd => break,
                 event => self.key(event, base)?,
             };
+            let key_at = self.at;
             let value = self.next()?;
             if key == "items" {
+                if let Some((items_key, next)) = self.cut.take() {
+                    // The parser reads the line's empty value as a plain `~`.
+                    let empty = matches!(&value, Event::Scalar(text, style, 0, None)
+                        if scalar(text, *style) == Ok(Scalar::Null));
+                    if key_at != Some(items_key) || !empty {
+                        return Err(Declined);
+                    }
+                    resume = Some(next);
+                }
                 items = true;
                 self.items(value, item, sink)?;
                 continue;
@@ -394,7 +454,7 @@ fn scalar(text: &str, style: ScalarStyle) -> Result<Scalar, Declined> {
 }
 
 /// `text` as a JSON string.
-fn string(out: &mut String, text: &str) {
+pub(crate) fn string(out: &mut String, text: &str) {
     out.push('"');
     let mut plain = 0;
     for (at, c) in text.char_indices() {
@@ -417,4 +477,216 @@ fn string(out: &mut String, text: &str) {
     }
     out.push_str(&text[plain..]);
     out.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// What the deserializer makes of a value, as its visitor is told.
+    #[derive(Debug, PartialEq)]
+    enum Meaning {
+        Null,
+        Bool(bool),
+        Unsigned(u64),
+        Signed(i64),
+        Float,
+        Text(String),
+    }
+
+    impl<'de> serde::Deserialize<'de> for Meaning {
+        fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            struct Told;
+            impl serde::de::Visitor<'_> for Told {
+                type Value = Meaning;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("a scalar")
+                }
+                fn visit_unit<E>(self) -> Result<Meaning, E> {
+                    Ok(Meaning::Null)
+                }
+                fn visit_none<E>(self) -> Result<Meaning, E> {
+                    Ok(Meaning::Null)
+                }
+                fn visit_bool<E>(self, b: bool) -> Result<Meaning, E> {
+                    Ok(Meaning::Bool(b))
+                }
+                fn visit_u64<E>(self, n: u64) -> Result<Meaning, E> {
+                    Ok(Meaning::Unsigned(n))
+                }
+                fn visit_i64<E>(self, n: i64) -> Result<Meaning, E> {
+                    Ok(Meaning::Signed(n))
+                }
+                fn visit_f64<E>(self, _: f64) -> Result<Meaning, E> {
+                    Ok(Meaning::Float)
+                }
+                fn visit_str<E>(self, s: &str) -> Result<Meaning, E> {
+                    Ok(Meaning::Text(s.to_owned()))
+                }
+            }
+            deserializer.deserialize_any(Told)
+        }
+    }
+
+    /// The deserializer's meaning of `text` as a plain value; `None` when it refuses it.
+    fn deserialized(text: &str) -> Option<Meaning> {
+        let document: std::collections::BTreeMap<String, Meaning> =
+            serde_saphyr::from_str(&format!("v: {text}\n")).ok()?;
+        document.into_values().next()
+    }
+
+    /// Whether the parser reads `text` as a value's plain scalar, whole.
+    fn is_plain(text: &str) -> bool {
+        let document = format!("v: {text}\n");
+        let mut events = Parser::new_from_str(&document).map(|e| e.map(|(event, _)| event));
+        let value = events.by_ref().take_while(Result::is_ok).flatten().nth(4);
+        matches!(value, Some(Event::Scalar(t, ScalarStyle::Plain, 0, None)) if t == text || text.is_empty())
+    }
+
+    /// Whether the transcoder's reading of a plain `text` is the deserializer's (or is
+    /// declined, which leaves it to the deserializer).
+    fn agrees(text: &str) -> Result<(), String> {
+        if !is_plain(text) {
+            return Ok(());
+        }
+        let said = scalar(text, ScalarStyle::Plain);
+        let meant = deserialized(text);
+        let same = match (&said, &meant) {
+            (Err(Declined), _) => true,
+            (Ok(Scalar::Null), Some(Meaning::Null)) => true,
+            (Ok(Scalar::Bool(b)), Some(Meaning::Bool(m))) => b == m,
+            (Ok(Scalar::Number), Some(Meaning::Unsigned(n))) => text.parse() == Ok(*n),
+            (Ok(Scalar::Number), Some(Meaning::Signed(n))) => text.parse() == Ok(*n),
+            (Ok(Scalar::String), Some(Meaning::Text(t))) => t == text,
+            _ => false,
+        };
+        if same {
+            Ok(())
+        } else {
+            Err(format!(
+                "{text:?}: transcoded as {said:?}, deserialized as {meant:?}"
+            ))
+        }
+    }
+
+    /// Every spelling the transcoder resolves itself means what serde-saphyr (the
+    /// version the workspace pins) makes of it: an upgrade that reads one differently
+    /// fails here, not in a cluster.
+    #[test]
+    fn plain_scalars_mean_what_the_deserializer_says() {
+        let spellings = [
+            "",
+            "~",
+            "null",
+            "Null",
+            "NULL",
+            "nULL",
+            "true",
+            "True",
+            "TRUE",
+            "tRUE",
+            "false",
+            "False",
+            "FALSE",
+            "yes",
+            "Yes",
+            "YES",
+            "no",
+            "No",
+            "NO",
+            "y",
+            "Y",
+            "n",
+            "N",
+            "on",
+            "On",
+            "ON",
+            "off",
+            "Off",
+            "OFF",
+            "0",
+            "7",
+            "80",
+            "65535",
+            "18446744073709551615",
+            "18446744073709551616",
+            "00",
+            "080",
+            "0x50",
+            "0X50",
+            "0o17",
+            "0b101",
+            "1_000",
+            "+1",
+            "-1",
+            "-0",
+            "1e3",
+            "1E3",
+            "1.5",
+            ".5",
+            "5.",
+            ".inf",
+            "-.Inf",
+            "+.INF",
+            ".nan",
+            ".NaN",
+            "10Gi",
+            "500m",
+            "1.2.3.4",
+            "10.96.0.1",
+            "::1",
+            "fd00::1",
+            "2001:db8::2",
+            "fe80::1%eth0",
+            "1:2",
+            "1:20:30",
+            "190:20:30",
+            "0xZZ",
+            "v1",
+            "12abc",
+            "1-2",
+            "--",
+            "-a",
+            ".hidden",
+            "1.2.3",
+            "1..2",
+            "+",
+            "-",
+            ".",
+            "2024-01-01",
+            "2001-12-14t21:59:43.10-05:00",
+            "TCP",
+            "IPv4",
+            "ClusterIP",
+            "Local",
+            "http",
+            "=",
+            "<<",
+            "a b",
+            "x:y",
+            "@at",
+        ];
+        let disagreements: Vec<String> = spellings.iter().filter_map(|s| agrees(s).err()).collect();
+        assert!(disagreements.is_empty(), "{disagreements:#?}");
+        // Not vacuous: the parser takes nearly all of them as plain scalars.
+        let plain = spellings.iter().filter(|s| is_plain(s)).count();
+        assert!(
+            plain + 4 >= spellings.len(),
+            "{plain} of {}",
+            spellings.len()
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// The same for generated spellings: digits, signs, dots, colons, letters.
+        #[test]
+        fn generated_plain_scalars_mean_what_the_deserializer_says(
+            text in "[0-9a-fA-FxXoObBeEnNyY.+_:~-]{1,10}",
+        ) {
+            prop_assert_eq!(agrees(&text), Ok(()));
+        }
+    }
 }

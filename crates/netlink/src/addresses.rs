@@ -7,8 +7,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::Error;
 use crate::socket::{Message, Reply, Socket};
+use crate::{Error, attr};
 
 const NLMSG_HDRLEN: usize = 16;
 /// `struct ifaddrmsg`: family, prefix length, flags, scope, interface index.
@@ -32,42 +32,66 @@ pub struct InterfaceAddress {
 
 /// Every address of every interface of this network namespace, sorted.
 pub fn interface_addresses() -> Result<Vec<InterfaceAddress>, Error> {
-    let mut socket = Socket::open_on(mnl::Bus::Route)?;
-    let mut names = Vec::new();
-    dump(
-        &mut socket,
-        libc::RTM_GETLINK,
-        IFINFOMSG_LEN,
-        1,
-        |message| {
-            if let Some(link) = parse_link(message.bytes()) {
-                names.push(link);
-            }
-        },
-    )?;
-    let mut addresses = Vec::new();
-    dump(
-        &mut socket,
-        libc::RTM_GETADDR,
-        IFADDRMSG_LEN,
-        2,
-        |message| {
-            if let Some((index, address)) = parse_address(message.bytes()) {
-                let interface = names
-                    .iter()
-                    .find(|(i, _)| *i == index)
-                    .map_or_else(|| format!("if{index}"), |(_, name)| name.clone());
-                addresses.push(InterfaceAddress { address, interface });
-            }
-        },
-    )?;
-    addresses.sort();
-    addresses.dedup();
-    Ok(addresses)
+    InterfaceAddresses::open()?.read()
+}
+
+/// Reads the interface addresses over a socket opened once, so that reading them again
+/// (after the kernel announced a change) needs no new file descriptor.
+pub struct InterfaceAddresses {
+    socket: Socket,
+    seq: u32,
+}
+
+impl InterfaceAddresses {
+    /// Opens the rtnetlink socket.
+    pub fn open() -> Result<InterfaceAddresses, Error> {
+        Ok(InterfaceAddresses {
+            socket: Socket::open_on(mnl::Bus::Route)?,
+            seq: 0,
+        })
+    }
+
+    /// Every address of every interface of this network namespace, sorted.
+    pub fn read(&mut self) -> Result<Vec<InterfaceAddress>, Error> {
+        let mut names = Vec::new();
+        self.seq = self.seq.wrapping_add(1);
+        dump(
+            &mut self.socket,
+            libc::RTM_GETLINK,
+            IFINFOMSG_LEN,
+            self.seq,
+            |message| {
+                if let Some(link) = parse_link(message.bytes()) {
+                    names.push(link);
+                }
+            },
+        )?;
+        let mut addresses = Vec::new();
+        self.seq = self.seq.wrapping_add(1);
+        dump(
+            &mut self.socket,
+            libc::RTM_GETADDR,
+            IFADDRMSG_LEN,
+            self.seq,
+            |message| {
+                if let Some((index, address)) = parse_address(message.bytes()) {
+                    let interface = names
+                        .iter()
+                        .find(|(i, _)| *i == index)
+                        .map_or_else(|| format!("if{index}"), |(_, name)| name.clone());
+                    addresses.push(InterfaceAddress { address, interface });
+                }
+            },
+        )?;
+        addresses.sort();
+        addresses.dedup();
+        Ok(addresses)
+    }
 }
 
 /// A dump request of `kind` (with a zeroed family header of `header_len` bytes: every
-/// family), its replies handed to `each`.
+/// family), its replies handed to `each`. Replies to an earlier request (one given up
+/// on after an error) are skipped by their sequence number.
 fn dump(
     socket: &mut Socket,
     kind: u16,
@@ -89,49 +113,37 @@ fn dump(
             continue;
         };
         for reply in replies {
+            if reply.seq() != seq {
+                continue;
+            }
             match reply {
-                Reply::Done => return Ok(()),
+                Reply::Done { .. } => return Ok(()),
                 Reply::Error { errno, .. } => {
                     return Err(Error::kernel("list interface addresses".to_owned(), errno));
                 }
                 Reply::Data { message, .. } => each(message),
-                Reply::Ack => {}
+                Reply::Ack { .. } => {}
             }
         }
     }
 }
 
-/// The attributes (type, value) after the family header at `start` of a message.
-fn attributes(bytes: &[u8], start: usize) -> impl Iterator<Item = (u16, &[u8])> {
-    let mut offset = start;
-    std::iter::from_fn(move || {
-        let header = bytes.get(offset..offset + 4)?;
-        let len = usize::from(u16::from_ne_bytes([header[0], header[1]]));
-        let kind = u16::from_ne_bytes([header[2], header[3]]) & 0x3fff;
-        let value = bytes.get(offset + 4..offset + len.max(4))?;
-        offset += len.max(4).div_ceil(4) * 4;
-        Some((kind, value))
-    })
-}
-
 /// An `RTM_NEWLINK` message: the interface's index and name.
-fn parse_link(bytes: &[u8]) -> Option<(u32, String)> {
+pub(crate) fn parse_link(bytes: &[u8]) -> Option<(u32, String)> {
     let header = bytes.get(NLMSG_HDRLEN..NLMSG_HDRLEN + IFINFOMSG_LEN)?;
     let index = u32::from_ne_bytes([header[4], header[5], header[6], header[7]]);
-    let (_, name) =
-        attributes(bytes, NLMSG_HDRLEN + IFINFOMSG_LEN).find(|(kind, _)| *kind == IFLA_IFNAME)?;
-    let name = name.split(|b| *b == 0).next().unwrap_or_default();
-    Some((index, String::from_utf8_lossy(name).into_owned()))
+    let name = attr::find(bytes.get(NLMSG_HDRLEN + IFINFOMSG_LEN..)?, IFLA_IFNAME)?;
+    Some((index, attr::text(name)))
 }
 
 /// An `RTM_NEWADDR` message: the interface's index and the address (for IPv4 the local
 /// address, which differs from `IFA_ADDRESS` on point-to-point links).
-fn parse_address(bytes: &[u8]) -> Option<(u32, IpAddr)> {
+pub(crate) fn parse_address(bytes: &[u8]) -> Option<(u32, IpAddr)> {
     let header = bytes.get(NLMSG_HDRLEN..NLMSG_HDRLEN + IFADDRMSG_LEN)?;
     let family = i32::from(header[0]);
     let index = u32::from_ne_bytes([header[4], header[5], header[6], header[7]]);
     let mut address = None;
-    for (kind, value) in attributes(bytes, NLMSG_HDRLEN + IFADDRMSG_LEN) {
+    for (kind, value) in attr::attributes(bytes.get(NLMSG_HDRLEN + IFADDRMSG_LEN..)?) {
         let parsed = match (family, value.len()) {
             (libc::AF_INET, 4) => IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(value).ok()?)),
             (libc::AF_INET6, 16) => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(value).ok()?)),

@@ -11,18 +11,25 @@ use nftproxy_nft::{
 };
 
 use crate::Error;
-use crate::ffi::{self, Messages};
+use crate::ffi::Messages;
+use crate::reply;
 use crate::socket::{Message, Reply, Socket};
-
-/// Elements per NEWSETELEM/DELSETELEM message: well under the 64 KiB a message may hold,
-/// even with the longest chain names as verdicts.
-const ELEMENTS_PER_MESSAGE: usize = 128;
 
 /// Above this many objects, a transaction of ours is sent with the notification listener
 /// out of the group: building an announcement per object doubled the kernel's part of a
 /// 10,000 × 5 cold load (270 to 740 ms). What others commit meanwhile is lost to the
 /// listener, which the generation tells the reconciler.
 const ANNOUNCED_OBJECTS: usize = 1_000;
+
+/// How often a read the ruleset changed under (or a set dump walked twice) is tried
+/// again; each waits twice as long as the one before, from 5 ms (a hash set's resize
+/// after a large commit takes milliseconds).
+const INTERRUPTED_RETRIES: u32 = 5;
+
+fn interrupted_pause(attempts: &mut u32) {
+    std::thread::sleep(std::time::Duration::from_millis(5 << *attempts));
+    *attempts += 1;
+}
 
 /// A chain of another program's table, read only as far as cleaning up needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,7 +136,7 @@ impl NetlinkBackend {
             table,
             Dump::Table,
             |message| {
-                let (owner, chain) = ffi::parse_chain(message)?;
+                let (owner, chain) = reply::parse_chain(message)?;
                 if owner == table {
                     chains.push(ForeignChain {
                         name: chain.name,
@@ -148,7 +155,7 @@ impl NetlinkBackend {
                 table,
                 Dump::Chain(&name),
                 |message| {
-                    let (owner, of, handle, jumps) = ffi::parse_rule_jumps(message)?;
+                    let (owner, of, handle, jumps) = reply::parse_rule_jumps(message)?;
                     if owner == table && of == name {
                         chain.rules.push(ForeignRule { handle, jumps });
                     }
@@ -167,7 +174,7 @@ impl NetlinkBackend {
         table: &str,
         removal: &ForeignRemoval,
     ) -> Result<(), Error> {
-        let mut msgs = Messages::new(family, table);
+        let mut msgs = Messages::new(family, table)?;
         let mut described: Vec<(u32, String)> = Vec::new();
         let begin = self.next_seq();
         msgs.batch_begin(begin)?;
@@ -291,7 +298,7 @@ impl NetlinkBackend {
                 table,
                 Dump::Chain(chain),
                 |message| {
-                    let (owner, of, handle) = ffi::parse_rule_handle(message)?;
+                    let (owner, of, handle) = reply::parse_rule_handle(message)?;
                     if owner == table && of == *chain {
                         found.push(handle);
                     }
@@ -319,7 +326,7 @@ impl NetlinkBackend {
     ) -> Result<(Messages, Vec<(u32, usize)>), Error> {
         let (family, table) = (tx.family, tx.table.as_str());
         let create = libc::NLM_F_CREATE as u16;
-        let mut msgs = Messages::new(family, table);
+        let mut msgs = Messages::new(family, table)?;
         let mut seqs: Vec<(u32, usize)> = Vec::with_capacity(tx.ops.len() + 2);
         let begin = self.next_seq();
         msgs.batch_begin(begin)?;
@@ -393,16 +400,12 @@ impl NetlinkBackend {
                     seq(),
                 )?,
                 Op::AddElements { set, elements } => {
-                    for chunk in elements.chunks(ELEMENTS_PER_MESSAGE) {
-                        msgs.elements(libc::NFT_MSG_NEWSETELEM, set, chunk, create, seq())?;
-                    }
+                    msgs.elements(libc::NFT_MSG_NEWSETELEM, set, elements, create, &mut seq)?
                 }
                 Op::DeleteElements { set, keys, .. } => {
-                    for chunk in keys.chunks(ELEMENTS_PER_MESSAGE) {
-                        let elements: Vec<Element> =
-                            chunk.iter().map(|k| Element::new(k.clone())).collect();
-                        msgs.elements(libc::NFT_MSG_DELSETELEM, set, &elements, 0, seq())?;
-                    }
+                    let elements: Vec<Element> =
+                        keys.iter().map(|k| Element::new(k.clone())).collect();
+                    msgs.elements(libc::NFT_MSG_DELSETELEM, set, &elements, 0, &mut seq)?
                 }
             }
         }
@@ -427,7 +430,7 @@ impl NetlinkBackend {
         dump: Dump<'_>,
         mut each: impl FnMut(Message<'_>) -> Result<(), Error>,
     ) -> Result<(), Error> {
-        let mut msgs = Messages::new(family, table);
+        let mut msgs = Messages::new(family, table)?;
         let seq = self.next_seq();
         match dump {
             Dump::Set(set) => msgs.set(kind, set, 0, libc::NLM_F_DUMP as u16, seq)?,
@@ -442,9 +445,10 @@ impl NetlinkBackend {
         let mut failed = None;
         loop {
             let replies = self.socket.receive(false)?.unwrap_or_default();
-            for reply in replies {
+            // A late reply to an earlier request (one given up on) is not this one's.
+            for reply in replies.into_iter().filter(|r| r.seq() == seq) {
                 match reply {
-                    Reply::Done => {
+                    Reply::Done { .. } => {
                         return match failed {
                             Some(error) => Err(error),
                             None if interrupted => Err(Error::Interrupted),
@@ -468,7 +472,7 @@ impl NetlinkBackend {
                             return failed.map_or(Ok(()), Err);
                         }
                     }
-                    Reply::Ack => {}
+                    Reply::Ack { .. } => {}
                 }
             }
         }
@@ -488,7 +492,9 @@ impl NetlinkBackend {
         let mut attempts = 0;
         loop {
             match self.try_counters(family, name, named) {
-                Err(Error::Interrupted) if attempts < 3 => attempts += 1,
+                Err(Error::Interrupted) if attempts < INTERRUPTED_RETRIES => {
+                    interrupted_pause(&mut attempts)
+                }
                 Err(error) if error.is_not_found() => return Ok(None),
                 other => return other.map(Some),
             }
@@ -503,7 +509,7 @@ impl NetlinkBackend {
     ) -> Result<CounterReading, Error> {
         let mut counted = Vec::new();
         self.request(libc::NFT_MSG_GETSET, family, name, Dump::Table, |message| {
-            let (owner, set) = ffi::parse_set(message)?;
+            let (owner, set) = reply::parse_set(message)?;
             if owner == name && (set.counter || named.contains(&set.name.as_str())) {
                 counted.push(set);
             }
@@ -514,13 +520,17 @@ impl NetlinkBackend {
             ..CounterReading::default()
         };
         for set in &counted {
+            let mut keys = std::collections::HashSet::new();
             self.request(
                 libc::NFT_MSG_GETSETELEM,
                 family,
                 name,
                 Dump::Set(set),
                 |message| {
-                    for (element, count) in ffi::parse_elements(message, set)? {
+                    for (element, count) in reply::parse_elements(message, set)? {
+                        if !keys.insert(element.key()) {
+                            return Err(Error::Interrupted);
+                        }
                         match count {
                             Some(count) => reading.elements.push(CountedElement {
                                 set: set.name.clone(),
@@ -540,7 +550,7 @@ impl NetlinkBackend {
             name,
             Dump::Table,
             |message| {
-                if let Some((owner, rule)) = ffi::parse_counted_rule(message, family)?
+                if let Some((owner, rule)) = reply::parse_counted_rule(message, family)?
                     && owner == name
                 {
                     reading.rules.push(rule);
@@ -559,7 +569,7 @@ impl NetlinkBackend {
             name,
             Dump::Table,
             |message| {
-                let (_, comment) = ffi::parse_table(message)?;
+                let (_, comment) = reply::parse_table(message)?;
                 table.comment = comment;
                 Ok(())
             },
@@ -574,7 +584,7 @@ impl NetlinkBackend {
             name,
             Dump::Table,
             |message| {
-                let (owner, chain) = ffi::parse_chain(message)?;
+                let (owner, chain) = reply::parse_chain(message)?;
                 if owner == name {
                     table.add_chain(chain);
                 }
@@ -583,7 +593,7 @@ impl NetlinkBackend {
         )?;
         let mut sets = BTreeMap::new();
         self.request(libc::NFT_MSG_GETSET, family, name, Dump::Table, |message| {
-            let (owner, set) = ffi::parse_set(message)?;
+            let (owner, set) = reply::parse_set(message)?;
             if owner == name {
                 sets.insert(set.name.clone(), set);
             }
@@ -602,12 +612,19 @@ impl NetlinkBackend {
                 name,
                 Dump::Set(&declaration),
                 |message| {
-                    let parsed = ffi::parse_elements(message, &declaration)?;
+                    let parsed = reply::parse_elements(message, &declaration)?;
                     elements.extend(parsed.into_iter().map(|(element, _)| element));
                     Ok(())
                 },
             )?;
+            let read = elements.len();
             set.elements.extend(elements);
+            // A hash set the kernel resizes between two messages of its dump (as after
+            // a large commit) is walked anew from the next one: some elements come
+            // twice, and others not at all. The kernel does not flag that dump.
+            if set.elements.len() != read {
+                return Err(Error::Interrupted);
+            }
         }
         table.sets = sets;
         let mut missing_chain = false;
@@ -617,7 +634,7 @@ impl NetlinkBackend {
             name,
             Dump::Table,
             |message| {
-                let (owner, chain, rule) = ffi::parse_rule(message, family)?;
+                let (owner, chain, rule) = reply::parse_rule(message, family)?;
                 if owner == name {
                     match table.chains.get_mut(&chain) {
                         Some(c) => c.rules.push(rule),
@@ -644,7 +661,9 @@ impl Backend for NetlinkBackend {
         let mut attempts = 0;
         loop {
             match self.try_list(family, name) {
-                Err(Error::Interrupted) if attempts < 3 => attempts += 1,
+                Err(Error::Interrupted) if attempts < INTERRUPTED_RETRIES => {
+                    interrupted_pause(&mut attempts)
+                }
                 other => return other,
             }
         }
@@ -660,7 +679,7 @@ impl Backend for NetlinkBackend {
             "",
             Dump::Table,
             |message| {
-                id = Some(ffi::parse_generation(message)?);
+                id = Some(reply::parse_generation(message)?);
                 Ok(())
             },
         )?;

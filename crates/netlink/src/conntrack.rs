@@ -8,6 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use nftproxy_nft::{Conntrack, Family, Flow, L4Proto, Tuple};
 
 use crate::Error;
+use crate::attr::attributes;
 use crate::socket::{Reply, Socket};
 
 // linux/netfilter/nfnetlink.h, nfnetlink_conntrack.h
@@ -27,7 +28,6 @@ const CTA_PROTO_NUM: u16 = 1;
 const CTA_PROTO_SRC_PORT: u16 = 2;
 const CTA_PROTO_DST_PORT: u16 = 3;
 const NLA_F_NESTED: u16 = 0x8000;
-const NLA_TYPE_MASK: u16 = 0x3fff;
 const NLMSG_HDRLEN: usize = 16;
 const NFGENMSG_LEN: usize = 4;
 /// Delete requests are sent in buffers of about this size, each answered before the next.
@@ -115,23 +115,6 @@ fn v6(ip: IpAddr) -> Ipv6Addr {
     }
 }
 
-/// The attributes in `bytes` as (type without flags, payload).
-fn attributes(mut bytes: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    std::iter::from_fn(move || {
-        if bytes.len() < 4 {
-            return None;
-        }
-        let len = usize::from(u16::from_ne_bytes([bytes[0], bytes[1]]));
-        let kind = u16::from_ne_bytes([bytes[2], bytes[3]]) & NLA_TYPE_MASK;
-        if len < 4 || len > bytes.len() {
-            return None;
-        }
-        let payload = &bytes[4..len];
-        bytes = bytes.get(len.div_ceil(4) * 4..).unwrap_or(&[]);
-        Some((kind, payload))
-    })
-}
-
 fn port(payload: &[u8]) -> Option<u16> {
     Some(u16::from_be_bytes(payload.get(..2)?.try_into().ok()?))
 }
@@ -188,7 +171,7 @@ fn decode_tuple(bytes: &[u8]) -> Option<(u8, Tuple)> {
 
 /// A conntrack message's flow, when it is of `protocol` (other protocols and entries
 /// without ports are skipped).
-fn decode_flow(message: &[u8], protocol: L4Proto) -> Option<Flow> {
+pub(crate) fn decode_flow(message: &[u8], protocol: L4Proto) -> Option<Flow> {
     let body = message.get(NLMSG_HDRLEN + NFGENMSG_LEN..)?;
     let (mut original, mut reply, mut zone) = (None, None, 0);
     for (kind, payload) in attributes(body) {
@@ -232,11 +215,11 @@ impl Conntrack for ConntrackSocket {
             };
             for reply in replies {
                 match reply {
-                    Reply::Done => return Ok(flows),
+                    Reply::Done { .. } => return Ok(flows),
                     Reply::Error { errno, .. } => {
                         return Err(Error::kernel("list conntrack entries".to_owned(), errno));
                     }
-                    Reply::Ack => {}
+                    Reply::Ack { .. } => {}
                     Reply::Data { message, .. } => {
                         flows.extend(decode_flow(message.bytes(), protocol));
                     }
@@ -276,7 +259,7 @@ impl Conntrack for ConntrackSocket {
                     };
                     for reply in replies {
                         match reply {
-                            Reply::Ack => {
+                            Reply::Ack { .. } => {
                                 deleted += 1;
                                 pending -= 1;
                             }
@@ -287,7 +270,7 @@ impl Conntrack for ConntrackSocket {
                                     errno,
                                 ));
                             }
-                            Reply::Done | Reply::Data { .. } => {}
+                            Reply::Done { .. } | Reply::Data { .. } => {}
                         }
                     }
                 }

@@ -17,14 +17,19 @@
 //! has no maps or concatenations.
 
 mod addresses;
+mod attr;
 mod backend;
 mod conntrack;
 mod ffi;
+#[cfg(test)]
+mod fuzz;
 pub mod lower;
 pub mod netns;
+mod reply;
 mod socket;
+mod udata;
 
-pub use addresses::{AddressWatch, InterfaceAddress, interface_addresses};
+pub use addresses::{AddressWatch, InterfaceAddress, InterfaceAddresses, interface_addresses};
 pub use backend::{ForeignChain, ForeignRemoval, ForeignRule, NetlinkBackend};
 pub use conntrack::ConntrackSocket;
 pub use ffi::rule_bytecode;

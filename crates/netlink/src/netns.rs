@@ -1,8 +1,8 @@
-//! Running code in a fresh network namespace: how tests and tools program a kernel
-//! ruleset without touching the host's.
+//! Running code in another network namespace, a fresh one or one made with `ip netns
+//! add`: how tests and tools program a kernel ruleset without touching the host's.
 //!
-//! Invariant: only the thread that runs the closure changes namespace; it is a new
-//! thread, so the caller's namespace is never changed.
+//! Invariant: only a thread started here ever changes namespace, before it runs the
+//! closure; the caller's thread (a runtime's worker, say) never moves.
 #![allow(unsafe_code)]
 
 use std::io;
@@ -22,11 +22,51 @@ pub fn in_new_netns<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static
     .map_err(|_| io::Error::other("the thread in the new network namespace panicked"))?
 }
 
-/// Moves the calling thread into the named network namespace (`ip netns add NAME`
-/// creates `/run/netns/NAME`). Sockets it opens afterwards belong to that namespace.
-pub fn enter(name: &str) -> io::Result<()> {
+/// Runs `work` on a new thread inside the named network namespace (`ip netns add NAME`
+/// creates `/run/netns/NAME`) and returns its result. Sockets it opens belong to that
+/// namespace, also when other threads use them later.
+pub fn in_named_netns<T: Send + 'static>(
+    name: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> io::Result<T> {
+    spawn_in_named_netns(name, work)?
+        .join()
+        .map_err(|_| io::Error::other("the thread in the named network namespace panicked"))
+}
+
+/// Starts `work` on a new thread inside the named network namespace, once the thread
+/// is in it; the thread's handle.
+pub fn spawn_in_named_netns<T: Send + 'static>(
+    name: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> io::Result<std::thread::JoinHandle<T>> {
+    let path = format!("/run/netns/{name}");
+    let (entered, outcome) = std::sync::mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        let result = enter(&path);
+        let ok = result.is_ok();
+        let _ = entered.send(result);
+        // The spawner returned an error for this thread, which must not run `work`:
+        // it would run in the caller's namespace.
+        if !ok {
+            std::panic::resume_unwind(Box::new("not in the namespace"));
+        }
+        work()
+    });
+    match outcome.recv() {
+        Ok(Ok(())) => Ok(thread),
+        Ok(Err(error)) => Err(error),
+        Err(_) => Err(io::Error::other(
+            "the thread for the named network namespace ended",
+        )),
+    }
+}
+
+/// Moves the calling thread into the network namespace at `path`: only ever called on
+/// a thread of this module's own.
+fn enter(path: &str) -> io::Result<()> {
     use std::os::fd::AsRawFd;
-    let file = std::fs::File::open(format!("/run/netns/{name}"))?;
+    let file = std::fs::File::open(path)?;
     // SAFETY: `file` is an open namespace file descriptor for the duration of the call;
     // setns affects only the calling thread.
     if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {

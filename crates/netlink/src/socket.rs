@@ -8,9 +8,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 
-use libc::nlmsghdr;
-
-use crate::Error;
+use crate::{Error, attr};
 
 /// Large enough for a whole dump reply page and many error messages.
 const RECV_BUFFER: usize = 1 << 20;
@@ -28,8 +26,8 @@ pub(crate) struct Socket {
 unsafe impl Send for Socket {}
 
 /// One whole netlink message, borrowed from the buffer it was received into: at least a
-/// header long, exactly as long as its header says, and aligned for the header. The
-/// borrow keeps the buffer from being received into again while the message is read.
+/// header long, and exactly as long as its header says. The borrow keeps the buffer from
+/// being received into again while the message is read.
 #[derive(Clone, Copy)]
 pub(crate) struct Message<'buf>(&'buf [u8]);
 
@@ -38,11 +36,16 @@ impl<'buf> Message<'buf> {
     fn first(bytes: &'buf [u8]) -> Option<Message<'buf>> {
         let header = bytes.get(..NLMSG_HDRLEN)?;
         let len = u32::from_ne_bytes([header[0], header[1], header[2], header[3]]) as usize;
-        let aligned = bytes.as_ptr().align_offset(align_of::<nlmsghdr>()) == 0;
-        (len >= NLMSG_HDRLEN && aligned)
+        (len >= NLMSG_HDRLEN)
             .then(|| bytes.get(..len))
             .flatten()
             .map(Message)
+    }
+
+    /// The whole messages at the start of `bytes`, in order, up to the first that is
+    /// not whole.
+    pub(crate) fn all(bytes: &'buf [u8]) -> AllMessages<'buf> {
+        AllMessages { rest: bytes }
     }
 
     /// The message's bytes, header included.
@@ -58,26 +61,97 @@ impl<'buf> Message<'buf> {
         u16::from_ne_bytes([self.0[6], self.0[7]])
     }
 
-    /// The header, for libnftnl's parsers: it points at `nlmsg_len` readable bytes, as
-    /// long as `'buf` lasts.
-    pub(crate) fn as_ptr(&self) -> *const nlmsghdr {
-        self.0.as_ptr().cast()
+    fn seq(&self) -> u32 {
+        u32::from_ne_bytes([self.0[8], self.0[9], self.0[10], self.0[11]])
+    }
+
+    /// The netlink port of the sender (of the program that committed, in a
+    /// notification).
+    fn portid(&self) -> u32 {
+        u32::from_ne_bytes([self.0[12], self.0[13], self.0[14], self.0[15]])
     }
 }
 
-/// One message received: what kind, and its contents where they matter.
+/// Hands `each` every whole message of a buffer of them (written by this crate's
+/// encoder, say).
+#[cfg(test)]
+pub(crate) fn each_message(bytes: &[u8], each: impl FnMut(Message<'_>)) {
+    Message::all(bytes).for_each(each);
+}
+
+/// See [`Message::all`].
+pub(crate) struct AllMessages<'buf> {
+    rest: &'buf [u8],
+}
+
+impl<'buf> AllMessages<'buf> {
+    /// What follows the last whole message.
+    fn rest(&self) -> &'buf [u8] {
+        self.rest
+    }
+}
+
+impl<'buf> Iterator for AllMessages<'buf> {
+    type Item = Message<'buf>;
+
+    fn next(&mut self) -> Option<Message<'buf>> {
+        let message = Message::first(self.rest)?;
+        let next = message.bytes().len().div_ceil(4) * 4;
+        self.rest = self.rest.get(next..).unwrap_or_default();
+        Some(message)
+    }
+}
+
+/// One message received: what kind, and its contents where they matter; each answers
+/// the request with its sequence number.
 pub(crate) enum Reply<'buf> {
     /// `NLMSG_ERROR` with a non-zero error for the message with this sequence number.
     Error { seq: u32, errno: i32 },
     /// `NLMSG_DONE`.
-    Done,
+    Done { seq: u32 },
     /// A data message.
     Data {
         message: Message<'buf>,
         interrupted: bool,
     },
     /// An acknowledgement.
-    Ack,
+    Ack { seq: u32 },
+}
+
+impl<'buf> Reply<'buf> {
+    /// What `message` is.
+    pub(crate) fn of(message: Message<'buf>) -> Reply<'buf> {
+        let body = &message.bytes()[NLMSG_HDRLEN..];
+        match i32::from(message.kind()) {
+            libc::NLMSG_DONE => Reply::Done { seq: message.seq() },
+            libc::NLMSG_ERROR => {
+                let errno = body
+                    .get(..4)
+                    .map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+                // The header of the message the error answers follows the errno.
+                let seq = body
+                    .get(12..16)
+                    .map_or(0, |b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+                if errno == 0 {
+                    Reply::Ack { seq }
+                } else {
+                    Reply::Error { seq, errno: -errno }
+                }
+            }
+            _ => Reply::Data {
+                message,
+                interrupted: message.flags() & libc::NLM_F_DUMP_INTR as u16 != 0,
+            },
+        }
+    }
+
+    /// The sequence number of the request this answers.
+    pub(crate) fn seq(&self) -> u32 {
+        match self {
+            Reply::Error { seq, .. } | Reply::Done { seq } | Reply::Ack { seq } => *seq,
+            Reply::Data { message, .. } => message.seq(),
+        }
+    }
 }
 
 fn setsockopt(fd: RawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
@@ -169,53 +243,66 @@ impl Socket {
         Ok(())
     }
 
+    /// Receives one datagram into the buffer: its length; `None` when it came from
+    /// another process than the kernel (a process with CAP_NET_ADMIN may send to any
+    /// port): it is dropped unread, so that only the kernel's replies are ever parsed.
+    fn receive_from_kernel(&mut self, flags: i32) -> io::Result<Option<usize>> {
+        let fd = self.inner.as_raw_fd();
+        let len = self.recv.len() * 8;
+        // SAFETY: an all-zero sockaddr_nl is a valid value.
+        let mut from: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        let mut from_len = size_of::<libc::sockaddr_nl>() as libc::socklen_t;
+        // SAFETY: the buffer is `len` writable bytes owned by `self`; `from` is a live
+        // sockaddr_nl whose size is passed.
+        let got = unsafe {
+            libc::recvfrom(
+                fd,
+                self.recv.as_mut_ptr().cast(),
+                len,
+                flags,
+                (&raw mut from).cast(),
+                &mut from_len,
+            )
+        };
+        if got < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok((from.nl_pid == 0).then_some((got as usize).min(len)))
+    }
+
+    /// The first `len` bytes of the buffer, as the last receive left them.
+    fn received(&self, len: usize) -> &[u8] {
+        // SAFETY: the u64 buffer holds `recv.len() * 8` >= `len` initialised bytes (a Vec
+        // of zeros, then what the kernel wrote), and `self` stays borrowed as long as the
+        // slice.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.recv.as_ptr().cast::<u8>(),
+                len.min(self.recv.len() * 8),
+            )
+        }
+    }
+
     /// Receives one buffer of replies; `None` when `nonblocking` and nothing is queued.
     /// The replies borrow the buffer until they are dropped.
     pub(crate) fn receive(&mut self, nonblocking: bool) -> Result<Option<Vec<Reply<'_>>>, Error> {
-        let fd = self.inner.as_raw_fd();
         let flags = if nonblocking { libc::MSG_DONTWAIT } else { 0 };
-        let len = self.recv.len() * 8;
-        // SAFETY: the buffer is `len` writable bytes owned by `self`.
-        let got = unsafe { libc::recv(fd, self.recv.as_mut_ptr().cast(), len, flags) };
-        if got < 0 {
-            let error = io::Error::last_os_error();
-            return match error.raw_os_error() {
-                Some(libc::EAGAIN) if nonblocking => Ok(None),
-                Some(libc::ENOBUFS) => Err(Error::Unknown),
-                _ => Err(error.into()),
-            };
-        }
-        let got = (got as usize).min(len);
-        // SAFETY: the u64 buffer holds `len` >= `got` initialised bytes (a Vec of zeros,
-        // then what the kernel wrote), and `self` stays borrowed as long as the slice.
-        let bytes = unsafe { std::slice::from_raw_parts(self.recv.as_ptr().cast::<u8>(), got) };
-        let mut replies = Vec::new();
-        let mut offset = 0;
-        while offset + NLMSG_HDRLEN <= got {
-            let message = Message::first(&bytes[offset..])
-                .ok_or_else(|| Error::Decode("truncated netlink reply".into()))?;
-            let body = &message.bytes()[NLMSG_HDRLEN..];
-            replies.push(match i32::from(message.kind()) {
-                libc::NLMSG_DONE => Reply::Done,
-                libc::NLMSG_ERROR => {
-                    let errno = body
-                        .get(..4)
-                        .map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
-                    let seq = body
-                        .get(12..16)
-                        .map_or(0, |b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
-                    if errno == 0 {
-                        Reply::Ack
-                    } else {
-                        Reply::Error { seq, errno: -errno }
-                    }
-                }
-                _ => Reply::Data {
-                    message,
-                    interrupted: message.flags() & libc::NLM_F_DUMP_INTR as u16 != 0,
-                },
-            });
-            offset += message.bytes().len().div_ceil(4) * 4;
+        let got = match self.receive_from_kernel(flags) {
+            Ok(Some(got)) => got,
+            Ok(None) => return Ok(Some(Vec::new())),
+            Err(error) => {
+                return match error.raw_os_error() {
+                    Some(libc::EAGAIN) if nonblocking => Ok(None),
+                    Some(libc::ENOBUFS) => Err(Error::Unknown),
+                    _ => Err(error.into()),
+                };
+            }
+        };
+        let bytes = self.received(got);
+        let mut messages = Message::all(bytes);
+        let replies = messages.by_ref().map(Reply::of).collect();
+        if messages.rest().len() >= NLMSG_HDRLEN {
+            return Err(Error::Decode("truncated netlink reply".into()));
         }
         Ok(Some(replies))
     }
@@ -269,24 +356,17 @@ impl Socket {
     pub(crate) fn notifications(&mut self) -> Result<Option<Vec<Notification>>, Error> {
         let mut notifications = Vec::new();
         loop {
-            let fd = self.inner.as_raw_fd();
-            let len = self.recv.len() * 8;
-            // SAFETY: the buffer is `len` writable bytes owned by `self`.
-            let got =
-                unsafe { libc::recv(fd, self.recv.as_mut_ptr().cast(), len, libc::MSG_DONTWAIT) };
-            if got < 0 {
-                let error = io::Error::last_os_error();
-                return match error.raw_os_error() {
-                    Some(libc::EAGAIN) => Ok(Some(notifications)),
-                    Some(libc::ENOBUFS) => Ok(None),
-                    _ => Err(error.into()),
-                };
+            match self.receive_from_kernel(libc::MSG_DONTWAIT) {
+                Ok(Some(got)) => parse_notifications(self.received(got), &mut notifications),
+                Ok(None) => {}
+                Err(error) => {
+                    return match error.raw_os_error() {
+                        Some(libc::EAGAIN) => Ok(Some(notifications)),
+                        Some(libc::ENOBUFS) => Ok(None),
+                        _ => Err(error.into()),
+                    };
+                }
             }
-            // SAFETY: the kernel wrote `got` bytes into the buffer.
-            let bytes = unsafe {
-                std::slice::from_raw_parts(self.recv.as_ptr().cast::<u8>(), got as usize)
-            };
-            parse_notifications(bytes, &mut notifications);
         }
     }
 }
@@ -296,6 +376,7 @@ impl Socket {
 const LISTENER_BUFFER: i32 = 16 << 20;
 
 /// One nf_tables notification: the table of the object, and who committed it.
+#[derive(Debug)]
 pub(crate) struct Notification {
     pub(crate) table: Option<String>,
     pub(crate) portid: u32,
@@ -303,49 +384,21 @@ pub(crate) struct Notification {
 
 /// The nf_tables object notifications in a receive buffer (the generation announcement,
 /// which names no table, is skipped).
-fn parse_notifications(bytes: &[u8], out: &mut Vec<Notification>) {
-    let word = |at: usize| {
-        bytes
-            .get(at..at + 4)
-            .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-    };
-    let half = |at: usize| {
-        bytes
-            .get(at..at + 2)
-            .map(|b| u16::from_ne_bytes([b[0], b[1]]))
-    };
-    let mut offset = 0;
-    while let (Some(len), Some(kind), Some(portid)) =
-        (word(offset), half(offset + 4), word(offset + 12))
-    {
-        let len = len as usize;
-        if len < NLMSG_HDRLEN || offset + len > bytes.len() {
-            return;
-        }
+pub(crate) fn parse_notifications(bytes: &[u8], out: &mut Vec<Notification>) {
+    for message in Message::all(bytes) {
+        let kind = message.kind();
         let subsystem = i32::from(kind >> 8);
-        let message = i32::from(kind & 0xff);
-        if subsystem == libc::NFNL_SUBSYS_NFTABLES && message != libc::NFT_MSG_NEWGEN {
-            // After the header and the 4-byte nfgenmsg: attributes; the first kind of
-            // every object message (NFTA_*_TABLE, NFTA_TABLE_NAME) names the table.
-            let end = offset + len;
-            let mut at = offset + NLMSG_HDRLEN + 4;
-            let mut table = None;
-            while let (Some(attr_len), Some(attr_kind)) = (half(at), half(at + 2)) {
-                let attr_len = usize::from(attr_len);
-                if attr_len < 4 || at + attr_len > end {
-                    break;
-                }
-                if attr_kind & 0x3fff == 1 {
-                    let value = &bytes[at + 4..at + attr_len];
-                    let value = value.split(|b| *b == 0).next().unwrap_or_default();
-                    table = Some(String::from_utf8_lossy(value).into_owned());
-                    break;
-                }
-                at += attr_len.div_ceil(4) * 4;
-            }
-            out.push(Notification { table, portid });
+        if subsystem != libc::NFNL_SUBSYS_NFTABLES || i32::from(kind & 0xff) == libc::NFT_MSG_NEWGEN
+        {
+            continue;
         }
-        offset += len.div_ceil(4) * 4;
+        // After the header and the 4-byte nfgenmsg: attributes; the first kind of every
+        // object message (NFTA_*_TABLE, NFTA_TABLE_NAME) names the table.
+        let attributes = message.bytes().get(NLMSG_HDRLEN + 4..).unwrap_or_default();
+        out.push(Notification {
+            table: attr::find(attributes, 1).map(attr::text),
+            portid: message.portid(),
+        });
     }
 }
 
@@ -353,39 +406,72 @@ fn parse_notifications(bytes: &[u8], out: &mut Vec<Notification>) {
 mod tests {
     use super::*;
 
-    /// `words` as native-endian bytes, in a buffer aligned for a header.
-    fn aligned(words: &[u32]) -> Vec<u32> {
-        words.to_vec()
-    }
-
-    fn bytes(buffer: &[u32]) -> &[u8] {
-        // SAFETY: a u32 slice is readable as four times as many bytes.
-        unsafe { std::slice::from_raw_parts(buffer.as_ptr().cast(), buffer.len() * 4) }
+    fn bytes(words: &[u32]) -> Vec<u8> {
+        words.iter().flat_map(|w| w.to_ne_bytes()).collect()
     }
 
     #[test]
     fn a_message_is_whole_or_not_at_all() {
         // nlmsg_len 20: a header and four bytes, followed by the next message.
-        let buffer = aligned(&[20, 0x0003_0000, 7, 0, 0xdead_beef, 16, 3, 8, 0]);
-        let message = Message::first(bytes(&buffer)).expect("a whole message");
+        let buffer = bytes(&[20, 0x0003_0000, 7, 0, 0xdead_beef, 16, 3, 8, 0]);
+        let message = Message::first(&buffer).expect("a whole message");
         assert_eq!(message.bytes().len(), 20);
         assert_eq!(message.kind(), 0);
         assert_eq!(message.flags(), 3);
+        assert_eq!(message.seq(), 7);
+        let all: Vec<usize> = Message::all(&buffer).map(|m| m.bytes().len()).collect();
+        assert_eq!(all, [20, 16]);
         // Claims more bytes than there are.
-        let long = aligned(&[64, 0, 0, 0, 0]);
-        assert!(Message::first(bytes(&long)).is_none());
+        assert!(Message::first(&bytes(&[64, 0, 0, 0, 0])).is_none());
         // Claims less than a header.
-        let short = aligned(&[8, 0, 0, 0]);
-        assert!(Message::first(bytes(&short)).is_none());
+        assert!(Message::first(&bytes(&[8, 0, 0, 0])).is_none());
         // Fewer bytes than a header.
-        assert!(Message::first(&bytes(&buffer)[..12]).is_none());
-        // The same whole message, aligned for a header and not.
-        let mut raw = [0u8; 24];
-        let aligned_at = raw.as_ptr().align_offset(4);
-        for (at, whole) in [(aligned_at, true), (aligned_at + 2, false)] {
-            raw.fill(0);
-            raw[at..at + 4].copy_from_slice(&16u32.to_ne_bytes());
-            assert_eq!(Message::first(&raw[at..]).is_some(), whole, "at {at}");
+        assert!(Message::first(&buffer[..12]).is_none());
+        // A message cut short ends the walk.
+        let mut cut = Message::all(&buffer[..30]);
+        assert_eq!(cut.by_ref().count(), 1);
+        assert_eq!(cut.rest().len(), 10);
+    }
+
+    /// Another process (with CAP_NET_ADMIN, which may send to any port) sends a reply-
+    /// shaped message to our socket: it is dropped unread, and the kernel's own reply
+    /// still comes through.
+    #[test]
+    fn only_the_kernel_is_heard() {
+        if !nftproxy_testkit::kernel_available("only_the_kernel_is_heard") {
+            return;
         }
+        let mut ours = Socket::open().expect("socket");
+        let other = Socket::open().expect("socket");
+        // An error reply for sequence number 7, as the kernel would write it.
+        let forged = bytes(&[36, 2, 7, 0, (-1i32) as u32, 20, 0, 7, 0]);
+        let mut to: libc::sockaddr_nl = unsafe_zeroed();
+        to.nl_family = libc::AF_NETLINK as u16;
+        to.nl_pid = ours.portid();
+        // SAFETY: `forged` and `to` are live for the call, their sizes passed.
+        let sent = unsafe {
+            libc::sendto(
+                other.inner.as_raw_fd(),
+                forged.as_ptr().cast(),
+                forged.len(),
+                0,
+                (&raw const to).cast(),
+                size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(
+            sent,
+            forged.len() as isize,
+            "{}",
+            io::Error::last_os_error()
+        );
+        let heard = ours.receive(true).expect("receive").map(|r| r.len());
+        assert_eq!(heard, Some(0), "the forged message is dropped");
+        assert!(ours.receive(true).expect("receive").is_none());
+    }
+
+    fn unsafe_zeroed() -> libc::sockaddr_nl {
+        // SAFETY: an all-zero sockaddr_nl is a valid value.
+        unsafe { std::mem::zeroed() }
     }
 }

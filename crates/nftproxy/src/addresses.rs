@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use nftproxy_model::Build;
-use nftproxy_netlink::{AddressWatch, InterfaceAddress, interface_addresses};
+use nftproxy_netlink::{AddressWatch, InterfaceAddress, InterfaceAddresses, interface_addresses};
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
@@ -25,10 +25,11 @@ pub struct LocalAddresses {
 }
 
 /// The listener thread's signal: an announcement arrived and the addresses are to be
-/// read again.
+/// read again, over the socket opened at start (a change never needs a new descriptor).
 struct Follow {
     pending: Arc<AtomicBool>,
     notify: Arc<Notify>,
+    reader: InterfaceAddresses,
 }
 
 impl LocalAddresses {
@@ -39,7 +40,7 @@ impl LocalAddresses {
         }
         LocalAddresses {
             follow: None,
-            known: read(),
+            known: read(interface_addresses()),
         }
     }
 
@@ -49,13 +50,14 @@ impl LocalAddresses {
         if !given.is_empty() {
             return LocalAddresses::given(given);
         }
-        let follow = listen()
+        let mut follow = listen()
             .map_err(|e| warn!(error = %e, "cannot listen for address changes; read at start only"))
             .ok();
-        LocalAddresses {
-            follow,
-            known: read(),
-        }
+        let known = match &mut follow {
+            Some(follow) => read(follow.reader.read()),
+            None => read(interface_addresses()),
+        };
+        LocalAddresses { follow, known }
     }
 
     fn given(addresses: &[IpAddr]) -> LocalAddresses {
@@ -94,13 +96,13 @@ impl LocalAddresses {
     /// When an announcement arrived, reads the addresses again and logs what came and
     /// went. Whether they changed.
     pub fn refresh(&mut self) -> bool {
-        let Some(follow) = &self.follow else {
+        let Some(follow) = &mut self.follow else {
             return false;
         };
         if !follow.pending.swap(false, Ordering::SeqCst) {
             return false;
         }
-        let now = read();
+        let now = read(follow.reader.read());
         let before = self.known.as_deref().unwrap_or_default();
         let after = now.as_deref().unwrap_or_default();
         for gone in before.iter().filter(|a| !after.contains(a)) {
@@ -180,14 +182,21 @@ fn listen() -> Result<Follow, String> {
     outcome
         .recv()
         .map_err(|_| "the address listener ended".to_owned())??;
-    Ok(Follow { pending, notify })
+    let reader = InterfaceAddresses::open().map_err(|e| e.to_string())?;
+    Ok(Follow {
+        pending,
+        notify,
+        reader,
+    })
 }
 
-/// The namespace's addresses; `None` (with a warning) when they cannot be read.
-fn read() -> Option<Vec<InterfaceAddress>> {
-    interface_addresses()
-        .map_err(
-            |e| warn!(error = %e, "cannot read the interface addresses; the node IPs stand in"),
-        )
-        .ok()
+/// The namespace's addresses, as `read` gave them; `None` (with a warning) when they
+/// could not be read.
+fn read(
+    read: Result<Vec<InterfaceAddress>, nftproxy_netlink::Error>,
+) -> Option<Vec<InterfaceAddress>> {
+    read.map_err(
+        |e| warn!(error = %e, "cannot read the interface addresses; the node IPs stand in"),
+    )
+    .ok()
 }

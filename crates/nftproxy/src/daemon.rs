@@ -22,6 +22,7 @@ use tracing::{info, warn};
 
 use crate::addresses::LocalAddresses;
 use crate::health_check::HealthCheckServers;
+use crate::http::Connections;
 use crate::{http, log_broken, log_diagnostic, log_diagnostics, source};
 
 /// The pipeline of the long-running modes, on this network namespace's kernel.
@@ -50,20 +51,23 @@ pub fn run(
     mut proxier: KernelProxier,
     config: &DaemonConfig,
     counters: Option<Arc<Counters>>,
+    connections: Arc<Connections>,
     mode: Mode,
 ) -> Result<(), String> {
     runtime.block_on(async {
         let monitor = proxier.monitor().clone();
         if let Some(address) = config.healthz_bind_address {
             http::serve(
-                "/healthz and /livez",
+                connections.server("healthz"),
+                connections.clone(),
                 address,
                 http::health_handler(monitor.clone()),
             );
         }
         if let Some(address) = config.metrics_bind_address {
             http::serve(
-                "/metrics",
+                connections.server("metrics"),
+                connections.clone(),
                 address,
                 http::metrics_handler(monitor, counters),
             );
@@ -103,11 +107,15 @@ pub struct AfterSync {
 }
 
 impl AfterSync {
-    /// Reporting to `monitor`; removing kube-proxy's leftovers after the first sync when
-    /// `cleanup_kube_proxy`.
-    pub fn new(monitor: Arc<Monitor>, cleanup_kube_proxy: bool) -> AfterSync {
+    /// Reporting to `monitor`, serving health checks within `connections`' caps;
+    /// removing kube-proxy's leftovers after the first sync when `cleanup_kube_proxy`.
+    pub fn new(
+        monitor: Arc<Monitor>,
+        connections: Arc<Connections>,
+        cleanup_kube_proxy: bool,
+    ) -> AfterSync {
         AfterSync {
-            health_checks: HealthCheckServers::new(monitor.clone()),
+            health_checks: HealthCheckServers::new(monitor.clone(), connections),
             monitor,
             pending: None,
             cleanup_kube_proxy,

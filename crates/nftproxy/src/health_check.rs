@@ -20,7 +20,7 @@ use nftproxy_proxier::Monitor;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::http::{self, Answer};
+use crate::http::{self, Answer, Connections};
 
 /// One served health check.
 struct Served {
@@ -59,6 +59,7 @@ type ServiceKey = (String, String);
 /// The health-check servers, keyed by Service.
 pub struct HealthCheckServers {
     monitor: Arc<Monitor>,
+    connections: Arc<Connections>,
     served: BTreeMap<ServiceKey, Served>,
     /// Where and what the last build wants served.
     addresses: Vec<IpAddr>,
@@ -68,10 +69,11 @@ pub struct HealthCheckServers {
 }
 
 impl HealthCheckServers {
-    /// No servers yet.
-    pub fn new(monitor: Arc<Monitor>) -> HealthCheckServers {
+    /// No servers yet; their connections admitted by `connections`.
+    pub fn new(monitor: Arc<Monitor>, connections: Arc<Connections>) -> HealthCheckServers {
         HealthCheckServers {
             monitor,
+            connections,
             served: BTreeMap::new(),
             addresses: Vec::new(),
             checks: Vec::new(),
@@ -123,7 +125,7 @@ impl HealthCheckServers {
                     .store(check.local_endpoints, Ordering::Relaxed);
                 continue;
             }
-            match open(&self.monitor, &self.addresses, check).await {
+            match open(&self.monitor, &self.connections, &self.addresses, check).await {
                 Ok(opened) => {
                     info!(%service, port = check.port, "serving health check");
                     self.failed.remove(&key);
@@ -151,6 +153,7 @@ impl HealthCheckServers {
 /// and serves it; binds nothing when one address cannot be bound.
 async fn open(
     monitor: &Arc<Monitor>,
+    connections: &Arc<Connections>,
     addresses: &[IpAddr],
     check: &HealthCheck,
 ) -> std::io::Result<Served> {
@@ -182,7 +185,13 @@ async fn open(
             served.local_endpoints.clone(),
             monitor.clone(),
         );
-        served.servers.push(http::serve_on(listener, handler));
+        let server = connections.server("health-check");
+        served.servers.push(http::serve_on(
+            listener,
+            server,
+            connections.clone(),
+            handler,
+        ));
     }
     Ok(served)
 }
@@ -284,7 +293,10 @@ mod tests {
     }
 
     fn servers() -> HealthCheckServers {
-        HealthCheckServers::new(Arc::new(Monitor::new(std::time::Duration::from_secs(30))))
+        let monitor = Arc::new(Monitor::new(std::time::Duration::from_secs(30)));
+        let connections =
+            Connections::new(http::Caps::for_open_files(1024), monitor.metrics.clone());
+        HealthCheckServers::new(monitor, connections)
     }
 
     #[tokio::test]

@@ -13,6 +13,7 @@ mod explain;
 mod health_check;
 mod http;
 mod kube_proxy;
+mod open_files;
 mod source;
 
 use std::path::PathBuf;
@@ -23,7 +24,7 @@ use clap::Parser;
 use nftproxy_model::{Build, DaemonConfig, KubeProxyConfiguration, ProxyConfig, Severity};
 use nftproxy_netlink::{ConntrackSocket, NetlinkBackend};
 use nftproxy_nft::{Backend, Family, Op, Transaction};
-use nftproxy_proxier::{Desired, Monitor, Proxier};
+use nftproxy_proxier::{Desired, Monitor, Proxier, ReconcilerOptions, probe};
 use nftproxy_render::TABLE_NAME;
 use tracing::{debug, error, info, warn};
 
@@ -168,12 +169,12 @@ fn run(args: &Args) -> Result<(), Failure> {
         let Built {
             desired, snapshot, ..
         } = loaded;
-        return run_daemon(&runtime, desired, &daemon, |monitor| {
+        return run_daemon(&runtime, desired, &daemon, |monitor, connections| {
             let _entered = runtime.enter();
             let files = daemon::Files::new(
                 args.manifests.clone(),
                 daemon.min_sync_period,
-                daemon::AfterSync::new(monitor, daemon.cleanup_kube_proxy),
+                daemon::AfterSync::new(monitor, connections, daemon.cleanup_kube_proxy),
                 snapshot,
                 LocalAddresses::followed(&args.local_address),
             );
@@ -208,44 +209,77 @@ fn run_api(args: &Args, config: ProxyConfig, daemon: &DaemonConfig) -> Result<()
         return one_shot(args, built, daemon.cleanup_kube_proxy);
     }
     let node_name = config.node_name.clone();
-    run_daemon(&runtime, Desired::new(config), daemon, |monitor| {
-        let _entered = runtime.enter();
-        let source = nftproxy_kube_source::KubeSource::start(
-            client,
-            &node_name,
-            nftproxy_kube_source::NODE_WAIT,
-        );
-        let local = LocalAddresses::followed(&args.local_address);
-        let after = daemon::AfterSync::new(monitor, daemon.cleanup_kube_proxy);
-        daemon::Mode::Api(daemon::Api::new(source, after, local))
-    })
+    run_daemon(
+        &runtime,
+        Desired::new(config),
+        daemon,
+        |monitor, connections| {
+            let _entered = runtime.enter();
+            let source = nftproxy_kube_source::KubeSource::start(
+                client,
+                &node_name,
+                nftproxy_kube_source::NODE_WAIT,
+            );
+            let local = LocalAddresses::followed(&args.local_address);
+            let after = daemon::AfterSync::new(monitor, connections, daemon.cleanup_kube_proxy);
+            daemon::Mode::Api(daemon::Api::new(source, after, local))
+        },
+    )
 }
 
 /// The long-running mode over `desired` and the source `mode` makes, reporting to a new
-/// monitor.
+/// monitor, its HTTP servers' connections capped by the open-files limit (raised first).
 fn run_daemon(
     runtime: &tokio::runtime::Runtime,
     desired: Desired,
     config: &DaemonConfig,
-    mode: impl FnOnce(Arc<Monitor>) -> daemon::Mode,
+    mode: impl FnOnce(Arc<Monitor>, Arc<http::Connections>) -> daemon::Mode,
 ) -> Result<(), Failure> {
     let monitor = Arc::new(Monitor::new(config.sync_period));
+    let connections = http::Connections::new(
+        http::Caps::for_open_files(raise_open_files()),
+        monitor.metrics.clone(),
+    );
     let counters = desired
         .config()
         .service_counters
         .then(|| Arc::new(counters::Counters::default()));
-    let proxier = with_conntrack(kernel_proxier(desired, monitor.clone())?);
-    let mode = mode(monitor);
-    daemon::run(runtime, proxier, config, counters, mode).map_err(Failure::Error)
+    let proxier = with_conntrack(kernel_proxier(desired, monitor.clone(), true)?);
+    let mode = mode(monitor, connections.clone());
+    daemon::run(runtime, proxier, config, counters, connections, mode).map_err(Failure::Error)
 }
 
-/// The pipeline over this network namespace's kernel.
+/// Raises the open-files limit and logs it; the limit in force.
+fn raise_open_files() -> u64 {
+    let (files, error) = open_files::raise();
+    let hard = files.hard.map_or("unlimited".to_owned(), |h| h.to_string());
+    match error {
+        None => info!(soft = files.soft, hard, now = files.now, "open files limit"),
+        Some(error) => {
+            warn!(soft = files.soft, hard, %error, "cannot raise the open files limit");
+        }
+    }
+    files.now
+}
+
+/// The pipeline over this network namespace's kernel; when it is to `write`, with the
+/// options the kernel's behaviour needs, probed first (a dry run writes nothing, not even
+/// the probe's scratch table, and plans for a kernel that deletes a chain together with
+/// the map elements naming it).
 fn kernel_proxier(
     desired: Desired,
     monitor: Arc<Monitor>,
+    write: bool,
 ) -> Result<daemon::KernelProxier, Failure> {
-    let backend = NetlinkBackend::open().map_err(error)?;
-    Ok(Proxier::new(desired, backend, monitor))
+    let mut backend = NetlinkBackend::open().map_err(error)?;
+    let options = if write {
+        let chain_deletes = probe::chain_deletes(&mut backend);
+        info!("kernel probe: {chain_deletes}");
+        chain_deletes.options()
+    } else {
+        ReconcilerOptions::default()
+    };
+    Ok(Proxier::new(desired, backend, monitor).with_options(options))
 }
 
 /// `proxier`, deleting stale UDP flows after each sync (the modes that write; `--dry-run
@@ -273,7 +307,7 @@ fn one_shot(args: &Args, loaded: Built, cleanup_kube_proxy: bool) -> Result<(), 
         return skipped(broken);
     }
     let monitor = Arc::new(Monitor::new(DaemonConfig::default().sync_period));
-    let mut proxier = kernel_proxier(desired, monitor.clone())?;
+    let mut proxier = kernel_proxier(desired, monitor.clone(), !args.dry_run)?;
     if args.dry_run {
         let plans = proxier.plans().map_err(error)?;
         let text: String = plans.iter().map(ToString::to_string).collect();
@@ -383,15 +417,21 @@ fn log_diagnostic(diagnostic: &nftproxy_model::Diagnostic) {
     }
 }
 
-/// `--cleanup`: removes nftproxy's tables from this network namespace.
+/// `--cleanup`: removes nftproxy's tables from this network namespace (and a kernel
+/// probe's scratch table, left if a start was killed during the probe).
 fn cleanup() -> Result<(), Failure> {
     let mut backend = NetlinkBackend::open().map_err(error)?;
-    for family in [Family::Ip, Family::Ip6] {
-        if backend.list(family, TABLE_NAME).map_err(error)?.is_some() {
-            let mut tx = Transaction::new(family, TABLE_NAME);
+    let tables = [
+        (Family::Ip, TABLE_NAME),
+        (Family::Ip6, TABLE_NAME),
+        (Family::Ip, probe::PROBE_TABLE),
+    ];
+    for (family, table) in tables {
+        if backend.table_exists(family, table).map_err(error)? {
+            let mut tx = Transaction::new(family, table);
             tx.ops.push(Op::DeleteTable);
             backend.apply(&tx).map_err(error)?;
-            info!(%family, "removed table {family} {TABLE_NAME}");
+            info!(%family, "removed table {family} {table}");
         }
     }
     Ok(())

@@ -286,3 +286,121 @@ fn the_corpus_as_json_is_read_as_its_yaml() {
         compared.len()
     );
 }
+
+/// A List over 1 MiB whose own metadata comes first, with a double-quoted annotation
+/// continued at the margin that holds an `items:` line and items: the parallel reader
+/// once took those for the List's items and dropped the real ones. Every mode reads it
+/// as the YAML parser does (its reading, written as JSON, is the reference): the same
+/// ruleset, programmed by `--once` and by the daemon watching the file, and the same
+/// diagnostics.
+#[test]
+fn a_list_with_items_inside_a_string_is_read_as_the_parser_reads_it_in_every_mode() {
+    let test = "a_list_with_items_inside_a_string_is_read_as_the_parser_reads_it_in_every_mode";
+    if !kernel_available(test) {
+        return;
+    }
+    let item = |name: &str, i: u32, port: u32| {
+        format!(
+            "- apiVersion: v1\n  kind: Service\n  metadata:\n    name: {name}\n    namespace: lists\n  \
+             spec:\n    clusterIP: 10.99.{}.{}\n    ports:\n    - port: {port}\n      protocol: TCP\n",
+            i / 250,
+            i % 250 + 1
+        )
+    };
+    let fake: String = (0..3)
+        .map(|i| item(&format!("fake-{i}"), 60_000 + i, 80))
+        .collect();
+    // Every thousandth is invalid: its diagnostic must be the parser's too.
+    let real: String = (0..7_185)
+        .map(|i| item(&format!("real-{i}"), i, if i % 1_000 == 7 { 0 } else { 80 }))
+        .collect();
+    let text = format!(
+        "apiVersion: v1\nkind: List\nmetadata:\n  annotations:\n    note: \"look\nitems:\n{fake}\"\nitems:\n{real}"
+    );
+    assert!(text.len() > 1 << 20);
+    let dir =
+        std::env::temp_dir().join(format!("nftproxy-items-in-a-string-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let yaml = dir.join("list.yaml");
+    std::fs::write(&yaml, &text).expect("temp file");
+    let parsed: serde_json::Value = serde_saphyr::from_str(&text).expect("the parser reads it");
+    let json = dir.join("list.json");
+    std::fs::write(&json, parsed.to_string()).expect("temp file");
+
+    let warnings = |stderr: &[u8]| -> Vec<String> {
+        let mut lines: Vec<String> = String::from_utf8_lossy(stderr)
+            .lines()
+            .filter_map(|l| Some(l.split_once("skipping ")?.1.to_owned()))
+            .collect();
+        lines.sort();
+        lines
+    };
+    let (from_yaml, from_json) = (
+        nftproxy(&["--dry-run"], &[&yaml]),
+        nftproxy(&["--dry-run"], &[&json]),
+    );
+    assert!(from_yaml.status.success() && from_json.status.success());
+    let rules = String::from_utf8_lossy(&from_json.stdout).into_owned();
+    assert!(
+        rules.contains("lists/real-7184") && !rules.contains("fake"),
+        "the reference reads the real items"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&from_yaml.stdout),
+        rules,
+        "--dry-run"
+    );
+    let said = warnings(&from_json.stderr);
+    assert_eq!(said.len(), 8, "{said:?}");
+    assert_eq!(warnings(&from_yaml.stderr), said, "--dry-run diagnostics");
+
+    let (yaml_once, json_once) = (yaml.clone(), json.clone());
+    let once = in_new_netns(move || {
+        let output = nftproxy(&["--once"], &[&yaml_once]);
+        let diff = nftproxy(&["--dry-run", "--diff"], &[&json_once]);
+        (output, String::from_utf8_lossy(&diff.stdout).into_owned())
+    })
+    .expect("new network namespace");
+    assert!(once.0.status.success(), "{once:?}");
+    assert!(
+        once.1.contains("nothing to do"),
+        "--once programmed another ruleset:\n{}",
+        once.1
+    );
+    assert_eq!(warnings(&once.0.stderr), said, "--once diagnostics");
+
+    let (yaml_daemon, json_daemon) = (yaml.clone(), json.clone());
+    let log = dir.join("daemon.log");
+    let daemon_log = log.clone();
+    let diff = in_new_netns(move || {
+        let mut daemon = Command::new(env!("CARGO_BIN_EXE_nftproxy"))
+            .args(SEED_NODE_FLAGS)
+            .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
+            .arg("--manifests")
+            .arg(&yaml_daemon)
+            .stderr(std::fs::File::create(&daemon_log).expect("log"))
+            .spawn()
+            .expect("nftproxy starts");
+        let start = std::time::Instant::now();
+        let mut diff = String::new();
+        while start.elapsed() < std::time::Duration::from_secs(60) {
+            let output = nftproxy(&["--dry-run", "--diff"], &[&json_daemon]);
+            diff = String::from_utf8_lossy(&output.stdout).into_owned();
+            if diff.contains("nothing to do") {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        let _ = daemon.kill();
+        let _ = daemon.wait();
+        diff
+    })
+    .expect("new network namespace");
+    assert!(
+        diff.contains("nothing to do"),
+        "the daemon programmed another ruleset:\n{diff}"
+    );
+    let logged = std::fs::read(&log).expect("daemon log");
+    assert_eq!(warnings(&logged), said, "the daemon's diagnostics");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -73,9 +73,7 @@ endpoints:
 const SERVICE_CIDR: &str = "10.96.0.0/12";
 
 fn get(ns: &str, path: &'static str) -> Option<String> {
-    let ns = ns.to_owned();
-    std::thread::spawn(move || {
-        netns::enter(&ns).expect("enter node namespace");
+    netns::in_named_netns(ns, move || {
         let mut stream = TcpStream::connect(METRICS).ok()?;
         stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
         write!(stream, "GET {path} HTTP/1.0\r\nHost: {METRICS}\r\n\r\n").ok()?;
@@ -83,7 +81,6 @@ fn get(ns: &str, path: &'static str) -> Option<String> {
         stream.read_to_string(&mut response).ok()?;
         Some(response.split_once("\r\n\r\n")?.1.to_owned())
     })
-    .join()
     .expect("scrape thread")
 }
 

@@ -304,13 +304,7 @@ const DAEMON_FLAGS: [&str; 6] = [
 
 /// Runs `f` on a thread that entered namespace `ns` (a server started there stays there).
 fn in_namespace<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let ns = ns.to_owned();
-    std::thread::spawn(move || {
-        nftproxy_netlink::netns::enter(&ns).expect("enter namespace");
-        f()
-    })
-    .join()
-    .expect("thread")
+    nftproxy_netlink::netns::in_named_netns(ns, f).expect("thread")
 }
 
 /// The addresses added on the node's second interface (inside the CIDRs), and a NodePort

@@ -206,8 +206,7 @@ fn under_traffic(topology: &Topology, event: impl FnOnce()) {
     let running = Arc::new(AtomicBool::new(true));
     let keep = running.clone();
     let (opened, held_open) = std::sync::mpsc::channel();
-    let client = std::thread::spawn(move || {
-        netns::enter(&pod).expect("enter pod namespace");
+    let client = netns::spawn_in_named_netns(&pod, move || {
         let mut held: Vec<LongLived> = (0..3).map(|_| LongLived::open(addr(REDIS))).collect();
         opened.send(()).expect("main thread waits");
         let (mut answered, mut failed) = (0, Vec::new());
@@ -220,7 +219,8 @@ fn under_traffic(topology: &Topology, event: impl FnOnce()) {
         }
         let alive = held.iter_mut().all(LongLived::alive);
         (answered, failed, alive)
-    });
+    })
+    .expect("pod namespace");
     held_open.recv().expect("long-lived connections open");
     std::thread::sleep(Duration::from_millis(300));
     event();

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use nftproxy_netlink::NetlinkBackend;
 use nftproxy_netlink::netns::in_new_netns;
 use nftproxy_nft::{Backend, Family};
-use nftproxy_proxier::{Reconciler, ReconcilerOptions, SyncError};
+use nftproxy_proxier::{Reconciler, ReconcilerOptions, SyncError, probe};
 use nftproxy_testkit::{
     SEED_NODE_FLAGS, kernel_available, named_protocols, normalise_listing, repo_root, run_ok,
     tables_from_yaml,
@@ -86,6 +86,58 @@ fn a_refused_sync_keeps_the_old_rules_and_the_next_one_repairs() {
         assert_eq!(
             backend.list(Family::Ip, "nftproxy").expect("list").as_ref(),
             Some(&after[0])
+        );
+    })
+    .expect("new network namespace");
+}
+
+/// The kernel probe finds out what this kernel does (whatever its release says), and
+/// leaves nothing behind: a reconciler with the options it gives deletes a Service's
+/// chain without an error, and only when the probe found that possible does it do so in
+/// the same transaction as the map element naming it.
+#[test]
+fn the_kernel_probe_finds_what_chain_deletes_need_and_leaves_nothing() {
+    if !kernel_available("the_kernel_probe_finds_what_chain_deletes_need_and_leaves_nothing") {
+        return;
+    }
+    let both = tables_from_yaml(&format!(
+        "{}---
+{}",
+        service("a", "172.30.0.1"),
+        service("b", "172.30.0.2")
+    ));
+    let one = tables_from_yaml(&service("a", "172.30.0.1"));
+    in_new_netns(move || {
+        let mut backend = NetlinkBackend::open().expect("socket");
+        let found = probe::chain_deletes(&mut backend);
+        eprintln!("kernel probe: {found}");
+        assert!(!matches!(found, probe::ChainDeletes::Unknown(_)), "{found}");
+        assert_eq!(nft(&["list", "ruleset"]), "", "the probe left its table");
+        let mut reconciler = Reconciler::new(backend, "nftproxy", found.options());
+        reconciler.sync(&both).expect("first sync");
+        let chains = |r: &mut Reconciler<NetlinkBackend>| {
+            r.backend_mut()
+                .list(Family::Ip, "nftproxy")
+                .expect("list")
+                .expect("table")
+                .chains
+                .len()
+        };
+        let before = chains(&mut reconciler);
+        reconciler.sync(&one).expect("b goes");
+        let left = chains(&mut reconciler);
+        match found {
+            probe::ChainDeletes::WithTheirElements => assert!(left < before),
+            _ => assert_eq!(left, before, "b's chains wait for the next sync"),
+        }
+        reconciler.sync(&one).expect("the next sync");
+        assert_eq!(
+            reconciler
+                .backend_mut()
+                .list(Family::Ip, "nftproxy")
+                .expect("list")
+                .as_ref(),
+            Some(&one[0])
         );
     })
     .expect("new network namespace");

@@ -35,12 +35,7 @@ fn daemon(topology: &Topology, name: &str, args: &[&str]) -> Daemon {
 
 /// Runs `work` in namespace `ns`.
 fn in_ns<T: Send + 'static>(ns: String, work: impl FnOnce() -> T + Send + 'static) -> T {
-    std::thread::spawn(move || {
-        netns::enter(&ns).expect("enter namespace");
-        work()
-    })
-    .join()
-    .expect("thread")
+    netns::in_named_netns(&ns, work).expect("thread")
 }
 
 /// One sample of the daemon's `/metrics` (on the node's loopback).
@@ -73,8 +68,7 @@ impl Client {
         let failed = Arc::new(AtomicUsize::new(0));
         let (s, a, f) = (stop.clone(), answered.clone(), failed.clone());
         let ns = topology.ns("client");
-        let thread = std::thread::spawn(move || {
-            netns::enter(&ns).expect("enter client namespace");
+        let thread = netns::spawn_in_named_netns(&ns, move || {
             while !s.load(Ordering::Relaxed) {
                 match tcp(addr(NODE_PORT)) {
                     Outcome::Answered(..) => a.fetch_add(1, Ordering::Relaxed),
@@ -85,7 +79,8 @@ impl Client {
                 };
                 std::thread::sleep(Duration::from_millis(20));
             }
-        });
+        })
+        .expect("client namespace");
         Client {
             stop,
             answered,

@@ -9,6 +9,7 @@
 pub mod conntrack;
 pub mod health;
 pub mod metrics;
+pub mod probe;
 mod proxier;
 mod reconciler;
 pub mod runner;

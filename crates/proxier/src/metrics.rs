@@ -39,6 +39,9 @@ pub struct Metrics {
     service_changes_pending: IntGauge,
     endpoint_changes: IntCounter,
     endpoint_changes_pending: IntGauge,
+    http_connections: IntGaugeVec,
+    http_shed: IntCounterVec,
+    http_accept_errors: IntCounterVec,
 }
 
 /// The `ip_family` label value of a table family.
@@ -255,6 +258,36 @@ impl Metrics {
                     "Pending proxy rules Endpoint changes",
                 ),
             ),
+            http_connections: register(
+                (&registry, &names),
+                IntGaugeVec::new(
+                    Opts::new(
+                        "nftproxy_http_connections",
+                        "Connections open now to nftproxy's HTTP servers",
+                    ),
+                    &["server"],
+                ),
+            ),
+            http_shed: register(
+                (&registry, &names),
+                IntCounterVec::new(
+                    Opts::new(
+                        "nftproxy_http_connections_closed_total",
+                        "Connections nftproxy's HTTP servers closed on their own: over a connection cap (the least recently active goes), a request head not read in time, or too old",
+                    ),
+                    &["server", "reason"],
+                ),
+            ),
+            http_accept_errors: register(
+                (&registry, &names),
+                IntCounterVec::new(
+                    Opts::new(
+                        "nftproxy_http_accept_errors_total",
+                        "Failed accepts of nftproxy's HTTP servers (each backs off), by error",
+                    ),
+                    &["server", "error"],
+                ),
+            ),
             names: names.into_inner(),
             registry,
         }
@@ -339,6 +372,25 @@ impl Metrics {
     /// A `/livez` answer was sent.
     pub fn livez_answered(&self, code: u16) {
         self.livez.with_label_values(&[&code.to_string()]).inc();
+    }
+
+    /// A connection to HTTP server `server` opened (`+1`) or closed (`-1`).
+    pub fn http_connections(&self, server: &str, delta: i64) {
+        self.http_connections
+            .with_label_values(&[server])
+            .add(delta);
+    }
+
+    /// HTTP server `server` closed a connection for `reason`.
+    pub fn http_connection_shed(&self, server: &str, reason: &str) {
+        self.http_shed.with_label_values(&[server, reason]).inc();
+    }
+
+    /// HTTP server `server` failed to accept a connection with `error` (`EMFILE`, …).
+    pub fn http_accept_failed(&self, server: &str, error: &str) {
+        self.http_accept_errors
+            .with_label_values(&[server, error])
+            .inc();
     }
 
     /// A conntrack cleanup pass deleted `deleted` entries.
@@ -508,6 +560,10 @@ mod tests {
         metrics.livez_answered(200);
         metrics.conntrack_reconciled(Family::Ip, 1, Duration::from_millis(1));
         metrics.changes_seen(2, 5);
+        metrics.http_connections("healthz", 2);
+        metrics.http_connections("healthz", -1);
+        metrics.http_connection_shed("health-check", "over_cap");
+        metrics.http_accept_failed("metrics", "EMFILE");
         let text = metrics.render();
         for line in [
             r#"kubeproxy_sync_proxy_rules_duration_seconds_bucket{ip_family="IPv4",le="0.004"} 1"#,
@@ -528,6 +584,9 @@ mod tests {
             "kubeproxy_sync_proxy_rules_service_changes_total 2",
             "kubeproxy_sync_proxy_rules_endpoint_changes_total 5",
             "kubeproxy_sync_proxy_rules_endpoint_changes_pending 5",
+            r#"nftproxy_http_connections{server="healthz"} 1"#,
+            r#"nftproxy_http_connections_closed_total{reason="over_cap",server="health-check"} 1"#,
+            r#"nftproxy_http_accept_errors_total{error="EMFILE",server="metrics"} 1"#,
         ] {
             assert!(
                 text.lines().any(|l| l == line),

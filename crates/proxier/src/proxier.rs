@@ -89,10 +89,10 @@ pub struct Proxier<B: Backend, C: Conntrack> {
 }
 
 impl<B: Backend, C: Conntrack> Proxier<B, C> {
-    /// A proxier over `desired`, for nftproxy's tables in `backend`, with the options this
-    /// kernel needs; reports to `monitor`.
+    /// A proxier over `desired`, for nftproxy's tables in `backend`, with the default
+    /// options (see [`Proxier::with_options`] for a kernel's own); reports to `monitor`.
     pub fn new(desired: Desired, backend: B, monitor: Arc<Monitor>) -> Proxier<B, C> {
-        let options = ReconcilerOptions::for_this_kernel();
+        let options = ReconcilerOptions::default();
         let mut proxier = Proxier {
             desired,
             reconciler: Reconciler::new(backend, TABLE_NAME, options),
@@ -104,7 +104,8 @@ impl<B: Backend, C: Conntrack> Proxier<B, C> {
         proxier
     }
 
-    /// Other reconciler options than this kernel's (tests of a given kernel behaviour).
+    /// Other reconciler options than the default ones: those the kernel needs
+    /// ([`crate::probe`]), or a given behaviour in a test.
     pub fn with_options(mut self, options: ReconcilerOptions) -> Proxier<B, C> {
         self.reconciler.set_options(options);
         self

@@ -66,7 +66,7 @@ pub const DESCRIBED_OPERATIONS: usize = 20;
 pub struct ReconcilerOptions {
     /// Before Linux 6.2, a chain cannot be deleted in the transaction that deletes the
     /// map elements pointing at it (EBUSY): such chains are flushed, and deleted by a
-    /// later sync.
+    /// later sync. [`crate::probe::chain_deletes`] finds out.
     pub defer_chain_deletes: bool,
     /// A table created from nothing (a cold start) is written in transactions of about
     /// this many objects, each adding whole Services, so that no single commit holds the
@@ -77,27 +77,6 @@ pub struct ReconcilerOptions {
 /// The default [`ReconcilerOptions::cold_stage_objects`]: about 700 Services with five
 /// endpoints each, which the kernel commits in about 0.1 s on the benchmark machine.
 pub const COLD_STAGE_OBJECTS: usize = 10_000;
-
-impl ReconcilerOptions {
-    /// The options the running kernel needs (its release, from `/proc`): before Linux
-    /// 6.2 a chain cannot be deleted in the transaction that deletes the map elements
-    /// pointing at it. An unreadable release is taken as an old kernel.
-    pub fn for_this_kernel() -> ReconcilerOptions {
-        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-        ReconcilerOptions {
-            defer_chain_deletes: kernel_version(&release) < (6, 2),
-            ..ReconcilerOptions::default()
-        }
-    }
-}
-
-/// Major and minor version of a kernel release string ("6.1.0-18-amd64" is (6, 1)).
-fn kernel_version(release: &str) -> (u32, u32) {
-    let mut numbers = release
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|n| n.parse::<u32>().ok());
-    (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0))
-}
 
 impl Default for ReconcilerOptions {
     fn default() -> Self {
@@ -823,14 +802,5 @@ mod tests {
             t.as_mut().unwrap().chains.remove("b");
         });
         assert!(r.drifted(), "ours changed");
-    }
-
-    #[test]
-    fn the_kernel_release_decides_whether_chain_deletes_wait() {
-        assert_eq!(kernel_version("6.1.0-18-amd64"), (6, 1));
-        assert_eq!(kernel_version("6.12.48+deb13-cloud-amd64"), (6, 12));
-        assert_eq!(kernel_version(""), (0, 0));
-        assert!(kernel_version("5.15.0") < (6, 2));
-        assert!(kernel_version("6.2.1") >= (6, 2));
     }
 }

@@ -181,8 +181,7 @@ impl Drop for Topology {
 /// every socket is bound: a connection made right after is answered, not refused.
 pub fn serve(ns: String, name: &'static str, stop: Arc<AtomicBool>) -> JoinHandle<()> {
     let (bound, listening) = std::sync::mpsc::channel();
-    let server = std::thread::spawn(move || {
-        netns::enter(&ns).expect("enter backend namespace");
+    let server = netns::spawn_in_named_netns(&ns, move || {
         // `::` takes IPv4 connections too (as IPv4-mapped addresses, written back plain).
         let listeners: Vec<TcpListener> = [6379, 3000]
             .iter()
@@ -232,7 +231,8 @@ pub fn serve(ns: String, name: &'static str, stop: Arc<AtomicBool>) -> JoinHandl
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
-    });
+    })
+    .expect("backend namespace");
     // A server that failed to bind drops its sender without a word: its panic shows
     // when the caller joins it.
     let _ = listening.recv();
@@ -304,12 +304,8 @@ pub fn from(
     count: usize,
     probe: impl Fn() -> Outcome + Send + 'static,
 ) -> Vec<Outcome> {
-    std::thread::spawn(move || {
-        netns::enter(&ns).expect("enter client namespace");
-        (0..count).map(|_| probe()).collect()
-    })
-    .join()
-    .expect("client thread")
+    netns::in_named_netns(&ns, move || (0..count).map(|_| probe()).collect())
+        .expect("client thread")
 }
 
 /// Echoes lines back until the peer closes.
