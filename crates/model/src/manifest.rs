@@ -391,16 +391,30 @@ impl Document {
 
 impl<'de> serde::Deserialize<'de> for Document {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(Parsed)
+        deserializer.deserialize_any(Parsed { items: false })
     }
 }
 
-/// Visits a document parsed by the YAML deserializer: a mapping is read as the
-/// transcoder reads one ([`yaml::transcode`]), each value written out as JSON text
-/// ([`JsonText`]) and decoded by the same code, so that both ways give the same objects
-/// and the same diagnostics; a List's `items` are decoded one at a time. Anything else
-/// holds nothing nftproxy reads.
-struct Parsed;
+/// Visits what the YAML deserializer parsed: a document (`items: false`), whose
+/// mapping is read as the transcoder reads one ([`yaml::transcode`]), each value written
+/// out as JSON text ([`JsonText`]) and decoded by the same code, so that both ways give
+/// the same objects and the same diagnostics; or a root's `items` (`true`), each element
+/// of a sequence decoded as it is read (kept only if the root turns out to be a List).
+/// Anything else holds nothing nftproxy reads.
+struct Parsed {
+    items: bool,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Parsed {
+    type Value = Document;
+
+    fn deserialize<D: serde::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<Document, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
 
 impl<'de> Visitor<'de> for Parsed {
     type Value = Document;
@@ -410,13 +424,17 @@ impl<'de> Visitor<'de> for Parsed {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Document, A::Error> {
+        if self.items {
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            return Ok(Document::default());
+        }
         let mut fields = String::from("{");
         let mut kind = None;
         let mut items = None;
         let mut value = String::new();
         while let Some(key) = map.next_key::<String>()? {
             if key == "items" {
-                items = Some(map.next_value_seed(Items)?);
+                items = Some(map.next_value_seed(Parsed { items: true })?);
                 continue;
             }
             value.clear();
@@ -438,81 +456,17 @@ impl<'de> Visitor<'de> for Parsed {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Document, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(Document::default())
-    }
-
-    fn visit_some<D: serde::Deserializer<'de>>(
-        self,
-        deserializer: D,
-    ) -> Result<Document, D::Error> {
-        deserializer.deserialize_any(self)
-    }
-
-    fn visit_none<E>(self) -> Result<Document, E> {
-        Ok(Document::default())
-    }
-
-    fn visit_unit<E>(self) -> Result<Document, E> {
-        Ok(Document::default())
-    }
-
-    fn visit_bool<E>(self, _: bool) -> Result<Document, E> {
-        Ok(Document::default())
-    }
-
-    fn visit_i64<E>(self, _: i64) -> Result<Document, E> {
-        Ok(Document::default())
-    }
-
-    fn visit_u64<E>(self, _: u64) -> Result<Document, E> {
-        Ok(Document::default())
-    }
-
-    fn visit_f64<E>(self, _: f64) -> Result<Document, E> {
-        Ok(Document::default())
-    }
-
-    fn visit_str<E>(self, _: &str) -> Result<Document, E> {
-        Ok(Document::default())
-    }
-}
-
-/// The value of a root's `items`: each element of a sequence decoded as it is read
-/// (kept only if the root turns out to be a List); anything else holds no items.
-struct Items;
-
-impl<'de> serde::de::DeserializeSeed<'de> for Items {
-    type Value = Document;
-
-    fn deserialize<D: serde::Deserializer<'de>>(
-        self,
-        deserializer: D,
-    ) -> Result<Document, D::Error> {
-        deserializer.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Items {
-    type Value = Document;
-
-    fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter.write_str("a List's items")
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Document, A::Error> {
         let mut document = Document::default();
+        if !self.items {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            return Ok(document);
+        }
         let mut item = String::new();
         while seq.next_element_seed(JsonText(&mut item))?.is_some() {
             document.add_json_text(&item);
             item.clear();
         }
         Ok(document)
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Document, A::Error> {
-        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(Document::default())
     }
 
     fn visit_some<D: serde::Deserializer<'de>>(

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use nftproxy_netlink::netns::in_new_netns;
 use nftproxy_testkit::fake_api::{FakeApi, Resource};
-use nftproxy_testkit::{SEED_NODE_FLAGS, kernel_available, normalise_listing, repo_root, run_ok};
+use nftproxy_testkit::{
+    SEED_NODE_FLAGS, kernel_available, normalise_listing, repo_root, run_ok, seed_manifests,
+};
 
 mod common;
 use common::{Daemon, within};
@@ -29,21 +31,6 @@ const NODE_A: &str = "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\n\
 /// The seed examples and this node's Node, as the API server would hold them.
 fn seed_yaml() -> String {
     format!("{}\n---\n{NODE_A}", seed_manifests())
-}
-
-/// The seed examples alone.
-fn seed_manifests() -> String {
-    let dir = repo_root().join("hack/examples/seed");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .expect("seed examples")
-        .map(|e| e.expect("entry").path())
-        .collect();
-    files.sort();
-    files
-        .iter()
-        .map(|f| std::fs::read_to_string(f).expect("readable"))
-        .collect::<Vec<_>>()
-        .join("\n---\n")
 }
 
 fn nftproxy() -> Command {

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use nftproxy_netlink::netns;
 use nftproxy_testkit::fake_api::FakeApi;
-use nftproxy_testkit::{SEED_NODE_FLAGS, kernel_available, repo_root};
+use nftproxy_testkit::{SEED_NODE_FLAGS, kernel_available, seed_manifests};
 
 mod common;
 use common::{Daemon, Topology, within};
@@ -37,32 +37,23 @@ const NODE_A: &str = "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\n\
 /// node port 32100, served from the node namespace's loopback.
 fn api(topology: &Topology) -> FakeApi {
     let api = netns::in_named_netns(&topology.ns("node"), FakeApi::start).expect("node ns");
-    let dir = repo_root().join("hack/examples/seed");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .expect("seed examples")
-        .map(|e| e.expect("entry").path())
-        .collect();
-    files.sort();
-    for file in files {
-        api.apply_yaml(&std::fs::read_to_string(file).expect("readable"));
-    }
+    api.apply_yaml(&seed_manifests());
     api.apply_yaml(NODE_A);
-    let mut service = object("counter-lb.yaml", "Service");
+    let mut service = object("counter-lb");
     service["spec"]["externalTrafficPolicy"] = serde_json::json!("Local");
     service["spec"]["healthCheckNodePort"] = serde_json::json!(32100);
     api.apply(service);
     api
 }
 
-/// The seed file's object of `kind`.
-fn object(file: &str, kind: &str) -> serde_json::Value {
-    let text = std::fs::read_to_string(repo_root().join("hack/examples/seed").join(file))
-        .expect("seed file");
-    let documents: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text).expect("yaml");
+/// The seed examples' object named `name`.
+fn object(name: &str) -> serde_json::Value {
+    let documents: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple(&seed_manifests()).expect("yaml");
     documents
         .into_iter()
-        .find(|d| d["kind"] == kind)
-        .expect("object in the seed file")
+        .find(|d| d["metadata"]["name"] == name)
+        .expect("object in the seed")
 }
 
 /// The daemon in the node namespace, allowed `open_files` (soft and hard).
@@ -275,7 +266,7 @@ fn samples(metrics: &str, prefix: &str) -> BTreeMap<String, f64> {
         .collect()
 }
 
-/// This test process opens thousands of connections: its own limit must allow them.
+/// Sets this process's open-files limit.
 fn allow_open_files(n: u64) {
     let status = Command::new("prlimit")
         .args(["--pid", &std::process::id().to_string()])
@@ -290,26 +281,12 @@ fn idle_and_slow_connections_cannot_take_the_daemon_down() {
     if !kernel_available("idle_and_slow_connections_cannot_take_the_daemon_down") {
         return;
     }
-    allow_open_files(16_384);
-    let topology = Topology::new("expo");
-    let api = api(&topology);
-    let daemon = daemon(&topology, &api, 1024);
-    let pid = daemon.0.id();
-    let client = topology.ns("client");
-    in_client(&client, || {
-        within(
-            Duration::from_secs(30),
-            "/healthz and the health check",
-            || {
-                get(HEALTHZ, "/healthz", Duration::from_secs(1)).is_ok_and(|(c, _)| c == 200)
-                    && get(HEALTH_CHECK, "/", Duration::from_secs(1)).is_ok_and(|(c, _)| c == 200)
-            },
-        );
-    });
+    let node = Node::start("expo", 1024, true);
+    let (pid, client) = (node.pid(), node.client.clone());
+    let log = node.daemon.log();
     assert!(
-        daemon.log().contains("open files limit"),
-        "the limit is logged:\n{}",
-        daemon.log()
+        log.contains("open files limit"),
+        "the limit is logged:\n{log}"
     );
     std::thread::sleep(Duration::from_secs(1));
     let before = usage(pid);
@@ -331,17 +308,7 @@ fn idle_and_slow_connections_cannot_take_the_daemon_down() {
 
     // An EndpointSlice change: redis gains an endpoint.
     std::thread::sleep(Duration::from_secs(3));
-    let mut slice = object("redis.yaml", "EndpointSlice");
-    slice["endpoints"]
-        .as_array_mut()
-        .expect("endpoints")
-        .push(serde_json::json!({"addresses": ["10.244.1.30"], "conditions": {"ready": true}, "nodeName": "node-a"}));
-    api.apply(slice);
-    let programmed = within(
-        Duration::from_secs(10),
-        "the new endpoint in the kernel",
-        || listing(&topology).contains("10.244.1.30"),
-    );
+    let programmed = node.endpoint_change("10.244.1.30");
     std::thread::sleep(Duration::from_secs(8));
     let cpu = usage(pid).cpu.saturating_sub(cpu_start);
     let window = attack_start.elapsed();
@@ -375,7 +342,7 @@ fn idle_and_slow_connections_cannot_take_the_daemon_down() {
     );
     let after_again = usage(pid);
     let shed = samples(
-        &metrics(&topology),
+        &metrics(&node.topology),
         "nftproxy_http_connections_closed_total",
     );
     let core_share = cpu.as_secs_f64() / window.as_secs_f64();
@@ -433,7 +400,6 @@ fn idle_and_slow_connections_cannot_take_the_daemon_down() {
         shed.values().sum::<f64>() >= (2 * (IDLE + SLOW)) as f64 * 0.9,
         "{shed:?}"
     );
-    drop(daemon);
 }
 
 /// Waits (at most 75 s) until the attack saw each of its connections closed: how many
@@ -454,6 +420,67 @@ fn ended(attacker: JoinHandle<Vec<Held>>, stop: &AtomicBool) -> (usize, Duration
     (open, longest)
 }
 
+/// A node namespace with the daemon (allowed `open_files`) against an API server there,
+/// answering `/healthz` (and the health check, when `health_check`) to the client
+/// namespace.
+struct Node {
+    topology: Topology,
+    api: FakeApi,
+    daemon: Daemon,
+    client: String,
+}
+
+impl Node {
+    fn start(name: &str, open_files: u64, health_check: bool) -> Node {
+        // This process opens thousands of connections: its own limit must allow them.
+        allow_open_files(16_384);
+        let topology = Topology::new(name);
+        let api = api(&topology);
+        let daemon = daemon(&topology, &api, open_files);
+        let client = topology.ns("client");
+        in_client(&client, move || {
+            within(
+                Duration::from_secs(30),
+                "/healthz and the health check",
+                || {
+                    get(HEALTHZ, "/healthz", Duration::from_secs(1)).is_ok_and(|(c, _)| c == 200)
+                        && (!health_check
+                            || get(HEALTH_CHECK, "/", Duration::from_secs(1))
+                                .is_ok_and(|(c, _)| c == 200))
+                },
+            );
+        });
+        Node {
+            topology,
+            api,
+            daemon,
+            client,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.daemon.0.id()
+    }
+
+    /// An EndpointSlice change (redis gains endpoint `address`): how long it took to
+    /// reach the kernel.
+    fn endpoint_change(&self, address: &str) -> Duration {
+        let mut slice = object("redis-7xk2p");
+        slice["endpoints"]
+            .as_array_mut()
+            .expect("endpoints")
+            .push(serde_json::json!({
+                "addresses": [address], "conditions": {"ready": true}, "nodeName": "node-a",
+            }));
+        self.api.apply(slice);
+        within(
+            Duration::from_secs(10),
+            "the new endpoint in the kernel",
+            || listing(&self.topology).contains(address),
+        )
+    }
+}
+
 /// Runs `work` in namespace `ns`.
 fn in_client<T: Send + 'static>(ns: &str, work: impl FnOnce() -> T + Send + 'static) -> T {
     netns::in_named_netns(ns, work).expect("client namespace")
@@ -464,35 +491,16 @@ fn out_of_descriptors_accepts_back_off_and_are_counted() {
     if !kernel_available("out_of_descriptors_accepts_back_off_and_are_counted") {
         return;
     }
-    allow_open_files(16_384);
-    let topology = Topology::new("emfile");
-    let api = api(&topology);
     // Too few for the caps (half of 40): the process runs out before they are reached.
-    let daemon = daemon(&topology, &api, 40);
-    let pid = daemon.0.id();
-    let client = topology.ns("client");
-    in_client(&client, || {
-        within(Duration::from_secs(30), "/healthz", || {
-            get(HEALTHZ, "/healthz", Duration::from_secs(1)).is_ok_and(|(c, _)| c == 200)
-        });
-    });
+    let node = Node::start("emfile", 40, false);
+    let (pid, client) = (node.pid(), node.client.clone());
     let stop = Arc::new(AtomicBool::new(false));
     // Fewer than the listener's backlog, which holds those the daemon cannot accept.
     let (attacker, all_open) = attack(&client, &[HEALTHZ], (200, 0), stop.clone());
     all_open.recv().expect("the attack opened its connections");
     let (start, cpu_start) = (Instant::now(), usage(pid).cpu);
     std::thread::sleep(Duration::from_secs(5));
-    let mut slice = object("redis.yaml", "EndpointSlice");
-    slice["endpoints"]
-        .as_array_mut()
-        .expect("endpoints")
-        .push(serde_json::json!({"addresses": ["10.244.1.31"], "conditions": {"ready": true}, "nodeName": "node-a"}));
-    api.apply(slice);
-    let programmed = within(
-        Duration::from_secs(10),
-        "the new endpoint in the kernel",
-        || listing(&topology).contains("10.244.1.31"),
-    );
+    let programmed = node.endpoint_change("10.244.1.31");
     let core_share =
         usage(pid).cpu.saturating_sub(cpu_start).as_secs_f64() / start.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
@@ -502,7 +510,10 @@ fn out_of_descriptors_accepts_back_off_and_are_counted() {
             get(HEALTHZ, "/healthz", Duration::from_secs(1)).is_ok_and(|(c, _)| c == 200)
         });
     });
-    let errors = samples(&metrics(&topology), "nftproxy_http_accept_errors_total");
+    let errors = samples(
+        &metrics(&node.topology),
+        "nftproxy_http_accept_errors_total",
+    );
     eprintln!(
         "out of descriptors: accept errors {errors:?}, {core_share:.3} of a core, change programmed after {programmed:?}"
     );

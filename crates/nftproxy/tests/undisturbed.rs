@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use nftproxy_netlink::netns;
 use nftproxy_testkit::fake_api::{FakeApi, Resource};
-use nftproxy_testkit::{SEED_NODE_FLAGS, kernel_available, repo_root};
+use nftproxy_testkit::{SEED_NODE_FLAGS, kernel_available};
 
 mod common;
 use common::{Daemon, LongLived, Outcome, Topology, addr, serve, tcp, within};
@@ -125,15 +125,7 @@ impl Drop for Backends {
 /// The seed examples as the API server holds them, and this node's Node, which alone
 /// says the node's address (the daemons here get no --node-ip).
 fn seed_cluster(api: &FakeApi) {
-    let dir = repo_root().join("hack/examples/seed");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .expect("seed examples")
-        .map(|e| e.expect("entry").path())
-        .collect();
-    files.sort();
-    for file in files {
-        api.apply_yaml(&std::fs::read_to_string(file).expect("readable"));
-    }
+    api.apply_yaml(&nftproxy_testkit::seed_manifests());
     api.apply(serde_json::json!({
         "apiVersion": "v1",
         "kind": "Node",

@@ -26,6 +26,21 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// The seed examples (`hack/examples/seed/`, the user's Services) as one multi-document
+/// YAML text, files in name order.
+pub fn seed_manifests() -> String {
+    let dir = repo_root().join("hack/examples/seed");
+    let mut files: Vec<PathBuf> = fs::read_dir(&dir)
+        .map(|entries| entries.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    files.sort();
+    files
+        .iter()
+        .filter_map(|f| fs::read_to_string(f).ok())
+        .collect::<Vec<_>>()
+        .join("\n---\n")
+}
+
 /// Every `rules-golden/<case>/` directory with an `input.yaml`, in name order.
 pub fn golden_cases() -> Vec<PathBuf> {
     let mut cases: Vec<PathBuf> = fs::read_dir(repo_root().join("rules-golden"))

@@ -679,11 +679,15 @@ mod tests {
     /// The longest comment nft writes.
     const LONGEST_COMMENT: usize = 128;
 
-    fn seq_from(next: &mut u32) -> impl FnMut() -> u32 + '_ {
-        move || {
-            *next += 1;
-            *next
-        }
+    /// `elements` written as NEWSETELEM messages of set `name`: how many messages.
+    fn write_elements(msgs: &mut Messages, name: &str, elements: &[Element]) -> Result<u32, Error> {
+        let mut messages = 0;
+        let mut seq = || {
+            messages += 1;
+            messages
+        };
+        msgs.elements(libc::NFT_MSG_NEWSETELEM, name, elements, 0, &mut seq)?;
+        Ok(messages)
     }
 
     /// Every object of every golden table written as nftproxy sends it: each message
@@ -713,15 +717,9 @@ mod tests {
                 msgs.set(libc::NFT_MSG_NEWSET, set, 1, 0, 1)
                     .unwrap_or_else(fail);
                 let elements: Vec<Element> = set.elements.values().cloned().collect();
-                let mut next = 0;
-                msgs.elements(
-                    libc::NFT_MSG_NEWSETELEM,
-                    &set.name,
-                    &elements,
-                    0,
-                    &mut seq_from(&mut next),
-                )
-                .unwrap_or_else(fail);
+                if let Err(e) = write_elements(&mut msgs, &set.name, &elements) {
+                    fail(e);
+                }
             }
         }
     }
@@ -998,12 +996,10 @@ mod tests {
                 set.data = vec![DataType::Verdict];
             }
             let mut msgs = Messages::new(Family::Ip, &"t".repeat(LONGEST_NAME)).expect("scratch");
-            let mut next = 0;
-            msgs.elements(libc::NFT_MSG_NEWSETELEM, &name, &elements, 0, &mut seq_from(&mut next))
-                .expect("written");
+            let written = write_elements(&mut msgs, &name, &elements).expect("written");
             let (messages, read) = read_back(&msgs.bytes, &set);
             prop_assert_eq!(read, elements.len());
-            prop_assert_eq!(messages, next as usize);
+            prop_assert_eq!(messages, written as usize);
         }
     }
 
@@ -1032,18 +1028,10 @@ mod tests {
         );
         set.data = vec![DataType::Verdict];
         let mut msgs = Messages::new(Family::Ip6, &"t".repeat(LONGEST_NAME)).expect("scratch");
-        let mut next = 0;
-        msgs.elements(
-            libc::NFT_MSG_NEWSETELEM,
-            &set.name,
-            &elements,
-            0,
-            &mut seq_from(&mut next),
-        )
-        .expect("written");
+        let written = write_elements(&mut msgs, &set.name, &elements).expect("written");
         let (messages, read) = read_back(&msgs.bytes, &set);
         assert_eq!(read, elements.len());
-        assert_eq!(messages, next as usize);
+        assert_eq!(messages, written as usize);
         assert!(messages > 1000, "{messages} messages");
     }
 
