@@ -331,12 +331,19 @@ mod tests {
         let mut idle = TcpStream::connect(address).await.expect("connect");
         let mut slow = TcpStream::connect(address).await.expect("connect");
         slow.write_all(b"GET / HTTP/1.1\r\n").await.expect("write");
+        // Kept alive after its answer, then idle: the next head is late too.
+        let mut kept = TcpStream::connect(address).await.expect("connect");
+        kept.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .expect("write");
         // Time only moves while every task waits: the server's timer fires, not ours.
         assert_eq!(until_closed(&mut idle).await, "");
         assert_eq!(until_closed(&mut slow).await, "");
+        let answered = until_closed(&mut kept).await;
+        assert!(answered.starts_with("HTTP/1.1 200 OK"), "{answered}");
         let series =
             r#"nftproxy_http_connections_closed_total{reason="header_timeout",server="test"}"#;
-        assert_eq!(sample(&metrics, series), 2);
+        assert_eq!(sample(&metrics, series), 3);
     }
 
     #[tokio::test]
