@@ -54,75 +54,59 @@ impl InterfaceAddresses {
     /// Every address of every interface of this network namespace, sorted.
     pub fn read(&mut self) -> Result<Vec<InterfaceAddress>, Error> {
         let mut names = Vec::new();
-        self.seq = self.seq.wrapping_add(1);
-        dump(
-            &mut self.socket,
-            libc::RTM_GETLINK,
-            IFINFOMSG_LEN,
-            self.seq,
-            |message| {
-                if let Some(link) = parse_link(message.bytes()) {
-                    names.push(link);
-                }
-            },
-        )?;
+        self.dump(libc::RTM_GETLINK, IFINFOMSG_LEN, |message| {
+            if let Some(link) = parse_link(message.bytes()) {
+                names.push(link);
+            }
+        })?;
         let mut addresses = Vec::new();
-        self.seq = self.seq.wrapping_add(1);
-        dump(
-            &mut self.socket,
-            libc::RTM_GETADDR,
-            IFADDRMSG_LEN,
-            self.seq,
-            |message| {
-                if let Some((index, address)) = parse_address(message.bytes()) {
-                    let interface = names
-                        .iter()
-                        .find(|(i, _)| *i == index)
-                        .map_or_else(|| format!("if{index}"), |(_, name)| name.clone());
-                    addresses.push(InterfaceAddress { address, interface });
-                }
-            },
-        )?;
+        self.dump(libc::RTM_GETADDR, IFADDRMSG_LEN, |message| {
+            if let Some((index, address)) = parse_address(message.bytes()) {
+                let interface = names
+                    .iter()
+                    .find(|(i, _)| *i == index)
+                    .map_or_else(|| format!("if{index}"), |(_, name)| name.clone());
+                addresses.push(InterfaceAddress { address, interface });
+            }
+        })?;
         addresses.sort();
         addresses.dedup();
         Ok(addresses)
     }
-}
 
-/// A dump request of `kind` (with a zeroed family header of `header_len` bytes: every
-/// family), its replies handed to `each`. Replies to an earlier request (one given up
-/// on after an error) are skipped by their sequence number.
-fn dump(
-    socket: &mut Socket,
-    kind: u16,
-    header_len: usize,
-    seq: u32,
-    mut each: impl FnMut(Message<'_>),
-) -> Result<(), Error> {
-    let len = NLMSG_HDRLEN + header_len;
-    let mut request = Vec::with_capacity(len);
-    request.extend_from_slice(&(len as u32).to_ne_bytes());
-    request.extend_from_slice(&kind.to_ne_bytes());
-    request.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
-    request.extend_from_slice(&seq.to_ne_bytes());
-    request.extend_from_slice(&0u32.to_ne_bytes());
-    request.resize(len, 0);
-    socket.send(&request)?;
-    loop {
-        let Some(replies) = socket.receive(false)? else {
-            continue;
-        };
-        for reply in replies {
-            if reply.seq() != seq {
+    /// A dump request of `kind` (with a zeroed family header of `header_len` bytes:
+    /// every family), its replies handed to `each`. Replies to an earlier request (one
+    /// given up on after an error) are skipped by their sequence number.
+    fn dump(
+        &mut self,
+        kind: u16,
+        header_len: usize,
+        mut each: impl FnMut(Message<'_>),
+    ) -> Result<(), Error> {
+        self.seq = self.seq.wrapping_add(1);
+        let seq = self.seq;
+        let len = NLMSG_HDRLEN + header_len;
+        let mut request = Vec::with_capacity(len);
+        request.extend_from_slice(&(len as u32).to_ne_bytes());
+        request.extend_from_slice(&kind.to_ne_bytes());
+        request.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
+        request.extend_from_slice(&seq.to_ne_bytes());
+        request.extend_from_slice(&0u32.to_ne_bytes());
+        request.resize(len, 0);
+        self.socket.send(&request)?;
+        loop {
+            let Some(replies) = self.socket.receive(false)? else {
                 continue;
-            }
-            match reply {
-                Reply::Done { .. } => return Ok(()),
-                Reply::Error { errno, .. } => {
-                    return Err(Error::kernel("list interface addresses".to_owned(), errno));
+            };
+            for reply in replies.into_iter().filter(|r| r.seq() == seq) {
+                match reply {
+                    Reply::Done { .. } => return Ok(()),
+                    Reply::Error { errno, .. } => {
+                        return Err(Error::kernel("list interface addresses".to_owned(), errno));
+                    }
+                    Reply::Data { message, .. } => each(message),
+                    Reply::Ack { .. } => {}
                 }
-                Reply::Data { message, .. } => each(message),
-                Reply::Ack { .. } => {}
             }
         }
     }

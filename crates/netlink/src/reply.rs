@@ -307,7 +307,7 @@ pub(crate) fn parse_rule_jumps(
         .filter(|(name, _)| name == "immediate")
         .filter_map(|(_, data)| {
             let verdict = data
-                .nested(nfta_immediate::DATA)?
+                .nested(expr::immediate::DATA)?
                 .nested(nfta::DATA_VERDICT)?;
             verdict.str(nfta::VERDICT_CHAIN)
         })
@@ -329,9 +329,76 @@ fn verdict_of(verdict: &Attrs<'_>) -> Result<Verdict, Error> {
 }
 
 /// The attribute numbers of each expression's data (linux/netfilter/nf_tables.h).
-mod nfta_immediate {
-    pub const DREG: u16 = 1;
-    pub const DATA: u16 = 2;
+mod expr {
+    pub mod payload {
+        pub const DREG: u16 = 1;
+        pub const BASE: u16 = 2;
+        pub const OFFSET: u16 = 3;
+        pub const LEN: u16 = 4;
+    }
+    pub mod meta {
+        pub const DREG: u16 = 1;
+        pub const KEY: u16 = 2;
+        pub const SREG: u16 = 3;
+    }
+    pub mod ct {
+        pub const DREG: u16 = 1;
+        pub const KEY: u16 = 2;
+    }
+    pub mod bitwise {
+        pub const SREG: u16 = 1;
+        pub const DREG: u16 = 2;
+        pub const MASK: u16 = 4;
+        pub const XOR: u16 = 5;
+    }
+    pub mod cmp {
+        pub const SREG: u16 = 1;
+        pub const OP: u16 = 2;
+        pub const DATA: u16 = 3;
+    }
+    pub mod lookup {
+        pub const SET: u16 = 1;
+        pub const SREG: u16 = 2;
+        pub const DREG: u16 = 3;
+    }
+    pub mod immediate {
+        pub const DREG: u16 = 1;
+        pub const DATA: u16 = 2;
+    }
+    pub mod numgen {
+        pub const DREG: u16 = 1;
+        pub const MODULUS: u16 = 2;
+        pub const TYPE: u16 = 3;
+        pub const OFFSET: u16 = 4;
+    }
+    pub mod fib {
+        pub const DREG: u16 = 1;
+        pub const RESULT: u16 = 2;
+        pub const FLAGS: u16 = 3;
+    }
+    pub mod dynset {
+        pub const SET_NAME: u16 = 1;
+        pub const OP: u16 = 3;
+        pub const SREG_KEY: u16 = 4;
+    }
+    pub mod nat {
+        pub const TYPE: u16 = 1;
+        pub const FAMILY: u16 = 2;
+        pub const REG_ADDR_MIN: u16 = 3;
+        pub const REG_PROTO_MIN: u16 = 5;
+        pub const FLAGS: u16 = 7;
+    }
+    pub mod masq {
+        pub const FLAGS: u16 = 1;
+    }
+    pub mod reject {
+        pub const TYPE: u16 = 1;
+        pub const ICMP_CODE: u16 = 2;
+    }
+    pub mod counter {
+        pub const BYTES: u16 = 1;
+        pub const PACKETS: u16 = 2;
+    }
 }
 
 /// An expression of a rule, as nftproxy writes them.
@@ -340,83 +407,93 @@ fn raw_expr(name: &str, data: &Attrs<'_>) -> Result<RawExpr, Error> {
     let u = |kind: u16| data.u32(kind).unwrap_or(0);
     Ok(match name {
         "payload" => RawExpr::Payload {
-            base: match u(2) {
+            base: match u(expr::payload::BASE) {
                 1 => PayloadBase::Network,
                 2 => PayloadBase::Transport,
                 other => return Err(decode(format!("payload base {other}"))),
             },
-            offset: u(3),
-            len: u(4),
-            dreg: u(1),
+            offset: u(expr::payload::OFFSET),
+            len: u(expr::payload::LEN),
+            dreg: u(expr::payload::DREG),
         },
-        "meta" if data.get(3).is_some() => RawExpr::MetaSet {
-            key: u(2),
-            sreg: u(3),
+        "meta" if data.get(expr::meta::SREG).is_some() => RawExpr::MetaSet {
+            key: u(expr::meta::KEY),
+            sreg: u(expr::meta::SREG),
         },
         "meta" => RawExpr::MetaLoad {
-            key: u(2),
-            dreg: u(1),
+            key: u(expr::meta::KEY),
+            dreg: u(expr::meta::DREG),
         },
         "ct" => RawExpr::Ct {
-            key: u(2),
-            dreg: u(1),
+            key: u(expr::ct::KEY),
+            dreg: u(expr::ct::DREG),
         },
         "bitwise" => RawExpr::Bitwise {
-            sreg: u(1),
-            dreg: u(2),
-            mask: data.data(4).unwrap_or_default().to_vec(),
-            xor: data.data(5).unwrap_or_default().to_vec(),
+            sreg: u(expr::bitwise::SREG),
+            dreg: u(expr::bitwise::DREG),
+            mask: data.data(expr::bitwise::MASK).unwrap_or_default().to_vec(),
+            xor: data.data(expr::bitwise::XOR).unwrap_or_default().to_vec(),
         },
         "cmp" => RawExpr::Cmp {
-            sreg: u(1),
-            neq: u(2) == libc::NFT_CMP_NEQ as u32,
-            data: data.data(3).unwrap_or_default().to_vec(),
+            sreg: u(expr::cmp::SREG),
+            neq: u(expr::cmp::OP) == libc::NFT_CMP_NEQ as u32,
+            data: data.data(expr::cmp::DATA).unwrap_or_default().to_vec(),
         },
         "lookup" => RawExpr::Lookup {
-            sreg: u(2),
-            set: data.str(1).unwrap_or_default(),
-            dreg: data.u32(3),
+            sreg: u(expr::lookup::SREG),
+            set: data.str(expr::lookup::SET).unwrap_or_default(),
+            dreg: data.u32(expr::lookup::DREG),
         },
-        "immediate" if u(nfta_immediate::DREG) == lower::REG_VERDICT => {
+        "immediate" if u(expr::immediate::DREG) == lower::REG_VERDICT => {
             let verdict = data
-                .nested(nfta_immediate::DATA)
+                .nested(expr::immediate::DATA)
                 .and_then(|d| d.nested(nfta::DATA_VERDICT))
                 .ok_or_else(|| decode("an immediate verdict without its verdict"))?;
             RawExpr::Verdict(verdict_of(&verdict)?)
         }
         "immediate" => RawExpr::Immediate {
-            dreg: u(nfta_immediate::DREG),
-            data: data.data(nfta_immediate::DATA).unwrap_or_default().to_vec(),
+            dreg: u(expr::immediate::DREG),
+            data: data
+                .data(expr::immediate::DATA)
+                .unwrap_or_default()
+                .to_vec(),
         },
-        "numgen" if u(3) == libc::NFT_NG_RANDOM as u32 => RawExpr::Numgen {
-            dreg: u(1),
-            modulus: u(2),
-            offset: u(4),
+        "numgen" if u(expr::numgen::TYPE) == libc::NFT_NG_RANDOM as u32 => RawExpr::Numgen {
+            dreg: u(expr::numgen::DREG),
+            modulus: u(expr::numgen::MODULUS),
+            offset: u(expr::numgen::OFFSET),
         },
         "fib" => RawExpr::Fib {
-            flags: u(3),
-            result: u(2),
-            dreg: u(1),
+            flags: u(expr::fib::FLAGS),
+            result: u(expr::fib::RESULT),
+            dreg: u(expr::fib::DREG),
         },
-        "dynset" if u(3) == libc::NFT_DYNSET_OP_UPDATE as u32 => RawExpr::DynsetUpdate {
-            sreg_key: u(4),
-            set: data.str(1).unwrap_or_default(),
+        "dynset" if u(expr::dynset::OP) == libc::NFT_DYNSET_OP_UPDATE as u32 => {
+            RawExpr::DynsetUpdate {
+                sreg_key: u(expr::dynset::SREG_KEY),
+                set: data.str(expr::dynset::SET_NAME).unwrap_or_default(),
+            }
+        }
+        "nat" if u(expr::nat::TYPE) == libc::NFT_NAT_DNAT as u32 => RawExpr::Dnat {
+            family: u(expr::nat::FAMILY),
+            reg_addr: u(expr::nat::REG_ADDR_MIN),
+            reg_proto: u(expr::nat::REG_PROTO_MIN),
+            flags: u(expr::nat::FLAGS),
         },
-        "nat" if u(1) == libc::NFT_NAT_DNAT as u32 => RawExpr::Dnat {
-            family: u(2),
-            reg_addr: u(3),
-            reg_proto: u(5),
-            flags: u(7),
+        "masq" => RawExpr::Masq {
+            flags: u(expr::masq::FLAGS),
         },
-        "masq" => RawExpr::Masq { flags: u(1) },
         "reject" => RawExpr::Reject {
-            kind: u(1),
-            code: data.get(2).and_then(|c| c.first().copied()).unwrap_or(0),
+            kind: u(expr::reject::TYPE),
+            code: data
+                .get(expr::reject::ICMP_CODE)
+                .and_then(|c| c.first().copied())
+                .unwrap_or(0),
         },
-        "counter" => RawExpr::Counter {
-            packets: data.u64(2).unwrap_or(0),
-            bytes: data.u64(1).unwrap_or(0),
-        },
+        "counter" => {
+            let Count { packets, bytes } = counter_of(data);
+            RawExpr::Counter { packets, bytes }
+        }
         other => {
             return Err(decode(format!(
                 "expression {other:?} is not one nftproxy writes"
@@ -431,11 +508,16 @@ fn first_counter(single: Option<&[u8]>, list: Option<&[u8]>) -> Option<Count> {
     let listed = list.into_iter().flat_map(|l| attributes(l).map(|(_, e)| e));
     single.into_iter().chain(listed).find_map(|expr| {
         let (name, data) = expr_parts(expr);
-        (name == "counter").then(|| Count {
-            packets: data.u64(2).unwrap_or(0),
-            bytes: data.u64(1).unwrap_or(0),
-        })
+        (name == "counter").then(|| counter_of(&data))
     })
+}
+
+/// A `counter` expression's numbers.
+fn counter_of(data: &Attrs<'_>) -> Count {
+    Count {
+        packets: data.u64(expr::counter::PACKETS).unwrap_or(0),
+        bytes: data.u64(expr::counter::BYTES).unwrap_or(0),
+    }
 }
 
 /// A set declaration parsed from a GETSET reply, with its table.

@@ -16,7 +16,7 @@ const NLMSG_HDRLEN: usize = 16;
 
 pub(crate) struct Socket {
     inner: mnl::Socket,
-    recv: Vec<u64>,
+    recv: Vec<u8>,
 }
 
 // SAFETY: an `mnl_socket` is a file descriptor and its bound address, owned by this
@@ -211,7 +211,7 @@ impl Socket {
         }
         Ok(Socket {
             inner,
-            recv: vec![0; RECV_BUFFER / 8],
+            recv: vec![0; RECV_BUFFER],
         })
     }
 
@@ -248,7 +248,7 @@ impl Socket {
     /// port): it is dropped unread, so that only the kernel's replies are ever parsed.
     fn receive_from_kernel(&mut self, flags: i32) -> io::Result<Option<usize>> {
         let fd = self.inner.as_raw_fd();
-        let len = self.recv.len() * 8;
+        let len = self.recv.len();
         // SAFETY: an all-zero sockaddr_nl is a valid value.
         let mut from: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
         let mut from_len = size_of::<libc::sockaddr_nl>() as libc::socklen_t;
@@ -272,15 +272,7 @@ impl Socket {
 
     /// The first `len` bytes of the buffer, as the last receive left them.
     fn received(&self, len: usize) -> &[u8] {
-        // SAFETY: the u64 buffer holds `recv.len() * 8` >= `len` initialised bytes (a Vec
-        // of zeros, then what the kernel wrote), and `self` stays borrowed as long as the
-        // slice.
-        unsafe {
-            std::slice::from_raw_parts(
-                self.recv.as_ptr().cast::<u8>(),
-                len.min(self.recv.len() * 8),
-            )
-        }
+        &self.recv[..len.min(self.recv.len())]
     }
 
     /// Receives one buffer of replies; `None` when `nonblocking` and nothing is queued.

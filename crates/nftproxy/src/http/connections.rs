@@ -223,14 +223,11 @@ impl Slot {
         }
     }
 
-    /// The metrics label of its server.
-    pub fn label(&self) -> &'static str {
-        self.label
-    }
-
-    /// The metrics.
-    pub fn metrics(&self) -> &Metrics {
-        &self.connections.metrics
+    /// The server closed the connection on its own, for `reason`: counted.
+    pub fn shed(&self, reason: &str) {
+        self.connections
+            .metrics
+            .http_connection_shed(self.label, reason);
     }
 }
 

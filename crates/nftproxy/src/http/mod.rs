@@ -173,7 +173,7 @@ async fn connection<H: Fn(&str) -> Answer + Send + Sync + 'static>(
         _ = &mut displaced => Some("over_cap"),
     };
     if let Some(reason) = shed {
-        slot.metrics().http_connection_shed(slot.label(), reason);
+        slot.shed(reason);
         return;
     }
     let active = slot.clone();
@@ -197,7 +197,7 @@ async fn connection<H: Fn(&str) -> Answer + Send + Sync + 'static>(
         () = tokio::time::sleep_until(too_old) => Some("max_age"),
     };
     if let Some(reason) = shed {
-        slot.metrics().http_connection_shed(slot.label(), reason);
+        slot.shed(reason);
     }
 }
 
