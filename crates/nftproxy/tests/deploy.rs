@@ -1,64 +1,95 @@
-//! The deployment manifests (`hack/deploy/nftproxy.yaml`) are what they claim: every
-//! object decodes as its Kubernetes type, the RBAC rules grant only list and watch of
-//! what the watchers read, the DaemonSet passes the flags and mounts the files the
-//! binary expects, and the ConfigMap's KubeProxyConfiguration and kubeconfig work: run
-//! against the fake API server, nftproxy reads its address and token from them.
+//! The install (`hack/deploy/`, a kustomize base and two overlays) is what it claims,
+//! rendered by a real kubectl as the README tells an admin to: every object decodes as
+//! its Kubernetes type, the RBAC rules grant only list and watch of what the watchers
+//! read, the DaemonSet passes the flags and mounts the files the binary expects, the
+//! overlays differ only where they say, and the README's own kustomization for a cluster
+//! renders with its values. (`tests/image.rs` runs the rendered DaemonSet's container.)
 
-use std::path::Path;
-use std::process::Command;
+mod common;
 
+use common::kustomize::{object, render, render_readme_kustomization};
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, PodSpec, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
-use nftproxy_testkit::fake_api::FakeApi;
-use nftproxy_testkit::{repo_root, run_with_input};
+use nftproxy_testkit::repo_root;
 use serde_json::Value;
 
-fn manifests() -> Vec<Value> {
-    let text = std::fs::read_to_string(repo_root().join("hack/deploy/nftproxy.yaml"))
-        .expect("hack/deploy/nftproxy.yaml");
-    serde_saphyr::from_multiple(&text).expect("valid YAML")
+fn overlay(name: &str) -> std::path::PathBuf {
+    repo_root().join("hack/deploy/overlays").join(name)
 }
 
-fn object<T: serde::de::DeserializeOwned>(documents: &[Value], kind: &str) -> T {
-    let document = documents
-        .iter()
-        .find(|d| d["kind"] == kind)
-        .unwrap_or_else(|| panic!("a {kind}"));
-    serde_json::from_value(document.clone()).unwrap_or_else(|e| panic!("{kind}: {e}"))
+fn pod(daemon_set: &DaemonSet) -> PodSpec {
+    daemon_set.spec.template.spec.clone().expect("pod spec")
+}
+
+fn container(daemon_set: &DaemonSet) -> Container {
+    pod(daemon_set).containers[0].clone()
 }
 
 #[test]
-fn the_manifests_decode_and_hang_together() {
-    let documents = manifests();
-    assert_eq!(documents.len(), 5);
-    let account: ServiceAccount = object(&documents, "ServiceAccount");
-    let role: ClusterRole = object(&documents, "ClusterRole");
-    let binding: ClusterRoleBinding = object(&documents, "ClusterRoleBinding");
-    let config: ConfigMap = object(&documents, "ConfigMap");
-    let daemon_set: DaemonSet = object(&documents, "DaemonSet");
+fn the_overlays_render_and_hang_together() {
+    let test = "the_overlays_render_and_hang_together";
+    let Some(replace) = render(test, &overlay("replace-kube-proxy")) else {
+        return;
+    };
+    let beside = render(test, &overlay("beside-kube-proxy")).expect("rendered");
+    assert_eq!(
+        replace.len(),
+        6,
+        "ServiceAccount, ClusterRole(Binding), 2 ConfigMaps, DaemonSet"
+    );
+    let account: ServiceAccount = object(&replace, "ServiceAccount", "nftproxy");
+    let role: ClusterRole = object(&replace, "ClusterRole", "nftproxy");
+    let binding: ClusterRoleBinding = object(&replace, "ClusterRoleBinding", "nftproxy");
+    let config: ConfigMap = object(&replace, "ConfigMap", "nftproxy");
+    let cluster: ConfigMap = object(&replace, "ConfigMap", "nftproxy-cluster");
+    let daemon_set: DaemonSet = object(&replace, "DaemonSet", "nftproxy");
 
     // Read-only, and only what the watchers read.
     let mut granted = Vec::new();
     for rule in role.rules.expect("rules") {
         assert_eq!(rule.verbs, ["list", "watch"]);
-        for resource in rule.resources.expect("resources") {
-            granted.push(resource);
-        }
+        granted.extend(rule.resources.expect("resources"));
     }
     granted.sort();
     assert_eq!(granted, ["endpointslices", "nodes", "services"]);
     assert_eq!(binding.role_ref.name, role.metadata.name.expect("name"));
     let subject = &binding.subjects.expect("subjects")[0];
     assert_eq!(Some(&subject.name), account.metadata.name.as_ref());
+    assert_eq!(subject.namespace, account.metadata.namespace);
 
-    let pod = daemon_set.spec.template.spec.expect("pod spec");
-    assert_eq!(pod.host_network, Some(true));
-    assert_eq!(pod.service_account_name, account.metadata.name);
-    let container = &pod.containers[0];
+    let pod_spec = pod(&daemon_set);
+    assert_eq!(pod_spec.host_network, Some(true));
+    assert_eq!(pod_spec.service_account_name, account.metadata.name);
+    let container = container(&daemon_set);
+    assert_eq!(
+        container.image.as_deref(),
+        Some(format!("nftproxy:{}", env!("CARGO_PKG_VERSION")).as_str()),
+        "the base's image tag is the version hack/image.sh builds"
+    );
     let command = container.command.clone().expect("command");
-    assert!(command.contains(&"--config=/var/lib/nftproxy/config.conf".to_owned()));
-    assert!(command.contains(&"--hostname-override=$(NODE_NAME)".to_owned()));
+    for flag in [
+        "--config=/var/lib/nftproxy/config.conf",
+        "--hostname-override=$(NODE_NAME)",
+        "--cluster-cidr=$(CLUSTER_CIDR)",
+        "--cleanup-kube-proxy",
+    ] {
+        assert!(command.contains(&flag.to_owned()), "{flag} in {command:?}");
+    }
+    // Every `$(VAR)` the command names is set: from the downward API or nftproxy-cluster.
+    let cluster_data = cluster.data.expect("data");
+    let from_config_map = container.env_from.as_ref().expect("envFrom")[0]
+        .config_map_ref
+        .as_ref()
+        .map(|r| r.name.clone());
+    assert_eq!(from_config_map, cluster.metadata.name);
+    for key in [
+        "KUBERNETES_SERVICE_HOST",
+        "KUBERNETES_SERVICE_PORT",
+        "CLUSTER_CIDR",
+    ] {
+        assert!(cluster_data.contains_key(key), "{key}");
+    }
     let node_name = container
         .env
         .as_ref()
@@ -72,102 +103,80 @@ fn the_manifests_decode_and_hang_together() {
             .map(|f| f.field_path.as_str()),
         Some("spec.nodeName")
     );
+    let volume = &pod_spec.volumes.as_ref().expect("volumes")[0];
+    assert_eq!(
+        volume.config_map.as_ref().map(|c| c.name.clone()),
+        config.metadata.name,
+        "the DaemonSet mounts the generated ConfigMap (its name carries the content's hash)"
+    );
     let mount = &container.volume_mounts.as_ref().expect("mounts")[0];
     assert_eq!(mount.mount_path, "/var/lib/nftproxy");
-    let capabilities = container
+    let security = container
         .security_context
         .as_ref()
-        .and_then(|s| s.capabilities.as_ref())
-        .expect("capabilities");
+        .expect("securityContext");
+    let capabilities = security.capabilities.as_ref().expect("capabilities");
     assert_eq!(
         capabilities.add.as_deref(),
         Some(&["NET_ADMIN".to_owned()][..])
     );
     assert_eq!(capabilities.drop.as_deref(), Some(&["ALL".to_owned()][..]));
+    assert_eq!(security.read_only_root_filesystem, Some(true));
+
     let data = config.data.expect("data");
-    assert!(data.contains_key("config.conf") && data.contains_key("kubeconfig.conf"));
-    // The takeover is one step: kube-proxy's leftovers go once nftproxy has synced.
     let file = nftproxy_model::KubeProxyConfiguration::parse(&data["config.conf"])
         .expect("config.conf parses");
-    let mut daemon = nftproxy_model::DaemonConfig::default();
-    daemon.apply_file(&file).expect("config.conf applies");
-    assert!(daemon.cleanup_kube_proxy);
-    assert_eq!(file.service_counters, Some(true));
     assert!(
         file.unused_fields().is_empty(),
         "{:?}",
         file.unused_fields()
     );
+    assert_eq!(file.service_counters, Some(true));
+
+    // The look first differs in two places only: the pod's own network namespace, and
+    // nothing of kube-proxy's removed.
+    let beside_set: DaemonSet = object(&beside, "DaemonSet", "nftproxy");
+    assert_eq!(pod(&beside_set).host_network, Some(false));
+    let beside_command = container_command(&beside_set);
+    let mut expected = command.clone();
+    expected.retain(|flag| flag != "--cleanup-kube-proxy");
+    assert_eq!(beside_command, expected);
+    let strip = |mut documents: Vec<Value>| {
+        for d in &mut documents {
+            if d["kind"] == "DaemonSet" {
+                d["spec"]["template"]["spec"]["hostNetwork"] = Value::Null;
+                d["spec"]["template"]["spec"]["containers"][0]["command"] = Value::Null;
+            }
+        }
+        documents
+    };
+    assert_eq!(strip(replace), strip(beside));
 }
 
-/// The ConfigMap's files, with the placeholders filled in for the fake API server and
-/// the ServiceAccount paths moved into `dir`.
-fn write_config(dir: &Path, server: &str) -> std::path::PathBuf {
-    let config: ConfigMap = object(&manifests(), "ConfigMap");
-    let data = config.data.expect("data");
-    let token = dir.join("token");
-    std::fs::write(&token, "test-token").expect("token written");
-    let kubeconfig = data["kubeconfig.conf"]
-        .replace("https://CONTROL_PLANE_ENDPOINT", server)
-        .replace(
-            "/var/run/secrets/kubernetes.io/serviceaccount/token",
-            &token.display().to_string(),
-        )
-        .lines()
-        .filter(|l| !l.contains("certificate-authority"))
-        .collect::<Vec<_>>()
-        .join("\n");
-    std::fs::write(dir.join("kubeconfig.conf"), kubeconfig).expect("kubeconfig written");
-    let conf = data["config.conf"]
-        .replace("CLUSTER_CIDR", "10.244.0.0/16")
-        .replace("/var/lib/nftproxy", &dir.display().to_string());
-    let path = dir.join("config.conf");
-    std::fs::write(&path, conf).expect("config written");
-    path
+fn container_command(daemon_set: &DaemonSet) -> Vec<String> {
+    container(daemon_set).command.expect("command")
 }
 
 #[test]
-fn the_configmap_points_nftproxy_at_the_api_server_with_its_token() {
-    let api = FakeApi::start();
-    for file in ["redis.yaml", "counter-nodeport.yaml"] {
-        let text = std::fs::read_to_string(repo_root().join("hack/examples/seed").join(file))
-            .expect("seed example");
-        api.apply_yaml(&text);
-    }
-    // This node's Node, which the first sync waits for.
-    api.apply_yaml("apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\n");
-    let dir = std::env::temp_dir().join(format!("nftproxy-deploy-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let config = write_config(&dir, &api.url());
-    let output = run_with_input(
-        Command::new(env!("CARGO_BIN_EXE_nftproxy"))
-            .arg("--dry-run")
-            .arg("--config")
-            .arg(&config)
-            .args([
-                "--hostname-override",
-                "node-a",
-                "--node-ip",
-                "192.168.50.10",
-            ])
-            .env_remove("RUST_LOG"),
-        "",
+fn the_readmes_kustomization_sets_the_clusters_values() {
+    let test = "the_readmes_kustomization_sets_the_clusters_values";
+    let Some(rendered) = render_readme_kustomization(test, &[]) else {
+        return;
+    };
+    let daemon_set: DaemonSet = object(&rendered, "DaemonSet", "nftproxy");
+    assert_eq!(
+        container(&daemon_set).image.as_deref(),
+        Some(format!("registry.example/nftproxy:{}", env!("CARGO_PKG_VERSION")).as_str())
     );
-    let _ = std::fs::remove_dir_all(&dir);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stderr}");
-    // Every field of the shipped configuration is one nftproxy reads.
-    assert!(!stderr.contains("is not used"), "{stderr}");
-    let ruleset = String::from_utf8_lossy(&output.stdout);
-    assert!(ruleset.contains("10.103.50.102"), "{ruleset}");
-    assert!(ruleset.contains("31000"), "{ruleset}");
-    let authorizations = api.authorizations();
-    assert!(!authorizations.is_empty());
-    assert!(
-        authorizations
-            .iter()
-            .all(|a| a.as_deref() == Some("Bearer test-token")),
-        "{authorizations:?}"
+    let cluster: ConfigMap = object(&rendered, "ConfigMap", "nftproxy-cluster");
+    let data = cluster.data.expect("data");
+    assert_eq!(data["KUBERNETES_SERVICE_HOST"], "10.0.0.10");
+    assert_eq!(data["CLUSTER_CIDR"], "10.244.0.0/16");
+    // The DaemonSet follows the merged ConfigMap's new name.
+    let env_from = container(&daemon_set).env_from.expect("envFrom");
+    assert_eq!(
+        env_from[0].config_map_ref.as_ref().map(|r| r.name.clone()),
+        cluster.metadata.name
     );
 }
 

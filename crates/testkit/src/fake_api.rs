@@ -5,7 +5,8 @@
 //! so a watch resumed from any version after the last [`FakeApi::compact`] sees exactly
 //! the changes it missed, and one from before gets `410 Gone`, as from a real API server.
 //!
-//! What it speaks: paginated lists (`limit`, `continue`, served from a snapshot taken at
+//! What it speaks, over HTTP or (started with [`FakeApi::start_tls`]) HTTPS with a CA of
+//! its own: paginated lists (`limit`, `continue`, served from a snapshot taken at
 //! the first page), label selectors (`k`, `!k`, `k=v`, `k==v`, `k!=v`), field selectors
 //! on `metadata.name` and `metadata.namespace`, chunked watch streams of JSON lines
 //! (`ADDED`, `MODIFIED`, `DELETED` — also when an object stops matching the selector —,
@@ -158,18 +159,32 @@ impl Shared {
 /// The running fake; dropping it stops the server.
 pub struct FakeApi {
     address: SocketAddr,
+    /// The CA that signed the serving certificate, when the server speaks HTTPS.
+    ca_pem: Option<String>,
     shared: Arc<Shared>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl FakeApi {
-    /// Starts the server on a free loopback port, on its own thread and runtime.
+    /// Starts the server on a free loopback port, on its own thread and runtime, speaking
+    /// plain HTTP.
+    pub fn start() -> FakeApi {
+        FakeApi::serve(None)
+    }
+
+    /// Starts the server speaking HTTPS, as a real API server does: its certificate, for
+    /// `127.0.0.1` and `localhost`, is signed by a CA of its own ([`FakeApi::ca_pem`], what
+    /// a cluster hands a pod as the ServiceAccount's `ca.crt`).
+    pub fn start_tls() -> FakeApi {
+        FakeApi::serve(Some(Tls::new()))
+    }
+
     #[allow(
         clippy::unwrap_used,
         reason = "test support: a failure to start is fatal"
     )]
-    pub fn start() -> FakeApi {
+    fn serve(tls: Option<Tls>) -> FakeApi {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 available: true,
@@ -181,6 +196,8 @@ impl FakeApi {
         let address = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let server = shared.clone();
+        let ca_pem = tls.as_ref().map(|tls| tls.ca_pem.clone());
+        let acceptor = tls.map(|tls| tls.acceptor);
         let thread = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -189,13 +206,14 @@ impl FakeApi {
             runtime.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener).unwrap();
                 tokio::select! {
-                    () = accept(listener, server) => {}
+                    () = accept(listener, acceptor, server) => {}
                     _ = stopped => {}
                 }
             });
         });
         FakeApi {
             address,
+            ca_pem,
             shared,
             stop: Some(stop),
             thread: Some(thread),
@@ -204,7 +222,23 @@ impl FakeApi {
 
     /// The server's URL, for `--master` or a kube-rs `Config`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.address)
+        let scheme = if self.ca_pem.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.address)
+    }
+
+    /// The port it listens on (what a pod finds in `KUBERNETES_SERVICE_PORT`).
+    pub fn port(&self) -> u16 {
+        self.address.port()
+    }
+
+    /// The CA certificate (PEM) a client must trust, for a server started with
+    /// [`FakeApi::start_tls`].
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.ca_pem.as_deref()
     }
 
     /// Creates or replaces every Service, EndpointSlice and Node in a multi-document YAML
@@ -524,7 +558,55 @@ impl http_body::Body for ChannelBody {
     }
 }
 
-async fn accept(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
+/// A CA of the test's own and the serving certificate it signed.
+struct Tls {
+    ca_pem: String,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl Tls {
+    #[allow(
+        clippy::unwrap_used,
+        reason = "test support: a failure to make certificates is fatal"
+    )]
+    fn new() -> Tls {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, "nftproxy fake API CA");
+        let ca_key = KeyPair::generate().unwrap();
+        let ca_certificate = ca.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca, ca_key);
+        let server_key = KeyPair::generate().unwrap();
+        let server = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+            .unwrap()
+            .signed_by(&server_key, &issuer)
+            .unwrap();
+        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+        let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![server.der().clone()],
+                tokio_rustls::rustls::pki_types::PrivateKeyDer::Pkcs8(
+                    server_key.serialize_der().into(),
+                ),
+            )
+            .unwrap();
+        Tls {
+            ca_pem: ca_certificate.pem(),
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+        }
+    }
+}
+
+async fn accept(
+    listener: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shared: Arc<Shared>,
+) {
     while let Ok((stream, _)) = listener.accept().await {
         let server = shared.clone();
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
@@ -544,11 +626,23 @@ async fn accept(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
                 Ok::<_, Infallible>(handle(&shared, &request))
             }
         });
+        let tls = tls.clone();
         let connection = tokio::spawn(async move {
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service)
-                .await;
+            let http = hyper::server::conn::http1::Builder::new();
+            match tls {
+                None => {
+                    let _ = http
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                }
+                Some(tls) => {
+                    if let Ok(stream) = tls.accept(stream).await {
+                        let _ = http
+                            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                            .await;
+                    }
+                }
+            }
         });
         let mut state = shared.state();
         state.connections.retain(|c| !c.is_finished());

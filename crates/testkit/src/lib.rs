@@ -331,10 +331,27 @@ pub fn kernel_available(test: &str) -> bool {
     } else {
         "not root"
     };
-    assert!(
-        !under_ci(),
-        "{test}: CI must run kernel tests, but {reason}"
-    );
+    skip(test, reason)
+}
+
+/// Whether `program args` runs and exits 0: a tool a test needs (podman, promtool,
+/// kubectl). Without it the test is skipped by name, and fails under `CI`.
+pub fn tool_available(test: &str, program: &Path, args: &[&str]) -> bool {
+    let runs = Command::new(program)
+        .args(args)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    runs || skip(test, &format!("{} does not run", program.display()))
+}
+
+/// The kubectl `hack/install-deps.sh` installs (pinned; one on the machine may be older).
+pub fn kubectl() -> PathBuf {
+    repo_root().join("target/tools/kubectl-1.37.1/bin/kubectl")
+}
+
+/// Says that `test` cannot run and why; under `CI`, where everything must run, fails.
+fn skip(test: &str, reason: &str) -> bool {
+    assert!(!under_ci(), "{test}: CI must run this test, but {reason}");
     eprintln!("skipping {test}: {reason}");
     // cargo shows nothing of a passing test's output: hack/test.sh names and counts the
     // skips from this file.

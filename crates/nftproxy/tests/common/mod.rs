@@ -11,6 +11,8 @@
 //! ```
 #![allow(dead_code, reason = "each test binary uses part of it")]
 
+pub mod kustomize;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
