@@ -140,6 +140,9 @@ impl HealthCheckServers {
                 }
             }
         }
+        self.monitor
+            .metrics
+            .health_check_ports(self.served.len(), self.failed.len());
     }
 
     /// The ports served now, by Service.
@@ -352,6 +355,16 @@ mod tests {
         let addresses = [IpAddr::from([127, 0, 0, 1]), IpAddr::from([127, 0, 0, 2])];
         serve(&mut servers, &addresses, &[check("a", port, 1)]).await;
         assert!(servers.ports().is_empty());
+        let ports = |servers: &HealthCheckServers| {
+            let text = servers.monitor.metrics.render();
+            ["served", "unbound"].map(|state| {
+                let series = format!("nftproxy_health_check_node_ports{{state=\"{state}\"}} ");
+                text.lines()
+                    .find_map(|l| l.strip_prefix(&series))
+                    .map(str::to_owned)
+            })
+        };
+        assert_eq!(ports(&servers), [Some("0".into()), Some("1".into())]);
         // The server started on the first address before the second failed is gone.
         assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_ok());
         // Still taken: the retry fails again (and logs nothing new).
@@ -361,5 +374,6 @@ mod tests {
         drop(taken);
         servers.sync().await;
         assert_eq!(servers.ports(), [port]);
+        assert_eq!(ports(&servers), [Some("1".into()), Some("0".into())]);
     }
 }

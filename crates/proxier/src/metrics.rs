@@ -42,6 +42,7 @@ pub struct Metrics {
     http_connections: IntGaugeVec,
     http_shed: IntCounterVec,
     http_accept_errors: IntCounterVec,
+    health_check_ports: IntGaugeVec,
 }
 
 /// The `ip_family` label value of a table family.
@@ -120,7 +121,7 @@ impl Metrics {
         #[allow(clippy::expect_used, reason = "constant bucket parameters")]
         let sync_buckets =
             prometheus::exponential_buckets(0.001, 2.0, 15).expect("valid bucket parameters");
-        Metrics {
+        let metrics = Metrics {
             sync_duration: histogram(
                 "kubeproxy_sync_proxy_rules_duration_seconds",
                 "SyncProxyRules latency in seconds",
@@ -288,9 +289,28 @@ impl Metrics {
                     &["server", "error"],
                 ),
             ),
+            health_check_ports: register(
+                (&registry, &names),
+                IntGaugeVec::new(
+                    Opts::new(
+                        "nftproxy_health_check_node_ports",
+                        "Health-check node ports the last sync wanted, served or unbound (their port could not be bound; retried on every sync)",
+                    ),
+                    &["state"],
+                ),
+            ),
             names: names.into_inner(),
             registry,
+        };
+        // Both families' series exist from the start, as kube-proxy's gauges do: a last
+        // sync at 0 (never) and no failures, so that alerts on "not synced" fire for a
+        // daemon that never syncs, and `increase()` counts its first failure.
+        for family in [Family::Ip, Family::Ip6] {
+            let label = [ip_family(family)];
+            metrics.last_sync.with_label_values(&label).set(0.0);
+            metrics.sync_failures.with_label_values(&label).reset();
         }
+        metrics
     }
 
     /// A sync was requested for these families.
@@ -391,6 +411,16 @@ impl Metrics {
         self.http_accept_errors
             .with_label_values(&[server, error])
             .inc();
+    }
+
+    /// Of the health-check node ports wanted, `served` are served and `unbound` could not
+    /// be bound.
+    pub fn health_check_ports(&self, served: usize, unbound: usize) {
+        for (state, count) in [("served", served), ("unbound", unbound)] {
+            self.health_check_ports
+                .with_label_values(&[state])
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
     }
 
     /// A conntrack cleanup pass deleted `deleted` entries.
