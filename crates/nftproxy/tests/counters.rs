@@ -4,18 +4,16 @@
 //! that changes nothing keeps them.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use nftproxy_netlink::netns;
 use nftproxy_testkit::{SEED_NODE_FLAGS, kernel_available};
 
 mod common;
-use common::{Daemon, Outcome, Topology, addr, from, serve, sysctl, tcp, within};
+use common::{Daemon, Outcome, Topology, addr, from, http_get, serve, sysctl, tcp, within};
 
 const METRICS: &str = "127.0.0.1:10249";
 
@@ -73,15 +71,7 @@ endpoints:
 const SERVICE_CIDR: &str = "10.96.0.0/12";
 
 fn get(ns: &str, path: &'static str) -> Option<String> {
-    netns::in_named_netns(ns, move || {
-        let mut stream = TcpStream::connect(METRICS).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(stream, "GET {path} HTTP/1.0\r\nHost: {METRICS}\r\n\r\n").ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        Some(response.split_once("\r\n\r\n")?.1.to_owned())
-    })
-    .expect("scrape thread")
+    http_get(ns, METRICS, path).map(|(_, body)| body)
 }
 
 /// The samples of `/metrics` whose name starts with `nftproxy_` and ends in

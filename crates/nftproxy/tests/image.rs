@@ -10,15 +10,13 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::kustomize::{object, render_readme_kustomization};
-use common::{ip, within};
+use common::{http_get, ip, within};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::ConfigMap;
 use nftproxy_netlink::netns;
@@ -104,18 +102,9 @@ impl Node {
         String::from_utf8_lossy(&listed.stdout).into_owned()
     }
 
-    /// The status line of `GET path` on the node's port 10256 (None: no answer).
-    fn healthz(&self, path: &'static str) -> Option<String> {
-        netns::in_named_netns(&self.0, move || {
-            let mut stream = TcpStream::connect("127.0.0.1:10256").ok()?;
-            stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-            let request = format!("GET {path} HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n");
-            stream.write_all(request.as_bytes()).ok()?;
-            let mut answer = String::new();
-            stream.read_to_string(&mut answer).ok()?;
-            answer.lines().next().map(str::to_owned)
-        })
-        .expect("the node's namespace")
+    /// The status of `GET path` on the node's port 10256 (None: no answer).
+    fn healthz(&self, path: &str) -> Option<u16> {
+        http_get(&self.0, "127.0.0.1:10256", path).map(|(status, _)| status)
     }
 }
 
@@ -380,8 +369,7 @@ fn the_daemon_sets_container_follows_the_api_server_and_leaves_its_rules_on_sigt
     output(podman().args(&args));
 
     within(Duration::from_secs(60), "/healthz answers 200", || {
-        node.healthz("/healthz")
-            .is_some_and(|status| status.contains(" 200 "))
+        node.healthz("/healthz") == Some(200)
     });
     assert!(node.table().contains("10.103.50.102"), "{}", node.table());
     // It authenticated with the ServiceAccount's token, over TLS to the CA it was given.

@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::{Daemon, Topology, addr, serve, sysctl, tcp, within};
+use common::{Daemon, Topology, addr, http_get, serve, sysctl, tcp, within};
 use nftproxy_netlink::netns;
 use nftproxy_testkit::fake_api::FakeApi;
 use nftproxy_testkit::{
@@ -93,20 +93,9 @@ fn lint(exposition: &str) -> Vec<String> {
     findings
 }
 
-/// `GET path` from inside `ns`; the body of a 200 answer.
+/// The body of a 200 answer to `GET path` from inside `ns`.
 fn get(ns: &str, address: &'static str, path: String) -> Option<String> {
-    netns::in_named_netns(ns, move || {
-        let mut stream = TcpStream::connect(address).ok()?;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .ok()?;
-        write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        let (head, body) = response.split_once("\r\n\r\n")?;
-        (head.split(' ').nth(1) == Some("200")).then(|| body.to_owned())
-    })
-    .expect("client thread")
+    http_get(ns, address, &path).and_then(|(status, body)| (status == 200).then_some(body))
 }
 
 const METRICS: &str = "127.0.0.1:10249";

@@ -436,3 +436,22 @@ pub fn within(limit: Duration, what: &str, mut check: impl FnMut() -> bool) -> D
     }
     panic!("{what}: not within {limit:?}");
 }
+
+/// `GET path` to `address` from inside network namespace `ns`: the status code and the
+/// body (None: no answer within 10 s).
+pub fn http_get(ns: &str, address: &'static str, path: &str) -> Option<(u16, String)> {
+    let path = path.to_owned();
+    netns::in_named_netns(ns, move || {
+        let mut stream = TcpStream::connect(address).ok()?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .ok()?;
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").ok()?;
+        let mut response = String::new();
+        std::io::Read::read_to_string(&mut stream, &mut response).ok()?;
+        let (head, body) = response.split_once("\r\n\r\n")?;
+        let status = head.split(' ').nth(1)?.parse().ok()?;
+        Some((status, body.to_owned()))
+    })
+    .expect("client thread")
+}
