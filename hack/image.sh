@@ -7,6 +7,10 @@
 #   hack/image.sh            # then: podman push nftproxy:<version> REGISTRY/nftproxy:<version>
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "$(id -u)" -ne 0 ]; then
+  echo "$0: run as root: the image's files belong to root, and podman keeps it in root's storage" >&2
+  exit 1
+fi
 
 hack/install-deps.sh
 version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n 1)
@@ -26,8 +30,10 @@ if ! grep -q '^COPY rootfs /$' "$work/Containerfile"; then
   echo "$0: the Dockerfile has no 'FROM scratch AS runtime' stage copying /rootfs" >&2
   exit 1
 fi
-podman build --quiet --pull=never --network=none \
+podman build --quiet --pull=never --network=none --layers=false \
   --label "org.opencontainers.image.version=$version" \
   --tag "$image" --file "$work/Containerfile" "$work" >/dev/null
+# The image this tag named before, now untagged, goes (only nftproxy's).
+podman image prune --force --filter "label=org.opencontainers.image.title=nftproxy" >/dev/null
 size=$(podman image inspect --format '{{.Size}}' "$image")
 echo "image: $image, $(( (size + 500000) / 1000000 )) MB"

@@ -2,7 +2,8 @@
 //! rules pass `promtool check rules` and their unit tests, the PrometheusRule object
 //! holds the same rules, the daemon's `/metrics` passes `promtool check metrics`, and
 //! with Prometheus scraping a daemon under traffic in a namespace, every query of the
-//! Grafana dashboard evaluates without error and every panel has data.
+//! Grafana dashboard evaluates without error, every panel has data, and of the alerts
+//! only the one the traffic calls for is pending.
 
 mod common;
 
@@ -183,8 +184,8 @@ fn every_dashboard_query_answers_on_prometheus_scraping_a_daemon_under_traffic()
     let renamed = exposition.replace("nftproxy_sync_repairs_total", "nftproxy_sync_repairs");
     assert!(lint(&renamed).len() > 1);
 
-    // Prometheus in the node's namespace, scraping every second.
-    // Beside the manifests directory, which the daemon watches.
+    // Prometheus in the node's namespace, scraping every second and evaluating the
+    // shipped alert rules.
     let home = std::env::temp_dir().join(format!("{}prometheus", topology.ns("")));
     let data = home.join("data");
     std::fs::create_dir_all(&data).expect("data dir");
@@ -193,7 +194,9 @@ fn every_dashboard_query_answers_on_prometheus_scraping_a_daemon_under_traffic()
         &config,
         format!(
             "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n\
-             scrape_configs:\n  - job_name: nftproxy\n    static_configs: [{{targets: ['{METRICS}']}}]\n"
+             rule_files: ['{}']\n\
+             scrape_configs:\n  - job_name: nftproxy\n    static_configs: [{{targets: ['{METRICS}']}}]\n",
+            deploy("prometheus-rules.yaml").display()
         ),
     )
     .expect("config written");
@@ -292,6 +295,22 @@ fn every_dashboard_query_answers_on_prometheus_scraping_a_daemon_under_traffic()
             empty.push(title.to_owned());
         }
     }
+    // The alerts, on the real exposition: the refused connections make the one rule
+    // that covers them pending (it fires after 10 minutes), and nothing else is.
+    let refusing = "ALERTS{alertname=\"NftproxyServiceRefusingConnections\",service=\"empty\"}";
+    within(
+        Duration::from_secs(60),
+        "a pending alert for the refused connections",
+        || !query(&node, refusing).is_empty(),
+    );
+    let alerts = query(&node, "ALERTS");
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    let labels = &alerts[0]["metric"];
+    assert_eq!(labels["alertstate"], "pending");
+    assert_eq!(labels["outcome"], "rejected");
+    assert_eq!(labels["port"], "http");
+    assert_eq!(labels["instance"], METRICS);
+
     stop.store(true, Ordering::Relaxed);
     traffic.join().expect("every connection answered");
     for server in servers {

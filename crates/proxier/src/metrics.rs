@@ -303,8 +303,10 @@ impl Metrics {
             registry,
         };
         // Both families' series exist from the start, as kube-proxy's gauges do: a last
-        // sync at 0 (never) and no failures, so that alerts on "not synced" fire for a
-        // daemon that never syncs, and `increase()` counts its first failure.
+        // sync at 0 (never) and no failures, so that an alert on "not synced" fires for
+        // a daemon that never syncs, and `increase()` counts the first failure. A family
+        // the node has no table for stays at 0, which is why the shipped alerts judge a
+        // node by its latest sync of any family (one transaction programs both).
         for family in [Family::Ip, Family::Ip6] {
             let label = [ip_family(family)];
             metrics.last_sync.with_label_values(&label).set(0.0);
