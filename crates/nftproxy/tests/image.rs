@@ -337,7 +337,7 @@ fn the_daemon_sets_container_programs_the_seed_manifests_once() {
 
 #[test]
 fn the_daemon_sets_container_follows_the_api_server_and_leaves_its_rules_on_sigterm() {
-    let test = "the_daemon_sets_container_follows_the_api_server";
+    let test = "the_daemon_sets_container_follows_the_api_server_and_leaves_its_rules_on_sigterm";
     let Some(_) = image(test) else {
         return;
     };
