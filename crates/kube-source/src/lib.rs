@@ -1,13 +1,14 @@
 //! The Kubernetes API side: kube-rs watchers feeding caches of Services, EndpointSlices
-//! (both decoded as they arrive, so the API objects are not kept) and this node's Node,
-//! plus the signals the sync loop needs (initial lists complete, something changed, when
-//! endpoint changes were triggered).
+//! (both decoded as they arrive, so the API objects are not kept), ServiceCIDRs and this
+//! node's Node, plus the signals the sync loop needs (initial lists complete, something
+//! changed, when endpoint changes were triggered).
 //!
-//! Invariant: a [`Snapshot`] is only handed out once the initial lists of both Services and
-//! EndpointSlices are complete and this node's Node is known (or a bounded wait for it has
-//! passed), so a half-listed cluster is never programmed; after that the caches keep their
-//! last contents while the API server is unreachable, and a relist replaces a cache only
-//! once it is complete.
+//! Invariant: a [`Snapshot`] is only handed out once the initial lists of Services,
+//! EndpointSlices and ServiceCIDRs are complete (ServiceCIDRs: or the API server answered
+//! that it does not serve them, or not to us) and this node's Node is known (or a bounded
+//! wait for it has passed), so a half-listed cluster is never programmed; after that the
+//! caches keep their last contents while the API server is unreachable, and a relist
+//! replaces a cache only once it is complete.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -19,6 +20,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Config, ResourceExt};
@@ -135,6 +137,7 @@ pub async fn client(
 enum Kind {
     Service,
     EndpointSlice,
+    ServiceCIDR,
     Node,
 }
 
@@ -143,6 +146,7 @@ impl fmt::Display for Kind {
         f.write_str(match self {
             Kind::Service => "Services",
             Kind::EndpointSlice => "EndpointSlices",
+            Kind::ServiceCIDR => "ServiceCIDRs",
             Kind::Node => "this Node",
         })
     }
@@ -206,9 +210,15 @@ impl<T> Cache<T> {
 struct State {
     services: Cache<DecodedService>,
     endpoint_slices: Cache<DecodedEndpointSlice>,
+    service_cidrs: Cache<ServiceCIDR>,
     nodes: Cache<Node>,
     services_listed: bool,
     endpoint_slices_listed: bool,
+    service_cidrs_listed: bool,
+    /// The API server answered the ServiceCIDR list with 404 (it predates them) or 403
+    /// (the ClusterRole does not grant them): the snapshot does not wait for them, and
+    /// the watcher keeps trying.
+    service_cidrs_unavailable: bool,
     node_listed: bool,
     /// Bumped on every change of any cache.
     generation: u64,
@@ -285,6 +295,13 @@ impl KubeSource {
                 },
             )),
             tokio::spawn(watch(
+                Api::<ServiceCIDR>::all(client.clone()),
+                watcher::Config::default(),
+                Kind::ServiceCIDR,
+                shared.clone(),
+                |state, event| state.service_cidrs.update(event, ServiceCIDR::clone),
+            )),
+            tokio::spawn(watch(
                 Api::<Node>::all(client),
                 watcher::Config::default().fields(&format!("metadata.name={node_name}")),
                 Kind::Node,
@@ -333,13 +350,14 @@ impl KubeSource {
         state.services_listed && state.endpoint_slices_listed
     }
 
-    /// Whether the first snapshot may be taken: both lists are complete, and this node's
+    /// Whether the first snapshot may be taken: the lists are complete, and this node's
     /// Node is known or the wait for it is over (said once, with the reason).
     fn ready(&self, state: &State) -> bool {
         if self.handed_out.load(Ordering::Relaxed) {
             return true;
         }
-        if !(state.services_listed && state.endpoint_slices_listed) {
+        let service_cidrs = state.service_cidrs_listed || state.service_cidrs_unavailable;
+        if !(state.services_listed && state.endpoint_slices_listed && service_cidrs) {
             return false;
         }
         if self.node_present(state) {
@@ -386,7 +404,12 @@ impl KubeSource {
                 .filter(|node| node.name_any() == self.node_name)
                 .cloned()
                 .collect(),
-            service_cidrs: Vec::new(),
+            service_cidrs: {
+                // In name order, so that the same cluster gives the same diagnostics.
+                let mut cidrs: Vec<ServiceCIDR> = state.service_cidrs.values().cloned().collect();
+                cidrs.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+                cidrs
+            },
             local_addresses: None,
         })
     }
@@ -455,6 +478,20 @@ async fn watch<K>(
         let event = match event {
             Ok(event) => event,
             Err(error) => {
+                if kind == Kind::ServiceCIDR && not_served(&error) {
+                    let mut state = shared.state();
+                    if !state.service_cidrs_unavailable {
+                        warn!(
+                            "ServiceCIDRs cannot be listed (404: the API server is older than \
+                             1.33; 403: the ClusterRole does not grant them); going on without \
+                             them: unallocated ClusterIPs are dropped within --service-cidr only"
+                        );
+                        state.service_cidrs_unavailable = true;
+                        state.generation += 1;
+                        drop(state);
+                        shared.changed.notify_one();
+                    }
+                }
                 let error = cause_chain(&error);
                 if failing.as_ref() != Some(&error) {
                     warn!(%error, "watching {kind} failed; keeping the last known state and retrying");
@@ -479,19 +516,30 @@ async fn watch<K>(
                 match kind {
                     Kind::Service => state.services_listed = true,
                     Kind::EndpointSlice => state.endpoint_slices_listed = true,
+                    Kind::ServiceCIDR => state.service_cidrs_listed = true,
                     Kind::Node => state.node_listed = true,
                 }
             }
             watcher::Event::Apply(_) | watcher::Event::Delete(_) => match kind {
                 Kind::Service => state.changes.services += 1,
                 Kind::EndpointSlice => state.changes.endpoint_slices += 1,
-                Kind::Node => {}
+                Kind::ServiceCIDR | Kind::Node => {}
             },
         }
         state.generation += 1;
         drop(state);
         shared.changed.notify_one();
     }
+}
+
+/// Whether a list failed because the API server does not serve the resource (404) or
+/// not to us (403): answers that retrying soon will not change.
+fn not_served(error: &watcher::Error) -> bool {
+    matches!(
+        error,
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+            if status.is_not_found() || status.is_forbidden()
+    )
 }
 
 /// Records an EndpointSlice change's trigger time for the network programming latency

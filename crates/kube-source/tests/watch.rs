@@ -363,3 +363,78 @@ async fn trigger_times_of_changes_after_start_are_collected_once() {
     assert_eq!(times[0].0, nftproxy_model::IpFamily::V4);
     assert_eq!(times[0].1.to_string(), now);
 }
+
+fn service_cidr(name: &str, cidrs: &[&str]) -> serde_json::Value {
+    json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR",
+        "metadata": {"name": name}, "spec": {"cidrs": cidrs},
+    })
+}
+
+/// The CIDRs of a snapshot's ServiceCIDRs, sorted.
+fn cidrs(snapshot: &Snapshot) -> Vec<String> {
+    let mut cidrs: Vec<String> = snapshot
+        .service_cidrs
+        .iter()
+        .flat_map(|c| c.spec.clone().and_then(|s| s.cidrs).unwrap_or_default())
+        .collect();
+    cidrs.sort();
+    cidrs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_cidrs_gate_the_first_snapshot_and_follow_the_cluster() {
+    let api = FakeApi::start();
+    api.apply(service("web", "10.96.0.10", json!({})));
+    api.apply(service_cidr("kubernetes", &["10.96.0.0/16"]));
+    api.refuse(Resource::ServiceCidrs, true);
+    let source = start(&api).await;
+    eventually("both lists", || source.is_synced()).await;
+    eventually("a refused ServiceCIDR list", || {
+        api.lists(Resource::ServiceCidrs) > 0
+    })
+    .await;
+    // Without the ranges, a sync would stop dropping unallocated ClusterIPs.
+    assert!(source.snapshot().is_none());
+
+    api.refuse(Resource::ServiceCidrs, false);
+    eventually("the ServiceCIDR list", || source.snapshot().is_some()).await;
+    assert_eq!(cidrs(&source.snapshot().expect("ready")), ["10.96.0.0/16"]);
+
+    // A range added and one removed later, as `kubectl apply` / `delete` do.
+    api.apply(service_cidr("extra", &["10.97.0.0/16", "fd00:97::/112"]));
+    eventually("the new range", || {
+        source.snapshot().is_some_and(|s| cidrs(&s).len() == 3)
+    })
+    .await;
+    api.delete("ServiceCIDR", "", "kubernetes");
+    eventually("the removed range", || {
+        source
+            .snapshot()
+            .is_some_and(|s| cidrs(&s) == ["10.97.0.0/16", "fd00:97::/112"])
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_server_without_service_cidrs_does_not_hold_up_the_first_snapshot() {
+    let api = FakeApi::start();
+    api.apply(service("web", "10.96.0.10", json!({})));
+    api.unserve(Resource::ServiceCidrs, true);
+    let source = start(&api).await;
+    // 404 (an API server older than 1.33): the snapshot goes on without ranges.
+    eventually("a snapshot", || source.snapshot().is_some()).await;
+    let snapshot = source.snapshot().expect("ready");
+    assert_eq!(names(&snapshot.services), ["web"]);
+    assert!(snapshot.service_cidrs.is_empty());
+    // Served after an upgrade: the watcher, still retrying, brings them in.
+    api.apply(service_cidr("kubernetes", &["10.96.0.0/16"]));
+    api.unserve(Resource::ServiceCidrs, false);
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while source.snapshot().is_none_or(|s| s.service_cidrs.is_empty()) {
+            source.changed().await;
+        }
+    })
+    .await
+    .expect("the ranges once served");
+}

@@ -5,7 +5,8 @@
 //! server keeps the rules and the watch recovers; after the changes the kernel holds
 //! what a fresh build gives; `/metrics` moves after a sync;
 //! `/healthz` turns 503 when syncs stall; health-check node ports follow the local
-//! endpoints; stale UDP flows are deleted; SIGTERM leaves the rules.
+//! endpoints; stale UDP flows are deleted; ServiceCIDRs added and removed move the drop
+//! of unallocated addresses; SIGTERM leaves the rules.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -651,6 +652,80 @@ fn a_udp_flow_stays_with_a_serving_endpoint_and_goes_with_it_or_its_service() {
             "the deleted Service's flow to go",
             || !to_pod(&udp_flows()),
         );
+    })
+    .expect("netns");
+}
+
+fn service_cidr(name: &str, cidr: &str) -> String {
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata: {{name: {name}}}\n\
+         spec: {{cidrs: [{cidr}]}}\n"
+    )
+}
+
+/// Datagrams to unallocated Service addresses the kernel dropped, from `/metrics`.
+fn unallocated_drops() -> f64 {
+    sample(
+        &metrics(),
+        "nftproxy_unallocated_service_address_connections_total",
+    )
+    .unwrap_or(0.0)
+}
+
+/// Whether the kernel drops a datagram sent from a new socket (a new flow) to `target`:
+/// a packet this host sends and its own rules drop fails the send with EPERM.
+fn dropped(target: &str) -> bool {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("udp socket");
+    match socket.send_to(b"query", target) {
+        Ok(_) => false,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => true,
+        Err(e) => panic!("sending to {target}: {e}"),
+    }
+}
+
+#[test]
+fn service_cidrs_from_the_api_drop_unallocated_addresses_as_ranges_come_and_go() {
+    if !kernel_available(
+        "service_cidrs_from_the_api_drop_unallocated_addresses_as_ranges_come_and_go",
+    ) {
+        return;
+    }
+    in_new_netns(|| {
+        pod_network();
+        let api = FakeApi::start();
+        api.apply_yaml(&udp_service("dns", "10.96.0.10", "10.244.1.53"));
+        api.apply_yaml(&service_cidr("kubernetes", "10.96.0.0/16"));
+        api.apply_yaml(NODE_A);
+        let _daemon = start(&api, &["--min-sync-period", "100ms", "--service-counters"]);
+        within(Duration::from_secs(20), "the first range", || {
+            listing().is_some_and(|l| l.contains("10.96.0.0/16"))
+        });
+        let unallocated = "10.100.0.5:53";
+        assert!(
+            dropped("10.96.7.7:53"),
+            "an unallocated address of the first range"
+        );
+        assert!(!dropped("10.96.0.10:53"), "an allocated one");
+        assert!(!dropped(unallocated), "an address of a range not yet added");
+
+        // A range added: its unallocated addresses are dropped from the next sync on.
+        api.apply_yaml(&service_cidr("extra", "10.100.0.0/16"));
+        within(Duration::from_secs(10), "the new range", || {
+            listing().is_some_and(|l| l.contains("10.100.0.0/16"))
+        });
+        assert!(dropped(unallocated));
+        // Read as a scrape reads them: a counter deleted later is carried from here.
+        assert_eq!(unallocated_drops(), 2.0);
+
+        // And removed: no longer.
+        api.delete("ServiceCIDR", "", "extra");
+        within(Duration::from_secs(10), "the range to go", || {
+            listing().is_some_and(|l| !l.contains("10.100.0.0/16"))
+        });
+        assert!(!dropped(unallocated));
+        // Each drop was counted, the others not, and the removed range's count stays.
+        assert_eq!(unallocated_drops(), 2.0);
+        assert!(api.requests().iter().any(|r| r.contains("/servicecidrs")));
     })
     .expect("netns");
 }

@@ -52,7 +52,10 @@ fn the_overlays_render_and_hang_together() {
         granted.extend(rule.resources.expect("resources"));
     }
     granted.sort();
-    assert_eq!(granted, ["endpointslices", "nodes", "services"]);
+    assert_eq!(
+        granted,
+        ["endpointslices", "nodes", "servicecidrs", "services"]
+    );
     assert_eq!(binding.role_ref.name, role.metadata.name.expect("name"));
     let subject = &binding.subjects.expect("subjects")[0];
     assert_eq!(Some(&subject.name), account.metadata.name.as_ref());

@@ -38,13 +38,16 @@ pub enum Resource {
     EndpointSlices,
     /// `v1` Nodes.
     Nodes,
+    /// `networking.k8s.io/v1` ServiceCIDRs.
+    ServiceCidrs,
 }
 
 impl Resource {
-    const ALL: [Resource; 3] = [
+    const ALL: [Resource; 4] = [
         Resource::Services,
         Resource::EndpointSlices,
         Resource::Nodes,
+        Resource::ServiceCidrs,
     ];
 
     fn path(self) -> &'static str {
@@ -52,6 +55,7 @@ impl Resource {
             Resource::Services => "/api/v1/services",
             Resource::EndpointSlices => "/apis/discovery.k8s.io/v1/endpointslices",
             Resource::Nodes => "/api/v1/nodes",
+            Resource::ServiceCidrs => "/apis/networking.k8s.io/v1/servicecidrs",
         }
     }
 
@@ -64,6 +68,7 @@ impl Resource {
             "Service" => Some(Resource::Services),
             "EndpointSlice" => Some(Resource::EndpointSlices),
             "Node" => Some(Resource::Nodes),
+            "ServiceCIDR" => Some(Resource::ServiceCidrs),
             _ => None,
         }
     }
@@ -73,6 +78,7 @@ impl Resource {
             Resource::Services => "Service",
             Resource::EndpointSlices => "EndpointSlice",
             Resource::Nodes => "Node",
+            Resource::ServiceCidrs => "ServiceCIDR",
         }
     }
 
@@ -80,7 +86,13 @@ impl Resource {
         match self {
             Resource::Services | Resource::Nodes => "v1",
             Resource::EndpointSlices => "discovery.k8s.io/v1",
+            Resource::ServiceCidrs => "networking.k8s.io/v1",
         }
+    }
+
+    /// Whether its objects live in a namespace.
+    fn namespaced(self) -> bool {
+        matches!(self, Resource::Services | Resource::EndpointSlices)
     }
 }
 
@@ -139,6 +151,8 @@ struct State {
     authorizations: Vec<Option<String>>,
     /// Resources whose requests are answered `503` even while available.
     refused: Vec<Resource>,
+    /// Resources answered `404`, as by an API server that does not have them.
+    unserved: Vec<Resource>,
     /// Resources whose list requests are answered only after this long.
     delays: HashMap<Resource, Duration>,
     requests: Vec<String>,
@@ -263,7 +277,7 @@ impl FakeApi {
         state.resource_version += 1;
         let version = state.resource_version;
         let metadata = &mut object["metadata"];
-        if resource != Resource::Nodes && metadata.get("namespace").is_none() {
+        if resource.namespaced() && metadata.get("namespace").is_none() {
             metadata["namespace"] = json!("default");
         }
         metadata["resourceVersion"] = json!(version.to_string());
@@ -275,7 +289,7 @@ impl FakeApi {
         state.record(resource, old.map(Stored::into_value), Some(object));
     }
 
-    /// Deletes an object; `namespace` is empty for Nodes.
+    /// Deletes an object; `namespace` is empty for Nodes and ServiceCIDRs.
     pub fn delete(&self, kind: &str, namespace: &str, name: &str) {
         let Some(resource) = Resource::from_kind(kind) else {
             return;
@@ -324,6 +338,16 @@ impl FakeApi {
         state.refused.retain(|r| *r != resource);
         if refused {
             state.refused.push(resource);
+        }
+    }
+
+    /// While unserved, requests for `resource` are answered `404`, as an API server
+    /// older than the resource answers them.
+    pub fn unserve(&self, resource: Resource, unserved: bool) {
+        let mut state = self.shared.state();
+        state.unserved.retain(|r| *r != resource);
+        if unserved {
+            state.unserved.push(resource);
         }
     }
 
@@ -690,6 +714,13 @@ fn handle(shared: &Shared, request: &Request<Incoming>) -> Response<Body> {
             &format!("no resource at {path}"),
         );
     };
+    if state.unserved.contains(&resource) {
+        return status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            "the server could not find the requested resource",
+        );
+    }
     if state.refused.contains(&resource) {
         return status(
             StatusCode::SERVICE_UNAVAILABLE,
