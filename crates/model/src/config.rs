@@ -67,7 +67,8 @@ pub struct KubeProxyConfiguration {
     pub cleanup_kube_proxy: Option<bool>,
     /// nftproxy's own: count connections per Service port and endpoint in the kernel.
     pub service_counters: Option<bool>,
-    /// Everything else (iptables, ipvs, conntrack, …): accepted and reported as unused.
+    pub conntrack: Option<ConntrackConfiguration>,
+    /// Everything else (iptables, ipvs, …): accepted and reported as unused.
     #[serde(flatten)]
     pub other: BTreeMap<String, serde_json::Value>,
 }
@@ -107,6 +108,22 @@ pub struct ClientConnectionConfiguration {
 #[allow(missing_docs)]
 pub struct LinuxConfiguration {
     pub masquerade_all: Option<bool>,
+    pub conntrack: Option<ConntrackConfiguration>,
+}
+
+/// `conntrack` (v1alpha1; `linux.conntrack` in v1alpha2): durations in Go's syntax
+/// (`24h0m0s`), as the file carries them.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[allow(missing_docs)]
+pub struct ConntrackConfiguration {
+    pub max_per_core: Option<i64>,
+    pub min: Option<i64>,
+    pub tcp_established_timeout: Option<String>,
+    pub tcp_close_wait_timeout: Option<String>,
+    pub tcp_be_liberal: Option<bool>,
+    pub udp_timeout: Option<String>,
+    pub udp_stream_timeout: Option<String>,
 }
 
 impl KubeProxyConfiguration {
@@ -220,6 +237,130 @@ pub struct DaemonConfig {
     /// Remove kube-proxy's rules from the node after the first successful sync
     /// (`cleanupKubeProxy`, nftproxy's own field).
     pub cleanup_kube_proxy: bool,
+    /// What the kernel's connection tracking is set to at start (`conntrack`).
+    pub conntrack: ConntrackSettings,
+}
+
+/// kube-proxy's `conntrack` settings, resolved: what the daemon asks of the kernel's
+/// connection tracking at start. Zero (a count, a duration) leaves the kernel's value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConntrackSettings {
+    /// `nf_conntrack_max` per CPU.
+    pub max_per_core: u32,
+    /// The least `nf_conntrack_max`, whatever the CPU count.
+    pub min: u32,
+    /// `nf_conntrack_tcp_timeout_established`.
+    pub tcp_established_timeout: Duration,
+    /// `nf_conntrack_tcp_timeout_close_wait`.
+    pub tcp_close_wait_timeout: Duration,
+    /// `nf_conntrack_tcp_be_liberal` (only ever turned on).
+    pub tcp_be_liberal: bool,
+    /// `nf_conntrack_udp_timeout`.
+    pub udp_timeout: Duration,
+    /// `nf_conntrack_udp_timeout_stream`.
+    pub udp_stream_timeout: Duration,
+}
+
+impl Default for ConntrackSettings {
+    /// kube-proxy's defaults.
+    fn default() -> ConntrackSettings {
+        ConntrackSettings {
+            max_per_core: 32_768,
+            min: 131_072,
+            tcp_established_timeout: Duration::from_secs(24 * 3600),
+            tcp_close_wait_timeout: Duration::from_secs(3600),
+            tcp_be_liberal: false,
+            udp_timeout: Duration::ZERO,
+            udp_stream_timeout: Duration::ZERO,
+        }
+    }
+}
+
+impl ConntrackSettings {
+    /// The `nf_conntrack_max` wanted on a machine with `cpus` CPUs: `max_per_core` for
+    /// each, at least `min`; `None` (leave it) when `max_per_core` is 0.
+    pub fn max(&self, cpus: usize) -> Option<u64> {
+        (self.max_per_core > 0).then(|| {
+            let scaled = u64::from(self.max_per_core).saturating_mul(cpus as u64);
+            scaled.max(u64::from(self.min))
+        })
+    }
+
+    /// The per-network-namespace sysctls wanted, by their name under
+    /// `net/netfilter/`, in kube-proxy's order: the timeouts in seconds, 1 for liberal.
+    pub fn namespace_sysctls(&self) -> Vec<(&'static str, u64)> {
+        [
+            (
+                "nf_conntrack_tcp_timeout_established",
+                self.tcp_established_timeout.as_secs(),
+            ),
+            (
+                "nf_conntrack_tcp_timeout_close_wait",
+                self.tcp_close_wait_timeout.as_secs(),
+            ),
+            (
+                "nf_conntrack_tcp_be_liberal",
+                u64::from(self.tcp_be_liberal),
+            ),
+            ("nf_conntrack_udp_timeout", self.udp_timeout.as_secs()),
+            (
+                "nf_conntrack_udp_timeout_stream",
+                self.udp_stream_timeout.as_secs(),
+            ),
+        ]
+        .into_iter()
+        .filter(|(_, value)| *value > 0)
+        .collect()
+    }
+
+    /// Applies the file's section on top of the current values.
+    fn apply_file(&mut self, file: &ConntrackConfiguration) -> Result<(), ConfigError> {
+        if let Some(n) = file.max_per_core {
+            self.max_per_core = parse_count("conntrack.maxPerCore", n)?;
+        }
+        if let Some(n) = file.min {
+            self.min = parse_count("conntrack.min", n)?;
+        }
+        let durations = [
+            (
+                "conntrack.tcpEstablishedTimeout",
+                &file.tcp_established_timeout,
+                &mut self.tcp_established_timeout,
+            ),
+            (
+                "conntrack.tcpCloseWaitTimeout",
+                &file.tcp_close_wait_timeout,
+                &mut self.tcp_close_wait_timeout,
+            ),
+            (
+                "conntrack.udpTimeout",
+                &file.udp_timeout,
+                &mut self.udp_timeout,
+            ),
+            (
+                "conntrack.udpStreamTimeout",
+                &file.udp_stream_timeout,
+                &mut self.udp_stream_timeout,
+            ),
+        ];
+        for (field, text, value) in durations {
+            if let Some(text) = text {
+                *value = parse_duration_or_zero(field, text)?;
+            }
+        }
+        if let Some(liberal) = file.tcp_be_liberal {
+            self.tcp_be_liberal = liberal;
+        }
+        Ok(())
+    }
+}
+
+/// A count of the `conntrack` section: 0 to 2^31 - 1, as kube-proxy's int32 fields.
+pub fn parse_count(field: &str, value: i64) -> Result<u32, ConfigError> {
+    u32::try_from(value)
+        .ok()
+        .filter(|n| i32::try_from(*n).is_ok())
+        .ok_or_else(|| invalid(field, format!("{value} is not between 0 and 2147483647")))
 }
 
 /// kube-proxy's default `healthzBindAddress` port.
@@ -308,6 +449,7 @@ impl Default for DaemonConfig {
             metrics_bind_address: Some(SocketAddr::from(([127, 0, 0, 1], METRICS_PORT))),
             kubeconfig: None,
             cleanup_kube_proxy: false,
+            conntrack: ConntrackSettings::default(),
         }
     }
 }
@@ -344,6 +486,10 @@ impl DaemonConfig {
         }
         if let Some(cleanup) = file.cleanup_kube_proxy {
             self.cleanup_kube_proxy = cleanup;
+        }
+        let linux = file.linux.as_ref().and_then(|l| l.conntrack.as_ref());
+        if let Some(conntrack) = linux.or(file.conntrack.as_ref()) {
+            self.conntrack.apply_file(conntrack)?;
         }
         Ok(())
     }
@@ -478,7 +624,8 @@ mod tests {
                     mode: nftables\nclusterCIDR: 10.244.0.0/16,fd00:10::/64\n\
                     nodePortAddresses: [primary, 192.168.0.0/16]\n\
                     nftables: {masqueradeBit: 15, syncPeriod: 1m, minSyncPeriod: 2s}\n\
-                    masqueradeAll: true\nconntrack: {maxPerCore: 0}\nserviceCounters: true\n";
+                    masqueradeAll: true\nconntrack: {maxPerCore: 0}\nserviceCounters: true\n\
+                    iptables: {masqueradeAll: false}\n";
         let file = KubeProxyConfiguration::parse(text).unwrap();
         let mut config = ProxyConfig::new("n");
         assert!(!config.service_counters, "off by default");
@@ -492,7 +639,68 @@ mod tests {
         assert_eq!(daemon.sync_period, Duration::from_secs(60));
         assert_eq!(daemon.min_sync_period, Duration::from_secs(2));
         assert_eq!(config.node_port_addresses[0], NodePortAddress::Primary);
-        assert_eq!(file.unused_fields(), vec!["conntrack"]);
+        assert_eq!(
+            daemon.conntrack.max(64),
+            None,
+            "maxPerCore 0 leaves the maximum"
+        );
+        assert_eq!(file.unused_fields(), vec!["iptables"]);
+    }
+
+    #[test]
+    fn conntrack_has_kube_proxys_defaults_and_reads_both_layouts() {
+        let defaults = ConntrackSettings::default();
+        // 32768 per core, at least 131072.
+        assert_eq!(defaults.max(2), Some(131_072));
+        assert_eq!(defaults.max(8), Some(262_144));
+        assert_eq!(
+            defaults.namespace_sysctls(),
+            [
+                ("nf_conntrack_tcp_timeout_established", 86_400),
+                ("nf_conntrack_tcp_timeout_close_wait", 3_600),
+            ],
+            "UDP timeouts of 0 and liberal off leave the kernel's values"
+        );
+        let v1alpha1 = "conntrack: {maxPerCore: 100000, min: 0, tcpEstablishedTimeout: 2h0m0s,\n\
+                        tcpCloseWaitTimeout: 0s, tcpBeLiberal: true, udpTimeout: 45s,\n\
+                        udpStreamTimeout: 3m}\n";
+        let v1alpha2 = format!("linux:\n  {}", v1alpha1.replace('\n', "\n  "));
+        for text in [v1alpha1, v1alpha2.as_str()] {
+            let file = KubeProxyConfiguration::parse(text).unwrap();
+            let mut daemon = DaemonConfig::default();
+            daemon.apply_file(&file).unwrap();
+            assert_eq!(daemon.conntrack.max(2), Some(200_000), "{text}");
+            assert_eq!(
+                daemon.conntrack.namespace_sysctls(),
+                [
+                    ("nf_conntrack_tcp_timeout_established", 7_200),
+                    ("nf_conntrack_tcp_be_liberal", 1),
+                    ("nf_conntrack_udp_timeout", 45),
+                    ("nf_conntrack_udp_timeout_stream", 180),
+                ],
+                "{text}"
+            );
+            assert!(file.unused_fields().is_empty());
+        }
+        for (text, field) in [
+            ("conntrack: {maxPerCore: -1}", "conntrack.maxPerCore"),
+            ("conntrack: {min: 4294967296}", "conntrack.min"),
+            (
+                "conntrack: {tcpEstablishedTimeout: 1d}",
+                "conntrack.tcpEstablishedTimeout",
+            ),
+            (
+                "conntrack: {udpStreamTimeout: soon}",
+                "conntrack.udpStreamTimeout",
+            ),
+        ] {
+            let file = KubeProxyConfiguration::parse(text).unwrap();
+            let error = DaemonConfig::default().apply_file(&file).unwrap_err();
+            assert!(
+                error.to_string().starts_with(&format!("{field}: ")),
+                "{error}"
+            );
+        }
     }
 
     #[test]

@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use clap::Parser;
 use ipnet::IpNet;
 use nftproxy_model::config::{
-    HEALTHZ_PORT, METRICS_PORT, parse_bind_address, parse_detect_local, parse_duration,
-    parse_duration_or_zero, parse_node_port_address,
+    ConntrackSettings, HEALTHZ_PORT, METRICS_PORT, parse_bind_address, parse_detect_local,
+    parse_duration, parse_duration_or_zero, parse_node_port_address,
 };
 use nftproxy_model::{
     ConfigError, DaemonConfig, KubeProxyConfiguration, NodePortAddress, ProxyConfig, parse_cidr,
@@ -106,6 +106,29 @@ pub struct Args {
     /// Kubeconfig file for the API server (in-cluster config by default).
     #[arg(long, value_name = "FILE")]
     pub kubeconfig: Option<PathBuf>,
+    /// nf_conntrack_max per CPU; 0 leaves the kernel's maximum (default 32768).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(0..), global = true)]
+    pub conntrack_max_per_core: Option<i32>,
+    /// The least nf_conntrack_max, whatever the CPU count (default 131072).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(0..), global = true)]
+    pub conntrack_min: Option<i32>,
+    /// Idle timeout of established TCP connections, a Go duration; 0 leaves the kernel's
+    /// (default 24h0m0s).
+    #[arg(long, value_name = "DURATION", global = true)]
+    pub conntrack_tcp_timeout_established: Option<String>,
+    /// Timeout of TCP connections in CLOSE_WAIT; 0 leaves the kernel's (default 1h0m0s).
+    #[arg(long, value_name = "DURATION", global = true)]
+    pub conntrack_tcp_timeout_close_wait: Option<String>,
+    /// Accept TCP packets outside the window (nf_conntrack_tcp_be_liberal).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", action = clap::ArgAction::Set, global = true)]
+    pub conntrack_tcp_be_liberal: Option<bool>,
+    /// Idle timeout of UDP flows that saw one reply; 0 leaves the kernel's (default 0s).
+    #[arg(long, value_name = "DURATION", global = true)]
+    pub conntrack_udp_timeout: Option<String>,
+    /// Idle timeout of UDP flows that saw more; 0 leaves the kernel's (default 0s).
+    #[arg(long, value_name = "DURATION", global = true)]
+    pub conntrack_udp_timeout_stream: Option<String>,
     /// API server URL (overrides the kubeconfig).
     #[arg(long, value_name = "URL")]
     pub master: Option<String>,
@@ -157,6 +180,11 @@ pub enum Command {
     /// List the Service ports with the most new connections, and those rejecting or
     /// dropping them, from this network namespace's kernel counters.
     Top(TopArgs),
+    /// Set the kernel's connection tracking as the `conntrack` section of --config and
+    /// the --conntrack-* flags say, and exit: for an init container that has the
+    /// privileges the daemon does without (exit 1 when a value of this network namespace
+    /// could not be set; values of the whole machine are only logged).
+    Conntrack,
 }
 
 /// `nftproxy top`.
@@ -304,7 +332,53 @@ impl Args {
         if self.cleanup_kube_proxy {
             daemon.cleanup_kube_proxy = true;
         }
+        self.conntrack(&mut daemon.conntrack)?;
         Ok((config, daemon))
+    }
+
+    /// The `--conntrack-*` flags over `settings`.
+    fn conntrack(&self, settings: &mut ConntrackSettings) -> Result<(), ConfigError> {
+        let counts = [
+            (self.conntrack_max_per_core, &mut settings.max_per_core),
+            (self.conntrack_min, &mut settings.min),
+        ];
+        for (flag, value) in counts {
+            if let Some(n) = flag {
+                // Non-negative: clap checked the range.
+                *value = n.unsigned_abs();
+            }
+        }
+        let durations = [
+            (
+                "--conntrack-tcp-timeout-established",
+                &self.conntrack_tcp_timeout_established,
+                &mut settings.tcp_established_timeout,
+            ),
+            (
+                "--conntrack-tcp-timeout-close-wait",
+                &self.conntrack_tcp_timeout_close_wait,
+                &mut settings.tcp_close_wait_timeout,
+            ),
+            (
+                "--conntrack-udp-timeout",
+                &self.conntrack_udp_timeout,
+                &mut settings.udp_timeout,
+            ),
+            (
+                "--conntrack-udp-timeout-stream",
+                &self.conntrack_udp_timeout_stream,
+                &mut settings.udp_stream_timeout,
+            ),
+        ];
+        for (flag, text, value) in durations {
+            if let Some(text) = text {
+                *value = parse_duration_or_zero(flag, text)?;
+            }
+        }
+        if let Some(liberal) = self.conntrack_tcp_be_liberal {
+            settings.tcp_be_liberal = liberal;
+        }
+        Ok(())
     }
 }
 

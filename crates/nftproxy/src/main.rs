@@ -7,6 +7,7 @@
 
 mod addresses;
 mod cli;
+mod conntrack_settings;
 mod counters;
 mod daemon;
 mod explain;
@@ -124,6 +125,19 @@ fn run(args: &Args) -> Result<(), Failure> {
         let removals = kube_proxy::plan(&mut backend).map_err(error)?;
         return emit(&kube_proxy::describe(&removals));
     }
+    if let Some(Command::Conntrack) = &args.command {
+        let applied = set_conntrack(&daemon.conntrack);
+        let failed = applied
+            .iter()
+            .filter(|a| !a.global && matches!(a.outcome, conntrack_settings::Outcome::Failed(_)))
+            .count();
+        if failed > 0 {
+            return Err(Failure::Error(format!(
+                "{failed} conntrack settings of this network namespace could not be set"
+            )));
+        }
+        return Ok(());
+    }
     if let Some(Command::Top(top)) = &args.command {
         let connections = counters::Counters::default().read().map_err(error)?;
         return emit(&counters::top_text(&connections, top.limit));
@@ -236,6 +250,8 @@ fn run_daemon(
     mode: impl FnOnce(Arc<Monitor>, Arc<http::Connections>) -> daemon::Mode,
 ) -> Result<(), Failure> {
     let monitor = Arc::new(Monitor::new(config.sync_period));
+    // As kube-proxy at start; what cannot be set is logged, and the daemon goes on.
+    set_conntrack(&config.conntrack);
     let connections = http::Connections::new(
         http::Caps::for_open_files(raise_open_files()),
         monitor.metrics.clone(),
@@ -247,6 +263,21 @@ fn run_daemon(
     let proxier = with_conntrack(kernel_proxier(desired, monitor.clone(), true)?);
     let mode = mode(monitor, connections.clone());
     daemon::run(runtime, proxier, config, counters, connections, mode).map_err(Failure::Error)
+}
+
+/// Sets the kernel's connection tracking as `settings` say, once the kernel has loaded
+/// it (a scratch rule matching `ct state` has it loaded); what became of each value.
+fn set_conntrack(
+    settings: &nftproxy_model::config::ConntrackSettings,
+) -> Vec<conntrack_settings::Applied> {
+    let loaded = NetlinkBackend::open()
+        .map_err(|e| e.to_string())
+        .and_then(|mut backend| probe::load_conntrack(&mut backend).map_err(|e| e.to_string()));
+    if let Err(error) = loaded {
+        warn!(%error, "cannot have the kernel load connection tracking; setting it anyway");
+    }
+    let cpus = conntrack_settings::cpus();
+    conntrack_settings::apply(settings, cpus, &conntrack_settings::Paths::default())
 }
 
 /// Raises the open-files limit and logs it; the limit in force.

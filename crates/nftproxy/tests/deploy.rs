@@ -126,6 +126,28 @@ fn the_overlays_render_and_hang_together() {
     assert_eq!(capabilities.drop.as_deref(), Some(&["ALL".to_owned()][..]));
     assert_eq!(security.read_only_root_filesystem, Some(true));
 
+    // The conntrack settings: a privileged init container, with the same configuration.
+    let init = &pod_spec.init_containers.as_ref().expect("initContainers")[0];
+    assert_eq!(
+        init.command
+            .as_deref()
+            .and_then(<[String]>::last)
+            .map(String::as_str),
+        Some("conntrack")
+    );
+    assert!(
+        init.command
+            .as_ref()
+            .expect("command")
+            .contains(&command[1])
+    );
+    assert_eq!(
+        init.security_context.as_ref().and_then(|s| s.privileged),
+        Some(true)
+    );
+    assert_eq!(init.volume_mounts, container.volume_mounts);
+    assert_eq!(init.image, container.image);
+
     let data = config.data.expect("data");
     let file = nftproxy_model::KubeProxyConfiguration::parse(&data["config.conf"])
         .expect("config.conf parses");
@@ -135,11 +157,19 @@ fn the_overlays_render_and_hang_together() {
         file.unused_fields()
     );
     assert_eq!(file.service_counters, Some(true));
+    let mut daemon = nftproxy_model::DaemonConfig::default();
+    daemon.apply_file(&file).expect("config.conf applies");
+    assert_eq!(
+        daemon.conntrack,
+        nftproxy_model::config::ConntrackSettings::default(),
+        "kube-proxy's defaults, written out"
+    );
 
-    // The look first differs in two places only: the pod's own network namespace, and
-    // nothing of kube-proxy's removed.
+    // The look first differs in three places only: the pod's own network namespace,
+    // nothing of kube-proxy's removed, and the node's conntrack settings left alone.
     let beside_set: DaemonSet = object(&beside, "DaemonSet", "nftproxy");
     assert_eq!(pod(&beside_set).host_network, Some(false));
+    assert_eq!(pod(&beside_set).init_containers, None);
     let beside_command = container_command(&beside_set);
     let mut expected = command.clone();
     expected.retain(|flag| flag != "--cleanup-kube-proxy");
@@ -148,6 +178,7 @@ fn the_overlays_render_and_hang_together() {
         for d in &mut documents {
             if d["kind"] == "DaemonSet" {
                 d["spec"]["template"]["spec"]["hostNetwork"] = Value::Null;
+                d["spec"]["template"]["spec"]["initContainers"] = Value::Null;
                 d["spec"]["template"]["spec"]["containers"][0]["command"] = Value::Null;
             }
         }

@@ -4,8 +4,9 @@
 //! API's node name, the `nftproxy-cluster` ConfigMap), its ConfigMap mounted at its
 //! mount path, the ServiceAccount's token, CA and namespace where the kubelet puts them,
 //! `runAsUser`, the capabilities (`NET_ADMIN` only), a read-only root, no privilege
-//! escalation, and `hostNetwork` as a scratch network namespace standing for the node.
-//! Against a fake API server speaking TLS with a CA of its own, inside that namespace.
+//! escalation, and `hostNetwork` as a scratch network namespace standing for the node;
+//! the privileged init container first. Against a fake API server speaking TLS with a CA
+//! of its own, inside that namespace.
 
 mod common;
 
@@ -132,11 +133,13 @@ impl Drop for Container {
     }
 }
 
-/// What the kubelet would do for the DaemonSet's container, as `podman run` arguments
-/// (image and command last): everything but the image's name and `extra` comes from the
-/// rendered objects. `files` is where the mounted volumes' contents are written.
+/// What the kubelet would do for the DaemonSet's container `name` (an init container or
+/// the daemon), as `podman run` arguments (image and command last): everything but the
+/// image's name and `extra` comes from the rendered objects. `files` is where the
+/// mounted volumes' contents are written.
 fn pod_run(
     rendered: &[serde_json::Value],
+    name: &str,
     node: &Node,
     files: &Path,
     ca_pem: &str,
@@ -144,7 +147,13 @@ fn pod_run(
 ) -> Vec<String> {
     let daemon_set: DaemonSet = object(rendered, "DaemonSet", "nftproxy");
     let pod = daemon_set.spec.template.spec.expect("pod spec");
-    let container = &pod.containers[0];
+    let container = pod
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&pod.containers)
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("a container {name}"));
     let mut args: Vec<String> = LIMITS.iter().map(|s| (*s).to_owned()).collect();
     assert_eq!(pod.host_network, Some(true));
     args.push(format!("--network=ns:/run/netns/{}", node.0));
@@ -218,15 +227,17 @@ fn pod_run(
         .security_context
         .as_ref()
         .expect("securityContext");
-    args.push(format!(
-        "--user={}",
-        security.run_as_user.expect("runAsUser")
-    ));
-    let capabilities = security.capabilities.as_ref().expect("capabilities");
-    for dropped in capabilities.drop.iter().flatten() {
+    if let Some(user) = security.run_as_user {
+        args.push(format!("--user={user}"));
+    }
+    if security.privileged == Some(true) {
+        args.push("--privileged".to_owned());
+    }
+    let capabilities = security.capabilities.iter();
+    for dropped in capabilities.clone().flat_map(|c| c.drop.iter().flatten()) {
         args.push(format!("--cap-drop={dropped}"));
     }
-    for added in capabilities.add.iter().flatten() {
+    for added in capabilities.flat_map(|c| c.add.iter().flatten()) {
         args.push(format!("--cap-add={added}"));
     }
     if security.read_only_root_filesystem == Some(true) {
@@ -311,6 +322,7 @@ fn the_daemon_sets_container_programs_the_seed_manifests_once() {
     ));
     args.extend(pod_run(
         &rendered,
+        "nftproxy",
         &node,
         &files,
         "",
@@ -353,19 +365,60 @@ fn the_daemon_sets_container_follows_the_api_server_and_leaves_its_rules_on_sigt
         return;
     };
     let files = scratch_dir(test);
+    let ca_pem = api.ca_pem().expect("TLS");
+
+    // The conntrack settings need what the daemon's container lacks: a writable
+    // /proc/sys. Its command with `conntrack` says so and fails.
+    let unprivileged = podman()
+        .args(["run", "--rm"])
+        .args(pod_run(
+            &rendered,
+            "nftproxy",
+            &node,
+            &files,
+            ca_pem,
+            &["conntrack"],
+        ))
+        .output()
+        .expect("podman runs");
+    assert!(!unprivileged.status.success());
+    let said = String::from_utf8_lossy(&unprivileged.stderr);
+    assert!(said.contains("could not be set"), "{said}");
+    // The privileged init container sets them, in the node's network namespace.
+    let sysctl = |name: &str| {
+        let output = output(Command::new("ip").args([
+            "netns",
+            "exec",
+            &node.0,
+            "sysctl",
+            "-n",
+            &format!("net.netfilter.{name}"),
+        ]));
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    };
+    assert_eq!(
+        sysctl("nf_conntrack_tcp_timeout_established"),
+        "432000",
+        "the kernel's"
+    );
+    output(podman().args(["run", "--rm"]).args(pod_run(
+        &rendered,
+        "conntrack",
+        &node,
+        &files,
+        ca_pem,
+        &[],
+    )));
+    assert_eq!(sysctl("nf_conntrack_tcp_timeout_established"), "86400");
+    assert_eq!(sysctl("nf_conntrack_tcp_timeout_close_wait"), "3600");
+
     let container = Container(format!("nftproxy-test-{}", std::process::id()));
     let mut args = vec![
         "run".to_owned(),
         "--detach".to_owned(),
         format!("--name={}", container.0),
     ];
-    args.extend(pod_run(
-        &rendered,
-        &node,
-        &files,
-        api.ca_pem().expect("TLS"),
-        &[],
-    ));
+    args.extend(pod_run(&rendered, "nftproxy", &node, &files, ca_pem, &[]));
     output(podman().args(&args));
 
     within(Duration::from_secs(60), "/healthz answers 200", || {
@@ -407,6 +460,9 @@ fn the_daemon_sets_container_follows_the_api_server_and_leaves_its_rules_on_sigt
         assert!(table.contains(address), "{address} after SIGTERM:\n{table}");
     }
     let logs = output(podman().args(["logs", &container.0]));
-    assert!(String::from_utf8_lossy(&logs.stderr).contains("synced"));
+    let logs = String::from_utf8_lossy(&logs.stderr);
+    assert!(logs.contains("synced"));
+    // The daemon found the init container's settings in place.
+    assert!(!logs.contains("of this network namespace"), "{logs}");
     let _ = std::fs::remove_dir_all(&files);
 }

@@ -7,8 +7,8 @@
 //! accepts.
 
 use nftproxy_nft::{
-    Backend, BackendError, DataType, Element, ErrorKind, Family, Op, Set, Transaction, Value,
-    Verdict,
+    Backend, BackendError, DataType, Element, ErrorKind, Family, Op, Rule, Set, Stmt, Transaction,
+    Value, Verdict,
 };
 
 use crate::ReconcilerOptions;
@@ -115,6 +115,34 @@ pub fn chain_deletes<B: Backend>(backend: &mut B) -> ChainDeletes {
         tracing::warn!(%error, "cannot delete the kernel probe's table {PROBE_TABLE}");
     }
     found
+}
+
+/// Has the kernel load connection tracking, whose sysctls the daemon sets at start: a
+/// rule matching `ct state` needs it (nft_ct depends on nf_conntrack), so adding one to
+/// a chain of the scratch table loads it where it is a module. The table goes at once.
+pub fn load_conntrack<B: Backend>(backend: &mut B) -> Result<(), B::Error> {
+    let family = Family::Ip;
+    let mut tx = Transaction::new(family, PROBE_TABLE);
+    if !matches!(backend.list(family, PROBE_TABLE), Ok(None)) {
+        tx.ops.push(Op::DeleteTable);
+    }
+    tx.ops.extend([
+        Op::AddTable {
+            comment: Some("nftproxy: a kernel probe at start, deleted at once".to_owned()),
+        },
+        Op::AddChain {
+            name: TARGET.to_owned(),
+            base: None,
+        },
+        Op::AddRule {
+            chain: TARGET.to_owned(),
+            rule: Rule::new(vec![Stmt::ct_state_new()]),
+        },
+    ]);
+    backend.apply(&tx)?;
+    let mut delete = Transaction::new(family, PROBE_TABLE);
+    delete.ops.push(Op::DeleteTable);
+    backend.apply(&delete)
 }
 
 #[cfg(test)]
