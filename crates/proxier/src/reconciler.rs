@@ -171,6 +171,10 @@ impl<B: Backend> Reconciler<B> {
             // the applied state still holds at the new generation.
             Ok(Some(now)) => match self.backend.changed_by_others(&self.table) {
                 Ok(Some(false)) => {
+                    tracing::debug!(
+                        generation = now,
+                        "another program committed to other tables; nftproxy's are intact"
+                    );
                     self.generation = Some(now);
                     false
                 }
