@@ -11,54 +11,25 @@ use std::time::Duration;
 use nftproxy_testkit::{SEED_NODE_FLAGS, kernel_available, repo_root};
 
 mod common;
-use common::{Daemon, ip, within};
+use common::{Daemon, Namespace, within};
 
-/// A named network namespace with loopback up; deleted on drop.
-struct Namespace(String);
-
-impl Namespace {
-    fn new(test: &str) -> Namespace {
-        let name = format!("nftp{}{test}", std::process::id());
-        ip(&["netns", "add", &name]);
-        ip(&["-n", &name, "link", "set", "lo", "up"]);
-        Namespace(name)
-    }
-
-    /// `net.netfilter.NAME` as this namespace sees it.
-    fn sysctl(&self, name: &str) -> String {
-        let output = Command::new("ip")
-            .args(["netns", "exec", &self.0, "sysctl", "-n"])
-            .arg(format!("net.netfilter.{name}"))
-            .output()
-            .expect("sysctl runs");
-        assert!(output.status.success(), "{name}");
-        String::from_utf8_lossy(&output.stdout).trim().to_owned()
-    }
-
-    /// The daemon on the seed manifests with `args`, once it has synced.
-    fn daemon(&self, args: &[&str]) -> Daemon {
-        let log = std::env::temp_dir().join(format!("{}.log", self.0));
-        let daemon = Daemon::spawn(
-            Command::new("ip")
-                .args(["netns", "exec", &self.0, env!("CARGO_BIN_EXE_nftproxy")])
-                .args(SEED_NODE_FLAGS)
-                .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
-                .arg("--manifests")
-                .arg(repo_root().join("hack/examples/seed"))
-                .args(args),
-            log,
-        );
-        within(Duration::from_secs(30), "the first sync", || {
-            daemon.log().contains("synced")
-        });
-        daemon
-    }
-}
-
-impl Drop for Namespace {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
+/// The daemon in `ns` on the seed manifests with `args`, once it has synced.
+fn daemon(ns: &Namespace, args: &[&str]) -> Daemon {
+    let log = std::env::temp_dir().join(format!("{}.log", ns.0));
+    let daemon = Daemon::spawn(
+        Command::new("ip")
+            .args(["netns", "exec", &ns.0, env!("CARGO_BIN_EXE_nftproxy")])
+            .args(SEED_NODE_FLAGS)
+            .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
+            .arg("--manifests")
+            .arg(repo_root().join("hack/examples/seed"))
+            .args(args),
+        log,
+    );
+    within(Duration::from_secs(30), "the first sync", || {
+        daemon.log().contains("synced")
+    });
+    daemon
 }
 
 #[test]
@@ -68,13 +39,26 @@ fn without_configuration_the_daemon_sets_kube_proxys_defaults() {
     }
     let ns = Namespace::new("ctdefault");
     // A new namespace starts with the kernel's values.
-    assert_eq!(ns.sysctl("nf_conntrack_tcp_timeout_established"), "432000");
-    let udp = ns.sysctl("nf_conntrack_udp_timeout");
-    let daemon = ns.daemon(&[]);
-    assert_eq!(ns.sysctl("nf_conntrack_tcp_timeout_established"), "86400");
-    assert_eq!(ns.sysctl("nf_conntrack_tcp_timeout_close_wait"), "3600");
-    assert_eq!(ns.sysctl("nf_conntrack_udp_timeout"), udp, "0s leaves it");
-    assert_eq!(ns.sysctl("nf_conntrack_tcp_be_liberal"), "0");
+    assert_eq!(
+        ns.netfilter_sysctl("nf_conntrack_tcp_timeout_established"),
+        "432000"
+    );
+    let udp = ns.netfilter_sysctl("nf_conntrack_udp_timeout");
+    let daemon = daemon(&ns, &[]);
+    assert_eq!(
+        ns.netfilter_sysctl("nf_conntrack_tcp_timeout_established"),
+        "86400"
+    );
+    assert_eq!(
+        ns.netfilter_sysctl("nf_conntrack_tcp_timeout_close_wait"),
+        "3600"
+    );
+    assert_eq!(
+        ns.netfilter_sysctl("nf_conntrack_udp_timeout"),
+        udp,
+        "0s leaves it"
+    );
+    assert_eq!(ns.netfilter_sysctl("nf_conntrack_tcp_be_liberal"), "0");
     // Only the host's namespace may set the maximum: said, with the value wanted.
     let log = daemon.log();
     let said = log
@@ -100,28 +84,34 @@ fn the_file_sets_conntrack_and_flags_override_it() {
     )
     .expect("config written");
     let config_arg = config.display().to_string();
-    let daemon = ns.daemon(&[
-        "--config",
-        &config_arg,
-        "--conntrack-tcp-timeout-established",
-        "2h",
-        "--conntrack-udp-timeout-stream",
-        "5m0s",
-    ]);
+    let daemon = daemon(
+        &ns,
+        &[
+            "--config",
+            &config_arg,
+            "--conntrack-tcp-timeout-established",
+            "2h",
+            "--conntrack-udp-timeout-stream",
+            "5m0s",
+        ],
+    );
     let _ = std::fs::remove_file(&config);
     assert_eq!(
-        ns.sysctl("nf_conntrack_tcp_timeout_established"),
+        ns.netfilter_sysctl("nf_conntrack_tcp_timeout_established"),
         "7200",
         "the flag"
     );
     assert_eq!(
-        ns.sysctl("nf_conntrack_tcp_timeout_close_wait"),
+        ns.netfilter_sysctl("nf_conntrack_tcp_timeout_close_wait"),
         "1800",
         "the file"
     );
-    assert_eq!(ns.sysctl("nf_conntrack_udp_timeout"), "45");
-    assert_eq!(ns.sysctl("nf_conntrack_udp_timeout_stream"), "300");
-    assert_eq!(ns.sysctl("nf_conntrack_tcp_be_liberal"), "1");
+    assert_eq!(ns.netfilter_sysctl("nf_conntrack_udp_timeout"), "45");
+    assert_eq!(
+        ns.netfilter_sysctl("nf_conntrack_udp_timeout_stream"),
+        "300"
+    );
+    assert_eq!(ns.netfilter_sysctl("nf_conntrack_tcp_be_liberal"), "1");
     // maxPerCore 0: the maximum is not touched, so nothing is said about it.
     assert!(
         !daemon.log().contains("nf_conntrack_max"),

@@ -17,7 +17,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::kustomize::{object, render_readme_kustomization};
-use common::{http_get, ip, within};
+use common::{Namespace, http_get, within};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::ConfigMap;
 use nftproxy_netlink::netns;
@@ -81,38 +81,9 @@ fn image(test: &str) -> Option<&'static str> {
     }))
 }
 
-/// A network namespace standing for the node, with its loopback up; deleted on drop.
-struct Node(String);
-
-impl Node {
-    fn new(test: &str) -> Node {
-        let name = format!("nftp{}{test}", std::process::id());
-        ip(&["netns", "add", &name]);
-        ip(&["-n", &name, "link", "set", "lo", "up"]);
-        Node(name)
-    }
-
-    /// `nft list table ip nftproxy` in this namespace (empty when there is none).
-    fn table(&self) -> String {
-        let listed = Command::new("ip")
-            .args([
-                "netns", "exec", &self.0, "nft", "list", "table", "ip", "nftproxy",
-            ])
-            .output()
-            .expect("nft runs");
-        String::from_utf8_lossy(&listed.stdout).into_owned()
-    }
-
-    /// The status of `GET path` on the node's port 10256 (None: no answer).
-    fn healthz(&self, path: &str) -> Option<u16> {
-        http_get(&self.0, "127.0.0.1:10256", path).map(|(status, _)| status)
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
+/// The status of `GET path` on port 10256 of the node's namespace (None: no answer).
+fn healthz(node: &Namespace, path: &str) -> Option<u16> {
+    http_get(&node.0, "127.0.0.1:10256", path).map(|(status, _)| status)
 }
 
 /// A container started detached; removed on drop.
@@ -140,7 +111,7 @@ impl Drop for Container {
 fn pod_run(
     rendered: &[serde_json::Value],
     name: &str,
-    node: &Node,
+    node: &Namespace,
     files: &Path,
     ca_pem: &str,
     extra: &[&str],
@@ -313,7 +284,7 @@ fn the_daemon_sets_container_programs_the_seed_manifests_once() {
     let Some(rendered) = rendered_for(test, None) else {
         return;
     };
-    let node = Node::new("once");
+    let node = Namespace::new("once");
     let files = scratch_dir(test);
     let mut args = vec!["run".to_owned(), "--rm".to_owned()];
     args.push(format!(
@@ -353,7 +324,7 @@ fn the_daemon_sets_container_follows_the_api_server_and_leaves_its_rules_on_sigt
     let Some(_) = image(test) else {
         return;
     };
-    let node = Node::new("daemon");
+    let node = Namespace::new("daemon");
     // The API server inside the node's namespace, where the container reaches it.
     let api = netns::in_named_netns(&node.0, FakeApi::start_tls).expect("node namespace");
     api.apply_yaml(&seed_manifests());
@@ -385,17 +356,7 @@ fn the_daemon_sets_container_follows_the_api_server_and_leaves_its_rules_on_sigt
     let said = String::from_utf8_lossy(&unprivileged.stderr);
     assert!(said.contains("could not be set"), "{said}");
     // The privileged init container sets them, in the node's network namespace.
-    let sysctl = |name: &str| {
-        let output = output(Command::new("ip").args([
-            "netns",
-            "exec",
-            &node.0,
-            "sysctl",
-            "-n",
-            &format!("net.netfilter.{name}"),
-        ]));
-        String::from_utf8_lossy(&output.stdout).trim().to_owned()
-    };
+    let sysctl = |name: &str| node.netfilter_sysctl(name);
     assert_eq!(
         sysctl("nf_conntrack_tcp_timeout_established"),
         "432000",
@@ -422,7 +383,7 @@ fn the_daemon_sets_container_follows_the_api_server_and_leaves_its_rules_on_sigt
     output(podman().args(&args));
 
     within(Duration::from_secs(60), "/healthz answers 200", || {
-        node.healthz("/healthz") == Some(200)
+        healthz(&node, "/healthz") == Some(200)
     });
     assert!(node.table().contains("10.103.50.102"), "{}", node.table());
     // It authenticated with the ServiceAccount's token, over TLS to the CA it was given.

@@ -455,3 +455,45 @@ pub fn http_get(ns: &str, address: &'static str, path: &str) -> Option<(u16, Str
     })
     .expect("client thread")
 }
+
+/// One named network namespace with its loopback up (a node, for tests that need no
+/// [`Topology`]), deleted on drop.
+pub struct Namespace(pub String);
+
+impl Namespace {
+    /// A namespace named after the process and `test`.
+    pub fn new(test: &str) -> Namespace {
+        let name = format!("nftp{}{test}", std::process::id());
+        ip(&["netns", "add", &name]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        Namespace(name)
+    }
+
+    /// `nft list table ip nftproxy` here (empty when there is none).
+    pub fn table(&self) -> String {
+        let listed = Command::new("ip")
+            .args([
+                "netns", "exec", &self.0, "nft", "list", "table", "ip", "nftproxy",
+            ])
+            .output()
+            .expect("nft runs");
+        String::from_utf8_lossy(&listed.stdout).into_owned()
+    }
+
+    /// `net.netfilter.NAME` as this namespace sees it.
+    pub fn netfilter_sysctl(&self, name: &str) -> String {
+        let output = Command::new("ip")
+            .args(["netns", "exec", &self.0, "sysctl", "-n"])
+            .arg(format!("net.netfilter.{name}"))
+            .output()
+            .expect("sysctl runs");
+        assert!(output.status.success(), "{name}");
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
