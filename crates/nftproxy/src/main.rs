@@ -270,13 +270,16 @@ fn run_daemon(
 fn set_conntrack(
     settings: &nftproxy_model::config::ConntrackSettings,
 ) -> Vec<conntrack_settings::Applied> {
+    let cpus = conntrack_settings::cpus();
+    if settings.max(cpus).is_none() && settings.namespace_sysctls().is_empty() {
+        return Vec::new();
+    }
     let loaded = NetlinkBackend::open()
         .map_err(|e| e.to_string())
         .and_then(|mut backend| probe::load_conntrack(&mut backend).map_err(|e| e.to_string()));
     if let Err(error) = loaded {
         warn!(%error, "cannot have the kernel load connection tracking; setting it anyway");
     }
-    let cpus = conntrack_settings::cpus();
     conntrack_settings::apply(settings, cpus, &conntrack_settings::Paths::default())
 }
 

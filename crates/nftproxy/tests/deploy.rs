@@ -165,14 +165,23 @@ fn the_overlays_render_and_hang_together() {
         "kube-proxy's defaults, written out"
     );
 
-    // The look first differs in three places only: the pod's own network namespace,
-    // nothing of kube-proxy's removed, and the node's conntrack settings left alone.
+    // The look first differs in three ways only: the pod's own network namespace,
+    // nothing of kube-proxy's removed, and no conntrack setting touched.
     let beside_set: DaemonSet = object(&beside, "DaemonSet", "nftproxy");
     assert_eq!(pod(&beside_set).host_network, Some(false));
     assert_eq!(pod(&beside_set).init_containers, None);
     let beside_command = container_command(&beside_set);
     let mut expected = command.clone();
     expected.retain(|flag| flag != "--cleanup-kube-proxy");
+    // With every conntrack setting at 0, the daemon leaves them all to the kernel.
+    expected.extend(
+        [
+            "--conntrack-max-per-core=0",
+            "--conntrack-tcp-timeout-established=0s",
+            "--conntrack-tcp-timeout-close-wait=0s",
+        ]
+        .map(str::to_owned),
+    );
     assert_eq!(beside_command, expected);
     let strip = |mut documents: Vec<Value>| {
         for d in &mut documents {
