@@ -34,6 +34,12 @@ pub struct Args {
     /// Remove everything nftproxy wrote and exit.
     #[arg(long, conflicts_with_all = ["dry_run", "once"])]
     pub cleanup: bool,
+    /// Do the privileged setup and exit, as kube-proxy's --init-only: set the kernel's
+    /// connection tracking as the `conntrack` section and the --conntrack-* flags say,
+    /// for an init container, so that the daemon's needs NET_ADMIN only (exit 1 when a
+    /// value of this network namespace could not be set; the machine's are only logged).
+    #[arg(long, conflicts_with_all = ["dry_run", "once", "cleanup"])]
+    pub init_only: bool,
     /// After the first successful sync (and on every start), remove what kube-proxy left
     /// on the node: its nftables tables, and the KUBE-* chains and the jumps to them in
     /// the tables iptables-nft manages. With --dry-run: print what would be removed.
@@ -180,11 +186,6 @@ pub enum Command {
     /// List the Service ports with the most new connections, and those rejecting or
     /// dropping them, from this network namespace's kernel counters.
     Top(TopArgs),
-    /// Set the kernel's connection tracking as the `conntrack` section of --config and
-    /// the --conntrack-* flags say, and exit: for an init container that has the
-    /// privileges the daemon does without (exit 1 when a value of this network namespace
-    /// could not be set; values of the whole machine are only logged).
-    Conntrack,
 }
 
 /// `nftproxy top`.

@@ -125,7 +125,7 @@ fn run(args: &Args) -> Result<(), Failure> {
         let removals = kube_proxy::plan(&mut backend).map_err(error)?;
         return emit(&kube_proxy::describe(&removals));
     }
-    if let Some(Command::Conntrack) = &args.command {
+    if args.init_only {
         let applied = set_conntrack(&daemon.conntrack);
         let failed = applied
             .iter()

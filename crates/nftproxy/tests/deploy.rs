@@ -133,7 +133,7 @@ fn the_overlays_render_and_hang_together() {
             .as_deref()
             .and_then(<[String]>::last)
             .map(String::as_str),
-        Some("conntrack")
+        Some("--init-only")
     );
     assert!(
         init.command

@@ -339,7 +339,7 @@ fn the_daemon_sets_container_follows_the_api_server_and_leaves_its_rules_on_sigt
     let ca_pem = api.ca_pem().expect("TLS");
 
     // The conntrack settings need what the daemon's container lacks: a writable
-    // /proc/sys. Its command with `conntrack` says so and fails.
+    // /proc/sys. Its command with `--init-only` says so and fails.
     let unprivileged = podman()
         .args(["run", "--rm"])
         .args(pod_run(
@@ -348,7 +348,7 @@ fn the_daemon_sets_container_follows_the_api_server_and_leaves_its_rules_on_sigt
             &node,
             &files,
             ca_pem,
-            &["conntrack"],
+            &["--init-only"],
         ))
         .output()
         .expect("podman runs");
