@@ -356,7 +356,7 @@ impl ConntrackSettings {
 }
 
 /// A count of the `conntrack` section: 0 to 2^31 - 1, as kube-proxy's int32 fields.
-pub fn parse_count(field: &str, value: i64) -> Result<u32, ConfigError> {
+fn parse_count(field: &str, value: i64) -> Result<u32, ConfigError> {
     u32::try_from(value)
         .ok()
         .filter(|n| i32::try_from(*n).is_ok())
