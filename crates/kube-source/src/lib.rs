@@ -478,21 +478,26 @@ async fn watch<K>(
         let event = match event {
             Ok(event) => event,
             Err(error) => {
-                if kind == Kind::ServiceCIDR && not_served(&error) {
+                let unavailable = kind == Kind::ServiceCIDR && not_served(&error);
+                let error = cause_chain(&error);
+                if unavailable {
                     let mut state = shared.state();
                     if !state.service_cidrs_unavailable {
                         warn!(
+                            %error,
                             "ServiceCIDRs cannot be listed (404: the API server is older than \
                              1.33; 403: the ClusterRole does not grant them); going on without \
-                             them: unallocated ClusterIPs are dropped within --service-cidr only"
+                             them, retrying: unallocated ClusterIPs are dropped within \
+                             --service-cidr only"
                         );
                         state.service_cidrs_unavailable = true;
                         state.generation += 1;
                         drop(state);
                         shared.changed.notify_one();
+                        failing = Some(error);
+                        continue;
                     }
                 }
-                let error = cause_chain(&error);
                 if failing.as_ref() != Some(&error) {
                     warn!(%error, "watching {kind} failed; keeping the last known state and retrying");
                     failing = Some(error);
