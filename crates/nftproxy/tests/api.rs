@@ -5,7 +5,8 @@
 //! server keeps the rules and the watch recovers; after the changes the kernel holds
 //! what a fresh build gives; `/metrics` moves after a sync;
 //! `/healthz` turns 503 when syncs stall; health-check node ports follow the local
-//! endpoints; stale UDP flows are deleted; ServiceCIDRs added and removed move the drop
+//! endpoints; stale UDP flows are deleted (also when a Service is scaled to zero or
+//! deleted); ServiceCIDRs added and removed move the drop
 //! of unallocated addresses; SIGTERM leaves the rules.
 
 use std::io::{Read, Write};
@@ -639,13 +640,31 @@ fn a_udp_flow_stays_with_a_serving_endpoint_and_goes_with_it_or_its_service() {
             !to_pod(&udp_flows())
         });
 
-        // Served again, a new flow; then the Service is deleted: the flow goes too.
-        api.apply_yaml(&udp_service("dns", "10.96.0.10", "10.244.1.53"));
-        within(Duration::from_secs(10), "served again", || {
-            // Refused (EPERM) until the rules have the endpoint again.
-            let _ = client.send_to(b"query", "10.96.0.10:53");
-            to_pod(&udp_flows())
-        });
+        // Served again, a new flow; then scaled to zero (the slice keeps no endpoint, as
+        // upstream's #139628 has it): the flow goes.
+        let served_again = || {
+            api.apply_yaml(&udp_service("dns", "10.96.0.10", "10.244.1.53"));
+            within(Duration::from_secs(10), "served again", || {
+                // Refused (EPERM) until the rules have the endpoint again.
+                let _ = client.send_to(b"query", "10.96.0.10:53");
+                to_pod(&udp_flows())
+            });
+        };
+        served_again();
+        api.apply_yaml(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {name: dns-1, namespace: kube-system, \
+             labels: {kubernetes.io/service-name: dns}}\n\
+             addressType: IPv4\nports: [{name: dns, port: 53, protocol: UDP}]\nendpoints: []\n",
+        );
+        within(
+            Duration::from_secs(10),
+            "the flow of a Service scaled to zero to go",
+            || !to_pod(&udp_flows()),
+        );
+
+        // Served again; then the Service is deleted (upstream's #141371): the flow goes.
+        served_again();
         api.delete("Service", "kube-system", "dns");
         within(
             Duration::from_secs(10),
