@@ -582,7 +582,8 @@ fn declared_claims(service: Option<&ServiceInfo>) -> Vec<Claim> {
 /// Where NodePorts are accepted in `family`, as kube-proxy's nftables mode decides it:
 /// `primary` (the default) is the node's primary IP; a CIDR takes every address of the
 /// namespace's interfaces inside it (the node IPs when those are not known), and a
-/// CIDR of length 0 every local address. With the candidates and what became of each.
+/// CIDR of length 0 (or `all`) every local address; loopback addresses (`localhost`)
+/// are never taken. With the candidates and what became of each.
 fn node_port_addresses(
     family: IpFamily,
     config: &ProxyConfig,
@@ -594,10 +595,23 @@ fn node_port_addresses(
     } else {
         &config.node_port_addresses[..]
     };
+    // `all` and `localhost` in this family.
+    let (everything, loopback) = match family {
+        IpFamily::V4 => (
+            IpNet::new_assert(IpAddr::from([0, 0, 0, 0]), 0),
+            IpNet::new_assert(IpAddr::from([127, 0, 0, 0]), 8),
+        ),
+        IpFamily::V6 => (
+            IpNet::new_assert(IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED), 0),
+            IpNet::new_assert(IpAddr::from(std::net::Ipv6Addr::LOCALHOST), 128),
+        ),
+    };
     let cidrs: Vec<IpNet> = entries
         .iter()
         .filter_map(|e| match e {
             NodePortAddress::Cidr(cidr) if net_in_family(family)(cidr) => Some(*cidr),
+            NodePortAddress::All => Some(everything),
+            NodePortAddress::Localhost => Some(loopback),
             _ => None,
         })
         .collect();
@@ -627,8 +641,11 @@ fn node_port_addresses(
         let inside = cidrs.iter().find(|c| c.contains(&address));
         let (ok, reason) = if address.is_loopback() {
             // NodePorts on loopback need route_localnet tricks that nftables mode does
-            // not do.
-            (false, "loopback".to_owned())
+            // not do (upstream serves them only through its gated user-space proxy).
+            (
+                false,
+                "loopback: localhost NodePorts are not served".to_owned(),
+            )
         } else if Some(address) == primary {
             (true, "the node's primary IP (primary)".to_owned())
         } else if let Some(cidr) = inside {
@@ -843,6 +860,48 @@ mod tests {
         let report = snapshot.add_manifest("objects.yaml", &yaml);
         assert!(report.errors.is_empty(), "{report:?}");
         snapshot
+    }
+
+    #[test]
+    fn the_nodeport_keywords_all_and_localhost_are_read_as_kube_proxy_reads_them() {
+        let node = [IpAddr::from([192, 168, 50, 10])];
+        let local = [
+            IpAddr::from([127, 0, 0, 1]),
+            IpAddr::from([192, 168, 50, 10]),
+            IpAddr::from([10, 0, 0, 5]),
+            IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+        ];
+        let entries = |text: &str| {
+            let mut config = ProxyConfig::new("node");
+            config.node_port_addresses = text
+                .split(',')
+                .map(|e| crate::config::parse_node_port_address(e).unwrap())
+                .collect();
+            config
+        };
+        // `primary` beside `localhost`: the primary IP only; loopback is named, not taken.
+        let config = entries("primary,localhost");
+        let (addresses, choices) = node_port_addresses(IpFamily::V4, &config, &node, Some(&local));
+        assert_eq!(addresses, NodePortAddresses::Addresses(node.to_vec()));
+        let loopback = choices.iter().find(|c| c.address.is_loopback()).unwrap();
+        assert!(!loopback.taken && loopback.reason.contains("localhost NodePorts"));
+        assert!(
+            config
+                .node_port_addresses
+                .iter()
+                .any(NodePortAddress::names_loopback)
+        );
+        // `all`: every local address of both families, and it names no loopback.
+        let config = entries("all");
+        for family in [IpFamily::V4, IpFamily::V6] {
+            let (addresses, _) = node_port_addresses(family, &config, &node, Some(&local));
+            assert_eq!(addresses, NodePortAddresses::All);
+        }
+        assert!(!config.node_port_addresses[0].names_loopback());
+        // A CIDR naming loopback asks for it; 0.0.0.0/0 does not.
+        assert!(entries("127.0.0.1/32").node_port_addresses[0].names_loopback());
+        assert!(!entries("0.0.0.0/0").node_port_addresses[0].names_loopback());
+        assert!(crate::config::parse_node_port_address("loopback").is_err());
     }
 
     #[test]

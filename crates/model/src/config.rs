@@ -179,6 +179,32 @@ pub enum NodePortAddress {
     Primary,
     /// Node IPs inside this CIDR; `0.0.0.0/0` or `::/0` means every local address.
     Cidr(IpNet),
+    /// `all`: every local address of both families (`0.0.0.0/0` and `::/0`).
+    All,
+    /// `localhost`: the loopback addresses of both families. Like kube-proxy's nftables
+    /// mode without its `KubeProxyNFTablesLocalhostNodePorts` gate, nftproxy does not
+    /// serve NodePorts there: the entry is accepted, said once, and takes no address.
+    Localhost,
+}
+
+impl NodePortAddress {
+    /// Whether this entry asks for NodePorts on a loopback address by name or by a CIDR
+    /// narrower than everything (`127.0.0.1/32`, `::1/128`; `0.0.0.0/0` does not ask).
+    pub fn names_loopback(&self) -> bool {
+        match self {
+            NodePortAddress::Localhost => true,
+            NodePortAddress::Cidr(cidr) => {
+                cidr.prefix_len() > 0
+                    && [
+                        IpAddr::from([127, 0, 0, 1]),
+                        IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+                    ]
+                    .iter()
+                    .any(|loopback| cidr.contains(loopback))
+            }
+            NodePortAddress::Primary | NodePortAddress::All => false,
+        }
+    }
 }
 
 /// How traffic from local pods is recognised (`detectLocalMode`).
@@ -530,6 +556,8 @@ pub fn parse_cidr_list(field: &str, text: &str) -> Result<Vec<IpNet>, ConfigErro
 pub fn parse_node_port_address(text: &str) -> Result<NodePortAddress, ConfigError> {
     match text.trim() {
         "primary" => Ok(NodePortAddress::Primary),
+        "all" => Ok(NodePortAddress::All),
+        "localhost" => Ok(NodePortAddress::Localhost),
         cidr => parse_cidr(cidr)
             .map(NodePortAddress::Cidr)
             .map_err(|e| invalid("nodePortAddresses", e)),

@@ -71,9 +71,10 @@ pub struct Args {
     /// Service CIDR(s): unallocated addresses inside them are dropped.
     #[arg(long, value_name = "CIDR", value_delimiter = ',', value_parser = parse_cidr, global = true)]
     pub service_cidr: Vec<IpNet>,
-    /// Where NodePorts are accepted: `primary` (the node's primary IP) or CIDRs (every
-    /// address of this network namespace's interfaces inside one; `0.0.0.0/0` for all)
-    /// (default primary). Every mode, --dry-run, --once and explain included, reads the
+    /// Where NodePorts are accepted: `primary` (the node's primary IP), CIDRs (every
+    /// address of this network namespace's interfaces inside one), `all` (every local
+    /// address), `localhost` (accepted and not served, as kube-proxy's nftables mode
+    /// without its KubeProxyNFTablesLocalhostNodePorts gate) (default primary). Every mode, --dry-run, --once and explain included, reads the
     /// interface addresses of the namespace it runs in; the daemon follows their changes.
     #[arg(long, value_name = "ADDR", value_delimiter = ',', value_parser = node_port_arg, global = true)]
     pub nodeport_addresses: Vec<NodePortAddress>,

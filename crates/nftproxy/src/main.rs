@@ -22,7 +22,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use nftproxy_model::{Build, DaemonConfig, KubeProxyConfiguration, ProxyConfig, Severity};
+use nftproxy_model::{
+    Build, DaemonConfig, KubeProxyConfiguration, NodePortAddress, ProxyConfig, Severity,
+};
 use nftproxy_netlink::{ConntrackSocket, NetlinkBackend};
 use nftproxy_nft::{Backend, Family, Op, Transaction};
 use nftproxy_proxier::{Desired, Monitor, Proxier, ReconcilerOptions, probe};
@@ -116,6 +118,18 @@ fn run(args: &Args) -> Result<(), Failure> {
     let (config, daemon) = args
         .config(file.as_ref())
         .map_err(|e| Failure::Usage(e.to_string()))?;
+    if config
+        .node_port_addresses
+        .iter()
+        .any(NodePortAddress::names_loopback)
+    {
+        warn!(
+            "nodePortAddresses names a loopback address: NodePorts are not served on \
+             localhost (kube-proxy's nftables mode serves them only through the user-space \
+             proxy of its alpha KubeProxyNFTablesLocalhostNodePorts gate, which nftproxy does \
+             not have yet); the other entries apply"
+        );
+    }
 
     if args.cleanup {
         return cleanup();

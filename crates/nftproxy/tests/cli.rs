@@ -377,3 +377,31 @@ fn service_counters_are_off_unless_asked_for() {
     );
     assert_eq!(bad.status.code(), Some(2));
 }
+
+#[test]
+fn localhost_in_nodeport_addresses_is_said_and_the_rest_applies() {
+    // As kube-proxy's nftables mode without its localhost gate: the entry does not stop
+    // anything, NodePorts stay on the primary IP, and the warning says why.
+    let mut flags = seed_flags();
+    flags.extend(["--nodeport-addresses", "primary,localhost"]);
+    let output = nftproxy(&flags, None);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let expected =
+        std::fs::read_to_string(repo_root().join("rules-golden/seed/ip.nft")).expect("golden file");
+    assert_eq!(text(&output.stdout), expected);
+    let said = text(&output.stderr);
+    assert!(
+        said.contains("NodePorts are not served on localhost"),
+        "{said}"
+    );
+    // `all` is every local address: the ruleset's NodePort rule matches them by type.
+    let mut flags = seed_flags();
+    flags.extend(["--nodeport-addresses", "all"]);
+    let all = nftproxy(&flags, None);
+    assert!(all.status.success(), "{}", text(&all.stderr));
+    let mut flags = seed_flags();
+    flags.extend(["--nodeport-addresses", "0.0.0.0/0,::/0"]);
+    let zero = nftproxy(&flags, None);
+    assert_eq!(text(&all.stdout), text(&zero.stdout));
+    assert_eq!(text(&all.stderr), "");
+}
