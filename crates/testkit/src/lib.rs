@@ -344,9 +344,10 @@ pub fn tool_available(test: &str, program: &Path, args: &[&str]) -> bool {
     runs || skip(test, &format!("{} does not run", program.display()))
 }
 
-/// The kubectl `hack/install-deps.sh` installs (pinned; one on the machine may be older).
+/// The kubectl `hack/install-deps.sh` installs, in the version it pins (one already on
+/// the machine may be older).
 pub fn kubectl() -> PathBuf {
-    repo_root().join("target/tools/kubectl-1.37.1/bin/kubectl")
+    repo_root().join("target/tools/kubectl/bin/kubectl")
 }
 
 /// Says that `test` cannot run and why; under `CI`, where everything must run, fails.
